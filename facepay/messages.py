@@ -1,0 +1,157 @@
+"""Typed, versioned messages between stages, msgpack-encoded as one Redis stream field `m`.
+
+Every message carries the `FrameRef` of the camera frame it derives from, so any stage (and
+an auditor) can tell which session, camera and frame it belongs to. A frame yields exactly one
+message per stage: a result, or a `Rejection` that flows on downstream (the recognizer needs
+"no face in 20 frames" to decline honestly). `SessionEnd` markers pass through every stage.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any, ClassVar
+
+import msgpack
+import numpy as np
+
+SCHEMA_VERSION = 1
+FIELD = b"m"  # the stream entry field that holds the encoded message
+
+
+class MalformedMessage(ValueError):
+    """Not a facepay message (bad msgpack, unknown type or version): goes to dead letters."""
+
+
+@dataclass(frozen=True)
+class FrameRef:
+    session_id: str
+    store_id: str
+    camera_id: str
+    sequence: int
+    captured_ms: int
+    purpose: str = "pay"  # "pay" | "enroll"
+    user_id: str = ""  # enroll: the user being enrolled
+    tenant_id: str = ""  # gallery partition the session searches / writes
+    phone_suffix: str = ""
+    trace_id: str = ""
+    received_ms: int = 0  # gateway clock, for frame-to-decision latency
+
+
+@dataclass(frozen=True)
+class Message:
+    TYPE: ClassVar[str] = ""
+    ref: FrameRef
+
+    def encode(self) -> bytes:
+        body = {k: _plain(v) for k, v in asdict(self).items() if k != "ref"}
+        return msgpack.packb({"v": SCHEMA_VERSION, "t": self.TYPE, "ref": asdict(self.ref), **body})
+
+
+@dataclass(frozen=True)
+class FrameMsg(Message):
+    """gateway → detector: one encoded camera image."""
+
+    TYPE: ClassVar[str] = "frame"
+    image: bytes = b""
+
+
+@dataclass(frozen=True)
+class SessionEndMsg(Message):
+    """The camera says how many frames the session has (`ref.sequence` is unused)."""
+
+    TYPE: ClassVar[str] = "end"
+    frame_count: int = 0
+
+
+@dataclass(frozen=True)
+class FaceMsg(Message):
+    """detector → aligner: the payer's face crop (not the whole frame) and where it was."""
+
+    TYPE: ClassVar[str] = "face"
+    crop: bytes = b""  # JPEG of the face with margin
+    box: tuple[float, float, float, float] = (0, 0, 0, 0)  # face box in crop pixels
+    points5: list[list[float]] = field(default_factory=list)  # detector's 5 points, crop pixels
+    frame_box: tuple[float, float, float, float] = (0, 0, 0, 0)  # face box in frame pixels
+    frame_size: tuple[int, int] = (0, 0)  # w, h
+    score: float = 0.0
+    faces_in_frame: int = 1
+    models: dict[str, str] = field(default_factory=dict)  # stage → model id, for the event
+
+
+@dataclass(frozen=True)
+class AlignedMsg(Message):
+    """aligner → pose: landmarks, aligned chips and per-frame eye openness."""
+
+    TYPE: ClassVar[str] = "aligned"
+    landmarks: list[list[float]] = field(default_factory=list)  # 68 points, crop pixels
+    crop_size: tuple[int, int] = (0, 0)
+    chips: dict[str, bytes] = field(default_factory=dict)  # template name → PNG chip
+    ear: tuple[float, float] = (0.0, 0.0)  # eye aspect ratio, image-left eye first
+    frame_box: tuple[float, float, float, float] = (0, 0, 0, 0)
+    det_score: float = 0.0
+    models: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class PosedMsg(Message):
+    """pose → recognizer: the aligned face plus head pose and whether it may be identified."""
+
+    TYPE: ClassVar[str] = "posed"
+    chips: dict[str, bytes] = field(default_factory=dict)
+    ear: tuple[float, float] = (0.0, 0.0)
+    pitch: float = 0.0
+    yaw: float = 0.0
+    roll: float = 0.0
+    eligible: bool = True
+    reason: str = ""  # why not eligible (pose_yaw …)
+    models: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Rejection(Message):
+    """A frame that a stage could not pass on as a face, with a stable reason code."""
+
+    TYPE: ClassVar[str] = "rejection"
+    stage: str = ""
+    reason: str = ""
+    detail: str = ""
+
+
+_TYPES: dict[str, type[Message]] = {
+    cls.TYPE: cls for cls in (FrameMsg, SessionEndMsg, FaceMsg, AlignedMsg, PosedMsg, Rejection)
+}
+
+
+def decode(raw: bytes) -> Message:
+    try:
+        data = msgpack.unpackb(raw, raw=False)
+        version, kind = data.pop("v"), data.pop("t")
+    except Exception as exc:  # noqa: BLE001 - any decoding failure means the same thing
+        raise MalformedMessage(f"not a facepay message: {exc}") from exc
+    if version != SCHEMA_VERSION or kind not in _TYPES:
+        raise MalformedMessage(f"unsupported message v={version!r} t={kind!r}")
+    cls = _TYPES[kind]
+    try:
+        ref = FrameRef(**data.pop("ref"))
+        return cls(ref=ref, **{k: _tuple_if_list(cls, k, v) for k, v in data.items()})
+    except TypeError as exc:
+        raise MalformedMessage(f"bad {kind} message: {exc}") from exc
+
+
+def reject(msg: Message, stage: str, reason: str, detail: str = "") -> Rejection:
+    return Rejection(ref=msg.ref, stage=stage, reason=reason, detail=detail)
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, (np.floating, np.integer)):
+        return value.item()
+    if isinstance(value, tuple):
+        return [_plain(v) for v in value]
+    return value
+
+
+def _tuple_if_list(cls: type, name: str, value: Any) -> Any:
+    annotation = cls.__dataclass_fields__[name].type
+    return tuple(value) if isinstance(value, list) and str(annotation).startswith("tuple") else value

@@ -1,0 +1,1 @@
+"""Pretrained weights: where they come from (registry packages only), the cache, devices."""

@@ -1,0 +1,30 @@
+"""Prometheus metrics shared by the gateway and the workers (one registry per process)."""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Gauge, Histogram, start_http_server
+
+MESSAGES_IN = Counter("facepay_messages_in_total", "Stream entries read", ["stage"])
+MESSAGES_OUT = Counter("facepay_messages_out_total", "Stream entries written", ["stage", "stream"])
+MESSAGES_FAILED = Counter("facepay_messages_failed_total", "Entries whose processing raised", ["stage"])
+DEAD_LETTERS = Counter("facepay_dead_letters_total", "Entries moved to the dead-letter stream", ["stage", "reason"])
+RECLAIMED = Counter("facepay_reclaimed_total", "Pending entries taken over from idle consumers", ["stage"])
+BATCH_SIZE = Histogram("facepay_batch_size", "Entries per processed batch", ["stage"], buckets=(1, 2, 4, 8, 16, 32, 64))
+STAGE_SECONDS = Histogram(
+    "facepay_stage_seconds", "Time to process one batch", ["stage"],
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+)
+GROUP_LAG = Gauge("facepay_group_lag", "Entries not yet delivered to the consumer group (autoscaler input)", ["stage", "stream"])
+GROUP_PENDING = Gauge("facepay_group_pending", "Entries delivered but not acknowledged", ["stage", "stream"])
+FRAMES_ACCEPTED = Counter("facepay_gateway_frames_total", "Frames queued by the gateway", ["store"])
+FRAMES_REJECTED = Counter("facepay_gateway_frames_rejected_total", "Frames refused by the gateway", ["code"])
+DECISIONS = Counter("facepay_decisions_total", "Payment decisions emitted", ["decision", "reason"])
+DECISION_LATENCY = Histogram(
+    "facepay_frame_to_decision_seconds", "Gateway receipt of a session's first frame to its decision",
+    buckets=(0.1, 0.25, 0.5, 1, 2, 4, 8, 16, 32),
+)
+
+
+def serve_metrics(port: int) -> None:
+    if port:
+        start_http_server(port, addr="0.0.0.0")

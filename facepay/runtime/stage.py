@@ -1,0 +1,60 @@
+"""What a stage is: a small class that turns a batch of messages into messages.
+
+Stages know nothing of Redis. The runtime (`facepay.runtime.worker`) reads their input stream
+as a consumer group, calls `process`, and writes what it returns while acknowledging the input.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+from facepay.messages import Message, Rejection, SessionEndMsg
+
+
+@dataclass(frozen=True)
+class Emit:
+    """One entry to write. With `once_key` it is written only if that key was never set."""
+
+    stream: str  # stream name inside the namespace, e.g. "faces"
+    payload: bytes | dict[bytes, bytes]
+    once_key: str | None = None
+
+
+class Stage:
+    name: ClassVar[str]  # the consumer group, and the label on metrics and logs
+    input: ClassVar[str]  # stream it reads
+
+    def start(self) -> None:
+        """Load models; called once before the first batch."""
+
+    def process(self, batch: list[Message]) -> list[Emit]:
+        raise NotImplementedError
+
+    def tick(self) -> list[Emit]:
+        """Called about once a second, also when idle (e.g. to time out sessions)."""
+        return []
+
+    def stop(self) -> None:
+        """Release resources; called once on shutdown."""
+
+
+class PipeStage(Stage):
+    """A stage with one output message per input frame, in order.
+
+    Only messages of type `accepts` reach `handle`; rejections from earlier stages and
+    session-end markers are passed on unchanged, so the recognizer sees every frame.
+    """
+
+    output: ClassVar[str]
+    accepts: ClassVar[type[Message]]
+
+    def handle(self, batch: list) -> list[Message]:
+        raise NotImplementedError
+
+    def process(self, batch: list[Message]) -> list[Emit]:
+        work = [m for m in batch if isinstance(m, self.accepts)]
+        results = iter(self.handle(work) if work else [])
+        out = [next(results) if isinstance(m, self.accepts) else m for m in batch]
+        assert all(isinstance(m, (Rejection, SessionEndMsg, Message)) for m in out)
+        return [Emit(self.output, m.encode()) for m in out]

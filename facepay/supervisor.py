@@ -1,0 +1,147 @@
+"""Runs the whole pipeline on one machine: embedded Valkey, gateway and the four stage workers
+as separate processes — what `facepay demo` and the end-to-end tests start.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import secrets
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import grpc
+import yaml
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from facepay.config import Settings
+from facepay.runtime.embedded import EmbeddedValkey, free_port
+from facepay.stages import STAGES
+
+log = logging.getLogger(__name__)
+
+
+def settings_to_env(settings: Settings) -> dict[str, str]:
+    env = {}
+    for name, value in dataclasses.asdict(settings).items():
+        if isinstance(value, dict):
+            prefix = "FACEPAY_POLICY_" if name == "policy" else "FACEPAY_POSE_"
+            env.update({prefix + k.upper(): "" if v is None else str(v) for k, v in value.items()})
+        else:
+            env[f"FACEPAY_{name.upper()}"] = str(value)
+    return env
+
+
+def demo_access(stores: dict[str, list[str]], tenant: str = "demo") -> dict:
+    """A cameras file for stores → camera ids, with fresh random tokens."""
+    return {
+        "stores": {s: {"tenant": tenant, "backend_token": secrets.token_hex(16)} for s in stores},
+        "cameras": {c: {"store": s, "token": secrets.token_hex(16)} for s, cams in stores.items() for c in cams},
+    }
+
+
+class Pipeline:
+    def __init__(self, settings: Settings, workdir: Path, access: dict, replicas: dict[str, int] | None = None,
+                 embedded: bool = True) -> None:
+        self.workdir = Path(workdir)
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.access = access
+        self.replicas = {name: 1 for name in STAGES} | (replicas or {})
+        self.valkey = EmbeddedValkey(self.workdir / "valkey") if embedded else None
+        cameras_file = self.workdir / "cameras.yaml"
+        cameras_file.write_text(yaml.safe_dump(access))
+        self.settings = settings.replace(
+            cameras_file=str(cameras_file),
+            grpc_address=f"127.0.0.1:{free_port()}",
+            signing_key=settings.signing_key or secrets.token_hex(32),
+            operator_token=settings.operator_token or secrets.token_hex(16),
+            gallery_url=settings.gallery_url if "://./" not in settings.gallery_url else f"edge://{self.workdir / 'gallery'}",
+        )
+        self.processes: dict[str, subprocess.Popen] = {}
+
+    @property
+    def address(self) -> str:
+        return self.settings.grpc_address
+
+    def start(self, timeout_s: float = 120.0) -> Pipeline:
+        if self.valkey:
+            self.valkey.start()
+            self.settings = self.settings.replace(redis_url=self.valkey.url)
+        self._spawn("gateway", ["gateway"])
+        for stage, count in self.replicas.items():
+            for i in range(count):
+                self._spawn(f"{stage}-{i}", ["worker", stage])
+        self._wait_healthy(timeout_s)
+        return self
+
+    def _spawn(self, name: str, args: list[str]) -> None:
+        env = {**os.environ, **settings_to_env(self.settings), "FACEPAY_CONSUMER": name}
+        log_file = open(self.workdir / f"{name}.log", "ab")
+        self.processes[name] = subprocess.Popen(
+            [sys.executable, "-m", "facepay", *args], env=env, stdout=log_file, stderr=subprocess.STDOUT,
+            start_new_session=True,  # signals go to the supervisor, which stops children in order
+        )
+
+    def _wait_healthy(self, timeout_s: float) -> None:
+        """The gateway answers health checks and every worker has joined its consumer group."""
+        import redis
+
+        deadline = time.monotonic() + timeout_s
+        client = redis.Redis.from_url(self.settings.redis_url)
+        with grpc.insecure_channel(self.address) as channel:
+            stub = health_pb2_grpc.HealthStub(channel)
+            while time.monotonic() < deadline:
+                self._check_alive()
+                try:
+                    serving = stub.Check(health_pb2.HealthCheckRequest(), timeout=1).status == health_pb2.HealthCheckResponse.SERVING
+                except grpc.RpcError:
+                    serving = False
+                if serving and self._workers_ready(client):
+                    return
+                time.sleep(0.2)
+        raise TimeoutError(f"pipeline not ready after {timeout_s}s; logs in {self.workdir}")
+
+    def _workers_ready(self, client) -> bool:
+        ready = client.smembers(self.settings.key("workers", "ready"))
+        wanted = {n for n in self.processes if n != "gateway"}
+        return wanted <= {r.decode() for r in ready}
+
+    def _check_alive(self) -> None:
+        for name, proc in self.processes.items():
+            if proc.poll() is not None:
+                tail = (self.workdir / f"{name}.log").read_text(errors="replace")[-3000:]
+                raise RuntimeError(f"{name} exited with {proc.returncode}:\n{tail}")
+
+    def kill(self, name: str) -> None:
+        """SIGKILL one process, as a crash or an OOM kill would."""
+        proc = self.processes.pop(name)
+        proc.kill()
+        proc.wait()
+
+    def respawn(self, name: str) -> None:
+        stage = name.rsplit("-", 1)[0]
+        self._spawn(name, ["gateway"] if name == "gateway" else ["worker", stage])
+
+    def stop(self) -> None:
+        for proc in self.processes.values():
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        for proc in self.processes.values():
+            try:
+                proc.wait(15)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        self.processes.clear()
+        if self.valkey:
+            self.valkey.stop()
+
+    def __enter__(self) -> Pipeline:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

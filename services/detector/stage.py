@@ -1,0 +1,73 @@
+"""Detector: find the faces in each camera frame and lock on the paying face.
+
+Passes on a crop around that face (not the whole frame) with the box and five points; a frame
+with no usable face, or with two faces too alike in prominence to tell the payer, becomes a
+Rejection with its reason, so the session still counts it.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from facepay.config import Settings
+from facepay.images import ImageError, decode_image, encode_jpeg
+from facepay.messages import FaceMsg, FrameMsg, Message, reject
+from facepay.models.device import resolve_device
+from facepay.runtime.stage import PipeStage
+from services.detector.mtcnn import MTCNN, DetectedFace
+from services.detector.payer import PayerRule, choose_payer
+
+CROP_MARGIN = 0.4  # of the box size on each side: context the landmark model needs
+
+
+class DetectorStage(PipeStage):
+    name = "detector"
+    input = "frames"
+    output = "faces"
+    accepts = FrameMsg
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.rule = PayerRule(min_face_px=settings.min_face_px)
+
+    def start(self) -> None:
+        self.model = MTCNN(device=resolve_device(self.settings.device))
+
+    def handle(self, batch: list[FrameMsg]) -> list[Message]:
+        decoded: list[np.ndarray | str] = [self._decode(frame) for frame in batch]
+        readable = [img for img in decoded if isinstance(img, np.ndarray)]
+        detections = iter(self.model.detect(readable))  # one batched call for the whole read
+        return [
+            self._lock_on_payer(frame, image, next(detections))
+            if isinstance(image, np.ndarray)
+            else reject(frame, self.name, "unreadable_image", image)
+            for frame, image in zip(batch, decoded)
+        ]
+
+    def _decode(self, frame: FrameMsg) -> np.ndarray | str:
+        """The image, or the error text (the gateway checked it, but a replay may not have)."""
+        try:
+            return decode_image(frame.image, self.settings.max_image_bytes, self.settings.max_image_pixels)
+        except ImageError as exc:
+            return str(exc)
+
+    def _lock_on_payer(self, frame: FrameMsg, image, faces: list[DetectedFace]) -> Message:
+        h, w = image.shape[:2]
+        payer, reason = choose_payer(faces, w, h, self.rule, enrolling=frame.ref.purpose == "enroll")
+        if payer is None:
+            return reject(frame, self.name, reason, f"{len(faces)} faces found")
+        x1, y1, x2, y2 = payer.box
+        mx, my = (x2 - x1) * CROP_MARGIN, (y2 - y1) * CROP_MARGIN
+        cx1, cy1 = int(max(0, x1 - mx)), int(max(0, y1 - my))
+        cx2, cy2 = int(min(w, x2 + mx)), int(min(h, y2 + my))
+        return FaceMsg(
+            ref=frame.ref,
+            crop=encode_jpeg(image[cy1:cy2, cx1:cx2]),
+            box=(x1 - cx1, y1 - cy1, x2 - cx1, y2 - cy1),
+            points5=[[float(px - cx1), float(py - cy1)] for px, py in payer.points5],
+            frame_box=(float(x1), float(y1), float(x2), float(y2)),
+            frame_size=(w, h),
+            score=float(payer.score),
+            faces_in_frame=len(faces),
+            models={"detector": self.model.model_id},
+        )

@@ -1,0 +1,240 @@
+"""Gateway: cameras stream frames in over gRPC; each valid frame is queued durably on the
+frames stream (XADD, acknowledged to the camera only after Redis has it); payment backends
+subscribe to the decisions of their store; operators enroll users.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+import uuid
+from concurrent import futures
+
+import grpc
+import msgpack
+import redis
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from facepay.config import Settings
+from facepay.contract import pb, reason_value, rpc
+from facepay.decisions import to_proto
+from facepay.images import ImageError, decode_image
+from facepay.messages import FrameMsg, FrameRef, Message, SessionEndMsg
+from facepay.runtime import metrics
+from facepay.runtime.redis_conn import TRANSIENT, connect
+from services.gateway.cameras import AccessDenied, Camera, CameraRegistry
+
+log = logging.getLogger(__name__)
+
+SESSION_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+ENROLL_TIMEOUT_S = 120.0
+
+
+class FrameRefused(Exception):
+    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+class Gateway(rpc.FaceGatewayServicer):
+    def __init__(self, settings: Settings, registry: CameraRegistry) -> None:
+        self.settings = settings
+        self.registry = registry
+        self.redis = connect(settings.redis_url)
+        self.frames_stream = settings.key("frames")
+
+    # ---- cameras ---------------------------------------------------------------------------
+    def StreamFrames(self, request_iterator, context):
+        camera = self._camera(context)
+        for message in request_iterator:
+            body = message.WhichOneof("body")
+            try:
+                if body == "frame":
+                    entry_id = self._queue_frame(camera, message.frame)
+                    yield pb.FrameAck(session_id=message.frame.session_id, sequence=message.frame.sequence, entry_id=entry_id)
+                elif body == "end":
+                    entry_id = self._queue_end(camera, message.end)
+                    yield pb.FrameAck(session_id=message.end.session_id, sequence=-1, entry_id=entry_id)
+                else:
+                    raise FrameRefused(grpc.StatusCode.INVALID_ARGUMENT, "empty CameraMessage")
+            except FrameRefused as refused:
+                frame = getattr(message, body) if body else None
+                yield pb.FrameAck(session_id=getattr(frame, "session_id", ""), sequence=getattr(frame, "sequence", -1),
+                                  code=refused.code.value[0], message=str(refused))
+
+    def SubmitFrame(self, request, context):
+        camera = self._camera(context)
+        try:
+            entry_id = self._queue_frame(camera, request)
+        except FrameRefused as refused:
+            context.abort(refused.code, str(refused))
+        return pb.FrameAck(session_id=request.session_id, sequence=request.sequence, entry_id=entry_id)
+
+    def EndSession(self, request, context):
+        camera = self._camera(context)
+        try:
+            entry_id = self._queue_end(camera, request)
+        except FrameRefused as refused:
+            context.abort(refused.code, str(refused))
+        return pb.FrameAck(session_id=request.session_id, sequence=-1, entry_id=entry_id)
+
+    def _camera(self, context) -> Camera:
+        metadata = dict(context.invocation_metadata())
+        token = metadata.get("authorization", "").removeprefix("Bearer ").strip()
+        try:
+            return self.registry.camera(metadata.get("x-camera-id", ""), token)
+        except AccessDenied as denied:
+            metrics.FRAMES_REJECTED.labels("UNAUTHENTICATED").inc()
+            context.abort(grpc.StatusCode.UNAUTHENTICATED, str(denied))
+
+    def _check_origin(self, camera: Camera, camera_id: str, store_id: str, session_id: str) -> None:
+        if camera_id and camera_id != camera.camera_id:
+            raise FrameRefused(grpc.StatusCode.PERMISSION_DENIED, f"camera {camera.camera_id} cannot submit as {camera_id}")
+        if store_id != camera.store.store_id:
+            raise FrameRefused(grpc.StatusCode.PERMISSION_DENIED,
+                               f"camera {camera.camera_id} belongs to store {camera.store.store_id}, not {store_id!r}")
+        if not SESSION_ID.match(session_id):
+            raise FrameRefused(grpc.StatusCode.INVALID_ARGUMENT, "session_id must be 1-128 chars of [A-Za-z0-9._:-]")
+
+    def _queue_frame(self, camera: Camera, frame) -> str:
+        try:
+            self._check_origin(camera, frame.camera_id, frame.store_id, frame.session_id)
+            if frame.sequence < 0:
+                raise FrameRefused(grpc.StatusCode.INVALID_ARGUMENT, "sequence must be ≥ 0")
+            try:
+                decode_image(frame.image, self.settings.max_image_bytes, self.settings.max_image_pixels,
+                             declared=(frame.width, frame.height))
+            except ImageError as bad:
+                raise FrameRefused(grpc.StatusCode.INVALID_ARGUMENT, f"frame {frame.sequence}: {bad}") from bad
+        except FrameRefused as refused:
+            metrics.FRAMES_REJECTED.labels(refused.code.name).inc()
+            log.info("frame refused", extra={"camera": camera.camera_id, "session_id": frame.session_id,
+                                             "code": refused.code.name, "error": str(refused)})
+            raise
+        ref = self._ref(camera, frame.session_id, frame.sequence, frame.capture_time_ms, phone_suffix=frame.phone_suffix)
+        entry_id = self._xadd(FrameMsg(ref=ref, image=frame.image))
+        metrics.FRAMES_ACCEPTED.labels(camera.store.store_id).inc()
+        return entry_id
+
+    def _queue_end(self, camera: Camera, end) -> str:
+        self._check_origin(camera, end.camera_id, end.store_id, end.session_id)
+        if end.frame_count <= 0:
+            raise FrameRefused(grpc.StatusCode.INVALID_ARGUMENT, "frame_count must be > 0")
+        ref = self._ref(camera, end.session_id, -1, 0)
+        return self._xadd(SessionEndMsg(ref=ref, frame_count=end.frame_count))
+
+    def _ref(self, camera: Camera, session_id: str, sequence: int, captured_ms: int, **extra) -> FrameRef:
+        return FrameRef(session_id=session_id, store_id=camera.store.store_id, camera_id=camera.camera_id,
+                        sequence=sequence, captured_ms=captured_ms, tenant_id=camera.store.tenant,
+                        trace_id=uuid.uuid4().hex[:16], received_ms=int(time.time() * 1000), **extra)
+
+    def _xadd(self, message: Message) -> str:
+        """Queue durably; an unreachable Redis is UNAVAILABLE, so the camera retries the frame."""
+        try:
+            entry_id = self.redis.xadd(self.frames_stream, {b"m": message.encode()},
+                                       maxlen=self.settings.stream_maxlen, approximate=True)
+        except TRANSIENT as exc:
+            metrics.FRAMES_REJECTED.labels("UNAVAILABLE").inc()
+            raise FrameRefused(grpc.StatusCode.UNAVAILABLE, f"queue unavailable, retry: {exc}") from exc
+        return entry_id.decode()
+
+    # ---- enrollment ------------------------------------------------------------------------
+    def Enroll(self, request, context):
+        metadata = dict(context.invocation_metadata())
+        token = metadata.get("authorization", "").removeprefix("Bearer ").strip()
+        if not self.settings.operator_token or token != self.settings.operator_token:
+            context.abort(grpc.StatusCode.UNAUTHENTICATED, "Enroll needs the operator token")
+        if not request.user_id or not SESSION_ID.match(request.user_id):
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "user_id must be 1-128 chars of [A-Za-z0-9._:-]")
+        if not request.images:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "no images")
+        for index, image in enumerate(request.images):
+            try:
+                decode_image(image, self.settings.max_image_bytes, self.settings.max_image_pixels)
+            except ImageError as bad:
+                context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"image {index}: {bad}")
+        try:
+            result = self._run_enrollment(request)
+        except TRANSIENT as exc:
+            context.abort(grpc.StatusCode.UNAVAILABLE, f"queue unavailable, retry: {exc}")
+        if result is None:
+            context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, "the pipeline did not finish the enrollment in time")
+        return _enroll_response(result)
+
+    def _run_enrollment(self, request) -> dict | None:
+        session_id = f"enroll-{uuid.uuid4().hex}"
+        results_stream = self.settings.key("enrollments")
+        last = self.redis.xrevrange(results_stream, count=1)
+        cursor = last[0][0] if last else b"0-0"
+        now = int(time.time() * 1000)
+        common = dict(session_id=session_id, store_id="", camera_id="enroll", captured_ms=now, purpose="enroll",
+                      user_id=request.user_id, tenant_id=request.tenant_id or "default",
+                      phone_suffix=request.metadata.get("phone_suffix", ""), received_ms=now)
+        for index, image in enumerate(request.images):
+            self._xadd(FrameMsg(ref=FrameRef(sequence=index, **common), image=image))
+        self._xadd(SessionEndMsg(ref=FrameRef(sequence=-1, **common), frame_count=len(request.images)))
+        deadline = time.monotonic() + ENROLL_TIMEOUT_S
+        while time.monotonic() < deadline:
+            for _, items in self.redis.xread({results_stream: cursor}, block=1000, count=100) or []:
+                for entry_id, fields in items:
+                    cursor = entry_id
+                    if fields.get(b"session", b"").decode() == session_id:
+                        return msgpack.unpackb(fields[b"m"])
+        return None
+
+    # ---- payment backends ------------------------------------------------------------------
+    def SubscribeDecisions(self, request, context):
+        metadata = dict(context.invocation_metadata())
+        token = metadata.get("authorization", "").removeprefix("Bearer ").strip()
+        try:
+            self.registry.backend(request.store_id, token)
+        except AccessDenied as denied:
+            context.abort(grpc.StatusCode.UNAUTHENTICATED, str(denied))
+        stream = self.settings.key("decisions")
+        cursor = request.after_entry_id or self._stream_tail(stream)
+        store = request.store_id.encode()
+        while context.is_active():
+            try:
+                reply = self.redis.xread({stream: cursor}, block=1000, count=100)
+            except TRANSIENT:
+                time.sleep(0.5)
+                continue
+            for _, items in reply or []:
+                for entry_id, fields in items:
+                    cursor = entry_id
+                    if fields.get(b"store") == store:
+                        yield to_proto(entry_id, fields)
+
+    def _stream_tail(self, stream: str) -> bytes:
+        last = self.redis.xrevrange(stream, count=1)
+        return last[0][0] if last else b"0-0"
+
+
+def _enroll_response(result: dict) -> pb.EnrollResponse:
+    status = {"enrolled": pb.EnrollResponse.ENROLLED, "duplicate": pb.EnrollResponse.DUPLICATE}.get(
+        result["status"], pb.EnrollResponse.REJECTED)
+    images = [pb.ImageVerdict(index=i["index"], accepted=i["accepted"],
+                              reason=reason_value(i["reason"]) if i["reason"] else 0, detail=i["reason"])
+              for i in result["images"]]
+    return pb.EnrollResponse(user_id=result["user_id"], status=status, images=images, model_id=result["model_id"],
+                             duplicate_of=result["duplicate_of"], duplicate_score=result["duplicate_score"])
+
+
+def serve(settings: Settings, registry: CameraRegistry) -> grpc.Server:
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=32),
+                         options=[("grpc.max_receive_message_length", 64 << 20)])
+    rpc.add_FaceGatewayServicer_to_server(Gateway(settings, registry), server)
+    health_servicer = health.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
+    health_servicer.set("facepay.v1.FaceGateway", health_pb2.HealthCheckResponse.SERVING)
+    names = (pb.DESCRIPTOR.services_by_name["FaceGateway"].full_name, health.SERVICE_NAME, reflection.SERVICE_NAME)
+    reflection.enable_server_reflection(names, server)
+    port = server.add_insecure_port(settings.grpc_address)
+    if port == 0:
+        raise OSError(f"cannot listen on {settings.grpc_address}")
+    server.start()
+    log.info("gateway listening", extra={"address": settings.grpc_address})
+    return server

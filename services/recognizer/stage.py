@@ -1,0 +1,183 @@
+"""Recognizer: embed each eligible face, search the gallery 1:N, vote over the frames of a
+payment session, and emit one signed payment-authorization event per session.
+
+Enrollment sessions travel the same stages; here their accepted faces become the user's
+template (the L2-normalised mean embedding, with each embedding kept as a sample).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import msgpack
+import numpy as np
+
+from facepay.config import Settings
+from facepay.images import decode_trusted
+from facepay.gallery import Gallery, Template, open_gallery
+from facepay.messages import Message, PosedMsg, Rejection, SessionEndMsg
+from facepay.runtime import metrics
+from facepay.runtime.redis_conn import connect
+from facepay.runtime.stage import Emit, Stage
+from facepay.signing import sign
+from services.recognizer.embedder import load_embedder
+from services.recognizer.policy import FrameResult, Verdict, decide
+from services.recognizer.state import SessionState, SessionStore, decided_key
+
+log = logging.getLogger(__name__)
+
+
+class RecognizerStage(Stage):
+    name = "recognizer"
+    input = "posed"
+
+    def __init__(self, settings: Settings, gallery: Gallery | None = None) -> None:
+        self.settings = settings
+        self.gallery = gallery
+        self.policy = settings.policy
+
+    def start(self) -> None:
+        self.embedder = load_embedder(self.settings.recognizer_model, self.settings.device)
+        self.gallery = self.gallery or open_gallery(self.settings.gallery_url)
+        self.gallery.ensure_collection(self.embedder.model_id, self.embedder.dim)
+        self.sessions = SessionStore(connect(self.settings.redis_url), self.settings)
+        self.threshold = self.policy.threshold if self.policy.threshold is not None else self.embedder.default_threshold
+
+    def stop(self) -> None:
+        if self.gallery:
+            self.gallery.close()
+
+    # ---- one batch -------------------------------------------------------------------------
+    def process(self, batch: list[Message]) -> list[Emit]:
+        decided = self.sessions.is_decided(sorted({m.ref.session_id for m in batch}))
+        live = [m for m in batch if not decided[m.ref.session_id]]
+        faces = [m for m in live if isinstance(m, PosedMsg) and m.eligible]
+        embeddings = self._embed(faces)
+        for message in live:
+            if isinstance(message, SessionEndMsg):
+                self.sessions.record(message.ref, frame_count=message.frame_count)
+            else:
+                models = message.models if isinstance(message, PosedMsg) else None
+                result = self._frame_result(message, embeddings.get(id(message)))
+                self.sessions.record(message.ref, result=result, models=models)
+        emits = []
+        for session_id in dict.fromkeys(m.ref.session_id for m in live):
+            emits += self._evaluate(session_id, timed_out=False)
+        return emits
+
+    def tick(self) -> list[Emit]:
+        """Decline sessions whose frames stopped coming; forget the ones already decided."""
+        emits = []
+        for session_id in self.sessions.overdue():
+            if self.sessions.is_decided([session_id])[session_id]:
+                self.sessions.close(session_id)
+            else:
+                emits += self._evaluate(session_id, timed_out=True)
+        return emits
+
+    def _embed(self, faces: list[PosedMsg]) -> dict[int, np.ndarray]:
+        if not faces:
+            return {}
+        template = self.embedder.chip_template
+        chips = [decode_trusted(m.chips[template]) for m in faces]
+        vectors = self.embedder.embed(chips)
+        return {id(m): v for m, v in zip(faces, vectors)}
+
+    def _frame_result(self, message: Message, vector: np.ndarray | None) -> FrameResult:
+        ref = message.ref
+        if isinstance(message, Rejection):
+            return FrameResult(ref.sequence, ref.received_ms, reason=message.reason)
+        assert isinstance(message, PosedMsg)
+        ear = float(np.mean(message.ear))
+        if not message.eligible or vector is None:
+            return FrameResult(ref.sequence, ref.received_ms, reason=message.reason or "not_frontal", ear=ear)
+        if ref.purpose == "enroll":
+            return FrameResult(ref.sequence, ref.received_ms, ear=ear, embedding=[float(x) for x in vector])
+        hits = self.gallery.search(self.embedder.model_id, vector, limit=2, tenant=ref.tenant_id or None,
+                                   phone_suffix=ref.phone_suffix or None)
+        top = hits[0] if hits else None
+        second = hits[1].score if len(hits) > 1 else -1.0
+        return FrameResult(ref.sequence, ref.received_ms, ear=ear, top_user=top.user_id if top else "",
+                           top_score=top.score if top else -1.0, second_score=second)
+
+    # ---- sessions --------------------------------------------------------------------------
+    def _evaluate(self, session_id: str, timed_out: bool) -> list[Emit]:
+        state = self.sessions.load(session_id)
+        if state is None:
+            self.sessions.close(session_id)
+            return []
+        if state.meta.purpose == "enroll":
+            return self._finish_enrollment(state, timed_out)
+        verdict = decide(state.results, self.policy, self.threshold, state.expected_frames, timed_out)
+        return [] if verdict is None else [self._decision_emit(state, verdict)]
+
+    def _decision_emit(self, state: SessionState, verdict: Verdict) -> Emit:
+        ref = state.meta
+        now_ms = int(time.time() * 1000)
+        first_ms = min((r.received_ms for r in state.results if r.received_ms), default=ref.received_ms)
+        event = {
+            "schema": "facepay.decision.v1",
+            "event_id": f"{self.settings.namespace}:{ref.session_id}",
+            "session_id": ref.session_id,
+            "store_id": ref.store_id,
+            "camera_id": ref.camera_id,
+            "tenant_id": ref.tenant_id,
+            "decision": "approve" if verdict.approve else "decline",
+            "user_id": verdict.user_id if verdict.approve else "",
+            "score": round(verdict.score, 4),
+            "threshold": round(self.threshold, 4),
+            "reasons": verdict.reasons,
+            "rule": verdict.rule,
+            "model_ids": {**state.models, "recognizer": self.embedder.model_id},
+            "first_frame_ms": first_ms,
+            "decided_at_ms": now_ms,
+            "frames_seen": verdict.frames_seen,
+            "frames_eligible": verdict.frames_eligible,
+        }
+        metrics.DECISIONS.labels(event["decision"], verdict.rule).inc()
+        if first_ms:
+            metrics.DECISION_LATENCY.observe(max(now_ms - first_ms, 0) / 1000)
+        log.info("decision", extra={"session_id": ref.session_id, "store_id": ref.store_id,
+                                    "decision": event["decision"], "rule": verdict.rule, "votes": verdict.votes})
+        payload = sign(event, self.settings.signing_key, self.settings.signing_key_id)
+        payload[b"store"] = ref.store_id.encode()
+        return Emit("decisions", payload, once_key=decided_key(ref.session_id))
+
+    # ---- enrollment ------------------------------------------------------------------------
+    def _finish_enrollment(self, state: SessionState, timed_out: bool) -> list[Emit]:
+        if not timed_out and (state.expected_frames is None or len(state.results) < state.expected_frames):
+            return []
+        ref = state.meta
+        accepted = [r for r in state.results if r.embedding is not None]
+        images = [{"index": r.sequence, "accepted": r.embedding is not None, "reason": r.reason}
+                  for r in sorted(state.results, key=lambda r: r.sequence)]
+        result = {"user_id": ref.user_id, "tenant_id": ref.tenant_id, "model_id": self.embedder.model_id,
+                  "images": images, "status": "rejected", "duplicate_of": "", "duplicate_score": 0.0}
+        if accepted:
+            samples = np.asarray([r.embedding for r in accepted], dtype=np.float32)
+            mean = samples.mean(axis=0)
+            mean /= np.linalg.norm(mean) + 1e-12
+            duplicate = self._duplicate_of(ref.user_id, ref.tenant_id, mean)
+            if duplicate:
+                result.update(status="duplicate", duplicate_of=duplicate.user_id, duplicate_score=duplicate.score)
+            else:
+                self._store_templates(ref, mean, samples)
+                result["status"] = "enrolled"
+        log.info("enrollment", extra={"session_id": ref.session_id, "user_id": ref.user_id, "status": result["status"]})
+        return [Emit("enrollments", {b"m": msgpack.packb(result), b"session": ref.session_id.encode()},
+                     once_key=decided_key(ref.session_id))]
+
+    def _duplicate_of(self, user_id: str, tenant_id: str, mean: np.ndarray):
+        hits = self.gallery.search(self.embedder.model_id, mean, limit=2, tenant=tenant_id or None)
+        return next((h for h in hits if h.user_id != user_id and h.score >= self.threshold), None)
+
+    def _store_templates(self, ref, mean: np.ndarray, samples: np.ndarray) -> None:
+        model_id, now_ms = self.embedder.model_id, int(time.time() * 1000)
+        common = {"user_id": ref.user_id, "tenant": ref.tenant_id or "default",
+                  "phone_suffix": ref.phone_suffix or None, "enrolled_at_ms": now_ms}
+        self.gallery.delete_user(model_id, ref.user_id)
+        templates = [Template(vector=mean, kind="mean", **common)]
+        templates += [Template(vector=s / (np.linalg.norm(s) + 1e-12), kind="sample", **common) for s in samples]
+        self.gallery.upsert(model_id, templates)
+

@@ -1,0 +1,88 @@
+"""Session state in Redis, so that any recognizer replica can finish any session.
+
+`{ns}:session:{id}` is a hash: `f:<seq>` → one FrameResult (written once per frame, so a
+redelivered frame changes nothing), `end` → the frame count the camera announced, `meta` →
+store, camera and timing. `{ns}:sessions:open` is a sorted set of sessions by deadline, swept
+for timeouts. `{ns}:decided:{id}` is set by the runtime when the decision is written.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from dataclasses import dataclass
+
+import msgpack
+import redis
+
+from facepay.config import Settings
+from facepay.messages import FrameRef
+from services.recognizer.policy import FrameResult
+
+STATE_TTL_S = 24 * 3600
+
+
+@dataclass(frozen=True)
+class SessionState:
+    meta: FrameRef
+    results: list[FrameResult]
+    expected_frames: int | None
+    models: dict[str, str]
+
+
+def decided_key(session_id: str) -> str:
+    return f"decided:{session_id}"
+
+
+class SessionStore:
+    def __init__(self, client: redis.Redis, settings: Settings) -> None:
+        self.redis = client
+        self.settings = settings
+
+    def _key(self, session_id: str) -> str:
+        return self.settings.key("session", session_id)
+
+    @property
+    def _open_key(self) -> str:
+        return self.settings.key("sessions", "open")
+
+    def is_decided(self, session_ids: list[str]) -> dict[str, bool]:
+        pipe = self.redis.pipeline(transaction=False)
+        for sid in session_ids:
+            pipe.exists(self.settings.key(decided_key(sid)))
+        return dict(zip(session_ids, (bool(x) for x in pipe.execute())))
+
+    def record(
+        self, ref: FrameRef, result: FrameResult | None = None, frame_count: int | None = None,
+        models: dict[str, str] | None = None,
+    ) -> None:
+        """Remember a frame result (or the end marker) once; open the session's timeout clock."""
+        key = self._key(ref.session_id)
+        deadline_ms = int(time.time() * 1000 + self.settings.policy.session_timeout_s * 1000)
+        pipe = self.redis.pipeline(transaction=True)
+        pipe.hsetnx(key, "meta", msgpack.packb(dataclasses.asdict(ref)))
+        if result is not None:
+            pipe.hsetnx(key, f"f:{result.sequence}", msgpack.packb(dataclasses.asdict(result)))
+        if models:
+            pipe.hsetnx(key, "models", msgpack.packb(models))
+        if frame_count is not None:
+            pipe.hset(key, "end", frame_count)
+        pipe.expire(key, STATE_TTL_S)
+        pipe.zadd(self._open_key, {ref.session_id: deadline_ms}, nx=True)
+        pipe.execute()
+
+    def load(self, session_id: str) -> SessionState | None:
+        raw = self.redis.hgetall(self._key(session_id))
+        if b"meta" not in raw:
+            return None
+        results = [FrameResult(**msgpack.unpackb(v)) for k, v in raw.items() if k.startswith(b"f:")]
+        expected = int(raw[b"end"]) if b"end" in raw else None
+        models = msgpack.unpackb(raw[b"models"]) if b"models" in raw else {}
+        return SessionState(FrameRef(**msgpack.unpackb(raw[b"meta"])), results, expected, models)
+
+    def overdue(self, limit: int = 100) -> list[str]:
+        now_ms = int(time.time() * 1000)
+        return [s.decode() for s in self.redis.zrangebyscore(self._open_key, 0, now_ms, start=0, num=limit)]
+
+    def close(self, session_id: str) -> None:
+        self.redis.zrem(self._open_key, session_id)
