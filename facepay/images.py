@@ -37,6 +37,8 @@ def decode_image(data: bytes, max_bytes: int = 8 << 20, max_pixels: int = 4096 *
             return np.asarray(image.convert("RGB"))
     except ImageError:
         raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise ImageError(f"image size is outside 16x16 … {max_pixels} pixels: {exc}") from exc
     except Exception as exc:  # PIL raises many types for broken data: one answer for all
         raise ImageError(f"corrupt or truncated image: {exc}") from exc
 
