@@ -66,7 +66,32 @@ class CameraClient:
             yield pb.CameraMessage(end=pb.SessionEnd(camera_id=self.camera_id, store_id=self.store_id,
                                                      session_id=session_id, frame_count=len(frames)))
 
-        return list(self.stub.StreamFrames(messages(), metadata=self.metadata))
+        acks = list(self.stub.StreamFrames(messages(), metadata=self.metadata))
+        return [self._retry_unavailable(ack, frames, session_id, phone_suffix) for ack in acks]
+
+    def _retry_unavailable(self, ack: pb.FrameAck, frames: list[bytes], session_id: str, phone_suffix: str,
+                           attempts: int = 20) -> pb.FrameAck:
+        """A frame refused as UNAVAILABLE (queue down) was not stored: send it again, with backoff."""
+        delay = 0.25
+        for _ in range(attempts):
+            if ack.code != grpc.StatusCode.UNAVAILABLE.value[0]:
+                return ack
+            time.sleep(delay)
+            delay = min(delay * 2, 2.0)
+            try:
+                if ack.sequence < 0:
+                    ack = self.stub.EndSession(pb.SessionEnd(camera_id=self.camera_id, store_id=self.store_id,
+                                                             session_id=session_id, frame_count=len(frames)),
+                                               metadata=self.metadata)
+                else:
+                    ack = self.stub.SubmitFrame(pb.Frame(
+                        camera_id=self.camera_id, store_id=self.store_id, session_id=session_id,
+                        capture_time_ms=int(time.time() * 1000), sequence=ack.sequence,
+                        image=frames[ack.sequence], phone_suffix=phone_suffix), metadata=self.metadata)
+            except grpc.RpcError as err:
+                if err.code() != grpc.StatusCode.UNAVAILABLE:
+                    raise
+        return ack
 
     def close(self) -> None:
         self.channel.close()

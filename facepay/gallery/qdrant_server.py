@@ -1,0 +1,228 @@
+"""Face gallery over `qdrant_client.QdrantClient`.
+
+``QdrantGallery(url="http://qdrant:6333")`` talks to a Qdrant server (production: several
+processes may read and write). ``QdrantGallery(location=":memory:")`` or
+``QdrantGallery(path="/dir")`` use qdrant-client's local mode: the same API in-process, an
+exact (brute-force) numpy search, payload indexes accepted but without effect, and, with a
+path, a lock file so one process owns the directory (and SQLite's same-thread check, unless
+``force_disable_check_same_thread=True`` is passed through). Local mode evaluates filters
+point by point in Python (a filtered search over 10k points takes hundreds of ms), so it is
+for tests and small tools; an in-process production gallery is `facepay.gallery.edge`.
+
+Distinct users per search come from the server's grouping (`query_points_groups`,
+``group_by="user_id", group_size=1``), so samples of one user never crowd out the
+second-best user.
+"""
+
+from __future__ import annotations
+
+import threading
+import warnings
+from typing import Any
+
+import numpy as np
+from qdrant_client import QdrantClient
+from qdrant_client import models as qm
+
+from .base import (
+    INDEXED_FIELDS,
+    Hit,
+    Template,
+    UnknownModelError,
+    as_vector,
+    check_dim,
+    check_kind,
+    check_limit,
+    collection_name,
+    dedupe_hits,
+    point_ids_for,
+)
+
+__all__ = ["QdrantGallery"]
+
+_UPSERT_BATCH = 256
+_SCROLL_PAGE = 1024
+
+
+def _filter(
+    user_id: str | None = None,
+    tenant: str | None = None,
+    phone_suffix: str | None = None,
+    kind: str | None = None,
+) -> qm.Filter | None:
+    must: list[Any] = [
+        qm.FieldCondition(key=key, match=qm.MatchValue(value=value))
+        for key, value in (("user_id", user_id), ("tenant", tenant), ("phone_suffix", phone_suffix), ("kind", kind))
+        if value is not None
+    ]
+    return qm.Filter(must=must) if must else None
+
+
+class QdrantGallery:
+    """Gallery on a Qdrant server (``url``) or in qdrant-client's local mode (``location``/``path``)."""
+
+    def __init__(
+        self,
+        url: str | None = None,
+        path: str | None = None,
+        location: str | None = None,
+        *,
+        api_key: str | None = None,
+        timeout: int | None = None,
+        **client_kwargs: Any,
+    ) -> None:
+        given = [name for name, value in (("url", url), ("path", path), ("location", location)) if value is not None]
+        if len(given) != 1:
+            raise ValueError(f"give exactly one of url, path or location (got {given or 'none'})")
+        self._local = path is not None or location == ":memory:"
+        self._client = QdrantClient(
+            url=url, path=None if path is None else str(path), location=location,
+            api_key=api_key, timeout=timeout, **client_kwargs,
+        )
+        self._dims: dict[str, int] = {}  # collection name -> dim (immutable once created)
+        self._lock = threading.Lock()
+        self._closed = False
+
+    # -- collections ------------------------------------------------------------------------
+
+    def _dim_of_existing(self, name: str) -> int | None:
+        """The collection's vector size, None if it does not exist."""
+        dim = self._dims.get(name)
+        if dim is not None:
+            return dim
+        if not self._client.collection_exists(name):
+            return None
+        params = self._client.get_collection(name).config.params.vectors
+        if not isinstance(params, qm.VectorParams):
+            raise ValueError(f"collection {name!r} uses named vectors; it was not created by the facepay gallery")
+        if params.distance != qm.Distance.COSINE:
+            raise ValueError(f"collection {name!r} uses {params.distance} distance, expected Cosine")
+        self._dims[name] = int(params.size)
+        return self._dims[name]
+
+    def _dim(self, model_id: str) -> tuple[str, int]:
+        name = collection_name(model_id)
+        dim = self._dim_of_existing(name)
+        if dim is None:
+            raise UnknownModelError(f"no gallery collection {name!r} for model {model_id!r}; call ensure_collection first")
+        return name, dim
+
+    def ensure_collection(self, model_id: str, dim: int) -> None:
+        dim = check_dim(dim)
+        name = collection_name(model_id)
+        with self._lock:
+            existing = self._dim_of_existing(name)
+            if existing is None:
+                try:
+                    self._client.create_collection(
+                        collection_name=name,
+                        vectors_config=qm.VectorParams(size=dim, distance=qm.Distance.COSINE),
+                    )
+                except Exception:
+                    # Another process may have created it between the check and the create.
+                    if not self._client.collection_exists(name):
+                        raise
+                existing = self._dim_of_existing(name)
+            if existing != dim:
+                raise ValueError(
+                    f"collection {name!r} for model {model_id!r} holds {existing}-d vectors, not {dim}-d"
+                )
+            self._ensure_payload_indexes(name)
+
+    def _ensure_payload_indexes(self, name: str) -> None:
+        """Create the keyword indexes the collection lacks (local mode keeps no schema: all, every time)."""
+        present = set(self._client.get_collection(name).payload_schema or {})
+        with warnings.catch_warnings():
+            if self._local:  # local mode accepts payload indexes but warns that they have no effect
+                warnings.filterwarnings("ignore", message="Payload indexes have no effect")
+            for field in INDEXED_FIELDS:
+                if field in present:
+                    continue
+                schema: Any = (
+                    qm.KeywordIndexParams(type=qm.KeywordIndexType.KEYWORD, is_tenant=True)
+                    if field == "tenant"
+                    else qm.PayloadSchemaType.KEYWORD
+                )
+                self._client.create_payload_index(name, field_name=field, field_schema=schema, wait=True)
+
+    # -- writes -----------------------------------------------------------------------------
+
+    def upsert(self, model_id: str, templates: list[Template]) -> None:
+        name, dim = self._dim(model_id)
+        points = [
+            qm.PointStruct(id=pid, vector=vec.tolist(), payload=payload)
+            for pid, vec, payload in point_ids_for(model_id, templates, dim)
+        ]
+        for start in range(0, len(points), _UPSERT_BATCH):
+            self._client.upsert(name, points=points[start : start + _UPSERT_BATCH], wait=True)
+
+    def delete_user(self, model_id: str, user_id: str) -> int:
+        name = collection_name(model_id)
+        if self._dim_of_existing(name) is None:
+            return 0
+        flt = _filter(user_id=user_id)
+        n = self._client.count(name, count_filter=flt, exact=True).count
+        if n:
+            self._client.delete(name, points_selector=qm.FilterSelector(filter=flt), wait=True)
+        return int(n)
+
+    # -- reads ------------------------------------------------------------------------------
+
+    def search(
+        self,
+        model_id: str,
+        vector: np.ndarray,
+        limit: int = 2,
+        tenant: str | None = None,
+        phone_suffix: str | None = None,
+        kind: str | None = "mean",
+    ) -> list[Hit]:
+        limit = check_limit(limit)
+        check_kind(kind)
+        name, dim = self._dim(model_id)
+        query = as_vector(vector, dim, what="query vector")
+        result = self._client.query_points_groups(
+            name,
+            group_by="user_id",
+            query=query.tolist(),
+            query_filter=_filter(tenant=tenant, phone_suffix=phone_suffix, kind=kind),
+            limit=limit,
+            group_size=1,
+            with_payload=["user_id", "tenant"],
+        )
+        hits = dedupe_hits((h.score, h.payload or {}) for g in result.groups for h in g.hits)
+        return hits[:limit]
+
+    def list_users(self, model_id: str, tenant: str | None = None) -> list[str]:
+        name = collection_name(model_id)
+        if self._dim_of_existing(name) is None:
+            return []
+        users: set[str] = set()
+        offset = None
+        while True:
+            records, offset = self._client.scroll(
+                name, scroll_filter=_filter(tenant=tenant), limit=_SCROLL_PAGE, offset=offset,
+                with_payload=["user_id"], with_vectors=False,
+            )
+            users.update(r.payload["user_id"] for r in records if r.payload and "user_id" in r.payload)
+            if offset is None:
+                return sorted(users)
+
+    def count(self, model_id: str) -> int:
+        name = collection_name(model_id)
+        if self._dim_of_existing(name) is None:
+            return 0
+        return int(self._client.count(name, exact=True).count)
+
+    # -- lifecycle --------------------------------------------------------------------------
+
+    def close(self) -> None:
+        if not self._closed:
+            self._closed = True
+            self._client.close()
+
+    def __enter__(self) -> "QdrantGallery":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -1,0 +1,77 @@
+"""Helpers for the end-to-end tests: a running pipeline, a camera, an enrolling operator and a
+payment backend (a stand-in for the user's own, which verifies every event's signature)."""
+
+from __future__ import annotations
+
+import threading
+import uuid
+from pathlib import Path
+
+import grpc
+
+from facepay.camera import CameraClient
+from facepay.config import SessionPolicy, Settings
+from facepay.contract import pb, rpc
+from facepay.decisions import verify_event
+from facepay.supervisor import Pipeline, demo_access
+
+STORES = {"store-1": ["cam-1", "cam-2"], "store-2": ["cam-3"]}
+
+
+def start_pipeline(workdir: Path, policy: SessionPolicy, redis_url: str | None = None, **overrides) -> Pipeline:
+    settings = Settings(namespace=f"e2e{uuid.uuid4().hex[:6]}", policy=policy, claim_idle_ms=2000,
+                        batch_size=8, batch_wait_ms=30, log_format="json", **overrides)
+    if redis_url:
+        settings = settings.replace(redis_url=redis_url)
+    return Pipeline(settings, workdir, demo_access(STORES), embedded=redis_url is None).start()
+
+
+def enroll(pipeline: Pipeline, user: str, images: list[bytes], tenant: str = "demo", **metadata) -> pb.EnrollResponse:
+    with grpc.insecure_channel(pipeline.address) as channel:
+        return rpc.FaceGatewayStub(channel).Enroll(
+            pb.EnrollRequest(user_id=user, tenant_id=tenant, images=images, metadata=metadata),
+            metadata=(("authorization", f"Bearer {pipeline.settings.operator_token}"),), timeout=300)
+
+
+def camera(pipeline: Pipeline, camera_id: str) -> CameraClient:
+    store = pipeline.access["cameras"][camera_id]["store"]
+    return CameraClient(pipeline.address, camera_id, pipeline.access["cameras"][camera_id]["token"], store)
+
+
+class Backend:
+    """Subscribes to one store's decisions over gRPC and verifies each signature."""
+
+    def __init__(self, pipeline: Pipeline, store: str) -> None:
+        self.events: list[pb.DecisionEvent] = []
+        self.signed: list[dict] = []
+        self._arrived = threading.Condition()
+        self._channel = grpc.insecure_channel(pipeline.address)
+        token = pipeline.access["stores"][store]["backend_token"]
+        self._call = rpc.FaceGatewayStub(self._channel).SubscribeDecisions(
+            pb.SubscribeRequest(store_id=store, after_entry_id="0-0"), metadata=(("authorization", f"Bearer {token}"),))
+        self._keys = {pipeline.settings.signing_key_id: pipeline.settings.signing_key}
+        threading.Thread(target=self._listen, daemon=True).start()
+
+    def _listen(self) -> None:
+        try:
+            for event in self._call:
+                signed = verify_event(event, self._keys)
+                with self._arrived:
+                    self.events.append(event)
+                    self.signed.append(signed)
+                    self._arrived.notify_all()
+        except grpc.RpcError:
+            pass
+
+    def wait_for(self, session_ids: list[str], timeout_s: float = 180.0) -> dict[str, pb.DecisionEvent]:
+        with self._arrived:
+            self._arrived.wait_for(lambda: set(session_ids) <= {e.session_id for e in self.events}, timeout=timeout_s)
+            return {e.session_id: e for e in self.events if e.session_id in session_ids}
+
+    def close(self) -> None:
+        self._call.cancel()
+        self._channel.close()
+
+
+def new_session() -> str:
+    return f"pos-{uuid.uuid4().hex[:10]}"
