@@ -21,7 +21,7 @@ class SessionPolicy:
     """How one payment session becomes a decision; defaults suit a payment terminal."""
 
     threshold: float | None = None  # cosine; None → the recognizer model's calibrated default
-    margin: float = 0.04  # best user must beat the second-best user by this much
+    margin: float = 0.02  # best user must beat the second-best user by this much (cosine)
     min_agreeing_frames: int = 3  # k of the session's eligible frames must name the same user
     max_disagreeing_ratio: float = 0.34  # above this share of votes for others → ambiguous
     require_blink: bool = True

@@ -1,0 +1,73 @@
+"""128-d face embeddings from dlib's ResNet (dlib_face_recognition_resnet_model_v1)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import dlib
+import numpy as np
+import torch
+
+from facepay.models.cache import weight_path
+from services.aligner.landmarks import dlib_cpu_device
+
+WEIGHTS = "dlib_face_recognition_resnet_model_v1.dat"
+
+
+class DlibResNetEmbedder:
+    """Unit-length 128-d descriptors of 150×150 chips made by `dlib_face_chip`.
+
+    dlib trained this model for Euclidean distance on its raw vectors (same person below
+    ~0.6), and those are *not* unit length (norms ≈ 1.3–1.65 on real faces), so 0.6 does not
+    translate to a fixed cosine. `embed` L2-normalises so that the gallery can use cosine
+    similarity as a plain dot product, like every other embedder in facepay; `embed_raw` keeps
+    dlib's native space for comparison with dlib's published thresholds.
+    """
+
+    model_id = "dlib-resnet-v1"
+    dim = 128
+    chip_size = 150
+    chip_template = "dlib150"  # the aligner's chip this model reads
+    # Cosine threshold until `facepay calibrate` stores one: on the dev pairs genuine pairs
+    # score 0.936–0.985 and impostors 0.756–0.920 (dlib's Euclidean 0.6 ≈ cosine 0.92).
+    default_threshold = 0.93
+
+    def __init__(self, device: str | torch.device = "cpu", weights: Path | None = None) -> None:
+        self._device = dlib_cpu_device(device)
+        self._model = dlib.face_recognition_model_v1(str(weights or weight_path(WEIGHTS)))
+
+    @property
+    def device(self) -> torch.device:
+        return self._device
+
+    def embed(self, chips: Sequence[np.ndarray]) -> np.ndarray:
+        """(N, 128) float32, each row L2-normalised; N may be 0."""
+        raw = self.embed_raw(chips)
+        norms = np.linalg.norm(raw, axis=1, keepdims=True)
+        return raw / np.maximum(norms, 1e-12)
+
+    def embed_raw(self, chips: Sequence[np.ndarray]) -> np.ndarray:
+        """(N, 128) float32 descriptors exactly as dlib returns them (not normalised)."""
+        if len(chips) == 0:
+            return np.zeros((0, self.dim), dtype=np.float32)
+        batch = []
+        for chip in chips:
+            if chip.shape != (self.chip_size, self.chip_size, 3) or chip.dtype != np.uint8:
+                raise ValueError(
+                    f"expected {self.chip_size}x{self.chip_size}x3 uint8 chips from dlib_face_chip, "
+                    f"got {chip.dtype} {chip.shape}"
+                )
+            batch.append(np.ascontiguousarray(chip))
+        # The batch overload (list of aligned chips) runs the network once over all of them.
+        return np.array([np.asarray(v) for v in self._model.compute_face_descriptor(batch)], dtype=np.float32)
+
+
+EMBEDDERS = {DlibResNetEmbedder.model_id: DlibResNetEmbedder}
+
+
+def load_embedder(name: str, device: str = "auto") -> DlibResNetEmbedder:
+    """The recognizer's embedding model by id (see EMBEDDERS)."""
+    if name not in EMBEDDERS:
+        raise ValueError(f"unknown recognizer model {name!r}; known: {', '.join(EMBEDDERS)}")
+    return EMBEDDERS[name](device=device)
