@@ -18,12 +18,13 @@ from facepay.supervisor import Pipeline, demo_access
 STORES = {"store-1": ["cam-1", "cam-2"], "store-2": ["cam-3"]}
 
 
-def start_pipeline(workdir: Path, policy: SessionPolicy, redis_url: str | None = None, **overrides) -> Pipeline:
+def start_pipeline(workdir: Path, policy: SessionPolicy, redis_url: str | None = None,
+                   replicas: dict[str, int] | None = None, **overrides) -> Pipeline:
     settings = Settings(namespace=f"e2e{uuid.uuid4().hex[:6]}", policy=policy, claim_idle_ms=2000,
                         batch_size=8, batch_wait_ms=30, log_format="json", **overrides)
     if redis_url:
         settings = settings.replace(redis_url=redis_url)
-    return Pipeline(settings, workdir, demo_access(STORES), embedded=redis_url is None).start()
+    return Pipeline(settings, workdir, demo_access(STORES), replicas=replicas, embedded=redis_url is None).start()
 
 
 def enroll(pipeline: Pipeline, user: str, images: list[bytes], tenant: str = "demo", **metadata) -> pb.EnrollResponse:

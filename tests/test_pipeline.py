@@ -170,18 +170,57 @@ def count_decisions(pipeline, session_ids) -> dict[str, int]:
     return counts
 
 
+def kill_while_busy(pipeline, worker: str, stage: str, stream: str, timeout_s: float = 60.0) -> int:
+    """SIGKILL `worker` at a moment it holds unacknowledged entries; returns how many it held."""
+    client = redis.Redis.from_url(pipeline.settings.redis_url)
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            held = {c["name"]: c["pending"] for c in client.xinfo_consumers(pipeline.settings.key(stream), stage)}
+        except redis.ResponseError:
+            held = {}
+        if held.get(worker.encode(), held.get(worker, 0)):
+            pipeline.kill(worker)
+            return held.get(worker.encode(), held.get(worker, 0))
+        time.sleep(0.005)
+    raise AssertionError(f"{worker} never held pending entries")
+
+
 def test_a_worker_killed_mid_stream_loses_nothing_and_decides_each_session_once(faces, tmp_path):
-    pipeline = start_pipeline(tmp_path, PHOTO_POLICY, replicas={"aligner": 2})
+    pipeline = start_pipeline(tmp_path, PHOTO_POLICY, replicas={"detector": 2})
     try:
         enrolled, _ = photo_cast(faces)
         name, paths = next(iter(enrolled.items()))
         enroll(pipeline, name, [paths[0].read_bytes()])
         backend, cam = Backend(pipeline, "store-1"), camera(pipeline, "cam-1")
         sessions = [new_session() for _ in range(6)]
-        for i, session in enumerate(sessions):
-            cam.stream_session(session, [paths[1].read_bytes()] * 4)
-            if i == 2:
-                pipeline.kill("aligner-0")  # SIGKILL mid-stream: its pending entries must be reclaimed
+        player = threading.Thread(target=lambda: [cam.stream_session(s, [paths[1].read_bytes()] * 4) for s in sessions])
+        player.start()
+        held = kill_while_busy(pipeline, "detector-0", "detector", "frames")
+        player.join()
+        decisions = backend.wait_for(sessions)
+        assert set(decisions) == set(sessions), f"the {held} entries the killed worker held were reclaimed"
+        assert all(e.decision == pb.APPROVE for e in decisions.values())
+        time.sleep(3)
+        assert set(count_decisions(pipeline, sessions).values()) == {1}, "exactly one decision per session"
+    finally:
+        pipeline.stop()
+
+
+def test_the_recognizer_killed_and_restarted_decides_each_session_exactly_once(faces, tmp_path):
+    """The gallery's owner dies mid-session (as a pod would); its replacement finishes the work."""
+    pipeline = start_pipeline(tmp_path, PHOTO_POLICY)
+    try:
+        enrolled, _ = photo_cast(faces)
+        name, paths = next(iter(enrolled.items()))
+        enroll(pipeline, name, [paths[0].read_bytes()])
+        backend, cam = Backend(pipeline, "store-1"), camera(pipeline, "cam-1")
+        sessions = [new_session() for _ in range(6)]
+        player = threading.Thread(target=lambda: [cam.stream_session(s, [paths[1].read_bytes()] * 4) for s in sessions])
+        player.start()
+        kill_while_busy(pipeline, "recognizer-0", "recognizer", "posed")
+        pipeline.respawn("recognizer-0")
+        player.join()
         decisions = backend.wait_for(sessions)
         assert set(decisions) == set(sessions)
         time.sleep(3)
