@@ -1,0 +1,133 @@
+"""Throughput and latency of the running pipeline vs. the same models in one process.
+
+    .venv/bin/python bench/pipeline.py [--frames 160] [--session-frames 8]
+
+Starts the embedded pipeline (Valkey, gateway, four workers as processes), streams N frames
+from two cameras as fast as the gateway takes them, and reads the decisions. Then calls the
+same models in one process in a loop over the same frames. Prints both and their ratio,
+measured in this one run. Every frame is embedded (decide_early off), so the work is equal.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import redis
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from facepay.config import SessionPolicy  # noqa: E402
+from tests.e2e import camera, enroll, new_session, start_pipeline  # noqa: E402
+
+DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "faces" / "identities"
+
+
+def sample_frames() -> tuple[list[bytes], bytes]:
+    """Real photos: the test data when present, else scikit-image's astronaut."""
+    if DATA.exists():
+        photos = sorted(DATA.glob("*/*.jpg"))
+        return [p.read_bytes() for p in photos[:24]], photos[0].read_bytes()
+    import cv2
+    from skimage import data
+
+    face = cv2.imencode(".jpg", cv2.cvtColor(data.astronaut(), cv2.COLOR_RGB2BGR))[1].tobytes()
+    return [face], face
+
+
+def run_pipeline(frames: list[bytes], enroll_image: bytes, total: int, per_session: int) -> dict:
+    policy = SessionPolicy(require_blink=False, decide_early=False)
+    with tempfile.TemporaryDirectory() as tmp:
+        pipeline = start_pipeline(Path(tmp), policy)
+        try:
+            enroll(pipeline, "bench-user", [enroll_image])
+            sessions = [new_session() for _ in range(total // per_session)]
+            started = time.time()
+
+            def play(camera_id: str, mine: list[str]) -> None:
+                cam = camera(pipeline, camera_id)
+                for i, session in enumerate(mine):
+                    cam.stream_session(session, [frames[(i * per_session + j) % len(frames)] for j in range(per_session)])
+
+            threads = [threading.Thread(target=play, args=(c, sessions[k::2])) for k, c in enumerate(("cam-1", "cam-2"))]
+            [t.start() for t in threads]
+            [t.join() for t in threads]
+            events = wait_decisions(pipeline, sessions)
+            finished = max(e["decided_at_ms"] for e in events) / 1000
+            latencies = sorted((e["decided_at_ms"] - e["first_frame_ms"]) / 1000 for e in events)
+            return {"frames_per_s": len(sessions) * per_session / (finished - started),
+                    "p50_s": statistics.median(latencies), "p99_s": latencies[int(0.99 * (len(latencies) - 1))]}
+        finally:
+            pipeline.stop()
+
+
+def wait_decisions(pipeline, sessions: list[str], timeout_s: float = 600) -> list[dict]:
+    client = redis.Redis.from_url(pipeline.settings.redis_url)
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        events = [json.loads(f[b"payload"]) for _, f in client.xrange(pipeline.settings.key("decisions"))]
+        events = [e for e in events if e["session_id"] in set(sessions)]
+        if len(events) == len(sessions):
+            return events
+        time.sleep(0.2)
+    raise TimeoutError("not every session was decided")
+
+
+def run_in_process(frames: list[bytes], total: int) -> dict:
+    """The same models, one process, one frame at a time: decode → detect → landmarks → chips
+    → pose → embed → gallery search."""
+    import torch
+
+    from facepay.gallery import Template, open_gallery
+    from facepay.images import decode_image
+    from services.aligner.geometry import align_face, eye_aspect_ratio, five_points_from_68
+    from services.aligner.landmarks import DlibLandmarks68, dlib_face_chip
+    from services.detector.mtcnn import MTCNN
+    from services.pose.headpose import head_pose
+    from services.recognizer.embedder import DlibResNetEmbedder
+
+    torch.set_num_threads(1)
+    detector, landmarks, embedder = MTCNN(), DlibLandmarks68(), DlibResNetEmbedder()
+    gallery = open_gallery(":memory:")
+    gallery.ensure_collection(embedder.model_id, embedder.dim)
+    gallery.upsert(embedder.model_id, [Template("bench-user", np.eye(embedder.dim, dtype=np.float32)[0], "demo")])
+    started = time.perf_counter()
+    for i in range(total):
+        image = decode_image(frames[i % len(frames)])
+        faces = detector.detect([image])[0]
+        if not faces:
+            continue
+        box = faces[0].box
+        lm = landmarks.predict([image], [box])[0]
+        align_face(image, five_points_from_68(lm))
+        eye_aspect_ratio(lm)
+        head_pose(lm, (image.shape[1], image.shape[0]))
+        vector = embedder.embed([dlib_face_chip(image, lm)])[0]
+        gallery.search(embedder.model_id, vector, limit=2, tenant="demo")
+    return {"frames_per_s": total / (time.perf_counter() - started)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--frames", type=int, default=160)
+    parser.add_argument("--session-frames", type=int, default=8)
+    args = parser.parse_args()
+    frames, enroll_image = sample_frames()
+    piped = run_pipeline(frames, enroll_image, args.frames, args.session_frames)
+    alone = run_in_process(frames, args.frames)
+    print(f"frames: {args.frames} in sessions of {args.session_frames}, {len(frames)} distinct photos, 2 cameras")
+    print(f"pipeline (gateway + 4 worker processes, embedded Valkey): {piped['frames_per_s']:.1f} frames/s; "
+          f"first frame → decision p50 {piped['p50_s']:.2f} s, p99 {piped['p99_s']:.2f} s")
+    print(f"same models, one process, batch 1 loop:                  {alone['frames_per_s']:.1f} frames/s")
+    print(f"ratio pipeline / in-process: {piped['frames_per_s'] / alone['frames_per_s']:.2f}")
+
+
+if __name__ == "__main__":
+    main()
