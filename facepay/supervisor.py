@@ -62,6 +62,7 @@ class Pipeline:
             gallery_url=settings.gallery_url if "://./" not in settings.gallery_url else f"edge://{self.workdir / 'gallery'}",
         )
         self.processes: dict[str, subprocess.Popen] = {}
+        self.metrics_ports: dict[str, int] = {}
 
     @property
     def address(self) -> str:
@@ -79,7 +80,9 @@ class Pipeline:
         return self
 
     def _spawn(self, name: str, args: list[str]) -> None:
-        env = {**os.environ, **settings_to_env(self.settings), "FACEPAY_CONSUMER": name}
+        self.metrics_ports.setdefault(name, free_port())
+        env = {**os.environ, **settings_to_env(self.settings), "FACEPAY_CONSUMER": name,
+               "FACEPAY_METRICS_PORT": str(self.metrics_ports[name])}
         log_file = open(self.workdir / f"{name}.log", "ab")
         self.processes[name] = subprocess.Popen(
             [sys.executable, "-m", "facepay", *args], env=env, stdout=log_file, stderr=subprocess.STDOUT,

@@ -156,8 +156,24 @@ def test_cameras_of_two_stores_at_once_and_each_backend_sees_only_its_store(face
             time.sleep(1)
             assert {e.store_id for e in backend.events} == {store}, "no decision of another store"
             backend.close()
+        assert_metrics_exported(pipeline)
     finally:
         pipeline.stop()
+
+
+def assert_metrics_exported(pipeline) -> None:
+    """Each process serves Prometheus metrics; workers export the lag an autoscaler reads."""
+    import urllib.request
+
+    def scrape(name: str) -> str:
+        return urllib.request.urlopen(f"http://127.0.0.1:{pipeline.metrics_ports[name]}/metrics", timeout=5).read().decode()
+
+    time.sleep(5.5)  # gauges refresh every 5 s
+    detector = scrape("detector-0")
+    assert 'facepay_group_lag{stage="detector"' in detector and 'facepay_group_pending{stage="detector"' in detector
+    assert 'facepay_messages_in_total{stage="detector"}' in detector
+    assert "facepay_decisions_total" in scrape("recognizer-0")
+    assert 'facepay_gateway_frames_total{store="store-1"}' in scrape("gateway")
 
 
 def count_decisions(pipeline, session_ids) -> dict[str, int]:

@@ -40,7 +40,7 @@ def weight_path(name: str, verify: bool = True) -> Path:
         raise ModelMissingError(
             f"model file {name} is not in the cache {cache_dir()}; run `facepay models fetch`"
         )
-    if verify and path.stat().st_size != spec.size or verify and _verified_digest(path) != spec.sha256:
+    if verify and (path.stat().st_size != spec.size or _verified_digest(path) != spec.sha256):
         raise ModelMissingError(
             f"model file {path} does not match its sha256 {spec.sha256[:12]}…; "
             "delete it and run `facepay models fetch`"
