@@ -91,10 +91,10 @@ def run_in_process(frames: list[bytes], total: int) -> dict:
     from services.aligner.landmarks import DlibLandmarks68, dlib_face_chip
     from services.detector.mtcnn import MTCNN
     from services.pose.headpose import head_pose
-    from services.recognizer.embedder import DlibResNetEmbedder
+    from services.recognizer.embedder import load_embedder
 
     torch.set_num_threads(1)
-    detector, landmarks, embedder = MTCNN(), DlibLandmarks68(), DlibResNetEmbedder()
+    detector, landmarks, embedder = MTCNN(min_face_size=40), DlibLandmarks68(), load_embedder("dlib-resnet-v1", "cpu")
     gallery = open_gallery(":memory:")
     gallery.ensure_collection(embedder.model_id, embedder.dim)
     gallery.upsert(embedder.model_id, [Template("bench-user", np.eye(embedder.dim, dtype=np.float32)[0], "demo")])
