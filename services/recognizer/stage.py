@@ -16,12 +16,14 @@ import numpy as np
 from facepay.config import Settings
 from facepay.images import decode_trusted
 from facepay.gallery import Gallery, Template, open_gallery
-from facepay.messages import Message, PosedMsg, Rejection, SessionEndMsg
+from facepay.messages import AdminMsg, Message, PosedMsg, Rejection, SessionEndMsg
 from facepay.runtime import metrics
 from facepay.runtime.redis_conn import connect
 from facepay.runtime.stage import Emit, Stage
 from facepay.signing import sign
+from services.recognizer.admin import handle_admin
 from services.recognizer.embedder import load_embedder
+from services.recognizer.limits import FailureLimiter
 from services.recognizer.policy import FrameResult, Verdict, decide
 from services.recognizer.state import SessionState, SessionStore, decided_key
 
@@ -41,7 +43,9 @@ class RecognizerStage(Stage):
         self.embedder = load_embedder(self.settings.recognizer_model, self.settings.device)
         self.gallery = self.gallery or open_gallery(self.settings.gallery_url)
         self.gallery.ensure_collection(self.embedder.model_id, self.embedder.dim)
-        self.sessions = SessionStore(connect(self.settings.redis_url), self.settings)
+        client = connect(self.settings.redis_url)
+        self.sessions = SessionStore(client, self.settings)
+        self.limits = FailureLimiter(client, self.settings)
         self.threshold = self.policy.threshold if self.policy.threshold is not None else self.embedder.default_threshold
 
     def stop(self) -> None:
@@ -50,6 +54,11 @@ class RecognizerStage(Stage):
 
     # ---- one batch -------------------------------------------------------------------------
     def process(self, batch: list[Message]) -> list[Emit]:
+        admin = [m for m in batch if isinstance(m, AdminMsg)]
+        batch = [m for m in batch if not isinstance(m, AdminMsg)]
+        emits = [handle_admin(self, m) for m in admin]
+        if not batch:
+            return emits
         decided = self.sessions.is_decided(sorted({m.ref.session_id for m in batch}))
         live = [m for m in batch if not decided[m.ref.session_id]]
         faces = [m for m in live if isinstance(m, PosedMsg) and m.eligible]
@@ -61,7 +70,6 @@ class RecognizerStage(Stage):
                 models = message.models if isinstance(message, PosedMsg) else None
                 result = self._frame_result(message, embeddings.get(id(message)))
                 self.sessions.record(message.ref, result=result, models=models)
-        emits = []
         for session_id in dict.fromkeys(m.ref.session_id for m in live):
             emits += self._evaluate(session_id, timed_out=False)
         return emits
@@ -110,7 +118,21 @@ class RecognizerStage(Stage):
         if state.meta.purpose == "enroll":
             return self._finish_enrollment(state, timed_out)
         verdict = decide(state.results, self.policy, self.threshold, state.expected_frames, timed_out)
-        return [] if verdict is None else [self._decision_emit(state, verdict)]
+        if verdict is None:
+            return []
+        verdict = self._apply_failure_limits(state, verdict)
+        return [self._decision_emit(state, verdict)]
+
+    def _apply_failure_limits(self, state: SessionState, verdict: Verdict) -> Verdict:
+        ref = state.meta
+        locked = self.limits.locked(ref.camera_id, verdict.user_id)
+        if locked:
+            log.warning("locked out", extra={"session_id": ref.session_id, "subject": locked, "camera": ref.camera_id})
+            return Verdict(False, ["locked_out"], "locked_out", score=verdict.score, frames_seen=verdict.frames_seen,
+                           frames_eligible=verdict.frames_eligible, votes=verdict.votes)
+        candidate = max(verdict.votes, key=verdict.votes.get) if verdict.votes else ""
+        self.limits.record(ref.session_id, ref.camera_id, verdict.rule, verdict.approve, verdict.user_id or candidate)
+        return verdict
 
     def _decision_emit(self, state: SessionState, verdict: Verdict) -> Emit:
         ref = state.meta

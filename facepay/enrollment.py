@@ -1,0 +1,91 @@
+"""Enrolling users from photos: one person over gRPC, or a folder tree as rq jobs.
+
+Enrollment travels the same stages as payment frames (detector, alignment, pose gate); the
+recognizer that owns the gallery judges each photo and writes the template. A folder tree
+(one sub-folder per person, named by user id) becomes one rq job per person on the same
+Redis, so any number of `rq worker facepay-enroll` processes can share a large batch.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import grpc
+
+from facepay.camera import IMAGE_SUFFIXES
+from facepay.contract import pb, rpc
+
+QUEUE = "facepay-enroll"
+
+
+def gateway_target(grpc_address: str) -> str:
+    """Where a client on this machine reaches a gateway listening on `grpc_address`."""
+    host, _, port = grpc_address.rpartition(":")
+    return f"{'127.0.0.1' if host in ('0.0.0.0', '[::]', '') else host}:{port}"
+
+
+def photos_in(folder: Path) -> list[Path]:
+    return sorted(p for p in Path(folder).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+
+
+def enroll_images(target: str, operator_token: str, user_id: str, tenant: str, images: list[bytes],
+                  phone_suffix: str = "", timeout_s: float = 300) -> dict:
+    """One Enroll call; returns a plain summary (status, accepted count, reasons per photo)."""
+    metadata = {"phone_suffix": phone_suffix} if phone_suffix else {}
+    with grpc.insecure_channel(target) as channel:
+        reply = rpc.FaceGatewayStub(channel).Enroll(
+            pb.EnrollRequest(user_id=user_id, tenant_id=tenant, images=images, metadata=metadata),
+            metadata=(("authorization", f"Bearer {operator_token}"),), timeout=timeout_s)
+    return {
+        "user_id": reply.user_id,
+        "status": pb.EnrollResponse.Status.Name(reply.status).lower(),
+        "accepted": sum(i.accepted for i in reply.images),
+        "images": len(reply.images),
+        "rejected": {i.index: i.detail for i in reply.images if not i.accepted},
+        "duplicate_of": reply.duplicate_of,
+        "duplicate_score": round(reply.duplicate_score, 4),
+    }
+
+
+def enroll_person_job(target: str, operator_token: str, user_id: str, tenant: str, paths: list[str],
+                      phone_suffix: str = "") -> dict:
+    """The rq job: one person's folder."""
+    return enroll_images(target, operator_token, user_id, tenant, [Path(p).read_bytes() for p in paths], phone_suffix)
+
+
+def enroll_tree(redis_url: str, root: Path, target: str, operator_token: str, tenant: str,
+                inline_workers: int = 1, progress: Callable[[int, int], None] | None = None,
+                timeout_s: float | None = None) -> list[dict]:
+    """Queue one job per person folder; with inline_workers > 0 also start that many
+    `rq worker --burst` processes here (they exit when the queue is empty)."""
+    import subprocess
+    import sys
+
+    import redis
+    from rq import Queue
+
+    connection = redis.Redis.from_url(redis_url)
+    queue = Queue(QUEUE, connection=connection)
+    people = [d for d in sorted(Path(root).iterdir()) if d.is_dir() and photos_in(d)]
+    jobs = [queue.enqueue(enroll_person_job, target, operator_token, d.name, tenant, [str(p) for p in photos_in(d)],
+                          job_timeout=600, result_ttl=86400) for d in people]
+    workers = [subprocess.Popen([sys.executable, "-m", "rq.cli", "worker", "--burst", "--quiet", "-u", redis_url, QUEUE],
+                                stdout=subprocess.DEVNULL) for _ in range(inline_workers)]
+    deadline = None if timeout_s is None else time.monotonic() + timeout_s
+    try:
+        while True:
+            done = [j for j in jobs if j.get_status(refresh=True) in ("finished", "failed")]
+            if progress:
+                progress(len(done), len(jobs))
+            if len(done) == len(jobs):
+                break
+            if deadline and time.monotonic() > deadline:
+                raise TimeoutError(f"{len(jobs) - len(done)} enrollment jobs unfinished after {timeout_s:.0f} s")
+            time.sleep(0.5)
+    finally:
+        for worker in workers:
+            worker.wait(timeout=60)
+    return [j.return_value() if j.get_status() == "finished" else
+            {"user_id": j.args[2], "status": "failed", "error": str(j.latest_result().exc_string)[-300:]} for j in jobs]

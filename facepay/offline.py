@@ -1,0 +1,134 @@
+"""The pipeline's own models in one process, for still images: calibration, enrollment tools.
+
+`FaceEmbedder` runs what the detector, aligner, pose and recognizer stages run, in the same
+order and with the same settings, on an RGB array instead of a stream of messages:
+MTCNN → `choose_payer` → the detector's crop (margin, JPEG round trip, as the aligner gets it)
+→ `DlibLandmarks68` → `dlib_face_chip` → `head_pose` → the recognizer's embedder. So a score
+measured offline is the score the pipeline computes for the same photo.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import cv2
+import numpy as np
+
+from facepay.config import Settings
+from facepay.images import decode_trusted, encode_jpeg
+from facepay.models.device import resolve_device
+from services.aligner.landmarks import DlibLandmarks68, dlib_face_chip
+from services.detector.mtcnn import MTCNN, DetectedFace
+from services.detector.payer import PayerRule, choose_payer
+from services.detector.stage import CROP_MARGIN
+from services.pose.headpose import HeadPose, PoseGate, head_pose
+from services.recognizer.embedder import load_embedder
+
+
+@dataclass(frozen=True)
+class EmbeddedFace:
+    """The payer's face in one image: its embedding and the facts quality gates look at."""
+
+    embedding: np.ndarray  # (dim,) float32, L2-normalised: cosine = dot product
+    pose: HeadPose  # degrees, relative to the line of sight (as the pose stage computes it)
+    pose_reason: str  # "" when the pose stage would let it be identified, else pose_yaw/…
+    face_px: float  # detector box width in image pixels
+    sharpness: float  # variance of the Laplacian of the grey aligned chip (higher = sharper)
+    det_score: float
+    faces_in_image: int
+    box: tuple[float, float, float, float]  # x1, y1, x2, y2 in image pixels
+
+
+@dataclass(frozen=True)
+class Rejected:
+    """No usable face: the detector stage's reason code (no_face, multiple_faces, …)."""
+
+    reason: str
+    detail: str = ""
+
+
+class FaceEmbedder:
+    """Load the models once; then `embed_image(rgb)` or `embed_images([rgb, ...])` (batched)."""
+
+    def __init__(self, settings: Settings | None = None, enrolling: bool = False, labelled: bool = False) -> None:
+        self.settings = settings or Settings()
+        self.enrolling = enrolling  # enrollment's stricter rule: no other face in the picture
+        # Labelled photo sets (LFW: "the person is the face nearest the centre"): where the
+        # payer rule cannot tell two faces apart, take the most central one instead of refusing.
+        self.labelled = labelled
+        self.rule = PayerRule(min_face_px=self.settings.min_face_px)
+        limits = self.settings.pose
+        self.pose_gate = PoseGate(limits.max_abs_yaw, limits.max_abs_pitch, limits.max_abs_roll)
+        device = resolve_device(self.settings.device)
+        self.detector = MTCNN(device=device, min_face_size=self.settings.min_face_px)
+        self.landmarks = DlibLandmarks68(device="cpu")  # dlib runs on the CPU whatever the device
+        self.embedder = load_embedder(self.settings.recognizer_model, self.settings.device)
+
+    @property
+    def model_id(self) -> str:
+        return self.embedder.model_id
+
+    @property
+    def model_ids(self) -> dict[str, str]:
+        return {"detector": self.detector.model_id, "landmarks": self.landmarks.model_id,
+                "pose": "pnp-68", "recognizer": self.embedder.model_id}
+
+    def embed_image(self, rgb: np.ndarray) -> EmbeddedFace | Rejected:
+        return self.embed_images([rgb])[0]
+
+    def embed_images(self, images: Sequence[np.ndarray]) -> list[EmbeddedFace | Rejected]:
+        """One result per image, in order; one detector pass and one embedder pass per call."""
+        detections = self.detector.detect(list(images))
+        found: list[tuple[int, DetectedFace, np.ndarray, np.ndarray, HeadPose, int]] = []
+        out: list[EmbeddedFace | Rejected | None] = [None] * len(images)
+        for i, (image, faces) in enumerate(zip(images, detections)):
+            h, w = image.shape[:2]
+            payer, reason = choose_payer(faces, w, h, self.rule, enrolling=self.enrolling)
+            if payer is None and reason == "multiple_faces" and self.labelled:
+                payer, reason = _most_central(faces, w, h, self.rule)
+            if payer is None:
+                out[i] = Rejected(reason, f"{len(faces)} faces found")
+                continue
+            crop, box = _detector_crop(image, payer)
+            landmarks = self.landmarks.predict([crop], [box])[0]
+            chip = dlib_face_chip(crop, landmarks, size=self.embedder.chip_size)
+            pose = head_pose(landmarks, (crop.shape[1], crop.shape[0]))
+            found.append((i, payer, chip, landmarks, pose, len(faces)))
+        vectors = self.embedder.embed([chip for _, _, chip, _, _, _ in found])
+        for (i, payer, chip, _, pose, n_faces), vector in zip(found, vectors):
+            x1, y1, x2, y2 = (float(v) for v in payer.box)
+            out[i] = EmbeddedFace(
+                embedding=np.asarray(vector, dtype=np.float32),
+                pose=pose,
+                pose_reason=self.pose_gate.check(pose) or "",
+                face_px=x2 - x1,
+                sharpness=laplacian_variance(chip),
+                det_score=float(payer.score),
+                faces_in_image=n_faces,
+                box=(x1, y1, x2, y2),
+            )
+        return out  # type: ignore[return-value]
+
+
+def _most_central(faces: list[DetectedFace], w: int, h: int, rule: PayerRule) -> tuple[DetectedFace | None, str]:
+    confident = [f for f in faces if f.score >= rule.min_score]
+    face = min(confident, key=lambda f: ((f.box[0] + f.box[2] - w) ** 2 + (f.box[1] + f.box[3] - h) ** 2))
+    return (face, "") if face.box[2] - face.box[0] >= rule.min_face_px else (None, "face_too_small")
+
+
+def _detector_crop(image: np.ndarray, face: DetectedFace) -> tuple[np.ndarray, tuple[float, ...]]:
+    """The crop the detector stage sends on (same margin, same JPEG), and the box in it."""
+    h, w = image.shape[:2]
+    x1, y1, x2, y2 = face.box
+    mx, my = (x2 - x1) * CROP_MARGIN, (y2 - y1) * CROP_MARGIN
+    cx1, cy1 = int(max(0, x1 - mx)), int(max(0, y1 - my))
+    cx2, cy2 = int(min(w, x2 + mx)), int(min(h, y2 + my))
+    crop = decode_trusted(encode_jpeg(np.ascontiguousarray(image[cy1:cy2, cx1:cx2])))
+    return crop, (x1 - cx1, y1 - cy1, x2 - cx1, y2 - cy1)
+
+
+def laplacian_variance(rgb: np.ndarray) -> float:
+    """Focus measure: variance of the Laplacian of the grey image (blurred chips score low)."""
+    grey = cv2.cvtColor(np.ascontiguousarray(rgb), cv2.COLOR_RGB2GRAY)
+    return float(cv2.Laplacian(grey, cv2.CV_64F).var())

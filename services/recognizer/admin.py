@@ -1,0 +1,60 @@
+"""Operator commands that the recognizer, as the gallery's owner, carries out.
+
+They travel on the recognizer's own input stream (so with the embedded gallery, which one
+process owns, the owner does every write) and are answered on `{ns}:admin-replies`.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING
+
+import msgpack
+
+from facepay.messages import AdminMsg
+from facepay.runtime.stage import Emit
+
+if TYPE_CHECKING:
+    from services.recognizer.stage import RecognizerStage
+
+log = logging.getLogger(__name__)
+
+
+def handle_admin(stage: RecognizerStage, message: AdminMsg) -> Emit:
+    try:
+        result = {"ok": True, **_COMMANDS[message.command](stage, **message.args)}
+    except KeyError:
+        result = {"ok": False, "error": f"unknown command {message.command!r}; known: {', '.join(_COMMANDS)}"}
+    except (TypeError, ValueError) as exc:
+        result = {"ok": False, "error": str(exc)}
+    log.info("admin command", extra={"command": message.command, "ok": result["ok"]})
+    return Emit("admin-replies", {b"request": message.request_id.encode(), b"m": msgpack.packb(result)})
+
+
+def _list_users(stage: RecognizerStage, tenant: str = "") -> dict:
+    return {"model_id": stage.embedder.model_id,
+            "users": stage.gallery.list_users(stage.embedder.model_id, tenant=tenant or None)}
+
+
+def _show_user(stage: RecognizerStage, user_id: str) -> dict:
+    templates = stage.gallery.describe_user(stage.embedder.model_id, user_id)
+    return {"model_id": stage.embedder.model_id, "user_id": user_id, "enrolled": bool(templates),
+            "templates": [{k: v for k, v in t.items() if k != "user_id"} for t in templates]}
+
+
+def _delete_user(stage: RecognizerStage, user_id: str) -> dict:
+    """Right to erasure: every template (mean and samples) of the user in this model's collection."""
+    removed = stage.gallery.delete_user(stage.embedder.model_id, user_id)
+    stage.limits.reset("user", user_id)
+    log.info("user deleted", extra={"user_id": user_id, "templates_removed": removed})
+    return {"user_id": user_id, "templates_removed": removed}
+
+
+def _reset_lockout(stage: RecognizerStage, kind: str, subject: str) -> dict:
+    if kind not in ("camera", "user"):
+        raise ValueError("kind must be camera or user")
+    return {"kind": kind, "subject": subject, "cleared": stage.limits.reset(kind, subject)}
+
+
+_COMMANDS = {"list_users": _list_users, "show_user": _show_user, "delete_user": _delete_user,
+             "reset_lockout": _reset_lockout}
