@@ -8,11 +8,13 @@ template (the L2-normalised mean embedding, with each embedding kept as a sample
 from __future__ import annotations
 
 import logging
+import threading
 import time
 
 import msgpack
 import numpy as np
 
+from facepay import thresholds
 from facepay.config import Settings
 from facepay.images import decode_trusted
 from facepay.gallery import Gallery, Template, open_gallery
@@ -28,6 +30,8 @@ from services.recognizer.policy import FrameResult, Verdict, decide
 from services.recognizer.state import SessionState, SessionStore, decided_key
 
 log = logging.getLogger(__name__)
+
+OPTIMIZE_EVERY_S = 600
 
 
 class RecognizerStage(Stage):
@@ -46,7 +50,16 @@ class RecognizerStage(Stage):
         client = connect(self.settings.redis_url)
         self.sessions = SessionStore(client, self.settings)
         self.limits = FailureLimiter(client, self.settings)
-        self.threshold = self.policy.threshold if self.policy.threshold is not None else self.embedder.default_threshold
+        self._refresh_threshold()
+        self._last_threshold_check = self._last_optimize = time.monotonic()
+        self._optimizer: threading.Thread | None = None
+
+    def _refresh_threshold(self) -> None:
+        self.threshold, source = thresholds.effective(self.sessions.redis, self.settings, self.embedder.model_id,
+                                                      self.embedder.default_threshold)
+        if source != getattr(self, "threshold_source", None):
+            log.info("threshold", extra={"model_id": self.embedder.model_id, "threshold": self.threshold, "source": source})
+        self.threshold_source = source
 
     def stop(self) -> None:
         if self.gallery:
@@ -75,7 +88,15 @@ class RecognizerStage(Stage):
         return emits
 
     def tick(self) -> list[Emit]:
-        """Decline sessions whose frames stopped coming; forget the ones already decided."""
+        """Decline sessions whose frames stopped coming; forget the ones already decided;
+        pick up a new calibrated threshold; keep the embedded gallery's index built."""
+        now = time.monotonic()
+        if now - self._last_threshold_check > 60:
+            self._last_threshold_check = now
+            self._refresh_threshold()
+        if now - self._last_optimize > OPTIMIZE_EVERY_S:
+            self._last_optimize = now
+            self._optimize_in_background()
         emits = []
         for session_id in self.sessions.overdue():
             if self.sessions.is_decided([session_id])[session_id]:
@@ -83,6 +104,15 @@ class RecognizerStage(Stage):
             else:
                 emits += self._evaluate(session_id, timed_out=True)
         return emits
+
+    def _optimize_in_background(self) -> None:
+        """qdrant-edge builds its HNSW index only when asked; the build blocks writes for a
+        while (≈1 min at 100k), so it runs beside the loop, never on a payment's path."""
+        optimize = getattr(self.gallery, "optimize", None)
+        if optimize is None or (self._optimizer and self._optimizer.is_alive()):
+            return
+        self._optimizer = threading.Thread(target=optimize, args=(self.embedder.model_id,), daemon=True)
+        self._optimizer.start()
 
     def _embed(self, faces: list[PosedMsg]) -> dict[int, np.ndarray]:
         if not faces:
@@ -149,6 +179,7 @@ class RecognizerStage(Stage):
             "user_id": verdict.user_id if verdict.approve else "",
             "score": round(verdict.score, 4),
             "threshold": round(self.threshold, 4),
+            "threshold_source": self.threshold_source,
             "reasons": verdict.reasons,
             "rule": verdict.rule,
             "model_ids": {**state.models, "recognizer": self.embedder.model_id},
