@@ -27,6 +27,9 @@ class SessionPolicy:
     require_blink: bool = True
     blink_closed_ratio: float = 0.75  # eye closed when EAR ≤ ratio × the session's open-eye EAR
     blink_open_ratio: float = 0.9  # and open again when it recovers to ≥ ratio × open-eye EAR
+    # Passive anti-spoof (median score of the voting frames ≥ this). Off by default: the model
+    # was trained on real vs. edited photos, not presentation attacks; blink stays the rule.
+    min_passive_liveness: float | None = None
     session_timeout_s: float = 15.0  # a session with no end marker is declined after this
     decide_early: bool = True  # approve as soon as the rules hold, before the last frame
 
@@ -57,7 +60,10 @@ class Settings:
     namespace: str = "fp"
     gallery_url: str = "edge://./var/gallery"
     cameras_file: str = ""  # YAML: stores, cameras and their tokens (see README)
-    recognizer_model: str = "dlib-resnet-v1"
+    recognizer_model: str = "dlib-resnet-v1"  # or faceres-hse-v1, onnx:/path.onnx, torchscript:/path.pt
+    landmarks_model: str = "facemesh"  # facemesh (torch, Apache-2.0) | dlib68 (CPU, non-commercial data)
+    attributes_model: str = "faceres"  # age and gender: faceres | gear | off
+    passive_liveness: bool = True  # antispoof/liveness scores per face (weak hints; see the policy)
     device: str = "auto"  # auto | cpu | cuda | cuda:N — CUDA asked for and absent is an error
     batch_size: int = 16
     batch_wait_ms: int = 40

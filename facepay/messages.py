@@ -90,6 +90,11 @@ class AlignedMsg(Message):
     frame_box: tuple[float, float, float, float] = (0, 0, 0, 0)
     det_score: float = 0.0
     models: dict[str, str] = field(default_factory=dict)
+    age: float | None = None  # years
+    gender: str = ""  # "female" | "male" | "" (not estimated)
+    gender_confidence: float = 0.0
+    antispoof: float | None = None  # passive P(real), a weak per-frame hint
+    liveness: float | None = None
 
 
 @dataclass(frozen=True)
@@ -105,6 +110,7 @@ class PosedMsg(Message):
     eligible: bool = True
     reason: str = ""  # why not eligible (pose_yaw …)
     models: dict[str, str] = field(default_factory=dict)
+    antispoof: float | None = None
 
 
 @dataclass(frozen=True)

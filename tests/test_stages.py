@@ -41,7 +41,8 @@ def test_every_identity_photo_yields_the_payers_face_and_its_pose(faces, stages)
     print(f"\n{frontal}/{len(posed)} identity photos pass the pose gate")
     assert frontal >= 0.9 * len(posed)
     assert all(m.reason.startswith("pose_") for m in posed if not m.eligible), "a not-frontal face says why"
-    assert set(posed[0].chips) == {"arcface112", "dlib150"} and set(posed[0].models) == {"detector", "landmarks", "pose"}
+    assert set(posed[0].chips) == {"arcface112", "dlib150"}
+    assert {"detector", "landmarks", "attributes", "passive_liveness", "pose"} <= set(posed[0].models)
 
 
 def test_a_photo_without_a_face_is_reported_not_dropped(faces, stages):
@@ -94,4 +95,6 @@ def test_the_astronaut_goes_through_every_stage(astronaut, stages):
     aligned = decoded(aligner, [face])[0]
     posed = decoded(pose, [aligned])[0]
     assert isinstance(aligned, AlignedMsg) and len(aligned.landmarks) == 68 and 0.15 < min(aligned.ear) < 0.5
+    assert aligned.gender == "female" and 20 < aligned.age < 70, "age and gender ride in the aligned record"
+    assert 0.0 <= aligned.antispoof <= 1.0 and 0.0 <= aligned.liveness <= 1.0
     assert posed.eligible, (posed.pitch, posed.yaw, posed.roll)

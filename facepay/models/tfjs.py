@@ -212,7 +212,7 @@ def _fused_tail(node: Mapping[str, Any], skip_bias: bool = False) -> Callable[[T
     takes the second arg), or FusedBatchNorm (scale, offset, mean, variance). With `skip_bias`
     a leading BiasAdd is left out (the caller passed args[0] to the conv as its bias)."""
     ops = list(_attr(node, "fused_ops", []))
-    epsilon = _attr(node, "epsilon", 0.0) or 1e-3
+    epsilon = _attr(node, "epsilon", 1e-3)
     steps: list[Callable[[Tensor, Sequence[Tensor]], Tensor]] = []
     arg = 0
     if skip_bias:
@@ -438,8 +438,7 @@ def _reduce(model: "TfjsGraphModel", node: dict) -> Callable[..., Tensor]:
             for a in reversed(axes):
                 x = x.prod(dim=a, keepdim=keep)
             return x
-        y = x.amax(dim=axes, keepdim=keep) if op == "Max" else x.amin(dim=axes, keepdim=keep)
-        return y
+        return x.amax(dim=axes, keepdim=keep) if op == "Max" else x.amin(dim=axes, keepdim=keep)
 
     return run
 

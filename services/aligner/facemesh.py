@@ -156,7 +156,7 @@ def warp_square(
     )
 
 
-def _check_inputs(crops: Sequence[np.ndarray], boxes: Sequence[Box], points5) -> None:
+def check_face_inputs(crops: Sequence[np.ndarray], boxes: Sequence[Box], points5) -> None:
     if len(crops) != len(boxes):
         raise ValueError(f"one box per crop: got {len(crops)} crops and {len(boxes)} boxes")
     if points5 is not None and len(points5) != len(crops):
@@ -216,7 +216,7 @@ class FaceMesh:
     ) -> list[MeshResult]:
         """One MeshResult per (crop, box): RGB uint8 crops, boxes in crop pixels; the detector's
         five points (image-left eye first) make the crop upright for tilted heads."""
-        _check_inputs(crops, boxes, points5)
+        check_face_inputs(crops, boxes, points5)
         if not crops:
             return []
         results = self._pass(crops, squares_for(boxes, points5))

@@ -1,17 +1,48 @@
 """Aligner: dense landmarks on the payer's face, a similarity transform to the aligned chips
-the recognizer needs (the ArcFace 112×112 template; dlib's 150×150 chip for its ResNet), and
-each eye's aspect ratio for blink liveness over the frames of the session.
+the recognizers need (the ArcFace 112×112 template; dlib's 150×150 chip), each eye's aspect
+ratio for blink liveness over the frames of the session, and per-face age, gender and
+passive anti-spoof scores carried in the aligned record.
 """
 
 from __future__ import annotations
 
+import numpy as np
+
 from facepay.config import Settings
 from facepay.images import decode_trusted, encode_png
 from facepay.messages import AlignedMsg, FaceMsg, Message
-from facepay.models.device import resolve_device
 from facepay.runtime.stage import PipeStage
 from services.aligner.geometry import align_face, eye_aspect_ratio, five_points_from_68
-from services.aligner.landmarks import DlibLandmarks68, dlib_face_chip
+from services.aligner.landmarks import dlib_face_chip
+
+
+class MeshLandmarks:
+    """MediaPipe's 468-point mesh (torch, batched, GPU-ready) read as the 68 iBUG points."""
+
+    def __init__(self, device: str) -> None:
+        from services.aligner.facemesh import FaceMesh
+
+        self.mesh = FaceMesh(device=device)
+        self.model_id = self.mesh.model_id
+
+    def predict(self, crops, boxes, points5) -> list[np.ndarray]:
+        return [r.landmarks68 for r in self.mesh.predict(crops, boxes, points5)]
+
+
+class DlibLandmarks:
+    """dlib's 68-point predictor (CPU only; trained on iBUG 300-W: not for commercial use)."""
+
+    def __init__(self, device: str) -> None:
+        from services.aligner.landmarks import DlibLandmarks68
+
+        self.model = DlibLandmarks68(device=device)
+        self.model_id = self.model.model_id
+
+    def predict(self, crops, boxes, points5) -> list[np.ndarray]:
+        return self.model.predict(crops, boxes)
+
+
+LANDMARKERS = {"facemesh": MeshLandmarks, "dlib68": DlibLandmarks}
 
 
 class AlignerStage(PipeStage):
@@ -24,18 +55,43 @@ class AlignerStage(PipeStage):
         self.settings = settings
 
     def start(self) -> None:
-        self.model = DlibLandmarks68(device=resolve_device(self.settings.device))
+        device = self.settings.device
+        if self.settings.landmarks_model not in LANDMARKERS:
+            raise ValueError(f"unknown landmarks model {self.settings.landmarks_model!r}; known: {', '.join(LANDMARKERS)}")
+        self.landmarks = LANDMARKERS[self.settings.landmarks_model](device)
+        self.attributes = self.liveness = None
+        if self.settings.attributes_model != "off":
+            from services.aligner.attributes import AgeGender
+
+            self.attributes = AgeGender(device=device, model=self.settings.attributes_model)
+        if self.settings.passive_liveness:
+            from services.aligner.liveness import PassiveLiveness
+
+            self.liveness = PassiveLiveness(device=device)
 
     def handle(self, batch: list[FaceMsg]) -> list[Message]:
         crops = [decode_trusted(face.crop) for face in batch]
-        all_landmarks = self.model.predict(crops, [face.box for face in batch])
-        return [self._aligned(face, crop, lm) for face, crop, lm in zip(batch, crops, all_landmarks)]
+        boxes = [face.box for face in batch]
+        points5 = [np.asarray(face.points5, dtype=np.float32) for face in batch]
+        landmarks = self.landmarks.predict(crops, boxes, points5)
+        attributes = self.attributes.predict(crops, boxes, points5) if self.attributes else [None] * len(batch)
+        liveness = self.liveness.predict(crops, boxes, points5) if self.liveness else [None] * len(batch)
+        return [self._aligned(*row) for row in zip(batch, crops, landmarks, attributes, liveness)]
 
-    def _aligned(self, face: FaceMsg, crop, landmarks) -> AlignedMsg:
+    def _aligned(self, face: FaceMsg, crop, landmarks, attributes, liveness) -> AlignedMsg:
         chips = {
             "arcface112": encode_png(align_face(crop, five_points_from_68(landmarks))),
             "dlib150": encode_png(dlib_face_chip(crop, landmarks)),
         }
+        models = {**face.models, "landmarks": self.landmarks.model_id}
+        extra = {}
+        if attributes is not None:
+            models["attributes"] = self.attributes.model_id
+            extra.update(age=round(attributes.age_years, 1), gender=attributes.gender,
+                         gender_confidence=round(attributes.gender_confidence, 3))
+        if liveness is not None:
+            models["passive_liveness"] = self.liveness.model_id
+            extra.update(antispoof=round(liveness.antispoof, 4), liveness=round(liveness.liveness, 4))
         return AlignedMsg(
             ref=face.ref,
             landmarks=landmarks.tolist(),
@@ -44,5 +100,6 @@ class AlignerStage(PipeStage):
             ear=tuple(float(e) for e in eye_aspect_ratio(landmarks)),
             frame_box=face.frame_box,
             det_score=face.score,
-            models={**face.models, "landmarks": self.model.model_id},
+            models=models,
+            **extra,
         )

@@ -35,4 +35,5 @@ class PoseStage(PipeStage):
             pitch=pose.pitch, yaw=pose.yaw, roll=pose.roll,
             eligible=not reason, reason=reason,
             models={**face.models, "pose": "pnp-68"},
+            antispoof=face.antispoof,
         )

@@ -64,15 +64,21 @@ class DlibResNetEmbedder:
 
 
 def load_embedder(name: str, device: str = "auto"):
-    """The recognizer's embedding model by id.
+    """The recognizer's embedding model by id, or a user's own by path (`onnx:/m.onnx`,
+    `torchscript:/m.pt`; see services/recognizer/byo.py).
 
     "dlib-resnet-v1" runs dlib's weights in the torch port (batched, CUDA-capable, ~8 ms per
     face on one core); dlib-bin itself (`DlibResNetEmbedder` above) stays as the reference
     the tests compare it with. Same weights, same vectors, so the model id is the same.
     """
     from services.recognizer.dlib_resnet_torch import DlibResNetTorchEmbedder
+    from services.recognizer.faceres import FaceResEmbedder
 
-    embedders = {DlibResNetTorchEmbedder.model_id: DlibResNetTorchEmbedder}
+    if name.startswith(("onnx:", "torchscript:")):
+        from services.recognizer.byo import load_byo
+
+        return load_byo(name, device)
+    embedders = {cls.model_id: cls for cls in (DlibResNetTorchEmbedder, FaceResEmbedder)}
     if name not in embedders:
         raise ValueError(f"unknown recognizer model {name!r}; known: {', '.join(embedders)}")
     return embedders[name](device=device)

@@ -26,6 +26,7 @@ class FrameResult:
     top_score: float = -1.0
     second_score: float = -1.0
     embedding: list[float] | None = None  # kept for enrollment sessions only
+    antispoof: float | None = None  # passive per-frame P(real), when the aligner scored it
 
     @property
     def eligible(self) -> bool:
@@ -85,19 +86,30 @@ def decide(
     winner, agreeing = votes.most_common(1)[0] if votes else ("", 0)
     disagreeing = sum(votes.values()) - agreeing
     agreed = agreeing >= policy.min_agreeing_frames and disagreeing <= policy.max_disagreeing_ratio * sum(votes.values())
-    if agreed and (blinked or not policy.require_blink) and (complete or policy.decide_early):
+    passive_ok = _passive_liveness_ok(eligible, policy)
+    if agreed and (blinked or not policy.require_blink) and passive_ok and (complete or policy.decide_early):
         score = float(np.median([r.top_score for r in eligible if r.top_user == winner and r.top_score >= threshold]))
         return Verdict(True, ["matched"], "matched", user_id=winner, score=score, **base)
     if not complete:
         return None
     best = max((r.top_score for r in eligible), default=0.0)
-    reason = _decline_reason(results, eligible, votes, agreed, blinked, threshold, timed_out, expected_frames)
+    reason = _decline_reason(results, eligible, votes, agreed, blinked, threshold, timed_out, expected_frames, passive_ok)
     return Verdict(False, [reason], reason, score=max(best, 0.0), **base)
 
 
-def _decline_reason(results, eligible, votes, agreed, blinked, threshold, timed_out, expected) -> str:
+def _passive_liveness_ok(eligible: list[FrameResult], policy: SessionPolicy) -> bool:
+    """The median passive anti-spoof score of the voting frames, when that rule is on."""
+    if policy.min_passive_liveness is None:
+        return True
+    scores = [r.antispoof for r in eligible if r.antispoof is not None]
+    return bool(scores) and float(np.median(scores)) >= policy.min_passive_liveness
+
+
+def _decline_reason(results, eligible, votes, agreed, blinked, threshold, timed_out, expected, passive_ok=True) -> str:
     if agreed and not blinked:
         return "no_liveness"
+    if agreed and not passive_ok:
+        return "spoof_suspected"
     if timed_out and (expected is None or len(results) < expected) and not results:
         return "timeout"
     if not eligible:

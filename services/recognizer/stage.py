@@ -131,13 +131,14 @@ class RecognizerStage(Stage):
         if not message.eligible or vector is None:
             return FrameResult(ref.sequence, ref.received_ms, reason=message.reason or "not_frontal", ear=ear)
         if ref.purpose == "enroll":
-            return FrameResult(ref.sequence, ref.received_ms, ear=ear, embedding=[float(x) for x in vector])
+            return FrameResult(ref.sequence, ref.received_ms, ear=ear, embedding=[float(x) for x in vector],
+                               antispoof=message.antispoof)
         hits = self.gallery.search(self.embedder.model_id, vector, limit=2, tenant=ref.tenant_id or None,
                                    phone_suffix=ref.phone_suffix or None)
         top = hits[0] if hits else None
         second = hits[1].score if len(hits) > 1 else -1.0
         return FrameResult(ref.sequence, ref.received_ms, ear=ear, top_user=top.user_id if top else "",
-                           top_score=top.score if top else -1.0, second_score=second)
+                           top_score=top.score if top else -1.0, second_score=second, antispoof=message.antispoof)
 
     # ---- sessions --------------------------------------------------------------------------
     def _evaluate(self, session_id: str, timed_out: bool) -> list[Emit]:
