@@ -30,7 +30,7 @@ import logging
 import math
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -268,7 +268,7 @@ def pair_scores(embeddings: np.ndarray, labels: Sequence[str], usable: np.ndarra
 
 
 def identification(embeddings: np.ndarray, labels: Sequence[str], names: Sequence[str], usable: np.ndarray,
-                   enrolled_ids: set[str] | None = None, threshold: float | None = None,
+                   enrolled_ids: set[str] | None = None, thresholds: dict[str, float] | None = None,
                    fpir_targets: Sequence[float] = FPIR_TARGETS, confidence: float = CONFIDENCE) -> dict[str, Any]:
     """1:N with one enrolled image per identity: its first usable image by name.
 
@@ -276,7 +276,7 @@ def identification(embeddings: np.ndarray, labels: Sequence[str], names: Sequenc
     miss). Non-mated probes: the usable images of identities not enrolled (`enrolled_ids` None:
     every identity is enrolled, a closed set). Rank-1 = the top gallery score is the probe's
     own identity; FPIR(T) = non-mated probes whose top score ≥ T; FNIR(T) = mated probes not
-    returned at rank 1 with a score ≥ T.
+    returned at rank 1 with a score ≥ T; each of `thresholds` gets those figures.
     """
     labels_arr, usable = np.asarray(labels), np.asarray(usable, bool)
     wanted = set(labels_arr.tolist()) if enrolled_ids is None else set(enrolled_ids)
@@ -319,8 +319,8 @@ def identification(embeddings: np.ndarray, labels: Sequence[str], names: Sequenc
         "rank1": {"value": _num(1 - miss.value), "hits": miss.trials - miss.errors, "trials": miss.trials,
                   "subjects": subj_m, "miss_upper80": _num(miss.upper)},
     }
-    if threshold is not None:
-        out["at_threshold"] = at(threshold)
+    if thresholds:
+        out["at_thresholds"] = {name: at(t) for name, t in thresholds.items()}
     if enrolled_ids is not None:
         out["fnir_at_fpir"] = []
         for target in fpir_targets:
@@ -418,20 +418,22 @@ class Embedded:
     face_px: np.ndarray
     sharpness: np.ndarray
     seconds: float
-    model_id: str = ""
+    setup: str = ""  # the embedder's models and options: a cache is reused only for the same
+    most_central: np.ndarray | None = None  # labelled mode took the most central of several faces
 
     def save(self, path: Path) -> None:
         np.savez_compressed(path, paths=np.array([str(p) for p in self.paths]), labels=np.array(self.labels),
                             vectors=self.vectors, usable=self.usable, reasons=np.array(self.reasons),
                             pose_reasons=np.array(self.pose_reasons), face_px=self.face_px,
-                            sharpness=self.sharpness, seconds=self.seconds, model_id=self.model_id)
+                            sharpness=self.sharpness, seconds=self.seconds, setup=self.setup,
+                            most_central=self.most_central)
 
     @classmethod
     def load(cls, path: Path) -> Embedded:
         z = np.load(path, allow_pickle=False)
         return cls([Path(p) for p in z["paths"]], [str(x) for x in z["labels"]], z["vectors"], z["usable"],
                    [str(x) for x in z["reasons"]], [str(x) for x in z["pose_reasons"]], z["face_px"],
-                   z["sharpness"], float(z["seconds"]), str(z["model_id"]))
+                   z["sharpness"], float(z["seconds"]), str(z["setup"]), z["most_central"])
 
 
 def embed_dataset(items: list[tuple[Path, str]], embedder, batch: int = 32,
@@ -466,7 +468,8 @@ def embed_dataset(items: list[tuple[Path, str]], embedder, batch: int = 32,
         pose_reasons=["" if isinstance(r, Rejected) else r.pose_reason for r in results],
         face_px=np.array([np.nan if isinstance(r, Rejected) else r.face_px for r in results]),
         sharpness=np.array([np.nan if isinstance(r, Rejected) else r.sharpness for r in results]),
-        seconds=seconds, model_id=getattr(embedder, "model_id", ""),
+        seconds=seconds, setup=getattr(embedder, "setup", ""),
+        most_central=np.array([bool(getattr(r, "most_central", False)) for r in results]),
     )
 
 
@@ -492,8 +495,10 @@ def calibrate(data_dir: Path | str, out_dir: Path | str, target_far: float = 1e-
               cache: Path | str | None = None) -> CalibrationReport:
     """Embed every identity image of `data_dir`, measure, choose the threshold, write the report.
 
-    `embedder`: a `facepay.offline.FaceEmbedder` (built from the environment's settings when
-    None). With `apply_pose_gate` faces the pose stage would not identify count as failures.
+    `embedder`: a `facepay.offline.FaceEmbedder`; when None, one is built from the environment's
+    settings in labelled mode (where the payer rule refuses a photo with two alike faces, the
+    labelled person is taken to be the most central one; the report counts those photos).
+    With `apply_pose_gate` faces the pose stage would not identify count as failures.
     Writes report.json, report.md, det.png and roc.png into `out_dir`. `cache`: an .npz of the
     embeddings, reused when it holds the same files and model id (to re-run with another
     target in seconds), else written; it holds biometric templates: keep it private.
@@ -504,14 +509,15 @@ def calibrate(data_dir: Path | str, out_dir: Path | str, target_far: float = 1e-
         from facepay.config import load_settings
         from facepay.offline import FaceEmbedder
 
-        embedder = FaceEmbedder(load_settings())
+        embedder = FaceEmbedder(load_settings(), labelled=True)
     items = labelled_images(data_dir)
     if len({lab for _, lab in items}) < 2:
         raise ValueError(f"need labelled images of at least two people under {data_dir}, found {len(items)} images")
     data = None
     if cache is not None and Path(cache).exists():
         data = Embedded.load(Path(cache))
-        if [p.resolve() for p in data.paths] != [p.resolve() for p, _ in items] or data.model_id != embedder.model_id:
+        same_files = [p.resolve() for p in data.paths] == [p.resolve() for p, _ in items]
+        if not same_files or data.setup != getattr(embedder, "setup", ""):
             log.info("embedding cache %s is for other files or another model: recomputing", cache)
             data = None
     if data is None:
@@ -558,6 +564,8 @@ def calibrate(data_dir: Path | str, out_dir: Path | str, target_far: float = 1e-
         "images": len(items), "subjects": n_ids,
         "subjects_with_2plus_images": int(sum(1 for i in ids if data.labels.count(i) >= 2)),
         "images_without_usable_face": int((~data.usable).sum()), "failure_reasons": failures,
+        "labelled_mode": bool(getattr(embedder, "labelled", False)),
+        "most_central_face_taken": int(np.sum(data.most_central)) if data.most_central is not None else 0,
         "pose_gate_applied": apply_pose_gate, "usable_faces_failing_pose_gate": pose_failures,
         "embedding_seconds": round(data.seconds, 1),
         "seconds_per_image": round(data.seconds / len(items), 4),
@@ -570,12 +578,12 @@ def calibrate(data_dir: Path | str, out_dir: Path | str, target_far: float = 1e-
         "tar_at_far": [tar_at_far(scores, t, confidence) for t in TAR_TARGETS],
         "at_thresholds": {k: {"threshold": t, "far": scores.far(t, confidence).to_dict(),
                               "frr": scores.frr(t, confidence).to_dict()} for k, t in thresholds.items()},
-        "identification_closed_set": identification(data.vectors, labels, names, usable, None, choice.threshold,
+        "identification_closed_set": identification(data.vectors, labels, names, usable, None, thresholds,
                                                     confidence=confidence),
         "identification_open_set": {"seed": seed, "enrolled_identities": len(enrolled),
                                     "non_enrolled_identities": len(ids) - len(enrolled),
                                     **identification(data.vectors, labels, names, usable, enrolled,
-                                                     choice.threshold, confidence=confidence)},
+                                                     thresholds, confidence=confidence)},
         "caveat": ("All-pairs comparisons share images and people, so they are not independent trials: "
                    "the Clopper-Pearson bounds are optimistic (ISO/IEC 19795-1; FIDO bounds at 80 %). "
                    "Confirm on people not used to choose the threshold."),
@@ -636,7 +644,7 @@ def plot_curves(scores: ScoreSet, choice: ThresholdChoice, eer_threshold: float,
     ax.axvline(choice.far.upper, color="C3", ls=":", lw=1, label=f"FAR 80% upper bound {choice.far.upper:.1e}")
     ax.set_xscale("log")
     ax.set_yscale("log")
-    ax.set_xlabel("FAR (false accept rate)")
+    ax.set_xlabel("FAR (false accept rate; 0 drawn at 0.5/N)")
     ax.set_ylabel("FRR (false reject rate)")
     ax.set_title(f"DET\n{n_info}", fontsize=9)
     ax.grid(True, which="both", alpha=0.3)
@@ -649,7 +657,7 @@ def plot_curves(scores: ScoreSet, choice: ThresholdChoice, eer_threshold: float,
     ax.plot(np.maximum(far, floor_far), 1 - frr, lw=1.5)
     ax.plot([max(c_far, floor_far)], [1 - c_frr], "o", color="C3", label=f"chosen S={choice.threshold:.4f}")
     ax.set_xscale("log")
-    ax.set_xlabel("FAR (false accept rate)")
+    ax.set_xlabel("FAR (false accept rate; 0 drawn at 0.5/N)")
     ax.set_ylabel("TAR (true accept rate)")
     ax.set_title(f"ROC\n{n_info}", fontsize=9)
     ax.grid(True, which="both", alpha=0.3)
@@ -675,6 +683,8 @@ def render_markdown(report: CalibrationReport) -> str:
         "",
         f"- {f['images']} images of {f['subjects']} people ({f['subjects_with_2plus_images']} with 2+ images); "
         f"no usable face in {f['images_without_usable_face']} ({f['failure_reasons'] or 'none'}); "
+        f"most central of several alike faces taken in {f['most_central_face_taken']} (labelled mode: "
+        f"{f['labelled_mode']}); "
         f"pose gate applied: {f['pose_gate_applied']} (would fail: {f['usable_faces_failing_pose_gate'] or 'none'}).",
         f"- {f['genuine_pairs']:,} genuine pairs ({f['genuine_subjects']} subjects; "
         f"{f['genuine_pairs_failed_to_acquire']} with a failed image, counted as false rejects), "
@@ -706,13 +716,14 @@ def render_markdown(report: CalibrationReport) -> str:
                   f"- gallery {ident['gallery_size']}, {ident['mated_probes']} mated probes, "
                   f"{ident['non_mated_probes']} non-mated probes",
                   f"- rank-1 {ident['rank1']['value']:.2%} ({ident['rank1']['hits']}/{ident['rank1']['trials']})"]
-        if "at_threshold" in ident:
-            a = ident["at_threshold"]
+        for name, a in ident.get("at_thresholds", {}).items():
             fpir = f", FPIR {_pct(a['fpir'])}" if ident["non_mated_probes"] else ""
-            lines.append(f"- at S = {a['threshold']:.4f}: rank-1 within threshold {a['rank1_within_threshold']:.2%}{fpir}")
+            lines.append(f"- {name} S = {a['threshold']:.4f}: rank-1 within threshold "
+                         f"{a['rank1_within_threshold']:.2%}{fpir}")
         for row in ident.get("fnir_at_fpir", []):
             if row["measurable"]:
-                lines.append(f"- FNIR at FPIR {row['target_fpir']:g}: {row['fnir']['value']:.2%} (S = {row['threshold']:.4f})")
+                lines.append(f"- FNIR at FPIR {row['target_fpir']:g}: {row['fnir']['value']:.2%} "
+                             f"(S = {row['threshold']:.4f})")
             else:
                 lines.append(f"- FNIR at FPIR {row['target_fpir']:g}: {row['reason']}")
     if "pairs_csv" in f:
@@ -727,5 +738,6 @@ def render_markdown(report: CalibrationReport) -> str:
             lines.append(f"- TAR at FAR ≤ {row['target_far']:g}: "
                          + (f"{row['tar']:.2%}" if row["measurable"] else row["reason"]))
         lines.append(f"- TAR at FAR 0: {p['tar_at_far_zero']['tar']:.2%}")
-    lines += ["", f"_{f['caveat']}_", ""]
+    lines += ["", f"Embedding: {f['embedding_seconds']} s, {f['seconds_per_image'] * 1000:.0f} ms per image "
+              "(detector + landmarks + pose + embedder).", "", f"_{f['caveat']}_", ""]
     return "\n".join(lines)

@@ -8,6 +8,7 @@ import logging
 import signal
 import sys
 import threading
+from pathlib import Path
 
 from facepay.config import load_settings
 
@@ -37,6 +38,12 @@ def main(argv: list[str] | None = None) -> None:
     enroll.add_argument("--tenant", default="default")
     enroll.add_argument("--phone-suffix", default="")
     enroll.add_argument("--workers", type=int, default=1, help="rq workers to run here for --tree (0: external `rq worker facepay-enroll`)")
+
+    calibrate = sub.add_parser("calibrate", help="FAR/FRR over a labelled folder tree; store the threshold for a target FAR")
+    calibrate.add_argument("--data", required=True, help="folder with identities/<person>/<photos> (or <person>/<photos>)")
+    calibrate.add_argument("--target-far", type=float, default=1e-5)
+    calibrate.add_argument("--out", default="var/calibration", help="report.json, report.md, det.png, roc.png")
+    calibrate.add_argument("--no-store", action="store_true", help="report only; do not store the threshold in Redis")
 
     users = sub.add_parser("users", help="enrolled users (answered by the recognizer that owns the gallery)")
     users.add_argument("action", choices=["list", "show", "delete"])
@@ -139,6 +146,34 @@ def _cmd_enroll(args) -> int:
     for result in results:
         print(json.dumps(result))
     return 0 if all(r["status"] == "enrolled" for r in results) else 1
+
+
+def _cmd_calibrate(args) -> int:
+    from tqdm import tqdm
+
+    from facepay import thresholds
+    from facepay.calibration import calibrate
+    from facepay.offline import FaceEmbedder
+    from facepay.runtime.redis_conn import connect
+    from services.recognizer.embedder import template_space
+
+    settings = load_settings()
+    bar = tqdm(unit="image", desc="embedding")
+
+    def progress(done: int, total: int) -> None:
+        bar.total, bar.n = total, done
+        bar.refresh()
+
+    report = calibrate(args.data, args.out, args.target_far, FaceEmbedder(settings, labelled=True), progress=progress)
+    bar.close()
+    print((Path(args.out) / "report.md").read_text())
+    space = template_space(report.model_id, settings.landmarks_model)
+    if not args.no_store:
+        thresholds.store(connect(settings.redis_url), settings, space, report.threshold,
+                         target_far=args.target_far, data=str(args.data), report=str(Path(args.out).resolve()))
+        print(f"stored threshold {report.threshold!r} for {space} in {settings.redis_url} (namespace {settings.namespace}); "
+              "recognizers pick it up within a minute")
+    return 0
 
 
 def _cmd_users(args) -> int:

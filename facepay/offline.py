@@ -3,8 +3,9 @@
 `FaceEmbedder` runs what the detector, aligner, pose and recognizer stages run, in the same
 order and with the same settings, on an RGB array instead of a stream of messages:
 MTCNN → `choose_payer` → the detector's crop (margin, JPEG round trip, as the aligner gets it)
-→ `DlibLandmarks68` → `dlib_face_chip` → `head_pose` → the recognizer's embedder. So a score
-measured offline is the score the pipeline computes for the same photo.
+→ the aligner's landmarks model (`settings.landmarks_model`: facemesh or dlib68) → the chip the
+recognizer reads (`dlib_face_chip` or the ArcFace template) → `head_pose` → the recognizer's
+embedder. So a score measured offline is the score the pipeline computes for the same photo.
 """
 
 from __future__ import annotations
@@ -18,11 +19,13 @@ import numpy as np
 from facepay.config import Settings
 from facepay.images import decode_trusted, encode_jpeg
 from facepay.models.device import resolve_device
-from services.aligner.landmarks import DlibLandmarks68, dlib_face_chip
+from services.aligner.geometry import align_face, five_points_from_68
+from services.aligner.landmarks import dlib_face_chip
+from services.aligner.stage import LANDMARKERS
 from services.detector.mtcnn import MTCNN, DetectedFace
 from services.detector.payer import PayerRule, choose_payer
 from services.detector.stage import CROP_MARGIN
-from services.pose.headpose import HeadPose, PoseGate, head_pose
+from services.pose.headpose import HeadPose, PoseGate, head_pose  # noqa: F401  (HeadPose: a field type)
 from services.recognizer.embedder import load_embedder
 
 
@@ -38,6 +41,7 @@ class EmbeddedFace:
     det_score: float
     faces_in_image: int
     box: tuple[float, float, float, float]  # x1, y1, x2, y2 in image pixels
+    most_central: bool = False  # labelled mode: the payer rule refused (multiple_faces); centre taken
 
 
 @dataclass(frozen=True)
@@ -62,7 +66,10 @@ class FaceEmbedder:
         self.pose_gate = PoseGate(limits.max_abs_yaw, limits.max_abs_pitch, limits.max_abs_roll)
         device = resolve_device(self.settings.device)
         self.detector = MTCNN(device=device, min_face_size=self.settings.min_face_px)
-        self.landmarks = DlibLandmarks68(device="cpu")  # dlib runs on the CPU whatever the device
+        if self.settings.landmarks_model not in LANDMARKERS:
+            known = ", ".join(LANDMARKERS)
+            raise ValueError(f"unknown landmarks model {self.settings.landmarks_model!r}; known: {known}")
+        self.landmarks = LANDMARKERS[self.settings.landmarks_model](self.settings.device)
         self.embedder = load_embedder(self.settings.recognizer_model, self.settings.device)
 
     @property
@@ -70,33 +77,43 @@ class FaceEmbedder:
         return self.embedder.model_id
 
     @property
+    def setup(self) -> str:
+        """What decides the vectors, beyond the model ids (the embedding cache's key)."""
+        return (f"{self.model_ids}|min_face_px={self.settings.min_face_px}|enrolling={self.enrolling}"
+                f"|labelled={self.labelled}")
+
+    @property
     def model_ids(self) -> dict[str, str]:
         return {"detector": self.detector.model_id, "landmarks": self.landmarks.model_id,
-                "pose": "pnp-68", "recognizer": self.embedder.model_id}
+                "pose": "pnp-68", "recognizer": self.embedder.model_id, "chip": self.embedder.chip_template}
 
     def embed_image(self, rgb: np.ndarray) -> EmbeddedFace | Rejected:
         return self.embed_images([rgb])[0]
 
     def embed_images(self, images: Sequence[np.ndarray]) -> list[EmbeddedFace | Rejected]:
-        """One result per image, in order; one detector pass and one embedder pass per call."""
-        detections = self.detector.detect(list(images))
-        found: list[tuple[int, DetectedFace, np.ndarray, np.ndarray, HeadPose, int]] = []
+        """One result per image, in order; one detector, landmarks and embedder pass per call."""
         out: list[EmbeddedFace | Rejected | None] = [None] * len(images)
-        for i, (image, faces) in enumerate(zip(images, detections)):
+        found: list[tuple[int, DetectedFace, bool, int]] = []
+        crops, boxes, points5 = [], [], []
+        for i, (image, faces) in enumerate(zip(images, self.detector.detect(list(images)))):
             h, w = image.shape[:2]
             payer, reason = choose_payer(faces, w, h, self.rule, enrolling=self.enrolling)
-            if payer is None and reason == "multiple_faces" and self.labelled:
+            central = payer is None and reason == "multiple_faces" and self.labelled
+            if central:
                 payer, reason = _most_central(faces, w, h, self.rule)
             if payer is None:
                 out[i] = Rejected(reason, f"{len(faces)} faces found")
                 continue
-            crop, box = _detector_crop(image, payer)
-            landmarks = self.landmarks.predict([crop], [box])[0]
-            chip = dlib_face_chip(crop, landmarks, size=self.embedder.chip_size)
-            pose = head_pose(landmarks, (crop.shape[1], crop.shape[0]))
-            found.append((i, payer, chip, landmarks, pose, len(faces)))
-        vectors = self.embedder.embed([chip for _, _, chip, _, _, _ in found])
-        for (i, payer, chip, _, pose, n_faces), vector in zip(found, vectors):
+            crop, box, offset = _detector_crop(image, payer)
+            found.append((i, payer, central, len(faces)))
+            crops.append(crop)
+            boxes.append(box)
+            points5.append((np.asarray(payer.points5, np.float64) - offset).astype(np.float32))  # as FaceMsg
+        landmarks = self.landmarks.predict(crops, boxes, points5) if crops else []
+        chips = [self._chip(crop, lm) for crop, lm in zip(crops, landmarks)]
+        vectors = self.embedder.embed(chips)
+        for (i, payer, central, n_faces), crop, lm, chip, vector in zip(found, crops, landmarks, chips, vectors):
+            pose = head_pose(lm, (crop.shape[1], crop.shape[0]))
             x1, y1, x2, y2 = (float(v) for v in payer.box)
             out[i] = EmbeddedFace(
                 embedding=np.asarray(vector, dtype=np.float32),
@@ -107,8 +124,15 @@ class FaceEmbedder:
                 det_score=float(payer.score),
                 faces_in_image=n_faces,
                 box=(x1, y1, x2, y2),
+                most_central=central,
             )
         return out  # type: ignore[return-value]
+
+    def _chip(self, crop: np.ndarray, landmarks68: np.ndarray) -> np.ndarray:
+        """The aligner's chip that this recognizer reads (its `chip_template`)."""
+        if self.embedder.chip_template == "arcface112":
+            return align_face(crop, five_points_from_68(landmarks68))
+        return dlib_face_chip(crop, landmarks68)
 
 
 def _most_central(faces: list[DetectedFace], w: int, h: int, rule: PayerRule) -> tuple[DetectedFace | None, str]:
@@ -117,15 +141,15 @@ def _most_central(faces: list[DetectedFace], w: int, h: int, rule: PayerRule) ->
     return (face, "") if face.box[2] - face.box[0] >= rule.min_face_px else (None, "face_too_small")
 
 
-def _detector_crop(image: np.ndarray, face: DetectedFace) -> tuple[np.ndarray, tuple[float, ...]]:
-    """The crop the detector stage sends on (same margin, same JPEG), and the box in it."""
+def _detector_crop(image: np.ndarray, face: DetectedFace) -> tuple[np.ndarray, tuple[float, ...], tuple[int, int]]:
+    """The crop the detector stage sends on (same margin, same JPEG), the box in it, its offset."""
     h, w = image.shape[:2]
     x1, y1, x2, y2 = face.box
     mx, my = (x2 - x1) * CROP_MARGIN, (y2 - y1) * CROP_MARGIN
     cx1, cy1 = int(max(0, x1 - mx)), int(max(0, y1 - my))
     cx2, cy2 = int(min(w, x2 + mx)), int(min(h, y2 + my))
     crop = decode_trusted(encode_jpeg(np.ascontiguousarray(image[cy1:cy2, cx1:cx2])))
-    return crop, (x1 - cx1, y1 - cy1, x2 - cx1, y2 - cy1)
+    return crop, (x1 - cx1, y1 - cy1, x2 - cx1, y2 - cy1), (cx1, cy1)
 
 
 def laplacian_variance(rgb: np.ndarray) -> float:

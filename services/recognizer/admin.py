@@ -32,19 +32,19 @@ def handle_admin(stage: RecognizerStage, message: AdminMsg) -> Emit:
 
 
 def _list_users(stage: RecognizerStage, tenant: str = "") -> dict:
-    return {"model_id": stage.embedder.model_id,
-            "users": stage.gallery.list_users(stage.embedder.model_id, tenant=tenant or None)}
+    return {"model_id": stage.space_id,
+            "users": stage.gallery.list_users(stage.space_id, tenant=tenant or None)}
 
 
 def _show_user(stage: RecognizerStage, user_id: str) -> dict:
-    templates = stage.gallery.describe_user(stage.embedder.model_id, user_id)
-    return {"model_id": stage.embedder.model_id, "user_id": user_id, "enrolled": bool(templates),
+    templates = stage.gallery.describe_user(stage.space_id, user_id)
+    return {"model_id": stage.space_id, "user_id": user_id, "enrolled": bool(templates),
             "templates": [{k: v for k, v in t.items() if k != "user_id"} for t in templates]}
 
 
 def _delete_user(stage: RecognizerStage, user_id: str) -> dict:
     """Right to erasure: every template (mean and samples) of the user in this model's collection."""
-    removed = stage.gallery.delete_user(stage.embedder.model_id, user_id)
+    removed = stage.gallery.delete_user(stage.space_id, user_id)
     stage.limits.reset("user", user_id)
     log.info("user deleted", extra={"user_id": user_id, "templates_removed": removed})
     return {"user_id": user_id, "templates_removed": removed}

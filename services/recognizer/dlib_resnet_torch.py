@@ -448,7 +448,7 @@ class DlibResNetTorchEmbedder:
     dim = 128
     chip_size = 150
     chip_template = "dlib150"
-    default_threshold = 0.93
+    default_threshold = 0.943
 
     def __init__(
         self, device: str | torch.device = "auto", weights: Path | None = None, max_batch: int = 64

@@ -24,7 +24,7 @@ from facepay.runtime.redis_conn import connect
 from facepay.runtime.stage import Emit, Stage
 from facepay.signing import sign
 from services.recognizer.admin import handle_admin
-from services.recognizer.embedder import load_embedder
+from services.recognizer.embedder import load_embedder, template_space
 from services.recognizer.limits import FailureLimiter
 from services.recognizer.policy import FrameResult, Verdict, decide
 from services.recognizer.state import SessionState, SessionStore, decided_key
@@ -45,8 +45,10 @@ class RecognizerStage(Stage):
 
     def start(self) -> None:
         self.embedder = load_embedder(self.settings.recognizer_model, self.settings.device)
+        # The vectors' space: the recognizer and the landmarks its chips were aligned with.
+        self.space_id = template_space(self.embedder.model_id, self.settings.landmarks_model)
         self.gallery = self.gallery or open_gallery(self.settings.gallery_url)
-        self.gallery.ensure_collection(self.embedder.model_id, self.embedder.dim)
+        self.gallery.ensure_collection(self.space_id, self.embedder.dim)
         client = connect(self.settings.redis_url)
         self.sessions = SessionStore(client, self.settings)
         self.limits = FailureLimiter(client, self.settings)
@@ -55,10 +57,10 @@ class RecognizerStage(Stage):
         self._optimizer: threading.Thread | None = None
 
     def _refresh_threshold(self) -> None:
-        self.threshold, source = thresholds.effective(self.sessions.redis, self.settings, self.embedder.model_id,
+        self.threshold, source = thresholds.effective(self.sessions.redis, self.settings, self.space_id,
                                                       self.embedder.default_threshold)
         if source != getattr(self, "threshold_source", None):
-            log.info("threshold", extra={"model_id": self.embedder.model_id, "threshold": self.threshold, "source": source})
+            log.info("threshold", extra={"space_id": self.space_id, "threshold": self.threshold, "source": source})
         self.threshold_source = source
 
     def stop(self) -> None:
@@ -111,7 +113,7 @@ class RecognizerStage(Stage):
         optimize = getattr(self.gallery, "optimize", None)
         if optimize is None or (self._optimizer and self._optimizer.is_alive()):
             return
-        self._optimizer = threading.Thread(target=optimize, args=(self.embedder.model_id,), daemon=True)
+        self._optimizer = threading.Thread(target=optimize, args=(self.space_id,), daemon=True)
         self._optimizer.start()
 
     def _embed(self, faces: list[PosedMsg]) -> dict[int, np.ndarray]:
@@ -133,7 +135,7 @@ class RecognizerStage(Stage):
         if ref.purpose == "enroll":
             return FrameResult(ref.sequence, ref.received_ms, ear=ear, embedding=[float(x) for x in vector],
                                antispoof=message.antispoof)
-        hits = self.gallery.search(self.embedder.model_id, vector, limit=2, tenant=ref.tenant_id or None,
+        hits = self.gallery.search(self.space_id, vector, limit=2, tenant=ref.tenant_id or None,
                                    phone_suffix=ref.phone_suffix or None)
         top = hits[0] if hits else None
         second = hits[1].score if len(hits) > 1 else -1.0
@@ -181,6 +183,7 @@ class RecognizerStage(Stage):
             "score": round(verdict.score, 4),
             "threshold": round(self.threshold, 4),
             "threshold_source": self.threshold_source,
+            "template_space": self.space_id,
             "reasons": verdict.reasons,
             "rule": verdict.rule,
             "model_ids": {**state.models, "recognizer": self.embedder.model_id},
@@ -206,7 +209,7 @@ class RecognizerStage(Stage):
         accepted = [r for r in state.results if r.embedding is not None]
         images = [{"index": r.sequence, "accepted": r.embedding is not None, "reason": r.reason}
                   for r in sorted(state.results, key=lambda r: r.sequence)]
-        result = {"user_id": ref.user_id, "tenant_id": ref.tenant_id, "model_id": self.embedder.model_id,
+        result = {"user_id": ref.user_id, "tenant_id": ref.tenant_id, "model_id": self.space_id,
                   "images": images, "status": "rejected", "duplicate_of": "", "duplicate_score": 0.0}
         if accepted:
             samples = np.asarray([r.embedding for r in accepted], dtype=np.float32)
@@ -223,11 +226,11 @@ class RecognizerStage(Stage):
                      once_key=decided_key(ref.session_id))]
 
     def _duplicate_of(self, user_id: str, tenant_id: str, mean: np.ndarray):
-        hits = self.gallery.search(self.embedder.model_id, mean, limit=2, tenant=tenant_id or None)
+        hits = self.gallery.search(self.space_id, mean, limit=2, tenant=tenant_id or None)
         return next((h for h in hits if h.user_id != user_id and h.score >= self.threshold), None)
 
     def _store_templates(self, ref, mean: np.ndarray, samples: np.ndarray) -> None:
-        model_id, now_ms = self.embedder.model_id, int(time.time() * 1000)
+        model_id, now_ms = self.space_id, int(time.time() * 1000)
         common = {"user_id": ref.user_id, "tenant": ref.tenant_id or "default",
                   "phone_suffix": ref.phone_suffix or None, "enrolled_at_ms": now_ms}
         self.gallery.delete_user(model_id, ref.user_id)
