@@ -95,6 +95,7 @@ class AlignedMsg(Message):
     gender_confidence: float = 0.0
     antispoof: float | None = None  # passive P(real), a weak per-frame hint
     liveness: float | None = None
+    sharpness: float = 0.0  # variance of the Laplacian of the grey dlib150 chip
 
 
 @dataclass(frozen=True)
@@ -111,6 +112,8 @@ class PosedMsg(Message):
     reason: str = ""  # why not eligible (pose_yaw …)
     models: dict[str, str] = field(default_factory=dict)
     antispoof: float | None = None
+    sharpness: float = 0.0
+    face_px: float = 0.0  # face box width in the camera frame
 
 
 @dataclass(frozen=True)

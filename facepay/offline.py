@@ -13,13 +13,12 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-import cv2
 import numpy as np
 
 from facepay.config import Settings
 from facepay.images import decode_trusted, encode_jpeg
 from facepay.models.device import resolve_device
-from services.aligner.geometry import align_face, five_points_from_68
+from services.aligner.geometry import align_face, five_points_from_68, laplacian_variance
 from services.aligner.landmarks import dlib_face_chip
 from services.aligner.stage import LANDMARKERS
 from services.detector.mtcnn import MTCNN, DetectedFace
@@ -151,8 +150,3 @@ def _detector_crop(image: np.ndarray, face: DetectedFace) -> tuple[np.ndarray, t
     crop = decode_trusted(encode_jpeg(np.ascontiguousarray(image[cy1:cy2, cx1:cx2])))
     return crop, (x1 - cx1, y1 - cy1, x2 - cx1, y2 - cy1), (cx1, cy1)
 
-
-def laplacian_variance(rgb: np.ndarray) -> float:
-    """Focus measure: variance of the Laplacian of the grey image (blurred chips score low)."""
-    grey = cv2.cvtColor(np.ascontiguousarray(rgb), cv2.COLOR_RGB2GRAY)
-    return float(cv2.Laplacian(grey, cv2.CV_64F).var())

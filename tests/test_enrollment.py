@@ -132,3 +132,18 @@ def test_users_commands_say_when_no_recognizer_answers():
         pytest.skip("no Redis on 127.0.0.1:6379")
     with pytest.raises(AdminError, match="no recognizer answered"):
         call(settings, "list_users", timeout_s=1)
+
+
+def test_blurred_and_small_photos_are_refused_by_the_quality_gates(pipeline, people):
+    import cv2
+    import numpy as np
+
+    name, paths = list(people.items())[7]
+    good = paths[0].read_bytes()
+    image = cv2.imdecode(np.frombuffer(good, np.uint8), cv2.IMREAD_COLOR)
+    blurred = cv2.imencode(".jpg", cv2.GaussianBlur(image, (0, 0), 6))[1].tobytes()
+    scale = 60 / max(image.shape[:2]) * 2.5  # the face ends up ~50-70 px wide: found, but too small
+    small = cv2.imencode(".jpg", cv2.resize(image, None, fx=scale, fy=scale, interpolation=cv2.INTER_AREA))[1].tobytes()
+    reply = enroll(pipeline, name, [good, blurred, small])
+    assert reply.status == pb.EnrollResponse.ENROLLED
+    assert [(i.accepted, i.detail) for i in reply.images] == [(True, ""), (False, "blurry"), (False, "face_too_small")]

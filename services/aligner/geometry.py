@@ -101,3 +101,9 @@ def eye_aspect_ratio(landmarks68: np.ndarray) -> tuple[float, float]:
     """
     pts = np.asarray(landmarks68, dtype=np.float32).reshape(68, 2)
     return _ear(pts[_LEFT_EYE]), _ear(pts[_RIGHT_EYE])
+
+
+def laplacian_variance(rgb: np.ndarray) -> float:
+    """Focus measure: variance of the Laplacian of the grey image (blurred chips score low)."""
+    grey = cv2.cvtColor(np.ascontiguousarray(rgb), cv2.COLOR_RGB2GRAY)
+    return float(cv2.Laplacian(grey, cv2.CV_64F).var())

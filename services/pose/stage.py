@@ -36,4 +36,6 @@ class PoseStage(PipeStage):
             eligible=not reason, reason=reason,
             models={**face.models, "pose": "pnp-68"},
             antispoof=face.antispoof,
+            sharpness=face.sharpness,
+            face_px=face.frame_box[2] - face.frame_box[0],
         )

@@ -133,6 +133,9 @@ class RecognizerStage(Stage):
         if not message.eligible or vector is None:
             return FrameResult(ref.sequence, ref.received_ms, reason=message.reason or "not_frontal", ear=ear)
         if ref.purpose == "enroll":
+            reason = self._enrollment_gate(message)
+            if reason:
+                return FrameResult(ref.sequence, ref.received_ms, reason=reason, ear=ear)
             return FrameResult(ref.sequence, ref.received_ms, ear=ear, embedding=[float(x) for x in vector],
                                antispoof=message.antispoof)
         hits = self.gallery.search(self.space_id, vector, limit=2, tenant=ref.tenant_id or None,
@@ -141,6 +144,17 @@ class RecognizerStage(Stage):
         second = hits[1].score if len(hits) > 1 else -1.0
         return FrameResult(ref.sequence, ref.received_ms, ear=ear, top_user=top.user_id if top else "",
                            top_score=top.score if top else -1.0, second_score=second, antispoof=message.antispoof)
+
+    def _enrollment_gate(self, face: PosedMsg) -> str:
+        """A template is only as good as its photos: large, sharp and (weakly) live enough."""
+        s = self.settings
+        if face.face_px < s.enroll_min_face_px:
+            return "face_too_small"
+        if face.sharpness < s.enroll_min_sharpness:
+            return "blurry"
+        if face.antispoof is not None and face.antispoof < s.enroll_min_antispoof:
+            return "spoof_suspected"
+        return ""
 
     # ---- sessions --------------------------------------------------------------------------
     def _evaluate(self, session_id: str, timed_out: bool) -> list[Emit]:
