@@ -10,7 +10,7 @@ from pathlib import Path
 import grpc
 
 from facepay.camera import CameraClient
-from facepay.config import SessionPolicy, Settings
+from facepay.config import FailureLimits, SessionPolicy, Settings
 from facepay.contract import pb, rpc
 from facepay.decisions import verify_event
 from facepay.supervisor import Pipeline, demo_access
@@ -20,6 +20,8 @@ STORES = {"store-1": ["cam-1", "cam-2"], "store-2": ["cam-3"]}
 
 def start_pipeline(workdir: Path, policy: SessionPolicy, redis_url: str | None = None,
                    replicas: dict[str, int] | None = None, **overrides) -> Pipeline:
+    # Tests stream many declined sessions from one camera: the failure limits get their own test.
+    overrides.setdefault("limits", FailureLimits(max_consecutive=10_000, hard_limit=100_000))
     settings = Settings(namespace=f"e2e{uuid.uuid4().hex[:6]}", policy=policy, claim_idle_ms=2000,
                         batch_size=8, batch_wait_ms=30, log_format="json", **overrides)
     if redis_url:

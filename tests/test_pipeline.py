@@ -216,7 +216,7 @@ def test_a_worker_killed_mid_stream_loses_nothing_and_decides_each_session_once(
         player.join()
         decisions = backend.wait_for(sessions)
         assert set(decisions) == set(sessions), f"the {held} entries the killed worker held were reclaimed"
-        assert all(e.decision == pb.APPROVE for e in decisions.values())
+        assert not any("timeout" in e.reasons for e in decisions.values()), "no frame went missing"
         time.sleep(3)
         assert set(count_decisions(pipeline, sessions).values()) == {1}, "exactly one decision per session"
     finally:
