@@ -45,6 +45,10 @@ def main(argv: list[str] | None = None) -> None:
     calibrate.add_argument("--out", default="var/calibration", help="report.json, report.md, det.png, roc.png")
     calibrate.add_argument("--no-store", action="store_true", help="report only; do not store the threshold in Redis")
 
+    reindex = sub.add_parser("reindex", help="re-embed every enrolled user under another recognizer model (rq jobs)")
+    reindex.add_argument("--model", required=True, help="e.g. faceres-hse-v1, onnx:/path/model.onnx")
+    reindex.add_argument("--workers", type=int, default=1, help="rq workers to run here (0: external `rq worker facepay-reindex`)")
+
     users = sub.add_parser("users", help="enrolled users (answered by the recognizer that owns the gallery)")
     users.add_argument("action", choices=["list", "show", "delete"])
     users.add_argument("user_id", nargs="?")
@@ -174,6 +178,24 @@ def _cmd_calibrate(args) -> int:
         print(f"stored threshold {report.threshold!r} for {space} in {settings.redis_url} (namespace {settings.namespace}); "
               "recognizers pick it up within a minute")
     return 0
+
+
+def _cmd_reindex(args) -> int:
+    from tqdm import tqdm
+
+    from facepay.reindex import reindex
+
+    bar = tqdm(unit="user", desc="re-indexing")
+
+    def progress(done: int, total: int) -> None:
+        bar.total, bar.n = total, done
+        bar.refresh()
+
+    results = reindex(load_settings(), args.model, args.workers, progress)
+    bar.close()
+    for result in results:
+        print(json.dumps(result))
+    return 0 if all(r["status"] == "reindexed" for r in results) else 1
 
 
 def _cmd_users(args) -> int:

@@ -8,7 +8,6 @@ Redis, so any number of `rq worker facepay-enroll` processes can share a large b
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -16,6 +15,7 @@ import grpc
 
 from facepay.camera import IMAGE_SUFFIXES
 from facepay.contract import pb, rpc
+from facepay.jobs import run_jobs
 
 QUEUE = "facepay-enroll"
 
@@ -58,34 +58,12 @@ def enroll_person_job(target: str, operator_token: str, user_id: str, tenant: st
 def enroll_tree(redis_url: str, root: Path, target: str, operator_token: str, tenant: str,
                 inline_workers: int = 1, progress: Callable[[int, int], None] | None = None,
                 timeout_s: float | None = None) -> list[dict]:
-    """Queue one job per person folder; with inline_workers > 0 also start that many
-    `rq worker --burst` processes here (they exit when the queue is empty)."""
-    import subprocess
-    import sys
-
+    """One rq job per person folder (see `facepay.jobs.run_jobs` for the workers)."""
     import redis
     from rq import Queue
 
-    connection = redis.Redis.from_url(redis_url)
-    queue = Queue(QUEUE, connection=connection)
+    queue = Queue(QUEUE, connection=redis.Redis.from_url(redis_url))
     people = [d for d in sorted(Path(root).iterdir()) if d.is_dir() and photos_in(d)]
     jobs = [queue.enqueue(enroll_person_job, target, operator_token, d.name, tenant, [str(p) for p in photos_in(d)],
                           job_timeout=600, result_ttl=86400) for d in people]
-    workers = [subprocess.Popen([sys.executable, "-m", "rq.cli", "worker", "--burst", "--quiet", "-u", redis_url, QUEUE],
-                                stdout=subprocess.DEVNULL) for _ in range(inline_workers)]
-    deadline = None if timeout_s is None else time.monotonic() + timeout_s
-    try:
-        while True:
-            done = [j for j in jobs if j.get_status(refresh=True) in ("finished", "failed")]
-            if progress:
-                progress(len(done), len(jobs))
-            if len(done) == len(jobs):
-                break
-            if deadline and time.monotonic() > deadline:
-                raise TimeoutError(f"{len(jobs) - len(done)} enrollment jobs unfinished after {timeout_s:.0f} s")
-            time.sleep(0.5)
-    finally:
-        for worker in workers:
-            worker.wait(timeout=60)
-    return [j.return_value() if j.get_status() == "finished" else
-            {"user_id": j.args[2], "status": "failed", "error": str(j.latest_result().exc_string)[-300:]} for j in jobs]
+    return run_jobs(redis_url, QUEUE, jobs, inline_workers, progress, timeout_s)

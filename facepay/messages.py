@@ -132,7 +132,7 @@ class AdminMsg(Message):
 
     TYPE: ClassVar[str] = "admin"
     command: str = ""  # list_users | show_user | delete_user | reset_lockout
-    args: dict[str, str] = field(default_factory=dict)
+    args: dict[str, Any] = field(default_factory=dict)
     request_id: str = ""
 
 

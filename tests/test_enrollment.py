@@ -147,3 +147,17 @@ def test_blurred_and_small_photos_are_refused_by_the_quality_gates(pipeline, peo
     reply = enroll(pipeline, name, [good, blurred, small])
     assert reply.status == pb.EnrollResponse.ENROLLED
     assert [(i.accepted, i.detail) for i in reply.images] == [(True, ""), (False, "blurry"), (False, "face_too_small")]
+
+
+def test_a_model_change_reindexes_every_user_from_the_kept_chips_and_delete_reaches_both(pipeline, people):
+    from facepay.reindex import reindex
+
+    name, paths = list(people.items())[8]
+    assert enroll(pipeline, name, [paths[0].read_bytes(), paths[1].read_bytes()]).status == pb.EnrollResponse.ENROLLED
+    results = {r["user_id"]: r for r in reindex(pipeline.settings, "faceres-hse-v1", inline_workers=1, timeout_s=300)}
+    assert results[name]["status"] == "reindexed" and results[name]["samples"] == 2
+    new_space = results[name]["space"]
+    assert new_space == "faceres-hse-v1+facemesh"
+    assert name in call(pipeline.settings, "list_users", space=new_space)["users"]
+    call(pipeline.settings, "delete_user", user_id=name)
+    assert name not in call(pipeline.settings, "list_users", space=new_space)["users"], "erased in every space"

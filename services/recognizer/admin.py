@@ -31,9 +31,9 @@ def handle_admin(stage: RecognizerStage, message: AdminMsg) -> Emit:
     return Emit("admin-replies", {b"request": message.request_id.encode(), b"m": msgpack.packb(result)})
 
 
-def _list_users(stage: RecognizerStage, tenant: str = "") -> dict:
-    return {"model_id": stage.space_id,
-            "users": stage.gallery.list_users(stage.space_id, tenant=tenant or None)}
+def _list_users(stage: RecognizerStage, tenant: str = "", space: str = "") -> dict:
+    space = space or stage.space_id
+    return {"model_id": space, "users": stage.gallery.list_users(space, tenant=tenant or None)}
 
 
 def _show_user(stage: RecognizerStage, user_id: str) -> dict:
@@ -45,6 +45,9 @@ def _show_user(stage: RecognizerStage, user_id: str) -> dict:
 def _delete_user(stage: RecognizerStage, user_id: str) -> dict:
     """Right to erasure: every template (mean and samples) of the user in this model's collection."""
     removed = stage.gallery.delete_user(stage.space_id, user_id)
+    for space in stage.other_spaces():
+        removed += stage.gallery.delete_user(space, user_id)
+    stage.face_sources.delete(user_id)
     stage.limits.reset("user", user_id)
     log.info("user deleted", extra={"user_id": user_id, "templates_removed": removed})
     return {"user_id": user_id, "templates_removed": removed}
@@ -56,5 +59,17 @@ def _reset_lockout(stage: RecognizerStage, kind: str, subject: str) -> dict:
     return {"kind": kind, "subject": subject, "cleared": stage.limits.reset(kind, subject)}
 
 
+def _store_templates(stage: RecognizerStage, space: str, user_id: str, tenant: str, phone_suffix: str,
+                     samples: list[list[float]]) -> dict:
+    """A re-index job's result: the user's templates under another model, written by the owner."""
+    import numpy as np
+
+    from services.recognizer.enrollment import store_templates
+
+    stored = store_templates(stage.gallery, space, user_id, tenant, phone_suffix, np.asarray(samples, np.float32))
+    stage.remember_space(space)
+    return {"space": space, "user_id": user_id, "templates": stored}
+
+
 _COMMANDS = {"list_users": _list_users, "show_user": _show_user, "delete_user": _delete_user,
-             "reset_lockout": _reset_lockout}
+             "reset_lockout": _reset_lockout, "store_templates": _store_templates}

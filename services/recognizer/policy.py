@@ -27,6 +27,7 @@ class FrameResult:
     second_score: float = -1.0
     embedding: list[float] | None = None  # kept for enrollment sessions only
     antispoof: float | None = None  # passive per-frame P(real), when the aligner scored it
+    chips: dict[str, bytes] | None = None  # enrollment only: the aligned chips, kept for re-indexing
 
     @property
     def eligible(self) -> bool:

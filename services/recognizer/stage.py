@@ -17,7 +17,7 @@ import numpy as np
 from facepay import thresholds
 from facepay.config import Settings
 from facepay.images import decode_trusted
-from facepay.gallery import Gallery, Template, open_gallery
+from facepay.gallery import Gallery, open_gallery
 from facepay.messages import AdminMsg, Message, PosedMsg, Rejection, SessionEndMsg
 from facepay.runtime import metrics
 from facepay.runtime.redis_conn import connect
@@ -25,6 +25,7 @@ from facepay.runtime.stage import Emit, Stage
 from facepay.signing import sign
 from services.recognizer.admin import handle_admin
 from services.recognizer.embedder import load_embedder, template_space
+from services.recognizer.enrollment import FaceSources, mean_template, store_templates
 from services.recognizer.limits import FailureLimiter
 from services.recognizer.policy import FrameResult, Verdict, decide
 from services.recognizer.state import SessionState, SessionStore, decided_key
@@ -52,9 +53,19 @@ class RecognizerStage(Stage):
         client = connect(self.settings.redis_url)
         self.sessions = SessionStore(client, self.settings)
         self.limits = FailureLimiter(client, self.settings)
+        self.face_sources = FaceSources(client, self.settings)
+        self.remember_space(self.space_id)
         self._refresh_threshold()
         self._last_threshold_check = self._last_optimize = time.monotonic()
         self._optimizer: threading.Thread | None = None
+
+    def remember_space(self, space: str) -> None:
+        """Every template space that holds users, so that a deletion reaches all of them."""
+        self.sessions.redis.sadd(self.settings.key("spaces"), space)
+
+    def other_spaces(self) -> list[str]:
+        return sorted(s.decode() for s in self.sessions.redis.smembers(self.settings.key("spaces"))
+                      if s.decode() != self.space_id)
 
     def _refresh_threshold(self) -> None:
         self.threshold, source = thresholds.effective(self.sessions.redis, self.settings, self.space_id,
@@ -137,7 +148,7 @@ class RecognizerStage(Stage):
             if reason:
                 return FrameResult(ref.sequence, ref.received_ms, reason=reason, ear=ear)
             return FrameResult(ref.sequence, ref.received_ms, ear=ear, embedding=[float(x) for x in vector],
-                               antispoof=message.antispoof)
+                               antispoof=message.antispoof, chips=message.chips)
         hits = self.gallery.search(self.space_id, vector, limit=2, tenant=ref.tenant_id or None,
                                    phone_suffix=ref.phone_suffix or None)
         top = hits[0] if hits else None
@@ -227,13 +238,12 @@ class RecognizerStage(Stage):
                   "images": images, "status": "rejected", "duplicate_of": "", "duplicate_score": 0.0}
         if accepted:
             samples = np.asarray([r.embedding for r in accepted], dtype=np.float32)
-            mean = samples.mean(axis=0)
-            mean /= np.linalg.norm(mean) + 1e-12
-            duplicate = self._duplicate_of(ref.user_id, ref.tenant_id, mean)
+            duplicate = self._duplicate_of(ref.user_id, ref.tenant_id, mean_template(samples))
             if duplicate:
                 result.update(status="duplicate", duplicate_of=duplicate.user_id, duplicate_score=duplicate.score)
             else:
-                self._store_templates(ref, mean, samples)
+                store_templates(self.gallery, self.space_id, ref.user_id, ref.tenant_id, ref.phone_suffix, samples)
+                self.face_sources.save(ref.user_id, ref.tenant_id, ref.phone_suffix, [r.chips or {} for r in accepted])
                 result["status"] = "enrolled"
         log.info("enrollment", extra={"session_id": ref.session_id, "user_id": ref.user_id, "status": result["status"]})
         return [Emit("enrollments", {b"m": msgpack.packb(result), b"session": ref.session_id.encode()},
@@ -242,13 +252,3 @@ class RecognizerStage(Stage):
     def _duplicate_of(self, user_id: str, tenant_id: str, mean: np.ndarray):
         hits = self.gallery.search(self.space_id, mean, limit=2, tenant=tenant_id or None)
         return next((h for h in hits if h.user_id != user_id and h.score >= self.threshold), None)
-
-    def _store_templates(self, ref, mean: np.ndarray, samples: np.ndarray) -> None:
-        model_id, now_ms = self.space_id, int(time.time() * 1000)
-        common = {"user_id": ref.user_id, "tenant": ref.tenant_id or "default",
-                  "phone_suffix": ref.phone_suffix or None, "enrolled_at_ms": now_ms}
-        self.gallery.delete_user(model_id, ref.user_id)
-        templates = [Template(vector=mean, kind="mean", **common)]
-        templates += [Template(vector=s / (np.linalg.norm(s) + 1e-12), kind="sample", **common) for s in samples]
-        self.gallery.upsert(model_id, templates)
-

@@ -1,0 +1,34 @@
+"""Batch work as rq jobs on the pipeline's own Redis: queue, optionally work here, wait."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+
+from rq.job import Job
+
+
+def run_jobs(redis_url: str, queue_name: str, jobs: list[Job], inline_workers: int = 1,
+             progress: Callable[[int, int], None] | None = None, timeout_s: float | None = None) -> list[dict]:
+    """Wait for `jobs`; with inline_workers > 0 start that many `rq worker --burst` processes
+    here (they exit when the queue is empty), else rely on the operator's own rq workers."""
+    workers = [subprocess.Popen([sys.executable, "-m", "rq.cli", "worker", "--burst", "--quiet", "-u", redis_url,
+                                 queue_name], stdout=subprocess.DEVNULL) for _ in range(inline_workers)]
+    deadline = None if timeout_s is None else time.monotonic() + timeout_s
+    try:
+        while True:
+            done = [j for j in jobs if j.get_status(refresh=True) in ("finished", "failed")]
+            if progress:
+                progress(len(done), len(jobs))
+            if len(done) == len(jobs):
+                break
+            if deadline and time.monotonic() > deadline:
+                raise TimeoutError(f"{len(jobs) - len(done)} of {len(jobs)} jobs unfinished after {timeout_s:.0f} s")
+            time.sleep(0.5)
+    finally:
+        for worker in workers:
+            worker.wait(timeout=60)
+    return [j.return_value() if j.get_status() == "finished" else
+            {"job": j.id, "status": "failed", "error": str(j.latest_result().exc_string)[-300:]} for j in jobs]
