@@ -1,0 +1,31 @@
+"""The small interface every face model in facepay keeps (a Protocol, checked in tests).
+
+Each model is loaded from the model cache (sha256-verified) when constructed, states the
+device it runs on (CUDA asked for and absent is an error, never a silent CPU run), predicts on
+a batch, and has a model id with version that goes into events and keys the gallery.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol, runtime_checkable
+
+import torch
+
+
+@runtime_checkable
+class FaceModel(Protocol):
+    model_id: str
+
+    @property
+    def device(self) -> torch.device: ...
+
+
+@runtime_checkable
+class Embedder(FaceModel, Protocol):
+    """A recognizer: aligned chips of `chip_template` → L2-normalised (N, dim) float32."""
+
+    dim: int
+    chip_template: str
+    default_threshold: float
+
+    def embed(self, chips: list) -> object: ...
