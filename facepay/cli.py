@@ -8,6 +8,8 @@ import logging
 import signal
 import sys
 import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from facepay.config import load_settings
@@ -70,6 +72,23 @@ def main(argv: list[str] | None = None) -> None:
     sys.exit(handler(args) or 0)
 
 
+@contextmanager
+def progress_bar(desc: str, unit: str) -> Iterator[Callable[[int, int], None]]:
+    """A tqdm bar driven by (done, total) callbacks."""
+    from tqdm import tqdm
+
+    bar = tqdm(unit=unit, desc=desc)
+
+    def update(done: int, total: int) -> None:
+        bar.total, bar.n = total, done
+        bar.refresh()
+
+    try:
+        yield update
+    finally:
+        bar.close()
+
+
 def _settings():
     from facepay.logs import setup_logging
 
@@ -123,8 +142,6 @@ def _cmd_models(args) -> int:
 
 
 def _cmd_enroll(args) -> int:
-    from tqdm import tqdm
-
     from facepay.enrollment import enroll_images, enroll_tree, gateway_target, photos_in
 
     settings = load_settings()
@@ -137,24 +154,15 @@ def _cmd_enroll(args) -> int:
             raise SystemExit(f"no JPEG or PNG photos in {args.images}")
         results = [enroll_images(target, settings.operator_token, args.user, args.tenant, images, args.phone_suffix)]
     else:
-        bar = tqdm(unit="user", desc="enrolling")
-
-        def progress(done: int, total: int) -> None:
-            bar.total = total
-            bar.n = done
-            bar.refresh()
-
-        results = enroll_tree(settings.redis_url, args.tree, target, settings.operator_token, args.tenant,
-                              inline_workers=args.workers, progress=progress)
-        bar.close()
+        with progress_bar("enrolling", "user") as progress:
+            results = enroll_tree(settings.redis_url, args.tree, target, settings.operator_token, args.tenant,
+                                  inline_workers=args.workers, progress=progress)
     for result in results:
         print(json.dumps(result))
     return 0 if all(r["status"] == "enrolled" for r in results) else 1
 
 
 def _cmd_calibrate(args) -> int:
-    from tqdm import tqdm
-
     from facepay import thresholds
     from facepay.calibration import calibrate
     from facepay.offline import FaceEmbedder
@@ -162,14 +170,8 @@ def _cmd_calibrate(args) -> int:
     from services.recognizer.embedder import template_space
 
     settings = load_settings()
-    bar = tqdm(unit="image", desc="embedding")
-
-    def progress(done: int, total: int) -> None:
-        bar.total, bar.n = total, done
-        bar.refresh()
-
-    report = calibrate(args.data, args.out, args.target_far, FaceEmbedder(settings, labelled=True), progress=progress)
-    bar.close()
+    with progress_bar("embedding", "image") as progress:
+        report = calibrate(args.data, args.out, args.target_far, FaceEmbedder(settings, labelled=True), progress=progress)
     print((Path(args.out) / "report.md").read_text())
     space = template_space(report.model_id, settings.landmarks_model)
     if not args.no_store:
@@ -181,18 +183,10 @@ def _cmd_calibrate(args) -> int:
 
 
 def _cmd_reindex(args) -> int:
-    from tqdm import tqdm
-
     from facepay.reindex import reindex
 
-    bar = tqdm(unit="user", desc="re-indexing")
-
-    def progress(done: int, total: int) -> None:
-        bar.total, bar.n = total, done
-        bar.refresh()
-
-    results = reindex(load_settings(), args.model, args.workers, progress)
-    bar.close()
+    with progress_bar("re-indexing", "user") as progress:
+        results = reindex(load_settings(), args.model, args.workers, progress)
     for result in results:
         print(json.dumps(result))
     return 0 if all(r["status"] == "reindexed" for r in results) else 1

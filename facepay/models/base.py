@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import Protocol, runtime_checkable
 
+import numpy as np
 import torch
 
 
@@ -29,3 +30,12 @@ class Embedder(FaceModel, Protocol):
     default_threshold: float
 
     def embed(self, chips: list) -> object: ...
+
+
+class NormalisedEmbeddings:
+    """`embed` is the model's `embed_raw` with each row L2-normalised, so that cosine
+    similarity is a plain dot product in the gallery, whatever the model's native scale."""
+
+    def embed(self, chips) -> np.ndarray:
+        raw = self.embed_raw(chips)  # type: ignore[attr-defined]
+        return raw / np.maximum(np.linalg.norm(raw, axis=1, keepdims=True), 1e-12)

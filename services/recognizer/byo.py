@@ -69,6 +69,7 @@ from typing import Literal
 import numpy as np
 import torch
 
+from facepay.models.base import NormalisedEmbeddings
 from facepay.models.device import DeviceUnavailableError, autocast_dtype, resolve_device
 
 log = logging.getLogger(__name__)
@@ -183,7 +184,7 @@ def _existing_file(path: str | Path, kind: str) -> Path:
 # ---------------------------------------------------------------- shared embedder
 
 
-class _ByoEmbedder:
+class _ByoEmbedder(NormalisedEmbeddings):
     """Batching, chip checks, normalisation and autocast shared by both formats."""
 
     chip_size = ARCFACE_CHIP_SIZE
@@ -212,12 +213,6 @@ class _ByoEmbedder:
             f"{type(self).__name__}(model_id={self.model_id!r}, dim={self.dim}, backend={self.backend!r}, "
             f"device={str(self._device)!r}, input={self.input_spec.describe()!r})"
         )
-
-    def embed(self, chips: Sequence[np.ndarray]) -> np.ndarray:
-        """(N, dim) float32, each row L2-normalised; N may be 0."""
-        raw = self.embed_raw(chips)
-        norms = np.linalg.norm(raw, axis=1, keepdims=True)
-        return raw / np.maximum(norms, 1e-12)
 
     def embed_raw(self, chips: Sequence[np.ndarray]) -> np.ndarray:
         """(N, dim) float32 outputs exactly as the model gives them (not normalised)."""

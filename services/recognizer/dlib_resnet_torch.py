@@ -37,6 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from facepay.models.base import NormalisedEmbeddings
 from facepay.models.cache import weight_path
 from facepay.models.device import autocast_dtype, resolve_device
 
@@ -437,7 +438,7 @@ class DlibResNetTorch(nn.Module):
 # ---------------------------------------------------------------- embedder
 
 
-class DlibResNetTorchEmbedder:
+class DlibResNetTorchEmbedder(NormalisedEmbeddings):
     """Drop-in for `DlibResNetEmbedder` (same model id, weights and vectors), run by torch.
 
     Batches of any size (split into `max_batch` chunks), CUDA with fp16 autocast when the device
@@ -465,12 +466,6 @@ class DlibResNetTorchEmbedder:
     @property
     def device(self) -> torch.device:
         return self._device
-
-    def embed(self, chips: Sequence[np.ndarray]) -> np.ndarray:
-        """(N, 128) float32, each row L2-normalised; N may be 0."""
-        raw = self.embed_raw(chips)
-        norms = np.linalg.norm(raw, axis=1, keepdims=True)
-        return raw / np.maximum(norms, 1e-12)
 
     def embed_raw(self, chips: Sequence[np.ndarray]) -> np.ndarray:
         """(N, 128) float32 descriptors in dlib's native space (not normalised)."""

@@ -9,13 +9,14 @@ import dlib
 import numpy as np
 import torch
 
+from facepay.models.base import NormalisedEmbeddings
 from facepay.models.cache import weight_path
 from services.aligner.landmarks import dlib_cpu_device
 
 WEIGHTS = "dlib_face_recognition_resnet_model_v1.dat"
 
 
-class DlibResNetEmbedder:
+class DlibResNetEmbedder(NormalisedEmbeddings):
     """Unit-length 128-d descriptors of 150×150 chips made by `dlib_face_chip`.
 
     dlib trained this model for Euclidean distance on its raw vectors (same person below
@@ -41,12 +42,6 @@ class DlibResNetEmbedder:
     @property
     def device(self) -> torch.device:
         return self._device
-
-    def embed(self, chips: Sequence[np.ndarray]) -> np.ndarray:
-        """(N, 128) float32, each row L2-normalised; N may be 0."""
-        raw = self.embed_raw(chips)
-        norms = np.linalg.norm(raw, axis=1, keepdims=True)
-        return raw / np.maximum(norms, 1e-12)
 
     def embed_raw(self, chips: Sequence[np.ndarray]) -> np.ndarray:
         """(N, 128) float32 descriptors exactly as dlib returns them (not normalised)."""

@@ -22,6 +22,7 @@ import cv2
 import numpy as np
 import torch
 
+from facepay.models.base import NormalisedEmbeddings
 from facepay.models.tfjs import load_registered
 from services.aligner.attributes import faceres_input
 
@@ -29,7 +30,7 @@ FEATURES = "global_pooling/Mean"
 INPUT_SIZE = 224
 
 
-class FaceResEmbedder:
+class FaceResEmbedder(NormalisedEmbeddings):
     """1024-d HSE FaceRes descriptors of dlib150 chips, batched; CPU, or CUDA with fp16 autocast."""
 
     model_id = "faceres-hse-v1"
@@ -49,11 +50,6 @@ class FaceResEmbedder:
     @property
     def device(self) -> torch.device:
         return self._net.device
-
-    def embed(self, chips: Sequence[np.ndarray]) -> np.ndarray:
-        """(N, 1024) float32, each row L2-normalised; N may be 0."""
-        raw = self.embed_raw(chips)
-        return raw / np.maximum(np.linalg.norm(raw, axis=1, keepdims=True), 1e-12)
 
     def embed_raw(self, chips: Sequence[np.ndarray]) -> np.ndarray:
         """(N, 1024) float32 pooled features (non-negative: they follow ReLU6)."""
