@@ -66,12 +66,12 @@ def _script_from_test_data() -> Script:
     script = Script()
     script.enroll["selfie-user"] = list(video_frames(selfie, max_frames=3, every=8))
     for name in chosen:
-        script.enroll[name] = [people[name][0].read_bytes()]
+        script.enroll[name] = [p.read_bytes() for p in people[name][:2]]
     live = list(video_frames(selfie, max_frames=90, every=2, start=30))
     script.sessions += [
         Session("selfie video (blinks)", live, "approve selfie-user"),
         Session("one still frame replayed (photo attack)", [live[5]] * 30, "decline no_liveness"),
-        Session(f"photos of {chosen[0]} (a photo cannot blink)", [p.read_bytes() for p in people[chosen[0]][1:]] * 2, "decline no_liveness"),
+        Session(f"photos of {chosen[0]} (a photo cannot blink)", [p.read_bytes() for p in people[chosen[0]][2:]] * 3, "decline no_liveness"),
         Session("a stranger", [p.read_bytes() for p in people[list(people)[-1]]] * 2, "decline unknown_face"),
         Session("a dog", [(DATA / "negatives" / "dog.jpg").read_bytes()] * 3, "decline no_face"),
     ]
@@ -182,7 +182,7 @@ def _pay_all(pipeline: Pipeline, script: Script) -> None:
         verdict = pb.Decision.Name(event.decision)
         who = f"user={event.user_id} score={event.score:.3f}" if event.decision == pb.APPROVE else f"reason={','.join(event.reasons)}"
         say(f"{session_id} {session.name:<45} {len(session.frames):>3} frames → {verdict} {who} "
-            f"(signed {event.key_id}, {took:.1f}s; expected {session.expect})")
+            f"(decided on {event.frames_seen} frames, signed {event.key_id}, {took:.1f}s; expected {session.expect})")
     subscription.cancel()
     camera.close()
     channel.close()
