@@ -85,6 +85,7 @@ class Settings:
     operator_token: str = ""  # for Enroll
     metrics_port: int = 0  # Prometheus /metrics; 0 = off
     grpc_address: str = "127.0.0.1:50051"
+    gateway_threads: int = 128  # concurrent gateway calls (camera streams, subscriptions, enrollments)
     worker_threads: int = 1  # torch intra-op threads per worker process
     log_format: str = "json"  # json | text
     policy: SessionPolicy = field(default_factory=SessionPolicy)

@@ -31,10 +31,14 @@ def verify_event(event: pb.DecisionEvent, keys: Mapping[str, str]) -> dict:
     return verify(event.payload, event.signature, event.key_id, keys)
 
 
-def consume(client: redis.Redis, stream: str, group: str, consumer: str, block_ms: int = 1000) -> Iterator[tuple[bytes, dict]]:
-    """A payment backend reading decisions with its own consumer group (ack after handling)."""
+def consume(client: redis.Redis, stream: str, group: str, consumer: str, block_ms: int = 1000,
+            start: str = "$") -> Iterator[tuple[bytes, dict]]:
+    """A payment backend reading decisions with its own consumer group (ack after handling).
+
+    A new group starts at `start`: "$" (only new decisions) by default, "0" to replay the
+    retained history; events carry `event_id` for a backend that must deduplicate."""
     try:
-        client.xgroup_create(stream, group, id="0", mkstream=True)
+        client.xgroup_create(stream, group, id=start, mkstream=True)
     except redis.ResponseError as exc:
         if "BUSYGROUP" not in str(exc):
             raise

@@ -147,14 +147,14 @@ def decode(raw: bytes) -> Message:
         version, kind = data.pop("v"), data.pop("t")
     except Exception as exc:  # noqa: BLE001 - any decoding failure means the same thing
         raise MalformedMessage(f"not a facepay message: {exc}") from exc
-    if version != SCHEMA_VERSION or kind not in _TYPES:
+    if version != SCHEMA_VERSION or not isinstance(kind, str) or kind not in _TYPES:
         raise MalformedMessage(f"unsupported message v={version!r} t={kind!r}")
     cls = _TYPES[kind]
     try:
         ref = FrameRef(**data.pop("ref"))
         return cls(ref=ref, **{k: _tuple_if_list(cls, k, v) for k, v in data.items()})
-    except TypeError as exc:
-        raise MalformedMessage(f"bad {kind} message: {exc}") from exc
+    except (KeyError, TypeError, AttributeError) as exc:  # missing ref, unknown or mistyped field
+        raise MalformedMessage(f"bad {kind} message: {exc!r}") from exc
 
 
 def reject(msg: Message, stage: str, reason: str, detail: str = "") -> Rejection:

@@ -83,11 +83,11 @@ class Pipeline:
         self.metrics_ports.setdefault(name, free_port())
         env = {**os.environ, **settings_to_env(self.settings), "FACEPAY_CONSUMER": name,
                "FACEPAY_METRICS_PORT": str(self.metrics_ports[name])}
-        log_file = open(self.workdir / f"{name}.log", "ab")
-        self.processes[name] = subprocess.Popen(
-            [sys.executable, "-m", "facepay", *args], env=env, stdout=log_file, stderr=subprocess.STDOUT,
-            start_new_session=True,  # signals go to the supervisor, which stops children in order
-        )
+        with open(self.workdir / f"{name}.log", "ab") as log_file:
+            self.processes[name] = subprocess.Popen(
+                [sys.executable, "-m", "facepay", *args], env=env, stdout=log_file, stderr=subprocess.STDOUT,
+                start_new_session=True,  # signals go to the supervisor, which stops children in order
+            )
 
     def _wait_healthy(self, timeout_s: float) -> None:
         """The gateway answers health checks and every worker has joined its consumer group."""

@@ -160,3 +160,16 @@ def test_health_and_reflection_are_served(gateway):
     reply = next(reflection_pb2_grpc.ServerReflectionStub(channel).ServerReflectionInfo(
         iter([reflection_pb2.ServerReflectionRequest(list_services="")])))
     assert "facepay.v1.FaceGateway" in [s.name for s in reply.list_services_response.service]
+
+
+def test_a_camera_without_a_token_is_a_configuration_error():
+    with pytest.raises(ValueError, match="no token"):
+        CameraRegistry.from_dict({"stores": {"s": {}}, "cameras": {"c": {"store": "s", "token": ""}}})
+
+
+def test_subscribing_from_a_malformed_entry_id_is_invalid_argument(gateway):
+    settings, access, _ = gateway
+    token = access["stores"]["store-1"]["backend_token"]
+    call = stub_for(settings).SubscribeDecisions(pb.SubscribeRequest(store_id="store-1", after_entry_id="yesterday"),
+                                                 metadata=(("authorization", f"Bearer {token}"),))
+    assert status_of(lambda: next(call)) == grpc.StatusCode.INVALID_ARGUMENT

@@ -149,12 +149,24 @@ def test_cameras_of_two_stores_at_once_and_each_backend_sees_only_its_store(face
         threads = [threading.Thread(target=play, args=(c,)) for c in ("cam-1", "cam-2", "cam-3")]
         [t.start() for t in threads]
         [t.join() for t in threads]
+        # Point-of-sale transaction ids are unique per store only: the same id at two stores is
+        # two sessions, each decided for its own store.
+        same = new_session()
+        twins = [threading.Thread(target=lambda c=c: camera(pipeline, c).stream_session(same, [people[0][1][0].read_bytes()] * 3))
+                 for c in ("cam-1", "cam-3")]
+        [t.start() for t in twins]
+        [t.join() for t in twins]
+        for backend in backends.values():
+            twin = backend.wait_for([same])[same]
+            assert twin.decision == pb.APPROVE, (twin.store_id, list(twin.reasons), twin.frames_seen)
+        sessions[same] = "both"
         for store, backend in backends.items():
-            mine = [s for s, st in sessions.items() if st == store]
+            mine = [s for s, st in sessions.items() if st in (store, "both")]
             got = backend.wait_for(mine)
             assert set(got) == set(mine)
             time.sleep(1)
             assert {e.store_id for e in backend.events} == {store}, "no decision of another store"
+            assert len([e for e in backend.events if e.session_id == same]) == 1
             backend.close()
         assert_metrics_exported(pipeline)
     finally:

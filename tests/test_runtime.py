@@ -91,10 +91,14 @@ def test_rejections_and_session_ends_pass_through_unchanged(valkey, settings):
 def test_a_malformed_entry_goes_to_dead_letters_and_the_rest_goes_on(valkey, settings):
     client = redis.Redis.from_url(valkey.url)
     worker = StreamWorker(Upper(), settings, consumer="c1")
-    push(client, settings, frame("s", 0), b"\xc1 not msgpack", frame("s", 1))
+    import msgpack
+
+    no_ref = msgpack.packb({"v": 1, "t": "frame", "image": b"x"})
+    unknown_field = msgpack.packb({"v": 1, "t": "frame", "ref": frame("s", 9).ref.__dict__, "colour": "red"})
+    push(client, settings, frame("s", 0), b"\xc1 not msgpack", no_ref, unknown_field, frame("s", 1))
     run_until(worker, lambda: len(outputs(client, settings)) == 2)
     dead = client.xrange(settings.key("dead"))
-    assert len(dead) == 1 and dead[0][1][b"reason"] == b"malformed"
+    assert len(dead) == 3 and {d[1][b"reason"] for d in dead} == {b"malformed"}
     assert pending(client, settings) == 0
 
 

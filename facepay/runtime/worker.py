@@ -30,7 +30,7 @@ import redis
 from facepay.config import Settings
 from facepay.messages import FIELD, MalformedMessage, Message, decode
 from facepay.runtime import metrics
-from facepay.runtime.redis_conn import TRANSIENT, connect
+from facepay.runtime.redis_conn import TRANSIENT, connect, with_retry
 from facepay.runtime.stage import Emit, Stage
 
 log = logging.getLogger(__name__)
@@ -69,7 +69,7 @@ class StreamWorker:
     def run(self) -> None:
         self._install_signal_handlers()
         self.stage.start()
-        self.redis.sadd(self.settings.key("workers", "ready"), self.consumer)
+        with_retry(lambda: self.redis.sadd(self.settings.key("workers", "ready"), self.consumer), "register worker")
         log.info("worker started", extra={"stage": self.group, "stream": self.stream, "consumer": self.consumer})
         try:
             while not self._stopping:
@@ -222,15 +222,25 @@ class StreamWorker:
             self._reclaim()
         if now - self._last_tick >= 1.0:
             self._last_tick = now
-            emits = self.stage.tick()
-            if emits:
-                self._commit([], emits)
+            self._tick()
         if now - self._last_gauges >= 5.0:
             self._last_gauges = now
             self._update_gauges()
         if now - self._last_trim >= 60.0:
             self._last_trim = now
             self._trim_history()
+
+    def _tick(self) -> None:
+        """The stage's periodic work; its failure is logged, and the loop goes on."""
+        try:
+            emits = self.stage.tick()
+        except TRANSIENT:
+            raise
+        except Exception:
+            log.exception("stage tick failed", extra={"stage": self.group})
+            return
+        if emits:
+            self._commit([], emits)
 
     def _reclaim(self) -> None:
         """Take over entries a dead or stuck consumer left pending; give up on hopeless ones."""

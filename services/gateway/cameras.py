@@ -56,6 +56,8 @@ class CameraRegistry:
         for cid, c in (data.get("cameras") or {}).items():
             if c["store"] not in stores:
                 raise ValueError(f"camera {cid} names unknown store {c['store']!r}")
+            if not c.get("token"):
+                raise ValueError(f"camera {cid} has no token: every camera must authenticate")
             cameras[cid] = Camera(cid, stores[c["store"]], str(c["token"]))
         return cls(stores, cameras)
 

@@ -5,6 +5,7 @@ subscribe to the decisions of their store; operators enroll users.
 
 from __future__ import annotations
 
+import hmac
 import logging
 import re
 import time
@@ -29,6 +30,7 @@ from services.gateway.cameras import AccessDenied, Camera, CameraRegistry
 log = logging.getLogger(__name__)
 
 SESSION_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+ENTRY_ID = re.compile(r"^\d+(-\d+)?$")
 ENROLL_TIMEOUT_S = 120.0
 
 
@@ -144,7 +146,7 @@ class Gateway(rpc.FaceGatewayServicer):
     def Enroll(self, request, context):
         metadata = dict(context.invocation_metadata())
         token = metadata.get("authorization", "").removeprefix("Bearer ").strip()
-        if not self.settings.operator_token or token != self.settings.operator_token:
+        if not self.settings.operator_token or not hmac.compare_digest(token.encode(), self.settings.operator_token.encode()):
             context.abort(grpc.StatusCode.UNAUTHENTICATED, "Enroll needs the operator token")
         if not request.user_id or not SESSION_ID.match(request.user_id):
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, "user_id must be 1-128 chars of [A-Za-z0-9._:-]")
@@ -159,6 +161,8 @@ class Gateway(rpc.FaceGatewayServicer):
             result = self._run_enrollment(request)
         except TRANSIENT as exc:
             context.abort(grpc.StatusCode.UNAVAILABLE, f"queue unavailable, retry: {exc}")
+        except FrameRefused as refused:
+            context.abort(refused.code, str(refused))
         if result is None:
             context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, "the pipeline did not finish the enrollment in time")
         return _enroll_response(result)
@@ -193,7 +197,12 @@ class Gateway(rpc.FaceGatewayServicer):
         except AccessDenied as denied:
             context.abort(grpc.StatusCode.UNAUTHENTICATED, str(denied))
         stream = self.settings.key("decisions")
-        cursor = request.after_entry_id or self._stream_tail(stream)
+        if request.after_entry_id and not ENTRY_ID.match(request.after_entry_id):
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "after_entry_id must be a stream id like 1700000000000-0")
+        try:
+            cursor = request.after_entry_id or self._stream_tail(stream)
+        except TRANSIENT as exc:
+            context.abort(grpc.StatusCode.UNAVAILABLE, f"decisions stream unavailable, retry: {exc}")
         store = request.store_id.encode()
         while context.is_active():
             try:
@@ -223,7 +232,10 @@ def _enroll_response(result: dict) -> pb.EnrollResponse:
 
 
 def serve(settings: Settings, registry: CameraRegistry) -> grpc.Server:
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=32),
+    # A camera stream, a subscription or an enrollment holds a thread while it lasts: beyond
+    # the pool, new calls get RESOURCE_EXHAUSTED at once instead of waiting unseen.
+    threads = settings.gateway_threads
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=threads), maximum_concurrent_rpcs=threads,
                          options=[("grpc.max_receive_message_length", 64 << 20)])
     rpc.add_FaceGatewayServicer_to_server(Gateway(settings, registry), server)
     health_servicer = health.HealthServicer()

@@ -28,7 +28,7 @@ from services.recognizer.embedder import load_embedder, template_space
 from services.recognizer.enrollment import FaceSources, mean_template, store_templates
 from services.recognizer.limits import FailureLimiter
 from services.recognizer.policy import FrameResult, Verdict, decide
-from services.recognizer.state import SessionState, SessionStore, decided_key
+from services.recognizer.state import SessionState, SessionStore, decided_key, session_key
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +45,8 @@ class RecognizerStage(Stage):
         self.policy = settings.policy
 
     def start(self) -> None:
+        if not self.settings.signing_key:
+            raise ValueError("FACEPAY_SIGNING_KEY is not set: decisions must be signed")
         self.embedder = load_embedder(self.settings.recognizer_model, self.settings.device)
         # The vectors' space: the recognizer and the landmarks its chips were aligned with.
         self.space_id = template_space(self.embedder.model_id, self.settings.landmarks_model)
@@ -85,8 +87,8 @@ class RecognizerStage(Stage):
         emits = [handle_admin(self, m) for m in admin]
         if not batch:
             return emits
-        decided = self.sessions.is_decided(sorted({m.ref.session_id for m in batch}))
-        live = [m for m in batch if not decided[m.ref.session_id]]
+        decided = self.sessions.is_decided(sorted({session_key(m.ref) for m in batch}))
+        live = [m for m in batch if not decided[session_key(m.ref)]]
         faces = [m for m in live if isinstance(m, PosedMsg) and m.eligible]
         embeddings = self._embed(faces)
         for message in live:
@@ -96,8 +98,8 @@ class RecognizerStage(Stage):
                 models = message.models if isinstance(message, PosedMsg) else None
                 result = self._frame_result(message, embeddings.get(id(message)))
                 self.sessions.record(message.ref, result=result, models=models)
-        for session_id in dict.fromkeys(m.ref.session_id for m in live):
-            emits += self._evaluate(session_id, timed_out=False)
+        for key in dict.fromkeys(session_key(m.ref) for m in live):
+            emits += self._evaluate(key, timed_out=False)
         return emits
 
     def tick(self) -> list[Emit]:
@@ -111,11 +113,11 @@ class RecognizerStage(Stage):
             self._last_optimize = now
             self._optimize_in_background()
         emits = []
-        for session_id in self.sessions.overdue():
-            if self.sessions.is_decided([session_id])[session_id]:
-                self.sessions.close(session_id)
+        for key in self.sessions.overdue():
+            if self.sessions.is_decided([key])[key]:
+                self.sessions.close(key)
             else:
-                emits += self._evaluate(session_id, timed_out=True)
+                emits += self._evaluate(key, timed_out=True)
         return emits
 
     def _optimize_in_background(self) -> None:
@@ -168,10 +170,10 @@ class RecognizerStage(Stage):
         return ""
 
     # ---- sessions --------------------------------------------------------------------------
-    def _evaluate(self, session_id: str, timed_out: bool) -> list[Emit]:
-        state = self.sessions.load(session_id)
+    def _evaluate(self, key: str, timed_out: bool) -> list[Emit]:
+        state = self.sessions.load(key)
         if state is None:
-            self.sessions.close(session_id)
+            self.sessions.close(key)
             return []
         if state.meta.purpose == "enroll":
             return self._finish_enrollment(state, timed_out)
@@ -189,7 +191,7 @@ class RecognizerStage(Stage):
             return Verdict(False, ["locked_out"], "locked_out", score=verdict.score, frames_seen=verdict.frames_seen,
                            frames_eligible=verdict.frames_eligible, votes=verdict.votes)
         candidate = max(verdict.votes, key=verdict.votes.get) if verdict.votes else ""
-        self.limits.record(ref.session_id, ref.camera_id, verdict.rule, verdict.approve, verdict.user_id or candidate)
+        self.limits.record(session_key(ref), ref.camera_id, verdict.rule, verdict.approve, verdict.user_id or candidate)
         return verdict
 
     def _decision_emit(self, state: SessionState, verdict: Verdict) -> Emit:
@@ -198,7 +200,7 @@ class RecognizerStage(Stage):
         first_ms = min((r.received_ms for r in state.results if r.received_ms), default=ref.received_ms)
         event = {
             "schema": "facepay.decision.v1",
-            "event_id": f"{self.settings.namespace}:{ref.session_id}",
+            "event_id": f"{self.settings.namespace}:{session_key(ref)}",
             "session_id": ref.session_id,
             "store_id": ref.store_id,
             "camera_id": ref.camera_id,
@@ -224,7 +226,7 @@ class RecognizerStage(Stage):
                                     "decision": event["decision"], "rule": verdict.rule, "votes": verdict.votes})
         payload = sign(event, self.settings.signing_key, self.settings.signing_key_id)
         payload[b"store"] = ref.store_id.encode()
-        return Emit("decisions", payload, once_key=decided_key(ref.session_id))
+        return Emit("decisions", payload, once_key=decided_key(session_key(ref)))
 
     # ---- enrollment ------------------------------------------------------------------------
     def _finish_enrollment(self, state: SessionState, timed_out: bool) -> list[Emit]:
@@ -236,7 +238,10 @@ class RecognizerStage(Stage):
                   for r in sorted(state.results, key=lambda r: r.sequence)]
         result = {"user_id": ref.user_id, "tenant_id": ref.tenant_id, "model_id": self.space_id,
                   "images": images, "status": "rejected", "duplicate_of": "", "duplicate_score": 0.0}
-        if accepted:
+        incomplete = state.expected_frames is None or len(state.results) < state.expected_frames
+        if incomplete:
+            log.warning("enrollment incomplete: nothing stored", extra={"session_id": ref.session_id, "user_id": ref.user_id})
+        elif accepted:
             samples = np.asarray([r.embedding for r in accepted], dtype=np.float32)
             duplicate = self._duplicate_of(ref.user_id, ref.tenant_id, mean_template(samples))
             if duplicate:
@@ -247,7 +252,7 @@ class RecognizerStage(Stage):
                 result["status"] = "enrolled"
         log.info("enrollment", extra={"session_id": ref.session_id, "user_id": ref.user_id, "status": result["status"]})
         return [Emit("enrollments", {b"m": msgpack.packb(result), b"session": ref.session_id.encode()},
-                     once_key=decided_key(ref.session_id))]
+                     once_key=decided_key(session_key(ref)))]
 
     def _duplicate_of(self, user_id: str, tenant_id: str, mean: np.ndarray):
         hits = self.gallery.search(self.space_id, mean, limit=2, tenant=tenant_id or None)

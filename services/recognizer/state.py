@@ -30,8 +30,14 @@ class SessionState:
     models: dict[str, str]
 
 
-def decided_key(session_id: str) -> str:
-    return f"decided:{session_id}"
+def session_key(ref: FrameRef) -> str:
+    """Sessions are the point of sale's transaction ids: unique within a store, not across
+    stores, so every piece of session state is keyed by both."""
+    return f"{ref.store_id}/{ref.session_id}"
+
+
+def decided_key(key: str) -> str:
+    return f"decided:{key}"
 
 
 class SessionStore:
@@ -39,25 +45,27 @@ class SessionStore:
         self.redis = client
         self.settings = settings
 
-    def _key(self, session_id: str) -> str:
-        return self.settings.key("session", session_id)
+    def _key(self, key: str) -> str:
+        return self.settings.key("session", key)
 
     @property
     def _open_key(self) -> str:
         return self.settings.key("sessions", "open")
 
-    def is_decided(self, session_ids: list[str]) -> dict[str, bool]:
+    def is_decided(self, keys: list[str]) -> dict[str, bool]:
         pipe = self.redis.pipeline(transaction=False)
-        for sid in session_ids:
-            pipe.exists(self.settings.key(decided_key(sid)))
-        return dict(zip(session_ids, (bool(x) for x in pipe.execute())))
+        for key in keys:
+            pipe.exists(self.settings.key(decided_key(key)))
+        return dict(zip(keys, (bool(x) for x in pipe.execute())))
 
     def record(
         self, ref: FrameRef, result: FrameResult | None = None, frame_count: int | None = None,
         models: dict[str, str] | None = None,
     ) -> None:
-        """Remember a frame result (or the end marker) once; open the session's timeout clock."""
-        key = self._key(ref.session_id)
+        """Remember a frame result (or the end marker) once; every frame pushes the session's
+        timeout further out, so it fires only when frames stop coming."""
+        skey = session_key(ref)
+        key = self._key(skey)
         deadline_ms = int(time.time() * 1000 + self.settings.policy.session_timeout_s * 1000)
         pipe = self.redis.pipeline(transaction=True)
         pipe.hsetnx(key, "meta", msgpack.packb(dataclasses.asdict(ref)))
@@ -68,11 +76,11 @@ class SessionStore:
         if frame_count is not None:
             pipe.hset(key, "end", frame_count)
         pipe.expire(key, STATE_TTL_S)
-        pipe.zadd(self._open_key, {ref.session_id: deadline_ms}, nx=True)
+        pipe.zadd(self._open_key, {skey: deadline_ms}, gt=True)
         pipe.execute()
 
-    def load(self, session_id: str) -> SessionState | None:
-        raw = self.redis.hgetall(self._key(session_id))
+    def load(self, key: str) -> SessionState | None:
+        raw = self.redis.hgetall(self._key(key))
         if b"meta" not in raw:
             return None
         results = [FrameResult(**msgpack.unpackb(v)) for k, v in raw.items() if k.startswith(b"f:")]
@@ -84,5 +92,5 @@ class SessionStore:
         now_ms = int(time.time() * 1000)
         return [s.decode() for s in self.redis.zrangebyscore(self._open_key, 0, now_ms, start=0, num=limit)]
 
-    def close(self, session_id: str) -> None:
-        self.redis.zrem(self._open_key, session_id)
+    def close(self, key: str) -> None:
+        self.redis.zrem(self._open_key, key)
