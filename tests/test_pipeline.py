@@ -214,20 +214,26 @@ def kill_while_busy(pipeline, worker: str, stage: str, stream: str, timeout_s: f
     raise AssertionError(f"{worker} never held pending entries")
 
 
+def sessions_through_a_crash(pipeline, faces, crash) -> tuple[list[str], dict]:
+    """Six sessions of an enrolled person streamed while `crash()` runs; their decisions."""
+    enrolled, _ = photo_cast(faces)
+    name, paths = next(iter(enrolled.items()))
+    enroll(pipeline, name, [paths[0].read_bytes()])
+    backend, cam = Backend(pipeline, "store-1"), camera(pipeline, "cam-1")
+    sessions = [new_session() for _ in range(6)]
+    player = threading.Thread(target=lambda: [cam.stream_session(s, [paths[1].read_bytes()] * 4) for s in sessions])
+    player.start()
+    crash()
+    player.join()
+    return sessions, backend.wait_for(sessions)
+
+
 def test_a_worker_killed_mid_stream_loses_nothing_and_decides_each_session_once(faces, tmp_path):
     pipeline = start_pipeline(tmp_path, PHOTO_POLICY, replicas={"detector": 2})
     try:
-        enrolled, _ = photo_cast(faces)
-        name, paths = next(iter(enrolled.items()))
-        enroll(pipeline, name, [paths[0].read_bytes()])
-        backend, cam = Backend(pipeline, "store-1"), camera(pipeline, "cam-1")
-        sessions = [new_session() for _ in range(6)]
-        player = threading.Thread(target=lambda: [cam.stream_session(s, [paths[1].read_bytes()] * 4) for s in sessions])
-        player.start()
-        held = kill_while_busy(pipeline, "detector-0", "detector", "frames")
-        player.join()
-        decisions = backend.wait_for(sessions)
-        assert set(decisions) == set(sessions), f"the {held} entries the killed worker held were reclaimed"
+        sessions, decisions = sessions_through_a_crash(
+            pipeline, faces, lambda: kill_while_busy(pipeline, "detector-0", "detector", "frames"))
+        assert set(decisions) == set(sessions), "the entries the killed worker held were reclaimed"
         assert not any("timeout" in e.reasons for e in decisions.values()), "no frame went missing"
         time.sleep(3)
         assert set(count_decisions(pipeline, sessions).values()) == {1}, "exactly one decision per session"
@@ -238,18 +244,13 @@ def test_a_worker_killed_mid_stream_loses_nothing_and_decides_each_session_once(
 def test_the_recognizer_killed_and_restarted_decides_each_session_exactly_once(faces, tmp_path):
     """The gallery's owner dies mid-session (as a pod would); its replacement finishes the work."""
     pipeline = start_pipeline(tmp_path, PHOTO_POLICY)
-    try:
-        enrolled, _ = photo_cast(faces)
-        name, paths = next(iter(enrolled.items()))
-        enroll(pipeline, name, [paths[0].read_bytes()])
-        backend, cam = Backend(pipeline, "store-1"), camera(pipeline, "cam-1")
-        sessions = [new_session() for _ in range(6)]
-        player = threading.Thread(target=lambda: [cam.stream_session(s, [paths[1].read_bytes()] * 4) for s in sessions])
-        player.start()
+
+    def crash() -> None:
         kill_while_busy(pipeline, "recognizer-0", "recognizer", "posed")
         pipeline.respawn("recognizer-0")
-        player.join()
-        decisions = backend.wait_for(sessions)
+
+    try:
+        sessions, decisions = sessions_through_a_crash(pipeline, faces, crash)
         assert set(decisions) == set(sessions)
         time.sleep(3)
         assert set(count_decisions(pipeline, sessions).values()) == {1}, "exactly one decision per session"
