@@ -100,7 +100,8 @@ def run_in_process(frames: list[bytes], total: int) -> dict:
     from facepay.gallery import Template, open_gallery
     from facepay.images import decode_image
     from services.aligner.geometry import align_face, eye_aspect_ratio, five_points_from_68
-    from services.aligner.landmarks import DlibLandmarks68, dlib_face_chip
+    from services.aligner.geometry import dlib_chip
+    from services.aligner.landmarks import DlibLandmarks68
     from services.detector.mtcnn import MTCNN
     from services.pose.headpose import head_pose
     from services.recognizer.embedder import load_embedder
@@ -121,7 +122,7 @@ def run_in_process(frames: list[bytes], total: int) -> dict:
         align_face(image, five_points_from_68(lm))
         eye_aspect_ratio(lm)
         head_pose(lm, (image.shape[1], image.shape[0]))
-        vector = embedder.embed([dlib_face_chip(image, lm)])[0]
+        vector = embedder.embed([dlib_chip(image, lm)])[0]
         gallery.search(embedder.model_id, vector, limit=2, tenant="demo")
     return {"frames_per_s": total / (time.perf_counter() - started)}
 

@@ -4,7 +4,7 @@
 order and with the same settings, on an RGB array instead of a stream of messages:
 MTCNN → `choose_payer` → the detector's crop (margin, JPEG round trip, as the aligner gets it)
 → the aligner's landmarks model (`settings.landmarks_model`: facemesh or dlib68) → the chip the
-recognizer reads (`dlib_face_chip` or the ArcFace template) → `head_pose` → the recognizer's
+recognizer reads (`dlib_chip` or the ArcFace template) → `head_pose` → the recognizer's
 embedder. So a score measured offline is the score the pipeline computes for the same photo.
 """
 
@@ -18,8 +18,7 @@ import numpy as np
 from facepay.config import Settings
 from facepay.images import decode_trusted, encode_jpeg
 from facepay.models.device import resolve_device
-from services.aligner.geometry import align_face, five_points_from_68, laplacian_variance
-from services.aligner.landmarks import dlib_face_chip
+from services.aligner.geometry import align_face, dlib_chip, five_points_from_68, laplacian_variance
 from services.aligner.stage import LANDMARKERS
 from services.detector.mtcnn import MTCNN, DetectedFace
 from services.detector.payer import PayerRule, choose_payer
@@ -131,7 +130,7 @@ class FaceEmbedder:
         """The aligner's chip that this recognizer reads (its `chip_template`)."""
         if self.embedder.chip_template == "arcface112":
             return align_face(crop, five_points_from_68(landmarks68))
-        return dlib_face_chip(crop, landmarks68)
+        return dlib_chip(crop, landmarks68)
 
 
 def _most_central(faces: list[DetectedFace], w: int, h: int, rule: PayerRule) -> tuple[DetectedFace | None, str]:

@@ -470,3 +470,26 @@ def test_verification_on_pairs(faces: FaceData, identity_faces: dict[Path, Face 
         f"impostor {impostor.min():.4f}…{impostor.max():.4f} (median {np.median(impostor):.4f})"
     )
     assert accuracy[best] >= 0.95
+
+
+def test_the_numpy_dlib_chip_gives_the_descriptors_of_dlibs_own_chip(faces):
+    """The aligner cuts dlib's chip without dlib (dlib-bin stays the reference here)."""
+    import dlib as _dlib
+
+    from services.aligner.geometry import dlib_chip
+    from services.aligner.landmarks import DlibLandmarks68, dlib_face_chip
+    from services.recognizer.embedder import load_embedder
+
+    detector, landmarks, embedder = _dlib.get_frontal_face_detector(), DlibLandmarks68(), load_embedder("dlib-resnet-v1", "cpu")
+    cosines = []
+    for paths in list(faces.identities().values())[:10]:
+        image = read_rgb(paths[0])
+        found = detector(image, 1)
+        if not found:
+            continue
+        box = max(found, key=lambda r: r.area())
+        lm = landmarks.predict([image], [(box.left(), box.top(), box.right(), box.bottom())])[0]
+        ours, theirs = embedder.embed([dlib_chip(image, lm), dlib_face_chip(image, lm)])
+        cosines.append(float(ours @ theirs))
+    print(f"\nnumpy chip vs dlib.get_face_chip, descriptor cosine: min {min(cosines):.4f} over {len(cosines)} faces")
+    assert len(cosines) >= 8 and min(cosines) >= 0.995

@@ -107,3 +107,42 @@ def laplacian_variance(rgb: np.ndarray) -> float:
     """Focus measure: variance of the Laplacian of the grey image (blurred chips score low)."""
     grey = cv2.cvtColor(np.ascontiguousarray(rgb), cv2.COLOR_RGB2GRAY)
     return float(cv2.Laplacian(grey, cv2.CV_64F).var())
+
+
+# dlib's mean face (points 17–67 of the iBUG 68, unit square), from dlib's
+# get_face_chip_details, so that chips match what dlib's ResNet was trained on.
+_DLIB_MEAN_FACE_X = [
+    0.000213256, 0.0752622, 0.18113, 0.29077, 0.393397, 0.586856, 0.689483, 0.799124, 0.904991, 0.98004,
+    0.490127, 0.490127, 0.490127, 0.490127, 0.36688, 0.426036, 0.490127, 0.554217, 0.613373, 0.121737,
+    0.187122, 0.265825, 0.334606, 0.260918, 0.182743, 0.645647, 0.714428, 0.793132, 0.858516, 0.79751,
+    0.719335, 0.254149, 0.340985, 0.428858, 0.490127, 0.551395, 0.639268, 0.726104, 0.642159, 0.556721,
+    0.490127, 0.423532, 0.338094, 0.290379, 0.428096, 0.490127, 0.552157, 0.689874, 0.553364, 0.490127, 0.42689,
+]
+_DLIB_MEAN_FACE_Y = [
+    0.106454, 0.038915, 0.0187482, 0.0344891, 0.0773906, 0.0773906, 0.0344891, 0.0187482, 0.038915, 0.106454,
+    0.203352, 0.307009, 0.409805, 0.515625, 0.587326, 0.609345, 0.628106, 0.609345, 0.587326, 0.216423,
+    0.178758, 0.179852, 0.231733, 0.245099, 0.244077, 0.231733, 0.179852, 0.178758, 0.216423, 0.244077,
+    0.245099, 0.780233, 0.745405, 0.727388, 0.742578, 0.727388, 0.745405, 0.780233, 0.864805, 0.902192,
+    0.909281, 0.902192, 0.864805, 0.784792, 0.778746, 0.785343, 0.778746, 0.784792, 0.824182, 0.831803, 0.824182,
+]
+# dlib aligns on the eyes, nose and upper lip: no jaw, eyebrows or lower lip.
+_DLIB_CHIP_POINTS = [i for i in range(27, 68) if not (55 <= i <= 59 or 65 <= i <= 67)]
+
+
+def dlib_chip(image_rgb: np.ndarray, landmarks68: np.ndarray, size: int = 150, padding: float = 0.25) -> np.ndarray:
+    """dlib's `get_face_chip` in numpy/cv2: a similarity transform of 68 landmarks onto dlib's
+    mean face (with padding), sampled bilinearly; a face much larger than the chip is first
+    reduced by area averaging, as dlib's pyramid does, so the chip is not aliased."""
+    template = np.array(
+        [[(padding + _DLIB_MEAN_FACE_X[i - 17]) / (2 * padding + 1) * size,
+          (padding + _DLIB_MEAN_FACE_Y[i - 17]) / (2 * padding + 1) * size] for i in _DLIB_CHIP_POINTS],
+        dtype=np.float64,
+    )
+    chip_to_image = similarity_transform(template, np.asarray(landmarks68, np.float64)[_DLIB_CHIP_POINTS])
+    scale = float(np.hypot(chip_to_image[0, 0], chip_to_image[1, 0]))
+    source = image_rgb
+    if scale > 1.5:
+        source = cv2.resize(image_rgb, None, fx=1 / scale, fy=1 / scale, interpolation=cv2.INTER_AREA)
+        chip_to_image = chip_to_image / scale
+    return cv2.warpAffine(np.ascontiguousarray(source), chip_to_image, (size, size),
+                          flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP, borderMode=cv2.BORDER_CONSTANT)

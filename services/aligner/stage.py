@@ -12,8 +12,7 @@ from facepay.config import Settings
 from facepay.images import decode_trusted, encode_png
 from facepay.messages import AlignedMsg, FaceMsg, Message
 from facepay.runtime.stage import PipeStage
-from services.aligner.geometry import align_face, eye_aspect_ratio, five_points_from_68, laplacian_variance
-from services.aligner.landmarks import dlib_face_chip
+from services.aligner.geometry import align_face, dlib_chip, eye_aspect_ratio, five_points_from_68, laplacian_variance
 
 
 class MeshLandmarks:
@@ -79,10 +78,10 @@ class AlignerStage(PipeStage):
         return [self._aligned(*row) for row in zip(batch, crops, landmarks, attributes, liveness)]
 
     def _aligned(self, face: FaceMsg, crop, landmarks, attributes, liveness) -> AlignedMsg:
-        dlib_chip = dlib_face_chip(crop, landmarks)
+        chip150 = dlib_chip(crop, landmarks)
         chips = {
             "arcface112": encode_png(align_face(crop, five_points_from_68(landmarks))),
-            "dlib150": encode_png(dlib_chip),
+            "dlib150": encode_png(chip150),
         }
         models = {**face.models, "landmarks": self.landmarks.model_id}
         extra = {}
@@ -102,6 +101,6 @@ class AlignerStage(PipeStage):
             frame_box=face.frame_box,
             det_score=face.score,
             models=models,
-            sharpness=round(laplacian_variance(dlib_chip), 2),
+            sharpness=round(laplacian_variance(chip150), 2),
             **extra,
         )
