@@ -23,6 +23,7 @@ import os
 import signal
 import socket
 import time
+import traceback
 from dataclasses import dataclass
 
 import redis
@@ -152,7 +153,7 @@ class StreamWorker:
         except Exception:
             # Find the entry that fails: retry one by one, so the rest of the batch goes on.
             if len(good) == 1:
-                self._record_failure(good[0][0])
+                self._record_failure(*good[0])
                 return
             for pair in good:
                 self._handle_one(*pair)
@@ -166,17 +167,16 @@ class StreamWorker:
         except TRANSIENT:
             raise
         except Exception:
-            self._record_failure(entry)
+            self._record_failure(entry, message)
             return
         self._commit([entry], emits)
 
-    def _record_failure(self, entry: Entry) -> None:
+    def _record_failure(self, entry: Entry, message: Message) -> None:
         """Leave the entry pending (it is retried after claim_idle_ms) and keep its error."""
-        import traceback
-
         metrics.MESSAGES_FAILED.labels(self.group).inc()
         error = traceback.format_exc(limit=3)
-        log.error("processing failed", extra={"stage": self.group, "entry": entry.id.decode(), "error": error})
+        log.error("processing failed", extra={"stage": self.group, "entry": entry.id.decode(),
+                                              "session_id": message.ref.session_id, "error": error})
         self.redis.hset(self._errors_key, entry.id, error[-2000:])
         self.redis.expire(self._errors_key, 7 * 24 * 3600)
 
