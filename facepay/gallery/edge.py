@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import json
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -217,35 +218,26 @@ class EdgeGallery:
                 return hits[:limit]
             fetch *= 4  # many points of few users: widen until `limit` users or every point is seen
 
-    def list_users(self, model_id: str, tenant: str | None = None) -> list[str]:
+    def _payloads(self, model_id: str, flt: qe.Filter | None) -> Iterator[dict]:
+        """Every matching point's payload, page by page (no vectors)."""
         s = self._get(model_id)
         if s is None:
-            return []
-        users: set[str] = set()
+            return
         offset = None
-        flt = _filter(tenant=tenant)
         while True:
             records, offset = s.shard.scroll(
-                qe.ScrollRequest(offset=offset, limit=_SCROLL_PAGE, filter=flt, with_payload=["user_id"], with_vector=False)
+                qe.ScrollRequest(offset=offset, limit=_SCROLL_PAGE, filter=flt, with_payload=True, with_vector=False)
             )
-            users.update(r.payload["user_id"] for r in records if r.payload and "user_id" in r.payload)
+            yield from (dict(r.payload) for r in records if r.payload)
             if offset is None:
-                return sorted(users)
+                return
+
+    def list_users(self, model_id: str, tenant: str | None = None) -> list[str]:
+        return sorted({p["user_id"] for p in self._payloads(model_id, _filter(tenant=tenant)) if "user_id" in p})
 
     def describe_user(self, model_id: str, user_id: str) -> list[dict]:
         """Payloads of every template of the user (no vectors)."""
-        s = self._get(model_id)
-        if s is None:
-            return []
-        records, offset, found = [], None, []
-        while True:
-            records, offset = s.shard.scroll(
-                qe.ScrollRequest(offset=offset, limit=_SCROLL_PAGE, filter=_filter(user_id=user_id),
-                                 with_payload=True, with_vector=False)
-            )
-            found += [dict(r.payload) for r in records if r.payload]
-            if offset is None:
-                return found
+        return list(self._payloads(model_id, _filter(user_id=user_id)))
 
     def count(self, model_id: str) -> int:
         s = self._get(model_id)

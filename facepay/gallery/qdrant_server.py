@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import threading
 import warnings
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -193,35 +194,26 @@ class QdrantGallery:
         hits = dedupe_hits((h.score, h.payload or {}) for g in result.groups for h in g.hits)
         return hits[:limit]
 
-    def list_users(self, model_id: str, tenant: str | None = None) -> list[str]:
+    def _payloads(self, model_id: str, flt) -> Iterator[dict]:
+        """Every matching point's payload, page by page (no vectors)."""
         name = collection_name(model_id)
         if self._dim_of_existing(name) is None:
-            return []
-        users: set[str] = set()
+            return
         offset = None
         while True:
             records, offset = self._client.scroll(
-                name, scroll_filter=_filter(tenant=tenant), limit=_SCROLL_PAGE, offset=offset,
-                with_payload=["user_id"], with_vectors=False,
+                name, scroll_filter=flt, limit=_SCROLL_PAGE, offset=offset, with_payload=True, with_vectors=False,
             )
-            users.update(r.payload["user_id"] for r in records if r.payload and "user_id" in r.payload)
+            yield from (dict(r.payload) for r in records if r.payload)
             if offset is None:
-                return sorted(users)
+                return
+
+    def list_users(self, model_id: str, tenant: str | None = None) -> list[str]:
+        return sorted({p["user_id"] for p in self._payloads(model_id, _filter(tenant=tenant)) if "user_id" in p})
 
     def describe_user(self, model_id: str, user_id: str) -> list[dict]:
         """Payloads of every template of the user (no vectors)."""
-        name = collection_name(model_id)
-        if self._dim_of_existing(name) is None:
-            return []
-        found, offset = [], None
-        while True:
-            records, offset = self._client.scroll(
-                name, scroll_filter=_filter(user_id=user_id), limit=_SCROLL_PAGE, offset=offset,
-                with_payload=True, with_vectors=False,
-            )
-            found += [dict(r.payload) for r in records if r.payload]
-            if offset is None:
-                return found
+        return list(self._payloads(model_id, _filter(user_id=user_id)))
 
     def count(self, model_id: str) -> int:
         name = collection_name(model_id)

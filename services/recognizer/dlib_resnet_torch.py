@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from facepay.models.base import NormalisedEmbeddings
+from facepay.models.base import NormalisedEmbeddings, check_chips
 from facepay.models.cache import weight_path
 from facepay.models.device import autocast_dtype, resolve_device
 
@@ -471,12 +471,7 @@ class DlibResNetTorchEmbedder(NormalisedEmbeddings):
         """(N, 128) float32 descriptors in dlib's native space (not normalised)."""
         if len(chips) == 0:
             return np.zeros((0, self.dim), dtype=np.float32)
-        for chip in chips:
-            if chip.shape != (self.chip_size, self.chip_size, 3) or chip.dtype != np.uint8:
-                raise ValueError(
-                    f"expected {self.chip_size}x{self.chip_size}x3 uint8 chips from dlib_face_chip, "
-                    f"got {chip.dtype} {chip.shape}"
-                )
+        check_chips(chips, self.chip_size)
         out = [
             self.run(np.stack(chips[i : i + self.max_batch]), self.compute_dtype)
             for i in range(0, len(chips), self.max_batch)

@@ -9,7 +9,7 @@ import dlib
 import numpy as np
 import torch
 
-from facepay.models.base import NormalisedEmbeddings
+from facepay.models.base import NormalisedEmbeddings, check_chips
 from facepay.models.cache import weight_path
 from services.aligner.landmarks import dlib_cpu_device
 
@@ -47,14 +47,8 @@ class DlibResNetEmbedder(NormalisedEmbeddings):
         """(N, 128) float32 descriptors exactly as dlib returns them (not normalised)."""
         if len(chips) == 0:
             return np.zeros((0, self.dim), dtype=np.float32)
-        batch = []
-        for chip in chips:
-            if chip.shape != (self.chip_size, self.chip_size, 3) or chip.dtype != np.uint8:
-                raise ValueError(
-                    f"expected {self.chip_size}x{self.chip_size}x3 uint8 chips from dlib_face_chip, "
-                    f"got {chip.dtype} {chip.shape}"
-                )
-            batch.append(np.ascontiguousarray(chip))
+        check_chips(chips, self.chip_size)
+        batch = [np.ascontiguousarray(chip) for chip in chips]
         # The batch overload (list of aligned chips) runs the network once over all of them.
         return np.array([np.asarray(v) for v in self._model.compute_face_descriptor(batch)], dtype=np.float32)
 
