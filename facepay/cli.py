@@ -62,6 +62,10 @@ def main(argv: list[str] | None = None) -> None:
     target.add_argument("--camera")
     target.add_argument("--user")
 
+    keys = sub.add_parser("keys", help="Ed25519 keys that authenticate every message (one per component)")
+    keys.add_argument("action", choices=["generate"])
+    keys.add_argument("--out", required=True, help="folder for <component>.key (0600) files and trusted.yaml")
+
     config = sub.add_parser("config", help="settings")
     config.add_argument("action", choices=["show"])
     contract = sub.add_parser("contract", help="the gRPC contract")
@@ -69,7 +73,12 @@ def main(argv: list[str] | None = None) -> None:
 
     args = parser.parse_args(argv)
     handler = globals()[f"_cmd_{args.command}"]
-    sys.exit(handler(args) or 0)
+    from facepay.keys import KeyFileError
+
+    try:
+        sys.exit(handler(args) or 0)
+    except KeyFileError as exc:  # a missing or wrong key is a set-up error, not a crash
+        sys.exit(f"facepay {args.command}: {exc}")
 
 
 @contextmanager
@@ -170,12 +179,16 @@ def _cmd_calibrate(args) -> int:
     from services.recognizer.embedder import template_space
 
     settings = load_settings()
+    if not args.no_store:
+        from facepay.keys import operator_keyring
+
+        signer = operator_keyring(settings).signer  # before the long run: no key, no stored threshold
     with progress_bar("embedding", "image") as progress:
         report = calibrate(args.data, args.out, args.target_far, FaceEmbedder(settings, labelled=True), progress=progress)
     print((Path(args.out) / "report.md").read_text())
     space = template_space(report.model_id, settings.landmarks_model)
     if not args.no_store:
-        thresholds.store(connect(settings.redis_url), settings, space, report.threshold,
+        thresholds.store(connect(settings.redis_url), settings, space, report.threshold, signer,
                          target_far=args.target_far, data=str(args.data), report=str(Path(args.out).resolve()))
         print(f"stored threshold {report.threshold!r} for {space} in {settings.redis_url} (namespace {settings.namespace}); "
               "recognizers pick it up within a minute")
@@ -211,6 +224,16 @@ def _cmd_lockouts(args) -> int:
 
     kind, subject = ("camera", args.camera) if args.camera else ("user", args.user)
     print(json.dumps(call(load_settings(), "reset_lockout", kind=kind, subject=subject)))
+    return 0
+
+
+def _cmd_keys(args) -> int:
+    from facepay.keys import COMPONENTS, generate
+
+    trusted = generate(args.out)
+    print(f"wrote {', '.join(f'{c}.key' for c in COMPONENTS)} (mode 0600) and {trusted.name} in {args.out}")
+    print("give each process only its own key: FACEPAY_KEY_FILE=<component>.key, FACEPAY_TRUSTED_KEYS_FILE="
+          f"{trusted}; the CLI and rq workers: FACEPAY_OPERATOR_KEY_FILE=operator.key")
     return 0
 
 

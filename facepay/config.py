@@ -83,6 +83,16 @@ class Settings:
     signing_key: str = ""  # HMAC-SHA256 key for decision events (hex or text)
     signing_key_id: str = "k1"
     operator_token: str = ""  # for Enroll
+    # Message authentication (facepay/keys.py; `facepay keys generate`): this process's Ed25519
+    # private key file, the YAML of every component's public key, and the operator's private key
+    # file (CLI and rq workers only: it signs admin commands and calibrated thresholds).
+    key_file: str = ""
+    trusted_keys_file: str = ""
+    operator_key_file: str = ""
+    # Replays: the recognizer refuses frames the gateway received longer ago than this (and
+    # remembers decided sessions at least as long), and admin commands issued longer ago.
+    max_frame_age_s: int = 3600
+    admin_max_age_s: int = 300
     metrics_port: int = 0  # Prometheus /metrics; 0 = off
     grpc_address: str = "127.0.0.1:50051"
     gateway_threads: int = 128  # concurrent gateway calls (camera streams, subscriptions, enrollments)

@@ -14,6 +14,7 @@ from pathlib import Path
 import grpc
 
 from facepay.camera import IMAGE_SUFFIXES
+from facepay.config import load_settings
 from facepay.contract import pb, rpc
 from facepay.jobs import run_jobs
 
@@ -49,9 +50,12 @@ def enroll_images(target: str, operator_token: str, user_id: str, tenant: str, i
     }
 
 
-def enroll_person_job(target: str, operator_token: str, user_id: str, tenant: str, paths: list[str],
-                      phone_suffix: str = "") -> dict:
-    """The rq job: one person's folder."""
+def enroll_person_job(target: str, user_id: str, tenant: str, paths: list[str], phone_suffix: str = "") -> dict:
+    """The rq job: one person's folder. The operator token is the rq worker's own setting:
+    job data lives in Redis, where anyone who can read it would find the token."""
+    operator_token = load_settings().operator_token
+    if not operator_token:
+        raise RuntimeError("FACEPAY_OPERATOR_TOKEN is not set in this rq worker's environment")
     return enroll_images(target, operator_token, user_id, tenant, [Path(p).read_bytes() for p in paths], phone_suffix)
 
 
@@ -64,6 +68,7 @@ def enroll_tree(redis_url: str, root: Path, target: str, operator_token: str, te
 
     queue = Queue(QUEUE, connection=redis.Redis.from_url(redis_url))
     people = [d for d in sorted(Path(root).iterdir()) if d.is_dir() and photos_in(d)]
-    jobs = [queue.enqueue(enroll_person_job, target, operator_token, d.name, tenant, [str(p) for p in photos_in(d)],
+    jobs = [queue.enqueue(enroll_person_job, target, d.name, tenant, [str(p) for p in photos_in(d)],
                           job_timeout=600, result_ttl=86400) for d in people]
-    return run_jobs(redis_url, QUEUE, jobs, inline_workers, progress, timeout_s)
+    return run_jobs(redis_url, QUEUE, jobs, inline_workers, progress, timeout_s,
+                    worker_env={"FACEPAY_OPERATOR_TOKEN": operator_token})

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import time
@@ -11,11 +12,14 @@ from rq.job import Job
 
 
 def run_jobs(redis_url: str, queue_name: str, jobs: list[Job], inline_workers: int = 1,
-             progress: Callable[[int, int], None] | None = None, timeout_s: float | None = None) -> list[dict]:
+             progress: Callable[[int, int], None] | None = None, timeout_s: float | None = None,
+             worker_env: dict[str, str] | None = None) -> list[dict]:
     """Wait for `jobs`; with inline_workers > 0 start that many `rq worker --burst` processes
-    here (they exit when the queue is empty), else rely on the operator's own rq workers."""
+    here (they exit when the queue is empty), else rely on the operator's own rq workers.
+    Secrets reach the workers through `worker_env` (their own environment), never job data."""
+    env = {**os.environ, **(worker_env or {})}
     workers = [subprocess.Popen([sys.executable, "-m", "rq.cli", "worker", "--burst", "--quiet", "-u", redis_url,
-                                 queue_name], stdout=subprocess.DEVNULL) for _ in range(inline_workers)]
+                                 queue_name], stdout=subprocess.DEVNULL, env=env) for _ in range(inline_workers)]
     deadline = None if timeout_s is None else time.monotonic() + timeout_s
     try:
         while True:

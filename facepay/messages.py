@@ -35,6 +35,10 @@ class FrameRef:
     phone_suffix: str = ""
     trace_id: str = ""
     received_ms: int = 0  # gateway clock, for frame-to-decision latency
+    # The gateway's attestation of the frame's origin (facepay/runtime/envelope.py): the image's
+    # sha256 and the gateway's Ed25519 signature over every other field of this ref.
+    image_sha256: str = ""
+    origin_sig: str = ""
 
 
 @dataclass(frozen=True)
@@ -133,7 +137,8 @@ class AdminMsg(Message):
     TYPE: ClassVar[str] = "admin"
     command: str = ""  # list_users | show_user | delete_user | reset_lockout
     args: dict[str, Any] = field(default_factory=dict)
-    request_id: str = ""
+    request_id: str = ""  # refused when seen before
+    issued_at_ms: int = 0  # refused when older than admin_max_age_s
 
 
 _TYPES: dict[str, type[Message]] = {

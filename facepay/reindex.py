@@ -11,7 +11,7 @@ from collections.abc import Callable
 from functools import lru_cache
 
 from facepay.admin import call
-from facepay.config import Settings
+from facepay.config import Settings, load_settings
 from facepay.images import decode_trusted
 from facepay.jobs import run_jobs
 from facepay.runtime.redis_conn import connect
@@ -28,7 +28,9 @@ def _embedder(model: str, device: str):
 
 def reindex_user_job(redis_url: str, namespace: str, landmarks_model: str, device: str, model: str,
                      user_id: str) -> dict:
-    settings = Settings(redis_url=redis_url, namespace=namespace, landmarks_model=landmarks_model, device=device)
+    # The operator's key (to sign `store_templates`) is the rq worker's own setting, not job data.
+    settings = load_settings().replace(redis_url=redis_url, namespace=namespace, landmarks_model=landmarks_model,
+                                       device=device)
     source = FaceSources(connect(redis_url), settings).load(user_id)
     if source is None:
         return {"user_id": user_id, "status": "no_source"}
@@ -51,4 +53,6 @@ def reindex(settings: Settings, model: str, inline_workers: int = 1,
     queue = Queue(QUEUE, connection=redis.Redis.from_url(settings.redis_url))
     jobs = [queue.enqueue(reindex_user_job, settings.redis_url, settings.namespace, settings.landmarks_model,
                           settings.device, model, user, job_timeout=600, result_ttl=86400) for user in users]
-    return run_jobs(settings.redis_url, QUEUE, jobs, inline_workers, progress, timeout_s)
+    key_files = {"FACEPAY_OPERATOR_KEY_FILE": settings.operator_key_file,
+                 "FACEPAY_TRUSTED_KEYS_FILE": settings.trusted_keys_file}
+    return run_jobs(settings.redis_url, QUEUE, jobs, inline_workers, progress, timeout_s, worker_env=key_files)

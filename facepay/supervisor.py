@@ -18,6 +18,7 @@ import grpc
 import yaml
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from facepay import keys
 from facepay.config import Settings
 from facepay.runtime.embedded import EmbeddedValkey, free_port
 from facepay.stages import STAGES
@@ -44,6 +45,13 @@ def demo_access(stores: dict[str, list[str]], tenant: str = "demo") -> dict:
     }
 
 
+def component_keys_env(keys_dir: Path, component: str) -> dict[str, str]:
+    """A process's keys: its own private key file and everyone's public keys, nothing more
+    (the operator's key stays with the supervisor, which acts as the operator)."""
+    return {"FACEPAY_KEY_FILE": str(keys_dir / f"{component}.key"),
+            "FACEPAY_TRUSTED_KEYS_FILE": str(keys_dir / keys.TRUSTED_FILE), "FACEPAY_OPERATOR_KEY_FILE": ""}
+
+
 class Pipeline:
     def __init__(self, settings: Settings, workdir: Path, access: dict, replicas: dict[str, int] | None = None,
                  embedded: bool = True) -> None:
@@ -54,11 +62,14 @@ class Pipeline:
         self.valkey = EmbeddedValkey(self.workdir / "valkey") if embedded else None
         cameras_file = self.workdir / "cameras.yaml"
         cameras_file.write_text(yaml.safe_dump(access))
+        self.keys_dir = self.workdir / "keys"
+        trusted_file = keys.generate(self.keys_dir)
         self.settings = settings.replace(
             cameras_file=str(cameras_file),
             grpc_address=f"127.0.0.1:{free_port()}",
             signing_key=settings.signing_key or secrets.token_hex(32),
             operator_token=settings.operator_token or secrets.token_hex(16),
+            key_file="", trusted_keys_file=str(trusted_file), operator_key_file=str(self.keys_dir / "operator.key"),
             gallery_url=settings.gallery_url if "://./" not in settings.gallery_url else f"edge://{self.workdir / 'gallery'}",
         )
         self.processes: dict[str, subprocess.Popen] = {}
@@ -83,6 +94,7 @@ class Pipeline:
         self.metrics_ports.setdefault(name, free_port())
         env = {**os.environ, **settings_to_env(self.settings), "FACEPAY_CONSUMER": name,
                "FACEPAY_METRICS_PORT": str(self.metrics_ports[name])}
+        env.update(component_keys_env(self.keys_dir, args[-1]))  # args: ["gateway"] | ["worker", stage]
         with open(self.workdir / f"{name}.log", "ab") as log_file:
             self.processes[name] = subprocess.Popen(
                 [sys.executable, "-m", "facepay", *args], env=env, stdout=log_file, stderr=subprocess.STDOUT,

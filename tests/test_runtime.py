@@ -5,13 +5,16 @@ from __future__ import annotations
 import threading
 import time
 import uuid
+from pathlib import Path
 
 import pytest
 import redis
 
+from facepay import keys
 from facepay.config import Settings
 from facepay.messages import FIELD, FrameMsg, FrameRef, Rejection, SessionEndMsg, decode
 from facepay.runtime.embedded import EmbeddedValkey
+from facepay.runtime.envelope import seal
 from facepay.runtime.stage import Emit, PipeStage, Stage
 from facepay.runtime.worker import StreamWorker
 
@@ -20,6 +23,7 @@ class Upper(PipeStage):
     """Turns a frame's image bytes upper-case; raises on b'boom'."""
 
     name, input, output, accepts = "upper", "in", "out", FrameMsg
+    accepts_from = {t: frozenset({"source"}) for t in ("frame", "rejection", "end")}  # its upstream: "source"
 
     def __init__(self) -> None:
         self.batches: list[int] = []
@@ -41,15 +45,29 @@ def valkey(tmp_path_factory):
         yield server
 
 
+@pytest.fixture(scope="module")
+def keyset(tmp_path_factory):
+    """Keys of the toy stages and of "source", the component that writes their input."""
+    folder = tmp_path_factory.mktemp("keys")
+    keys.generate(folder, ("source", "upper", "decide", "intruder"))
+    return folder
+
+
+def settings_with_keys(keyset, component: str = "upper", **values) -> Settings:
+    return Settings(key_file=str(keyset / f"{component}.key"), trusted_keys_file=str(keyset / "trusted.yaml"), **values)
+
+
 @pytest.fixture
-def settings(valkey) -> Settings:
-    return Settings(redis_url=valkey.url, namespace=f"t{uuid.uuid4().hex[:8]}", batch_size=8, batch_wait_ms=50,
-                    claim_idle_ms=300, max_deliveries=2)
+def settings(valkey, keyset) -> Settings:
+    return settings_with_keys(keyset, redis_url=valkey.url, namespace=f"t{uuid.uuid4().hex[:8]}", batch_size=8,
+                              batch_wait_ms=50, claim_idle_ms=300, max_deliveries=2)
 
 
-def push(client: redis.Redis, settings: Settings, *messages) -> None:
-    for m in messages:
-        client.xadd(settings.key("in"), {FIELD: m if isinstance(m, bytes) else m.encode()})
+def push(client: redis.Redis, settings: Settings, *messages, signer: str = "source") -> list[bytes]:
+    """XADD each message signed by `signer` (raw bytes are signed as they are)."""
+    key = keys.load_signer(str(Path(settings.trusted_keys_file).parent / f"{signer}.key"))
+    stream = settings.key("in")
+    return [client.xadd(stream, seal({FIELD: m if isinstance(m, bytes) else m.encode()}, stream, key)) for m in messages]
 
 
 def outputs(client: redis.Redis, settings: Settings) -> list:
@@ -128,13 +146,14 @@ def test_entries_of_a_dead_consumer_are_reclaimed_by_a_live_one(valkey, settings
 def test_once_emits_are_written_once_even_when_redelivered(valkey, settings):
     class Decide(Stage):
         name, input = "decide", "in"
+        accepts_from = Upper.accepts_from
 
         def process(self, batch):
             return [Emit("decisions", {b"session": m.ref.session_id.encode()}, once_key=f"decided:{m.ref.session_id}")
                     for m in batch]
 
     client = redis.Redis.from_url(valkey.url)
-    worker = StreamWorker(Decide(), settings, consumer="c1")
+    worker = StreamWorker(Decide(), settings.replace(key_file=settings.key_file.replace("upper", "decide")), consumer="c1")
     push(client, settings, frame("s1", 0), frame("s1", 1), frame("s2", 0), frame("s1", 0))
     run_until(worker, lambda: client.xlen(settings.key("decisions")) >= 2)
     for _ in range(3):
@@ -143,9 +162,9 @@ def test_once_emits_are_written_once_even_when_redelivered(valkey, settings):
     assert sorted(sessions) == [b"s1", b"s2"]
 
 
-def test_the_worker_waits_out_a_server_restart_and_loses_nothing(tmp_path):
+def test_the_worker_waits_out_a_server_restart_and_loses_nothing(tmp_path, keyset):
     with EmbeddedValkey(tmp_path / "vk") as server:
-        settings = Settings(redis_url=server.url, namespace="restart", batch_size=4, claim_idle_ms=500)
+        settings = settings_with_keys(keyset, redis_url=server.url, namespace="restart", batch_size=4, claim_idle_ms=500)
         client = redis.Redis.from_url(server.url)
         worker = StreamWorker(Upper(), settings, consumer="c1")
         push(client, settings, *[frame("s", i) for i in range(4)])
@@ -158,3 +177,72 @@ def test_the_worker_waits_out_a_server_restart_and_loses_nothing(tmp_path):
         push(client, settings, *[frame("s", i) for i in range(4, 8)])
         run_until(worker, lambda: len(outputs(client, settings)) == 8, timeout_s=20)
         assert [m.ref.sequence for m in outputs(client, settings)] == list(range(8))
+
+
+# ---- authentication (issue 9, Critical 2(b)) -------------------------------------------------
+def dead_reasons(client, settings) -> dict[bytes, bytes]:
+    return {f[b"entry"]: f[b"reason"] for _, f in client.xrange(settings.key("dead"))}
+
+
+def test_entries_not_signed_by_the_expected_upstream_are_dead_lettered_unauthenticated(valkey, settings):
+    from facepay.runtime import metrics
+
+    client = redis.Redis.from_url(valkey.url)
+    worker = StreamWorker(Upper(), settings, consumer="c1")
+    stream = settings.key("in")
+    unsigned = client.xadd(stream, {FIELD: frame("s", 0).encode()})
+    wrong_signer = push(client, settings, frame("s", 1), signer="intruder")[0]
+    genuine = client.xrange(stream, min=push(client, settings, frame("s", 2, b"paid"))[0])[0][1]
+    tampered = client.xadd(stream, {**genuine, FIELD: frame("s", 2, b"forged").encode()})
+    # A genuine entry written again is authentic: replays are the recognizer's to refuse.
+    replayed = client.xadd(stream, genuine)
+    source_key = keys.load_signer(str(Path(settings.trusted_keys_file).parent / "source.key"))
+    copied_from_elsewhere = client.xadd(stream, seal({FIELD: frame("s", 3).encode()}, settings.key("other"), source_key))
+    refused = [unsigned, wrong_signer, tampered, copied_from_elsewhere]
+    before = metrics.UNAUTHENTICATED.labels("upper")._value.get()
+    run_until(worker, lambda: set(refused) <= set(dead_reasons(client, settings)) and len(outputs(client, settings)) == 2)
+    assert {dead_reasons(client, settings)[e] for e in refused} == {b"unauthenticated"}
+    assert [m.image for m in outputs(client, settings)] == [b"PAID", b"PAID"], "only genuine bodies reach the stage"
+    assert replayed not in dead_reasons(client, settings)
+    assert metrics.UNAUTHENTICATED.labels("upper")._value.get() - before == 4
+    assert pending(client, settings) == 0
+
+
+def test_what_a_worker_writes_is_signed_with_its_own_key(valkey, settings):
+    from facepay.runtime.envelope import open_entry
+
+    client = redis.Redis.from_url(valkey.url)
+    worker = StreamWorker(Upper(), settings, consumer="c1")
+    push(client, settings, frame("s", 0))
+    run_until(worker, lambda: len(outputs(client, settings)) == 1)
+    (_, fields), = client.xrange(settings.key("out"))
+    signer, body = open_entry(fields, settings.key("out"), keys.load_trusted(settings.trusted_keys_file), {"upper"})
+    assert signer == "upper" and decode(body).image == b"X"
+
+
+def test_a_worker_without_its_key_file_refuses_to_start_and_names_the_command(valkey, settings, tmp_path):
+    with pytest.raises(keys.KeyFileError, match="facepay keys generate"):
+        StreamWorker(Upper(), settings.replace(key_file=""))
+    with pytest.raises(keys.KeyFileError, match="facepay keys generate"):
+        StreamWorker(Upper(), settings.replace(key_file=str(tmp_path / "missing.key")))
+    with pytest.raises(keys.KeyFileError, match="is the key of 'source'"):
+        StreamWorker(Upper(), settings.replace(key_file=settings.key_file.replace("upper", "source")))
+
+
+def test_a_once_key_outlives_the_frame_age_bound(valkey, settings):
+    """A replayed, genuinely signed frame is either older than max_frame_age_s (refused by the
+    recognizer) or meets its session's decided key: the key must live at least that long."""
+
+    class Decide(Stage):
+        name, input, accepts_from = "decide", "in", Upper.accepts_from
+
+        def process(self, batch):
+            return [Emit("decisions", {b"session": b"s"}, once_key="decided:s") for _ in batch]
+
+    short = settings.replace(key_file=settings.key_file.replace("upper", "decide"), stream_retention_s=60,
+                             max_frame_age_s=7200)
+    client = redis.Redis.from_url(valkey.url)
+    worker = StreamWorker(Decide(), short, consumer="c1")
+    push(client, short, frame("s", 0))
+    run_until(worker, lambda: client.exists(short.key("decided:s")))
+    assert client.ttl(short.key("decided:s")) > 7000

@@ -8,6 +8,7 @@ MESSAGES_IN = Counter("facepay_messages_in_total", "Stream entries read", ["stag
 MESSAGES_OUT = Counter("facepay_messages_out_total", "Stream entries written", ["stage", "stream"])
 MESSAGES_FAILED = Counter("facepay_messages_failed_total", "Entries whose processing raised", ["stage"])
 DEAD_LETTERS = Counter("facepay_dead_letters_total", "Entries moved to the dead-letter stream", ["stage", "reason"])
+UNAUTHENTICATED = Counter("facepay_unauthenticated_total", "Entries refused: signature or frame origin does not verify", ["stage"])
 RECLAIMED = Counter("facepay_reclaimed_total", "Pending entries taken over from idle consumers", ["stage"])
 BATCH_SIZE = Histogram("facepay_batch_size", "Entries per processed batch", ["stage"], buckets=(1, 2, 4, 8, 16, 32, 64))
 STAGE_SECONDS = Histogram(

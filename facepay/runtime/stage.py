@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
+from facepay.keys import TrustedKeys
 from facepay.messages import Message, Rejection, SessionEndMsg
 
 
@@ -24,9 +25,17 @@ class Emit:
 class Stage:
     name: ClassVar[str]  # the consumer group, and the label on metrics and logs
     input: ClassVar[str]  # stream it reads
+    # Message type → the components whose signature this stage accepts for it on its input;
+    # anything else is dead-lettered as unauthenticated before it is decoded further.
+    accepts_from: ClassVar[dict[str, frozenset[str]]] = {}
 
     def start(self) -> None:
         """Load models; called once before the first batch."""
+
+    def refuse(self, message: Message, trusted: TrustedKeys) -> str:
+        """Why a correctly signed message must still not be processed ('' to process it), e.g.
+        a frame whose origin the gateway did not attest; the runtime dead-letters it."""
+        return ""
 
     def process(self, batch: list[Message]) -> list[Emit]:
         raise NotImplementedError

@@ -29,8 +29,10 @@ from dataclasses import dataclass
 import redis
 
 from facepay.config import Settings
+from facepay.keys import load_keyring
 from facepay.messages import FIELD, MalformedMessage, Message, decode
 from facepay.runtime import metrics
+from facepay.runtime.envelope import Unauthenticated, open_entry, seal
 from facepay.runtime.redis_conn import TRANSIENT, connect, with_retry
 from facepay.runtime.stage import Emit, Stage
 
@@ -63,6 +65,8 @@ class StreamWorker:
         self.stream = settings.key(stage.input)
         self.group = stage.name
         self.redis = connect(settings.redis_url, BLOCK_MS)
+        # Fails here, at start-up, without this component's key: nothing unsigned is written.
+        self.keys = load_keyring(settings.key_file, settings.trusted_keys_file, stage.name)
         self._stopping = False
         self._last_tick = self._last_reclaim = self._last_gauges = self._last_trim = 0.0
 
@@ -140,7 +144,10 @@ class StreamWorker:
         good: list[tuple[Entry, Message]] = []
         for entry in entries:
             try:
-                good.append((entry, decode(entry.fields.get(FIELD, b""))))
+                good.append((entry, self._open(entry)))
+            except Unauthenticated as exc:
+                metrics.UNAUTHENTICATED.labels(self.group).inc()
+                self._dead_letter(entry, "unauthenticated", str(exc))
             except MalformedMessage as exc:
                 self._dead_letter(entry, "malformed", str(exc))
         if not good:
@@ -160,6 +167,19 @@ class StreamWorker:
             return
         metrics.STAGE_SECONDS.labels(self.group).observe(time.perf_counter() - started)
         self._commit([e for e, _ in good], emits)
+
+    def _open(self, entry: Entry) -> Message:
+        """Verify the signature before decoding, then the signer for the type, then the stage's
+        own checks (a frame's origin); any failure is Unauthenticated."""
+        signers = set().union(*self.stage.accepts_from.values())
+        signer, body = open_entry(entry.fields, self.stream, self.keys.trusted, signers)
+        message = decode(body)
+        if signer not in self.stage.accepts_from.get(message.TYPE, ()):
+            raise Unauthenticated(f"{signer!r} may not send {message.TYPE!r} messages to {self.group}")
+        problem = self.stage.refuse(message, self.keys.trusted)
+        if problem:
+            raise Unauthenticated(problem)
+        return message
 
     def _handle_one(self, entry: Entry, message: Message) -> None:
         try:
@@ -190,9 +210,12 @@ class StreamWorker:
         for emit in emits:
             stream = self.settings.key(emit.stream)
             fields = emit.payload if isinstance(emit.payload, dict) else {FIELD: emit.payload}
+            if FIELD in fields:  # decision events carry their own HMAC signature instead
+                fields = seal(fields, stream, self.keys.signer)
             if emit.once_key:
                 flat = [x for kv in fields.items() for x in kv]
-                ttl = max(self.settings.stream_retention_s, 3600)
+                # A replayed frame is either older than max_frame_age_s or meets this key.
+                ttl = max(self.settings.stream_retention_s, self.settings.max_frame_age_s, 3600)
                 pipe.eval(_EMIT_ONCE, 2, self.settings.key(emit.once_key), stream, ttl, self.settings.stream_maxlen, *flat)
             else:
                 pipe.xadd(stream, fields, maxlen=self.settings.stream_maxlen, approximate=True)

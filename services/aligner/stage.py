@@ -49,6 +49,7 @@ class AlignerStage(PipeStage):
     input = "faces"
     output = "aligned"
     accepts = FaceMsg
+    accepts_from = {t: frozenset({"detector"}) for t in ("face", "rejection", "end")}
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings

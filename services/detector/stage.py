@@ -11,8 +11,10 @@ import numpy as np
 
 from facepay.config import Settings
 from facepay.images import ImageError, decode_image, encode_jpeg
+from facepay.keys import TrustedKeys
 from facepay.messages import FaceMsg, FrameMsg, Message, reject
 from facepay.models.device import resolve_device
+from facepay.runtime.envelope import image_digest, origin_problem
 from facepay.runtime.stage import PipeStage
 from services.detector.mtcnn import MTCNN, DetectedFace
 from services.detector.payer import PayerRule, choose_payer
@@ -25,6 +27,7 @@ class DetectorStage(PipeStage):
     input = "frames"
     output = "faces"
     accepts = FrameMsg
+    accepts_from = {"frame": frozenset({"gateway"}), "end": frozenset({"gateway"})}
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
@@ -34,6 +37,13 @@ class DetectorStage(PipeStage):
         # Faces narrower than min_face_px cannot pay anyway: not looking for them halves the
         # pyramid's cost on a full-HD frame.
         self.model = MTCNN(device=resolve_device(self.settings.device), min_face_size=self.settings.min_face_px)
+
+    def refuse(self, message: Message, trusted: TrustedKeys) -> str:
+        """The gateway attested the frame's origin and the image is the one it attested."""
+        problem = origin_problem(message.ref, trusted)
+        if not problem and isinstance(message, FrameMsg) and image_digest(message.image) != message.ref.image_sha256:
+            problem = "image does not match the digest the gateway attested"
+        return problem
 
     def handle(self, batch: list[FrameMsg]) -> list[Message]:
         decoded: list[np.ndarray | str] = [self._decode(frame) for frame in batch]

@@ -22,8 +22,10 @@ from facepay.config import Settings
 from facepay.contract import pb, reason_value, rpc
 from facepay.decisions import to_proto
 from facepay.images import ImageError, decode_image
-from facepay.messages import FrameMsg, FrameRef, Message, SessionEndMsg
+from facepay.keys import load_keyring
+from facepay.messages import FIELD, FrameMsg, FrameRef, Message, SessionEndMsg
 from facepay.runtime import metrics
+from facepay.runtime.envelope import Unauthenticated, attest, open_entry, seal
 from facepay.runtime.redis_conn import TRANSIENT, connect
 from services.gateway.cameras import AccessDenied, Camera, CameraRegistry
 
@@ -46,6 +48,8 @@ class Gateway(rpc.FaceGatewayServicer):
         self.registry = registry
         self.redis = connect(settings.redis_url)
         self.frames_stream = settings.key("frames")
+        # It signs every entry and attests every frame's origin: no key, no start.
+        self.keys = load_keyring(settings.key_file, settings.trusted_keys_file, "gateway")
 
     # ---- cameras ---------------------------------------------------------------------------
     def StreamFrames(self, request_iterator, context):
@@ -115,7 +119,8 @@ class Gateway(rpc.FaceGatewayServicer):
             log.info("frame refused", extra={"camera": camera.camera_id, "session_id": frame.session_id,
                                              "code": refused.code.name, "error": str(refused)})
             raise
-        ref = self._ref(camera, frame.session_id, frame.sequence, frame.capture_time_ms, phone_suffix=frame.phone_suffix)
+        ref = self._ref(camera, frame.session_id, frame.sequence, frame.capture_time_ms, image=frame.image,
+                        phone_suffix=frame.phone_suffix)
         entry_id = self._xadd(FrameMsg(ref=ref, image=frame.image))
         metrics.FRAMES_ACCEPTED.labels(camera.store.store_id).inc()
         return entry_id
@@ -127,15 +132,18 @@ class Gateway(rpc.FaceGatewayServicer):
         ref = self._ref(camera, end.session_id, -1, 0)
         return self._xadd(SessionEndMsg(ref=ref, frame_count=end.frame_count))
 
-    def _ref(self, camera: Camera, session_id: str, sequence: int, captured_ms: int, **extra) -> FrameRef:
-        return FrameRef(session_id=session_id, store_id=camera.store.store_id, camera_id=camera.camera_id,
-                        sequence=sequence, captured_ms=captured_ms, tenant_id=camera.store.tenant,
-                        trace_id=uuid.uuid4().hex[:16], received_ms=int(time.time() * 1000), **extra)
+    def _ref(self, camera: Camera, session_id: str, sequence: int, captured_ms: int, image: bytes | None = None,
+             **extra) -> FrameRef:
+        ref = FrameRef(session_id=session_id, store_id=camera.store.store_id, camera_id=camera.camera_id,
+                       sequence=sequence, captured_ms=captured_ms, tenant_id=camera.store.tenant,
+                       trace_id=uuid.uuid4().hex[:16], received_ms=int(time.time() * 1000), **extra)
+        return attest(ref, self.keys.signer, image)
 
     def _xadd(self, message: Message) -> str:
         """Queue durably; an unreachable Redis is UNAVAILABLE, so the camera retries the frame."""
+        fields = seal({FIELD: message.encode()}, self.frames_stream, self.keys.signer)
         try:
-            entry_id = self.redis.xadd(self.frames_stream, {b"m": message.encode()},
+            entry_id = self.redis.xadd(self.frames_stream, fields,
                                        maxlen=self.settings.stream_maxlen, approximate=True)
         except TRANSIENT as exc:
             metrics.FRAMES_REJECTED.labels("UNAVAILABLE").inc()
@@ -177,16 +185,27 @@ class Gateway(rpc.FaceGatewayServicer):
                       user_id=request.user_id, tenant_id=request.tenant_id or "default",
                       phone_suffix=request.metadata.get("phone_suffix", ""), received_ms=now)
         for index, image in enumerate(request.images):
-            self._xadd(FrameMsg(ref=FrameRef(sequence=index, **common), image=image))
-        self._xadd(SessionEndMsg(ref=FrameRef(sequence=-1, **common), frame_count=len(request.images)))
+            self._xadd(FrameMsg(ref=attest(FrameRef(sequence=index, **common), self.keys.signer, image), image=image))
+        end_ref = attest(FrameRef(sequence=-1, **common), self.keys.signer)
+        self._xadd(SessionEndMsg(ref=end_ref, frame_count=len(request.images)))
         deadline = time.monotonic() + ENROLL_TIMEOUT_S
         while time.monotonic() < deadline:
             for _, items in self.redis.xread({results_stream: cursor}, block=1000, count=100) or []:
                 for entry_id, fields in items:
                     cursor = entry_id
                     if fields.get(b"session", b"").decode() == session_id:
-                        return msgpack.unpackb(fields[b"m"])
+                        result = self._enrollment_result(fields, results_stream)
+                        if result and result.pop("session_id", None) == session_id:
+                            return result
         return None
+
+    def _enrollment_result(self, fields: dict, stream: str) -> dict | None:
+        """The recognizer's signed result, or None for anything else written there."""
+        try:
+            return msgpack.unpackb(open_entry(fields, stream, self.keys.trusted, {"recognizer"})[1])
+        except Unauthenticated as exc:
+            log.warning("unauthenticated enrollment result ignored", extra={"error": str(exc)})
+            return None
 
     # ---- payment backends ------------------------------------------------------------------
     def SubscribeDecisions(self, request, context):

@@ -18,6 +18,7 @@ class PoseStage(PipeStage):
     input = "aligned"
     output = "posed"
     accepts = AlignedMsg
+    accepts_from = {t: frozenset({"aligner"}) for t in ("aligned", "rejection", "end")}
 
     def __init__(self, settings: Settings) -> None:
         limits = settings.pose

@@ -7,6 +7,7 @@ process owns, the owner does every write) and are answered on `{ns}:admin-replie
 from __future__ import annotations
 
 import logging
+import time
 from typing import TYPE_CHECKING
 
 import msgpack
@@ -20,6 +21,17 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
+def admin_problem(stage: RecognizerStage, message: AdminMsg) -> str:
+    """Why a command signed by the operator is still refused: stale, or a replay of one seen."""
+    max_age_s = stage.settings.admin_max_age_s
+    if abs(time.time() * 1000 - message.issued_at_ms) > max_age_s * 1000:
+        return f"admin command issued more than {max_age_s} s from now (stale or replayed)"
+    seen = stage.settings.key("admin-requests", message.request_id)
+    if not message.request_id or not stage.sessions.redis.set(seen, 1, nx=True, ex=2 * max_age_s + 60):
+        return f"admin request id {message.request_id!r} already seen (replayed)"
+    return ""
+
+
 def handle_admin(stage: RecognizerStage, message: AdminMsg) -> Emit:
     try:
         result = {"ok": True, **_COMMANDS[message.command](stage, **message.args)}
@@ -28,6 +40,7 @@ def handle_admin(stage: RecognizerStage, message: AdminMsg) -> Emit:
     except (TypeError, ValueError) as exc:
         result = {"ok": False, "error": str(exc)}
     log.info("admin command", extra={"command": message.command, "ok": result["ok"]})
+    result["request_id"] = message.request_id  # inside the signed body: a reply cannot be re-labelled
     return Emit("admin-replies", {b"request": message.request_id.encode(), b"m": msgpack.packb(result)})
 
 

@@ -17,13 +17,15 @@ import numpy as np
 from facepay import thresholds
 from facepay.config import Settings
 from facepay.images import decode_trusted
+from facepay.keys import TrustedKeys, load_trusted
 from facepay.gallery import Gallery, open_gallery
 from facepay.messages import AdminMsg, Message, PosedMsg, Rejection, SessionEndMsg
 from facepay.runtime import metrics
+from facepay.runtime.envelope import origin_problem
 from facepay.runtime.redis_conn import connect
 from facepay.runtime.stage import Emit, Stage
 from facepay.signing import sign
-from services.recognizer.admin import handle_admin
+from services.recognizer.admin import admin_problem, handle_admin
 from services.recognizer.embedder import load_embedder, template_space
 from services.recognizer.enrollment import FaceSources, mean_template, store_templates
 from services.recognizer.limits import FailureLimiter
@@ -38,6 +40,8 @@ OPTIMIZE_EVERY_S = 600
 class RecognizerStage(Stage):
     name = "recognizer"
     input = "posed"
+    # Frames come from the pose stage (and carry the gateway's attestation); commands from the operator.
+    accepts_from = {**{t: frozenset({"pose"}) for t in ("posed", "rejection", "end")}, "admin": frozenset({"operator"})}
 
     def __init__(self, settings: Settings, gallery: Gallery | None = None) -> None:
         self.settings = settings
@@ -57,6 +61,10 @@ class RecognizerStage(Stage):
         self.limits = FailureLimiter(client, self.settings)
         self.face_sources = FaceSources(client, self.settings)
         self.remember_space(self.space_id)
+        # Only thresholds the operator signed count (facepay/thresholds.py).
+        self.calibrated = thresholds.CalibratedThreshold(client, self.settings, self.space_id,
+                                                         self.embedder.default_threshold,
+                                                         load_trusted(self.settings.trusted_keys_file))
         self._refresh_threshold()
         self._last_threshold_check = self._last_optimize = time.monotonic()
         self._optimizer: threading.Thread | None = None
@@ -70,8 +78,7 @@ class RecognizerStage(Stage):
                       if s.decode() != self.space_id)
 
     def _refresh_threshold(self) -> None:
-        self.threshold, source = thresholds.effective(self.sessions.redis, self.settings, self.space_id,
-                                                      self.embedder.default_threshold)
+        self.threshold, source = self.calibrated.current()
         if source != getattr(self, "threshold_source", None):
             log.info("threshold", extra={"space_id": self.space_id, "threshold": self.threshold, "source": source})
         self.threshold_source = source
@@ -79,6 +86,13 @@ class RecognizerStage(Stage):
     def stop(self) -> None:
         if self.gallery:
             self.gallery.close()
+
+    def refuse(self, message: Message, trusted: TrustedKeys) -> str:
+        """The chain: pose signed the entry (checked by the runtime) and the gateway attested the
+        frame's origin, recently. Admin commands: fresh and never seen before."""
+        if isinstance(message, AdminMsg):
+            return admin_problem(self, message)
+        return origin_problem(message.ref, trusted, self.settings.max_frame_age_s)
 
     # ---- one batch -------------------------------------------------------------------------
     def process(self, batch: list[Message]) -> list[Emit]:
@@ -236,7 +250,7 @@ class RecognizerStage(Stage):
         accepted = [r for r in state.results if r.embedding is not None]
         images = [{"index": r.sequence, "accepted": r.embedding is not None, "reason": r.reason}
                   for r in sorted(state.results, key=lambda r: r.sequence)]
-        result = {"user_id": ref.user_id, "tenant_id": ref.tenant_id, "model_id": self.space_id,
+        result = {"session_id": ref.session_id, "user_id": ref.user_id, "tenant_id": ref.tenant_id, "model_id": self.space_id,
                   "images": images, "status": "rejected", "duplicate_of": "", "duplicate_score": 0.0}
         incomplete = state.expected_frames is None or len(state.results) < state.expected_frames
         if incomplete:
