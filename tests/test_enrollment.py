@@ -42,6 +42,14 @@ def pay(pipeline, camera_id: str, image: bytes, phone_suffix: str = "") -> pb.De
     return event
 
 
+def tokens_in_job_data(pipeline) -> list[bytes]:
+    import zlib
+
+    client = redis.Redis.from_url(pipeline.settings.redis_url)
+    data = [client.hget(k, "data") for k in client.scan_iter("rq:job:*") if client.type(k) == b"hash"]
+    return [d for d in data if d and pipeline.settings.operator_token.encode() in zlib.decompress(d)]
+
+
 def test_a_folder_tree_enrolls_as_rq_jobs_and_users_can_be_listed(pipeline, people, tmp_path):
     tree = tmp_path / "tree"
     chosen = dict(list(people.items())[:3])
@@ -53,6 +61,7 @@ def test_a_folder_tree_enrolls_as_rq_jobs_and_users_can_be_listed(pipeline, peop
                           "demo", inline_workers=2, progress=lambda done, total: seen.append((done, total)), timeout_s=300)
     assert {r["user_id"]: r["status"] for r in results} == {name: "enrolled" for name in chosen}
     assert seen[-1] == (3, 3)
+    assert not tokens_in_job_data(pipeline), "rq job data (in Redis) carries no operator token"
     listed = call(pipeline.settings, "list_users", tenant="demo")["users"]
     assert set(chosen) <= set(listed)
     shown = call(pipeline.settings, "show_user", user_id=next(iter(chosen)))
@@ -122,10 +131,13 @@ def test_failure_counts_survive_restarts_and_a_hard_lock_needs_an_operator(pipel
     assert fresh.locked("cam-x", "mallory") is None
 
 
-def test_users_commands_say_when_no_recognizer_answers():
+def test_users_commands_say_when_no_recognizer_answers(tmp_path):
+    from facepay import keys
     from facepay.admin import AdminError
 
-    settings = Settings(redis_url="redis://127.0.0.1:6379/0", namespace="nobody-home")
+    keys.generate(tmp_path)
+    settings = Settings(redis_url="redis://127.0.0.1:6379/0", namespace="nobody-home",
+                        operator_key_file=str(tmp_path / "operator.key"), trusted_keys_file=str(tmp_path / "trusted.yaml"))
     try:
         redis.Redis(port=6379, socket_connect_timeout=1).ping()
     except redis.ConnectionError:

@@ -13,6 +13,7 @@ import pytest
 import redis
 from PIL import Image
 
+from facepay import keys
 from facepay.config import Settings
 from facepay.contract import pb, rpc
 from facepay.messages import FIELD, decode
@@ -40,9 +41,12 @@ def png_claiming(width: int, height: int) -> bytes:
 @pytest.fixture(scope="module")
 def gateway(tmp_path_factory):
     access = demo_access({"store-1": ["cam-1"], "store-2": ["cam-2"]})
+    key_dir = tmp_path_factory.mktemp("keys")
+    keys.generate(key_dir)
     with EmbeddedValkey(tmp_path_factory.mktemp("vk")) as valkey:
         settings = Settings(redis_url=valkey.url, namespace=f"gw{uuid.uuid4().hex[:6]}",
-                            grpc_address=f"127.0.0.1:{free_port()}")
+                            grpc_address=f"127.0.0.1:{free_port()}", key_file=str(key_dir / "gateway.key"),
+                            trusted_keys_file=str(key_dir / "trusted.yaml"))
         server = serve(settings, CameraRegistry.from_dict(access))
         yield settings, access, valkey
         server.stop(0)
@@ -173,3 +177,21 @@ def test_subscribing_from_a_malformed_entry_id_is_invalid_argument(gateway):
     call = stub_for(settings).SubscribeDecisions(pb.SubscribeRequest(store_id="store-1", after_entry_id="yesterday"),
                                                  metadata=(("authorization", f"Bearer {token}"),))
     assert status_of(lambda: next(call)) == grpc.StatusCode.INVALID_ARGUMENT
+
+
+def test_queued_frames_are_signed_and_their_origin_attested_with_the_image_digest(gateway):
+    """Issue 9, 2(b): the stages believe only what the gateway signed (facepay/runtime/envelope.py)."""
+    import hashlib
+
+    from facepay.runtime.envelope import open_entry, origin_problem
+
+    settings, access, _ = gateway
+    image = jpeg(80, 60)
+    ack = stub_for(settings).SubmitFrame(frame(session="s-signed", image=image), metadata=creds(access, "cam-1"))
+    (_, fields), = redis.Redis.from_url(settings.redis_url).xrange(settings.key("frames"), min=ack.entry_id,
+                                                                   max=ack.entry_id)
+    trusted = keys.load_trusted(settings.trusted_keys_file)
+    signer, body = open_entry(fields, settings.key("frames"), trusted, {"gateway"})
+    message = decode(body)
+    assert signer == "gateway" and message.ref.image_sha256 == hashlib.sha256(image).hexdigest()
+    assert origin_problem(message.ref, trusted) == ""
