@@ -1,4 +1,4 @@
-"""`facepay` command line: demo, gateway, worker, models, enroll, config."""
+"""`facepay` command line: demo, gateway, worker, models, enroll, keys, config."""
 
 from __future__ import annotations
 

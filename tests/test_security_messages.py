@@ -301,3 +301,41 @@ def test_a_process_without_its_key_file_fails_at_start_up_naming_facepay_keys_ge
     assert done.returncode != 0
     assert "FACEPAY_KEY_FILE is not set" in done.stderr and "facepay keys generate" in done.stderr
     assert "Traceback" not in done.stderr
+
+
+def test_the_cli_believes_only_replies_the_recognizer_signed(keyset, tmp_path):
+    """A Redis writer answering an admin command first (say, "user deleted") is not believed."""
+    import threading
+
+    from facepay.admin import AdminError
+    from facepay.config import Settings
+    from facepay.keys import load_signer
+    from facepay.runtime.embedded import EmbeddedValkey
+    from facepay.runtime.envelope import seal
+
+    with EmbeddedValkey(tmp_path / "vk") as server:
+        settings = Settings(redis_url=server.url, namespace="cli", operator_key_file=str(keyset / "operator.key"),
+                            trusted_keys_file=str(keyset / "trusted.yaml"))
+        client = redis.Redis.from_url(server.url)
+        pose_key = load_signer(str(keyset / "pose.key"))
+        stop = threading.Event()
+
+        def answer_every_command_falsely() -> None:
+            cursor = b"0-0"
+            while not stop.is_set():
+                for _, items in client.xread({settings.key("posed"): cursor}, block=100) or []:
+                    for cursor, _fields in items:
+                        request = msgpack.unpackb(_fields[FIELD])["request_id"]
+                        lie = msgpack.packb({"ok": True, "request_id": request, "users": ["mallory"]})
+                        replies = settings.key("admin-replies")
+                        client.xadd(replies, {b"request": request.encode(), FIELD: lie})
+                        client.xadd(replies, seal({b"request": request.encode(), FIELD: lie}, replies, pose_key))
+
+        liar = threading.Thread(target=answer_every_command_falsely, daemon=True)
+        liar.start()
+        try:
+            with pytest.raises(AdminError, match="no recognizer answered"):
+                call(settings, "list_users", timeout_s=2)
+        finally:
+            stop.set()
+            liar.join()

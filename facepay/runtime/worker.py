@@ -67,6 +67,7 @@ class StreamWorker:
         self.redis = connect(settings.redis_url, BLOCK_MS)
         # Fails here, at start-up, without this component's key: nothing unsigned is written.
         self.keys = load_keyring(settings.key_file, settings.trusted_keys_file, stage.name)
+        self._signers = frozenset().union(*stage.accepts_from.values())
         self._stopping = False
         self._last_tick = self._last_reclaim = self._last_gauges = self._last_trim = 0.0
 
@@ -171,8 +172,7 @@ class StreamWorker:
     def _open(self, entry: Entry) -> Message:
         """Verify the signature before decoding, then the signer for the type, then the stage's
         own checks (a frame's origin); any failure is Unauthenticated."""
-        signers = set().union(*self.stage.accepts_from.values())
-        signer, body = open_entry(entry.fields, self.stream, self.keys.trusted, signers)
+        signer, body = open_entry(entry.fields, self.stream, self.keys.trusted, self._signers)
         message = decode(body)
         if signer not in self.stage.accepts_from.get(message.TYPE, ()):
             raise Unauthenticated(f"{signer!r} may not send {message.TYPE!r} messages to {self.group}")
