@@ -250,8 +250,9 @@ class RecognizerStage(Stage):
         accepted = [r for r in state.results if r.embedding is not None]
         images = [{"index": r.sequence, "accepted": r.embedding is not None, "reason": r.reason}
                   for r in sorted(state.results, key=lambda r: r.sequence)]
-        result = {"session_id": ref.session_id, "user_id": ref.user_id, "tenant_id": ref.tenant_id, "model_id": self.space_id,
-                  "images": images, "status": "rejected", "duplicate_of": "", "duplicate_score": 0.0}
+        # The session id inside the signed body: the gateway matches the result to its request by it.
+        result = {"session_id": ref.session_id, "user_id": ref.user_id, "tenant_id": ref.tenant_id,
+                  "model_id": self.space_id, "images": images, "status": "rejected", "duplicate_of": "", "duplicate_score": 0.0}
         incomplete = state.expected_frames is None or len(state.results) < state.expected_frames
         if incomplete:
             log.warning("enrollment incomplete: nothing stored", extra={"session_id": ref.session_id, "user_id": ref.user_id})
