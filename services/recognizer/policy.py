@@ -2,6 +2,8 @@
 
 Pure functions over `FrameResult`s, so the rule can be read and tested without Redis or
 models. The recognizer stage calls `decide` each time a session gets a new frame result.
+Liveness is judged on the matched face's own track (`face_track`), never on other faces seen
+in the same session.
 """
 
 from __future__ import annotations
@@ -76,11 +78,12 @@ def decide(
     timed_out: bool = False,
 ) -> Verdict | None:
     """A verdict once the rules allow one, else None (wait for more frames)."""
-    tally = count(results, policy, threshold, expected_frames, timed_out)
+    tally = count_session(results, policy, threshold, expected_frames, timed_out)
     base = {"frames_seen": len(tally.results), "frames_eligible": len(tally.eligible), "votes": dict(tally.votes)}
-    live = tally.blinked or not policy.require_blink
-    if tally.agreed and not tally.face_changed and live and tally.passive_ok and (tally.complete or policy.decide_early):
-        score = float(np.median([r.top_score for r in tally.track if _votes_for(r, tally.winner, threshold, policy)]))
+    live = (tally.blinked or not policy.require_blink) and tally.passive_ok
+    if tally.agreed and not tally.face_changed and live and (tally.complete or policy.decide_early):
+        scores = [r.top_score for r in tally.eligible if r.top_user == tally.winner and r.top_score >= threshold]
+        score = float(np.median(scores))
         return Verdict(True, ["matched"], "matched", user_id=tally.winner, score=score, **base)
     if not tally.complete:
         return None
@@ -110,7 +113,7 @@ class Tally:
         return self.timed_out or (self.expected_frames is not None and len(self.results) >= self.expected_frames)
 
 
-def count(
+def count_session(
     results: list[FrameResult], policy: SessionPolicy, threshold: float, expected_frames: int | None,
     timed_out: bool = False,
 ) -> Tally:
@@ -119,7 +122,8 @@ def count(
     votes = Counter(r.top_user for r in eligible if _votes_for(r, r.top_user, threshold, policy))
     winner, agreeing = votes.most_common(1)[0] if votes else ("", 0)
     disagreeing = sum(votes.values()) - agreeing
-    agreed = agreeing >= policy.min_agreeing_frames and disagreeing <= policy.max_disagreeing_ratio * sum(votes.values())
+    agreed = (agreeing >= policy.min_agreeing_frames
+              and disagreeing <= policy.max_disagreeing_ratio * sum(votes.values()))
     track, face_changed = face_track(results, winner, threshold, policy)
     # Liveness is judged on the matched face only: another face's blink proves nothing about it.
     blinked = blink_seen([r.ear for r in track if r.ear is not None], policy)
