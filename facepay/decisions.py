@@ -1,14 +1,35 @@
-"""Reading decision events: as a gRPC message, verified, or with a backend's own consumer group."""
+"""Reading decision events: as a gRPC message, verified, or with a backend's own consumer group.
+
+A signed event is only good for the store it names, for a short while, and once. `verify_event`
+(and `consume`) check all three; act on the fields they return, never on unsigned ones (the
+stream's `store` field or the proto's copies of the payload's fields).
+"""
 
 from __future__ import annotations
 
 import json
+import logging
+import time
+from collections import OrderedDict
 from collections.abc import Iterator, Mapping
 
 import redis
 
 from facepay.contract import pb
-from facepay.signing import verify
+from facepay.signing import SignatureError, verify
+
+log = logging.getLogger(__name__)
+
+# An approval authorises a payment the point of sale is waiting for now: an event older than
+# this is refused (a backend replaying history on purpose passes max_age_s=None).
+MAX_EVENT_AGE_S = 300.0
+# How far a recognizer's clock may run ahead of the backend's.
+CLOCK_SKEW_S = 30.0
+
+
+class EventRefused(SignatureError):
+    """A correctly signed event this backend must not act on: another store's, too old (or from
+    the future), or already seen. A SignatureError, so code that refuses those refuses these."""
 
 
 def to_proto(entry_id: bytes | str, fields: Mapping[bytes, bytes]) -> pb.DecisionEvent:
@@ -26,17 +47,98 @@ def to_proto(entry_id: bytes | str, fields: Mapping[bytes, bytes]) -> pb.Decisio
     )
 
 
-def verify_event(event: pb.DecisionEvent, keys: Mapping[str, str]) -> dict:
-    """The signed fields of a DecisionEvent, or SignatureError if anything was altered."""
-    return verify(event.payload, event.signature, event.key_id, keys)
+def verify_event(
+    event: pb.DecisionEvent, keys: Mapping[str, str], store_id: str, max_age_s: float | None = MAX_EVENT_AGE_S,
+    seen: SeenEvents | None = None, now_ms: int | None = None,
+) -> dict:
+    """The signed fields of a DecisionEvent of `store_id`, or SignatureError if anything was
+    altered, EventRefused if it is another store's, older than `max_age_s`, or (with `seen`)
+    already verified once."""
+    return verify_payload(event.payload, event.signature, event.key_id, keys, store_id, max_age_s, seen, now_ms)
 
 
-def consume(client: redis.Redis, stream: str, group: str, consumer: str, block_ms: int = 1000,
+def verify_entry(
+    fields: Mapping[bytes, bytes], keys: Mapping[str, str], store_id: str, max_age_s: float | None = MAX_EVENT_AGE_S,
+    seen: SeenEvents | None = None, now_ms: int | None = None,
+) -> dict:
+    """The same checks on a raw `{ns}:decisions` stream entry; SignatureError if it is not one."""
+    try:
+        payload, signature, key_id = fields[b"payload"], fields[b"sig"].decode(), fields[b"kid"].decode()
+    except (KeyError, UnicodeDecodeError, AttributeError) as exc:
+        raise SignatureError(f"not a signed decision entry: {exc!r}") from exc
+    return verify_payload(payload, signature, key_id, keys, store_id, max_age_s, seen, now_ms)
+
+
+def verify_payload(
+    payload: bytes, signature: str, key_id: str, keys: Mapping[str, str], store_id: str,
+    max_age_s: float | None = MAX_EVENT_AGE_S, seen: SeenEvents | None = None, now_ms: int | None = None,
+) -> dict:
+    try:
+        event = verify(payload, signature, key_id, keys)
+    except SignatureError:
+        raise
+    except ValueError as exc:  # a valid signature over bytes that are not JSON
+        raise SignatureError(f"signed payload is not an event: {exc}") from exc
+    if not isinstance(event, dict):
+        raise SignatureError("signed payload is not an event")
+    if event.get("store_id") != store_id:
+        raise EventRefused(f"event of store {event.get('store_id')!r}, expected {store_id!r}")
+    if max_age_s is not None:
+        _check_age(event, max_age_s, int(time.time() * 1000) if now_ms is None else now_ms)
+    if seen is not None and not seen.first_time(str(event.get("event_id", "")), max_age_s):
+        raise EventRefused(f"event {event.get('event_id')!r} already seen: a replay")
+    return event
+
+
+def _check_age(event: dict, max_age_s: float, now_ms: int) -> None:
+    decided_at = event.get("decided_at_ms")
+    if not isinstance(decided_at, int):
+        raise EventRefused("event carries no decision time")
+    if decided_at > now_ms + CLOCK_SKEW_S * 1000:
+        raise EventRefused(f"event decided {(decided_at - now_ms) / 1000:.0f} s in the future")
+    if decided_at < now_ms - max_age_s * 1000:
+        raise EventRefused(f"event too old: decided {(now_ms - decided_at) / 1000:.0f} s ago (max {max_age_s:.0f} s)")
+
+
+class SeenEvents:
+    """Event ids already acted on, so that a replayed event is refused the second time.
+
+    In memory for one backend process; with a Redis client, shared by a backend's replicas
+    (SET NX per event id). Ids are remembered only as long as an event can pass the age check
+    (the maximum age plus the clock skew): an older replay is refused by its age.
+    """
+
+    def __init__(self, client: redis.Redis | None = None, key: str = "facepay-backend:seen",
+                 max_in_memory: int = 100_000) -> None:
+        self.client, self.key, self.max_in_memory = client, key, max_in_memory
+        self._ids: OrderedDict[str, float] = OrderedDict()
+
+    def first_time(self, event_id: str, max_age_s: float | None = MAX_EVENT_AGE_S) -> bool:
+        if not event_id:
+            return False  # an event without an id cannot be deduplicated: refuse it
+        window_s = (max_age_s if max_age_s is not None else 7 * 24 * 3600) + CLOCK_SKEW_S
+        if self.client is not None:
+            return bool(self.client.set(f"{self.key}:{event_id}", 1, nx=True, ex=max(1, int(window_s))))
+        now = time.monotonic()
+        while self._ids and (next(iter(self._ids.values())) < now or len(self._ids) >= self.max_in_memory):
+            self._ids.popitem(last=False)
+        if event_id in self._ids:
+            return False
+        self._ids[event_id] = now + window_s
+        return True
+
+
+def consume(client: redis.Redis, stream: str, group: str, consumer: str, keys: Mapping[str, str], store_id: str,
+            seen: SeenEvents | None = None, max_age_s: float | None = MAX_EVENT_AGE_S, block_ms: int = 1000,
             start: str = "$") -> Iterator[tuple[bytes, dict]]:
-    """A payment backend reading decisions with its own consumer group (ack after handling).
+    """A payment backend reading its store's decisions with its own consumer group.
 
-    A new group starts at `start`: "$" (only new decisions) by default, "0" to replay the
-    retained history; events carry `event_id` for a backend that must deduplicate."""
+    Yields (entry id, verified event) once per event id; acknowledge each after handling it.
+    Entries it must not act on (another store's, tampered, too old, replayed, malformed) are
+    logged, acknowledged and skipped: one bad entry never stops the stream. A new group starts
+    at `start`: "$" (only new decisions) by default, "0" to replay the retained history (with
+    max_age_s=None). Without `seen`, ids are remembered in this process only."""
+    seen = seen if seen is not None else SeenEvents()
     try:
         client.xgroup_create(stream, group, id=start, mkstream=True)
     except redis.ResponseError as exc:
@@ -44,4 +146,15 @@ def consume(client: redis.Redis, stream: str, group: str, consumer: str, block_m
             raise
     while True:
         for _, items in client.xreadgroup(group, consumer, {stream: ">"}, count=32, block=block_ms) or []:
-            yield from items
+            for entry_id, fields in items:
+                try:
+                    event = verify_entry(fields, keys, store_id, max_age_s, seen)
+                except SignatureError as refused:
+                    log.warning("decision entry refused", extra={"entry": _text(entry_id), "error": str(refused)})
+                    client.xack(stream, group, entry_id)
+                    continue
+                yield entry_id, event
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value

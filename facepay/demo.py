@@ -19,7 +19,7 @@ import grpc
 from facepay.camera import CameraClient, frames_from_path, video_frames
 from facepay.config import load_settings
 from facepay.contract import pb, rpc
-from facepay.decisions import verify_event
+from facepay.decisions import SeenEvents, verify_event
 from facepay.supervisor import Pipeline, demo_access
 
 REPO = Path(__file__).resolve().parents[1]
@@ -155,10 +155,10 @@ def _pay_all(pipeline: Pipeline, script: Script) -> None:
         pb.SubscribeRequest(store_id=store), metadata=(("authorization", f"Bearer {backend_token}"),))
 
     def backend() -> None:
-        keys = {pipeline.settings.signing_key_id: pipeline.settings.signing_key}
+        keys, seen = {pipeline.settings.signing_key_id: pipeline.settings.signing_key}, SeenEvents()
         try:
             for event in subscription:
-                verify_event(event, keys)  # a real backend rejects events that fail this
+                verify_event(event, keys, store_id=store, seen=seen)  # a real backend rejects events that fail this
                 with arrived:
                     decisions[event.session_id] = event
                     arrived.notify_all()

@@ -12,7 +12,7 @@ import grpc
 from facepay.camera import CameraClient
 from facepay.config import FailureLimits, SessionPolicy, Settings
 from facepay.contract import pb, rpc
-from facepay.decisions import verify_event
+from facepay.decisions import SeenEvents, verify_event
 from facepay.supervisor import Pipeline, demo_access
 
 STORES = {"store-1": ["cam-1", "cam-2"], "store-2": ["cam-3"]}
@@ -53,12 +53,13 @@ class Backend:
         self._call = rpc.FaceGatewayStub(self._channel).SubscribeDecisions(
             pb.SubscribeRequest(store_id=store, after_entry_id="0-0"), metadata=(("authorization", f"Bearer {token}"),))
         self._keys = {pipeline.settings.signing_key_id: pipeline.settings.signing_key}
+        self._store, self._seen = store, SeenEvents()
         threading.Thread(target=self._listen, daemon=True).start()
 
     def _listen(self) -> None:
         try:
             for event in self._call:
-                signed = verify_event(event, self._keys)
+                signed = verify_event(event, self._keys, store_id=self._store, seen=self._seen)
                 with self._arrived:
                     self.events.append(event)
                     self.signed.append(signed)

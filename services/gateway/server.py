@@ -6,6 +6,7 @@ subscribe to the decisions of their store; operators enroll users.
 from __future__ import annotations
 
 import hmac
+import json
 import logging
 import re
 import time
@@ -222,7 +223,6 @@ class Gateway(rpc.FaceGatewayServicer):
             cursor = request.after_entry_id or self._stream_tail(stream)
         except TRANSIENT as exc:
             context.abort(grpc.StatusCode.UNAVAILABLE, f"decisions stream unavailable, retry: {exc}")
-        store = request.store_id.encode()
         while context.is_active():
             try:
                 reply = self.redis.xread({stream: cursor}, block=1000, count=100)
@@ -232,12 +232,28 @@ class Gateway(rpc.FaceGatewayServicer):
             for _, items in reply or []:
                 for entry_id, fields in items:
                     cursor = entry_id
-                    if fields.get(b"store") == store:
-                        yield to_proto(entry_id, fields)
+                    event = _event_of_store(entry_id, fields, request.store_id)
+                    if event is not None:
+                        yield event
 
     def _stream_tail(self, stream: str) -> bytes:
         last = self.redis.xrevrange(stream, count=1)
         return last[0][0] if last else b"0-0"
+
+
+def _event_of_store(entry_id: bytes, fields: dict[bytes, bytes], store_id: str) -> pb.DecisionEvent | None:
+    """The entry as a DecisionEvent if its signed payload names this store, else None.
+
+    The store is read inside the signed payload, never from the unsigned stream field (which
+    anyone who can write to the stream could set); the backend verifies the signature. A
+    malformed entry is logged and skipped: it must not end the subscription."""
+    try:
+        if json.loads(fields[b"payload"]).get("store_id") != store_id:
+            return None
+        return to_proto(entry_id, fields)
+    except (KeyError, ValueError, TypeError, AttributeError) as exc:
+        log.warning("malformed decision entry skipped", extra={"entry": entry_id.decode(), "error": repr(exc)})
+        return None
 
 
 def _enroll_response(result: dict) -> pb.EnrollResponse:

@@ -19,10 +19,10 @@ from facepay.config import Settings
 from facepay.images import decode_trusted
 from facepay.keys import TrustedKeys, load_trusted
 from facepay.gallery import Gallery, open_gallery
-from facepay.messages import AdminMsg, Message, PosedMsg, Rejection, SessionEndMsg
+from facepay.messages import AdminMsg, FrameRef, Message, PosedMsg, Rejection, SessionEndMsg
 from facepay.runtime import metrics
 from facepay.runtime.envelope import origin_problem
-from facepay.runtime.redis_conn import connect
+from facepay.runtime.redis_conn import TRANSIENT, connect
 from facepay.runtime.stage import Emit, Stage
 from facepay.signing import sign
 from services.recognizer.admin import admin_problem, handle_admin
@@ -30,7 +30,7 @@ from services.recognizer.embedder import load_embedder, template_space
 from services.recognizer.enrollment import FaceSources, mean_template, store_templates
 from services.recognizer.limits import FailureLimiter
 from services.recognizer.policy import FrameResult, Verdict, decide
-from services.recognizer.state import SessionState, SessionStore, decided_key, session_key
+from services.recognizer.state import SessionState, SessionStore, UnreadableState, decided_key, session_key
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +68,9 @@ class RecognizerStage(Stage):
         self._refresh_threshold()
         self._last_threshold_check = self._last_optimize = time.monotonic()
         self._optimizer: threading.Thread | None = None
+        # Sessions decided in the last batch or tick → what to do with their state once the
+        # runtime has written the decision ("forget" or "quarantine"); see `_settle_decided`.
+        self._decided_last_turn: dict[str, str] = {}
 
     def remember_space(self, space: str) -> None:
         """Every template space that holds users, so that a deletion reaches all of them."""
@@ -96,6 +99,7 @@ class RecognizerStage(Stage):
 
     # ---- one batch -------------------------------------------------------------------------
     def process(self, batch: list[Message]) -> list[Emit]:
+        self._settle_decided()
         admin = [m for m in batch if isinstance(m, AdminMsg)]
         batch = [m for m in batch if not isinstance(m, AdminMsg)]
         emits = [handle_admin(self, m) for m in admin]
@@ -103,8 +107,7 @@ class RecognizerStage(Stage):
             return emits
         decided = self.sessions.is_decided(sorted({session_key(m.ref) for m in batch}))
         live = [m for m in batch if not decided[session_key(m.ref)]]
-        faces = [m for m in live if isinstance(m, PosedMsg) and m.eligible]
-        embeddings = self._embed(faces)
+        embeddings = self._embed([m for m in live if self._to_embed(m)])
         for message in live:
             if isinstance(message, SessionEndMsg):
                 self.sessions.record(message.ref, frame_count=message.frame_count)
@@ -126,13 +129,40 @@ class RecognizerStage(Stage):
         if now - self._last_optimize > OPTIMIZE_EVERY_S:
             self._last_optimize = now
             self._optimize_in_background()
+        self._settle_decided()
         emits = []
         for key in self.sessions.overdue():
-            if self.sessions.is_decided([key])[key]:
-                self.sessions.close(key)
-            else:
-                emits += self._evaluate(key, timed_out=True)
+            # One session's failure must not stop the timeouts of all the others.
+            try:
+                emits += self._time_out(key)
+            except TRANSIENT:
+                raise
+            except Exception:
+                log.exception("session timeout failed; the other sessions go on", extra={"session_id": key})
         return emits
+
+    def _time_out(self, key: str) -> list[Emit]:
+        if self.sessions.is_decided([key])[key]:
+            self.sessions.forget(key)
+            return []
+        return self._evaluate(key, timed_out=True)
+
+    def _settle_decided(self) -> None:
+        """The runtime writes what a batch or tick returned before it calls the stage again, so
+        here the last turn's decisions are written, unless that write failed (then the state
+        stays for the retry). A decided session's state is erased (frame embeddings are
+        biometric data) or, when unreadable, moved aside."""
+        if not self._decided_last_turn:
+            return
+        pending, self._decided_last_turn = self._decided_last_turn, {}
+        for key, decided in self.sessions.is_decided(sorted(pending)).items():
+            if not decided:
+                continue
+            if pending[key] == "quarantine":
+                aside = self.sessions.quarantine(key)
+                log.error("unreadable session state declined and quarantined", extra={"session_id": key, "key": aside})
+            else:
+                self.sessions.forget(key)
 
     def _optimize_in_background(self) -> None:
         """qdrant-edge builds its HNSW index only when asked; the build blocks writes for a
@@ -142,6 +172,14 @@ class RecognizerStage(Stage):
             return
         self._optimizer = threading.Thread(target=optimize, args=(self.space_id,), daemon=True)
         self._optimizer.start()
+
+    def _to_embed(self, message: Message) -> bool:
+        """Every face that may vote; and, in payment sessions, faces rejected for pose, so that
+        the rule can tell whether their eyes are the matched face's."""
+        if not isinstance(message, PosedMsg):
+            return False
+        pose_rejected_payer = message.ref.purpose != "enroll" and self.embedder.chip_template in message.chips
+        return message.eligible or pose_rejected_payer
 
     def _embed(self, faces: list[PosedMsg]) -> dict[int, np.ndarray]:
         if not faces:
@@ -157,20 +195,25 @@ class RecognizerStage(Stage):
             return FrameResult(ref.sequence, ref.received_ms, reason=message.reason)
         assert isinstance(message, PosedMsg)
         ear = float(np.mean(message.ear))
+        embedding = [float(x) for x in vector] if vector is not None else None
         if not message.eligible or vector is None:
-            return FrameResult(ref.sequence, ref.received_ms, reason=message.reason or "not_frontal", ear=ear)
+            # A payment frame rejected for pose keeps its embedding: its blink counts only if
+            # the embedding puts it on the matched face's track.
+            return FrameResult(ref.sequence, ref.received_ms, reason=message.reason or "not_frontal", ear=ear,
+                               embedding=embedding)
         if ref.purpose == "enroll":
             reason = self._enrollment_gate(message)
             if reason:
                 return FrameResult(ref.sequence, ref.received_ms, reason=reason, ear=ear)
-            return FrameResult(ref.sequence, ref.received_ms, ear=ear, embedding=[float(x) for x in vector],
+            return FrameResult(ref.sequence, ref.received_ms, ear=ear, embedding=embedding,
                                antispoof=message.antispoof, chips=message.chips)
         hits = self.gallery.search(self.space_id, vector, limit=2, tenant=ref.tenant_id or None,
                                    phone_suffix=ref.phone_suffix or None)
         top = hits[0] if hits else None
         second = hits[1].score if len(hits) > 1 else -1.0
         return FrameResult(ref.sequence, ref.received_ms, ear=ear, top_user=top.user_id if top else "",
-                           top_score=top.score if top else -1.0, second_score=second, antispoof=message.antispoof)
+                           top_score=top.score if top else -1.0, second_score=second, antispoof=message.antispoof,
+                           embedding=embedding)
 
     def _enrollment_gate(self, face: PosedMsg) -> str:
         """A template is only as good as its photos: large, sharp and (weakly) live enough."""
@@ -185,16 +228,38 @@ class RecognizerStage(Stage):
 
     # ---- sessions --------------------------------------------------------------------------
     def _evaluate(self, key: str, timed_out: bool) -> list[Emit]:
-        state = self.sessions.load(key)
+        try:
+            state = self.sessions.load(key)
+        except UnreadableState as unreadable:
+            return self._decline_unreadable(key, unreadable)
         if state is None:
             self.sessions.close(key)
             return []
         if state.meta.purpose == "enroll":
-            return self._finish_enrollment(state, timed_out)
-        verdict = decide(state.results, self.policy, self.threshold, state.expected_frames, timed_out)
-        if verdict is None:
-            return []
-        verdict = self._apply_failure_limits(state, verdict)
+            emits = self._finish_enrollment(state, timed_out)
+        else:
+            verdict = decide(state.results, self.policy, self.threshold, state.expected_frames, timed_out)
+            if verdict is None:
+                return []
+            verdict = self._apply_failure_limits(state, verdict)
+            emits = [self._decision_emit(state, verdict)]
+        if emits:
+            self._decided_last_turn[key] = "forget"
+        return emits
+
+    def _decline_unreadable(self, key: str, unreadable: UnreadableState) -> list[Emit]:
+        """A session whose state cannot be read can never be approved: decline it (the point of
+        sale gets an answer), then move the state aside for an operator."""
+        log.error("unreadable session state", extra={"session_id": key, "error": str(unreadable)})
+        store_id, _, session_id = key.partition("/")
+        meta = self.sessions.meta(key) or FrameRef(session_id, store_id, "", 0, 0)
+        state = SessionState(meta, [], None, {})
+        self._decided_last_turn[key] = "quarantine"
+        if meta.purpose == "enroll":
+            return [self._enrollment_emit(meta, {"user_id": meta.user_id, "tenant_id": meta.tenant_id,
+                                                 "model_id": self.space_id, "images": [], "status": "rejected",
+                                                 "duplicate_of": "", "duplicate_score": 0.0})]
+        verdict = Verdict(False, ["unreadable_state"], "unreadable_state")
         return [self._decision_emit(state, verdict)]
 
     def _apply_failure_limits(self, state: SessionState, verdict: Verdict) -> Verdict:
@@ -266,8 +331,11 @@ class RecognizerStage(Stage):
                 self.face_sources.save(ref.user_id, ref.tenant_id, ref.phone_suffix, [r.chips or {} for r in accepted])
                 result["status"] = "enrolled"
         log.info("enrollment", extra={"session_id": ref.session_id, "user_id": ref.user_id, "status": result["status"]})
-        return [Emit("enrollments", {b"m": msgpack.packb(result), b"session": ref.session_id.encode()},
-                     once_key=decided_key(session_key(ref)))]
+        return [self._enrollment_emit(ref, result)]
+
+    def _enrollment_emit(self, ref: FrameRef, result: dict) -> Emit:
+        return Emit("enrollments", {b"m": msgpack.packb(result), b"session": ref.session_id.encode()},
+                    once_key=decided_key(session_key(ref)))
 
     def _duplicate_of(self, user_id: str, tenant_id: str, mean: np.ndarray):
         hits = self.gallery.search(self.space_id, mean, limit=2, tenant=tenant_id or None)

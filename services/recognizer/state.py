@@ -20,6 +20,11 @@ from facepay.messages import FrameRef
 from services.recognizer.policy import FrameResult
 
 STATE_TTL_S = 24 * 3600
+QUARANTINE_TTL_S = 7 * 24 * 3600
+
+
+class UnreadableState(ValueError):
+    """A session's stored state cannot be decoded (corrupt, or written by another version)."""
 
 
 @dataclass(frozen=True)
@@ -80,13 +85,50 @@ class SessionStore:
         pipe.execute()
 
     def load(self, key: str) -> SessionState | None:
+        """The session's state, None when there is none, UnreadableState when it cannot be read."""
         raw = self.redis.hgetall(self._key(key))
         if b"meta" not in raw:
             return None
-        results = [FrameResult(**msgpack.unpackb(v)) for k, v in raw.items() if k.startswith(b"f:")]
-        expected = int(raw[b"end"]) if b"end" in raw else None
-        models = msgpack.unpackb(raw[b"models"]) if b"models" in raw else {}
-        return SessionState(FrameRef(**msgpack.unpackb(raw[b"meta"])), results, expected, models)
+        try:
+            results = [FrameResult(**msgpack.unpackb(v)) for k, v in raw.items() if k.startswith(b"f:")]
+            expected = int(raw[b"end"]) if b"end" in raw else None
+            models = msgpack.unpackb(raw[b"models"]) if b"models" in raw else {}
+            return SessionState(FrameRef(**msgpack.unpackb(raw[b"meta"])), results, expected, models)
+        except (ValueError, TypeError, KeyError, msgpack.UnpackException) as exc:
+            raise UnreadableState(f"session {key}: {exc!r}") from exc
+
+    def meta(self, key: str) -> FrameRef | None:
+        """Only the session's store, camera and tenant (for declining a session whose frames
+        cannot be read), None when that too is unreadable."""
+        raw = self.redis.hget(self._key(key), "meta")
+        try:
+            return FrameRef(**msgpack.unpackb(raw)) if raw else None
+        except (ValueError, TypeError, msgpack.UnpackException):
+            return None
+
+    def forget(self, key: str) -> None:
+        """Erase a decided session's state: its frame embeddings are biometric data, kept no
+        longer than the decision needs them."""
+        pipe = self.redis.pipeline(transaction=True)
+        pipe.delete(self._key(key))
+        pipe.zrem(self._open_key, key)
+        pipe.execute()
+
+    def quarantine(self, key: str) -> str:
+        """Move an unreadable state aside (for an operator to inspect, for a week at most), out
+        of the sweep; returns where it went."""
+        aside = self.settings.key("quarantine", "session", key)
+        pipe = self.redis.pipeline(transaction=True)
+        pipe.rename(self._key(key), aside)
+        pipe.expire(aside, QUARANTINE_TTL_S)
+        pipe.zrem(self._open_key, key)
+        try:
+            pipe.execute()
+        except redis.ResponseError as exc:  # already moved (by another replica) or gone
+            if "no such key" not in str(exc).lower():
+                raise
+            self.redis.zrem(self._open_key, key)
+        return aside
 
     def overdue(self, limit: int = 100) -> list[str]:
         now_ms = int(time.time() * 1000)

@@ -1,0 +1,98 @@
+"""Attack: one unreadable session state stopped every timeout decision (issue 9, item 9).
+
+The recognizer's timeout sweep ended at the first session it could not read, so one corrupt
+hash in Redis left every other open session of the namespace without a decision. Each session
+is now handled on its own: the unreadable one is declined (signed, reason `unreadable_state`)
+and moved aside; the others are decided as usual. Real Valkey, the real recognizer stage and
+the real runtime.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+
+import pytest
+import redis
+
+from facepay.config import SessionPolicy, Settings
+from facepay.messages import FrameRef
+from facepay.runtime.embedded import EmbeddedValkey
+from facepay.runtime.worker import StreamWorker
+from facepay.signing import verify
+from services.recognizer.policy import FrameResult
+from services.recognizer.stage import RecognizerStage
+from services.recognizer.state import SessionStore
+
+SIGNING_KEY = "11" * 32
+
+
+@pytest.fixture(scope="module")
+def valkey(tmp_path_factory):
+    with EmbeddedValkey(tmp_path_factory.mktemp("valkey")) as server:
+        yield server
+
+
+@pytest.fixture
+def recognizer(valkey, tmp_path):
+    settings = Settings(redis_url=valkey.url, namespace=f"t{uuid.uuid4().hex[:8]}", signing_key=SIGNING_KEY,
+                        gallery_url=f"edge://{tmp_path}/gallery", policy=SessionPolicy(session_timeout_s=0.2))
+    stage = RecognizerStage(settings)
+    stage.start()
+    yield settings, StreamWorker(stage, settings, consumer="r1")
+    stage.stop()
+
+
+def open_session(settings: Settings, session_id: str) -> str:
+    """A payment session whose frames stopped coming (no face in either frame)."""
+    store = SessionStore(redis.Redis.from_url(settings.redis_url), settings)
+    for seq in range(2):
+        ref = FrameRef(session_id, "store-1", "cam-1", seq, 0)
+        store.record(ref, result=FrameResult(seq, reason="no_face"))
+    return f"store-1/{session_id}"
+
+
+def decisions(client: redis.Redis, settings: Settings) -> dict[str, dict]:
+    events = [verify(f[b"payload"], f[b"sig"].decode(), f[b"kid"].decode(), {"k1": SIGNING_KEY})
+              for _, f in client.xrange(settings.key("decisions"))]
+    return {e["session_id"]: e for e in events}
+
+
+def run_until(worker: StreamWorker, condition, timeout_s: float = 15.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, "condition not reached"
+        worker.run_once()
+
+
+def test_an_unreadable_session_is_declined_and_moved_aside_and_the_others_time_out(recognizer):
+    settings, worker = recognizer
+    client = redis.Redis.from_url(settings.redis_url)
+    corrupt = open_session(settings, "s-corrupt")
+    healthy = [open_session(settings, f"s-{i}") for i in range(3)]
+    client.hset(settings.key("session", corrupt), "f:1", b"\xc1 not msgpack")
+    # The corrupt session is the first the sweep meets.
+    client.zadd(settings.key("sessions", "open"), {corrupt: 1})
+
+    run_until(worker, lambda: len(decisions(client, settings)) == 4)
+    decided = decisions(client, settings)
+    assert {s: decided[s.split("/")[1]]["reasons"] for s in healthy} == {s: ["no_face"] for s in healthy}
+    bad = decided["s-corrupt"]
+    assert bad["decision"] == "decline" and bad["reasons"] == ["unreadable_state"] and bad["store_id"] == "store-1"
+
+    aside = settings.key("quarantine", "session", corrupt)
+    run_until(worker, lambda: client.exists(aside) == 1)
+    assert client.hget(aside, "f:1") == b"\xc1 not msgpack", "kept as it was, for an operator to inspect"
+    assert not client.exists(settings.key("session", corrupt))
+    run_until(worker, lambda: client.zcard(settings.key("sessions", "open")) == 0)
+    assert 0 < client.ttl(aside) <= 7 * 24 * 3600
+
+
+def test_a_decided_sessions_state_is_erased_once_the_decision_is_written(recognizer):
+    settings, worker = recognizer
+    client = redis.Redis.from_url(settings.redis_url)
+    key = open_session(settings, "s-erased")
+    run_until(worker, lambda: "s-erased" in decisions(client, settings))
+    run_until(worker, lambda: not client.exists(settings.key("session", key)))
+    assert json.loads(client.xrange(settings.key("decisions"))[0][1][b"payload"])["session_id"] == "s-erased"
