@@ -16,6 +16,7 @@ import grpc
 import pytest
 import redis
 
+from facepay import keys
 from facepay.config import Settings
 from facepay.contract import pb, rpc
 from facepay.decisions import EventRefused, SeenEvents, consume, to_proto, verify_event
@@ -123,10 +124,13 @@ def test_consume_yields_each_of_its_stores_events_once_and_skips_the_rest(valkey
 
 
 @pytest.fixture(scope="module")
-def gateway(valkey):
+def gateway(valkey, tmp_path_factory):
     access = demo_access({"store-1": ["cam-1"], "store-2": ["cam-2"]})
+    key_dir = tmp_path_factory.mktemp("keys")
+    keys.generate(key_dir)
     settings = Settings(redis_url=valkey.url, namespace=f"ev{uuid.uuid4().hex[:6]}",
-                        grpc_address=f"127.0.0.1:{free_port()}")
+                        grpc_address=f"127.0.0.1:{free_port()}", key_file=str(key_dir / "gateway.key"),
+                        trusted_keys_file=str(key_dir / "trusted.yaml"))
     server = serve(settings, CameraRegistry.from_dict(access))
     yield settings, access
     server.stop(0)
