@@ -12,7 +12,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from facepay.config import load_settings
+from facepay.config import SettingsError, load_settings
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -69,7 +69,10 @@ def main(argv: list[str] | None = None) -> None:
 
     args = parser.parse_args(argv)
     handler = globals()[f"_cmd_{args.command}"]
-    sys.exit(handler(args) or 0)
+    try:
+        sys.exit(handler(args) or 0)
+    except SettingsError as exc:  # a configuration mistake is the operator's to fix: no traceback
+        parser.exit(2, f"facepay: configuration error: {exc}\n")
 
 
 @contextmanager
