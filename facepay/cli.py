@@ -24,6 +24,8 @@ def main(argv: list[str] | None = None) -> None:
     demo.add_argument("--camera", action="append", help="folder of photos or a video file to play as one session (repeatable)")
     demo.add_argument("--workdir", default="var/demo", help="where Valkey, the gallery and logs live")
     demo.add_argument("--keep-running", action="store_true", help="after the scripted sessions, keep serving until Ctrl-C")
+    demo.add_argument("--relax-liveness", action="store_true",
+                      help="with your own --camera files: switch the blink rule off (a still photo cannot blink); every rule runs otherwise")
 
     sub.add_parser("gateway", help="serve the gRPC gateway")
     worker = sub.add_parser("worker", help="run one stage worker")
