@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 
+import pytest
 import redis
 
 from facepay import thresholds
@@ -25,6 +26,7 @@ def test_a_setting_beats_a_calibration_which_beats_the_model_default(tmp_path):
         assert thresholds.effective(client, pinned, "m+lm", 0.9) == (0.97, "setting")
 
 
+@pytest.mark.slow  # `facepay calibrate` as a process: loads the models, scores every pair
 def test_facepay_calibrate_reports_and_stores_the_threshold(faces, tmp_path):
     with EmbeddedValkey(tmp_path / "vk") as server:
         env = {**os.environ, "REDIS_URL": server.url, "FACEPAY_NAMESPACE": "cal", "FACEPAY_DEVICE": "cpu"}
