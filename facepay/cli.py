@@ -12,7 +12,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from facepay.config import load_settings
+from facepay.config import SettingsError, load_settings
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -24,6 +24,8 @@ def main(argv: list[str] | None = None) -> None:
     demo.add_argument("--camera", action="append", help="folder of photos or a video file to play as one session (repeatable)")
     demo.add_argument("--workdir", default="var/demo", help="where Valkey, the gallery and logs live")
     demo.add_argument("--keep-running", action="store_true", help="after the scripted sessions, keep serving until Ctrl-C")
+    demo.add_argument("--relax-liveness", action="store_true",
+                      help="with your own --camera files: switch the blink rule off (a still photo cannot blink); every rule runs otherwise")
 
     sub.add_parser("gateway", help="serve the gRPC gateway")
     worker = sub.add_parser("worker", help="run one stage worker")
@@ -77,6 +79,8 @@ def main(argv: list[str] | None = None) -> None:
 
     try:
         sys.exit(handler(args) or 0)
+    except SettingsError as exc:  # a configuration mistake is the operator's to fix: no traceback
+        parser.exit(2, f"facepay: configuration error: {exc}\n")
     except KeyFileError as exc:  # a missing or wrong key is a set-up error, not a crash
         sys.exit(f"facepay {args.command}: {exc}")
 

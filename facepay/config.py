@@ -1,19 +1,30 @@
 """One typed settings object for the CLI, the gateway and every worker.
 
 Values come from defaults, then an optional YAML file (`FACEPAY_CONFIG`), then environment
-variables `FACEPAY_<FIELD>` (upper case; `REDIS_URL` is also read as the usual name).
+variables `FACEPAY_<FIELD>` (upper case; `REDIS_URL` is also read as the usual name), and
+`FACEPAY_<SECTION>_<FIELD>` for the nested sections (`FACEPAY_POLICY_THRESHOLD`).
 `facepay config show` prints the effective values.
+
+Every Settings is validated when it is built (`validate`): unknown keys at any level of the YAML
+file, unknown variables under a section's prefix, values of the wrong type and values out of
+range (`BOUNDS`, `CHOICES`, `RULES`) are a `SettingsError` that names the setting.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import difflib
+import logging
+import numbers
 import os
+import typing
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 import yaml
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -102,6 +113,9 @@ class Settings:
     pose: PoseLimits = field(default_factory=PoseLimits)
     limits: FailureLimits = field(default_factory=FailureLimits)
 
+    def __post_init__(self) -> None:
+        validate(self)  # also on replace(): a Settings that exists is a valid one
+
     def key(self, *parts: str) -> str:
         """A Redis key or stream name inside this deployment's namespace."""
         return ":".join((self.namespace, *parts))
@@ -117,42 +131,236 @@ class Settings:
         return values
 
 
-NESTED = (("policy", SessionPolicy, "FACEPAY_POLICY_"), ("pose", PoseLimits, "FACEPAY_POSE_"),
-          ("limits", FailureLimits, "FACEPAY_LIMITS_"))
+class SettingsError(ValueError):
+    """A setting that is unknown, of the wrong type or out of range; the message names it."""
+
+
+# ---------------------------------------------------------------- loading
+
+# FACEPAY_* variables that are not settings: process plumbing, caches, test data.
+NON_SETTING_ENV = frozenset({"FACEPAY_CONFIG", "FACEPAY_CONSUMER", "FACEPAY_MODEL_CACHE", "FACEPAY_TEST_DATA",
+                             "FACEPAY_TFJS_ORACLE_CACHE"})
+
+
+def sections() -> dict[str, type]:
+    """The nested settings (`policy`, `pose`, `limits`, …): every field of Settings that is a dataclass."""
+    hints = typing.get_type_hints(Settings)
+    return {f.name: hints[f.name] for f in fields(Settings) if dataclasses.is_dataclass(hints[f.name])}
 
 
 def load_settings(env: dict[str, str] | None = None) -> Settings:
+    """Defaults ← the YAML file named by FACEPAY_CONFIG ← FACEPAY_* variables.
+
+    Unknown keys are errors at every level of the YAML file, and so are unknown variables under
+    a section's prefix (FACEPAY_POLICY_…): a setting of the payment rule that is silently ignored
+    is the worst kind of bug. Other unknown FACEPAY_* variables are warned about, not fatal: the
+    prefix is shared with variables that are not settings (`NON_SETTING_ENV`).
+    """
     env = dict(os.environ if env is None else env)
-    values: dict[str, Any] = {}
-    config_file = env.get("FACEPAY_CONFIG")
-    if config_file:
-        values.update(yaml.safe_load(Path(config_file).read_text()) or {})
+    values = _read_config_file(env["FACEPAY_CONFIG"]) if env.get("FACEPAY_CONFIG") else {}
+    _reject_unknown_keys(values)
     if "REDIS_URL" in env:
         values["redis_url"] = env["REDIS_URL"]
-    for f in fields(Settings):
-        name = f"FACEPAY_{f.name.upper()}"
-        if name in env:
-            values[f.name] = env[name]
-    for nested_name, nested_cls, prefix in NESTED:
-        nested = dict(values.get(nested_name) or {})
-        for f in fields(nested_cls):
-            if prefix + f.name.upper() in env:
-                nested[f.name] = env[prefix + f.name.upper()]
-        values[nested_name] = nested_cls(**{f.name: _coerce(f, nested[f.name]) for f in fields(nested_cls) if f.name in nested})
-    unknown = set(values) - {f.name for f in fields(Settings)}
-    if unknown:
-        raise ValueError(f"unknown settings: {sorted(unknown)}")
-    return Settings(**{f.name: _coerce(f, values[f.name]) for f in fields(Settings) if f.name in values})
+    _overlay_env(values, env)
+    nested, hints = sections(), typing.get_type_hints(Settings)
+    return Settings(**{name: _build_section(name, nested[name], value) if name in nested else _coerce(name, hints[name], value)
+                       for name, value in values.items()})
 
 
-def _coerce(f: dataclasses.Field, value: Any) -> Any:
-    if not isinstance(value, str):
+def _read_config_file(path: str) -> dict[str, Any]:
+    values = yaml.safe_load(Path(path).read_text()) or {}
+    if not isinstance(values, dict):
+        raise SettingsError(f"{path}: expected a mapping of settings, got {type(values).__name__}")
+    return values
+
+
+def _reject_unknown_keys(values: dict[str, Any]) -> None:
+    known = [f.name for f in fields(Settings)]
+    for key in values:
+        if key not in known:
+            raise SettingsError(f"unknown setting {key!r}{_did_you_mean(str(key), known)}")
+    for name, cls in sections().items():
+        section = values.get(name)
+        if section is None:
+            continue
+        if not isinstance(section, dict):
+            raise SettingsError(f"setting {name!r} is a section: expected a mapping of "
+                                f"{', '.join(f.name for f in fields(cls))}, got {section!r}")
+        section_known = [f.name for f in fields(cls)]
+        for key in section:
+            if key not in section_known:
+                raise SettingsError(f"unknown setting '{name}.{key}'{_did_you_mean(str(key), section_known)}")
+
+
+def _overlay_env(values: dict[str, Any], env: dict[str, str]) -> None:
+    expected = {f"FACEPAY_{f.name.upper()}": (f.name, None) for f in fields(Settings) if f.name not in sections()}
+    for name, cls in sections().items():
+        expected.update({f"FACEPAY_{name.upper()}_{f.name.upper()}": (name, f.name) for f in fields(cls)})
+    for variable, value in env.items():
+        if variable in expected:
+            top, inner = expected[variable]
+            if inner is None:
+                values[top] = value
+            else:
+                values[top] = {**(values.get(top) or {}), inner: value}
+        elif variable.startswith("FACEPAY_") and variable not in NON_SETTING_ENV:
+            _unknown_variable(variable, list(expected))
+
+
+def _unknown_variable(variable: str, expected: list[str]) -> None:
+    hint = _did_you_mean(variable, expected)
+    if any(variable.startswith(f"FACEPAY_{name.upper()}_") for name in sections()):
+        raise SettingsError(f"unknown setting variable {variable}{hint}")
+    log.warning("environment variable %s is not a facepay setting%s", variable, hint)
+
+
+def _did_you_mean(name: str, known: list[str]) -> str:
+    close = difflib.get_close_matches(name, known, n=1)
+    return f"; did you mean {close[0]!r}?" if close else f"; known: {', '.join(known)}"
+
+
+def _build_section(name: str, cls: type, value: Any) -> Any:
+    if dataclasses.is_dataclass(value):
         return value
-    kind = str(f.type)
-    if "bool" in kind:
-        return value.strip().lower() in ("1", "true", "yes", "on")
-    if kind.startswith("int"):
-        return int(value)
-    if kind.startswith("float"):
-        return None if value.lower() in ("", "none") else float(value)
+    hints = typing.get_type_hints(cls)
+    return cls(**{key: _coerce(f"{name}.{key}", hints[key], v) for key, v in (value or {}).items()})
+
+
+def _coerce(path: str, kind: Any, value: Any) -> Any:
+    """A variable's text as the setting's type; other values are left to `validate`."""
+    if not isinstance(value, str) or kind is str:
+        return value
+    options = set(typing.get_args(kind)) or {kind}
+    text = value.strip()
+    if type(None) in options and text.lower() in ("", "none", "null"):
+        return None
+    if bool in options:
+        if text.lower() in ("1", "true", "yes", "on"):
+            return True
+        if text.lower() in ("0", "false", "no", "off"):
+            return False
+        raise SettingsError(f"setting {path}: expected true or false, got {value!r}")
+    try:
+        if int in options:
+            return int(text)
+        if float in options:
+            return float(text)
+    except ValueError:
+        expected = "an integer" if int in options else "a number"
+        raise SettingsError(f"setting {path}: expected {expected}, got {value!r}") from None
     return value
+
+
+# ---------------------------------------------------------------- validation
+
+
+@dataclass(frozen=True)
+class Bounds:
+    """The values a numeric setting may take: low ≤ (or <) value ≤ high; None = no bound."""
+
+    low: float | None = None
+    high: float | None = None
+    low_exclusive: bool = False
+
+    def holds(self, value: float) -> bool:
+        above = self.low is None or (value > self.low if self.low_exclusive else value >= self.low)
+        return above and (self.high is None or value <= self.high)
+
+    def __str__(self) -> str:
+        if self.low is not None and self.high is not None:
+            if isinstance(self.low, int) and isinstance(self.high, int):
+                return f"in {self.low}..{self.high}"
+            return f"in [{self.low:g}, {self.high:g}]"
+        if self.low is not None:
+            return f"{'>' if self.low_exclusive else '≥'} {self.low:g}"
+        return f"≤ {self.high:g}"
+
+
+def at_least(low: int) -> Bounds:
+    return Bounds(low=low)
+
+
+POSITIVE = Bounds(low=0, low_exclusive=True)
+RATIO = Bounds(0.0, 1.0)
+COSINE = Bounds(-1.0, 1.0)
+PORT = Bounds(0, 65535)
+DEGREES = Bounds(0.0, 180.0)
+
+# Every numeric setting, by its dotted name (tests/test_config.py checks that none is missing).
+BOUNDS: dict[str, Bounds] = {
+    "batch_size": at_least(1), "batch_wait_ms": at_least(0), "claim_idle_ms": at_least(1),
+    "max_deliveries": at_least(1), "stream_retention_s": at_least(1), "stream_maxlen": at_least(1),
+    "max_image_bytes": at_least(1), "max_image_pixels": at_least(1), "min_face_px": at_least(1),
+    "enroll_min_face_px": at_least(1), "enroll_min_sharpness": at_least(0), "enroll_min_antispoof": RATIO,
+    "metrics_port": PORT, "gateway_threads": at_least(1), "worker_threads": at_least(1),
+    "policy.threshold": COSINE, "policy.margin": Bounds(0.0, 2.0), "policy.min_agreeing_frames": at_least(1),
+    "policy.max_disagreeing_ratio": RATIO, "policy.blink_closed_ratio": RATIO, "policy.blink_open_ratio": RATIO,
+    "policy.min_passive_liveness": RATIO, "policy.session_timeout_s": POSITIVE,
+    "limits.max_consecutive": at_least(1), "limits.first_delay_s": POSITIVE, "limits.hard_limit": at_least(1),
+    "pose.max_abs_yaw": DEGREES, "pose.max_abs_pitch": DEGREES, "pose.max_abs_roll": DEGREES,
+}
+
+CHOICES: dict[str, tuple[str, ...]] = {"log_format": ("json", "text")}
+
+
+def _port_of(address: str) -> str | None:
+    _, sep, port = address.rpartition(":")
+    if not sep or not port.isdigit() or not PORT.holds(int(port)):
+        return f"expected host:port with a port in {PORT}, got {address!r}"
+    return None
+
+
+# Rules across settings and on the form of text settings: (setting named in the error, check → problem or None).
+RULES: list[tuple[str, typing.Callable[[Settings], str | None]]] = [
+    ("grpc_address", lambda s: _port_of(s.grpc_address)),
+    ("policy.blink_closed_ratio", lambda s: None if s.policy.blink_closed_ratio < s.policy.blink_open_ratio else
+     f"must be below policy.blink_open_ratio ({s.policy.blink_open_ratio}), got {s.policy.blink_closed_ratio}"),
+    ("limits.hard_limit", lambda s: None if s.limits.hard_limit >= s.limits.max_consecutive else
+     f"must be ≥ limits.max_consecutive ({s.limits.max_consecutive}), got {s.limits.hard_limit}"),
+]
+
+
+def validate(settings: Settings) -> None:
+    """Types, `BOUNDS`, `CHOICES` and `RULES`; raises SettingsError naming the first bad setting."""
+    for path, kind, value in _leaves(settings):
+        _check_type(path, kind, value)
+        if value is None:
+            continue
+        if path in BOUNDS and not BOUNDS[path].holds(value):
+            raise SettingsError(f"setting {path} must be {BOUNDS[path]}, got {value!r}")
+        if path in CHOICES and value not in CHOICES[path]:
+            raise SettingsError(f"setting {path} must be one of {', '.join(CHOICES[path])}, got {value!r}")
+    for path, rule in RULES:
+        problem = rule(settings)
+        if problem:
+            raise SettingsError(f"setting {path}: {problem}")
+
+
+def _leaves(obj: Any, prefix: str = "") -> typing.Iterator[tuple[str, Any, Any]]:
+    hints = typing.get_type_hints(type(obj))
+    for f in fields(obj):
+        value = getattr(obj, f.name)
+        if dataclasses.is_dataclass(hints[f.name]):
+            if not isinstance(value, hints[f.name]):
+                raise SettingsError(f"setting {prefix}{f.name}: expected {hints[f.name].__name__}, got {value!r}")
+            yield from _leaves(value, f"{prefix}{f.name}.")
+        else:
+            yield f"{prefix}{f.name}", hints[f.name], value
+
+
+def _check_type(path: str, kind: Any, value: Any) -> None:
+    options = set(typing.get_args(kind)) or {kind}
+    if value is None and type(None) in options:
+        return
+    if bool in options:
+        ok, expected = isinstance(value, bool), "true or false"
+    elif int in options:
+        ok, expected = isinstance(value, numbers.Integral) and not isinstance(value, bool), "an integer"
+    elif float in options:
+        ok, expected = isinstance(value, numbers.Real) and not isinstance(value, bool), "a number"
+    elif str in options:
+        ok, expected = isinstance(value, str), "text"
+    else:
+        return
+    if not ok:
+        raise SettingsError(f"setting {path}: expected {expected}, got {value!r}")

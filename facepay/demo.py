@@ -7,6 +7,7 @@ backend (here a stand-in that verifies signatures: bring your own) receives it.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import shutil
 import threading
@@ -16,8 +17,8 @@ from pathlib import Path
 
 import grpc
 
-from facepay.camera import CameraClient, frames_from_path, video_frames
-from facepay.config import load_settings
+from facepay.camera import CameraClient, UnreadableMedia, frames_from_path, photos_in, video_frames
+from facepay.config import SessionPolicy, load_settings
 from facepay.contract import pb, rpc
 from facepay.decisions import SeenEvents, verify_event
 from facepay.supervisor import Pipeline, demo_access
@@ -35,9 +36,10 @@ class Session:
 
 @dataclass
 class Script:
-    enroll: dict[str, list[bytes]] = field(default_factory=dict)
+    enroll: dict[str, list[tuple[str, bytes]]] = field(default_factory=dict)  # user → (photo name, bytes)
     sessions: list[Session] = field(default_factory=list)
     relax_liveness: bool = False
+    relaxed_why: str = ""
 
 
 def say(line: str) -> None:
@@ -46,16 +48,29 @@ def say(line: str) -> None:
 
 def build_script(args) -> Script:
     if args.enroll or args.camera:
-        script = Script(relax_liveness=True)
-        for person in sorted(Path(args.enroll).iterdir()) if args.enroll else []:
-            if person.is_dir():
-                script.enroll[person.name] = frames_from_path(person)
-        for i, path in enumerate(args.camera or []):
-            script.sessions.append(Session(f"camera-{i}:{Path(path).name}", frames_from_path(path, max_frames=120), "?"))
-        return script
+        return _script_from_own_data(args)
     if (DATA / "video" / "selfie_blink.mp4").exists():
         return _script_from_test_data()
     return _script_from_builtin_face()
+
+
+def _script_from_own_data(args) -> Script:
+    """The user's photos and recordings, every rule on: a flag, never the demo, relaxes liveness
+    (a still frame replayed must decline, as it would at a real till)."""
+    relax = getattr(args, "relax_liveness", False)
+    script = Script(relax_liveness=relax, relaxed_why="--relax-liveness" if relax else "")
+    if args.enroll:
+        folder = Path(args.enroll)
+        if not folder.is_dir():
+            raise UnreadableMedia(f"--enroll {folder}: not a folder (expected one sub-folder of photos per person)")
+        for person in sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith(".")):
+            photos = photos_in(person)
+            if not photos:
+                raise UnreadableMedia(f"{person}: no photo to enroll {person.name} with")
+            script.enroll[person.name] = [(path.name, data) for path, data in photos]
+    for i, path in enumerate(args.camera or []):
+        script.sessions.append(Session(f"camera-{i}:{Path(path).name}", frames_from_path(path, max_frames=120), ""))
+    return script
 
 
 def _script_from_test_data() -> Script:
@@ -64,9 +79,10 @@ def _script_from_test_data() -> Script:
     people = {p.name: sorted(p.iterdir()) for p in sorted((DATA / "identities").iterdir()) if len(list(p.iterdir())) >= 3}
     chosen = list(people)[:3]
     script = Script()
-    script.enroll["selfie-user"] = list(video_frames(selfie, max_frames=3, every=8))
+    script.enroll["selfie-user"] = [(f"{selfie.name} frame {8 * i}", frame)
+                                    for i, frame in enumerate(video_frames(selfie, max_frames=3, every=8))]
     for name in chosen:
-        script.enroll[name] = [p.read_bytes() for p in people[name][:2]]
+        script.enroll[name] = [(p.name, p.read_bytes()) for p in people[name][:2]]
     live = list(video_frames(selfie, max_frames=90, every=2, start=30))
     script.sessions += [
         Session("selfie video (blinks)", live, "approve selfie-user"),
@@ -87,8 +103,8 @@ def _script_from_builtin_face() -> Script:
         return cv2.imencode(".jpg", cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR))[1].tobytes()
 
     face = data.astronaut()
-    script = Script(relax_liveness=True)
-    script.enroll["astronaut"] = [jpeg(face)]
+    script = Script(relax_liveness=True, relaxed_why="still photos cannot blink")
+    script.enroll["astronaut"] = [("skimage astronaut", jpeg(face))]
     shifted = [jpeg(cv2.warpAffine(face, _shift(dx), face.shape[1::-1])) for dx in (-6, 0, 6, 12)]
     script.sessions += [
         Session("the astronaut (liveness relaxed: a photo cannot blink)", shifted, "approve astronaut"),
@@ -106,14 +122,19 @@ def _shift(dx: int):
 def run_demo(args) -> int:
     from facepay.models.cache import fetch
 
+    try:
+        script = build_script(args)  # the user's files are read before anything starts
+    except UnreadableMedia as exc:
+        say(f"cannot use your files: {exc}")
+        return 2
     fetch(progress=say)
-    script = build_script(args)
     workdir = Path(args.workdir)
     shutil.rmtree(workdir, ignore_errors=True)
     settings = load_settings()
     if script.relax_liveness:
-        settings = settings.replace(policy=settings.policy.__class__(**{**settings.policy.__dict__, "require_blink": False}))
-        say("note: the blink-liveness rule is relaxed for this demo: still photos cannot blink")
+        settings = settings.replace(policy=dataclasses.replace(settings.policy, require_blink=False))
+        say(f"note: the blink-liveness rule is relaxed for this demo ({script.relaxed_why}): "
+            f"a replayed still frame would be approved")
     access = demo_access({"store-1": ["cam-1"], "store-2": ["cam-2"]})
     say(f"starting embedded Valkey, gateway and 4 workers (logs in {workdir}) …")
     pipeline = Pipeline(settings, workdir, access)
@@ -137,16 +158,58 @@ def _enroll_all(pipeline: Pipeline, script: Script) -> None:
     with grpc.insecure_channel(pipeline.address) as channel:
         stub = rpc.FaceGatewayStub(channel)
         metadata = (("authorization", f"Bearer {pipeline.settings.operator_token}"),)
-        for user, images in script.enroll.items():
+        for user, photos in script.enroll.items():
             started = time.monotonic()
+            images = [data for _, data in photos]
             reply = stub.Enroll(pb.EnrollRequest(user_id=user, tenant_id="demo", images=images), metadata=metadata, timeout=300)
-            accepted = sum(i.accepted for i in reply.images)
-            say(f"enroll {user:<16} {pb.EnrollResponse.Status.Name(reply.status):<9} {accepted}/{len(images)} images accepted "
-                f"({time.monotonic() - started:.1f}s)")
+            for line in enrollment_report(user, [name for name, _ in photos], reply, time.monotonic() - started):
+                say(line)
+
+
+# What a newcomer can do about each enrollment rejection.
+REJECTION_HINTS = {
+    "no_face": "no face found",
+    "multiple_faces": "more than one face: crop to the person",
+    "face_too_small": "the face is too small: a closer photo",
+    "pose_yaw": "head turned sideways: face the camera",
+    "pose_pitch": "head tilted up or down: face the camera",
+    "pose_roll": "head tilted to one side (or the photo is sideways)",
+    "blurry": "not sharp enough",
+    "spoof_suspected": "looks like a photo of a photo or a screen",
+    "unreadable_image": "the gateway could not read the image",
+}
+
+
+def enrollment_report(user: str, photo_names: list[str], reply: pb.EnrollResponse, seconds: float) -> list[str]:
+    """One line for the enrollment, then one per photo that was not accepted, with its reason."""
+    accepted = sum(i.accepted for i in reply.images)
+    status = pb.EnrollResponse.Status.Name(reply.status)
+    line = f"enroll {user:<16} {status:<9} {accepted}/{len(photo_names)} images accepted ({seconds:.1f}s)"
+    if reply.status == pb.EnrollResponse.DUPLICATE:
+        line += f"; this face is already enrolled as {reply.duplicate_of} (score {reply.duplicate_score:.3f})"
+    lines = [line]
+    for verdict in reply.images:
+        if verdict.accepted:
+            continue
+        reason = verdict.detail or pb.Reason.Name(verdict.reason).lower()
+        name = photo_names[verdict.index] if 0 <= verdict.index < len(photo_names) else f"photo {verdict.index + 1}"
+        hint = REJECTION_HINTS.get(reason)
+        lines.append(f"    {name}: rejected, {reason}" + (f" ({hint})" if hint else ""))
+    return lines
+
+
+def describe_rules(policy: SessionPolicy) -> str:
+    """The rules a session runs under, as printed beside each session."""
+    rules = [f"{policy.min_agreeing_frames} agreeing frames", f"margin {policy.margin:g}",
+             "blink" if policy.require_blink else "blink RELAXED"]
+    if policy.min_passive_liveness is not None:
+        rules.append(f"anti-spoof ≥ {policy.min_passive_liveness:g}")
+    return "rules: " + ", ".join(rules)
 
 
 def _pay_all(pipeline: Pipeline, script: Script) -> None:
     store = "store-1"
+    rules = describe_rules(pipeline.settings.policy)  # one pipeline, one policy: every session runs these
     decisions: dict[str, pb.DecisionEvent] = {}
     arrived = threading.Condition()
     channel = grpc.insecure_channel(pipeline.address)
@@ -181,8 +244,11 @@ def _pay_all(pipeline: Pipeline, script: Script) -> None:
             continue
         verdict = pb.Decision.Name(event.decision)
         who = f"user={event.user_id} score={event.score:.3f}" if event.decision == pb.APPROVE else f"reason={','.join(event.reasons)}"
+        expected = f"; expected {session.expect}" if session.expect else ""
         say(f"{session_id} {session.name:<45} {len(session.frames):>3} frames → {verdict} {who} "
-            f"(decided on {event.frames_seen} frames, signed {event.key_id}, {took:.1f}s; expected {session.expect})")
+            f"(decided on {event.frames_seen} frames, signed {event.key_id}, {took:.1f}s{expected}) [{rules}]")
+        if "no_liveness" in event.reasons and pipeline.settings.policy.require_blink and not session.expect:
+            say("    no blink was seen: blink while recording, or run with --relax-liveness to test identity alone")
     subscription.cancel()
     camera.close()
     channel.close()

@@ -4,10 +4,13 @@ payment backend (a stand-in for the user's own, which verifies every event's sig
 from __future__ import annotations
 
 import threading
+import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 
 import grpc
+import redis
 
 from facepay.camera import CameraClient
 from facepay.config import FailureLimits, SessionPolicy, Settings
@@ -68,13 +71,50 @@ class Backend:
             pass
 
     def wait_for(self, session_ids: list[str], timeout_s: float = 180.0) -> dict[str, pb.DecisionEvent]:
+        """The decision of each session; a TimeoutError naming the sessions still undecided."""
         with self._arrived:
             self._arrived.wait_for(lambda: set(session_ids) <= {e.session_id for e in self.events}, timeout=timeout_s)
-            return {e.session_id: e for e in self.events if e.session_id in session_ids}
+            decided = {e.session_id: e for e in self.events if e.session_id in session_ids}
+        missing = [s for s in session_ids if s not in decided]
+        if missing:
+            raise TimeoutError(f"no decision within {timeout_s:g} s for {len(missing)} of {len(session_ids)} "
+                               f"sessions: {', '.join(missing)}")
+        return decided
 
     def close(self) -> None:
         self._call.cancel()
         self._channel.close()
+
+
+def wait_until(condition: Callable[[], bool], timeout_s: float, what: str = "", every_s: float = 0.1) -> None:
+    """Poll `condition` until it holds; an AssertionError saying what was awaited after `timeout_s`."""
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"not reached within {timeout_s:g} s: {what or condition}")
+        time.sleep(every_s)
+
+
+STAGE_INPUTS = {"detector": "frames", "aligner": "faces", "pose": "aligned", "recognizer": "posed"}
+
+
+def wait_until_drained(pipeline: Pipeline, timeout_s: float = 60.0) -> None:
+    """Until every stage has read and acknowledged every entry of its input: from then on no
+    redelivery (of a killed worker's entries, say) can produce anything more."""
+    client = redis.Redis.from_url(pipeline.settings.redis_url)
+
+    def drained() -> bool:
+        for stage, stream in STAGE_INPUTS.items():
+            try:
+                groups = {g["name"]: g for g in client.xinfo_groups(pipeline.settings.key(stream))}
+            except redis.ResponseError:  # the stream was never written
+                continue
+            group = groups.get(stage.encode(), groups.get(stage))
+            if group is None or group["pending"] or group.get("lag"):
+                return False
+        return True
+
+    wait_until(drained, timeout_s, "every stage's input read and acknowledged")
 
 
 def new_session() -> str:

@@ -316,6 +316,15 @@ def test_missing_or_bad_files_give_clear_errors(tmp_path):
         TorchScriptEmbedder(junk, device="cpu")
 
 
+@pytest.mark.parametrize("kind", ["onnx", "ONNX", "Onnx", " onnx", "TorchScript"])
+def test_the_recognizer_setting_reads_a_byo_spec_the_way_load_byo_does(tmp_path, kind):
+    from services.recognizer.embedder import load_embedder
+
+    # One parser: a spec load_byo accepts is never "an unknown recognizer model" to the worker.
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        load_embedder(f"{kind}:{tmp_path / 'nope.model'}", device="cpu")
+
+
 def test_wrong_chips_and_wrong_graphs_are_refused(models, tmp_path):
     emb = TorchScriptEmbedder(models["ts_a"], device="cpu")
     with pytest.raises(ValueError, match="112x112x3 uint8"):

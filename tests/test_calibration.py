@@ -138,6 +138,7 @@ def dev_report(faces, face_embedder, tmp_path_factory):
     return calibrate(faces.root, out, 1e-5, face_embedder), out
 
 
+@pytest.mark.slow  # embeds and scores every pair of the face set
 def test_calibrating_on_the_dev_faces_separates_strangers(dev_report):
     report, out = dev_report
     for name in ("report.json", "report.md", "det.png", "roc.png"):

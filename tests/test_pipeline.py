@@ -17,7 +17,7 @@ import redis
 from facepay.camera import video_frames
 from facepay.config import SessionPolicy
 from facepay.contract import pb
-from tests.e2e import Backend, camera, enroll, new_session, start_pipeline
+from tests.e2e import Backend, camera, enroll, new_session, start_pipeline, wait_until, wait_until_drained
 
 pytestmark = pytest.mark.slow
 
@@ -86,6 +86,7 @@ def test_enrolled_people_are_approved_and_strangers_declined(faces, tmp_path):
         pipeline.stop()
 
 
+@pytest.mark.redis7
 def test_the_same_path_against_the_redis_7_server(faces, tmp_path):
     try:
         redis.Redis(port=6379, socket_connect_timeout=1).ping()
@@ -164,7 +165,14 @@ def test_cameras_of_two_stores_at_once_and_each_backend_sees_only_its_store(face
             mine = [s for s, st in sessions.items() if st in (store, "both")]
             got = backend.wait_for(mine)
             assert set(got) == set(mine)
-            time.sleep(1)
+        # A subscription reads the decisions stream in order: once each backend has its store's
+        # last session, played after every other decision was written, it has passed them all.
+        for store, camera_id in (("store-1", "cam-1"), ("store-2", "cam-3")):
+            last, cam = new_session(), camera(pipeline, camera_id)
+            cam.stream_session(last, [people[0][1][0].read_bytes()])
+            cam.close()
+            backends[store].wait_for([last])
+        for store, backend in backends.items():
             assert {e.store_id for e in backend.events} == {store}, "no decision of another store"
             assert len([e for e in backend.events if e.session_id == same]) == 1
             backend.close()
@@ -180,7 +188,8 @@ def assert_metrics_exported(pipeline) -> None:
     def scrape(name: str) -> str:
         return urllib.request.urlopen(f"http://127.0.0.1:{pipeline.metrics_ports[name]}/metrics", timeout=5).read().decode()
 
-    time.sleep(5.5)  # gauges refresh every 5 s
+    wait_until(lambda: 'facepay_group_lag{stage="detector"' in scrape("detector-0"), timeout_s=30,
+               what="the detector's first refresh of its group gauges")
     detector = scrape("detector-0")
     assert 'facepay_group_lag{stage="detector"' in detector and 'facepay_group_pending{stage="detector"' in detector
     assert 'facepay_messages_in_total{stage="detector"}' in detector
@@ -235,7 +244,7 @@ def test_a_worker_killed_mid_stream_loses_nothing_and_decides_each_session_once(
             pipeline, faces, lambda: kill_while_busy(pipeline, "detector-0", "detector", "frames"))
         assert set(decisions) == set(sessions), "the entries the killed worker held were reclaimed"
         assert not any("timeout" in e.reasons for e in decisions.values()), "no frame went missing"
-        time.sleep(3)
+        wait_until_drained(pipeline)  # no redelivery left that could decide a session again
         assert set(count_decisions(pipeline, sessions).values()) == {1}, "exactly one decision per session"
     finally:
         pipeline.stop()
@@ -252,7 +261,7 @@ def test_the_recognizer_killed_and_restarted_decides_each_session_exactly_once(f
     try:
         sessions, decisions = sessions_through_a_crash(pipeline, faces, crash)
         assert set(decisions) == set(sessions)
-        time.sleep(3)
+        wait_until_drained(pipeline)  # no redelivery left that could decide a session again
         assert set(count_decisions(pipeline, sessions).values()) == {1}, "exactly one decision per session"
     finally:
         pipeline.stop()

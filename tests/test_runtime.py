@@ -15,7 +15,7 @@ from facepay.config import Settings
 from facepay.messages import FIELD, FrameMsg, FrameRef, Rejection, SessionEndMsg, decode
 from facepay.runtime.embedded import EmbeddedValkey
 from facepay.runtime.envelope import seal
-from facepay.runtime.stage import Emit, PipeStage, Stage
+from facepay.runtime.stage import Emit, PipeStage, Stage, StageContractError
 from facepay.runtime.worker import StreamWorker
 
 
@@ -246,3 +246,25 @@ def test_a_once_key_outlives_the_frame_age_bound(valkey, settings):
     push(client, short, frame("s", 0))
     run_until(worker, lambda: client.exists(short.key("decided:s")))
     assert client.ttl(short.key("decided:s")) > 7000
+
+
+class Miscounting(PipeStage):
+    """Breaks the one-result-per-input contract: returns `results_per_batch(n)` results for n inputs."""
+
+    name, input, output, accepts = "miscounting", "in", "out", FrameMsg
+
+    def __init__(self, results_per_batch) -> None:
+        self.results_per_batch = results_per_batch
+
+    def handle(self, batch):
+        return [FrameMsg(ref=batch[0].ref, image=b"r") for _ in range(self.results_per_batch(len(batch)))]
+
+
+@pytest.mark.parametrize("results_per_batch, returned", [(lambda n: n - 1, "2 results for 3"),
+                                                         (lambda n: n + 1, "4 results for 3")])
+def test_a_stage_returning_other_than_one_result_per_input_fails_naming_the_stage(results_per_batch, returned):
+    batch = [frame("s", 0), Rejection(ref=frame("s", 1).ref, stage="detector", reason="no_face"), frame("s", 2),
+             frame("s", 3)]
+    with pytest.raises(StageContractError) as failure:
+        Miscounting(results_per_batch).process(batch)
+    assert "miscounting" in str(failure.value) and returned in str(failure.value)

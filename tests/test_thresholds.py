@@ -8,6 +8,7 @@ import subprocess
 import sys
 import time
 
+import pytest
 import redis
 
 import pytest
@@ -77,6 +78,7 @@ def test_the_recognizer_never_goes_back_to_an_older_signed_threshold(tmp_path, k
         assert in_use.current() == (0.95, "calibrated"), "deleting the record does not restore the default either"
 
 
+@pytest.mark.slow  # `facepay calibrate` as a process: loads the models, scores every pair
 def test_facepay_calibrate_reports_and_stores_the_threshold(faces, tmp_path):
     with EmbeddedValkey(tmp_path / "vk") as server:
         keys.generate(tmp_path / "keys")

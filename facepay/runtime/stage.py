@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 from facepay.keys import TrustedKeys
-from facepay.messages import Message, Rejection, SessionEndMsg
+from facepay.messages import Message
 
 
 @dataclass(frozen=True)
@@ -20,6 +20,10 @@ class Emit:
     stream: str  # stream name inside the namespace, e.g. "faces"
     payload: bytes | dict[bytes, bytes]
     once_key: str | None = None
+
+
+class StageContractError(RuntimeError):
+    """A stage broke its contract with the runtime (a programming error, not bad input)."""
 
 
 class Stage:
@@ -63,7 +67,21 @@ class PipeStage(Stage):
 
     def process(self, batch: list[Message]) -> list[Emit]:
         work = [m for m in batch if isinstance(m, self.accepts)]
-        results = iter(self.handle(work) if work else [])
+        results = iter(self._handle_checked(work) if work else [])
         out = [next(results) if isinstance(m, self.accepts) else m for m in batch]
-        assert all(isinstance(m, (Rejection, SessionEndMsg, Message)) for m in out)
         return [Emit(self.output, m.encode()) for m in out]
+
+    def _handle_checked(self, work: list[Message]) -> list[Message]:
+        """`handle`'s results, or a StageContractError naming the stage: a miscount would pair
+        results with the wrong frames (or lose frames), and the sessions would decide on them."""
+        results = list(self.handle(work))
+        if len(results) != len(work):
+            raise StageContractError(
+                f"stage {self.name!r}: {type(self).__name__}.handle returned {len(results)} results for "
+                f"{len(work)} inputs; it must return exactly one message per input, in order")
+        strangers = [type(r).__name__ for r in results if not isinstance(r, Message)]
+        if strangers:
+            raise StageContractError(
+                f"stage {self.name!r}: {type(self).__name__}.handle returned {', '.join(sorted(set(strangers)))} "
+                f"where messages were expected")
+        return results

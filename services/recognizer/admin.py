@@ -33,12 +33,14 @@ def admin_problem(stage: RecognizerStage, message: AdminMsg) -> str:
 
 
 def handle_admin(stage: RecognizerStage, message: AdminMsg) -> Emit:
-    try:
-        result = {"ok": True, **_COMMANDS[message.command](stage, **message.args)}
-    except KeyError:
+    command = _COMMANDS.get(message.command)
+    if command is None:
         result = {"ok": False, "error": f"unknown command {message.command!r}; known: {', '.join(_COMMANDS)}"}
-    except (TypeError, ValueError) as exc:
-        result = {"ok": False, "error": str(exc)}
+    else:
+        try:
+            result = {"ok": True, **command(stage, **message.args)}
+        except (TypeError, ValueError) as exc:
+            result = {"ok": False, "error": str(exc)}
     log.info("admin command", extra={"command": message.command, "ok": result["ok"]})
     result["request_id"] = message.request_id  # inside the signed body: a reply cannot be re-labelled
     return Emit("admin-replies", {b"request": message.request_id.encode(), b"m": msgpack.packb(result)})

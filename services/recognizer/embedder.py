@@ -61,12 +61,11 @@ def load_embedder(name: str, device: str = "auto"):
     face on one core); dlib-bin itself (`DlibResNetEmbedder` above) stays as the reference
     the tests compare it with. Same weights, same vectors, so the model id is the same.
     """
+    from services.recognizer.byo import is_byo_spec, load_byo
     from services.recognizer.dlib_resnet_torch import DlibResNetTorchEmbedder
     from services.recognizer.faceres import FaceResEmbedder
 
-    if name.startswith(("onnx:", "torchscript:")):
-        from services.recognizer.byo import load_byo
-
+    if is_byo_spec(name):  # byo.py's own parser, so the spec reads the same everywhere
         return load_byo(name, device)
     embedders = {cls.model_id: cls for cls in (DlibResNetTorchEmbedder, FaceResEmbedder)}
     if name not in embedders:

@@ -12,19 +12,27 @@ resets it (`facepay lockouts reset`).
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable
+
 import redis
 
 from facepay.config import FailureLimits, Settings
 
 COUNTED_FAILURES = {"unknown_face", "ambiguous_match", "no_liveness", "too_few_frames"}
 COUNTER_TTL_S = 30 * 24 * 3600
+MAX_DELAY_S = 24 * 3600
 
 
 class FailureLimiter:
-    def __init__(self, client: redis.Redis, settings: Settings) -> None:
+    """`clock` (seconds since the epoch, the same on every replica) decides when a back-off
+    ends: the back-off key holds its end time; its Redis expiry only clears it away later."""
+
+    def __init__(self, client: redis.Redis, settings: Settings, clock: Callable[[], float] = time.time) -> None:
         self.redis = client
         self.settings = settings
         self.limits: FailureLimits = settings.limits
+        self.clock = clock
 
     def _key(self, kind: str, subject: str, what: str) -> str:
         return self.settings.key("limits", kind, subject, what)
@@ -34,9 +42,12 @@ class FailureLimiter:
         subjects = [("camera", camera_id)] + ([("user", user_id)] if user_id else [])
         pipe = self.redis.pipeline(transaction=False)
         for kind, subject in subjects:
-            pipe.exists(self._key(kind, subject, "backoff"), self._key(kind, subject, "locked"))
-        for (kind, _), hits in zip(subjects, pipe.execute()):
-            if hits:
+            pipe.exists(self._key(kind, subject, "locked"))
+            pipe.get(self._key(kind, subject, "backoff"))
+        answers = pipe.execute()
+        now = self.clock()
+        for (kind, _), hard_locked, backoff_until in zip(subjects, answers[::2], answers[1::2]):
+            if hard_locked or (backoff_until is not None and now < float(backoff_until)):
                 return kind
         return None
 
@@ -62,8 +73,8 @@ class FailureLimiter:
         if failures >= self.limits.hard_limit:
             self.redis.set(self._key(kind, subject, "locked"), failures)
         elif failures >= self.limits.max_consecutive:
-            delay = self.limits.first_delay_s * 2 ** (failures - self.limits.max_consecutive)
-            self.redis.set(self._key(kind, subject, "backoff"), failures, ex=max(1, int(min(delay, 24 * 3600))))
+            delay = min(self.limits.first_delay_s * 2 ** (failures - self.limits.max_consecutive), MAX_DELAY_S)
+            self.redis.set(self._key(kind, subject, "backoff"), repr(self.clock() + delay), ex=int(delay) + 2)
 
     def reset(self, kind: str, subject: str) -> int:
         """Operator reset: clears the count, the back-off and a hard lock."""
