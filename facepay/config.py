@@ -293,6 +293,7 @@ BOUNDS: dict[str, Bounds] = {
     "max_image_bytes": at_least(1), "max_image_pixels": at_least(1), "min_face_px": at_least(1),
     "enroll_min_face_px": at_least(1), "enroll_min_sharpness": at_least(0), "enroll_min_antispoof": RATIO,
     "metrics_port": PORT, "gateway_threads": at_least(1), "worker_threads": at_least(1),
+    "max_frame_age_s": at_least(1), "admin_max_age_s": at_least(1),
     "policy.threshold": COSINE, "policy.margin": Bounds(0.0, 2.0), "policy.min_agreeing_frames": at_least(1),
     "policy.max_disagreeing_ratio": RATIO, "policy.blink_closed_ratio": RATIO, "policy.blink_open_ratio": RATIO,
     "policy.min_passive_liveness": RATIO, "policy.session_timeout_s": POSITIVE,
