@@ -10,6 +10,7 @@ import cv2
 import grpc
 
 from facepay.contract import pb, rpc
+from facepay.grpc_tls import ClientTLS, client_channel
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png"}
 VIDEO_SUFFIXES = {".mp4", ".avi", ".mov", ".mkv"}
@@ -45,8 +46,8 @@ def video_frames(path: Path, max_frames: int | None = None, every: int = 1, star
 
 
 class CameraClient:
-    def __init__(self, address: str, camera_id: str, token: str, store_id: str) -> None:
-        self.channel = grpc.insecure_channel(address)
+    def __init__(self, address: str, camera_id: str, token: str, store_id: str, tls: ClientTLS | None = None) -> None:
+        self.channel = client_channel(address, tls)
         self.stub = rpc.FaceGatewayStub(self.channel)
         self.camera_id, self.store_id = camera_id, store_id
         self.metadata = (("x-camera-id", camera_id), ("authorization", f"Bearer {token}"))
