@@ -14,6 +14,10 @@ from facepay.grpc_tls import ClientTLS, client_channel
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png"}
 VIDEO_SUFFIXES = {".mp4", ".avi", ".mov", ".mkv"}
+# Statuses that mean "not stored, try again later": the gateway's queue is down, read-only
+# after a failover, full, or this camera is over its rate.
+RETRYABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED)
+RETRYABLE_CODES = {code.value[0] for code in RETRYABLE}
 
 
 def frames_from_path(path: str | Path, max_frames: int | None = None, every: int = 1) -> list[bytes]:
@@ -67,31 +71,40 @@ class CameraClient:
             yield pb.CameraMessage(end=pb.SessionEnd(camera_id=self.camera_id, store_id=self.store_id,
                                                      session_id=session_id, frame_count=len(frames)))
 
-        acks = list(self.stub.StreamFrames(messages(), metadata=self.metadata))
-        return [self._retry_unavailable(ack, frames, session_id, phone_suffix) for ack in acks]
+        acks: dict[int, pb.FrameAck] = {}
+        try:
+            for ack in self.stub.StreamFrames(messages(), metadata=self.metadata):
+                acks[ack.sequence] = ack
+        except grpc.RpcError as err:  # the stream itself refused or cut: resend what has no ack
+            if err.code() not in RETRYABLE:
+                raise
+        unacked = grpc.StatusCode.UNAVAILABLE.value[0]
+        return [self._retry(acks.get(seq) or pb.FrameAck(session_id=session_id, sequence=seq, code=unacked),
+                            frames, session_id, phone_suffix)
+                for seq in [*range(len(frames)), -1]]
 
-    def _retry_unavailable(self, ack: pb.FrameAck, frames: list[bytes], session_id: str, phone_suffix: str,
-                           attempts: int = 20) -> pb.FrameAck:
-        """A frame refused as UNAVAILABLE (queue down) was not stored: send it again, with backoff."""
-        delay = 0.25
-        for _ in range(attempts):
-            if ack.code != grpc.StatusCode.UNAVAILABLE.value[0]:
-                return ack
+    def _retry(self, ack: pb.FrameAck, frames: list[bytes], session_id: str, phone_suffix: str,
+               give_up_after_s: float = 60.0) -> pb.FrameAck:
+        """A frame refused as UNAVAILABLE (queue down, failover) or RESOURCE_EXHAUSTED (over the
+        camera's rate, queue full) was not stored: send it again, backing off."""
+        delay, deadline = 0.25, time.monotonic() + give_up_after_s
+        while ack.code in RETRYABLE_CODES and time.monotonic() < deadline:
             time.sleep(delay)
             delay = min(delay * 2, 2.0)
             try:
                 if ack.sequence < 0:
                     ack = self.stub.EndSession(pb.SessionEnd(camera_id=self.camera_id, store_id=self.store_id,
                                                              session_id=session_id, frame_count=len(frames)),
-                                               metadata=self.metadata)
+                                               metadata=self.metadata, timeout=30)
                 else:
                     ack = self.stub.SubmitFrame(pb.Frame(
                         camera_id=self.camera_id, store_id=self.store_id, session_id=session_id,
                         capture_time_ms=int(time.time() * 1000), sequence=ack.sequence,
-                        image=frames[ack.sequence], phone_suffix=phone_suffix), metadata=self.metadata)
+                        image=frames[ack.sequence], phone_suffix=phone_suffix), metadata=self.metadata, timeout=30)
             except grpc.RpcError as err:
-                if err.code() != grpc.StatusCode.UNAVAILABLE:
+                if err.code() not in RETRYABLE:
                     raise
+                ack = pb.FrameAck(session_id=session_id, sequence=ack.sequence, code=err.code().value[0], message=err.details())
         return ack
 
     def close(self) -> None:

@@ -105,7 +105,7 @@ def _cmd_gateway(args) -> int:
     settings = _settings()
     if not settings.cameras_file:
         raise SystemExit("set FACEPAY_CAMERAS_FILE to the YAML file of stores, cameras and tokens (see README)")
-    serve_metrics(settings.metrics_port)
+    serve_metrics(settings.metrics_port, settings.metrics_address)
     server = serve(settings, CameraRegistry.from_file(settings.cameras_file))
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -124,7 +124,7 @@ def _cmd_worker(args) -> int:
 
     settings = _settings()
     torch.set_num_threads(settings.worker_threads)
-    serve_metrics(settings.metrics_port)
+    serve_metrics(settings.metrics_port, settings.metrics_address)
     StreamWorker(create_stage(args.stage, settings), settings).run()
     return 0
 

@@ -36,6 +36,14 @@ def settings_to_env(settings: Settings) -> dict[str, str]:
     return env
 
 
+def write_private(path: Path, text: str) -> None:
+    """A file of secrets (tokens), readable by its owner only, from its first byte."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    os.fchmod(fd, 0o600)  # an existing file keeps its old mode through O_CREAT
+    with os.fdopen(fd, "w") as fh:
+        fh.write(text)
+
+
 def demo_access(stores: dict[str, list[str]], tenant: str = "demo") -> dict:
     """A cameras file for stores → camera ids, with fresh random tokens."""
     return {
@@ -53,7 +61,7 @@ class Pipeline:
         self.replicas = {name: 1 for name in STAGES} | (replicas or {})
         self.valkey = EmbeddedValkey(self.workdir / "valkey") if embedded else None
         cameras_file = self.workdir / "cameras.yaml"
-        cameras_file.write_text(yaml.safe_dump(access))
+        write_private(cameras_file, yaml.safe_dump(access))
         self.settings = settings.replace(
             cameras_file=str(cameras_file),
             grpc_address=f"127.0.0.1:{free_port()}",
