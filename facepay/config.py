@@ -104,6 +104,7 @@ class Settings:
     grpc_max_calls_per_backend: int = 4  # concurrent calls with one store's backend token
     grpc_max_calls_per_peer: int = 32  # concurrent calls from one IP address (all kinds)
     grpc_health_reserved_calls: int = 8  # health checks, served outside gateway_threads
+    grpc_health_address: str = ""  # also serve health (only) here, plaintext: for probes that speak no TLS
     grpc_idle_timeout_s: float = 30.0  # a call waiting this long for the client's next message is ended
     camera_max_fps: float = 30.0  # per camera, token bucket
     camera_burst: int = 100  # frames a camera may send at once above its rate

@@ -237,6 +237,26 @@ def test_health_is_answered_when_every_slot_is_taken(gateway_with):
             subscription.cancel()
 
 
+def test_a_separate_health_port_answers_plaintext_probes_while_the_gateway_speaks_only_tls(valkey, tmp_path):
+    """Kubernetes' gRPC probe speaks no TLS: the health-only port carries no secret."""
+    files = _certificates(tmp_path)
+    health_address = f"127.0.0.1:{free_port()}"
+    gateway = Gateway(valkey, tls=ClientTLS(ca_file=files["ca.crt"]), grpc_tls_cert_file=files["server.crt"],
+                      grpc_tls_key_file=files["server.key"], grpc_health_address=health_address, gateway_threads=2)
+    subscriptions = [gateway.stub().SubscribeDecisions(pb.SubscribeRequest(store_id="store-1"),
+                                                       metadata=gateway.backend_creds("store-1")) for _ in range(2)]
+    try:
+        probe = health_pb2_grpc.HealthStub(grpc.insecure_channel(health_address))
+        assert probe.Check(health_pb2.HealthCheckRequest(), timeout=5).status == health_pb2.HealthCheckResponse.SERVING
+        plaintext_gateway = rpc.FaceGatewayStub(grpc.insecure_channel(health_address))
+        error = status_of(lambda: plaintext_gateway.SubmitFrame(pb.Frame(), metadata=gateway.creds("cam-1"), timeout=5))
+        assert error.code() == grpc.StatusCode.UNIMPLEMENTED, "only health on that port"
+    finally:
+        for subscription in subscriptions:
+            subscription.cancel()
+        gateway.close()
+
+
 def test_a_message_larger_than_the_image_limit_is_refused_before_it_is_handled(gateway_with):
     gateway = gateway_with(max_image_bytes=256 << 10)
     huge = jpeg(noise=True, width=1200, height=900)

@@ -215,6 +215,16 @@ def _refusing(handler: grpc.RpcMethodHandler, code: grpc.StatusCode, message: st
     return grpc.stream_unary_rpc_method_handler(refuse)
 
 
+class HealthCheckOnly(grpc.ServerInterceptor):
+    """For the plaintext health port: one-shot Check only (a Watch stream would hold a thread)."""
+
+    def intercept_service(self, continuation, handler_call_details):
+        handler = continuation(handler_call_details)
+        if handler is not None and handler_call_details.method != HEALTH_CHECK:
+            return _refusing(handler, grpc.StatusCode.UNIMPLEMENTED, "this port answers health checks only")
+        return handler
+
+
 class Guard(grpc.ServerInterceptor):
     def __init__(self, settings: Settings, registry: CameraRegistry) -> None:
         self.settings = settings

@@ -8,6 +8,7 @@ from __future__ import annotations
 import hmac
 import logging
 import re
+import threading
 import time
 import uuid
 from concurrent import futures
@@ -27,7 +28,7 @@ from facepay.messages import FrameMsg, FrameRef, Message, SessionEndMsg
 from facepay.runtime import metrics
 from facepay.runtime.redis_conn import TRANSIENT, connect
 from services.gateway.cameras import AccessDenied, Camera, CameraRegistry
-from services.gateway.guard import (FrameLimits, FrameRefused, Guard, check_session, max_message_bytes,
+from services.gateway.guard import (FrameLimits, FrameRefused, Guard, HealthCheckOnly, check_session, max_message_bytes,
                                     redis_errors_as_status)
 from services.recognizer.state import decided_key
 
@@ -240,7 +241,22 @@ def _enroll_response(result: dict) -> pb.EnrollResponse:
                              duplicate_of=result["duplicate_of"], duplicate_score=result["duplicate_score"])
 
 
-def serve(settings: Settings, registry: CameraRegistry) -> grpc.Server:
+class GatewayServer:
+    """The gateway's gRPC server and, when configured, its health-only server."""
+
+    def __init__(self, main: grpc.Server, health_only: grpc.Server | None) -> None:
+        self.main, self.health_only = main, health_only
+
+    def stop(self, grace: float | None) -> threading.Event:
+        if self.health_only:
+            self.health_only.stop(grace)
+        return self.main.stop(grace)
+
+    def wait_for_termination(self, timeout: float | None = None) -> bool:
+        return self.main.wait_for_termination(timeout)
+
+
+def serve(settings: Settings, registry: CameraRegistry) -> GatewayServer:
     credentials = server_credentials(settings)
     if credentials is None and not is_loopback(settings.grpc_address) and not settings.grpc_allow_plaintext:
         raise ValueError(f"refusing to serve plaintext gRPC on {settings.grpc_address}: tokens and faces would cross the "
@@ -260,12 +276,26 @@ def serve(settings: Settings, registry: CameraRegistry) -> grpc.Server:
     health_servicer.set("facepay.v1.FaceGateway", health_pb2.HealthCheckResponse.SERVING)
     names = (pb.DESCRIPTOR.services_by_name["FaceGateway"].full_name, health.SERVICE_NAME, reflection.SERVICE_NAME)
     reflection.enable_server_reflection(names, server)
-    if credentials is None:
-        port = server.add_insecure_port(settings.grpc_address)
-    else:
-        port = server.add_secure_port(settings.grpc_address, credentials)
-    if port == 0:
-        raise OSError(f"cannot listen on {settings.grpc_address}")
+    _listen(server, settings.grpc_address, credentials)
+    health_only = _health_only_server(settings, health_servicer) if settings.grpc_health_address else None
     server.start()
-    log.info("gateway listening", extra={"address": settings.grpc_address, "tls": credentials is not None})
+    log.info("gateway listening", extra={"address": settings.grpc_address, "tls": credentials is not None,
+                                         "health_address": settings.grpc_health_address})
+    return GatewayServer(server, health_only)
+
+
+def _listen(server: grpc.Server, address: str, credentials: grpc.ServerCredentials | None) -> None:
+    port = server.add_secure_port(address, credentials) if credentials else server.add_insecure_port(address)
+    if port == 0:
+        raise OSError(f"cannot listen on {address}")
+
+
+def _health_only_server(settings: Settings, servicer: health.HealthServicer) -> grpc.Server:
+    """Health alone, plaintext, on its own small pool: Kubernetes' gRPC probe speaks no TLS, and
+    a health answer carries no secret. Watch streams are refused here (one-shot probes)."""
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2, thread_name_prefix="health"), maximum_concurrent_rpcs=8,
+                         interceptors=[HealthCheckOnly()], options=[("grpc.max_receive_message_length", 4096)])
+    health_pb2_grpc.add_HealthServicer_to_server(servicer, server)
+    _listen(server, settings.grpc_health_address, None)
+    server.start()
     return server
