@@ -134,7 +134,7 @@ def run_demo(args) -> int:
 
 
 def _enroll_all(pipeline: Pipeline, script: Script) -> None:
-    with grpc.insecure_channel(pipeline.address) as channel:
+    with pipeline.channel() as channel:
         stub = rpc.FaceGatewayStub(channel)
         metadata = (("authorization", f"Bearer {pipeline.settings.operator_token}"),)
         for user, images in script.enroll.items():
@@ -149,7 +149,7 @@ def _pay_all(pipeline: Pipeline, script: Script) -> None:
     store = "store-1"
     decisions: dict[str, pb.DecisionEvent] = {}
     arrived = threading.Condition()
-    channel = grpc.insecure_channel(pipeline.address)
+    channel = pipeline.channel()
     backend_token = pipeline.access["stores"][store]["backend_token"]
     subscription = rpc.FaceGatewayStub(channel).SubscribeDecisions(
         pb.SubscribeRequest(store_id=store), metadata=(("authorization", f"Bearer {backend_token}"),))
@@ -167,7 +167,7 @@ def _pay_all(pipeline: Pipeline, script: Script) -> None:
 
     threading.Thread(target=backend, daemon=True).start()
     time.sleep(0.5)
-    camera = CameraClient(pipeline.address, "cam-1", pipeline.access["cameras"]["cam-1"]["token"], store)
+    camera = CameraClient(pipeline.address, "cam-1", pipeline.access["cameras"]["cam-1"]["token"], store, tls=pipeline.tls)
     for i, session in enumerate(script.sessions):
         session_id = f"pos-{i + 1:03d}"
         started = time.monotonic()

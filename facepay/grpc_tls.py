@@ -9,6 +9,7 @@ in its certificate.
 from __future__ import annotations
 
 import ipaddress
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -74,3 +75,46 @@ def client_channel(target: str, tls: ClientTLS | None, options: list | None = No
     """A channel to the gateway: TLS when `tls` is given, plaintext otherwise (loopback, or a
     mesh that encrypts for you)."""
     return tls.channel(target, options) if tls else grpc.insecure_channel(target, options=options)
+
+
+def make_local_certificates(directory: Path, hosts: tuple[str, ...] = ("localhost", "127.0.0.1", "::1")) -> tuple[Path, Path, Path]:
+    """A throw-away CA and a gateway certificate for `hosts` (the demo and the tests run TLS
+    too); returns (ca certificate, server certificate, server key), the key written 0600."""
+    import datetime
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    now = datetime.datetime.now(datetime.timezone.utc)
+    ca_key, server_key = ec.generate_private_key(ec.SECP256R1()), ec.generate_private_key(ec.SECP256R1())
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "facepay local CA")])
+
+    def certificate(subject: x509.Name, key, ca: bool) -> x509.CertificateBuilder:
+        return (x509.CertificateBuilder().subject_name(subject).issuer_name(ca_name).public_key(key.public_key())
+                .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(minutes=5))
+                .not_valid_after(now + datetime.timedelta(days=30))
+                .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True))
+
+    names = []
+    for host in hosts:
+        try:
+            names.append(x509.IPAddress(ipaddress.ip_address(host)))
+        except ValueError:
+            names.append(x509.DNSName(host))
+    ca = certificate(ca_name, ca_key, ca=True).sign(ca_key, hashes.SHA256())
+    server = (certificate(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "facepay gateway")]), server_key, ca=False)
+              .add_extension(x509.SubjectAlternativeName(names), critical=False)
+              .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+              .sign(ca_key, hashes.SHA256()))
+    paths = directory / "ca.crt", directory / "gateway.crt", directory / "gateway.key"
+    paths[0].write_bytes(ca.public_bytes(serialization.Encoding.PEM))
+    paths[1].write_bytes(server.public_bytes(serialization.Encoding.PEM))
+    fd = os.open(paths[2], os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as fh:
+        fh.write(server_key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                          serialization.NoEncryption()))
+    return paths

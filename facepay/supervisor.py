@@ -19,6 +19,7 @@ import yaml
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from facepay.config import Settings
+from facepay.grpc_tls import ClientTLS, client_channel, make_local_certificates
 from facepay.runtime.embedded import EmbeddedValkey, free_port
 from facepay.stages import STAGES
 
@@ -42,6 +43,15 @@ def write_private(path: Path, text: str) -> None:
     os.fchmod(fd, 0o600)  # an existing file keeps its old mode through O_CREAT
     with os.fdopen(fd, "w") as fh:
         fh.write(text)
+
+
+def with_local_tls(settings: Settings, directory: Path) -> Settings:
+    """The gateway speaks TLS here too (secure by default): a throw-away CA and certificate for
+    loopback, unless the settings bring their own."""
+    if settings.grpc_tls_cert_file:
+        return settings
+    ca, cert, key = make_local_certificates(directory)
+    return settings.replace(grpc_tls_cert_file=str(cert), grpc_tls_key_file=str(key), grpc_tls_ca_file=str(ca))
 
 
 def demo_access(stores: dict[str, list[str]], tenant: str = "demo") -> dict:
@@ -69,12 +79,21 @@ class Pipeline:
             operator_token=settings.operator_token or secrets.token_hex(16),
             gallery_url=settings.gallery_url if "://./" not in settings.gallery_url else f"edge://{self.workdir / 'gallery'}",
         )
+        self.settings = with_local_tls(self.settings, self.workdir / "tls")
         self.processes: dict[str, subprocess.Popen] = {}
         self.metrics_ports: dict[str, int] = {}
 
     @property
     def address(self) -> str:
         return self.settings.grpc_address
+
+    @property
+    def tls(self) -> ClientTLS | None:
+        return ClientTLS.from_settings(self.settings)
+
+    def channel(self) -> grpc.Channel:
+        """A channel to this pipeline's gateway (TLS, with the pipeline's own CA)."""
+        return client_channel(self.address, self.tls)
 
     def start(self, timeout_s: float = 120.0) -> Pipeline:
         if self.valkey:
@@ -103,7 +122,7 @@ class Pipeline:
 
         deadline = time.monotonic() + timeout_s
         client = redis.Redis.from_url(self.settings.redis_url)
-        with grpc.insecure_channel(self.address) as channel:
+        with self.channel() as channel:
             stub = health_pb2_grpc.HealthStub(channel)
             while time.monotonic() < deadline:
                 self._check_alive()

@@ -456,8 +456,10 @@ def test_a_frame_for_a_decided_session_is_refused_with_a_clear_status(gateway_wi
     error = status_of(lambda: gateway.submit(session=session, seq=1))
     assert error.code() == grpc.StatusCode.FAILED_PRECONDITION and "already decided" in error.details()
     end = pb.CameraMessage(end=pb.SessionEnd(camera_id="cam-1", store_id="store-1", session_id=session, frame_count=2))
-    acks = list(gateway.stub().StreamFrames(iter([end]), metadata=gateway.creds("cam-1")))
-    assert acks[0].code == grpc.StatusCode.FAILED_PRECONDITION.value[0]
+    retry = pb.CameraMessage(frame=pb.Frame(camera_id="cam-1", store_id="store-1", session_id=session, sequence=0, image=jpeg()))
+    acks = list(gateway.stub().StreamFrames(iter([retry, end]), metadata=gateway.creds("cam-1")))
+    assert acks[0].code == grpc.StatusCode.FAILED_PRECONDITION.value[0] and "already decided" in acks[0].message
+    assert acks[1].code == 0, "the end marker after an early decision is the camera's normal last word"
     assert gateway.submit(camera="cam-2", session=session).code == 0, "the same id at another store is another session"
 
 

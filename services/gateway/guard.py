@@ -185,7 +185,7 @@ class IdleWatch:
                 self.waiting[key] = (time.monotonic(), context)
             try:
                 item = next(iterator)
-            except StopIteration:
+            except (StopIteration, grpc.RpcError):  # the end, or the call was cancelled (idle, client gone)
                 return
             finally:
                 with self.lock:
@@ -373,7 +373,9 @@ class FrameLimits:
 
 def check_session(client: redis.Redis, settings: Settings, decided_key: str, store_id: str, session_id: str,
                   frame: bool) -> None:
-    """Refuse work for a decided session, and beyond the per-session frame and time caps."""
+    """Refuse frames for a decided session, and work beyond the per-session frame and time caps.
+    An end marker for a decided session is still taken: after an early decision it is the
+    camera's normal last word, and the recognizer ignores it."""
     counters = settings.key("gateway-session", f"{store_id}/{session_id}")
     now_ms = int(time.time() * 1000)
     with redis_errors_as_status(client, "session check"):
@@ -384,7 +386,7 @@ def check_session(client: redis.Redis, settings: Settings, decided_key: str, sto
         pipe.hget(counters, "first_ms")
         pipe.expire(counters, int(settings.session_max_duration_s) + 3600)
         decided, _, frames, first_ms, _ = pipe.execute()
-    if decided:
+    if decided and frame:
         raise FrameRefused(grpc.StatusCode.FAILED_PRECONDITION,
                            f"session {session_id} already decided: start a new session id")
     if frame and frames > settings.session_max_frames:
