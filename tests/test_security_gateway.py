@@ -202,6 +202,25 @@ def test_130_calls_that_never_send_a_body_do_not_starve_cameras_backends_or_heal
     assert {c.exception().code() for c in refused} == {expected}
 
 
+def test_long_lived_public_calls_are_capped_per_peer(gateway_with):
+    """Health Watch streams need no token and never end: one address gets only its share."""
+    gateway = gateway_with(grpc_max_calls_per_peer=3)
+    health = health_pb2_grpc.HealthStub(gateway.channel())
+    watches = []
+    try:
+        for _ in range(3):
+            watches.append(health.Watch(health_pb2.HealthCheckRequest()))
+            assert next(watches[-1]).status == health_pb2.HealthCheckResponse.SERVING
+        watches.append(health.Watch(health_pb2.HealthCheckRequest()))
+        with pytest.raises(grpc.RpcError) as err:
+            next(watches[3])
+        assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "calls from 127.0.0.1" in err.value.details()
+        assert health_of(gateway) == health_pb2.HealthCheckResponse.SERVING, "the probe has its own reserve"
+    finally:
+        for watch in watches:
+            watch.cancel()
+
+
 def test_a_call_that_sends_nothing_is_ended_after_the_idle_timeout(gateway_with, hanging):
     gateway = gateway_with(grpc_idle_timeout_s=1.0)
     silent = hanging(gateway.channel())
