@@ -11,8 +11,6 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
-import grpc
-
 from facepay.camera import IMAGE_SUFFIXES
 from facepay.contract import pb, rpc
 from facepay.grpc_tls import ClientTLS, client_channel

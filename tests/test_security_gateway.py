@@ -537,9 +537,10 @@ def test_metrics_listen_on_loopback_unless_told_otherwise():
         server.shutdown()
 
 
-def test_the_supervisor_writes_the_cameras_file_readable_by_its_owner_only(tmp_path):
+def test_the_supervisor_writes_its_secret_files_readable_by_their_owner_only(tmp_path):
     from facepay.supervisor import Pipeline
 
     pipeline = Pipeline(Settings(), tmp_path, demo_access({"store-1": ["cam-1"]}))
-    mode = stat.S_IMODE(os.stat(pipeline.settings.cameras_file).st_mode)
-    assert mode == 0o600, oct(mode)
+    for secret in (pipeline.settings.cameras_file, pipeline.settings.grpc_tls_key_file):
+        mode = stat.S_IMODE(os.stat(secret).st_mode)
+        assert mode == 0o600, (secret, oct(mode))
