@@ -221,6 +221,17 @@ def test_long_lived_public_calls_are_capped_per_peer(gateway_with):
             watch.cancel()
 
 
+def test_silent_health_checks_cannot_hold_the_probes_reserve(gateway_with, hanging):
+    gateway = gateway_with()
+    silent = hanging(gateway.channel())
+    for _ in range(gateway.settings.grpc_health_reserved_calls):
+        multicallable = silent.channel.stream_unary("/grpc.health.v1.Health/Check", request_serializer=lambda b: b,
+                                                    response_deserializer=lambda b: b)
+        silent.calls.append(multicallable.future(silent._never()))
+    wait_until(lambda: len(silent.ended()) == len(silent.calls), timeout_s=6, what="every silent health check ended")
+    assert health_of(gateway) == health_pb2.HealthCheckResponse.SERVING
+
+
 def test_a_call_that_sends_nothing_is_ended_after_the_idle_timeout(gateway_with, hanging):
     gateway = gateway_with(grpc_idle_timeout_s=1.0)
     silent = hanging(gateway.channel())

@@ -45,6 +45,7 @@ OPERATOR_METHODS = {SERVICE + "Enroll"}
 HEALTH_CHECK = "/grpc.health.v1.Health/Check"
 MESSAGE_OVERHEAD_BYTES = 64 << 10  # a frame's fields around its image
 QUEUE_CHECK_INTERVAL_S = 0.5  # how stale the lag/memory reading may be
+HEALTH_BODY_TIMEOUT_S = 2.0  # a probe sends its request at once: a silent one gives its slot back soon
 
 
 class FrameRefused(Exception):
@@ -113,8 +114,9 @@ class Shares:
 
     def _limits(self, caller: Caller, peer: str) -> list[tuple[str, int, str]]:
         s = self.settings
-        if caller.kind == "health":
-            return [("health", s.grpc_health_reserved_calls, "health checks")]
+        if caller.kind == "health":  # a reserve of its own, and no one address can hold all of it
+            return [("health", s.grpc_health_reserved_calls, "health checks"),
+                    (f"health:{peer}", max(1, s.grpc_health_reserved_calls // 2), f"health checks from {peer}")]
         limits = [("all", s.gateway_threads, "the gateway's calls"), (f"peer:{peer}", s.grpc_max_calls_per_peer, f"calls from {peer}")]
         if caller.kind == "camera":
             limits.append((f"camera:{caller.name}", s.grpc_max_calls_per_camera, f"calls of camera {caller.name}"))
@@ -172,17 +174,17 @@ class IdleWatch:
     def __init__(self, timeout_s: float) -> None:
         self.timeout_s = timeout_s
         self.lock = threading.Lock()
-        self.waiting: dict[int, tuple[float, grpc.ServicerContext]] = {}
+        self.waiting: dict[int, tuple[float, float, grpc.ServicerContext]] = {}
         self.stop = threading.Event()
         if timeout_s > 0:
             threading.Thread(target=self._sweep, name="gateway-idle-watch", daemon=True).start()
 
-    def requests(self, iterator: Iterator, context: grpc.ServicerContext) -> Iterator:
+    def requests(self, iterator: Iterator, context: grpc.ServicerContext, timeout_s: float | None = None) -> Iterator:
         """`iterator`, with the time spent waiting in it watched."""
-        key = id(context)
+        key, deadline_s = id(context), timeout_s or self.timeout_s
         while True:
             with self.lock:
-                self.waiting[key] = (time.monotonic(), context)
+                self.waiting[key] = (time.monotonic() + deadline_s, deadline_s, context)
             try:
                 item = next(iterator)
             except (StopIteration, grpc.RpcError):  # the end, or the call was cancelled (idle, client gone)
@@ -193,13 +195,13 @@ class IdleWatch:
             yield item
 
     def _sweep(self) -> None:
-        interval = min(1.0, self.timeout_s / 4)
+        interval = min(0.5, self.timeout_s / 4)
         while not self.stop.wait(interval):
             now = time.monotonic()
             with self.lock:
-                idle = [ctx for since, ctx in self.waiting.values() if now - since > self.timeout_s]
-            for context in idle:
-                log.info("idle call ended", extra={"peer": context.peer(), "idle_s": self.timeout_s})
+                idle = [(ctx, waited) for deadline, waited, ctx in self.waiting.values() if now > deadline]
+            for context, waited in idle:
+                log.info("idle call ended", extra={"peer": context.peer(), "idle_s": waited})
                 context.cancel()
 
 
@@ -260,7 +262,7 @@ class Guard(grpc.ServerInterceptor):
                     metrics.FRAMES_REJECTED.labels(refused.code.name).inc()
                 context.abort(refused.code, str(refused))
             context.add_callback(release)
-            requests = self.idle.requests(requests, context)
+            requests = self.idle.requests(requests, context, HEALTH_BODY_TIMEOUT_S if caller.kind == "health" else None)
             if handler.request_streaming:
                 return release, requests
             request = next(requests, None)
