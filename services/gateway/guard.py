@@ -234,6 +234,9 @@ class Guard(grpc.ServerInterceptor):
         self.shares = Shares(settings)
         self.idle = IdleWatch(settings.grpc_idle_timeout_s)
 
+    def close(self) -> None:
+        self.idle.stop.set()
+
     def intercept_service(self, continuation, handler_call_details):
         handler = continuation(handler_call_details)
         if handler is None:

@@ -244,10 +244,11 @@ def _enroll_response(result: dict) -> pb.EnrollResponse:
 class GatewayServer:
     """The gateway's gRPC server and, when configured, its health-only server."""
 
-    def __init__(self, main: grpc.Server, health_only: grpc.Server | None) -> None:
-        self.main, self.health_only = main, health_only
+    def __init__(self, main: grpc.Server, health_only: grpc.Server | None, guard: Guard) -> None:
+        self.main, self.health_only, self.guard = main, health_only, guard
 
     def stop(self, grace: float | None) -> threading.Event:
+        self.guard.close()
         if self.health_only:
             self.health_only.stop(grace)
         return self.main.stop(grace)
@@ -266,8 +267,9 @@ def serve(settings: Settings, registry: CameraRegistry) -> GatewayServer:
     # admits calls into shares of gateway_threads (RESOURCE_EXHAUSTED at once beyond them); the
     # pool also holds the health checks' reserve and threads that answer refused calls.
     threads = settings.gateway_threads + settings.grpc_health_reserved_calls + REFUSAL_THREADS
+    guard = Guard(settings, registry)
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=threads, thread_name_prefix="gateway"),
-                         interceptors=[Guard(settings, registry)],
+                         interceptors=[guard],
                          options=[("grpc.max_receive_message_length", max_message_bytes(settings))])
     rpc.add_FaceGatewayServicer_to_server(Gateway(settings, registry), server)
     health_servicer = health.HealthServicer()
@@ -281,7 +283,7 @@ def serve(settings: Settings, registry: CameraRegistry) -> GatewayServer:
     server.start()
     log.info("gateway listening", extra={"address": settings.grpc_address, "tls": credentials is not None,
                                          "health_address": settings.grpc_health_address})
-    return GatewayServer(server, health_only)
+    return GatewayServer(server, health_only, guard)
 
 
 def _listen(server: grpc.Server, address: str, credentials: grpc.ServerCredentials | None) -> None:
