@@ -10,6 +10,7 @@ import cv2
 import grpc
 
 from facepay.contract import pb, rpc
+from facepay.grpc_tls import ClientTLS, client_channel
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png"}  # what `facepay enroll --images` picks from a folder
 
@@ -18,6 +19,10 @@ GATEWAY_FORMATS = ("JPEG", "PNG")
 MAX_FRAME_PIXELS = 4096 * 4096
 MAX_FRAME_BYTES = 8 << 20
 PHOTO_LONG_SIDE = 2048  # an over-sized photo is scaled to this: far more than a face needs
+# Statuses that mean "not stored, try again later": the gateway's queue is down, read-only
+# after a failover, full, or this camera is over its rate.
+RETRYABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED)
+RETRYABLE_CODES = {code.value[0] for code in RETRYABLE}
 
 
 class UnreadableMedia(ValueError):
@@ -116,8 +121,8 @@ def video_frames(path: Path, max_frames: int | None = None, every: int = 1, star
 
 
 class CameraClient:
-    def __init__(self, address: str, camera_id: str, token: str, store_id: str) -> None:
-        self.channel = grpc.insecure_channel(address)
+    def __init__(self, address: str, camera_id: str, token: str, store_id: str, tls: ClientTLS | None = None) -> None:
+        self.channel = client_channel(address, tls)
         self.stub = rpc.FaceGatewayStub(self.channel)
         self.camera_id, self.store_id = camera_id, store_id
         self.metadata = (("x-camera-id", camera_id), ("authorization", f"Bearer {token}"))
@@ -137,31 +142,40 @@ class CameraClient:
             yield pb.CameraMessage(end=pb.SessionEnd(camera_id=self.camera_id, store_id=self.store_id,
                                                      session_id=session_id, frame_count=len(frames)))
 
-        acks = list(self.stub.StreamFrames(messages(), metadata=self.metadata))
-        return [self._retry_unavailable(ack, frames, session_id, phone_suffix) for ack in acks]
+        acks: dict[int, pb.FrameAck] = {}
+        try:
+            for ack in self.stub.StreamFrames(messages(), metadata=self.metadata):
+                acks[ack.sequence] = ack
+        except grpc.RpcError as err:  # the stream itself refused or cut: resend what has no ack
+            if err.code() not in RETRYABLE:
+                raise
+        unacked = grpc.StatusCode.UNAVAILABLE.value[0]
+        return [self._retry(acks.get(seq) or pb.FrameAck(session_id=session_id, sequence=seq, code=unacked),
+                            frames, session_id, phone_suffix)
+                for seq in [*range(len(frames)), -1]]
 
-    def _retry_unavailable(self, ack: pb.FrameAck, frames: list[bytes], session_id: str, phone_suffix: str,
-                           attempts: int = 20) -> pb.FrameAck:
-        """A frame refused as UNAVAILABLE (queue down) was not stored: send it again, with backoff."""
-        delay = 0.25
-        for _ in range(attempts):
-            if ack.code != grpc.StatusCode.UNAVAILABLE.value[0]:
-                return ack
+    def _retry(self, ack: pb.FrameAck, frames: list[bytes], session_id: str, phone_suffix: str,
+               give_up_after_s: float = 60.0) -> pb.FrameAck:
+        """A frame refused as UNAVAILABLE (queue down, failover) or RESOURCE_EXHAUSTED (over the
+        camera's rate, queue full) was not stored: send it again, backing off."""
+        delay, deadline = 0.25, time.monotonic() + give_up_after_s
+        while ack.code in RETRYABLE_CODES and time.monotonic() < deadline:
             time.sleep(delay)
             delay = min(delay * 2, 2.0)
             try:
                 if ack.sequence < 0:
                     ack = self.stub.EndSession(pb.SessionEnd(camera_id=self.camera_id, store_id=self.store_id,
                                                              session_id=session_id, frame_count=len(frames)),
-                                               metadata=self.metadata)
+                                               metadata=self.metadata, timeout=30)
                 else:
                     ack = self.stub.SubmitFrame(pb.Frame(
                         camera_id=self.camera_id, store_id=self.store_id, session_id=session_id,
                         capture_time_ms=int(time.time() * 1000), sequence=ack.sequence,
-                        image=frames[ack.sequence], phone_suffix=phone_suffix), metadata=self.metadata)
+                        image=frames[ack.sequence], phone_suffix=phone_suffix), metadata=self.metadata, timeout=30)
             except grpc.RpcError as err:
-                if err.code() != grpc.StatusCode.UNAVAILABLE:
+                if err.code() not in RETRYABLE:
                     raise
+                ack = pb.FrameAck(session_id=session_id, sequence=ack.sequence, code=err.code().value[0], message=err.details())
         return ack
 
     def close(self) -> None:

@@ -118,7 +118,7 @@ def _cmd_gateway(args) -> int:
     settings = _settings()
     if not settings.cameras_file:
         raise SystemExit("set FACEPAY_CAMERAS_FILE to the YAML file of stores, cameras and tokens (see README)")
-    serve_metrics(settings.metrics_port)
+    serve_metrics(settings.metrics_port, settings.metrics_address)
     server = serve(settings, CameraRegistry.from_file(settings.cameras_file))
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -137,7 +137,7 @@ def _cmd_worker(args) -> int:
 
     settings = _settings()
     torch.set_num_threads(settings.worker_threads)
-    serve_metrics(settings.metrics_port)
+    serve_metrics(settings.metrics_port, settings.metrics_address)
     StreamWorker(create_stage(args.stage, settings), settings).run()
     return 0
 
@@ -156,20 +156,22 @@ def _cmd_models(args) -> int:
 
 def _cmd_enroll(args) -> int:
     from facepay.enrollment import enroll_images, enroll_tree, gateway_target, photos_in
+    from facepay.grpc_tls import ClientTLS
 
     settings = load_settings()
     target = gateway_target(settings.grpc_address)
+    tls = ClientTLS.from_settings(settings)
     if args.user:
         if not args.images:
             raise SystemExit("--user needs --images DIR")
         images = [p.read_bytes() for p in photos_in(args.images)]
         if not images:
             raise SystemExit(f"no JPEG or PNG photos in {args.images}")
-        results = [enroll_images(target, settings.operator_token, args.user, args.tenant, images, args.phone_suffix)]
+        results = [enroll_images(target, settings.operator_token, args.user, args.tenant, images, args.phone_suffix, tls=tls)]
     else:
         with progress_bar("enrolling", "user") as progress:
             results = enroll_tree(settings.redis_url, args.tree, target, settings.operator_token, args.tenant,
-                                  inline_workers=args.workers, progress=progress)
+                                  inline_workers=args.workers, progress=progress, tls=tls)
     for result in results:
         print(json.dumps(result))
     return 0 if all(r["status"] == "enrolled" for r in results) else 1

@@ -105,8 +105,35 @@ class Settings:
     max_frame_age_s: int = 3600
     admin_max_age_s: int = 300
     metrics_port: int = 0  # Prometheus /metrics; 0 = off
+    metrics_address: str = "127.0.0.1"  # where /metrics listens; 0.0.0.0 for a scraper on the network
     grpc_address: str = "127.0.0.1:50051"
+    # gRPC TLS. The gateway refuses to listen on a non-loopback address without it, unless
+    # grpc_allow_plaintext says TLS is terminated in front of it (mesh, proxy).
+    grpc_tls_cert_file: str = ""  # gateway: PEM certificate chain
+    grpc_tls_key_file: str = ""  # gateway: PEM private key
+    grpc_tls_client_ca_file: str = ""  # gateway: CA of the cameras' client certificates (mutual TLS)
+    grpc_tls_require_client_cert: bool = False  # gateway: no certificate, no call (else optional)
+    grpc_tls_ca_file: str = ""  # clients: CA that signed the gateway's certificate (set → TLS)
+    grpc_tls_client_cert_file: str = ""  # clients: own certificate for mutual TLS
+    grpc_tls_client_key_file: str = ""
+    grpc_allow_plaintext: bool = False  # serve plaintext gRPC on a non-loopback address
     gateway_threads: int = 128  # concurrent gateway calls (camera streams, subscriptions, enrollments)
+    # Admission (services/gateway/guard.py): callers are authenticated from their metadata
+    # before a thread is given to them; each caller has its own share of the threads.
+    grpc_max_message_bytes: int = 0  # largest message received; 0 = max_image_bytes + 64 KiB
+    grpc_max_calls_per_camera: int = 4  # concurrent calls of one camera
+    grpc_max_calls_per_backend: int = 4  # concurrent calls with one store's backend token
+    grpc_max_calls_per_peer: int = 32  # concurrent calls from one IP address (all kinds)
+    grpc_health_reserved_calls: int = 8  # health checks, served outside gateway_threads
+    grpc_health_address: str = ""  # also serve health (only) here, plaintext: for probes that speak no TLS
+    grpc_idle_timeout_s: float = 30.0  # a call waiting this long for the client's next message is ended
+    camera_max_fps: float = 30.0  # per camera, token bucket
+    camera_burst: int = 100  # frames a camera may send at once above its rate
+    queue_max_lag: int = 5000  # refuse frames while the detector has this many undelivered; 0 = off
+    queue_max_memory_ratio: float = 0.9  # refuse frames above this share of Redis maxmemory; 0 = off
+    queue_max_memory_bytes: int = 0  # or above this used_memory (for a Redis without maxmemory); 0 = off
+    session_max_frames: int = 600  # frames (and highest sequence) of one payment session
+    session_max_duration_s: float = 120.0  # first frame to last accepted frame of one session
     worker_threads: int = 1  # torch intra-op threads per worker process
     log_format: str = "json"  # json | text
     policy: SessionPolicy = field(default_factory=SessionPolicy)

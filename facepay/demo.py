@@ -155,7 +155,7 @@ def run_demo(args) -> int:
 
 
 def _enroll_all(pipeline: Pipeline, script: Script) -> None:
-    with grpc.insecure_channel(pipeline.address) as channel:
+    with pipeline.channel() as channel:
         stub = rpc.FaceGatewayStub(channel)
         metadata = (("authorization", f"Bearer {pipeline.settings.operator_token}"),)
         for user, photos in script.enroll.items():
@@ -212,7 +212,7 @@ def _pay_all(pipeline: Pipeline, script: Script) -> None:
     rules = describe_rules(pipeline.settings.policy)  # one pipeline, one policy: every session runs these
     decisions: dict[str, pb.DecisionEvent] = {}
     arrived = threading.Condition()
-    channel = grpc.insecure_channel(pipeline.address)
+    channel = pipeline.channel()
     backend_token = pipeline.access["stores"][store]["backend_token"]
     subscription = rpc.FaceGatewayStub(channel).SubscribeDecisions(
         pb.SubscribeRequest(store_id=store), metadata=(("authorization", f"Bearer {backend_token}"),))
@@ -230,7 +230,7 @@ def _pay_all(pipeline: Pipeline, script: Script) -> None:
 
     threading.Thread(target=backend, daemon=True).start()
     time.sleep(0.5)
-    camera = CameraClient(pipeline.address, "cam-1", pipeline.access["cameras"]["cam-1"]["token"], store)
+    camera = CameraClient(pipeline.address, "cam-1", pipeline.access["cameras"]["cam-1"]["token"], store, tls=pipeline.tls)
     for i, session in enumerate(script.sessions):
         session_id = f"pos-{i + 1:03d}"
         started = time.monotonic()

@@ -11,11 +11,10 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
-import grpc
-
 from facepay.camera import IMAGE_SUFFIXES
 from facepay.config import load_settings
 from facepay.contract import pb, rpc
+from facepay.grpc_tls import ClientTLS, client_channel
 from facepay.jobs import run_jobs
 
 QUEUE = "facepay-enroll"
@@ -32,10 +31,10 @@ def photos_in(folder: Path) -> list[Path]:
 
 
 def enroll_images(target: str, operator_token: str, user_id: str, tenant: str, images: list[bytes],
-                  phone_suffix: str = "", timeout_s: float = 300) -> dict:
+                  phone_suffix: str = "", timeout_s: float = 300, tls: ClientTLS | None = None) -> dict:
     """One Enroll call; returns a plain summary (status, accepted count, reasons per photo)."""
     metadata = {"phone_suffix": phone_suffix} if phone_suffix else {}
-    with grpc.insecure_channel(target) as channel:
+    with client_channel(target, tls) as channel:
         reply = rpc.FaceGatewayStub(channel).Enroll(
             pb.EnrollRequest(user_id=user_id, tenant_id=tenant, images=images, metadata=metadata),
             metadata=(("authorization", f"Bearer {operator_token}"),), timeout=timeout_s)
@@ -50,18 +49,21 @@ def enroll_images(target: str, operator_token: str, user_id: str, tenant: str, i
     }
 
 
-def enroll_person_job(target: str, user_id: str, tenant: str, paths: list[str], phone_suffix: str = "") -> dict:
+def enroll_person_job(target: str, user_id: str, tenant: str, paths: list[str], phone_suffix: str = "",
+                      tls: ClientTLS | None = None) -> dict:
     """The rq job: one person's folder. The operator token is the rq worker's own setting:
-    job data lives in Redis, where anyone who can read it would find the token."""
+    job data lives in Redis, where anyone who can read it would find the token (tls names
+    certificate files, never their contents)."""
     operator_token = load_settings().operator_token
     if not operator_token:
         raise RuntimeError("FACEPAY_OPERATOR_TOKEN is not set in this rq worker's environment")
-    return enroll_images(target, operator_token, user_id, tenant, [Path(p).read_bytes() for p in paths], phone_suffix)
+    return enroll_images(target, operator_token, user_id, tenant, [Path(p).read_bytes() for p in paths], phone_suffix,
+                         tls=tls)
 
 
 def enroll_tree(redis_url: str, root: Path, target: str, operator_token: str, tenant: str,
                 inline_workers: int = 1, progress: Callable[[int, int], None] | None = None,
-                timeout_s: float | None = None) -> list[dict]:
+                timeout_s: float | None = None, tls: ClientTLS | None = None) -> list[dict]:
     """One rq job per person folder (see `facepay.jobs.run_jobs` for the workers)."""
     import redis
     from rq import Queue
@@ -69,6 +71,6 @@ def enroll_tree(redis_url: str, root: Path, target: str, operator_token: str, te
     queue = Queue(QUEUE, connection=redis.Redis.from_url(redis_url))
     people = [d for d in sorted(Path(root).iterdir()) if d.is_dir() and photos_in(d)]
     jobs = [queue.enqueue(enroll_person_job, target, d.name, tenant, [str(p) for p in photos_in(d)],
-                          job_timeout=600, result_ttl=86400) for d in people]
+                          tls=tls, job_timeout=600, result_ttl=86400) for d in people]
     return run_jobs(redis_url, QUEUE, jobs, inline_workers, progress, timeout_s,
                     worker_env={"FACEPAY_OPERATOR_TOKEN": operator_token})

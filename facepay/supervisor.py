@@ -20,6 +20,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from facepay import keys
 from facepay.config import Settings
+from facepay.grpc_tls import ClientTLS, client_channel, make_local_certificates
 from facepay.runtime.embedded import EmbeddedValkey, free_port
 from facepay.stages import STAGES
 
@@ -35,6 +36,23 @@ def settings_to_env(settings: Settings) -> dict[str, str]:
         else:
             env[f"FACEPAY_{name.upper()}"] = str(value)
     return env
+
+
+def write_private(path: Path, text: str) -> None:
+    """A file of secrets (tokens), readable by its owner only, from its first byte."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    os.fchmod(fd, 0o600)  # an existing file keeps its old mode through O_CREAT
+    with os.fdopen(fd, "w") as fh:
+        fh.write(text)
+
+
+def with_local_tls(settings: Settings, directory: Path) -> Settings:
+    """The gateway speaks TLS here too (secure by default): a throw-away CA and certificate for
+    loopback, unless the settings bring their own."""
+    if settings.grpc_tls_cert_file:
+        return settings
+    ca, cert, key = make_local_certificates(directory)
+    return settings.replace(grpc_tls_cert_file=str(cert), grpc_tls_key_file=str(key), grpc_tls_ca_file=str(ca))
 
 
 def demo_access(stores: dict[str, list[str]], tenant: str = "demo") -> dict:
@@ -61,7 +79,7 @@ class Pipeline:
         self.replicas = {name: 1 for name in STAGES} | (replicas or {})
         self.valkey = EmbeddedValkey(self.workdir / "valkey") if embedded else None
         cameras_file = self.workdir / "cameras.yaml"
-        cameras_file.write_text(yaml.safe_dump(access))
+        write_private(cameras_file, yaml.safe_dump(access))
         self.keys_dir = self.workdir / "keys"
         trusted_file = keys.generate(self.keys_dir)
         self.settings = settings.replace(
@@ -72,12 +90,21 @@ class Pipeline:
             key_file="", trusted_keys_file=str(trusted_file), operator_key_file=str(self.keys_dir / "operator.key"),
             gallery_url=settings.gallery_url if "://./" not in settings.gallery_url else f"edge://{self.workdir / 'gallery'}",
         )
+        self.settings = with_local_tls(self.settings, self.workdir / "tls")
         self.processes: dict[str, subprocess.Popen] = {}
         self.metrics_ports: dict[str, int] = {}
 
     @property
     def address(self) -> str:
         return self.settings.grpc_address
+
+    @property
+    def tls(self) -> ClientTLS | None:
+        return ClientTLS.from_settings(self.settings)
+
+    def channel(self) -> grpc.Channel:
+        """A channel to this pipeline's gateway (TLS, with the pipeline's own CA)."""
+        return client_channel(self.address, self.tls)
 
     def start(self, timeout_s: float = 120.0) -> Pipeline:
         if self.valkey:
@@ -107,7 +134,7 @@ class Pipeline:
 
         deadline = time.monotonic() + timeout_s
         client = redis.Redis.from_url(self.settings.redis_url)
-        with grpc.insecure_channel(self.address) as channel:
+        with self.channel() as channel:
             stub = health_pb2_grpc.HealthStub(channel)
             while time.monotonic() < deadline:
                 self._check_alive()

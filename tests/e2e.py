@@ -33,7 +33,7 @@ def start_pipeline(workdir: Path, policy: SessionPolicy, redis_url: str | None =
 
 
 def enroll(pipeline: Pipeline, user: str, images: list[bytes], tenant: str = "demo", **metadata) -> pb.EnrollResponse:
-    with grpc.insecure_channel(pipeline.address) as channel:
+    with pipeline.channel() as channel:
         return rpc.FaceGatewayStub(channel).Enroll(
             pb.EnrollRequest(user_id=user, tenant_id=tenant, images=images, metadata=metadata),
             metadata=(("authorization", f"Bearer {pipeline.settings.operator_token}"),), timeout=300)
@@ -41,7 +41,7 @@ def enroll(pipeline: Pipeline, user: str, images: list[bytes], tenant: str = "de
 
 def camera(pipeline: Pipeline, camera_id: str) -> CameraClient:
     store = pipeline.access["cameras"][camera_id]["store"]
-    return CameraClient(pipeline.address, camera_id, pipeline.access["cameras"][camera_id]["token"], store)
+    return CameraClient(pipeline.address, camera_id, pipeline.access["cameras"][camera_id]["token"], store, tls=pipeline.tls)
 
 
 class Backend:
@@ -51,7 +51,7 @@ class Backend:
         self.events: list[pb.DecisionEvent] = []
         self.signed: list[dict] = []
         self._arrived = threading.Condition()
-        self._channel = grpc.insecure_channel(pipeline.address)
+        self._channel = pipeline.channel()
         token = pipeline.access["stores"][store]["backend_token"]
         self._call = rpc.FaceGatewayStub(self._channel).SubscribeDecisions(
             pb.SubscribeRequest(store_id=store, after_entry_id="0-0"), metadata=(("authorization", f"Bearer {token}"),))

@@ -26,6 +26,10 @@ DECISION_LATENCY = Histogram(
 )
 
 
-def serve_metrics(port: int) -> None:
-    if port:
-        start_http_server(port, addr="0.0.0.0")
+def serve_metrics(port: int, address: str = "127.0.0.1"):
+    """Serve /metrics on address:port (loopback unless told otherwise: the figures describe the
+    traffic); returns the HTTP server, or None when port is 0."""
+    if not port:
+        return None
+    server, _thread = start_http_server(port, addr=address)
+    return server

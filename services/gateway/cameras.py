@@ -68,6 +68,16 @@ class CameraRegistry:
             raise AccessDenied(True, "unknown camera or wrong token")
         return camera
 
+    def backend_for_token(self, token: str) -> Store:
+        """The store whose backend token this is (checked against every store, in constant time each)."""
+        found = None
+        for store in self.stores.values():
+            if store.backend_token and hmac.compare_digest(store.backend_token.encode(), token.encode()):
+                found = store
+        if found is None:
+            raise AccessDenied(True, "unknown store or wrong backend token")
+        return found
+
     def backend(self, store_id: str, token: str) -> Store:
         store = self.stores.get(store_id)
         if store is None or not store.backend_token or not hmac.compare_digest(store.backend_token.encode(), token.encode()):

@@ -9,6 +9,7 @@ import hmac
 import json
 import logging
 import re
+import threading
 import time
 import uuid
 from concurrent import futures
@@ -22,6 +23,7 @@ from grpc_reflection.v1alpha import reflection
 from facepay.config import Settings
 from facepay.contract import pb, reason_value, rpc
 from facepay.decisions import to_proto
+from facepay.grpc_tls import is_loopback, server_credentials
 from facepay.images import ImageError, decode_image
 from facepay.keys import load_keyring
 from facepay.messages import FIELD, FrameMsg, FrameRef, Message, SessionEndMsg
@@ -29,18 +31,17 @@ from facepay.runtime import metrics
 from facepay.runtime.envelope import Unauthenticated, attest, open_entry, seal
 from facepay.runtime.redis_conn import TRANSIENT, connect
 from services.gateway.cameras import AccessDenied, Camera, CameraRegistry
+from services.gateway.guard import (FrameLimits, FrameRefused, Guard, HealthCheckOnly, check_session, max_message_bytes,
+                                    redis_errors_as_status)
+from services.recognizer.state import decided_key
 
 log = logging.getLogger(__name__)
 
 SESSION_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 ENTRY_ID = re.compile(r"^\d+(-\d+)?$")
+PHONE_SUFFIX = re.compile(r"^\d{0,8}$")
 ENROLL_TIMEOUT_S = 120.0
-
-
-class FrameRefused(Exception):
-    def __init__(self, code: grpc.StatusCode, message: str) -> None:
-        super().__init__(message)
-        self.code = code
+REFUSAL_THREADS = 8  # beyond the shares: threads that answer refused calls at once
 
 
 class Gateway(rpc.FaceGatewayServicer):
@@ -51,6 +52,7 @@ class Gateway(rpc.FaceGatewayServicer):
         self.frames_stream = settings.key("frames")
         # It signs every entry and attests every frame's origin: no key, no start.
         self.keys = load_keyring(settings.key_file, settings.trusted_keys_file, "gateway")
+        self.frame_limits = FrameLimits(settings, self.redis)
 
     # ---- cameras ---------------------------------------------------------------------------
     def StreamFrames(self, request_iterator, context):
@@ -108,13 +110,18 @@ class Gateway(rpc.FaceGatewayServicer):
     def _queue_frame(self, camera: Camera, frame) -> str:
         try:
             self._check_origin(camera, frame.camera_id, frame.store_id, frame.session_id)
-            if frame.sequence < 0:
-                raise FrameRefused(grpc.StatusCode.INVALID_ARGUMENT, "sequence must be ≥ 0")
+            if not 0 <= frame.sequence < self.settings.session_max_frames:
+                raise FrameRefused(grpc.StatusCode.INVALID_ARGUMENT,
+                                   f"sequence must be 0 … {self.settings.session_max_frames - 1} (frames of one session)")
+            if not PHONE_SUFFIX.match(frame.phone_suffix):
+                raise FrameRefused(grpc.StatusCode.INVALID_ARGUMENT, "phone_suffix must be at most 8 digits")
             try:
                 decode_image(frame.image, self.settings.max_image_bytes, self.settings.max_image_pixels,
                              declared=(frame.width, frame.height))
             except ImageError as bad:
                 raise FrameRefused(grpc.StatusCode.INVALID_ARGUMENT, f"frame {frame.sequence}: {bad}") from bad
+            self.frame_limits.admit(camera.camera_id)
+            self._check_session(camera, frame.session_id, frame=True)
         except FrameRefused as refused:
             metrics.FRAMES_REJECTED.labels(refused.code.name).inc()
             log.info("frame refused", extra={"camera": camera.camera_id, "session_id": frame.session_id,
@@ -128,10 +135,15 @@ class Gateway(rpc.FaceGatewayServicer):
 
     def _queue_end(self, camera: Camera, end) -> str:
         self._check_origin(camera, end.camera_id, end.store_id, end.session_id)
-        if end.frame_count <= 0:
-            raise FrameRefused(grpc.StatusCode.INVALID_ARGUMENT, "frame_count must be > 0")
+        if not 0 < end.frame_count <= self.settings.session_max_frames:
+            raise FrameRefused(grpc.StatusCode.INVALID_ARGUMENT, f"frame_count must be 1 … {self.settings.session_max_frames}")
+        self._check_session(camera, end.session_id, frame=False)
         ref = self._ref(camera, end.session_id, -1, 0)
         return self._xadd(SessionEndMsg(ref=ref, frame_count=end.frame_count))
+
+    def _check_session(self, camera: Camera, session_id: str, frame: bool) -> None:
+        key = decided_key(f"{camera.store.store_id}/{session_id}")  # as state.session_key(ref) spells it
+        check_session(self.redis, self.settings, key, camera.store.store_id, session_id, frame)
 
     def _ref(self, camera: Camera, session_id: str, sequence: int, captured_ms: int, image: bytes | None = None,
              **extra) -> FrameRef:
@@ -141,14 +153,12 @@ class Gateway(rpc.FaceGatewayServicer):
         return attest(ref, self.keys.signer, image)
 
     def _xadd(self, message: Message) -> str:
-        """Queue durably; an unreachable Redis is UNAVAILABLE, so the camera retries the frame."""
+        """Queue durably; a Redis that cannot take it is UNAVAILABLE or RESOURCE_EXHAUSTED, so
+        the camera retries the frame."""
         fields = seal({FIELD: message.encode()}, self.frames_stream, self.keys.signer)
-        try:
+        with redis_errors_as_status(self.redis, "queue"):
             entry_id = self.redis.xadd(self.frames_stream, fields,
                                        maxlen=self.settings.stream_maxlen, approximate=True)
-        except TRANSIENT as exc:
-            metrics.FRAMES_REJECTED.labels("UNAVAILABLE").inc()
-            raise FrameRefused(grpc.StatusCode.UNAVAILABLE, f"queue unavailable, retry: {exc}") from exc
         return entry_id.decode()
 
     # ---- enrollment ------------------------------------------------------------------------
@@ -266,12 +276,36 @@ def _enroll_response(result: dict) -> pb.EnrollResponse:
                              duplicate_of=result["duplicate_of"], duplicate_score=result["duplicate_score"])
 
 
-def serve(settings: Settings, registry: CameraRegistry) -> grpc.Server:
-    # A camera stream, a subscription or an enrollment holds a thread while it lasts: beyond
-    # the pool, new calls get RESOURCE_EXHAUSTED at once instead of waiting unseen.
-    threads = settings.gateway_threads
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=threads), maximum_concurrent_rpcs=threads,
-                         options=[("grpc.max_receive_message_length", 64 << 20)])
+class GatewayServer:
+    """The gateway's gRPC server and, when configured, its health-only server."""
+
+    def __init__(self, main: grpc.Server, health_only: grpc.Server | None, guard: Guard) -> None:
+        self.main, self.health_only, self.guard = main, health_only, guard
+
+    def stop(self, grace: float | None) -> threading.Event:
+        self.guard.close()
+        if self.health_only:
+            self.health_only.stop(grace)
+        return self.main.stop(grace)
+
+    def wait_for_termination(self, timeout: float | None = None) -> bool:
+        return self.main.wait_for_termination(timeout)
+
+
+def serve(settings: Settings, registry: CameraRegistry) -> GatewayServer:
+    credentials = server_credentials(settings)
+    if credentials is None and not is_loopback(settings.grpc_address) and not settings.grpc_allow_plaintext:
+        raise ValueError(f"refusing to serve plaintext gRPC on {settings.grpc_address}: tokens and faces would cross the "
+                         "network in clear. Set FACEPAY_GRPC_TLS_CERT_FILE and FACEPAY_GRPC_TLS_KEY_FILE, or "
+                         "FACEPAY_GRPC_ALLOW_PLAINTEXT=1 when TLS is terminated in front of the gateway")
+    # A camera stream, a subscription or an enrollment holds a thread while it lasts. The guard
+    # admits calls into shares of gateway_threads (RESOURCE_EXHAUSTED at once beyond them); the
+    # pool also holds the health checks' reserve and threads that answer refused calls.
+    threads = settings.gateway_threads + settings.grpc_health_reserved_calls + REFUSAL_THREADS
+    guard = Guard(settings, registry)
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=threads, thread_name_prefix="gateway"),
+                         interceptors=[guard],
+                         options=[("grpc.max_receive_message_length", max_message_bytes(settings))])
     rpc.add_FaceGatewayServicer_to_server(Gateway(settings, registry), server)
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
@@ -279,9 +313,26 @@ def serve(settings: Settings, registry: CameraRegistry) -> grpc.Server:
     health_servicer.set("facepay.v1.FaceGateway", health_pb2.HealthCheckResponse.SERVING)
     names = (pb.DESCRIPTOR.services_by_name["FaceGateway"].full_name, health.SERVICE_NAME, reflection.SERVICE_NAME)
     reflection.enable_server_reflection(names, server)
-    port = server.add_insecure_port(settings.grpc_address)
-    if port == 0:
-        raise OSError(f"cannot listen on {settings.grpc_address}")
+    _listen(server, settings.grpc_address, credentials)
+    health_only = _health_only_server(settings, health_servicer) if settings.grpc_health_address else None
     server.start()
-    log.info("gateway listening", extra={"address": settings.grpc_address})
+    log.info("gateway listening", extra={"address": settings.grpc_address, "tls": credentials is not None,
+                                         "health_address": settings.grpc_health_address})
+    return GatewayServer(server, health_only, guard)
+
+
+def _listen(server: grpc.Server, address: str, credentials: grpc.ServerCredentials | None) -> None:
+    port = server.add_secure_port(address, credentials) if credentials else server.add_insecure_port(address)
+    if port == 0:
+        raise OSError(f"cannot listen on {address}")
+
+
+def _health_only_server(settings: Settings, servicer: health.HealthServicer) -> grpc.Server:
+    """Health alone, plaintext, on its own small pool: Kubernetes' gRPC probe speaks no TLS, and
+    a health answer carries no secret. Watch streams are refused here (one-shot probes)."""
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2, thread_name_prefix="health"), maximum_concurrent_rpcs=8,
+                         interceptors=[HealthCheckOnly()], options=[("grpc.max_receive_message_length", 4096)])
+    health_pb2_grpc.add_HealthServicer_to_server(servicer, server)
+    _listen(server, settings.grpc_health_address, None)
+    server.start()
     return server
