@@ -5,14 +5,15 @@ from __future__ import annotations
 import types
 import uuid
 
+import grpc
 import pytest
 
-from facepay import keys
 from facepay.config import Settings
 from facepay.runtime.embedded import EmbeddedValkey, free_port
 from facepay.supervisor import demo_access
 from services.gateway.cameras import CameraRegistry
 from services.gateway.server import serve
+from tests.keysets import signing_as
 from tests.e2e import Backend, wait_until
 
 
@@ -20,14 +21,12 @@ from tests.e2e import Backend, wait_until
 def gateway(tmp_path_factory):
     """A real gateway on a real Valkey: all a payment backend talks to."""
     access = demo_access({"store-1": ["cam-1"]})
-    key_dir = tmp_path_factory.mktemp("keys")
-    keys.generate(key_dir)
     with EmbeddedValkey(tmp_path_factory.mktemp("vk")) as valkey:
         settings = Settings(redis_url=valkey.url, namespace=f"h{uuid.uuid4().hex[:6]}",
-                            grpc_address=f"127.0.0.1:{free_port()}", key_file=str(key_dir / "gateway.key"),
-                            trusted_keys_file=str(key_dir / "trusted.yaml"))
+                            grpc_address=f"127.0.0.1:{free_port()}", **signing_as("gateway"))
         server = serve(settings, CameraRegistry.from_dict(access))
-        yield types.SimpleNamespace(address=settings.grpc_address, access=access, settings=settings)
+        yield types.SimpleNamespace(address=settings.grpc_address, access=access, settings=settings,
+                                    channel=lambda: grpc.insecure_channel(settings.grpc_address))
         server.stop(0)
 
 

@@ -16,7 +16,6 @@ import grpc
 import pytest
 import redis
 
-from facepay import keys
 from facepay.config import Settings
 from facepay.contract import pb, rpc
 from facepay.decisions import EventRefused, SeenEvents, consume, to_proto, verify_event
@@ -25,6 +24,7 @@ from facepay.signing import sign
 from facepay.supervisor import demo_access
 from services.gateway.cameras import CameraRegistry
 from services.gateway.server import serve
+from tests.keysets import signing_as
 
 KEY_ID, KEY = "k1", "22" * 32
 KEYS = {KEY_ID: KEY}
@@ -124,13 +124,10 @@ def test_consume_yields_each_of_its_stores_events_once_and_skips_the_rest(valkey
 
 
 @pytest.fixture(scope="module")
-def gateway(valkey, tmp_path_factory):
+def gateway(valkey):
     access = demo_access({"store-1": ["cam-1"], "store-2": ["cam-2"]})
-    key_dir = tmp_path_factory.mktemp("keys")
-    keys.generate(key_dir)
     settings = Settings(redis_url=valkey.url, namespace=f"ev{uuid.uuid4().hex[:6]}",
-                        grpc_address=f"127.0.0.1:{free_port()}", key_file=str(key_dir / "gateway.key"),
-                        trusted_keys_file=str(key_dir / "trusted.yaml"))
+                        grpc_address=f"127.0.0.1:{free_port()}", **signing_as("gateway"))
     server = serve(settings, CameraRegistry.from_dict(access))
     yield settings, access
     server.stop(0)

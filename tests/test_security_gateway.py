@@ -29,6 +29,7 @@ from facepay.runtime.embedded import EmbeddedValkey, free_port
 from facepay.supervisor import demo_access
 from services.gateway.cameras import CameraRegistry
 from services.gateway.server import serve
+from tests.keysets import signing_as
 from tests.test_gateway import png_claiming
 
 CAMERA_METHODS = ("SubmitFrame", "EndSession")
@@ -54,7 +55,8 @@ class Gateway:
     def __init__(self, valkey: EmbeddedValkey, tls=None, **overrides) -> None:
         self.access = demo_access({"store-1": ["cam-1", "cam-3"], "store-2": ["cam-2"]})
         self.settings = Settings(redis_url=valkey.url, namespace=f"sg{uuid.uuid4().hex[:6]}",
-                                 grpc_address=f"127.0.0.1:{free_port()}", operator_token="op-token", **overrides)
+                                 grpc_address=f"127.0.0.1:{free_port()}", operator_token="op-token",
+                                 **(signing_as("gateway") | overrides))
         self.server = serve(self.settings, CameraRegistry.from_dict(self.access))
         self.tls = tls
         self.redis = redis.Redis.from_url(valkey.url)
@@ -373,7 +375,7 @@ def test_required_client_certificates_keep_out_a_caller_without_one(valkey, tmp_
 
 def test_a_network_address_without_tls_is_refused_unless_plaintext_is_allowed(valkey):
     access = demo_access({"store-1": ["cam-1"]})
-    settings = Settings(redis_url=valkey.url, grpc_address=f"0.0.0.0:{free_port()}")
+    settings = Settings(redis_url=valkey.url, grpc_address=f"0.0.0.0:{free_port()}", **signing_as("gateway"))
     with pytest.raises(ValueError, match="FACEPAY_GRPC_ALLOW_PLAINTEXT"):
         serve(settings, CameraRegistry.from_dict(access))
     server = serve(settings.replace(grpc_allow_plaintext=True), CameraRegistry.from_dict(access))
