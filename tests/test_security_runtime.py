@@ -225,7 +225,8 @@ def test_a_server_loading_its_data_after_a_restart_is_waited_out(tmp_path):
             worker = StreamWorker(Upper(), settings, consumer="c1")
             with running(worker) as crashed:
                 wait_for(lambda: backpressure_waits("upper", "loading") > waits_before, crashed, what="LOADING seen")
-                wait_for(lambda: len(outputs(client, settings)) >= 6, crashed, timeout_s=60, what="all outputs")
+                wait_for(lambda: not loading() and len(outputs(client, settings)) >= 6, crashed, timeout_s=60,
+                         what="all outputs")
             assert not crashed
             assert sequences(client, settings) == list(range(6))
             assert dead_letters(client, settings) == []

@@ -135,8 +135,9 @@ class Gateway(rpc.FaceGatewayServicer):
     def _xadd(self, message: Message) -> str:
         """Queue durably; an unreachable Redis is UNAVAILABLE, so the camera retries the frame."""
         try:
-            entry_id = self.redis.xadd(self.frames_stream, {b"m": message.encode()},
-                                       maxlen=self.settings.stream_maxlen, approximate=True)
+            # No inline MAXLEN: it would trim frames no stage has read yet. The workers trim
+            # safely (never past a group's delivery point); a full queue is back-pressure.
+            entry_id = self.redis.xadd(self.frames_stream, {b"m": message.encode()})
         except TRANSIENT as exc:
             metrics.FRAMES_REJECTED.labels("UNAVAILABLE").inc()
             raise FrameRefused(grpc.StatusCode.UNAVAILABLE, f"queue unavailable, retry: {exc}") from exc
