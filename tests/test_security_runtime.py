@@ -110,6 +110,7 @@ def test_a_full_redis_is_back_pressure_the_worker_waits_then_processes_every_ent
                             claim_idle_ms=300, max_deliveries=2)
         client = redis.Redis.from_url(server.url)
         push(client, settings, *[frame("s", i, b"ab%d" % i) for i in range(12)])
+        client.xgroup_create(settings.key("in"), "upper", id="0")  # a running stage has its group
         # maxmemory below what is used, with the default noeviction policy: every write is refused
         # with "OOM command not allowed when used memory > 'maxmemory'".
         client.config_set("maxmemory", client.info("memory")["used_memory"] - 1)
@@ -118,6 +119,7 @@ def test_a_full_redis_is_back_pressure_the_worker_waits_then_processes_every_ent
         worker = StreamWorker(Upper(), settings, consumer="c1")
         with running(worker) as crashed:
             wait_for(lambda: backpressure_waits("upper", "oom") >= waits_before + 3, crashed, what="back-pressure waits")
+            assert pending(client, settings) == 4, "a batch is in hand"
             assert client.xlen(settings.key("out")) == 0, "nothing could be written"
             client.config_set("maxmemory", 0)  # the operator makes room
             wait_for(lambda: len(outputs(client, settings)) >= 12, crashed, what="all outputs")
@@ -125,6 +127,28 @@ def test_a_full_redis_is_back_pressure_the_worker_waits_then_processes_every_ent
         assert not crashed
         assert sequences(client, settings) == list(range(12)), "every entry processed exactly once"
         assert pending(client, settings) == 0 and dead_letters(client, settings) == []
+
+
+def test_while_redis_is_full_an_idle_replica_does_not_take_over_the_batch_another_holds(tmp_path):
+    with EmbeddedValkey(tmp_path / "vk") as server:
+        settings = Settings(redis_url=server.url, namespace="oom2", batch_size=8, batch_wait_ms=10,
+                            claim_idle_ms=300, max_deliveries=2)
+        client = redis.Redis.from_url(server.url)
+        push(client, settings, *[frame("s", i) for i in range(8)])
+        client.xgroup_create(settings.key("in"), "upper", id="0")  # a running stage has its group
+        client.config_set("maxmemory", client.info("memory")["used_memory"] - 1)
+        holder, idle = StreamWorker(Upper(), settings, consumer="holder"), StreamWorker(Upper(), settings, consumer="idle")
+        with running(holder) as crashed:
+            wait_for(lambda: pending(client, settings) == 8, crashed, what="batch in hand")
+            with running(idle) as crashed_too:
+                time.sleep(2.0)  # many times claim_idle_ms
+                assert not crashed_too
+                owners = {p["consumer"] for p in client.xpending_range(settings.key("in"), "upper", "-", "+", 10)}
+                assert owners == {b"holder"}, "the held batch stays with the worker holding it"
+                client.config_set("maxmemory", 0)
+                wait_for(lambda: len(outputs(client, settings)) >= 8, crashed, what="all outputs")
+                time.sleep(1.0)
+        assert sequences(client, settings) == list(range(8)), "each entry processed exactly once"
 
 
 def test_a_read_only_replica_is_back_pressure_until_it_is_promoted(tmp_path):

@@ -45,11 +45,11 @@ class Backoff:
         self.next_s = first_s
         self.waiting_since: float | None = None
 
-    def wait(self) -> float:
+    def wait(self, at_most_s: float | None = None) -> float:
         """Sleep the current delay; returns how long this stretch of waiting has lasted so far."""
         now = time.monotonic()
         self.waiting_since = self.waiting_since or now
-        time.sleep(self.next_s)
+        time.sleep(self.next_s if at_most_s is None else min(self.next_s, at_most_s))
         self.next_s = min(self.next_s * 2, self.max_s)
         return time.monotonic() - self.waiting_since
 

@@ -157,8 +157,7 @@ class StreamWorker:
                 self._handle(batch)
         except redis.RedisError as exc:
             kind = backpressure_kind(exc)
-            if kind is not None:
-                self._group_ready = False
+            if kind is not None:  # (a group lost with the server's data shows up as NOGROUP)
                 self._wait_out(kind, exc, "loop")
                 return
             if "NOGROUP" not in str(exc):
@@ -181,9 +180,13 @@ class StreamWorker:
         try:
             self.redis.xgroup_create(self.stream, self.group, id="0", mkstream=True)
         except redis.ResponseError as exc:
-            if "BUSYGROUP" not in str(exc):
+            # A full server refuses XGROUP CREATE even when the group exists: look before waiting.
+            if "BUSYGROUP" not in str(exc) and not (backpressure_kind(exc) == "oom" and self._group_exists()):
                 raise
         self._group_ready = True
+
+    def _group_exists(self) -> bool:
+        return any(g["name"] in (self.group, self.group.encode()) for g in self.redis.xinfo_groups(self.stream))
 
     def _read_batch(self) -> list[Entry]:
         """Up to batch_size entries: block for the first, then wait at most batch_wait_ms."""
@@ -215,7 +218,8 @@ class StreamWorker:
             return
         started = time.perf_counter()
         try:
-            emits = self._until_accepted(lambda: self.stage.process([m for _, m in good]), "stage")
+            emits = self._until_accepted(lambda: self.stage.process([m for _, m in good]), "stage",
+                                         holding=[e.id for e, _ in good])
         except Exception as exc:
             if backpressure_kind(exc):
                 raise  # stopping while Redis refuses: the batch stays pending, nothing failed
@@ -231,7 +235,7 @@ class StreamWorker:
 
     def _handle_one(self, entry: Entry, message: Message) -> None:
         try:
-            emits = self._until_accepted(lambda: self.stage.process([message]), "stage")
+            emits = self._until_accepted(lambda: self.stage.process([message]), "stage", holding=[entry.id])
         except Exception as exc:
             if backpressure_kind(exc):
                 raise
@@ -269,12 +273,12 @@ class StreamWorker:
             pipe.expire(self._errors_key, 7 * 24 * 3600)
             return int(pipe.execute()[0])
 
-        return self._until_accepted(write, "count failure")
+        return self._until_accepted(write, "count failure", holding=[entry.id])
 
     def _commit(self, entries: list[Entry], emits: list[Emit]) -> None:
         """Write outputs and acknowledge inputs in one MULTI/EXEC transaction; a Redis that
         refuses for now (full, read-only, loading, unreachable) is waited out holding them."""
-        self._until_accepted(lambda: self._write_commit(entries, emits), "commit")
+        self._until_accepted(lambda: self._write_commit(entries, emits), "commit", holding=[e.id for e in entries])
 
     def _write_commit(self, entries: list[Entry], emits: list[Emit]) -> None:
         pipe = self.redis.pipeline(transaction=True)
@@ -309,12 +313,14 @@ class StreamWorker:
             pipe.hdel(self._errors_key, *self._failure_fields(entry.id))
             pipe.execute()
 
-        self._until_accepted(write, "dead letter")
+        self._until_accepted(write, "dead letter", holding=[entry.id])
 
     # ---- back-pressure: Redis refusing for now -----------------------------------------------
-    def _until_accepted(self, attempt: Callable[[], T], what: str) -> T:
+    def _until_accepted(self, attempt: Callable[[], T], what: str, holding: list[bytes] = ()) -> T:
         """Call attempt until Redis stops refusing (OOM, READONLY, LOADING, MASTERDOWN, down),
-        waiting with a bounded backoff; re-raises only if the worker is asked to stop."""
+        waiting with a bounded backoff; re-raises only if the worker is asked to stop.
+        `holding`: the pending entries in hand, kept ours meanwhile (see _keep_holding)."""
+        last_refresh = time.monotonic()
         while True:
             try:
                 result = attempt()
@@ -322,12 +328,25 @@ class StreamWorker:
                 kind = backpressure_kind(exc)
                 if kind is None or self._stopping:
                     raise
-                self._wait_out(kind, exc, what)
+                # Holding entries: wake often enough to keep them ours (claim_idle_ms / 3).
+                self._wait_out(kind, exc, what, self.settings.claim_idle_ms / 3000 if holding else None)
+                if holding and time.monotonic() - last_refresh >= self.settings.claim_idle_ms / 3000:
+                    last_refresh = time.monotonic()
+                    self._keep_holding(holding)
                 continue
             self._resumed(what)
             return result
 
-    def _wait_out(self, kind: str, exc: Exception, what: str) -> None:
+    def _keep_holding(self, entry_ids: list[bytes]) -> None:
+        """Reset the idle time of the entries in hand (XCLAIM to ourselves, allowed on a full
+        server), so that an idle replica does not reclaim a batch this worker is waiting to
+        commit and process it a second time."""
+        try:
+            self.redis.xclaim(self.stream, self.group, self.consumer, 0, list(entry_ids), justid=True)
+        except redis.RedisError as exc:
+            log.debug("could not refresh entries in hand", extra={"stage": self.group, "error": str(exc)[:300]})
+
+    def _wait_out(self, kind: str, exc: Exception, what: str, at_most_s: float | None = None) -> None:
         metrics.BACKPRESSURE.labels(self.group, kind).inc()
         now = time.monotonic()
         if now - self._last_backpressure_log >= BACKPRESSURE_LOG_EVERY_S:
@@ -339,7 +358,7 @@ class StreamWorker:
             self.redis.connection_pool.disconnect()
         if kind == "oom" and now - self._last_trim >= 5.0:
             self._trim_freeing_memory()
-        self._backoff.wait()
+        self._backoff.wait(at_most_s)
 
     def _resumed(self, what: str) -> None:
         waited = self._backoff.reset()
@@ -429,7 +448,7 @@ class StreamWorker:
             return
         # Marked first: if this process dies now, the next reclaimer knows this entry did it.
         alone = self._failure_fields(entry.id)[2]
-        self._until_accepted(lambda: self.redis.hset(self._errors_key, alone, self.consumer), "mark")
+        self._until_accepted(lambda: self.redis.hset(self._errors_key, alone, self.consumer), "mark", holding=[entry.id])
         self._handle_one(entry, message)
 
     def _update_gauges(self) -> None:
