@@ -72,13 +72,13 @@ def connect(url: str, block_ms: int = 1000) -> redis.Redis:
 
 
 def with_retry(fn: Callable[[], T], what: str, deadline_s: float = 60.0) -> T:
-    """Call fn until the server answers (restart, loading AOF); give up after deadline_s."""
+    """Call fn until the server answers (restart, loading AOF, full, read-only); give up after deadline_s."""
     delay, start = 0.1, time.monotonic()
     while True:
         try:
             return fn()
-        except TRANSIENT as exc:
-            if time.monotonic() - start > deadline_s:
+        except redis.RedisError as exc:
+            if backpressure_kind(exc) is None or time.monotonic() - start > deadline_s:
                 raise
             log.warning("redis unavailable, retrying", extra={"what": what, "error": str(exc), "retry_in_s": delay})
             time.sleep(delay)

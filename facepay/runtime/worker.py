@@ -41,7 +41,7 @@ import redis
 from facepay.config import Settings
 from facepay.messages import FIELD, MalformedMessage, Message, decode
 from facepay.runtime import metrics
-from facepay.runtime.redis_conn import Backoff, backpressure_kind, connect, with_retry
+from facepay.runtime.redis_conn import Backoff, backpressure_kind, connect
 from facepay.runtime.stage import Emit, Stage
 
 log = logging.getLogger(__name__)
@@ -135,7 +135,7 @@ class StreamWorker:
     def run(self) -> None:
         self._install_signal_handlers()
         self.stage.start()
-        with_retry(lambda: self.redis.sadd(self.settings.key("workers", "ready"), self.consumer), "register worker")
+        self._until_accepted(lambda: self.redis.sadd(self.settings.key("workers", "ready"), self.consumer), "register worker")
         log.info("worker started", extra={"stage": self.group, "stream": self.stream, "consumer": self.consumer})
         try:
             while not self._stopping:
