@@ -18,7 +18,6 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import grpc
-import pytest
 import redis
 from prometheus_client import REGISTRY
 
