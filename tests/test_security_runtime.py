@@ -150,6 +150,32 @@ def test_while_redis_is_full_an_idle_replica_does_not_take_over_the_batch_anothe
         assert sequences(client, settings) == list(range(8)), "each entry processed exactly once"
 
 
+def run_upper_worker(url: str, namespace: str) -> None:
+    """Entry point of a worker subprocess (run() installs signal handlers: main thread only)."""
+    settings = Settings(redis_url=url, namespace=namespace, batch_size=4, batch_wait_ms=10, claim_idle_ms=300)
+    StreamWorker(Upper(), settings, consumer="sub").run()
+
+
+def test_a_worker_starting_while_redis_is_full_waits_instead_of_exiting(tmp_path):
+    with EmbeddedValkey(tmp_path / "vk") as server:
+        settings = Settings(redis_url=server.url, namespace="oomstart")
+        client = redis.Redis.from_url(server.url)
+        push(client, settings, *[frame("s", i) for i in range(4)])
+        client.config_set("maxmemory", client.info("memory")["used_memory"] - 1)
+        code = f"from tests.test_security_runtime import run_upper_worker; run_upper_worker({server.url!r}, 'oomstart')"
+        with open(tmp_path / "worker.log", "wb") as log:
+            worker = subprocess.Popen([sys.executable, "-c", code], cwd=REPO, stdout=log, stderr=log)
+        try:
+            time.sleep(4.0)  # start-up: imports, then registration and group creation are refused
+            assert worker.poll() is None, (tmp_path / "worker.log").read_text()[-2000:]
+            client.config_set("maxmemory", 0)
+            wait_for(lambda: len(outputs(client, settings)) >= 4 or worker.poll() is not None, what="all outputs")
+            assert sequences(client, settings) == list(range(4))
+        finally:
+            worker.terminate()
+            worker.wait(15)
+
+
 def test_a_read_only_replica_is_back_pressure_until_it_is_promoted(tmp_path):
     with EmbeddedValkey(tmp_path / "primary") as primary, EmbeddedValkey(tmp_path / "replica") as replica:
         settings = Settings(redis_url=replica.url, namespace="ro", batch_size=4, batch_wait_ms=10,
