@@ -79,9 +79,9 @@ class Settings:
     batch_size: int = 16
     batch_wait_ms: int = 40
     claim_idle_ms: int = 15_000  # a pending message idle this long is taken over (dead consumer)
-    max_deliveries: int = 3  # then it goes to the dead-letter stream with its error
-    stream_retention_s: int = 7 * 24 * 3600  # history kept for audit replay (XADD MINID)
-    stream_maxlen: int = 1_000_000  # hard cap per stream, approximate trimming
+    max_deliveries: int = 3  # failed attempts (raised, or its worker died on it alone), then dead letter
+    stream_retention_s: int = 7 * 24 * 3600  # history kept for audit replay; unread entries are never trimmed
+    stream_maxlen: int = 1_000_000  # bound per stream: past it processed entries go, unread ones never
     max_image_bytes: int = 8 << 20
     max_image_pixels: int = 4096 * 4096
     min_face_px: int = 40

@@ -10,6 +10,11 @@ MESSAGES_FAILED = Counter("facepay_messages_failed_total", "Entries whose proces
 DEAD_LETTERS = Counter("facepay_dead_letters_total", "Entries moved to the dead-letter stream", ["stage", "reason"])
 UNAUTHENTICATED = Counter("facepay_unauthenticated_total", "Entries refused: signature or frame origin does not verify", ["stage"])
 RECLAIMED = Counter("facepay_reclaimed_total", "Pending entries taken over from idle consumers", ["stage"])
+BACKPRESSURE = Counter(
+    "facepay_redis_backpressure_total", "Waits because Redis refused for now (oom, readonly, loading, masterdown, unavailable)",
+    ["stage", "kind"],
+)
+STREAM_LENGTH = Gauge("facepay_stream_length", "Entries in a stream after the last trimming pass", ["stream"])
 BATCH_SIZE = Histogram("facepay_batch_size", "Entries per processed batch", ["stage"], buckets=(1, 2, 4, 8, 16, 32, 64))
 STAGE_SECONDS = Histogram(
     "facepay_stage_seconds", "Time to process one batch", ["stage"],

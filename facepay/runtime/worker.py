@@ -13,7 +13,15 @@ Delivery is at least once: an entry is acknowledged in the same transaction that
 outputs, so a crash before that leaves it pending and another replica reclaims it. Outputs
 that must exist once (payment decisions) are guarded by a check-and-set key in a Lua script.
 A malformed entry goes straight to `{ns}:dead`; an entry whose processing keeps failing goes
-there after `max_deliveries` attempts, with its last error, and the pipeline goes on.
+there after `max_deliveries` failed attempts, with its last error, and the pipeline goes on.
+Failures are counted per entry, not deliveries: entries reclaimed from a dead consumer are
+processed one at a time, so a poison entry that kills its process is found alone and its
+healthy batch mates never pay for it.
+
+Redis refusing for now (full, read-only replica, loading, unreachable) is back-pressure: the
+worker holds what it has in hand and retries with a bounded backoff; nothing is failed for it.
+Trimming (retention, length bound) never passes the first entry a consumer group has not read
+and acknowledged.
 """
 
 from __future__ import annotations
@@ -24,7 +32,9 @@ import signal
 import socket
 import time
 import traceback
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TypeVar
 
 import redis
 
@@ -33,20 +43,68 @@ from facepay.keys import load_keyring
 from facepay.messages import FIELD, MalformedMessage, Message, decode
 from facepay.runtime import metrics
 from facepay.runtime.envelope import Unauthenticated, open_entry, seal
-from facepay.runtime.redis_conn import TRANSIENT, connect, with_retry
+from facepay.runtime.redis_conn import Backoff, backpressure_kind, connect
 from facepay.runtime.stage import Emit, Stage
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 # Write an entry only if its once-key is new; remember the entry id under the key.
+# No MAXLEN here: an inline trim would drop decisions no backend has read (see _TRIM_SAFELY).
 _EMIT_ONCE = """
 if redis.call('EXISTS', KEYS[1]) == 1 then return false end
-local id = redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[2], '*', unpack(ARGV, 3))
+local id = redis.call('XADD', KEYS[2], '*', unpack(ARGV, 2))
 redis.call('SET', KEYS[1], id, 'EX', ARGV[1])
 return id
 """
 
+# Trim a stream by MINID, never past the first entry some consumer group has not read and
+# acknowledged (its oldest pending entry, else the entry after its last-delivered-id).
+# ARGV: retention cut (ms), length bound, "1" if a stream without groups awaits one (a stage's
+# input whose stage has not started: nothing in it has been read). Atomic, so no group moves
+# between the look and the cut. Returns {entries trimmed, length after}.
+_TRIM_SAFELY = """
+local function parse(id)
+  local ms, seq = string.match(id, '^(%d+)-(%d+)$')
+  return tonumber(ms), tonumber(seq)
+end
+local function before(a, b)
+  local ams, aseq = parse(a)
+  local bms, bseq = parse(b)
+  return ams < bms or (ams == bms and aseq < bseq)
+end
+local function successor(id)
+  local ms, seq = parse(id)
+  if seq >= 9007199254740991 then return id end  -- beyond exact arithmetic: keep that entry too
+  return string.format('%.0f-%.0f', ms, seq + 1)
+end
+if redis.call('EXISTS', KEYS[1]) == 0 then return {0, 0} end
+local safe = nil
+for _, group in ipairs(redis.call('XINFO', 'GROUPS', KEYS[1])) do
+  local info = {}
+  for i = 1, #group, 2 do info[group[i]] = group[i + 1] end
+  local first_unprocessed = successor(info['last-delivered-id'])
+  if info['pending'] > 0 then first_unprocessed = redis.call('XPENDING', KEYS[1], info['name'])[2] end
+  if safe == nil or before(first_unprocessed, safe) then safe = first_unprocessed end
+end
+local before_length = redis.call('XLEN', KEYS[1])
+local over = before_length > tonumber(ARGV[2])
+if safe == nil and ARGV[3] == '1' then return {0, before_length} end
+local cut = ARGV[1] .. '-0'
+if safe == nil then
+  redis.call('XTRIM', KEYS[1], 'MINID', cut)
+  if over then redis.call('XTRIM', KEYS[1], 'MAXLEN', ARGV[2]) end
+else
+  -- past the length bound, every processed entry goes; unread ones never do
+  if over or before(safe, cut) then cut = safe end
+  redis.call('XTRIM', KEYS[1], 'MINID', cut)
+end
+local after_length = redis.call('XLEN', KEYS[1])
+return {before_length - after_length, after_length}
+"""
+
 BLOCK_MS = 1000
+BACKPRESSURE_LOG_EVERY_S = 30.0
 
 
 @dataclass
@@ -70,12 +128,19 @@ class StreamWorker:
         self._signers = frozenset().union(*stage.accepts_from.values())
         self._stopping = False
         self._last_tick = self._last_reclaim = self._last_gauges = self._last_trim = 0.0
+        self._backoff = Backoff()
+        self._last_backpressure_log = 0.0
+        self._written: set[str] = set()  # streams this worker wrote to: it trims them too
+        # A pipe stage's output is the next stage's input: until that stage's group exists,
+        # nothing in it has been read, so it is not trimmed.
+        output = getattr(stage, "output", None)
+        self._awaits_group = {settings.key(output)} if output else set()
 
     # ---- lifecycle -------------------------------------------------------------------------
     def run(self) -> None:
         self._install_signal_handlers()
         self.stage.start()
-        with_retry(lambda: self.redis.sadd(self.settings.key("workers", "ready"), self.consumer), "register worker")
+        self._until_accepted(lambda: self.redis.sadd(self.settings.key("workers", "ready"), self.consumer), "register worker")
         log.info("worker started", extra={"stage": self.group, "stream": self.stream, "consumer": self.consumer})
         try:
             while not self._stopping:
@@ -88,22 +153,24 @@ class StreamWorker:
         self._stopping = True
 
     def run_once(self) -> None:
-        """One turn of the loop; Redis outages are waited out here, never crash the worker."""
+        """One turn of the loop; Redis outages and refusals are waited out, never crash the worker."""
         try:
             self._ensure_group_once()
             self._maintenance()
             batch = self._read_batch()
             if batch:
                 self._handle(batch)
-        except TRANSIENT as exc:
-            log.warning("redis unavailable; will retry", extra={"stage": self.group, "error": str(exc)})
-            self._group_ready = False
-            time.sleep(0.5)
-        except redis.ResponseError as exc:
+        except redis.RedisError as exc:
+            kind = backpressure_kind(exc)
+            if kind is not None:  # (a group lost with the server's data shows up as NOGROUP)
+                self._wait_out(kind, exc, "loop")
+                return
             if "NOGROUP" not in str(exc):
                 raise
             # The server lost the group (restarted without persistence): make it again.
             self._group_ready = False
+            return
+        self._resumed("loop")
 
     def _install_signal_handlers(self) -> None:
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -118,9 +185,13 @@ class StreamWorker:
         try:
             self.redis.xgroup_create(self.stream, self.group, id="0", mkstream=True)
         except redis.ResponseError as exc:
-            if "BUSYGROUP" not in str(exc):
+            # A full server refuses XGROUP CREATE even when the group exists: look before waiting.
+            if "BUSYGROUP" not in str(exc) and not (backpressure_kind(exc) == "oom" and self._group_exists()):
                 raise
         self._group_ready = True
+
+    def _group_exists(self) -> bool:
+        return any(g["name"] in (self.group, self.group.encode()) for g in self.redis.xinfo_groups(self.stream))
 
     def _read_batch(self) -> list[Entry]:
         """Up to batch_size entries: block for the first, then wait at most batch_wait_ms."""
@@ -155,10 +226,11 @@ class StreamWorker:
             return
         started = time.perf_counter()
         try:
-            emits = self.stage.process([m for _, m in good])
-        except TRANSIENT:
-            raise
-        except Exception:
+            emits = self._until_accepted(lambda: self.stage.process([m for _, m in good]), "stage",
+                                         holding=[e.id for e, _ in good])
+        except Exception as exc:
+            if backpressure_kind(exc):
+                raise  # stopping while Redis refuses: the batch stays pending, nothing failed
             # Find the entry that fails: retry one by one, so the rest of the batch goes on.
             if len(good) == 1:
                 self._record_failure(*good[0])
@@ -183,29 +255,52 @@ class StreamWorker:
 
     def _handle_one(self, entry: Entry, message: Message) -> None:
         try:
-            emits = self.stage.process([message])
-        except TRANSIENT:
-            raise
-        except Exception:
+            emits = self._until_accepted(lambda: self.stage.process([message]), "stage", holding=[entry.id])
+        except Exception as exc:
+            if backpressure_kind(exc):
+                raise
             self._record_failure(entry, message)
             return
         self._commit([entry], emits)
 
     def _record_failure(self, entry: Entry, message: Message) -> None:
-        """Leave the entry pending (it is retried after claim_idle_ms) and keep its error."""
+        """Count a failed attempt and keep its error; the entry stays pending (retried after
+        claim_idle_ms) until it fails max_deliveries times, then it is dead-lettered."""
         metrics.MESSAGES_FAILED.labels(self.group).inc()
         error = traceback.format_exc(limit=3)
         log.error("processing failed", extra={"stage": self.group, "entry": entry.id.decode(),
                                               "session_id": message.ref.session_id, "error": error})
-        self.redis.hset(self._errors_key, entry.id, error[-2000:])
-        self.redis.expire(self._errors_key, 7 * 24 * 3600)
+        if self._count_failure(entry, error) >= self.settings.max_deliveries:
+            self._dead_letter(entry, "max_deliveries", error)
 
     @property
     def _errors_key(self) -> str:
         return self.settings.key("errors", self.group)
 
+    @staticmethod
+    def _failure_fields(entry_id: bytes) -> tuple[bytes, bytes, bytes]:
+        """In the errors hash: the entry's last error, its failure count, who processes it alone."""
+        return entry_id, entry_id + b":failures", entry_id + b":alone"
+
+    def _count_failure(self, entry: Entry, error: str) -> int:
+        last_error, failures, alone = self._failure_fields(entry.id)
+
+        def write() -> int:
+            pipe = self.redis.pipeline(transaction=True)
+            pipe.hincrby(self._errors_key, failures, 1)
+            pipe.hset(self._errors_key, last_error, error[-2000:])
+            pipe.hdel(self._errors_key, alone)
+            pipe.expire(self._errors_key, 7 * 24 * 3600)
+            return int(pipe.execute()[0])
+
+        return self._until_accepted(write, "count failure", holding=[entry.id])
+
     def _commit(self, entries: list[Entry], emits: list[Emit]) -> None:
-        """Write outputs and acknowledge inputs in one MULTI/EXEC transaction."""
+        """Write outputs and acknowledge inputs in one MULTI/EXEC transaction; a Redis that
+        refuses for now (full, read-only, loading, unreachable) is waited out holding them."""
+        self._until_accepted(lambda: self._write_commit(entries, emits), "commit", holding=[e.id for e in entries])
+
+    def _write_commit(self, entries: list[Entry], emits: list[Emit]) -> None:
         pipe = self.redis.pipeline(transaction=True)
         for emit in emits:
             stream = self.settings.key(emit.stream)
@@ -216,26 +311,91 @@ class StreamWorker:
                 flat = [x for kv in fields.items() for x in kv]
                 # A replayed frame is either older than max_frame_age_s or meets this key.
                 ttl = max(self.settings.stream_retention_s, self.settings.max_frame_age_s, 3600)
-                pipe.eval(_EMIT_ONCE, 2, self.settings.key(emit.once_key), stream, ttl, self.settings.stream_maxlen, *flat)
+                pipe.eval(_EMIT_ONCE, 2, self.settings.key(emit.once_key), stream, ttl, *flat)
             else:
-                pipe.xadd(stream, fields, maxlen=self.settings.stream_maxlen, approximate=True)
-            metrics.MESSAGES_OUT.labels(self.group, emit.stream).inc()
+                pipe.xadd(stream, fields)  # trimmed by the maintenance pass, never unread entries
+            self._written.add(stream)
         if entries:
             ids = [e.id for e in entries]
             pipe.xack(self.stream, self.group, *ids)
-            pipe.hdel(self._errors_key, *ids)
+            pipe.hdel(self._errors_key, *[f for i in ids for f in self._failure_fields(i)])
         pipe.execute()
+        for emit in emits:
+            metrics.MESSAGES_OUT.labels(self.group, emit.stream).inc()
 
     def _dead_letter(self, entry: Entry, reason: str, error: str) -> None:
         metrics.DEAD_LETTERS.labels(self.group, reason).inc()
         log.error("dead-lettered", extra={"stage": self.group, "entry": entry.id.decode(), "reason": reason, "error": error})
         fields = {b"stage": self.group.encode(), b"stream": self.stream.encode(), b"entry": entry.id,
                   b"reason": reason.encode(), b"error": error.encode()[-4000:], **{b"orig_" + k: v for k, v in entry.fields.items()}}
-        pipe = self.redis.pipeline(transaction=True)
-        pipe.xadd(self.settings.key("dead"), fields, maxlen=self.settings.stream_maxlen, approximate=True)
-        pipe.xack(self.stream, self.group, entry.id)
-        pipe.hdel(self._errors_key, entry.id)
-        pipe.execute()
+
+        def write() -> None:
+            pipe = self.redis.pipeline(transaction=True)
+            pipe.xadd(self.settings.key("dead"), fields)  # trimmed by the maintenance pass
+            pipe.xack(self.stream, self.group, entry.id)
+            pipe.hdel(self._errors_key, *self._failure_fields(entry.id))
+            pipe.execute()
+
+        self._until_accepted(write, "dead letter", holding=[entry.id])
+
+    # ---- back-pressure: Redis refusing for now -----------------------------------------------
+    def _until_accepted(self, attempt: Callable[[], T], what: str, holding: list[bytes] = ()) -> T:
+        """Call attempt until Redis stops refusing (OOM, READONLY, LOADING, MASTERDOWN, down),
+        waiting with a bounded backoff; re-raises only if the worker is asked to stop.
+        `holding`: the pending entries in hand, kept ours meanwhile (see _keep_holding)."""
+        last_refresh = time.monotonic()
+        while True:
+            try:
+                result = attempt()
+            except redis.RedisError as exc:
+                kind = backpressure_kind(exc)
+                if kind is None or self._stopping:
+                    raise
+                # Holding entries: wake often enough to keep them ours (claim_idle_ms / 3).
+                self._wait_out(kind, exc, what, self.settings.claim_idle_ms / 3000 if holding else None)
+                if holding and time.monotonic() - last_refresh >= self.settings.claim_idle_ms / 3000:
+                    last_refresh = time.monotonic()
+                    self._keep_holding(holding)
+                continue
+            self._resumed(what)
+            return result
+
+    def _keep_holding(self, entry_ids: list[bytes]) -> None:
+        """Reset the idle time of the entries in hand (XCLAIM to ourselves, allowed on a full
+        server), so that an idle replica does not reclaim a batch this worker is waiting to
+        commit and process it a second time."""
+        try:
+            self.redis.xclaim(self.stream, self.group, self.consumer, 0, list(entry_ids), justid=True)
+        except redis.RedisError as exc:
+            log.debug("could not refresh entries in hand", extra={"stage": self.group, "error": str(exc)[:300]})
+
+    def _wait_out(self, kind: str, exc: Exception, what: str, at_most_s: float | None = None) -> None:
+        metrics.BACKPRESSURE.labels(self.group, kind).inc()
+        now = time.monotonic()
+        if now - self._last_backpressure_log >= BACKPRESSURE_LOG_EVERY_S:
+            self._last_backpressure_log = now
+            log.warning("redis refuses for now; holding and retrying", extra={
+                "stage": self.group, "kind": kind, "during": what, "error": str(exc)[:300], "retry_in_s": self._backoff.next_s})
+        if kind == "readonly":
+            # After a failover the address may lead to the new primary: reconnect, do not reuse.
+            self.redis.connection_pool.disconnect()
+        if kind == "oom" and now - self._last_trim >= 5.0:
+            self._trim_freeing_memory()
+        self._backoff.wait(at_most_s)
+
+    def _resumed(self, what: str) -> None:
+        waited = self._backoff.reset()
+        if waited is not None:
+            self._last_backpressure_log = 0.0
+            log.info("redis accepts again; resuming", extra={"stage": self.group, "during": what, "waited_s": round(waited, 1)})
+
+    def _trim_freeing_memory(self) -> None:
+        """While Redis is full, trimming what every group has processed may free room."""
+        self._last_trim = time.monotonic()
+        try:
+            self._trim_history()
+        except redis.RedisError as exc:
+            log.warning("trimming failed while redis is full", extra={"stage": self.group, "error": str(exc)[:300]})
 
     # ---- maintenance: reclaim, tick, gauges, trimming --------------------------------------
     def _maintenance(self) -> None:
@@ -257,41 +417,62 @@ class StreamWorker:
         """The stage's periodic work; its failure is logged, and the loop goes on."""
         try:
             emits = self.stage.tick()
-        except TRANSIENT:
-            raise
-        except Exception:
+        except Exception as exc:
+            if backpressure_kind(exc):
+                raise
             log.exception("stage tick failed", extra={"stage": self.group})
             return
         if emits:
             self._commit([], emits)
 
     def _reclaim(self) -> None:
-        """Take over entries a dead or stuck consumer left pending; give up on hopeless ones."""
+        """Take over entries a dead or stuck consumer left pending and process them one at a time:
+        after a crash, nothing tells which entry of the batch killed the process, so each gets
+        its own attempt and a poison entry fails alone. Give up on hopeless ones."""
         start = "0-0"
-        while True:
-            next_start, claimed, _deleted = self.redis.xautoclaim(
+        while not self._stopping:
+            next_start, claimed, deleted = self.redis.xautoclaim(
                 self.stream, self.group, self.consumer, self.settings.claim_idle_ms, start, count=self.settings.batch_size
             )
+            if deleted:  # gone from the stream (erased): forget their failures
+                self.redis.hdel(self._errors_key, *[f for i in deleted for f in self._failure_fields(i)])
             if claimed:
                 metrics.RECLAIMED.labels(self.group).inc(len(claimed))
                 log.info("reclaimed pending entries", extra={"stage": self.group, "count": len(claimed)})
-                self._handle([e for e in self._drop_hopeless(claimed)])
+                for entry in self._drop_hopeless(claimed):
+                    self._handle_alone(entry)
             if next_start in (b"0-0", "0-0"):
                 return
             start = next_start
 
     def _drop_hopeless(self, claimed: list) -> list[Entry]:
+        """Count a failure for each entry whose consumer died (or stalled past claim_idle_ms)
+        while processing it alone; dead-letter those that reached max_deliveries failures.
+        Entries that were merely in a batch with it are not counted against."""
         keep = []
         for entry_id, fields in claimed:
             entry = Entry(entry_id, fields or {})
-            info = self.redis.xpending_range(self.stream, self.group, min=entry_id, max=entry_id, count=1)
-            deliveries = info[0]["times_delivered"] if info else 1
-            if deliveries > self.settings.max_deliveries:
-                error = self.redis.hget(self._errors_key, entry_id) or b"consumer died while processing it"
-                self._dead_letter(entry, "max_deliveries", error.decode(errors="replace"))
-            else:
-                keep.append(entry)
+            holder = self.redis.hget(self._errors_key, self._failure_fields(entry_id)[2])
+            if holder is not None:
+                error = (f"consumer {holder.decode(errors='replace')} died or stalled past claim_idle_ms "
+                         "while processing it alone")
+                if self._count_failure(entry, error) >= self.settings.max_deliveries:
+                    self._dead_letter(entry, "max_deliveries", error)
+                    continue
+            keep.append(entry)
         return keep
+
+    def _handle_alone(self, entry: Entry) -> None:
+        metrics.MESSAGES_IN.labels(self.group).inc()
+        try:
+            message = decode(entry.fields.get(FIELD, b""))
+        except MalformedMessage as exc:
+            self._dead_letter(entry, "malformed", str(exc))
+            return
+        # Marked first: if this process dies now, the next reclaimer knows this entry did it.
+        alone = self._failure_fields(entry.id)[2]
+        self._until_accepted(lambda: self.redis.hset(self._errors_key, alone, self.consumer), "mark", holding=[entry.id])
+        self._handle_one(entry, message)
 
     def _update_gauges(self) -> None:
         for group in self.redis.xinfo_groups(self.stream):
@@ -300,6 +481,17 @@ class StreamWorker:
                 metrics.GROUP_PENDING.labels(self.group, self.stream).set(group.get("pending") or 0)
 
     def _trim_history(self) -> None:
-        """Keep stream_retention_s of history for audit replay; older entries go."""
-        oldest_ms = int(time.time() * 1000) - self.settings.stream_retention_s * 1000
-        self.redis.xtrim(self.stream, minid=f"{max(oldest_ms, 0)}-0", approximate=True)
+        """Keep stream_retention_s of history for audit replay and at most stream_maxlen entries,
+        in every stream this worker reads or writes, never trimming an entry some consumer group
+        has not read and acknowledged. Unread entries past the bound are back-pressure (the
+        gateway refuses new frames), not something to drop."""
+        self._ensure_group_once()  # our own input counts as unread until our group exists
+        oldest_ms = max(int(time.time() * 1000) - self.settings.stream_retention_s * 1000, 0)
+        for stream in sorted({self.stream, self.settings.key("dead"), *self._written}):
+            awaits_group = "1" if stream in self._awaits_group else "0"
+            trimmed, length = self.redis.eval(_TRIM_SAFELY, 1, stream, oldest_ms, self.settings.stream_maxlen, awaits_group)
+            metrics.STREAM_LENGTH.labels(stream).set(length)
+            if length > self.settings.stream_maxlen:
+                log.warning("stream past its length bound with entries not yet processed; kept (back-pressure)",
+                            extra={"stage": self.group, "stream": stream, "length": length,
+                                   "bound": self.settings.stream_maxlen, "trimmed": trimmed})

@@ -157,8 +157,9 @@ class Gateway(rpc.FaceGatewayServicer):
         the camera retries the frame."""
         fields = seal({FIELD: message.encode()}, self.frames_stream, self.keys.signer)
         with redis_errors_as_status(self.redis, "queue"):
-            entry_id = self.redis.xadd(self.frames_stream, fields,
-                                       maxlen=self.settings.stream_maxlen, approximate=True)
+            # No inline MAXLEN: it would trim frames no stage has read yet. The workers trim
+            # safely (never past a group's delivery point); a full queue is back-pressure.
+            entry_id = self.redis.xadd(self.frames_stream, fields)
         return entry_id.decode()
 
     # ---- enrollment ------------------------------------------------------------------------
