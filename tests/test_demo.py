@@ -28,7 +28,6 @@ def test_the_demo_runs_on_the_built_in_face_and_leaves_no_process_behind(tmp_pat
 
 def test_the_demo_on_ones_own_photos_and_webm_video_runs_every_rule_and_says_why_photos_fail(faces, tmp_path):
     import cv2
-    import numpy as np
 
     name, paths = next((n, ps) for n, ps in faces.identities().items() if len(ps) >= 3)
     dog = faces.path(faces.manifest("negative")[0]["path"])

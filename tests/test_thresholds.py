@@ -11,8 +11,6 @@ import time
 import pytest
 import redis
 
-import pytest
-
 from facepay import keys, thresholds
 from facepay.config import SessionPolicy, Settings
 from facepay.runtime.embedded import EmbeddedValkey

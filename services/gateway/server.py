@@ -16,7 +16,6 @@ from concurrent import futures
 
 import grpc
 import msgpack
-import redis
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
