@@ -1,0 +1,28 @@
+"""The audit archive: every decided payment session, sealed and hash-chained on S3.
+
+See .notes/archive.md (README section "Audit archive") for the layout, keys, retention and
+erasure choices.
+"""
+
+from facepay.archive.embedded import EmbeddedS3, weed_binary
+from facepay.archive.keys import ArchiveKeyError, ArchiveKeys
+from facepay.archive.record import RECORD_SCHEMA_VERSION, ArchivedFrame, ArchivedSession, Candidate, SignedDecision
+from facepay.archive.settings import ArchiveConfigError, ArchiveSettings
+from facepay.archive.store import (
+    ArchiveContention,
+    ArchiveError,
+    ArchiveReceipt,
+    ArchiveStore,
+    ArchiveUnavailable,
+    Problem,
+    SessionRef,
+    SweepReport,
+    VerifyReport,
+)
+
+__all__ = [
+    "RECORD_SCHEMA_VERSION", "ArchiveConfigError", "ArchiveContention", "ArchiveError", "ArchiveKeyError",
+    "ArchiveKeys", "ArchiveReceipt", "ArchiveSettings", "ArchiveStore", "ArchiveUnavailable", "ArchivedFrame",
+    "ArchivedSession", "Candidate", "EmbeddedS3", "Problem", "SessionRef", "SignedDecision", "SweepReport",
+    "VerifyReport", "weed_binary",
+]

@@ -1,0 +1,459 @@
+"""The audit archive on the embedded SeaweedFS (a real `weed server` process, real S3 over HTTP):
+writing, listing by store and time, reading back and decrypting, the hash chain catching a
+removed, an altered and a reordered session, two replicas appending at once, the retention
+sweep, erasure, and an outage of the object store."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+import uuid
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+from botocore.exceptions import ClientError
+
+from facepay.archive import (
+    ArchivedFrame,
+    ArchivedSession,
+    ArchiveKeyError,
+    ArchiveKeys,
+    ArchiveSettings,
+    ArchiveStore,
+    ArchiveUnavailable,
+    Candidate,
+    EmbeddedS3,
+    SignedDecision,
+)
+from facepay.archive.container import SealedSession
+from facepay.signing import sign
+
+DECISION_KEY = "decision-signing-key-for-tests"
+T0 = datetime(2026, 11, 28, 9, 0, tzinfo=UTC)
+
+
+@pytest.fixture(scope="module")
+def s3(tmp_path_factory: pytest.TempPathFactory) -> EmbeddedS3:
+    with EmbeddedS3(tmp_path_factory.mktemp("weed")) as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def photos(faces) -> list[bytes]:
+    return [p.read_bytes() for people in faces.identities().values() for p in people][:12]
+
+
+@pytest.fixture
+def keys() -> ArchiveKeys:
+    return ArchiveKeys.generate(["acme", "globex"])
+
+
+def make_store(s3: EmbeddedS3, keys: ArchiveKeys, prefix: str | None = None, **settings: object) -> ArchiveStore:
+    """One bucket, as an install has; each test archives under its own prefix."""
+    url = f"{s3.url}/facepay-archive/{prefix or 'test-' + uuid.uuid4().hex[:12]}"
+    store = ArchiveStore(ArchiveSettings.from_url(url, **settings), keys,
+                         access_key_id=s3.credentials.access_key_id, secret_access_key=s3.credentials.secret_access_key)
+    store.ensure_bucket()
+    return store
+
+
+@pytest.fixture
+def archive(s3: EmbeddedS3, keys: ArchiveKeys) -> ArchiveStore:
+    return make_store(s3, keys)
+
+
+def session_at(decided: datetime, photos: list[bytes], *, tenant: str = "acme", store: str = "store-1",
+               user: str | None = "alice", frames: int = 4) -> ArchivedSession:
+    session_id = uuid.uuid4().hex
+    decided_ms = int(decided.timestamp() * 1000)
+    event = {"session": session_id, "store": store, "tenant": tenant, "decision": "approve" if user else "decline",
+             "user_id": user, "score": 0.97, "threshold": 0.943, "decided_ms": decided_ms}
+    entry = sign(event, DECISION_KEY, "k1")
+    archived_frames = [
+        ArchivedFrame(
+            index=i, received_ms=decided_ms - 1000 + i * 100, image=photos[i % len(photos)], image_format="jpeg",
+            face_box=(10.0, 20.0, 110.0, 140.0), face_points=[(40.0, 60.0)] * 5, detector_score=0.99,
+            landmarks=[(float(i), float(i + 1))] * 68, eye_aspect_ratio=0.27, liveness={"antispoof": 0.91},
+            pitch=1.5, yaw=-3.0, roll=0.5, eligible=True,
+            top_k=[Candidate("alice", 0.97), Candidate("bob", 0.41)], embedding=[0.1] * 128,
+        )
+        for i in range(frames)
+    ]
+    return ArchivedSession(
+        session_id=session_id, tenant=tenant, store=store, camera="cam-1", first_frame_ms=decided_ms - 1000,
+        decided_ms=decided_ms, decision=SignedDecision(entry[b"payload"], entry[b"sig"].decode(), "k1"),
+        models={"detector": "mtcnn@facenet-pytorch-2.6.0", "recognizer": "dlib-resnet-v1+facemesh"},
+        threshold=0.943, policy={"min_agreeing_frames": 3, "require_blink": True}, frames=archived_frames,
+    )
+
+
+def raw_put(archive: ArchiveStore, key: str, body: bytes) -> None:
+    """What an attacker with write access to the bucket (but not the archive keys) can do."""
+    archive.client.put_object(Bucket=archive.bucket, Key=key, Body=body)
+
+
+def raw_get(archive: ArchiveStore, key: str) -> bytes:
+    return archive.client.get_object(Bucket=archive.bucket, Key=key)["Body"].read()
+
+
+def fill(archive: ArchiveStore, photos: list[bytes], count: int, **kwargs: object) -> list:
+    sessions = [session_at(T0 + timedelta(minutes=7 * i), photos, **kwargs) for i in range(count)]
+    return [(s, archive.archive(s)) for s in sessions]
+
+
+# --- the embedded server ---------------------------------------------------------------------
+
+
+def test_embedded_s3_listens_on_loopback_with_generated_credentials_and_refuses_anonymous(s3: EmbeddedS3) -> None:
+    import urllib.error
+    import urllib.request
+
+    assert s3.url.startswith("http://127.0.0.1:")
+    assert (s3.config_file.stat().st_mode & 0o777) == 0o600
+    assert s3.credentials.secret_access_key not in s3.url
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        urllib.request.urlopen(s3.url + "/")
+    assert refused.value.code == 403
+
+
+def test_wrong_secret_is_refused(s3: EmbeddedS3, keys: ArchiveKeys) -> None:
+    store = ArchiveStore(ArchiveSettings.from_url(f"{s3.url}/anything"), keys,
+                         access_key_id=s3.credentials.access_key_id, secret_access_key="not-the-secret")
+    with pytest.raises(ClientError) as refused:
+        store.ensure_bucket()
+    assert refused.value.response["ResponseMetadata"]["HTTPStatusCode"] == 403
+
+
+# --- writing, listing, reading -----------------------------------------------------------------
+
+
+def test_a_session_reads_back_decrypted_as_it_was_archived(archive: ArchiveStore, photos: list[bytes]) -> None:
+    session = session_at(T0, photos)
+    receipt = archive.archive(session)
+    assert receipt.seq == 1 and not receipt.already_archived
+    assert receipt.key.endswith(f"sessions/acme/store-1/2026/11/28/09/{int(T0.timestamp() * 1000):013d}-{session.session_id}.fpa")
+
+    back = archive.read(receipt.key)
+    assert back.frames[0].image == photos[0]
+    assert [f.top_k for f in back.frames] == [f.top_k for f in session.frames]
+    assert back.frames[2].landmarks == session.frames[2].landmarks and back.frames[2].face_box == session.frames[2].face_box
+    assert back.decision == session.decision and back.user_id == "alice"
+    assert (back.models, back.threshold, back.policy) == (session.models, session.threshold, session.policy)
+    assert all(f.embedding is None for f in back.frames), "embeddings are dropped unless configured"
+
+
+def test_embeddings_are_kept_only_when_configured(s3: EmbeddedS3, keys: ArchiveKeys, photos: list[bytes]) -> None:
+    archive = make_store(s3, keys, keep_embeddings=True)
+    receipt = archive.archive(session_at(T0, photos))
+    assert archive.read(receipt.key).frames[0].embedding == [0.1] * 128
+
+
+def test_frames_are_encrypted_at_rest_and_need_the_tenant_key(s3: EmbeddedS3, archive: ArchiveStore, photos: list[bytes]) -> None:
+    receipt = archive.archive(session_at(T0, photos))
+    stored = raw_get(archive, receipt.key)
+    assert photos[0][200:264] not in stored, "no frame bytes in the clear"
+    assert b"alice" in stored, "the signed decision event stays readable for audit"
+
+    other_keys = ArchiveKeys.generate(["acme"])
+    other_keys = ArchiveKeys(archive.keys.signing_key, other_keys.tenants)
+    stranger = make_store(s3, other_keys, prefix=archive.prefix.rstrip("/"))
+    with pytest.raises(ArchiveKeyError):
+        stranger.read(receipt.key)
+
+
+def test_archiving_the_same_session_twice_stores_and_chains_it_once(archive: ArchiveStore, photos: list[bytes]) -> None:
+    session = session_at(T0, photos)
+    first = archive.archive(session)
+    again = archive.archive(session)
+    assert again.already_archived and (again.key, again.seq, again.content_sha256) == (first.key, first.seq, first.content_sha256)
+    assert archive.verify("acme", "store-1", T0 - timedelta(hours=1), T0 + timedelta(hours=1)).ok
+
+
+def test_listing_a_store_and_time_range_returns_only_those_sessions_in_decision_order(archive: ArchiveStore, photos: list[bytes]) -> None:
+    archived = fill(archive, photos, 12)  # 09:00, 09:07, … 10:17
+    fill(archive, photos, 3, store="store-2")
+    fill(archive, photos, 2, tenant="globex", store="store-9")
+
+    refs = archive.list_sessions("acme", "store-1", T0 + timedelta(minutes=30), T0 + timedelta(minutes=70))
+    expected = [s.session_id for s, _ in archived if T0 + timedelta(minutes=30) <= datetime.fromtimestamp(s.decided_ms / 1000, UTC) < T0 + timedelta(minutes=70)]
+    assert [r.session_id for r in refs] == expected and len(expected) == 5
+    assert archive.tenants() == ["acme", "globex"]
+    assert archive.stores("acme") == ["store-1", "store-2"]
+
+
+def test_ids_that_cannot_name_an_object_are_refused(archive: ArchiveStore, photos: list[bytes]) -> None:
+    from dataclasses import replace
+
+    with pytest.raises(ValueError, match="store"):
+        archive.archive(replace(session_at(T0, photos), store="../other-tenant"))
+    assert archive.tenants() == []
+
+
+# --- tamper evidence ------------------------------------------------------------------------------
+
+
+def window() -> tuple[datetime, datetime]:
+    return T0 - timedelta(hours=1), T0 + timedelta(hours=3)
+
+
+def test_an_untouched_chain_verifies(archive: ArchiveStore, photos: list[bytes]) -> None:
+    fill(archive, photos, 6)
+    report = archive.verify("acme", "store-1", *window())
+    assert report.ok, report.problems
+    assert (report.checked_sessions, report.checked_entries) == (6, 6)
+
+
+def test_verify_detects_a_removed_session(archive: ArchiveStore, photos: list[bytes]) -> None:
+    archived = fill(archive, photos, 6)
+    archive.client.delete_object(Bucket=archive.bucket, Key=archived[3][1].key)
+
+    report = archive.verify("acme", "store-1", *window())
+    assert [(p.kind, p.session_id) for p in report.problems] == [("removed", archived[3][0].session_id)]
+
+
+def test_verify_detects_a_removed_session_and_its_chain_entry(archive: ArchiveStore, photos: list[bytes]) -> None:
+    archived = fill(archive, photos, 6)
+    archive.client.delete_object(Bucket=archive.bucket, Key=archived[3][1].key)
+    archive.client.delete_object(Bucket=archive.bucket, Key=archive._entry_key("acme", "store-1", 4))
+
+    assert "removed" in archive.verify("acme", "store-1", *window()).kinds()
+
+
+def test_verify_detects_the_last_sessions_cut_off_the_chain(archive: ArchiveStore, photos: list[bytes]) -> None:
+    archived = fill(archive, photos, 6)
+    for _, receipt in archived[4:]:
+        archive.client.delete_object(Bucket=archive.bucket, Key=receipt.key)
+        archive.client.delete_object(Bucket=archive.bucket, Key=archive._entry_key("acme", "store-1", receipt.seq))
+
+    assert "truncated" in archive.verify("acme", "store-1", *window()).kinds()
+
+
+def test_verify_detects_an_altered_session(archive: ArchiveStore, photos: list[bytes]) -> None:
+    archived = fill(archive, photos, 6)
+    key = archived[2][1].key
+    sealed = SealedSession.from_bytes(raw_get(archive, key))
+    header = json.loads(sealed.header["decision"]["payload"])
+    assert header["decision"] == "approve"
+    # Turn the archived approval into a decline: rewrite the header in the clear.
+    import msgpack
+
+    forged_header = dict(sealed.header, threshold=0.5)
+    sealed.header_bytes = msgpack.packb(forged_header)
+    raw_put(archive, key, sealed.to_bytes())
+
+    report = archive.verify("acme", "store-1", *window())
+    assert [(p.kind, p.session_id) for p in report.problems] == [("altered", archived[2][0].session_id)]
+
+
+def test_verify_detects_a_flipped_byte_in_a_frame(archive: ArchiveStore, photos: list[bytes]) -> None:
+    archived = fill(archive, photos, 3)
+    key = archived[1][1].key
+    sealed = SealedSession.from_bytes(raw_get(archive, key))
+    ciphertext = bytearray(sealed.frames[0].sealed)
+    ciphertext[100] ^= 1
+    sealed.frames[0].sealed = bytes(ciphertext)
+    raw_put(archive, key, sealed.to_bytes())
+
+    assert archive.verify("acme", "store-1", *window()).kinds() == {"altered"}
+
+
+def test_verify_detects_reordered_sessions(archive: ArchiveStore, photos: list[bytes]) -> None:
+    archived = fill(archive, photos, 6)
+    first, second = archived[2][1].key, archived[3][1].key
+    first_bytes, second_bytes = raw_get(archive, first), raw_get(archive, second)
+    raw_put(archive, first, second_bytes)
+    raw_put(archive, second, first_bytes)
+
+    report = archive.verify("acme", "store-1", *window())
+    assert report.kinds() == {"reordered"}
+    assert {p.session_id for p in report.problems} == {archived[2][0].session_id, archived[3][0].session_id}
+
+
+def test_verify_detects_reordered_chain_entries(archive: ArchiveStore, photos: list[bytes]) -> None:
+    fill(archive, photos, 6)
+    third, fourth = archive._entry_key("acme", "store-1", 3), archive._entry_key("acme", "store-1", 4)
+    third_bytes, fourth_bytes = raw_get(archive, third), raw_get(archive, fourth)
+    raw_put(archive, third, fourth_bytes)
+    raw_put(archive, fourth, third_bytes)
+
+    assert archive.verify("acme", "store-1", *window()).kinds() == {"reordered"}
+
+
+def test_a_chain_entry_forged_without_the_archive_key_is_caught(archive: ArchiveStore, photos: list[bytes]) -> None:
+    archived = fill(archive, photos, 4)
+    key = archive._entry_key("acme", "store-1", 2)
+    document = json.loads(raw_get(archive, key))
+    document["body"]["decided_ms"] += 1
+    raw_put(archive, key, json.dumps(document).encode())
+
+    assert "altered" in archive.verify("acme", "store-1", *window()).kinds()
+    assert archived
+
+
+def test_a_session_slipped_into_the_bucket_is_reported_unchained(s3: EmbeddedS3, archive: ArchiveStore, photos: list[bytes]) -> None:
+    fill(archive, photos, 3)
+    forged = session_at(T0 + timedelta(minutes=3), photos)
+    from facepay.archive.container import seal_session
+
+    raw_put(archive, archive.session_key("acme", "store-1", forged.decided_ms, forged.session_id), seal_session(forged, archive.keys).to_bytes())
+
+    report = archive.verify("acme", "store-1", *window())
+    assert [(p.kind, p.session_id) for p in report.problems] == [("unchained", forged.session_id)]
+
+
+def test_verify_of_a_range_reads_only_around_it(archive: ArchiveStore, photos: list[bytes]) -> None:
+    fill(archive, photos, 30)  # 3.5 hours of sessions
+    report = archive.verify("acme", "store-1", T0 + timedelta(hours=2), T0 + timedelta(hours=2, minutes=30))
+    assert report.ok, report.problems
+    assert report.checked_sessions == 4
+    assert report.checked_entries < 10
+
+
+# --- concurrency -----------------------------------------------------------------------------------
+
+
+def test_two_replicas_appending_at_once_do_not_fork_the_chain(s3: EmbeddedS3, keys: ArchiveKeys, photos: list[bytes]) -> None:
+    prefix = "test-" + uuid.uuid4().hex[:12]
+    replicas = [make_store(s3, keys, prefix=prefix) for _ in range(2)]
+    sessions = [session_at(T0 + timedelta(seconds=5 * i), photos, frames=1) for i in range(40)]
+    receipts: list = []
+    errors: list = []
+
+    def run(replica: ArchiveStore, mine: list[ArchivedSession]) -> None:
+        try:
+            receipts.extend(replica.archive(s) for s in mine)
+        except Exception as exc:  # noqa: BLE001 - surfaced by the assertion below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=run, args=(replica, sessions[i::2])) for i, replica in enumerate(replicas)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+
+    assert not errors
+    assert sorted(r.seq for r in receipts) == list(range(1, 41)), "every session got its own position"
+    report = replicas[0].verify("acme", "store-1", *window())
+    assert report.ok, report.problems
+    assert report.checked_sessions == 40
+    head, _ = replicas[1]._head("acme", "store-1")
+    assert head["seq"] == 40, "the head never moved back"
+
+
+# --- retention -------------------------------------------------------------------------------------------
+
+
+def test_the_retention_sweep_deletes_old_sessions_and_the_chain_still_verifies(archive: ArchiveStore, photos: list[bytes]) -> None:
+    old = [archive.archive(session_at(T0 - timedelta(days=100, minutes=-i), photos)) for i in range(3)]
+    recent = [archive.archive(session_at(T0 - timedelta(days=10, minutes=-i), photos)) for i in range(3)]
+
+    report = archive.sweep(now=T0)  # default: 90 days
+    assert report.deleted_sessions == 3
+    assert archive.list_sessions("acme", "store-1", T0 - timedelta(days=101), T0 - timedelta(days=99)) == []
+    assert len(archive.list_sessions("acme", "store-1", T0 - timedelta(days=11), T0)) == 3
+    assert all(archive.read(r.key).frames for r in recent)
+
+    verified = archive.verify("acme", "store-1", T0 - timedelta(days=120), T0)
+    assert verified.ok, verified.problems
+    assert verified.checked_sessions == 3
+    assert old
+
+
+def test_after_a_sweep_new_sessions_chain_on(archive: ArchiveStore, photos: list[bytes]) -> None:
+    for i in range(3):
+        archive.archive(session_at(T0 - timedelta(days=100, minutes=-i), photos))
+    archive.sweep(now=T0)
+    receipt = archive.archive(session_at(T0, photos))
+    assert receipt.seq == 4
+    assert archive.verify("acme", "store-1", T0 - timedelta(days=120), T0 + timedelta(hours=1)).ok
+
+
+def test_a_session_removed_by_hand_is_not_mistaken_for_expiry(archive: ArchiveStore, photos: list[bytes]) -> None:
+    for i in range(2):
+        archive.archive(session_at(T0 - timedelta(days=100, minutes=-i), photos))
+    young = [archive.archive(session_at(T0 - timedelta(days=5, minutes=-i), photos)) for i in range(3)]
+    archive.sweep(now=T0)
+    archive.client.delete_object(Bucket=archive.bucket, Key=young[1].key)
+    assert archive.verify("acme", "store-1", T0 - timedelta(days=120), T0).kinds() == {"removed"}
+
+
+# --- erasure ---------------------------------------------------------------------------------------------
+
+
+def test_erasing_a_user_removes_their_frames_and_keeps_the_audit_trail(archive: ArchiveStore, photos: list[bytes]) -> None:
+    alice = [archive.archive(session_at(T0 + timedelta(minutes=i), photos, user="alice")) for i in range(2)]
+    bob = archive.archive(session_at(T0 + timedelta(minutes=5), photos, user="bob"))
+    declined = archive.archive(session_at(T0 + timedelta(minutes=6), photos, user=None))
+
+    erased = archive.erase_user("acme", "alice")
+    assert sorted(erased) == sorted(r.key for r in alice)
+    for receipt in alice:
+        back = archive.read(receipt.key)
+        assert back.frames == [] and back.user_id == "alice", "frames gone; signed decision kept"
+        stored = raw_get(archive, receipt.key)
+        assert photos[0][200:264] not in stored
+    assert archive.read(bob.key).frames and archive.read(declined.key).frames
+
+    report = archive.verify("acme", "store-1", *window())
+    assert report.ok, report.problems
+    assert report.erased == 2
+    assert archive.erase_user("acme", "alice") == [], "idempotent"
+
+
+def test_frames_removed_without_a_signed_erasure_note_are_caught(archive: ArchiveStore, photos: list[bytes]) -> None:
+    receipt = fill(archive, photos, 2)[0][1]
+    sealed = SealedSession.from_bytes(raw_get(archive, receipt.key))
+    sealed.frames[1].sealed = None
+    raw_put(archive, receipt.key, sealed.to_bytes())
+    assert archive.verify("acme", "store-1", *window()).kinds() == {"altered"}
+
+
+# --- outage --------------------------------------------------------------------------------------------------
+
+
+def test_while_the_object_store_is_down_writes_fail_retryably_and_succeed_after_restart(
+        s3: EmbeddedS3, archive: ArchiveStore, photos: list[bytes]) -> None:
+    before = archive.archive(session_at(T0, photos))
+    s3.kill()
+    try:
+        pending = session_at(T0 + timedelta(minutes=1), photos)
+        started = time.monotonic()
+        with pytest.raises(ArchiveUnavailable) as down:
+            archive.archive(pending)
+        assert down.value.retryable
+        assert time.monotonic() - started < 30, "an outage surfaces quickly, so the archiver falls behind instead of hanging"
+    finally:
+        s3.start()
+
+    receipt = _retry(lambda: archive.archive(pending))
+    assert receipt.seq == 2
+    assert archive.read(before.key).frames[0].image == photos[0]
+    assert archive.verify("acme", "store-1", *window()).ok
+
+
+def _retry(action, timeout_s: float = 60.0):
+    """What the archiver does: retry a retryable failure until the store is back."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            return action()
+        except ArchiveUnavailable:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.2)
+
+
+def test_settings_come_from_the_environment_without_credentials_in_the_url(tmp_path: Path) -> None:
+    settings = ArchiveSettings.from_env({"FACEPAY_ARCHIVE_URL": "http://127.0.0.1:8333/audit/prod", "FACEPAY_ARCHIVE_KEYS_FILE": "/k"})
+    assert (settings.endpoint_url, settings.bucket, settings.prefix, settings.retention_days) == ("http://127.0.0.1:8333", "audit", "prod/", 90)
+    assert ArchiveSettings.from_url("s3://audit").endpoint_url is None
+    with pytest.raises(ValueError, match="credentials"):
+        ArchiveSettings.from_url("http://key:secret@127.0.0.1:8333/audit")
+    keys_file = tmp_path / "keys.yaml"
+    ArchiveKeys.generate(["acme"]).write(keys_file)
+    assert ArchiveKeys.from_file(keys_file).tenants["acme"].current == "k1"
+    keys_file.chmod(0o644)
+    with pytest.raises(ArchiveKeyError, match="readable by others"):
+        ArchiveKeys.from_file(keys_file)
