@@ -433,6 +433,56 @@ def test_while_the_object_store_is_down_writes_fail_retryably_and_succeed_after_
     assert archive.verify("acme", "store-1", *window()).ok
 
 
+def test_an_archive_killed_and_restarted_mid_stream_loses_no_session(s3: EmbeddedS3, archive: ArchiveStore, photos: list[bytes]) -> None:
+    sessions = [session_at(T0 + timedelta(minutes=i), photos, frames=2) for i in range(30)]
+    receipts: list = []
+    archiver = threading.Thread(target=lambda: receipts.extend(_retry(lambda s=s: archive.archive(s)) for s in sessions))
+    archiver.start()
+    _wait_until(lambda: len(receipts) >= 8)
+    s3.kill()
+    time.sleep(0.5)  # the archiver keeps trying against a dead server meanwhile
+    s3.start()
+    archiver.join(120)
+
+    assert len(receipts) == 30
+    assert len(archive.list_sessions("acme", "store-1", *window())) == 30
+    assert sorted(r.seq for r in receipts) == list(range(1, 31)), "one chain position per session, none twice"
+    report = archive.verify("acme", "store-1", *window())
+    assert report.ok and report.checked_sessions == 30, report.problems
+
+
+def test_a_session_stored_but_not_chained_by_a_dead_archiver_is_chained_on_redelivery(archive: ArchiveStore, photos: list[bytes]) -> None:
+    from facepay.archive.container import seal_session
+
+    archive.archive(session_at(T0, photos))
+    orphan = session_at(T0 + timedelta(minutes=1), photos)
+    stored = seal_session(orphan, archive.keys)
+    archive._put_if_absent(archive.session_key("acme", "store-1", orphan.decided_ms, orphan.session_id), stored.to_bytes())
+    assert archive.verify("acme", "store-1", *window()).kinds() == {"unchained"}
+
+    receipt = archive.archive(orphan)  # the redelivered session
+    assert receipt.seq == 2 and receipt.content_sha256 == stored.content_sha256()
+    assert archive.verify("acme", "store-1", *window()).ok
+
+
+def test_a_chained_session_whose_marker_was_lost_is_not_chained_twice(archive: ArchiveStore, photos: list[bytes]) -> None:
+    """An archiver whose chain append succeeded but whose reply was lost (server killed) retries."""
+    session = session_at(T0, photos)
+    first = archive.archive(session)
+    archive.client.delete_object(Bucket=archive.bucket, Key=f"{archive._chain('acme', 'store-1')}archived/{session.session_id}.json")
+
+    again = archive.archive(session)
+    assert again.already_archived and again.seq == first.seq
+    assert archive._entry_seqs("acme", "store-1") == [1]
+
+
+def _wait_until(condition, timeout_s: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, "condition not met in time"
+        time.sleep(0.05)
+
+
 def _retry(action, timeout_s: float = 60.0):
     """What the archiver does: retry a retryable failure until the store is back."""
     deadline = time.monotonic() + timeout_s

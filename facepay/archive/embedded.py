@@ -97,6 +97,8 @@ class EmbeddedS3:
         return [
             str(weed_binary()), "server", f"-dir={store}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
             f"-master.port={master}", f"-master.port.grpc={master_grpc}", "-master.telemetry=false",
+            # A lone master: a restart need not wait 10 s for a Raft election nobody else joins.
+            "-master.electionTimeout=1s",
             # Volumes of 256 MB, as many as the disk holds (0 = free space / volume size): weed's
             # defaults (30 GB volumes, at most 8) suit a cluster, not one machine's archive.
             "-master.volumeSizeLimitMB=256", "-volume.max=0",

@@ -274,6 +274,11 @@ class ArchiveStore:
             existing = self._read_sealed(key)
             if marker is not None:
                 return ArchiveReceipt(key, json.loads(marker[0])["seq"], existing.content_sha256(), already_archived=True)
+            chained = self._find_entry(tenant, store, session.session_id, session.decided_ms)
+            if chained is not None:  # the entry was written, its acknowledgement lost
+                self._s3("put_object", Key=f"{self._chain(tenant, store)}archived/{session.session_id}.json", Body=json.dumps({"seq": chained.seq}).encode())
+                self._advance_head(tenant, store, chained)
+                return ArchiveReceipt(key, chained.seq, chained.content_sha256, already_archived=True)
             sealed = existing
         user = self._user_digest(tenant, session.user_id) if session.user_id else None
         if user:
@@ -290,6 +295,21 @@ class ArchiveStore:
             if self._put_if_absent(self._entry_key(tenant, store, entry.seq), entry.to_bytes(self.keys)):
                 return entry
         raise ArchiveContention(f"could not append to the chain of {tenant}/{store} after {MAX_APPEND_ATTEMPTS} attempts")
+
+    def _find_entry(self, tenant: str, store: str, session_id: str, decided_ms: int) -> ChainEntry | None:
+        """The session's entry, looked for only among entries decided near it (rare path:
+        an archiver died, or lost a reply, between storing a session and marking it chained)."""
+        seqs = self._entry_seqs(tenant, store)
+        for seq in seqs[self._first_index(tenant, store, seqs, decided_ms - SKEW_MS):]:
+            entry = self._entry(self._entry_key(tenant, store, seq))
+            if entry.session_id == session_id:
+                return entry
+            if entry.decided_ms > decided_ms + SKEW_MS:
+                return None
+        return None
+
+    def _entry_seqs(self, tenant: str, store: str) -> list[int]:
+        return [int(k.rsplit("/", 1)[-1][:-5]) for k in self._list(f"{self._chain(tenant, store)}entries/")]
 
     def _head(self, tenant: str, store: str) -> tuple[dict | None, str | None]:
         found = self._get(f"{self._chain(tenant, store)}head.json")
@@ -409,7 +429,7 @@ class ArchiveStore:
         report = VerifyReport(tenant, store)
         start_ms, end_ms = _ms(start), _ms(end)
         retention = self._retention(tenant, store, report)
-        seqs = [int(k.rsplit("/", 1)[-1][:-5]) for k in self._list(f"{self._chain(tenant, store)}entries/")]
+        seqs = self._entry_seqs(tenant, store)
         if retention:
             seqs = [s for s in seqs if s >= retention["first_seq"]]
         head, head_etag = self._head(tenant, store)
@@ -537,7 +557,7 @@ class ArchiveStore:
         return report
 
     def _sweep_chain(self, tenant: str, store: str, cutoff_ms: int, report: SweepReport) -> None:
-        seqs = [int(k.rsplit("/", 1)[-1][:-5]) for k in self._list(f"{self._chain(tenant, store)}entries/")]
+        seqs = self._entry_seqs(tenant, store)
         expired: list[ChainEntry] = []
         for seq in seqs[:-1]:  # the tip entry stays: it is where the next session chains on
             entry = self._entry(self._entry_key(tenant, store, seq))
