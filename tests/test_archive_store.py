@@ -31,7 +31,8 @@ from facepay.archive.container import SealedSession
 from facepay.signing import sign
 
 DECISION_KEY = "decision-signing-key-for-tests"
-T0 = datetime(2026, 11, 28, 9, 0, tzinfo=UTC)
+# Sessions decided over the last hours, archived now (as the archiver does, seconds after).
+T0 = datetime.now(UTC).replace(minute=0, second=0, microsecond=0) - timedelta(hours=5)
 
 
 @pytest.fixture(scope="module")
@@ -133,7 +134,7 @@ def test_a_session_reads_back_decrypted_as_it_was_archived(archive: ArchiveStore
     session = session_at(T0, photos)
     receipt = archive.archive(session)
     assert receipt.seq == 1 and not receipt.already_archived
-    assert receipt.key.endswith(f"sessions/acme/store-1/2026/11/28/09/{int(T0.timestamp() * 1000):013d}-{session.session_id}.fpa")
+    assert receipt.key.endswith(f"sessions/acme/store-1/{T0:%Y/%m/%d/%H}/{int(T0.timestamp() * 1000):013d}-{session.session_id}.fpa")
 
     back = archive.read(receipt.key)
     assert back.frames[0].image == photos[0]
@@ -303,12 +304,39 @@ def test_a_session_slipped_into_the_bucket_is_reported_unchained(s3: EmbeddedS3,
     assert [(p.kind, p.session_id) for p in report.problems] == [("unchained", forged.session_id)]
 
 
+def archive_as_it_happens(archive: ArchiveStore, session: ArchivedSession, lag: timedelta = timedelta(seconds=2)):
+    """Archive with the archiver's clock at decision time + lag (as a live archiver would)."""
+    archive.clock = lambda: session.decided_ms / 1000 + lag.total_seconds()
+    return archive.archive(session)
+
+
 def test_verify_of_a_range_reads_only_around_it(archive: ArchiveStore, photos: list[bytes]) -> None:
-    fill(archive, photos, 30)  # 3.5 hours of sessions
-    report = archive.verify("acme", "store-1", T0 + timedelta(hours=2), T0 + timedelta(hours=2, minutes=30))
+    for i in range(30):  # 3.5 hours of sessions
+        archive_as_it_happens(archive, session_at(T0 + timedelta(minutes=7 * i), photos, frames=1))
+    report = archive.verify("acme", "store-1", T0 + timedelta(hours=2), T0 + timedelta(hours=2, minutes=30), max_lag=timedelta(minutes=5))
     assert report.ok, report.problems
     assert report.checked_sessions == 4
     assert report.checked_entries < 10
+
+
+def test_a_session_archived_long_after_its_decision_is_verified_through_its_marker(archive: ArchiveStore, photos: list[bytes]) -> None:
+    late = session_at(T0, photos)
+    for i in range(6):
+        archive_as_it_happens(archive, session_at(T0 + timedelta(minutes=10 * i + 1), photos, frames=1))
+    receipt = archive_as_it_happens(archive, late, lag=timedelta(hours=3))  # after an outage
+    for i in range(6, 10):
+        archive_as_it_happens(archive, session_at(T0 + timedelta(minutes=10 * i + 181), photos, frames=1))
+
+    in_range = (T0 - timedelta(minutes=5), T0 + timedelta(minutes=30))
+    report = archive.verify("acme", "store-1", *in_range, max_lag=timedelta(minutes=30))
+    assert report.ok, report.problems
+    assert report.checked_sessions == 4
+
+    sealed = SealedSession.from_bytes(raw_get(archive, receipt.key))
+    sealed.frames[0].sealed = sealed.frames[0].sealed[:-1] + bytes([sealed.frames[0].sealed[-1] ^ 1])
+    raw_put(archive, receipt.key, sealed.to_bytes())
+    altered = archive.verify("acme", "store-1", *in_range, max_lag=timedelta(minutes=30))
+    assert [(p.kind, p.session_id) for p in altered.problems] == [("altered", late.session_id)]
 
 
 # --- concurrency -----------------------------------------------------------------------------------

@@ -46,6 +46,11 @@ class ChainEntry:
     decided_ms: int
     content_sha256: str
     user: str | None  # keyed digest of the approved user (lets the sweep clear the user index), never the id
+    # When it was chained: max(archiver clock, previous entry's chained_ms), so non-decreasing
+    # along the chain whatever the replicas' clocks — what lets verify find a time range by
+    # binary search. Decision times are not in chain order (a session can be archived hours
+    # late, after an outage or a redelivery).
+    chained_ms: int
 
     @property
     def hash(self) -> str:

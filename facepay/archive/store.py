@@ -29,7 +29,7 @@ import json
 import logging
 import re
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 
@@ -47,7 +47,8 @@ from facepay.archive.settings import ArchiveSettings
 log = logging.getLogger(__name__)
 
 SAFE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
-SKEW_MS = 10 * 60 * 1000  # replicas may chain sessions out of decision order by up to this much
+SKEW_MS = 10 * 60 * 1000  # margin for the archivers' clocks
+DEFAULT_MAX_LAG = timedelta(days=1)  # verify(range) walks entries chained up to this long after it
 MAX_APPEND_ATTEMPTS = 200
 
 
@@ -151,8 +152,9 @@ def _unavailable(exc: Exception) -> ArchiveUnavailable:
 
 class ArchiveStore:
     def __init__(self, settings: ArchiveSettings, keys: ArchiveKeys, *, access_key_id: str | None = None,
-                 secret_access_key: str | None = None) -> None:
+                 secret_access_key: str | None = None, clock: Callable[[], float] = time.time) -> None:
         self.settings = settings
+        self.clock = clock  # seconds; stamps chain entries and erasure notes
         self.keys = keys
         self.bucket = settings.bucket
         self.prefix = settings.prefix
@@ -274,7 +276,7 @@ class ArchiveStore:
             existing = self._read_sealed(key)
             if marker is not None:
                 return ArchiveReceipt(key, json.loads(marker[0])["seq"], existing.content_sha256(), already_archived=True)
-            chained = self._find_entry(tenant, store, session.session_id, session.decided_ms)
+            chained = self._find_entry(tenant, store, session.session_id, self._stored_ms(key))
             if chained is not None:  # the entry was written, its acknowledgement lost
                 self._s3("put_object", Key=f"{self._chain(tenant, store)}archived/{session.session_id}.json", Body=json.dumps({"seq": chained.seq}).encode())
                 self._advance_head(tenant, store, chained)
@@ -290,23 +292,25 @@ class ArchiveStore:
 
     def _append(self, tenant: str, store: str, session_id: str, key: str, decided_ms: int, content: str, user: str | None) -> ChainEntry:
         for _ in range(MAX_APPEND_ATTEMPTS):
-            tip_seq, tip_hash = self._tip(tenant, store)
-            entry = ChainEntry(tip_seq + 1, tip_hash, session_id, key, decided_ms, content, user)
+            tip_seq, tip_hash, tip_ms = self._tip(tenant, store)
+            chained_ms = max(int(self.clock() * 1000), tip_ms)
+            entry = ChainEntry(tip_seq + 1, tip_hash, session_id, key, decided_ms, content, user, chained_ms)
             if self._put_if_absent(self._entry_key(tenant, store, entry.seq), entry.to_bytes(self.keys)):
                 return entry
         raise ArchiveContention(f"could not append to the chain of {tenant}/{store} after {MAX_APPEND_ATTEMPTS} attempts")
 
-    def _find_entry(self, tenant: str, store: str, session_id: str, decided_ms: int) -> ChainEntry | None:
-        """The session's entry, looked for only among entries decided near it (rare path:
-        an archiver died, or lost a reply, between storing a session and marking it chained)."""
+    def _find_entry(self, tenant: str, store: str, session_id: str, stored_ms: int) -> ChainEntry | None:
+        """The session's entry, looked for among entries chained since its object was stored
+        (rare path: an archiver died, or lost a reply, between chaining a session and marking it)."""
         seqs = self._entry_seqs(tenant, store)
-        for seq in seqs[self._first_index(tenant, store, seqs, decided_ms - SKEW_MS):]:
+        for seq in seqs[self._first_index(tenant, store, seqs, stored_ms - SKEW_MS):]:
             entry = self._entry(self._entry_key(tenant, store, seq))
             if entry.session_id == session_id:
                 return entry
-            if entry.decided_ms > decided_ms + SKEW_MS:
-                return None
         return None
+
+    def _stored_ms(self, key: str) -> int:
+        return _ms(self._s3("head_object", Key=key)["LastModified"])
 
     def _entry_seqs(self, tenant: str, store: str) -> list[int]:
         return [int(k.rsplit("/", 1)[-1][:-5]) for k in self._list(f"{self._chain(tenant, store)}entries/")]
@@ -321,18 +325,19 @@ class ArchiveStore:
             log.warning("archive chain head of %s/%s has a bad signature; ignoring it as a hint", tenant, store)
             return None, found[1]
 
-    def _tip(self, tenant: str, store: str) -> tuple[int, str]:
-        """The last entry: from the head (a hint that may lag), then whatever follows it."""
+    def _tip(self, tenant: str, store: str) -> tuple[int, str, int]:
+        """Seq, hash and chained_ms of the last entry: from the head (a hint that may lag),
+        then whatever follows it."""
         head, _ = self._head(tenant, store)
-        seq, hash_ = (head["seq"], head["hash"]) if head else (0, GENESIS)
+        seq, hash_, chained_ms = (head["seq"], head["hash"], head["chained_ms"]) if head else (0, GENESIS, 0)
         after = self._entry_key(tenant, store, seq) if seq else None
         last = None
         for last in self._list(f"{self._chain(tenant, store)}entries/", start_after=after):
             pass
         if last is None:
-            return seq, hash_
+            return seq, hash_, chained_ms
         entry = self._entry(last)
-        return entry.seq, entry.hash
+        return entry.seq, entry.hash, entry.chained_ms
 
     def _entry(self, key: str) -> ChainEntry:
         found = self._get(key)
@@ -343,7 +348,7 @@ class ArchiveStore:
     def _advance_head(self, tenant: str, store: str, entry: ChainEntry) -> None:
         """Compare-and-set, so the head never moves back when replicas finish out of order."""
         key = f"{self._chain(tenant, store)}head.json"
-        body = signed_document({"seq": entry.seq, "hash": entry.hash}, self.keys)
+        body = signed_document({"seq": entry.seq, "hash": entry.hash, "chained_ms": entry.chained_ms}, self.keys)
         for _ in range(MAX_APPEND_ATTEMPTS):
             head, etag = self._head(tenant, store)
             if head and head["seq"] >= entry.seq:
@@ -418,8 +423,13 @@ class ArchiveStore:
         return open_session(self._read_sealed(key), self.keys)
 
     # --- verification -------------------------------------------------------------------------------
-    def verify(self, tenant: str, store: str, start: datetime, end: datetime) -> VerifyReport:
+    def verify(self, tenant: str, store: str, start: datetime, end: datetime, max_lag: timedelta = DEFAULT_MAX_LAG) -> VerifyReport:
         """Check the chain around [start, end) and every session decided in it.
+
+        Walks the entries chained from `start` to `end + max_lag` (a session is chained after
+        its decision, normally seconds later), checking signatures, positions and links, and
+        the object of every entry decided in the range; a session of the range chained later
+        than that is found through its marker and checked with its neighbours.
 
         removed: an entry or a session object is missing; altered: bytes, hashes or signatures
         do not match; reordered: an entry or a session sits at a position not its own;
@@ -432,6 +442,19 @@ class ArchiveStore:
         seqs = self._entry_seqs(tenant, store)
         if retention:
             seqs = [s for s in seqs if s >= retention["first_seq"]]
+        self._check_head(tenant, store, seqs, report)
+        entries = self._walk(tenant, store, seqs, start_ms - SKEW_MS, end_ms + int(max_lag.total_seconds() * 1000), retention, report)
+        by_content = {e.content_sha256: e for e in entries}
+        for entry in entries:
+            if start_ms <= entry.decided_ms < end_ms:
+                self._check_session(entry, by_content, retention, report)
+        walked = {e.key for e in entries}
+        for ref in self.list_sessions(tenant, store, start, end):
+            if ref.key not in walked:
+                self._check_late_session(tenant, store, ref, by_content, retention, report)
+        return report
+
+    def _check_head(self, tenant: str, store: str, seqs: list[int], report: VerifyReport) -> None:
         head, head_etag = self._head(tenant, store)
         if head is None and head_etag is not None:
             report.problems.append(Problem("bad_signature", None, None, "chain head signature does not match"))
@@ -439,55 +462,49 @@ class ArchiveStore:
             report.problems.append(Problem("head_missing", None, None, "the chain has entries but no signed head"))
         elif head and (not seqs or seqs[-1] < head["seq"]):
             report.problems.append(Problem("truncated", head["seq"], None, f"chain ends at {seqs[-1] if seqs else 0}, its signed head is at {head['seq']}"))
-        chained = self._walk(tenant, store, seqs, start_ms, end_ms, retention, report)
-        for ref in self.list_sessions(tenant, store, start, end):
-            if ref.key not in chained:
-                report.problems.append(Problem("unchained", None, ref.session_id, f"{ref.key} is named by no chain entry"))
-        return report
 
-    def _retention(self, tenant: str, store: str, report: VerifyReport) -> dict | None:
+    def _retention(self, tenant: str, store: str, report: VerifyReport | None = None) -> dict | None:
         found = self._get(f"{self._chain(tenant, store)}retention.json")
         if found is None:
             return None
         try:
             return open_signed_document(found[0], self.keys)
         except (ChainSignatureError, ValueError, KeyError):
-            report.problems.append(Problem("bad_signature", None, None, "retention checkpoint signature does not match"))
+            if report is not None:
+                report.problems.append(Problem("bad_signature", None, None, "retention checkpoint signature does not match"))
             return None
 
     def _first_index(self, tenant: str, store: str, seqs: list[int], from_ms: int) -> int:
-        """Binary search for the first entry decided at or after from_ms (entries are near-sorted)."""
+        """Binary search for the last entry chained before from_ms (chained_ms never decreases)."""
         low, high = 0, len(seqs)
         while low < high:
             mid = (low + high) // 2
             try:
-                decided = self._entry(self._entry_key(tenant, store, seqs[mid])).decided_ms
-            except (ChainSignatureError, ValueError, KeyError, ArchiveError):
-                decided = from_ms  # unreadable: let the walk report it
-            if decided < from_ms:
+                chained = self._entry(self._entry_key(tenant, store, seqs[mid])).chained_ms
+            except (ChainSignatureError, ValueError, KeyError, TypeError, ArchiveError):
+                chained = from_ms  # unreadable: let the walk report it
+            if chained < from_ms:
                 low = mid + 1
             else:
                 high = mid
         return max(0, low - 1)
 
-    def _walk(self, tenant: str, store: str, seqs: list[int], start_ms: int, end_ms: int,
-              retention: dict | None, report: VerifyReport) -> set[str]:
-        chained: set[str] = set()
+    def _walk(self, tenant: str, store: str, seqs: list[int], from_ms: int, to_ms: int,
+              retention: dict | None, report: VerifyReport) -> list[ChainEntry]:
+        """The entries chained in [from_ms, to_ms] (and the one before), position and link checked."""
         if not seqs:
-            return chained
-        first = self._first_index(tenant, store, seqs, start_ms - SKEW_MS)
+            return []
+        first = self._first_index(tenant, store, seqs, from_ms)
         chain_start = retention["first_seq"] if retention else 1
         if first == 0 and seqs[0] != chain_start:
             report.problems.append(Problem("removed", chain_start, None, f"chain entries {chain_start}..{seqs[0] - 1} are missing"))
-        previous: ChainEntry | None = None
-        expected_seq = seqs[first]
         if retention and seqs[first] == retention["first_seq"]:
             previous_hash: str | None = retention["prev"]
         elif seqs[first] == 1:
             previous_hash = GENESIS
         else:
-            previous_hash = None  # starting mid-chain: the next entry's prev is taken on trust
-        entries: list[ChainEntry] = []
+            previous_hash = None  # starting mid-chain: the first entry's prev is taken on trust
+        expected_seq, entries = seqs[first], []
         for seq in seqs[first:]:
             if seq != expected_seq:
                 report.problems.append(Problem("removed", expected_seq, None, f"chain entries {expected_seq}..{seq - 1} are missing"))
@@ -499,6 +516,8 @@ class ArchiveStore:
                 report.problems.append(Problem("altered", seq, None, f"chain entry {seq}: {exc}"))
                 previous_hash = None
                 continue
+            if entry.chained_ms > to_ms:
+                break
             report.checked_entries += 1
             if entry.seq != seq:
                 report.problems.append(Problem("reordered", seq, entry.session_id, f"entry stored at {seq} says it is {entry.seq}"))
@@ -506,14 +525,32 @@ class ArchiveStore:
                 report.problems.append(Problem("reordered", seq, entry.session_id, f"entry {seq} does not follow entry {seq - 1}"))
             previous_hash = entry.hash
             entries.append(entry)
-            chained.add(entry.key)
-            if entry.decided_ms > end_ms + SKEW_MS:
-                break
-        by_content = {e.content_sha256: e for e in entries}
-        for entry in entries:
-            if start_ms <= entry.decided_ms < end_ms:
-                self._check_session(entry, by_content, retention, report)
-        return chained
+        return entries
+
+    def _check_late_session(self, tenant: str, store: str, ref: SessionRef, by_content: dict[str, ChainEntry],
+                            retention: dict | None, report: VerifyReport) -> None:
+        """A session of the range chained after the walked window: found by its marker, its
+        entry checked against both neighbours."""
+        marker = self._get(f"{self._chain(tenant, store)}archived/{ref.session_id}.json")
+        if marker is None:
+            report.problems.append(Problem("unchained", None, ref.session_id, f"{ref.key} is named by no chain entry"))
+            return
+        seq = json.loads(marker[0])["seq"]
+        try:
+            entry = self._entry(self._entry_key(tenant, store, seq))
+            before = self._get(self._entry_key(tenant, store, seq - 1)) if seq > 1 else None
+            after = self._get(self._entry_key(tenant, store, seq + 1))
+            previous_hash = ChainEntry.from_bytes(before[0], self.keys).hash if before else GENESIS
+            next_entry = ChainEntry.from_bytes(after[0], self.keys) if after else None
+        except (ChainSignatureError, ValueError, KeyError, TypeError, ArchiveError) as exc:
+            report.problems.append(Problem("altered", seq, ref.session_id, f"chain around entry {seq}: {exc}"))
+            return
+        report.checked_entries += 1
+        first_kept = retention["first_seq"] if retention else 1
+        linked_before = entry.prev == previous_hash if (before or seq == 1) else seq == first_kept and entry.prev == (retention or {}).get("prev")
+        if entry.seq != seq or entry.key != ref.key or not linked_before or (next_entry and next_entry.prev != entry.hash):
+            report.problems.append(Problem("reordered", seq, ref.session_id, f"entry {seq} is not linked where its marker says"))
+        self._check_session(entry, by_content, retention, report)
 
     def _check_session(self, entry: ChainEntry, by_content: dict[str, ChainEntry], retention: dict | None, report: VerifyReport) -> None:
         found = self._get(entry.key)
@@ -548,43 +585,47 @@ class ArchiveStore:
         days = self.settings.retention_days if retention_days is None else retention_days
         cutoff_ms = _ms((now or datetime.now(UTC)) - timedelta(days=days))
         report = SweepReport(cutoff_ms)
-        for tenant in self._children(f"{self.prefix}chains/"):
-            for store in self._children(f"{self.prefix}chains/{tenant}/"):
-                self._sweep_chain(tenant, store, cutoff_ms, report)
-        for tenant in self.tenants():
-            for store in self.stores(tenant):
-                self._sweep_orphans(tenant, store, cutoff_ms, report)
+        stores = {(t, s) for t in self._children(f"{self.prefix}chains/") for s in self._children(f"{self.prefix}chains/{t}/")}
+        stores |= {(t, s) for t in self.tenants() for s in self.stores(t)}
+        for tenant, store in sorted(stores):
+            self._sweep_store(tenant, store, cutoff_ms, report)
         return report
 
-    def _sweep_chain(self, tenant: str, store: str, cutoff_ms: int, report: SweepReport) -> None:
-        seqs = self._entry_seqs(tenant, store)
-        expired: list[ChainEntry] = []
-        for seq in seqs[:-1]:  # the tip entry stays: it is where the next session chains on
-            entry = self._entry(self._entry_key(tenant, store, seq))
-            if entry.decided_ms >= cutoff_ms:
-                break
-            expired.append(entry)
-        if not expired:
+    def _sweep_store(self, tenant: str, store: str, cutoff_ms: int, report: SweepReport) -> None:
+        expired = self._expired_entries(tenant, store, cutoff_ms)
+        epoch = datetime.fromtimestamp(0, UTC)
+        cutoff = datetime.fromtimestamp(cutoff_ms / 1000, UTC)
+        doomed = [ref.key for ref in self.list_sessions(tenant, store, epoch, cutoff)]
+        if not expired and not doomed:
             return
         # The checkpoint first: a sweep that dies half-way leaves sessions verify calls expired.
-        checkpoint = {"first_seq": expired[-1].seq + 1, "prev": expired[-1].hash, "cutoff_ms": cutoff_ms}
+        previous = self._retention(tenant, store) or {"first_seq": 1, "prev": GENESIS}
+        checkpoint = {
+            "first_seq": expired[-1].seq + 1 if expired else previous["first_seq"],
+            "prev": expired[-1].hash if expired else previous["prev"],
+            "cutoff_ms": cutoff_ms,
+        }
         self._s3("put_object", Key=f"{self._chain(tenant, store)}retention.json", Body=signed_document(checkpoint, self.keys))
+        for key in doomed:  # chained or not: an archiver that died between writes leaves orphans
+            self._delete(key)
+            report.deleted_sessions += 1
         for entry in expired:
-            self._delete(entry.key)
             self._delete(f"{self._chain(tenant, store)}archived/{entry.session_id}.json")
             if entry.user:
                 self._delete(self._user_index_key(tenant, entry.user, entry.session_id))
             self._delete(self._entry_key(tenant, store, entry.seq))
-            report.deleted_sessions += 1
             report.deleted_entries += 1
 
-    def _sweep_orphans(self, tenant: str, store: str, cutoff_ms: int, report: SweepReport) -> None:
-        """Objects older than the cutoff that no entry named (an archiver died between writes)."""
-        for key in self._list(f"{self.prefix}sessions/{tenant}/{store}/"):
-            ref = self._ref(key)
-            if ref and ref.decided_ms < cutoff_ms:
-                self._delete(key)
-                report.deleted_sessions += 1
+    def _expired_entries(self, tenant: str, store: str, cutoff_ms: int) -> list[ChainEntry]:
+        """The chain's expired prefix. The tip entry stays: the next session chains on it. An
+        entry chained late (decided before its predecessors) waits for them."""
+        expired = []
+        for seq in self._entry_seqs(tenant, store)[:-1]:
+            entry = self._entry(self._entry_key(tenant, store, seq))
+            if entry.decided_ms >= cutoff_ms:
+                break
+            expired.append(entry)
+        return expired
 
     # --- erasure -----------------------------------------------------------------------------------
     def erase_user(self, tenant: str, user_id: str, reason: str = "user deleted") -> list[str]:
@@ -610,7 +651,7 @@ class ArchiveStore:
             sealed = SealedSession.from_bytes(found[0])
             if sealed.erased:
                 return True
-            sealed.erase(self.keys, reason, int(time.time() * 1000))
+            sealed.erase(self.keys, reason, int(self.clock() * 1000))
             try:
                 self._s3("put_object", Key=key, Body=sealed.to_bytes(), IfMatch=found[1])
                 return True
