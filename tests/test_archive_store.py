@@ -13,9 +13,9 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
-from botocore.exceptions import ClientError
 
 from facepay.archive import (
+    ArchiveAccessDenied,
     ArchivedFrame,
     ArchivedSession,
     ArchiveKeyError,
@@ -119,12 +119,31 @@ def test_embedded_s3_listens_on_loopback_with_generated_credentials_and_refuses_
     assert refused.value.code == 403
 
 
-def test_wrong_secret_is_refused(s3: EmbeddedS3, keys: ArchiveKeys) -> None:
-    store = ArchiveStore(ArchiveSettings.from_url(f"{s3.url}/anything"), keys,
+def test_wrong_secret_is_refused_with_a_clear_error(s3: EmbeddedS3, keys: ArchiveKeys, photos: list[bytes]) -> None:
+    store = ArchiveStore(ArchiveSettings.from_url(f"{s3.url}/facepay-archive"), keys,
                          access_key_id=s3.credentials.access_key_id, secret_access_key="not-the-secret")
-    with pytest.raises(ClientError) as refused:
-        store.ensure_bucket()
-    assert refused.value.response["ResponseMetadata"]["HTTPStatusCode"] == 403
+    with pytest.raises(ArchiveAccessDenied, match="AWS_SECRET_ACCESS_KEY") as refused:
+        store.archive(session_at(T0, photos))
+    assert not refused.value.retryable
+
+
+def test_no_key_ever_reaches_the_bucket(archive: ArchiveStore, photos: list[bytes]) -> None:
+    receipt = archive.archive(session_at(T0, photos, user="alice"))
+    archive.erase_user("acme", "alice")
+    archive.archive(session_at(T0 + timedelta(minutes=1), photos, user="bob"))
+    secrets = [archive.keys.signing_key] + [k for t in archive.keys.tenants.values() for k in t.keys.values()]
+    needles = [form for key in secrets for form in (key, key.hex().encode(), key.hex().upper().encode())]
+
+    def assert_no_key_stored() -> None:
+        stored = list(archive._list(archive.prefix))
+        assert stored
+        for key in stored:
+            assert not any(needle in raw_get(archive, key) for needle in needles), key
+
+    assert_no_key_stored()
+    archive.sweep(now=T0 + timedelta(days=365))  # and the retention checkpoint it writes
+    assert_no_key_stored()
+    assert receipt
 
 
 # --- writing, listing, reading -----------------------------------------------------------------

@@ -9,6 +9,7 @@ from facepay.archive.keys import ArchiveKeyError, ArchiveKeys
 from facepay.archive.record import RECORD_SCHEMA_VERSION, ArchivedFrame, ArchivedSession, Candidate, SignedDecision
 from facepay.archive.settings import ArchiveConfigError, ArchiveSettings
 from facepay.archive.store import (
+    ArchiveAccessDenied,
     ArchiveContention,
     ArchiveError,
     ArchiveReceipt,
@@ -21,7 +22,7 @@ from facepay.archive.store import (
 )
 
 __all__ = [
-    "RECORD_SCHEMA_VERSION", "ArchiveConfigError", "ArchiveContention", "ArchiveError", "ArchiveKeyError",
+    "RECORD_SCHEMA_VERSION", "ArchiveAccessDenied", "ArchiveConfigError", "ArchiveContention", "ArchiveError", "ArchiveKeyError",
     "ArchiveKeys", "ArchiveReceipt", "ArchiveSettings", "ArchiveStore", "ArchiveUnavailable", "ArchivedFrame",
     "ArchivedSession", "Candidate", "EmbeddedS3", "Problem", "SessionRef", "SignedDecision", "SweepReport",
     "VerifyReport", "weed_binary",

@@ -62,6 +62,12 @@ class ArchiveUnavailable(ArchiveError):
     retryable = True
 
 
+class ArchiveAccessDenied(ArchiveError):
+    """The object store refused the credentials or the bucket: a set-up error, not retryable."""
+
+    retryable = False
+
+
 class ArchiveContention(ArchiveError):
     """Too many replicas raced for the same store's chain; retry later."""
 
@@ -183,15 +189,26 @@ class ArchiveStore:
             raise _unavailable(exc) from exc
         except ClientError as exc:
             status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
-            if status >= 500 or exc.response["Error"]["Code"] in ("SlowDown", "RequestTimeout", "ServiceUnavailable"):
+            code = exc.response["Error"]["Code"]
+            if status >= 500 or code in ("SlowDown", "RequestTimeout", "ServiceUnavailable"):
                 raise _unavailable(exc) from exc
+            if status == 403 or code in ("AccessDenied", "SignatureDoesNotMatch", "InvalidAccessKeyId"):
+                raise ArchiveAccessDenied(
+                    f"the archive refused {operation} on bucket {self.bucket!r} ({code}): check AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY and the bucket policy"
+                ) from exc
+            if code == "NoSuchBucket":
+                raise ArchiveAccessDenied(f"archive bucket {self.bucket!r} does not exist (FACEPAY_ARCHIVE_URL)") from exc
             raise
 
     def ensure_bucket(self) -> None:
         try:
             self._s3("head_bucket")
+        except ArchiveAccessDenied as exc:
+            if "does not exist" not in str(exc):
+                raise
+            self._s3("create_bucket")
         except ClientError as exc:
-            if exc.response["Error"]["Code"] not in ("404", "NoSuchBucket", "NotFound"):
+            if exc.response["Error"]["Code"] not in ("404", "NotFound"):
                 raise
             self._s3("create_bucket")
 
