@@ -6,6 +6,7 @@ sweep, erasure, and an outage of the object store."""
 from __future__ import annotations
 
 import json
+import os
 import threading
 import time
 import uuid
@@ -117,6 +118,28 @@ def test_embedded_s3_listens_on_loopback_with_generated_credentials_and_refuses_
     with pytest.raises(urllib.error.HTTPError) as refused:
         urllib.request.urlopen(s3.url + "/")
     assert refused.value.code == 403
+
+
+def listening_addresses(pid: int) -> set[str]:
+    """host:port of every TCP socket the process listens on (from /proc)."""
+    inodes = {os.readlink(f"/proc/{pid}/fd/{fd}")[8:-1] for fd in os.listdir(f"/proc/{pid}/fd")
+              if os.readlink(f"/proc/{pid}/fd/{fd}").startswith("socket:[")}
+    found = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in Path(table).read_text().splitlines()[1:]:
+            fields = line.split()
+            if fields[3] == "0A" and fields[9] in inodes:  # 0A = LISTEN
+                host_hex, port_hex = fields[1].split(":")
+                raw = bytes.fromhex(host_hex)
+                host = ".".join(str(b) for b in raw[::-1]) if len(raw) == 4 else ("::1" if raw == bytes(15) + b"\x01" else raw.hex())
+                found.add(f"{host}:{int(port_hex, 16)}")
+    return found
+
+
+def test_every_port_of_the_embedded_server_is_on_loopback(s3: EmbeddedS3) -> None:
+    addresses = listening_addresses(s3.process.pid)
+    assert f"127.0.0.1:{s3.s3_port}" in addresses
+    assert {a.rsplit(":", 1)[0] for a in addresses} == {"127.0.0.1"}, addresses
 
 
 def test_wrong_secret_is_refused_with_a_clear_error(s3: EmbeddedS3, keys: ArchiveKeys, photos: list[bytes]) -> None:
