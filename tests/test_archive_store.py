@@ -142,6 +142,28 @@ def test_every_port_of_the_embedded_server_is_on_loopback(s3: EmbeddedS3) -> Non
     assert {a.rsplit(":", 1)[0] for a in addresses} == {"127.0.0.1"}, addresses
 
 
+def test_the_filer_and_volume_http_ports_refuse_requests_without_a_token(s3: EmbeddedS3, archive: ArchiveStore, photos: list[bytes]) -> None:
+    """Only the S3 gateway (signed requests) is a way in: weed's filer and volume HTTP APIs
+    would otherwise let any local process read or write every object."""
+    import urllib.error
+    import urllib.request
+
+    receipt = archive.archive(session_at(T0, photos))
+    master, _, volume, _, filer, _, _ = s3._ports
+    attempts = [
+        urllib.request.Request(f"http://127.0.0.1:{filer}/buckets/{archive.bucket}/{receipt.key}"),
+        urllib.request.Request(f"http://127.0.0.1:{filer}/buckets/{archive.bucket}/"),
+        urllib.request.Request(f"http://127.0.0.1:{filer}/buckets/{archive.bucket}/planted.fpa", data=b"x", method="PUT"),
+        urllib.request.Request(f"http://127.0.0.1:{filer}/buckets/{archive.bucket}/{receipt.key}", method="DELETE"),
+        urllib.request.Request(f"http://127.0.0.1:{volume}/1,01637037d6", data=b"x", method="PUT"),
+    ]
+    for request in attempts:
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(request, timeout=5)
+        assert refused.value.code == 401, (request.method, request.full_url, refused.value.code)
+    assert archive.read(receipt.key).frames
+
+
 def test_wrong_secret_is_refused_with_a_clear_error(s3: EmbeddedS3, keys: ArchiveKeys, photos: list[bytes]) -> None:
     store = ArchiveStore(ArchiveSettings.from_url(f"{s3.url}/facepay-archive"), keys,
                          access_key_id=s3.credentials.access_key_id, secret_access_key="not-the-secret")

@@ -71,6 +71,19 @@ def _load_or_create_credentials(path: Path) -> S3Credentials:
     return creds
 
 
+def _write_security_config(path: Path) -> None:
+    """JWT keys for weed's filer and volume HTTP APIs, new at every start (0600). Without them
+    those loopback ports serve and accept any object with no credentials at all, around the S3
+    gateway's signature check. (Its gRPC ports stay without mTLS: a local process that speaks
+    weed's gRPC can still reach the data — encrypted, and chained under a key weed never sees.)"""
+    sections = ["jwt.signing", "jwt.signing.read", "jwt.filer_signing", "jwt.filer_signing.read"]
+    text = "".join(f'[{name}]\nkey = "{secrets.token_hex(32)}"\nexpires_after_seconds = 10\n\n' for name in sections)
+    path.unlink(missing_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as fh:
+        fh.write(text)
+
+
 class EmbeddedS3:
     """`with EmbeddedS3(dir) as s3:` → an S3 endpoint at `s3.url` with `s3.credentials`."""
 
@@ -114,13 +127,15 @@ class EmbeddedS3:
         ]
 
     def start(self, timeout_s: float = 60.0) -> EmbeddedS3:
-        self.data_dir.mkdir(parents=True, exist_ok=True)
-        (self.data_dir / "store").mkdir(exist_ok=True)
+        self.data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        (self.data_dir / "store").mkdir(mode=0o700, exist_ok=True)
         self.credentials = _load_or_create_credentials(self.config_file)
+        _write_security_config(self.data_dir / "security.toml")
         with open(self.data_dir / "weed.log", "ab") as logfile:
             # Its own process group: Ctrl-C in a terminal reaches the supervisor, which stops it.
+            # cwd: weed reads security.toml from its working directory first.
             self.process = subprocess.Popen(self._args(), stdout=logfile, stderr=subprocess.STDOUT, start_new_session=True,
-                                            env={**os.environ, "GOMEMLIMIT": self.memory_limit})
+                                            cwd=self.data_dir, env={**os.environ, "GOMEMLIMIT": self.memory_limit})
         self._wait_ready(timeout_s)
         self._configure_storage()
         log.info("embedded s3 ready", extra={"url": self.url, "data_dir": str(self.data_dir)})
