@@ -271,6 +271,9 @@ class ArchiveStore:
     def _entry_key(self, tenant: str, store: str, seq: int) -> str:
         return f"{self._chain(tenant, store)}entries/{seq:012d}.json"
 
+    def _marker_key(self, tenant: str, store: str, session_id: str) -> str:
+        return f"{self._chain(tenant, store)}archived/{session_id}.json"
+
     def _user_digest(self, tenant: str, user_id: str) -> str:
         # Keyed, so the bucket's key names do not reveal who paid where.
         return hmac.new(self.keys.signing_key, f"user/{tenant}/{user_id}".encode(), hashlib.sha256).hexdigest()[:32]
@@ -289,13 +292,13 @@ class ArchiveStore:
         sealed = seal_session(session, self.keys)
         if not self._put_if_absent(key, sealed.to_bytes()):
             # An earlier attempt stored it; chain what is stored, unless that attempt got that far.
-            marker = self._get(f"{self._chain(tenant, store)}archived/{session.session_id}.json")
+            marker = self._get(self._marker_key(tenant, store, session.session_id))
             existing = self._read_sealed(key)
             if marker is not None:
                 return ArchiveReceipt(key, json.loads(marker[0])["seq"], existing.content_sha256(), already_archived=True)
             chained = self._find_entry(tenant, store, session.session_id, self._stored_ms(key))
             if chained is not None:  # the entry was written, its acknowledgement lost
-                self._s3("put_object", Key=f"{self._chain(tenant, store)}archived/{session.session_id}.json", Body=json.dumps({"seq": chained.seq}).encode())
+                self._s3("put_object", Key=self._marker_key(tenant, store, session.session_id), Body=json.dumps({"seq": chained.seq}).encode())
                 self._advance_head(tenant, store, chained)
                 return ArchiveReceipt(key, chained.seq, chained.content_sha256, already_archived=True)
             sealed = existing
@@ -303,7 +306,7 @@ class ArchiveStore:
         if user:
             self._s3("put_object", Key=self._user_index_key(tenant, user, session.session_id), Body=json.dumps({"key": key}).encode())
         entry = self._append(tenant, store, session.session_id, key, session.decided_ms, sealed.content_sha256(), user)
-        self._s3("put_object", Key=f"{self._chain(tenant, store)}archived/{session.session_id}.json", Body=json.dumps({"seq": entry.seq}).encode())
+        self._s3("put_object", Key=self._marker_key(tenant, store, session.session_id), Body=json.dumps({"seq": entry.seq}).encode())
         self._advance_head(tenant, store, entry)
         return ArchiveReceipt(key, entry.seq, entry.content_sha256)
 
@@ -548,7 +551,7 @@ class ArchiveStore:
                             retention: dict | None, report: VerifyReport) -> None:
         """A session of the range chained after the walked window: found by its marker, its
         entry checked against both neighbours."""
-        marker = self._get(f"{self._chain(tenant, store)}archived/{ref.session_id}.json")
+        marker = self._get(self._marker_key(tenant, store, ref.session_id))
         if marker is None:
             report.problems.append(Problem("unchained", None, ref.session_id, f"{ref.key} is named by no chain entry"))
             return
@@ -627,7 +630,7 @@ class ArchiveStore:
             self._delete(key)
             report.deleted_sessions += 1
         for entry in expired:
-            self._delete(f"{self._chain(tenant, store)}archived/{entry.session_id}.json")
+            self._delete(self._marker_key(tenant, store, entry.session_id))
             if entry.user:
                 self._delete(self._user_index_key(tenant, entry.user, entry.session_id))
             self._delete(self._entry_key(tenant, store, entry.seq))
