@@ -23,6 +23,7 @@ from facepay.archive import (
     ArchiveKeys,
     ArchiveSettings,
     ArchiveStore,
+    ArchiveTampered,
     ArchiveUnavailable,
     Candidate,
     EmbeddedS3,
@@ -303,6 +304,33 @@ def test_verify_detects_the_last_sessions_cut_off_the_chain(archive: ArchiveStor
         archive.client.delete_object(Bucket=archive.bucket, Key=archive._entry_key("acme", "store-1", receipt.seq))
 
     assert "truncated" in archive.verify("acme", "store-1", *window()).kinds()
+
+
+def test_cutting_the_chain_head_and_tail_stops_the_archiver_instead_of_chaining_on(archive: ArchiveStore, photos: list[bytes]) -> None:
+    """Deleting the head with the newest entries and sessions would let the next append
+    continue from the cut, hiding it for good; the archiver refuses and verify says why."""
+    archived = fill(archive, photos, 6)
+    archive.client.delete_object(Bucket=archive.bucket, Key=f"{archive._chain('acme', 'store-1')}head.json")
+    for _, receipt in archived[4:]:
+        archive.client.delete_object(Bucket=archive.bucket, Key=receipt.key)
+        archive.client.delete_object(Bucket=archive.bucket, Key=archive._entry_key("acme", "store-1", receipt.seq))
+
+    with pytest.raises(ArchiveTampered, match="head") as refused:
+        archive.archive(session_at(T0 + timedelta(hours=1), photos))
+    assert not refused.value.retryable
+    assert "head_missing" in archive.verify("acme", "store-1", *window()).kinds()
+
+
+def test_a_forged_chain_head_stops_the_archiver(archive: ArchiveStore, photos: list[bytes]) -> None:
+    fill(archive, photos, 3)
+    head_key = f"{archive._chain('acme', 'store-1')}head.json"
+    document = json.loads(raw_get(archive, head_key))
+    document["body"]["seq"] = 1
+    raw_put(archive, head_key, json.dumps(document).encode())
+
+    with pytest.raises(ArchiveTampered, match="signature"):
+        archive.archive(session_at(T0 + timedelta(hours=1), photos))
+    assert "bad_signature" in archive.verify("acme", "store-1", *window()).kinds()
 
 
 def test_verify_detects_an_altered_session(archive: ArchiveStore, photos: list[bytes]) -> None:

@@ -14,6 +14,7 @@ from facepay.archive.store import (
     ArchiveError,
     ArchiveReceipt,
     ArchiveStore,
+    ArchiveTampered,
     ArchiveUnavailable,
     Problem,
     SessionRef,
@@ -23,7 +24,7 @@ from facepay.archive.store import (
 
 __all__ = [
     "RECORD_SCHEMA_VERSION", "ArchiveAccessDenied", "ArchiveConfigError", "ArchiveContention", "ArchiveError", "ArchiveKeyError",
-    "ArchiveKeys", "ArchiveReceipt", "ArchiveSettings", "ArchiveStore", "ArchiveUnavailable", "ArchivedFrame",
+    "ArchiveKeys", "ArchiveReceipt", "ArchiveSettings", "ArchiveStore", "ArchiveTampered", "ArchiveUnavailable", "ArchivedFrame",
     "ArchivedSession", "Candidate", "EmbeddedS3", "Problem", "SessionRef", "SignedDecision", "SweepReport",
     "VerifyReport", "weed_binary",
 ]

@@ -68,6 +68,13 @@ class ArchiveAccessDenied(ArchiveError):
     retryable = False
 
 
+class ArchiveTampered(ArchiveError):
+    """The store's chain head is missing or forged: appending would hide what happened.
+    Not retryable: the archiver stops for this store (its lag grows) until someone looks."""
+
+    retryable = False
+
+
 class ArchiveContention(ArchiveError):
     """Too many replicas raced for the same store's chain; retry later."""
 
@@ -336,20 +343,30 @@ class ArchiveStore:
         return [int(k.rsplit("/", 1)[-1][:-5]) for k in self._list(f"{self._chain(tenant, store)}entries/")]
 
     def _head(self, tenant: str, store: str) -> tuple[dict | None, str | None]:
+        """(head, etag); (None, etag) when it exists but its signature does not match."""
         found = self._get(f"{self._chain(tenant, store)}head.json")
         if found is None:
             return None, None
         try:
             return open_signed_document(found[0], self.keys), found[1]
         except (ChainSignatureError, ValueError, KeyError):
-            log.warning("archive chain head of %s/%s has a bad signature; ignoring it as a hint", tenant, store)
+            log.warning("archive chain head of %s/%s has a bad signature", tenant, store)
             return None, found[1]
 
     def _tip(self, tenant: str, store: str) -> tuple[int, str, int]:
         """Seq, hash and chained_ms of the last entry: from the head (a hint that may lag),
-        then whatever follows it."""
-        head, _ = self._head(tenant, store)
-        seq, hash_, chained_ms = (head["seq"], head["hash"], head["chained_ms"]) if head else (0, GENESIS, 0)
+        then whatever follows it. A new chain gets its head (seq 0) before its first entry, so
+        a missing head next to entries means someone removed it."""
+        head, etag = self._head(tenant, store)
+        if head is None and etag is not None:
+            raise ArchiveTampered(f"the chain head of {tenant}/{store} has a bad signature; not appending (run verify)")
+        if head is None:
+            if next(self._list(f"{self._chain(tenant, store)}entries/"), None) is not None:
+                raise ArchiveTampered(f"the chain of {tenant}/{store} has entries but no head; not appending (run verify)")
+            genesis = signed_document({"seq": 0, "hash": GENESIS, "chained_ms": 0}, self.keys)
+            self._put_if_absent(f"{self._chain(tenant, store)}head.json", genesis)  # another replica may win: same content
+            head = {"seq": 0, "hash": GENESIS, "chained_ms": 0}
+        seq, hash_, chained_ms = head["seq"], head["hash"], head["chained_ms"]
         after = self._entry_key(tenant, store, seq) if seq else None
         last = None
         for last in self._list(f"{self._chain(tenant, store)}entries/", start_after=after):
@@ -480,7 +497,7 @@ class ArchiveStore:
             report.problems.append(Problem("bad_signature", None, None, "chain head signature does not match"))
         elif head is None and seqs:
             report.problems.append(Problem("head_missing", None, None, "the chain has entries but no signed head"))
-        elif head and (not seqs or seqs[-1] < head["seq"]):
+        elif head and head["seq"] > (seqs[-1] if seqs else 0):
             report.problems.append(Problem("truncated", head["seq"], None, f"chain ends at {seqs[-1] if seqs else 0}, its signed head is at {head['seq']}"))
 
     def _retention(self, tenant: str, store: str, report: VerifyReport | None = None) -> dict | None:
