@@ -89,8 +89,9 @@ class EmbeddedS3:
 
     def __init__(self, data_dir: Path, s3_port: int | None = None, memory_limit: str = "512MiB") -> None:
         self.data_dir = Path(data_dir).resolve()
-        # Go's soft heap limit: the GC works harder instead of letting buffers grow (a
-        # 200-session write burst took weed from 155 MB to ~490 MB RSS without it).
+        # Go's soft heap limit, against unbounded buffer growth: a 200-session write burst took
+        # weed from 150 MB to 490 MB RSS without one, 410 MB with 512 MiB; at 256 MiB its GC
+        # thrashed (7x the CPU per write). bench/archive.py measures it.
         self.memory_limit = memory_limit
         self.s3_port = s3_port or free_port()
         # master, master gRPC, volume, volume gRPC, filer, filer gRPC, S3 gRPC: fixed for this
@@ -136,8 +137,12 @@ class EmbeddedS3:
             # cwd: weed reads security.toml from its working directory first.
             self.process = subprocess.Popen(self._args(), stdout=logfile, stderr=subprocess.STDOUT, start_new_session=True,
                                             cwd=self.data_dir, env={**os.environ, "GOMEMLIMIT": self.memory_limit})
-        self._wait_ready(timeout_s)
-        self._configure_storage()
+        try:
+            self._wait_ready(timeout_s)
+            self._configure_storage()
+        except BaseException:
+            self.kill()  # never leave a half-started server behind
+            raise
         log.info("embedded s3 ready", extra={"url": self.url, "data_dir": str(self.data_dir)})
         return self
 
