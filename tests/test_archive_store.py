@@ -625,6 +625,24 @@ def _retry(action, timeout_s: float = 60.0):
             time.sleep(0.2)
 
 
+def test_credentials_come_from_the_environment_or_a_credentials_file(s3: EmbeddedS3, keys: ArchiveKeys, photos: list[bytes],
+                                                                     monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    url = f"{s3.url}/facepay-archive/test-{uuid.uuid4().hex[:12]}"
+    for name in ("AWS_PROFILE", "AWS_SHARED_CREDENTIALS_FILE", "AWS_CONFIG_FILE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", s3.credentials.access_key_id)
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", s3.credentials.secret_access_key)
+    assert ArchiveStore(ArchiveSettings.from_url(url), keys).archive(session_at(T0, photos)).seq == 1
+
+    credentials = tmp_path / "credentials"
+    credentials.write_text(f"[default]\naws_access_key_id = {s3.credentials.access_key_id}\n"
+                           f"aws_secret_access_key = {s3.credentials.secret_access_key}\n")
+    monkeypatch.delenv("AWS_ACCESS_KEY_ID")
+    monkeypatch.delenv("AWS_SECRET_ACCESS_KEY")
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(credentials))
+    assert ArchiveStore(ArchiveSettings.from_url(url), keys).archive(session_at(T0 + timedelta(minutes=1), photos)).seq == 2
+
+
 def test_settings_come_from_the_environment_without_credentials_in_the_url(tmp_path: Path) -> None:
     settings = ArchiveSettings.from_env({"FACEPAY_ARCHIVE_URL": "http://127.0.0.1:8333/audit/prod", "FACEPAY_ARCHIVE_KEYS_FILE": "/k"})
     assert (settings.endpoint_url, settings.bucket, settings.prefix, settings.retention_days) == ("http://127.0.0.1:8333", "audit", "prod/", 90)
