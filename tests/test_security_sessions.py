@@ -24,6 +24,7 @@ from facepay.signing import verify
 from services.recognizer.policy import FrameResult
 from services.recognizer.stage import RecognizerStage
 from services.recognizer.state import SessionStore
+from tests.keysets import signing_as
 
 SIGNING_KEY = "11" * 32
 
@@ -37,6 +38,7 @@ def valkey(tmp_path_factory):
 @pytest.fixture
 def recognizer(valkey, tmp_path):
     settings = Settings(redis_url=valkey.url, namespace=f"t{uuid.uuid4().hex[:8]}", signing_key=SIGNING_KEY,
+                        **signing_as("recognizer"),
                         gallery_url=f"edge://{tmp_path}/gallery", policy=SessionPolicy(session_timeout_s=0.2))
     stage = RecognizerStage(settings)
     stage.start()
