@@ -32,7 +32,8 @@ from facepay.supervisor import demo_access
 from services.gateway.cameras import CameraRegistry
 from services.gateway.server import serve
 from tests.keysets import signing_as
-from tests.test_runtime import Upper, frame, keyset, outputs, pending, push, settings_with_keys  # noqa: F401 (keyset: a fixture)
+from tests.test_runtime import (Upper, frame, keyset, outputs, pending, push, run_until,  # noqa: F401 (keyset: a fixture)
+                                settings_with_keys)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -447,3 +448,20 @@ def test_a_poison_entry_that_crashes_its_worker_is_dead_lettered_alone_and_its_b
         assert dead[b"reason"] == b"max_deliveries" and b"died" in dead[b"error"]
         assert pending(client, settings) == 0
 
+
+def test_entries_reclaimed_from_a_dead_consumer_are_authenticated_like_any_other(tmp_path, keyset):
+    """A reclaimed entry is processed alone (above); it must still be verified first, or writing
+    to Redis and waiting for a crash would get a forged frame past the signature check."""
+    with EmbeddedValkey(tmp_path / "vk") as server:
+        settings = settings_with_keys(keyset, redis_url=server.url, namespace="reclaim", claim_idle_ms=300)
+        client = redis.Redis.from_url(server.url)
+        forged = [client.xadd(settings.key("in"), {FIELD: frame("s", 0, b"unsigned").encode()}),
+                  *push(client, settings, frame("s", 1, b"intruder"), signer="intruder")]
+        push(client, settings, frame("s", 2, b"genuine"))
+        dead = StreamWorker(Upper(), settings, consumer="dead")
+        dead._ensure_group_once()
+        assert len(dead._xreadgroup(10, 100)) == 3  # read, then "crash" before verifying anything
+        live = StreamWorker(Upper(), settings, consumer="live")
+        run_until(live, lambda: pending(client, settings) == 0)
+        assert [m.image for m in outputs(client, settings)] == [b"GENUINE"], "only the genuine entry reaches the stage"
+        assert {d[b"entry"]: d[b"reason"] for d in dead_letters(client, settings)} == dict.fromkeys(forged, b"unauthenticated")
