@@ -24,6 +24,7 @@ from facepay.signing import verify
 from services.recognizer.policy import FrameResult
 from services.recognizer.stage import RecognizerStage
 from services.recognizer.state import SessionStore
+from tests.keysets import signing_as
 
 SIGNING_KEY = "11" * 32
 
@@ -37,7 +38,8 @@ def valkey(tmp_path_factory):
 @pytest.fixture
 def recognizer(valkey, tmp_path):
     settings = Settings(redis_url=valkey.url, namespace=f"t{uuid.uuid4().hex[:8]}", signing_key=SIGNING_KEY,
-                        gallery_url=f"edge://{tmp_path}/gallery", policy=SessionPolicy(session_timeout_s=0.2))
+                        gallery_url=f"edge://{tmp_path}/gallery", policy=SessionPolicy(session_timeout_s=0.2),
+                        **signing_as("recognizer"))
     stage = RecognizerStage(settings)
     stage.start()
     yield settings, StreamWorker(stage, settings, consumer="r1")
