@@ -62,6 +62,12 @@ def main(argv: list[str] | None = None) -> None:
     target.add_argument("--camera")
     target.add_argument("--user")
 
+    redis_cmd = sub.add_parser("redis", help="Redis/Valkey set-up for a managed server")
+    redis_cmd.add_argument("action", choices=["acl"], help="print ACL SETUSER lines, one user per component")
+    redis_cmd.add_argument("--namespace", help="key prefix (default: FACEPAY_NAMESPACE)")
+    redis_cmd.add_argument("--out", default="var/redis-credentials",
+                           help="folder for the generated <component>.password files (0600; kept if present)")
+
     config = sub.add_parser("config", help="settings")
     config.add_argument("action", choices=["show"])
     contract = sub.add_parser("contract", help="the gRPC contract")
@@ -165,6 +171,7 @@ def _cmd_enroll(args) -> int:
 def _cmd_calibrate(args) -> int:
     from facepay import thresholds
     from facepay.calibration import calibrate
+    from facepay.redaction import redact_url
     from facepay.offline import FaceEmbedder
     from facepay.runtime.redis_conn import connect
     from services.recognizer.embedder import template_space
@@ -177,7 +184,7 @@ def _cmd_calibrate(args) -> int:
     if not args.no_store:
         thresholds.store(connect(settings.redis_url), settings, space, report.threshold,
                          target_far=args.target_far, data=str(args.data), report=str(Path(args.out).resolve()))
-        print(f"stored threshold {report.threshold!r} for {space} in {settings.redis_url} (namespace {settings.namespace}); "
+        print(f"stored threshold {report.threshold!r} for {space} in {redact_url(settings.redis_url)} (namespace {settings.namespace}); "
               "recognizers pick it up within a minute")
     return 0
 
@@ -211,6 +218,21 @@ def _cmd_lockouts(args) -> int:
 
     kind, subject = ("camera", args.camera) if args.camera else ("user", args.user)
     print(json.dumps(call(load_settings(), "reset_lockout", kind=kind, subject=subject)))
+    return 0
+
+
+def _cmd_redis(args) -> int:
+    from facepay import redis_acl
+
+    namespace = args.namespace or load_settings().namespace
+    passwords = redis_acl.load_or_create_passwords(Path(args.out), redis_acl.COMPONENTS)
+    print(f"# facepay ACL users for namespace {namespace!r}; passwords in {args.out}/<component>.password (0600),")
+    print("# only their SHA-256 below. Run as the server's administrator (redis-cli, or your provider's console).")
+    for line in redis_acl.setuser_commands(namespace, passwords):
+        print(line)
+    print("# Then give each process its own user: FACEPAY_REDIS_URL=redis[s]://<component>@host:port/0 and")
+    print("# FACEPAY_REDIS_PASSWORD_FILE=<the component's .password file>. Once your own admin user works:")
+    print("# ACL SETUSER default off")
     return 0
 
 

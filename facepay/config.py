@@ -12,8 +12,11 @@ import os
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
+from urllib.parse import parse_qsl, quote, unquote, urlencode, urlsplit, urlunsplit
 
 import yaml
+
+from facepay.redaction import redact_url
 
 
 @dataclass(frozen=True)
@@ -56,7 +59,14 @@ class PoseLimits:
 
 @dataclass(frozen=True)
 class Settings:
-    redis_url: str = "redis://127.0.0.1:6379/0"
+    redis_url: str = "redis://127.0.0.1:6379/0"  # redis://user@host:port/db, or rediss:// for TLS
+    # The Redis user's password, read from a file (a mounted secret) rather than put in the URL,
+    # so that it is in no environment or command line; with TLS, the CA (and a client
+    # certificate and key, for servers that ask for one). Folded into redis_url at load time.
+    redis_password_file: str = ""
+    redis_tls_ca_file: str = ""
+    redis_tls_cert_file: str = ""
+    redis_tls_key_file: str = ""
     namespace: str = "fp"
     gallery_url: str = "edge://./var/gallery"
     cameras_file: str = ""  # YAML: stores, cameras and their tokens (see README)
@@ -104,6 +114,7 @@ class Settings:
         if redact:
             for secret in ("signing_key", "operator_token"):
                 values[secret] = "***" if values[secret] else ""
+            values["redis_url"] = redact_url(values["redis_url"])
         return values
 
 
@@ -132,7 +143,26 @@ def load_settings(env: dict[str, str] | None = None) -> Settings:
     unknown = set(values) - {f.name for f in fields(Settings)}
     if unknown:
         raise ValueError(f"unknown settings: {sorted(unknown)}")
-    return Settings(**{f.name: _coerce(f, values[f.name]) for f in fields(Settings) if f.name in values})
+    settings = Settings(**{f.name: _coerce(f, values[f.name]) for f in fields(Settings) if f.name in values})
+    return settings.replace(redis_url=_effective_redis_url(settings))
+
+
+def _effective_redis_url(settings: Settings) -> str:
+    """redis_url with the password file's password and the TLS files, as redis-py reads them
+    (so every client — workers, gateway, CLI, rq — connects the same way)."""
+    parts = urlsplit(settings.redis_url)
+    netloc, query = parts.netloc, parse_qsl(parts.query)
+    if settings.redis_password_file:
+        password = Path(settings.redis_password_file).read_text().strip()
+        host = netloc.rpartition("@")[2]
+        user = unquote(parts.username or "")
+        netloc = f"{quote(user, safe='')}:{quote(password, safe='')}@{host}"
+    tls = {"ssl_ca_certs": settings.redis_tls_ca_file, "ssl_certfile": settings.redis_tls_cert_file,
+           "ssl_keyfile": settings.redis_tls_key_file}
+    if any(tls.values()) and parts.scheme != "rediss":
+        raise ValueError("FACEPAY_REDIS_TLS_* files are set but FACEPAY_REDIS_URL is not rediss://")
+    query = [(k, v) for k, v in query if k not in tls or not tls[k]] + [(k, v) for k, v in tls.items() if v]
+    return urlunsplit((parts.scheme, netloc, parts.path, urlencode(query), parts.fragment))
 
 
 def _coerce(f: dataclasses.Field, value: Any) -> Any:

@@ -11,7 +11,7 @@ from collections.abc import Callable
 from functools import lru_cache
 
 from facepay.admin import call
-from facepay.config import Settings
+from facepay.config import Settings, load_settings
 from facepay.images import decode_trusted
 from facepay.jobs import run_jobs
 from facepay.runtime.redis_conn import connect
@@ -26,10 +26,10 @@ def _embedder(model: str, device: str):
     return load_embedder(model, device)  # once per rq worker process
 
 
-def reindex_user_job(redis_url: str, namespace: str, landmarks_model: str, device: str, model: str,
-                     user_id: str) -> dict:
-    settings = Settings(redis_url=redis_url, namespace=namespace, landmarks_model=landmarks_model, device=device)
-    source = FaceSources(connect(redis_url), settings).load(user_id)
+def reindex_user_job(namespace: str, landmarks_model: str, device: str, model: str, user_id: str) -> dict:
+    # The Redis URL comes from the rq worker's environment: job data (in Redis) holds no credentials.
+    settings = load_settings().replace(namespace=namespace, landmarks_model=landmarks_model, device=device)
+    source = FaceSources(connect(settings.redis_url), settings).load(user_id)
     if source is None:
         return {"user_id": user_id, "status": "no_source"}
     embedder = _embedder(model, device)
@@ -49,6 +49,6 @@ def reindex(settings: Settings, model: str, inline_workers: int = 1,
 
     users = sorted(FaceSources(connect(settings.redis_url), settings).users())
     queue = Queue(QUEUE, connection=redis.Redis.from_url(settings.redis_url))
-    jobs = [queue.enqueue(reindex_user_job, settings.redis_url, settings.namespace, settings.landmarks_model,
+    jobs = [queue.enqueue(reindex_user_job, settings.namespace, settings.landmarks_model,
                           settings.device, model, user, job_timeout=600, result_ttl=86400) for user in users]
     return run_jobs(settings.redis_url, QUEUE, jobs, inline_workers, progress, timeout_s)

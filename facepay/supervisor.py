@@ -18,6 +18,7 @@ import grpc
 import yaml
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from facepay import redis_acl
 from facepay.config import Settings
 from facepay.runtime.embedded import EmbeddedValkey, free_port
 from facepay.stages import STAGES
@@ -44,6 +45,19 @@ def demo_access(stores: dict[str, list[str]], tenant: str = "demo") -> dict:
     }
 
 
+def component_secrets(env: dict[str, str], component: str, valkey: EmbeddedValkey | None) -> dict[str, str]:
+    """Only what `component` needs: its own Redis user (the password in a 0600 file, not in the
+    environment) on the embedded server, and the decision signing key for the signer only."""
+    env = dict(env)
+    if valkey is not None:
+        url = redis_acl.component_url(valkey.url_for(component), component)  # the user, no password
+        env.update(REDIS_URL=url, FACEPAY_REDIS_URL=url,
+                   FACEPAY_REDIS_PASSWORD_FILE=str(valkey.credentials_dir / f"{component}.password"))
+    if component != "recognizer":
+        env.pop("FACEPAY_SIGNING_KEY", None)
+    return env
+
+
 class Pipeline:
     def __init__(self, settings: Settings, workdir: Path, access: dict, replicas: dict[str, int] | None = None,
                  embedded: bool = True) -> None:
@@ -51,7 +65,7 @@ class Pipeline:
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.access = access
         self.replicas = {name: 1 for name in STAGES} | (replicas or {})
-        self.valkey = EmbeddedValkey(self.workdir / "valkey") if embedded else None
+        self.valkey = EmbeddedValkey(self.workdir / "valkey", namespace=settings.namespace) if embedded else None
         cameras_file = self.workdir / "cameras.yaml"
         cameras_file.write_text(yaml.safe_dump(access))
         self.settings = settings.replace(
@@ -79,10 +93,15 @@ class Pipeline:
         self._wait_healthy(timeout_s)
         return self
 
-    def _spawn(self, name: str, args: list[str]) -> None:
+    def process_env(self, name: str) -> dict[str, str]:
+        """The environment of process `name` ("gateway", "detector-0", …)."""
         self.metrics_ports.setdefault(name, free_port())
         env = {**os.environ, **settings_to_env(self.settings), "FACEPAY_CONSUMER": name,
                "FACEPAY_METRICS_PORT": str(self.metrics_ports[name])}
+        return component_secrets(env, name.rsplit("-", 1)[0], self.valkey)
+
+    def _spawn(self, name: str, args: list[str]) -> None:
+        env = self.process_env(name)
         with open(self.workdir / f"{name}.log", "ab") as log_file:
             self.processes[name] = subprocess.Popen(
                 [sys.executable, "-m", "facepay", *args], env=env, stdout=log_file, stderr=subprocess.STDOUT,
