@@ -62,7 +62,8 @@ def _recognizer_rules(ns: str) -> list[str]:
         f"({_keys(ns, 'session:*', 'sessions:open', 'limits:*', 'faces:*', 'spaces')} "
         "+hsetnx +hset +hget +hgetall +expire +del +exists +zadd +zrangebyscore +zrem +set +get +incr +sadd +smembers)",
         f"(%R~{ns}:thresholds +hget +hgetall)",
-        "+scan",
+        # after erasing a user, rewrite the AOF so the erased entries leave the disk too
+        "+scan +bgrewriteaof",
     ]
 
 

@@ -147,7 +147,15 @@ def test_a_deleted_user_leaves_no_biometric_data_in_redis(faces, tmp_path):
         decisions = [e for e in decline_log if e.get("msg") == "decision" and e.get("session_id") == session]
         assert decisions and name not in json.dumps(decisions), "a decline's log line names no user"
 
+        photo_chunk = photos[0].read_bytes()[2000:2048]
+        aof_files = lambda: [p for p in (pipeline.workdir / "valkey").rglob("*") if p.is_file() and ".aof" in p.name]
+        assert any(photo_chunk in p.read_bytes() for p in aof_files()), "the enrollment photo went through the AOF"
+        rewrites_before = client.info("persistence")["aof_rewrites"]
+
         call(s, "delete_user", user_id=name)
+        _wait(lambda: client.info("persistence")["aof_rewrites"] > rewrites_before
+              and not client.info("persistence")["aof_rewrite_in_progress"], 30, "the AOF is rewritten after an erasure")
+        assert not any(photo_chunk in p.read_bytes() for p in aof_files()), "the erased photo left the server's files"
         streams = _all_stream_bytes(client, s)
         for stream in ("frames", "faces", "aligned", "posed"):
             assert all(decode(f[FIELD]).ref.purpose != "enroll" for _, f in client.xrange(s.key(stream))), \

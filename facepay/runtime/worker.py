@@ -18,6 +18,9 @@ there after `max_deliveries` attempts, with its last error, and the pipeline goe
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
+import json
 import logging
 import os
 import signal
@@ -159,7 +162,7 @@ class StreamWorker:
                 self._handle_one(*pair)
             return
         metrics.STAGE_SECONDS.labels(self.group).observe(time.perf_counter() - started)
-        self._commit([e for e, _ in good], emits)
+        self._commit([e for e, _ in good], emits, erase=_not_kept(good))
 
     def _handle_one(self, entry: Entry, message: Message) -> None:
         try:
@@ -169,7 +172,7 @@ class StreamWorker:
         except Exception:
             self._record_failure(entry, message)
             return
-        self._commit([entry], emits)
+        self._commit([entry], emits, erase=_not_kept([(entry, message)]))
 
     def _record_failure(self, entry: Entry, message: Message) -> None:
         """Leave the entry pending (it is retried after claim_idle_ms) and keep its error."""
@@ -184,8 +187,9 @@ class StreamWorker:
     def _errors_key(self) -> str:
         return self.settings.key("errors", self.group)
 
-    def _commit(self, entries: list[Entry], emits: list[Emit]) -> None:
-        """Write outputs and acknowledge inputs in one MULTI/EXEC transaction."""
+    def _commit(self, entries: list[Entry], emits: list[Emit], erase: list[bytes] | None = None) -> None:
+        """Write outputs and acknowledge inputs in one MULTI/EXEC transaction; `erase`: input
+        entries deleted once handled (enrollment photos, admin commands: see `_not_kept`)."""
         pipe = self.redis.pipeline(transaction=True)
         for emit in emits:
             stream = self.settings.key(emit.stream)
@@ -201,17 +205,22 @@ class StreamWorker:
             ids = [e.id for e in entries]
             pipe.xack(self.stream, self.group, *ids)
             pipe.hdel(self._errors_key, *ids)
+        if erase:
+            pipe.xdel(self.stream, *erase)
         pipe.execute()
 
     def _dead_letter(self, entry: Entry, reason: str, error: str) -> None:
         metrics.DEAD_LETTERS.labels(self.group, reason).inc()
         log.error("dead-lettered", extra={"stage": self.group, "entry": entry.id.decode(), "reason": reason, "error": error})
         fields = {b"stage": self.group.encode(), b"stream": self.stream.encode(), b"entry": entry.id,
-                  b"reason": reason.encode(), b"error": error.encode()[-4000:], **{b"orig_" + k: v for k, v in entry.fields.items()}}
+                  b"reason": reason.encode(), b"error": error.encode()[-4000:], **_described(entry)}
         pipe = self.redis.pipeline(transaction=True)
         pipe.xadd(self.settings.key("dead"), fields, maxlen=self.settings.stream_maxlen, approximate=True)
         pipe.xack(self.stream, self.group, entry.id)
         pipe.hdel(self._errors_key, entry.id)
+        message = _decoded(entry)
+        if message is not None and _not_kept([(entry, message)]):
+            pipe.xdel(self.stream, entry.id)
         pipe.execute()
 
     # ---- maintenance: reclaim, tick, gauges, trimming --------------------------------------
@@ -280,3 +289,31 @@ class StreamWorker:
         """Keep stream_retention_s of history for audit replay; older entries go."""
         oldest_ms = int(time.time() * 1000) - self.settings.stream_retention_s * 1000
         self.redis.xtrim(self.stream, minid=f"{max(oldest_ms, 0)}-0", approximate=True)
+
+
+def _decoded(entry: Entry) -> Message | None:
+    try:
+        return decode(entry.fields.get(FIELD, b""))
+    except MalformedMessage:
+        return None
+
+
+def _described(entry: Entry) -> dict[bytes, bytes]:
+    """What a dead letter keeps of its entry: which frame it was (type, FrameRef), its size and
+    digest — never its bytes, which are face images and chips (biometric data, item 11)."""
+    body = entry.fields.get(FIELD, b"")
+    described = {b"bytes": str(sum(len(v) for v in entry.fields.values())).encode(),
+                 b"sha256": hashlib.sha256(body).hexdigest().encode(),
+                 b"fields": b",".join(sorted(entry.fields))}
+    message = _decoded(entry)
+    if message is not None:
+        described[b"type"] = message.TYPE.encode()
+        described[b"ref"] = json.dumps(dataclasses.asdict(message.ref)).encode()
+    return described
+
+
+def _not_kept(pairs: list[tuple[Entry, Message]]) -> list[bytes]:
+    """Entries erased from the input stream once handled: enrollment photos and chips, and
+    operator commands (a re-index carries embeddings). Payment frames stay for the retention
+    period (audit replay); enrollment has no such use, and a deleted user must leave nothing."""
+    return [e.id for e, m in pairs if m.ref.purpose == "enroll" or m.TYPE == "admin"]
