@@ -60,7 +60,7 @@ def _recognizer_rules(ns: str) -> list[str]:
         f"({_keys(ns, 'enrollments', 'admin-replies')} +xrange +xdel)",
         # session state, failure limits, kept enrollment chips, template spaces
         f"({_keys(ns, 'session:*', 'sessions:open', 'limits:*', 'faces:*', 'spaces')} "
-        "+hsetnx +hset +hget +hgetall +expire +del +exists +zadd +zrangebyscore +zrem +set +get +incr +sadd +smembers)",
+        "+hsetnx +hset +hget +hgetall +expire +del +exists +zadd +zrangebyscore +zrem +set +get +incr +incrby +sadd +smembers)",
         f"(%R~{ns}:thresholds +hget +hgetall)",
         # after erasing a user, rewrite the AOF so the erased entries leave the disk too
         "+scan +bgrewriteaof",
