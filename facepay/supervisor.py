@@ -67,7 +67,7 @@ class Pipeline:
         self.replicas = {name: 1 for name in STAGES} | (replicas or {})
         self.valkey = EmbeddedValkey(self.workdir / "valkey", namespace=settings.namespace) if embedded else None
         cameras_file = self.workdir / "cameras.yaml"
-        cameras_file.write_text(yaml.safe_dump(access))
+        redis_acl.write_private(cameras_file, yaml.safe_dump(access))  # camera and backend tokens
         self.settings = settings.replace(
             cameras_file=str(cameras_file),
             grpc_address=f"127.0.0.1:{free_port()}",

@@ -258,6 +258,14 @@ def test_redis_errors_in_logs_are_redacted():
 
     text = f"cannot reach redis://recognizer:{SECRET}@10.0.0.5:6379/0 and rediss://:{SECRET}@h:6380"
     assert SECRET not in redact(text) and "redis://recognizer:***@10.0.0.5:6379/0" in redact(text)
+    import logging
+
+    from facepay.logs import JsonFormatter, TextFormatter
+
+    record = logging.LogRecord("w", logging.WARNING, "", 0, "redis unavailable: %s", (text,), None)
+    record.error = text
+    for formatter in (JsonFormatter(), TextFormatter()):
+        assert SECRET not in formatter.format(record)
 
 
 def test_rq_workers_get_the_redis_url_outside_their_command_line(valkey, monkeypatch):
@@ -304,6 +312,7 @@ def test_the_supervisor_gives_each_process_only_its_own_credentials(tmp_path):
 
     settings = Settings(namespace="sup", signing_key="cd" * 32, operator_token="op")
     pipeline = Pipeline(settings, tmp_path, demo_access({"s1": ["c1"]}))
+    assert stat.S_IMODE((tmp_path / "cameras.yaml").stat().st_mode) == 0o600, "camera and backend tokens: a secret file"
     pipeline.valkey.start()
     try:
         pipeline.settings = pipeline.settings.replace(redis_url=pipeline.valkey.url)
