@@ -169,3 +169,17 @@ def test_a_deleted_user_leaves_no_biometric_data_in_redis(faces, tmp_path):
                 assert stat.S_IMODE(path.stat().st_mode) & 0o077 == 0, f"{path} readable by others"
     finally:
         pipeline.stop()
+
+
+def test_face_images_leave_the_stage_streams_after_the_image_retention(valkey, settings):
+    """Payment frames and chips are kept for `image_retention_s` (debugging, replay), not the
+    week of decision history: a payer's face is not stored for longer than it is useful."""
+    client = redis.Redis.from_url(valkey.url)
+    settings = settings.replace(image_retention_s=1)
+    for i in range(5):
+        client.xadd(settings.key("frames"), {FIELD: FrameMsg(ref=FrameRef("pay", "store", "cam", i, 0), image=b"face").encode()})
+    worker = StreamWorker(Passthrough(), settings, consumer="c1")
+    run_until(worker, lambda: client.xlen(settings.key("faces")) == 5)
+    time.sleep(1.1)
+    worker._last_trim = 0.0  # the next turn trims
+    run_until(worker, lambda: client.xlen(settings.key("frames")) == 0, timeout_s=5)

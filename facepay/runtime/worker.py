@@ -286,9 +286,10 @@ class StreamWorker:
                 metrics.GROUP_PENDING.labels(self.group, self.stream).set(group.get("pending") or 0)
 
     def _trim_history(self) -> None:
-        """Keep stream_retention_s of history for audit replay; older entries go."""
-        oldest_ms = int(time.time() * 1000) - self.settings.stream_retention_s * 1000
-        self.redis.xtrim(self.stream, minid=f"{max(oldest_ms, 0)}-0", approximate=True)
+        """Keep image_retention_s of history (every stage input holds face images or chips);
+        older entries go — exactly, not by whole stream nodes, so none outlives the promise."""
+        oldest_ms = int(time.time() * 1000) - self.settings.image_retention_s * 1000
+        self.redis.xtrim(self.stream, minid=f"{max(oldest_ms, 0)}-0", approximate=False)
 
 
 def _decoded(entry: Entry) -> Message | None:
