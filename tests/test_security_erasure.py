@@ -152,7 +152,8 @@ def test_a_deleted_user_leaves_no_biometric_data_in_redis(faces, tmp_path):
         assert any(photo_chunk in p.read_bytes() for p in aof_files()), "the enrollment photo went through the AOF"
         rewrites_before = client.info("persistence")["aof_rewrites"]
 
-        call(s, "delete_user", user_id=name)
+        operator = s.replace(redis_url=pipeline.valkey.url_for("operator"))  # as `facepay users delete` runs
+        call(operator, "delete_user", user_id=name)
         _wait(lambda: client.info("persistence")["aof_rewrites"] > rewrites_before
               and not client.info("persistence")["aof_rewrite_in_progress"], 30, "the AOF is rewritten after an erasure")
         assert not any(photo_chunk in p.read_bytes() for p in aof_files()), "the erased photo left the server's files"
