@@ -30,7 +30,7 @@ ADMIN = "admin"  # the embedded server's owner (supervisor, tests): never handed
 
 # Keyless housekeeping every client needs (rq and the
 # gateway read INFO; a worker's outputs and acknowledgement are one MULTI/EXEC).
-_CONNECTION = "+ping +hello +auth +select +client|setname +client|getname +client|id +info +multi +exec +discard +readonly +acl|whoami"
+_CONNECTION = "+ping +hello +auth +select +client|setname +client|getname +client|id +client|info +info +multi +exec +discard +readonly +acl|whoami"
 _READ_STREAM = "+xread +xrange +xrevrange +xlen +xinfo"
 # A consumer group's reader: XREADGROUP/XACK/XAUTOCLAIM are write commands on the stream.
 _CONSUME = "+xreadgroup +xack +xgroup|create +xgroup|createconsumer +xautoclaim +xclaim +xpending +xinfo +xlen"
@@ -82,7 +82,7 @@ def rules(component: str, ns: str) -> list[str]:
                 # rq's own keys and pub/sub channel; no dangerous or scripting commands
                 "(~rq:* &rq:* +@read +@write +@list +@hash +@set +@sortedset +@string +@stream +@keyspace +@pubsub "
                 "+@transaction -@dangerous)",
-                "+scan +client|list +client|kill"]
+                "+scan"]
     if component == "backend":  # payment backends: decisions only
         return [f"({_keys(ns, 'decisions')} {_CONSUME} {_READ_STREAM})"]
     if component == "keda":  # the autoscaler: lag and pending, never the entries
