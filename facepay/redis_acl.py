@@ -73,7 +73,9 @@ def rules(component: str, ns: str) -> list[str]:
         return _recognizer_rules(ns) if component == "recognizer" else _stage_rules(ns, component)
     if component == "gateway":
         return [f"({_keys(ns, 'frames')} +xadd +xinfo +xlen)",
-                f"(%R~{ns}:decisions %R~{ns}:enrollments {_READ_STREAM})"]
+                f"(%R~{ns}:decisions %R~{ns}:enrollments {_READ_STREAM})",
+                # whether a session is already decided (a point of sale's retry is refused)
+                f"(%R~{ns}:decided:* +exists +get)"]
     if component == "operator":  # CLI and rq jobs acting for an operator
         return [f"({_keys(ns, 'posed')} +xadd)",  # admin commands (authenticated by the operator's key)
                 f"(%R~{ns}:admin-replies %R~{ns}:decisions %R~{ns}:dead {_READ_STREAM})",
