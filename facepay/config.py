@@ -79,7 +79,7 @@ class Settings:
     batch_wait_ms: int = 40
     claim_idle_ms: int = 15_000  # a pending message idle this long is taken over (dead consumer)
     max_deliveries: int = 3  # then it goes to the dead-letter stream with its error
-    stream_retention_s: int = 7 * 24 * 3600  # history kept for audit replay (XADD MINID)
+    stream_retention_s: int = 7 * 24 * 3600  # a decided session is remembered this long (no second decision)
     # Face images and chips ride every stage stream (frames, faces, aligned, posed): each worker
     # trims its input to this much history, so a payer's face is not kept a week (biometric data).
     image_retention_s: int = 3600
