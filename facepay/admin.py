@@ -15,6 +15,7 @@ import msgpack
 from facepay.config import Settings
 from facepay.keys import operator_keyring
 from facepay.messages import FIELD, AdminMsg, FrameRef
+from facepay.redaction import redact_url
 from facepay.runtime.envelope import Unauthenticated, open_entry, seal
 from facepay.runtime.redis_conn import connect
 
@@ -52,4 +53,4 @@ def call(settings: Settings, command: str, timeout_s: float = 30.0, **args: str)
                         raise AdminError(result["error"])
                     return result
     raise AdminError(f"no recognizer answered within {timeout_s:.0f} s (is `facepay worker recognizer` running "
-                     f"against {settings.redis_url}, namespace {settings.namespace}?)")
+                     f"against {redact_url(settings.redis_url)}, namespace {settings.namespace}?)")

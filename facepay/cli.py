@@ -68,6 +68,12 @@ def main(argv: list[str] | None = None) -> None:
     keys.add_argument("action", choices=["generate"])
     keys.add_argument("--out", required=True, help="folder for <component>.key (0600) files and trusted.yaml")
 
+    redis_cmd = sub.add_parser("redis", help="Redis/Valkey set-up for a managed server")
+    redis_cmd.add_argument("action", choices=["acl"], help="print ACL SETUSER lines, one user per component")
+    redis_cmd.add_argument("--namespace", help="key prefix (default: FACEPAY_NAMESPACE)")
+    redis_cmd.add_argument("--out", default="var/redis-credentials",
+                           help="folder for the generated <component>.password files (0600; kept if present)")
+
     config = sub.add_parser("config", help="settings")
     config.add_argument("action", choices=["show"])
     contract = sub.add_parser("contract", help="the gRPC contract")
@@ -180,6 +186,7 @@ def _cmd_enroll(args) -> int:
 def _cmd_calibrate(args) -> int:
     from facepay import thresholds
     from facepay.calibration import calibrate
+    from facepay.redaction import redact_url
     from facepay.offline import FaceEmbedder
     from facepay.runtime.redis_conn import connect
     from services.recognizer.embedder import template_space
@@ -196,7 +203,7 @@ def _cmd_calibrate(args) -> int:
     if not args.no_store:
         thresholds.store(connect(settings.redis_url), settings, space, report.threshold, signer,
                          target_far=args.target_far, data=str(args.data), report=str(Path(args.out).resolve()))
-        print(f"stored threshold {report.threshold!r} for {space} in {settings.redis_url} (namespace {settings.namespace}); "
+        print(f"stored threshold {report.threshold!r} for {space} in {redact_url(settings.redis_url)} (namespace {settings.namespace}); "
               "recognizers pick it up within a minute")
     return 0
 
@@ -240,6 +247,19 @@ def _cmd_keys(args) -> int:
     print(f"wrote {', '.join(f'{c}.key' for c in COMPONENTS)} (mode 0600) and {trusted.name} in {args.out}")
     print("give each process only its own key: FACEPAY_KEY_FILE=<component>.key, FACEPAY_TRUSTED_KEYS_FILE="
           f"{trusted}; the CLI and rq workers: FACEPAY_OPERATOR_KEY_FILE=operator.key")
+
+def _cmd_redis(args) -> int:
+    from facepay import redis_acl
+
+    namespace = args.namespace or load_settings().namespace
+    passwords = redis_acl.load_or_create_passwords(Path(args.out), redis_acl.COMPONENTS)
+    print(f"# facepay ACL users for namespace {namespace!r}; passwords in {args.out}/<component>.password (0600),")
+    print("# only their SHA-256 below. Run as the server's administrator (redis-cli, or your provider's console).")
+    for line in redis_acl.setuser_commands(namespace, passwords):
+        print(line)
+    print("# Then give each process its own user: FACEPAY_REDIS_URL=redis[s]://<component>@host:port/0 and")
+    print("# FACEPAY_REDIS_PASSWORD_FILE=<the component's .password file>. Once your own admin user works:")
+    print("# ACL SETUSER default off")
     return 0
 
 

@@ -21,8 +21,11 @@ import typing
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
+from urllib.parse import parse_qsl, quote, unquote, urlencode, urlsplit, urlunsplit
 
 import yaml
+
+from facepay.redaction import redact_url
 
 log = logging.getLogger(__name__)
 
@@ -67,7 +70,14 @@ class PoseLimits:
 
 @dataclass(frozen=True)
 class Settings:
-    redis_url: str = "redis://127.0.0.1:6379/0"
+    redis_url: str = "redis://127.0.0.1:6379/0"  # redis://user@host:port/db, or rediss:// for TLS
+    # The Redis user's password, read from a file (a mounted secret) rather than put in the URL,
+    # so that it is in no environment or command line; with TLS, the CA (and a client
+    # certificate and key, for servers that ask for one). Folded into redis_url at load time.
+    redis_password_file: str = ""
+    redis_tls_ca_file: str = ""
+    redis_tls_cert_file: str = ""
+    redis_tls_key_file: str = ""
     namespace: str = "fp"
     gallery_url: str = "edge://./var/gallery"
     cameras_file: str = ""  # YAML: stores, cameras and their tokens (see README)
@@ -80,7 +90,10 @@ class Settings:
     batch_wait_ms: int = 40
     claim_idle_ms: int = 15_000  # a pending message idle this long is taken over (dead consumer)
     max_deliveries: int = 3  # failed attempts (raised, or its worker died on it alone), then dead letter
-    stream_retention_s: int = 7 * 24 * 3600  # history kept for audit replay; unread entries are never trimmed
+    stream_retention_s: int = 7 * 24 * 3600  # a decided session is remembered this long (no second decision)
+    # Face images and chips ride every stage stream (frames, faces, aligned, posed): each worker
+    # trims its input to this much history, so a payer's face is not kept a week (biometric data).
+    image_retention_s: int = 3600
     stream_maxlen: int = 1_000_000  # bound per stream: past it processed entries go, unread ones never
     max_image_bytes: int = 8 << 20
     max_image_pixels: int = 4096 * 4096
@@ -155,6 +168,7 @@ class Settings:
         if redact:
             for secret in ("signing_key", "operator_token"):
                 values[secret] = "***" if values[secret] else ""
+            values["redis_url"] = redact_url(values["redis_url"])
         return values
 
 
@@ -190,8 +204,27 @@ def load_settings(env: dict[str, str] | None = None) -> Settings:
         values["redis_url"] = env["REDIS_URL"]
     _overlay_env(values, env)
     nested, hints = sections(), typing.get_type_hints(Settings)
-    return Settings(**{name: _build_section(name, nested[name], value) if name in nested else _coerce(name, hints[name], value)
-                       for name, value in values.items()})
+    settings = Settings(**{name: _build_section(name, nested[name], value) if name in nested
+                           else _coerce(name, hints[name], value) for name, value in values.items()})
+    return settings.replace(redis_url=_effective_redis_url(settings))
+
+
+def _effective_redis_url(settings: Settings) -> str:
+    """redis_url with the password file's password and the TLS files, as redis-py reads them
+    (so every client — workers, gateway, CLI, rq — connects the same way)."""
+    parts = urlsplit(settings.redis_url)
+    netloc, query = parts.netloc, parse_qsl(parts.query)
+    if settings.redis_password_file:
+        password = Path(settings.redis_password_file).read_text().strip()
+        host = netloc.rpartition("@")[2]
+        user = unquote(parts.username or "")
+        netloc = f"{quote(user, safe='')}:{quote(password, safe='')}@{host}"
+    tls = {"ssl_ca_certs": settings.redis_tls_ca_file, "ssl_certfile": settings.redis_tls_cert_file,
+           "ssl_keyfile": settings.redis_tls_key_file}
+    if any(tls.values()) and parts.scheme != "rediss":
+        raise SettingsError("FACEPAY_REDIS_TLS_* files are set but FACEPAY_REDIS_URL is not rediss://")
+    query = [(k, v) for k, v in query if k not in tls or not tls[k]] + [(k, v) for k, v in tls.items() if v]
+    return urlunsplit((parts.scheme, netloc, parts.path, urlencode(query), parts.fragment))
 
 
 def _read_config_file(path: str) -> dict[str, Any]:

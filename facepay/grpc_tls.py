@@ -9,13 +9,13 @@ in its certificate.
 from __future__ import annotations
 
 import ipaddress
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
 
 from facepay.config import Settings
+from facepay.private_files import write_private
 
 
 def _read(path: str) -> bytes | None:
@@ -113,8 +113,6 @@ def make_local_certificates(directory: Path, hosts: tuple[str, ...] = ("localhos
     paths = directory / "ca.crt", directory / "gateway.crt", directory / "gateway.key"
     paths[0].write_bytes(ca.public_bytes(serialization.Encoding.PEM))
     paths[1].write_bytes(server.public_bytes(serialization.Encoding.PEM))
-    fd = os.open(paths[2], os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "wb") as fh:
-        fh.write(server_key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                          serialization.NoEncryption()))
+    write_private(paths[2], server_key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                                     serialization.NoEncryption()).decode())
     return paths

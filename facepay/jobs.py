@@ -11,15 +11,25 @@ from collections.abc import Callable
 from rq.job import Job
 
 
+def rq_worker_environ(redis_url: str) -> dict[str, str]:
+    """The URL (with its password) goes in the environment, readable by this user only — not
+    on the command line, which every user of the machine can read (ps, /proc/*/cmdline). The
+    jobs read their Redis settings from the same variables (no credentials in job data)."""
+    return {**os.environ, "RQ_REDIS_URL": redis_url, "REDIS_URL": redis_url, "FACEPAY_REDIS_URL": redis_url,
+            "FACEPAY_REDIS_PASSWORD_FILE": "", "FACEPAY_REDIS_TLS_CA_FILE": "", "FACEPAY_REDIS_TLS_CERT_FILE": "",
+            "FACEPAY_REDIS_TLS_KEY_FILE": ""}  # already folded into redis_url
+
+
 def run_jobs(redis_url: str, queue_name: str, jobs: list[Job], inline_workers: int = 1,
              progress: Callable[[int, int], None] | None = None, timeout_s: float | None = None,
              worker_env: dict[str, str] | None = None) -> list[dict]:
     """Wait for `jobs`; with inline_workers > 0 start that many `rq worker --burst` processes
     here (they exit when the queue is empty), else rely on the operator's own rq workers.
-    Secrets reach the workers through `worker_env` (their own environment), never job data."""
-    env = {**os.environ, **(worker_env or {})}
-    workers = [subprocess.Popen([sys.executable, "-m", "rq.cli", "worker", "--burst", "--quiet", "-u", redis_url,
-                                 queue_name], stdout=subprocess.DEVNULL, env=env) for _ in range(inline_workers)]
+    Secrets reach the workers through their own environment (`worker_env`, and the Redis URL
+    with its password), never through job data or a command line."""
+    env = {**rq_worker_environ(redis_url), **(worker_env or {})}
+    workers = [subprocess.Popen([sys.executable, "-m", "rq.cli", "worker", "--burst", "--quiet", queue_name],
+                                env=env, stdout=subprocess.DEVNULL) for _ in range(inline_workers)]
     deadline = None if timeout_s is None else time.monotonic() + timeout_s
     try:
         while True:

@@ -12,7 +12,6 @@ lives in files, never in Redis: whoever can only write to Redis cannot sign.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,6 +19,8 @@ import yaml
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+
+from facepay.private_files import write_private
 
 COMPONENTS = ("gateway", "detector", "aligner", "pose", "recognizer", "operator")
 TRUSTED_FILE = "trusted.yaml"
@@ -81,11 +82,7 @@ def generate(out: Path | str, components: tuple[str, ...] = COMPONENTS) -> Path:
 
 
 def _write_private(path: Path, component: str, key: Ed25519PrivateKey) -> None:
-    raw = key.private_bytes_raw().hex()
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as fh:
-        fh.write(yaml.safe_dump({"component": component, "private_key": raw}))
-    os.chmod(path, 0o600)  # also when the file existed with wider permissions
+    write_private(path, yaml.safe_dump({"component": component, "private_key": key.private_bytes_raw().hex()}))
 
 
 def load_signer(path: str, setting: str = "FACEPAY_KEY_FILE") -> Signer:

@@ -26,12 +26,11 @@ def _embedder(model: str, device: str):
     return load_embedder(model, device)  # once per rq worker process
 
 
-def reindex_user_job(redis_url: str, namespace: str, landmarks_model: str, device: str, model: str,
-                     user_id: str) -> dict:
-    # The operator's key (to sign `store_templates`) is the rq worker's own setting, not job data.
-    settings = load_settings().replace(redis_url=redis_url, namespace=namespace, landmarks_model=landmarks_model,
-                                       device=device)
-    source = FaceSources(connect(redis_url), settings).load(user_id)
+def reindex_user_job(namespace: str, landmarks_model: str, device: str, model: str, user_id: str) -> dict:
+    # The Redis URL and the operator's key (to sign `store_templates`) come from the rq worker's
+    # environment: job data (in Redis) holds no credentials.
+    settings = load_settings().replace(namespace=namespace, landmarks_model=landmarks_model, device=device)
+    source = FaceSources(connect(settings.redis_url), settings).load(user_id)
     if source is None:
         return {"user_id": user_id, "status": "no_source"}
     embedder = _embedder(model, device)
@@ -51,7 +50,7 @@ def reindex(settings: Settings, model: str, inline_workers: int = 1,
 
     users = sorted(FaceSources(connect(settings.redis_url), settings).users())
     queue = Queue(QUEUE, connection=redis.Redis.from_url(settings.redis_url))
-    jobs = [queue.enqueue(reindex_user_job, settings.redis_url, settings.namespace, settings.landmarks_model,
+    jobs = [queue.enqueue(reindex_user_job, settings.namespace, settings.landmarks_model,
                           settings.device, model, user, job_timeout=600, result_ttl=86400) for user in users]
     key_files = {"FACEPAY_OPERATOR_KEY_FILE": settings.operator_key_file,
                  "FACEPAY_TRUSTED_KEYS_FILE": settings.trusted_keys_file}

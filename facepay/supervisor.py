@@ -18,9 +18,10 @@ import grpc
 import yaml
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from facepay import keys
+from facepay import keys, redis_acl
 from facepay.config import Settings
 from facepay.grpc_tls import ClientTLS, client_channel, make_local_certificates
+from facepay.private_files import write_private
 from facepay.runtime.embedded import EmbeddedValkey, free_port
 from facepay.stages import STAGES
 
@@ -36,14 +37,6 @@ def settings_to_env(settings: Settings) -> dict[str, str]:
         else:
             env[f"FACEPAY_{name.upper()}"] = str(value)
     return env
-
-
-def write_private(path: Path, text: str) -> None:
-    """A file of secrets (tokens), readable by its owner only, from its first byte."""
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    os.fchmod(fd, 0o600)  # an existing file keeps its old mode through O_CREAT
-    with os.fdopen(fd, "w") as fh:
-        fh.write(text)
 
 
 def with_local_tls(settings: Settings, directory: Path) -> Settings:
@@ -63,11 +56,22 @@ def demo_access(stores: dict[str, list[str]], tenant: str = "demo") -> dict:
     }
 
 
-def component_keys_env(keys_dir: Path, component: str) -> dict[str, str]:
-    """A process's keys: its own private key file and everyone's public keys, nothing more
-    (the operator's key stays with the supervisor, which acts as the operator)."""
-    return {"FACEPAY_KEY_FILE": str(keys_dir / f"{component}.key"),
-            "FACEPAY_TRUSTED_KEYS_FILE": str(keys_dir / keys.TRUSTED_FILE), "FACEPAY_OPERATOR_KEY_FILE": ""}
+def component_secrets(env: dict[str, str], component: str, valkey: EmbeddedValkey | None,
+                      keys_dir: Path) -> dict[str, str]:
+    """Only what `component` needs: its own message-signing key and everyone's public keys (the
+    operator's key stays with the supervisor, which acts as the operator), its own Redis user on
+    the embedded server (the password in a 0600 file, not in the environment), and the decision
+    signing key for the signer only."""
+    env = dict(env)
+    env.update(FACEPAY_KEY_FILE=str(keys_dir / f"{component}.key"),
+               FACEPAY_TRUSTED_KEYS_FILE=str(keys_dir / keys.TRUSTED_FILE), FACEPAY_OPERATOR_KEY_FILE="")
+    if valkey is not None:
+        url = redis_acl.component_url(valkey.url_for(component), component)  # the user, no password
+        env.update(REDIS_URL=url, FACEPAY_REDIS_URL=url,
+                   FACEPAY_REDIS_PASSWORD_FILE=str(valkey.credentials_dir / f"{component}.password"))
+    if component != "recognizer":
+        env.pop("FACEPAY_SIGNING_KEY", None)
+    return env
 
 
 class Pipeline:
@@ -77,9 +81,9 @@ class Pipeline:
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.access = access
         self.replicas = {name: 1 for name in STAGES} | (replicas or {})
-        self.valkey = EmbeddedValkey(self.workdir / "valkey") if embedded else None
+        self.valkey = EmbeddedValkey(self.workdir / "valkey", namespace=settings.namespace) if embedded else None
         cameras_file = self.workdir / "cameras.yaml"
-        write_private(cameras_file, yaml.safe_dump(access))
+        write_private(cameras_file, yaml.safe_dump(access))  # camera and backend tokens
         self.keys_dir = self.workdir / "keys"
         trusted_file = keys.generate(self.keys_dir)
         self.settings = settings.replace(
@@ -117,11 +121,15 @@ class Pipeline:
         self._wait_healthy(timeout_s)
         return self
 
-    def _spawn(self, name: str, args: list[str]) -> None:
+    def process_env(self, name: str) -> dict[str, str]:
+        """The environment of process `name` ("gateway", "detector-0", …)."""
         self.metrics_ports.setdefault(name, free_port())
         env = {**os.environ, **settings_to_env(self.settings), "FACEPAY_CONSUMER": name,
                "FACEPAY_METRICS_PORT": str(self.metrics_ports[name])}
-        env.update(component_keys_env(self.keys_dir, args[-1]))  # args: ["gateway"] | ["worker", stage]
+        return component_secrets(env, name.rsplit("-", 1)[0], self.valkey, self.keys_dir)
+
+    def _spawn(self, name: str, args: list[str]) -> None:
+        env = self.process_env(name)
         with open(self.workdir / f"{name}.log", "ab") as log_file:
             self.processes[name] = subprocess.Popen(
                 [sys.executable, "-m", "facepay", *args], env=env, stdout=log_file, stderr=subprocess.STDOUT,

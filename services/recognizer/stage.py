@@ -302,7 +302,7 @@ class RecognizerStage(Stage):
         if first_ms:
             metrics.DECISION_LATENCY.observe(max(now_ms - first_ms, 0) / 1000)
         log.info("decision", extra={"session_id": ref.session_id, "store_id": ref.store_id,
-                                    "decision": event["decision"], "rule": verdict.rule, "votes": verdict.votes})
+                                    "decision": event["decision"], "rule": verdict.rule, "votes": _loggable_votes(verdict)})
         payload = sign(event, self.settings.signing_key, self.settings.signing_key_id)
         payload[b"store"] = ref.store_id.encode()
         return Emit("decisions", payload, once_key=decided_key(session_key(ref)))
@@ -340,3 +340,9 @@ class RecognizerStage(Stage):
     def _duplicate_of(self, user_id: str, tenant_id: str, mean: np.ndarray):
         hits = self.gallery.search(self.space_id, mean, limit=2, tenant=tenant_id or None)
         return next((h for h in hits if h.user_id != user_id and h.score >= self.threshold), None)
+
+
+def _loggable_votes(verdict: Verdict) -> dict[str, int] | list[int]:
+    """An approval's votes name the payer (as its event does); a decline's are counts only: a
+    decline must not put the name of someone who did not pay in the logs."""
+    return verdict.votes if verdict.approve else sorted(verdict.votes.values(), reverse=True)

@@ -135,4 +135,9 @@ class SessionStore:
         return [s.decode() for s in self.redis.zrangebyscore(self._open_key, 0, now_ms, start=0, num=limit)]
 
     def close(self, key: str) -> None:
-        self.redis.zrem(self._open_key, key)
+        """Forget a decided session: its state holds names, embeddings and (enrollment) chips,
+        none of which is needed once the decision is written."""
+        pipe = self.redis.pipeline(transaction=True)
+        pipe.zrem(self._open_key, key)
+        pipe.delete(self._key(key))
+        pipe.execute()
