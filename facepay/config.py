@@ -349,7 +349,8 @@ DEGREES = Bounds(0.0, 180.0)
 # Every numeric setting, by its dotted name (tests/test_config.py checks that none is missing).
 BOUNDS: dict[str, Bounds] = {
     "batch_size": at_least(1), "batch_wait_ms": at_least(0), "claim_idle_ms": at_least(1),
-    "max_deliveries": at_least(1), "stream_retention_s": at_least(1), "stream_maxlen": at_least(1),
+    "max_deliveries": at_least(1), "stream_retention_s": at_least(1), "image_retention_s": at_least(1),
+    "stream_maxlen": at_least(1),
     "max_image_bytes": at_least(1), "max_image_pixels": at_least(1), "min_face_px": at_least(1),
     "enroll_min_face_px": at_least(1), "enroll_min_sharpness": at_least(0), "enroll_min_antispoof": RATIO,
     "metrics_port": PORT, "gateway_threads": at_least(1), "worker_threads": at_least(1),
