@@ -63,10 +63,11 @@ def settings(valkey, keyset) -> Settings:
                               batch_wait_ms=50, claim_idle_ms=300, max_deliveries=2)
 
 
-def push(client: redis.Redis, settings: Settings, *messages, signer: str = "source") -> list[bytes]:
-    """XADD each message signed by `signer` (raw bytes are signed as they are)."""
+def push(client: redis.Redis, settings: Settings, *messages, signer: str = "source", to: str = "in") -> list[bytes]:
+    """XADD each message to stream `to`, signed by `signer` (raw bytes are signed as they are);
+    the signer's key is the one next to `settings.trusted_keys_file`."""
     key = keys.load_signer(str(Path(settings.trusted_keys_file).parent / f"{signer}.key"))
-    stream = settings.key("in")
+    stream = settings.key(to)
     return [client.xadd(stream, seal({FIELD: m if isinstance(m, bytes) else m.encode()}, stream, key)) for m in messages]
 
 

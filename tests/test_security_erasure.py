@@ -20,17 +20,22 @@ import uuid
 import pytest
 import redis
 
+from facepay import keys
 from facepay.config import SessionPolicy, Settings
 from facepay.messages import FIELD, FrameMsg, FrameRef, decode
 from facepay.runtime.embedded import EmbeddedValkey
+from facepay.runtime.envelope import seal
 from facepay.runtime.stage import PipeStage
 from facepay.runtime.worker import StreamWorker
+from tests.keysets import signing_as
+from tests.test_runtime import push
 
 
 class Passthrough(PipeStage):
     """Passes frames on; fails on images that start with b'BOOM'."""
 
     name, input, output, accepts = "detector", "frames", "faces", FrameMsg
+    accepts_from = {"frame": frozenset({"gateway"})}  # its input is the gateway's, as the real detector's
 
     def handle(self, batch):
         if any(m.image.startswith(b"BOOM") for m in batch):
@@ -47,7 +52,12 @@ def valkey(tmp_path_factory):
 @pytest.fixture
 def settings(valkey) -> Settings:
     return Settings(redis_url=valkey.url, namespace=f"er{uuid.uuid4().hex[:8]}", batch_size=8, batch_wait_ms=20,
-                    claim_idle_ms=200, max_deliveries=1)
+                    claim_idle_ms=200, max_deliveries=1, **signing_as("detector"))
+
+
+def from_gateway(client: redis.Redis, settings: Settings, *messages) -> list[bytes]:
+    """Genuine camera frames: written to the detector's input signed by the gateway."""
+    return push(client, settings, *messages, signer="gateway", to="frames")
 
 
 def run_until(worker: StreamWorker, condition, timeout_s: float = 15.0) -> None:
@@ -61,7 +71,7 @@ def test_a_dead_letter_keeps_the_entrys_metadata_and_error_not_its_image(valkey,
     client = redis.Redis.from_url(valkey.url)
     image = b"BOOM" + os.urandom(4096)
     ref = FrameRef("sess-dl", "store", "cam", 7, 0)
-    client.xadd(settings.key("frames"), {FIELD: FrameMsg(ref=ref, image=image).encode()})
+    from_gateway(client, settings, FrameMsg(ref=ref, image=image))
     worker = StreamWorker(Passthrough(), settings, consumer="c1")
     run_until(worker, lambda: client.xlen(settings.key("dead")) == 1)
     [(_, dead)] = client.xrange(settings.key("dead"))
@@ -80,20 +90,22 @@ def client_field_bytes(ref: FrameRef, image: bytes) -> bytes:
 def test_a_malformed_entry_is_dead_lettered_without_its_bytes(valkey, settings):
     client = redis.Redis.from_url(valkey.url)
     junk = b"\xc1" + os.urandom(2048)
-    client.xadd(settings.key("frames"), {FIELD: junk, b"extra": b"field"})
+    # Signed by the gateway, so it is refused as malformed (an unsigned one is unauthenticated)
+    gateway = keys.load_signer(signing_as("gateway")["key_file"])
+    written = seal({FIELD: junk, b"extra": b"field"}, settings.key("frames"), gateway)
+    client.xadd(settings.key("frames"), written)
     worker = StreamWorker(Passthrough(), settings, consumer="c1")
     run_until(worker, lambda: client.xlen(settings.key("dead")) == 1)
     [(_, dead)] = client.xrange(settings.key("dead"))
     assert junk[1:100] not in b"".join(dead.values())
-    assert dead[b"reason"] == b"malformed" and int(dead[b"bytes"]) == len(junk) + len(b"field")
+    assert dead[b"reason"] == b"malformed" and int(dead[b"bytes"]) == sum(len(v) for v in written.values())
 
 
 def test_enrollment_entries_leave_each_stream_once_the_next_stage_has_them(valkey, settings):
     client = redis.Redis.from_url(valkey.url)
     enroll = FrameRef("enr-1", "", "operator", 0, 0, purpose="enroll", user_id="alice")
     pay = FrameRef("pay-1", "store", "cam", 0, 0)
-    client.xadd(settings.key("frames"), {FIELD: FrameMsg(ref=enroll, image=b"alice's photo").encode()})
-    client.xadd(settings.key("frames"), {FIELD: FrameMsg(ref=pay, image=b"payer").encode()})
+    from_gateway(client, settings, FrameMsg(ref=enroll, image=b"alice's photo"), FrameMsg(ref=pay, image=b"payer"))
     worker = StreamWorker(Passthrough(), settings, consumer="c1")
     run_until(worker, lambda: client.xlen(settings.key("faces")) == 2)
     left = [decode(f[FIELD]).ref.session_id for _, f in client.xrange(settings.key("frames"))]
@@ -177,8 +189,7 @@ def test_face_images_leave_the_stage_streams_after_the_image_retention(valkey, s
     week of decision history: a payer's face is not stored for longer than it is useful."""
     client = redis.Redis.from_url(valkey.url)
     settings = settings.replace(image_retention_s=1)
-    for i in range(5):
-        client.xadd(settings.key("frames"), {FIELD: FrameMsg(ref=FrameRef("pay", "store", "cam", i, 0), image=b"face").encode()})
+    from_gateway(client, settings, *[FrameMsg(ref=FrameRef("pay", "store", "cam", i, 0), image=b"face") for i in range(5)])
     worker = StreamWorker(Passthrough(), settings, consumer="c1")
     run_until(worker, lambda: client.xlen(settings.key("faces")) == 5)
     time.sleep(1.1)

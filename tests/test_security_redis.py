@@ -27,10 +27,13 @@ from facepay.redis_acl import COMPONENTS, component_url
 from facepay.runtime.embedded import EmbeddedValkey
 from facepay.runtime.stage import PipeStage
 from facepay.runtime.worker import StreamWorker
+from tests.keysets import signing_as
+from tests.test_runtime import push
 
 NS = "fp"
 STAGE_STREAMS = {"detector": ("frames", "faces"), "aligner": ("faces", "aligned"), "pose": ("aligned", "posed"),
                  "recognizer": ("posed", "decisions")}
+UPSTREAM = {"detector": "gateway", "aligner": "detector", "pose": "aligner", "recognizer": "pose"}  # who signs its input
 DANGEROUS = [("FLUSHALL",), ("CONFIG", "GET", "*"), ("KEYS", "*"), ("DEBUG", "SLEEP", "0"), ("SCRIPT", "FLUSH"),
              ("ACL", "LIST"), ("SHUTDOWN", "NOSAVE"), ("MONITOR",), ("FLUSHDB",), ("MODULE", "LIST")]
 
@@ -140,13 +143,14 @@ class Passthrough(PipeStage):
 def test_the_runtime_runs_each_stage_under_its_own_user(valkey, component):
     """Group creation, batched reads, commit, dead letters, reclaim, gauges and trimming."""
     source, target = STAGE_STREAMS[component]
-    stage = type(f"{component.title()}Stage", (Passthrough,), {"name": component, "input": source, "output": target})()
+    stage = type(f"{component.title()}Stage", (Passthrough,), {"name": component, "input": source, "output": target,
+                                                               "accepts_from": {"frame": frozenset({UPSTREAM[component]})}})()
     settings = Settings(redis_url=valkey.url_for(component), namespace=NS, batch_size=4, batch_wait_ms=20,
-                        claim_idle_ms=200, max_deliveries=1)
+                        claim_idle_ms=200, max_deliveries=1, **signing_as(component))
     admin = redis.Redis.from_url(valkey.url)
     session = uuid.uuid4().hex
-    for i, image in enumerate([b"a", b"boom", b"c"]):
-        admin.xadd(f"{NS}:{source}", {FIELD: frame(session, i, image).encode()})
+    push(admin, settings, *[frame(session, i, image) for i, image in enumerate([b"a", b"boom", b"c"])],
+         signer=UPSTREAM[component], to=source)
     worker = StreamWorker(stage, settings, consumer=f"{component}-0")
     worker._last_gauges = worker._last_trim = 0.0
     deadline = time.monotonic() + 15
@@ -164,7 +168,7 @@ def test_the_runtime_runs_each_stage_under_its_own_user(valkey, component):
 def test_the_recognizer_writes_its_decision_once_with_eval(valkey):
     from facepay.runtime.stage import Emit
 
-    settings = Settings(redis_url=valkey.url_for("recognizer"), namespace=NS)
+    settings = Settings(redis_url=valkey.url_for("recognizer"), namespace=NS, **signing_as("recognizer"))
     stage = type("R", (PipeStage,), {"name": "recognizer", "input": "posed", "output": "decisions"})()
     worker = StreamWorker(stage, settings, consumer="r-0")
     key = f"decided:store/{uuid.uuid4().hex}"
@@ -252,7 +256,9 @@ def test_the_admin_clients_error_does_not_print_the_password(valkey):
     url = valkey.url_for("operator")
     password = redis.connection.parse_url(url)["password"]
     with pytest.raises(AdminError) as error:
-        call(Settings(redis_url=url, namespace=NS), "list_users", timeout_s=0.5)  # no recognizer runs here
+        operator = signing_as("operator")
+        call(Settings(redis_url=url, namespace=NS, operator_key_file=operator["key_file"],
+                      trusted_keys_file=operator["trusted_keys_file"]), "list_users", timeout_s=0.5)  # no recognizer runs here
     assert password not in str(error.value) and "operator:***@" in str(error.value)
 
 
@@ -417,20 +423,26 @@ def test_tls_end_to_end_connect_runtime_rq_and_subscriber(tls_redis, tmp_path):
     # the runtime, under TLS, as the detector
     admin = redis.Redis.from_url(server.url)
     session = uuid.uuid4().hex
-    admin.xadd(f"{NS}:frames", {FIELD: frame(session, 0).encode()})
-    stage = type("D", (Passthrough,), {"name": "detector", "input": "frames", "output": "faces"})()
-    worker = StreamWorker(stage, settings.replace(batch_wait_ms=10), consumer="tls-0")
+    settings = settings.replace(batch_wait_ms=10, **signing_as("detector"))
+    push(admin, settings, frame(session, 0), signer="gateway", to="frames")
+    stage = type("D", (Passthrough,), {"name": "detector", "input": "frames", "output": "faces",
+                                       "accepts_from": {"frame": frozenset({"gateway"})}})()
+    worker = StreamWorker(stage, settings, consumer="tls-0")
     deadline = time.monotonic() + 15
     while not any(session.encode() in f[FIELD] for _, f in admin.xrange(f"{NS}:faces")):
         assert time.monotonic() < deadline
         worker.run_once()
 
     # a backend's subscription (own consumer group) under TLS
-    from facepay.decisions import consume
+    from facepay.decisions import SeenEvents, consume
+    from tests.test_security_events import KEYS, signed_entry
 
-    admin.xadd(f"{NS}:decisions", {b"payload": b"{}", b"store": b"s1"})
+    session = uuid.uuid4().hex
+    admin.xadd(f"{NS}:decisions", signed_entry("s1", session))  # as the recognizer signs it
     backend = redis.Redis.from_url(server.url_for("backend"))
-    assert next(consume(backend, f"{NS}:decisions", "backend-s1", "b-0", start="0"))
+    _, event = next(consume(backend, f"{NS}:decisions", "backend-s1", "b-0", KEYS, "s1", start="0",
+                            seen=SeenEvents(backend)))  # replicas share the ids they acted on, under the backend user
+    assert event["session_id"] == session
 
     # rq under TLS, as the operator
     from rq import Queue
