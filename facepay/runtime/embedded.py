@@ -12,6 +12,7 @@ are readable by their owner only.
 from __future__ import annotations
 
 import logging
+import random
 import signal
 import socket
 import subprocess
@@ -29,9 +30,31 @@ log = logging.getLogger(__name__)
 
 
 def free_port() -> int:
-    with socket.socket() as sock:
+    """A loopback port free now, for a server started a moment later.
+
+    Chosen below the kernel's ephemeral range (net.ipv4.ip_local_port_range): a port the
+    kernel hands out (bind to 0) is also what every outgoing connection on the machine draws
+    from, so on a busy machine another process could take it before our server binds it."""
+    low, _ = _ephemeral_range()
+    for _ in range(200):
+        port = random.randrange(max(1024, low - 12000), low)
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    with socket.socket() as sock:  # a crowded machine: let the kernel choose
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+def _ephemeral_range() -> tuple[int, int]:
+    try:
+        low, high = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
+        return int(low), int(high)
+    except (OSError, ValueError):
+        return 32768, 60999  # Linux's default
 
 
 class EmbeddedValkey:
