@@ -61,6 +61,7 @@ def load_embedder(name: str, device: str = "auto"):
     face on one core); dlib-bin itself (`DlibResNetEmbedder` above) stays as the reference
     the tests compare it with. Same weights, same vectors, so the model id is the same.
     """
+    from services.recognizer.arcface import ArcFaceMbfEmbedder
     from services.recognizer.dlib_resnet_torch import DlibResNetTorchEmbedder
     from services.recognizer.faceres import FaceResEmbedder
 
@@ -69,6 +70,7 @@ def load_embedder(name: str, device: str = "auto"):
 
         return load_byo(name, device)
     embedders = {cls.model_id: cls for cls in (DlibResNetTorchEmbedder, FaceResEmbedder)}
+    embedders["arcface-mbf-w600k"] = ArcFaceMbfEmbedder  # its model_id is set per instance (an OnnxEmbedder)
     if name not in embedders:
         raise ValueError(f"unknown recognizer model {name!r}; known: {', '.join(embedders)}")
     return embedders[name](device=device)
