@@ -33,7 +33,7 @@ class DlibResNetEmbedder(NormalisedEmbeddings):
     # Cosine threshold until `facepay calibrate` stores one: FAR ≤ 1e-4 per comparison (80 %
     # upper bound, FIDO's figure) over 3.1 M LFW impostor pairs, FRR 21.5 % per comparison
     # (facemesh-aligned chips; the session votes over frames). dlib's Euclidean 0.6 ≈ cosine 0.92.
-    default_threshold = 0.943
+    default_threshold = 0.943  # = facepay.models.registry.RECOGNIZERS["dlib-resnet-v1"].threshold
 
     def __init__(self, device: str | torch.device = "cpu", weights: Path | None = None) -> None:
         self._device = dlib_cpu_device(device)
