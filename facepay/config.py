@@ -164,7 +164,7 @@ def _coerce(f: dataclasses.Field, value: Any) -> Any:
     if "bool" in kind:
         return value.strip().lower() in ("1", "true", "yes", "on")
     if kind.startswith("int"):
-        return int(value)
+        return None if "None" in kind and value.strip().lower() in ("", "none") else int(value)
     if kind.startswith("float"):
         return None if value.lower() in ("", "none") else float(value)
     return value

@@ -150,3 +150,13 @@ def test_facepay_calibrate_sessions_on_real_faces_reports_and_stores_the_policy(
         assert (rule.threshold, rule.margin, rule.min_agreeing_frames) == (
             chosen["threshold"], chosen["margin"], chosen["min_agreeing_frames"])
     print(f"real session calibration on faces/: {time.monotonic() - started:.0f} s")
+
+
+def test_a_policy_leaving_margin_and_k_to_the_space_survives_the_trip_to_a_worker_s_environment():
+    from facepay.config import load_settings
+    from facepay.supervisor import settings_to_env
+
+    policy = load_settings(settings_to_env(Settings())).policy
+    assert (policy.margin, policy.min_agreeing_frames) == (None, None)
+    pinned = load_settings(settings_to_env(Settings(policy=SessionPolicy(margin=0.04, min_agreeing_frames=4)))).policy
+    assert (pinned.margin, pinned.min_agreeing_frames) == (0.04, 4)
