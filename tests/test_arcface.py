@@ -75,6 +75,13 @@ def test_models_list_names_the_non_commercial_weights():
     assert "commercial-ok" in lines["dlib_face_recognition_resnet_model_v1.dat"]
 
 
+def test_the_demo_says_so_when_its_recognizer_is_non_commercial():
+    from facepay.demo import recognizer_notice
+
+    assert recognizer_notice(MODEL).startswith("NOTE: recognizer arcface-mbf-w600k is for NON-COMMERCIAL")
+    assert "NON-COMMERCIAL" not in recognizer_notice("dlib-resnet-v1")
+
+
 def test_the_torch_conversion_agrees_with_onnxruntime_on_real_faces(offline, chips_of):
     from services.recognizer.byo import OnnxEmbedder
 
