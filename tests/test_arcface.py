@@ -185,3 +185,26 @@ def test_the_recognizer_warns_at_start_and_uses_the_space_s_signed_margin_and_k(
             assert (event["threshold"], event["margin"], event["min_agreeing_frames"]) == (0.41, 0.07, 2)
         finally:
             stage.stop()
+
+
+@pytest.mark.slow
+def test_the_pipeline_with_arcface_approves_enrolled_people_and_declines_strangers(faces, tmp_path):
+    """The whole path as processes with FACEPAY_RECOGNIZER_MODEL=arcface-mbf-w600k: the aligner's
+    arcface112 chips reach the recognizer; events name the model and that it is non-commercial."""
+    import json
+
+    from tests.e2e import start_pipeline
+    from tests.test_pipeline import PHOTO_POLICY, assert_photo_outcomes, run_photo_sessions
+
+    pipeline = start_pipeline(tmp_path, PHOTO_POLICY, recognizer_model=MODEL)
+    try:
+        expected, decisions = run_photo_sessions(pipeline, faces)
+        assert_photo_outcomes(expected, decisions)
+        for event in decisions.values():
+            signed = json.loads(event.payload)
+            assert signed["model_ids"]["recognizer"] == MODEL and signed["non_commercial_models"] == [MODEL]
+            assert signed["template_space"] == f"{MODEL}+facemesh"
+            assert (signed["margin"], signed["min_agreeing_frames"]) == (RECOGNIZERS[MODEL].margin,
+                                                                         RECOGNIZERS[MODEL].min_agreeing_frames)
+    finally:
+        pipeline.stop()
