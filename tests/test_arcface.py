@@ -208,3 +208,30 @@ def test_the_pipeline_with_arcface_approves_enrolled_people_and_declines_strange
                                                                          RECOGNIZERS[MODEL].min_agreeing_frames)
     finally:
         pipeline.stop()
+
+
+@pytest.mark.slow
+def test_with_arcface_a_live_selfie_video_is_approved_and_a_replayed_still_declined_for_liveness(faces, tmp_path):
+    """Every rule on: the blink is judged on the matched face's track, whose same-face level is
+    ArcFace's own threshold."""
+    from facepay.camera import video_frames
+    from facepay.contract import pb
+    from tests.e2e import Backend, camera, enroll, new_session, start_pipeline
+    from tests.test_pipeline import FULL_POLICY
+
+    pipeline = start_pipeline(tmp_path, FULL_POLICY, recognizer_model=MODEL)
+    try:
+        clip = faces.path("video/selfie_blink.mp4")
+        assert enroll(pipeline, "selfie-user", list(video_frames(clip, max_frames=3, every=8))).status == \
+            pb.EnrollResponse.ENROLLED
+        backend, cam = Backend(pipeline, "store-1"), camera(pipeline, "cam-1")
+        live, replay = new_session(), new_session()
+        cam.stream_session(live, video_frames(clip, max_frames=90, every=2, start=30))
+        cam.stream_session(replay, [list(video_frames(clip, max_frames=1, start=60))[0]] * 30)
+        events = backend.wait_for([live, replay])
+        assert events[live].decision == pb.APPROVE and events[live].user_id == "selfie-user", events[live]
+        assert events[replay].decision == pb.DECLINE and list(events[replay].reasons) == ["no_liveness"]
+        backend.close()
+        cam.close()
+    finally:
+        pipeline.stop()
