@@ -154,8 +154,8 @@ def _cmd_models(args) -> int:
     if args.action == "fetch":
         cache.fetch(progress=lambda line: print(line, flush=True))
     # The use column says, before anything else, which weights must not run in a commercial deployment.
-    rows = [(w.name, cache.status(w.name), f"{w.size / 1e6:.1f} MB", "NON-COMMERCIAL" if w.non_commercial else "commercial-ok",
-             w.package, w.licence) for w in WEIGHTS.values()]
+    rows = [(w.name, cache.status(w.name), f"{w.size / 1e6:.1f} MB",
+             "NON-COMMERCIAL" if w.non_commercial else "commercial-ok", w.package, w.licence) for w in WEIGHTS.values()]
     for row in rows:
         print("  ".join(str(c) for c in row))
     return 0 if all(r[1] == "ok" for r in rows) or args.action == "list" else 1

@@ -315,7 +315,7 @@ def render_markdown(report: SessionReport) -> str:
         f"({f['genuine_people']} people), {d.folds} folds left out for {f['stranger_sessions']} stranger "
         f"sessions ({f['stranger_people']} people; galleries of {min(f['gallery_size_strangers'])}–"
         f"{max(f['gallery_size_strangers'])}).",
-        f"- The real session rule (policy.decide), require_blink off: photos cannot blink.",
+        "- The real session rule (policy.decide), require_blink off: photos cannot blink.",
         "",
     ]
     if c is None:
