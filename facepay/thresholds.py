@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from dataclasses import dataclass
 
 import redis
 
@@ -60,15 +61,45 @@ def load(client: redis.Redis, settings: Settings, model_id: str, trusted: Truste
     return record
 
 
+@dataclass(frozen=True)
+class SpaceRule:
+    """The session rule's numbers for one template space, and where each came from."""
+
+    threshold: float
+    margin: float
+    min_agreeing_frames: int
+    threshold_source: str  # "setting", "calibrated" or "model default"
+    margin_source: str
+    min_agreeing_frames_source: str
+
+
+def _pick(setting, calibrated, model_default) -> tuple:
+    if setting is not None:
+        return setting, "setting"
+    if calibrated is not None:
+        return calibrated, "calibrated"
+    return model_default, "model default"
+
+
 class CalibratedThreshold:
     """What a recognizer uses: the setting, else the newest verified record it has seen (never
     an older one), else the model default."""
 
     def __init__(self, client: redis.Redis, settings: Settings, model_id: str, model_default: float,
-                 trusted: TrustedKeys) -> None:
+                 trusted: TrustedKeys, default_margin: float = 0.02, default_min_agreeing_frames: int = 3) -> None:
         self.redis, self.settings, self.model_id = client, settings, model_id
         self.model_default, self.trusted = model_default, trusted
+        self.default_margin, self.default_min_agreeing_frames = default_margin, default_min_agreeing_frames
         self.latest: dict | None = None
+
+    def current_rule(self) -> SpaceRule:
+        """Threshold, margin and k of this template space, each: setting > calibration > model default.
+        A session calibration (`facepay calibrate --sessions`) stores all three in one signed record."""
+        threshold, source = self.current()
+        policy, record = self.settings.policy, self.latest or {}
+        margin, margin_source = _pick(policy.margin, record.get("margin"), self.default_margin)
+        k, k_source = _pick(policy.min_agreeing_frames, record.get("min_agreeing_frames"), self.default_min_agreeing_frames)
+        return SpaceRule(float(threshold), float(margin), int(k), source, margin_source, k_source)
 
     def current(self) -> tuple[float, str]:
         """(threshold, where it came from)."""

@@ -18,6 +18,7 @@ def test_the_demo_runs_on_the_built_in_face_and_leaves_no_process_behind(tmp_pat
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     out = done.stdout
     assert "blink-liveness rule is relaxed" in out, "the demo says which rule it relaxes"
+    assert "recognizer: dlib-resnet-v1 (CC0" in out, "the demo names its recognizer and that recognizer's licence"
     assert "enroll astronaut" in out and "ENROLLED" in out
     assert "APPROVE user=astronaut" in out
     assert "DECLINE reason=no_face" in out

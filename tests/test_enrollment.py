@@ -177,3 +177,25 @@ def test_a_model_change_reindexes_every_user_from_the_kept_chips_and_delete_reac
     assert name in call(pipeline.settings, "list_users", space=new_space)["users"]
     call(pipeline.settings, "delete_user", user_id=name)
     assert name not in call(pipeline.settings, "list_users", space=new_space)["users"], "erased in every space"
+
+
+def test_a_gallery_moves_to_arcface_without_anyone_enrolling_again(pipeline, faces):
+    """Issue 11: the kept chips include the ArcFace template's, so `reindex --model arcface-mbf-w600k`
+    moves every user into the ArcFace space, and those chips are one person to ArcFace."""
+    from facepay.images import decode_trusted
+    from facepay.reindex import reindex
+    from services.recognizer.embedder import load_embedder
+    from services.recognizer.enrollment import FaceSources
+
+    # Someone no other test here enrols (`people` are those with 3+ photos).
+    name, paths = next((n, p) for n, p in faces.identities().items() if len(p) == 2)
+    assert enroll(pipeline, name, [paths[0].read_bytes(), paths[1].read_bytes()]).status == pb.EnrollResponse.ENROLLED
+    kept = FaceSources(redis.Redis.from_url(pipeline.settings.redis_url), pipeline.settings).load(name)
+    assert len(kept["chips"]) == 2 and all({"arcface112", "dlib150"} <= set(c) for c in kept["chips"])
+    results = {r["user_id"]: r for r in reindex(pipeline.settings, "arcface-mbf-w600k", inline_workers=1, timeout_s=300)}
+    assert results[name]["status"] == "reindexed" and results[name]["samples"] == 2
+    assert results[name]["space"] == "arcface-mbf-w600k+facemesh"
+    assert name in call(pipeline.settings, "list_users", space="arcface-mbf-w600k+facemesh")["users"]
+    arcface = load_embedder("arcface-mbf-w600k", "cpu")
+    vectors = arcface.embed([decode_trusted(c["arcface112"]) for c in kept["chips"]])
+    assert float(vectors[0] @ vectors[1]) > arcface.default_threshold, "the kept chips are one person to ArcFace"

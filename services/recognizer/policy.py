@@ -15,6 +15,9 @@ import numpy as np
 
 from facepay.config import SessionPolicy
 
+FIRST_SHIPPED_MARGIN = 0.02
+FIRST_SHIPPED_MIN_AGREEING_FRAMES = 3
+
 
 @dataclass(frozen=True)
 class FrameResult:
@@ -117,6 +120,8 @@ def count_session(
     results: list[FrameResult], policy: SessionPolicy, threshold: float, expected_frames: int | None,
     timed_out: bool = False,
 ) -> Tally:
+    # The recognizer passes its template space's margin and k; a bare policy gets the first shipped rule.
+    policy = policy.for_space(FIRST_SHIPPED_MARGIN, FIRST_SHIPPED_MIN_AGREEING_FRAMES)
     results = sorted(results, key=lambda r: r.sequence)
     eligible = [r for r in results if r.eligible]
     votes = Counter(r.top_user for r in eligible if _votes_for(r, r.top_user, threshold, policy))

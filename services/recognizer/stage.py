@@ -20,6 +20,7 @@ from facepay.images import decode_trusted
 from facepay.keys import TrustedKeys, load_trusted
 from facepay.gallery import Gallery, open_gallery
 from facepay.messages import AdminMsg, FrameRef, Message, PosedMsg, Rejection, SessionEndMsg
+from facepay.models.registry import recognizer_defaults
 from facepay.runtime import metrics
 from facepay.runtime.envelope import origin_problem
 from facepay.runtime.redis_conn import TRANSIENT, connect
@@ -61,10 +62,18 @@ class RecognizerStage(Stage):
         self.limits = FailureLimiter(client, self.settings)
         self.face_sources = FaceSources(client, self.settings)
         self.remember_space(self.space_id)
-        # Only thresholds the operator signed count (facepay/thresholds.py).
+        defaults = recognizer_defaults(self.embedder.model_id, self.embedder.default_threshold)
+        self.non_commercial = defaults.non_commercial or getattr(self.embedder, "non_commercial", False)
+        if self.non_commercial:
+            # An operator never runs a non-commercial model without being told, at every start.
+            log.warning("NON-COMMERCIAL MODEL: %s", getattr(self.embedder, "licence_notice", defaults.licence),
+                        extra={"model_id": self.embedder.model_id})
+        # Only thresholds the operator signed count (facepay/thresholds.py). Threshold, margin and
+        # k belong to the template space: setting > session calibration > the model's default.
         self.calibrated = thresholds.CalibratedThreshold(client, self.settings, self.space_id,
                                                          self.embedder.default_threshold,
-                                                         load_trusted(self.settings.trusted_keys_file))
+                                                         load_trusted(self.settings.trusted_keys_file),
+                                                         defaults.margin, defaults.min_agreeing_frames)
         self._refresh_threshold()
         self._last_threshold_check = self._last_optimize = time.monotonic()
         self._optimizer: threading.Thread | None = None
@@ -81,9 +90,15 @@ class RecognizerStage(Stage):
                       if s.decode() != self.space_id)
 
     def _refresh_threshold(self) -> None:
-        self.threshold, source = self.calibrated.current()
-        if source != getattr(self, "threshold_source", None):
-            log.info("threshold", extra={"space_id": self.space_id, "threshold": self.threshold, "source": source})
+        rule = self.calibrated.current_rule()
+        self.threshold, source = rule.threshold, rule.threshold_source
+        if rule != getattr(self, "rule", None):
+            log.info("threshold", extra={"space_id": self.space_id, "threshold": self.threshold, "source": source,
+                                         "margin": rule.margin, "margin_source": rule.margin_source,
+                                         "min_agreeing_frames": rule.min_agreeing_frames,
+                                         "min_agreeing_frames_source": rule.min_agreeing_frames_source})
+        self.rule = rule
+        self.policy = self.settings.policy.for_space(rule.margin, rule.min_agreeing_frames)
         self.threshold_source = source
 
     def stop(self) -> None:
@@ -289,10 +304,14 @@ class RecognizerStage(Stage):
             "score": round(verdict.score, 4),
             "threshold": round(self.threshold, 4),
             "threshold_source": self.threshold_source,
+            "margin": round(float(self.policy.margin), 4),
+            "min_agreeing_frames": int(self.policy.min_agreeing_frames),
             "template_space": self.space_id,
             "reasons": verdict.reasons,
             "rule": verdict.rule,
             "model_ids": {**state.models, "recognizer": self.embedder.model_id},
+            # Named in the signed event, so a backend sees a decision taken by a non-commercial model.
+            "non_commercial_models": [self.embedder.model_id] if self.non_commercial else [],
             "first_frame_ms": first_ms,
             "decided_at_ms": now_ms,
             "frames_seen": verdict.frames_seen,
