@@ -116,8 +116,7 @@ fi
 
 "${bud[@]}" -t "$tag" "$context"
 built=$(date +%s)
-size=$("${buildah[@]}" inspect --type image --format '{{.Size}}' "$tag" 2>/dev/null || true)
-echo "image: built $tag in $(( built - started )) s; $("${buildah[@]}" images --format '{{.Name}}:{{.Tag}} {{.Size}}' "$tag")"
+echo "image: built $tag in $(( built - started )) s, $("${buildah[@]}" images --format '{{.Size}}' "$tag" | head -n1)"
 # The build stages' images are not kept (they hold a second copy of the venv under vfs).
 (( layers )) || "${buildah[@]}" rmi --prune >/dev/null 2>&1 || true
 if (( smoke )); then

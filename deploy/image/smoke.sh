@@ -34,5 +34,5 @@ check "import services.pose.stage" stage_import
 check "model cache and code are read-only to the user" cache_read_only
 check "working directory /var/lib/facepay is writable (mount a volume there)" workdir_writable
 echo "smoke: writable by uid 10001 (mount volumes/emptyDirs there under a read-only root fs):" \
-    "$(run sh -c 'find / -xdev \( -path /proc -o -path /sys -o -path /dev \) -prune -o -writable -type d -print 2>/dev/null' | tr '\n' ' ')"
+    "$(run sh -c 'find / -xdev \( -path /proc -o -path /sys -o -path /dev \) -prune -o -writable -type d -print 2>/dev/null || true' | tr '\n' ' ')"
 echo "smoke: $image ok"
