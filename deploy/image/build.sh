@@ -56,15 +56,17 @@ mount_read_only() {  # a local file or folder of this machine's configuration, a
     case " ${pip_volumes[*]-} " in *" --volume $path:$path:ro "*) ;; *) pip_volumes+=(--volume "$path:$path:ro") ;; esac
 }
 {
-    echo "[global]"
-    # `scope.key='value'`, precedence as pip's own: global < user < site files < PIP_* variables.
+    # `section.key='value'`, the files already merged by pip; `:env:.key` (PIP_* variables)
+    # override a key in every section, as they do for pip itself.
     "$python" -m pip config list | awk '
-        BEGIN { rank[":env:"] = 3; rank["site"] = 2; rank["user"] = 1 }
-        { scope = $0; sub(/\..*/, "", scope); line = $0; sub(/^[^.]*\./, "", line)
+        { section = $0; sub(/\..*/, "", section); line = $0; sub(/^[^.]*\./, "", line)
           key = substr(line, 1, index(line, "=") - 1); value = substr(line, index(line, "=") + 1)
           gsub(/^'\''|'\''$/, "", value)
-          if (!(key in best) || rank[scope] + 0 >= best[key]) { best[key] = rank[scope] + 0; conf[key] = value } }
-        END { for (k in conf) print k " = " conf[k] }'
+          if (section == ":env:") { env[key] = value } else { conf[section, key] = value; sections[section] = 1 } }
+        END { sections["global"] = 1
+              for (key in env) for (section in sections) if ((section, key) in conf || section == "global") conf[section, key] = env[key]
+              for (section in sections) { print "[" section "]"
+                  for (pair in conf) { split(pair, part, SUBSEP); if (part[1] == section) print part[2] " = " conf[pair] } } }'
 } > "$context/pip.conf"
 for value in $(sed -n 's/^[a-z-]* = //p' "$context/pip.conf"); do
     path=${value#file://}

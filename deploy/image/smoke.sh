@@ -21,7 +21,7 @@ models_verify() { run facepay models verify >/dev/null; }
 cli_help() { run facepay --help | grep -q "worker"; }
 worker_help() { run facepay worker pose --help >/dev/null; }
 contract_current() { [[ $(run facepay contract build) == /opt/facepay/lib/python3*/site-packages/facepay/v1 ]]; }
-stage_import() { run python -c "import services.pose.stage, torch; assert not torch.cuda.is_available() or True" >/dev/null; }
+stage_import() { run python -c "import services.pose.stage" >/dev/null; }
 cache_read_only() { ! run touch /opt/facepay-models/probe 2>/dev/null && ! run touch /opt/facepay/probe 2>/dev/null; }
 workdir_writable() { run sh -c 'touch /var/lib/facepay/probe && rm /var/lib/facepay/probe'; }
 
