@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 
-.PHONY: setup demo test test-fast bench clean
+.PHONY: setup demo test test-fast bench clean image image-cuda image-cuda-resolve
 
 # The `byo` extra of pyproject.toml, installed without its dependencies: onnx2torch declares
 # torchvision, and the PyPI torchvision that fits the pinned torch does not import beside the CPU
@@ -32,6 +32,18 @@ test-fast: setup  # everything but the tests marked slow (whole-pipeline runs, c
 
 bench: setup
 	$(PY) bench/pipeline.py
+
+# The container image (deploy/image/): built with buildah from a debootstrap root file system
+# (cached in /var/cache/facepay-image), then smoke-tested as its non-root user.
+image: $(VENV)/.installed
+	PYTHON=$(PY) deploy/image/build.sh cpu
+
+# Several GB of CUDA wheels; image-cuda-resolve builds up to the torch step and resolves it only.
+image-cuda: $(VENV)/.installed
+	PYTHON=$(PY) deploy/image/build.sh cuda
+
+image-cuda-resolve: $(VENV)/.installed
+	PYTHON=$(PY) deploy/image/build.sh cuda --resolve-only
 
 clean:
 	rm -rf $(VENV) var facepay/v1

@@ -87,6 +87,9 @@ def main(argv: list[str] | None = None) -> None:
     config.add_argument("action", choices=["show"])
     contract = sub.add_parser("contract", help="the gRPC contract")
     contract.add_argument("action", choices=["build"])
+    # Not forced by default: an installed package ships its generated code and may sit on a
+    # read-only file system, where `build` only checks it is current.
+    contract.add_argument("--force", action="store_true", help="regenerate even when up to date")
 
     args = parser.parse_args(argv)
     handler = globals()[f"_cmd_{args.command}"]
@@ -322,7 +325,7 @@ def _cmd_config(args) -> int:
 def _cmd_contract(args) -> int:
     from facepay import contract
 
-    print(contract.build(force=True))
+    print(contract.build(force=args.force))
     return 0
 
 

@@ -1,12 +1,13 @@
 """The public gRPC contract (`proto/facepay/v1/facepay.proto`), compiled on first use.
 
-Generated code is never committed or hand-edited: it is built into `facepay/v1/` at install or
-test time (`facepay contract build`) and rebuilt whenever the .proto changes.
+Generated code is never committed or hand-edited. In a source tree it is built into
+`facepay/v1/` at test time (`facepay contract build`, also on first import) and rebuilt whenever
+the .proto changes. A wheel ships it already built (setup.py), with the .proto as package data
+(`facepay/proto/`), so an installed package never writes into its own directory.
 """
 
 from __future__ import annotations
 
-import hashlib
 import importlib
 import os
 import shutil
@@ -14,34 +15,37 @@ import tempfile
 from pathlib import Path
 from types import ModuleType
 
+from facepay.contract_codegen import PROTO_RELATIVE, STAMP_NAME, compile_proto, proto_digest
+
 PACKAGE_DIR = Path(__file__).resolve().parent
-PROTO_ROOT = PACKAGE_DIR.parent / "proto"
-PROTO_FILE = PROTO_ROOT / "facepay" / "v1" / "facepay.proto"
+_PACKAGED_PROTO_ROOT = PACKAGE_DIR / "proto"  # installed from a wheel
+_SOURCE_PROTO_ROOT = PACKAGE_DIR.parent / "proto"  # a source checkout
+PROTO_ROOT = _PACKAGED_PROTO_ROOT if (_PACKAGED_PROTO_ROOT / PROTO_RELATIVE).exists() else _SOURCE_PROTO_ROOT
+PROTO_FILE = PROTO_ROOT / PROTO_RELATIVE
 GENERATED_DIR = PACKAGE_DIR / "v1"
-_STAMP = GENERATED_DIR / ".proto-sha256"
+_STAMP = GENERATED_DIR / STAMP_NAME
 
 
 def _proto_digest() -> str:
-    return hashlib.sha256(PROTO_FILE.read_bytes()).hexdigest()
+    if not PROTO_FILE.exists():
+        raise FileNotFoundError(
+            f"the gRPC contract {PROTO_RELATIVE} is neither in the package ({_PACKAGED_PROTO_ROOT}) "
+            f"nor in a source tree ({_SOURCE_PROTO_ROOT}); reinstall facepay"
+        )
+    return proto_digest(PROTO_FILE)
+
+
+def is_current() -> bool:
+    """Whether facepay/v1 was generated from the .proto as it is now."""
+    return _STAMP.exists() and _STAMP.read_text() == _proto_digest()
 
 
 def build(force: bool = False) -> Path:
     """Compile the proto into facepay/v1 unless it is up to date; safe with concurrent callers."""
-    digest = _proto_digest()
-    if not force and _STAMP.exists() and _STAMP.read_text() == digest:
+    if not force and is_current():
         return GENERATED_DIR
-    from grpc_tools import protoc
-
     with tempfile.TemporaryDirectory(dir=PACKAGE_DIR.parent) as tmp:
-        args = [
-            "protoc", f"-I{PROTO_ROOT}", f"--python_out={tmp}", f"--grpc_python_out={tmp}",
-            f"--pyi_out={tmp}", str(PROTO_FILE),
-        ]
-        if protoc.main(args) != 0:
-            raise RuntimeError(f"protoc failed on {PROTO_FILE}")
-        built = Path(tmp) / "facepay" / "v1"
-        (built / "__init__.py").write_text('"""Generated from proto/facepay/v1; do not edit."""\n')
-        (built / ".proto-sha256").write_text(digest)
+        built = compile_proto(PROTO_ROOT, Path(tmp))
         staging = PACKAGE_DIR / f".v1-{os.getpid()}"
         shutil.rmtree(staging, ignore_errors=True)
         shutil.move(str(built), staging)
