@@ -185,7 +185,7 @@ def test_a_read_only_replica_is_back_pressure_until_it_is_promoted(tmp_path, key
         settings = settings_with_keys(keyset, redis_url=replica.url, namespace="ro", batch_size=4, batch_wait_ms=10,
                             claim_idle_ms=300, max_deliveries=2)
         on_primary, on_replica = redis.Redis.from_url(primary.url), redis.Redis.from_url(replica.url)
-        on_replica.replicaof("127.0.0.1", primary.port)
+        replica.replicate(primary)
         push(on_primary, settings, *[frame("s", i) for i in range(10)])
         wait_for(lambda: on_replica.xlen(settings.key("in")) == 10, what="replication")
         waits_before = backpressure_waits("upper", "readonly")
@@ -193,7 +193,7 @@ def test_a_read_only_replica_is_back_pressure_until_it_is_promoted(tmp_path, key
         with running(worker) as crashed:
             wait_for(lambda: backpressure_waits("upper", "readonly") >= waits_before + 3, crashed,
                      what="READONLY back-pressure")
-            on_replica.replicaof("NO", "ONE")  # failover: the replica is promoted
+            replica.replicate(None)  # failover: the replica is promoted
             wait_for(lambda: len(outputs(on_replica, settings)) >= 10, crashed, what="all outputs")
             time.sleep(1.0)
         assert not crashed
@@ -219,7 +219,7 @@ def test_a_primary_demoted_while_a_batch_is_in_hand_holds_it_and_commits_it_once
         settings = settings_with_keys(keyset, redis_url=node_a.url, namespace="failover", batch_size=8, batch_wait_ms=10,
                             claim_idle_ms=300, max_deliveries=1)
         a, b = redis.Redis.from_url(node_a.url), redis.Redis.from_url(node_b.url)
-        b.replicaof("127.0.0.1", node_a.port)
+        node_b.replicate(node_a)
         push(a, settings, *[frame("s", i) for i in range(8)])
         stage = Gated()
         worker = StreamWorker(stage, settings, consumer="c1")
@@ -227,14 +227,14 @@ def test_a_primary_demoted_while_a_batch_is_in_hand_holds_it_and_commits_it_once
             wait_for(stage.inside.is_set, crashed, what="batch in hand")
             wait_for(lambda: b.xlen(settings.key("out")) == 0 and a.info("replication")["master_repl_offset"]
                      == b.info("replication")["master_repl_offset"], what="b caught up with a")
-            b.replicaof("NO", "ONE")          # failover to b, then a rejoins as b's replica:
-            a.replicaof("127.0.0.1", node_b.port)  # the worker's node now refuses writes (READONLY)
+            node_b.replicate(None)            # failover to b, then a rejoins as b's replica:
+            node_a.replicate(node_b)          # the worker's node now refuses writes (READONLY)
             wait_for(lambda: a.info("replication")["master_link_status"] == "up", what="a replicating b")
             waits_before = backpressure_waits("upper", "readonly") + backpressure_waits("upper", "loading")
             stage.gate.set()
             wait_for(lambda: backpressure_waits("upper", "readonly") + backpressure_waits("upper", "loading")
                      >= waits_before + 3, crashed, what="back-pressure on commit")
-            a.replicaof("NO", "ONE")  # a is promoted again
+            node_a.replicate(None)  # a is promoted again
             wait_for(lambda: len(outputs(a, settings)) >= 8, crashed, what="all outputs")
             time.sleep(1.0)
         assert not crashed
@@ -261,7 +261,7 @@ def test_a_server_loading_its_data_after_a_restart_is_waited_out(tmp_path, keyse
         slow = subprocess.Popen([str(get_binary_path()), "--port", str(server.port), "--bind", "127.0.0.1",
                                  "--dir", str(data_dir.resolve()), "--appendonly", "yes", "--save", "",
                                  "--key-load-delay", "1000", "--loading-process-events-interval-bytes", "1024",
-                                 "--logfile", "valkey.log"],
+                                 "--logfile", "valkey.log", "--aclfile", str((data_dir / "users.acl").resolve())],
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         try:
             def loading() -> bool:

@@ -118,6 +118,18 @@ class EmbeddedValkey:
         log.info("embedded valkey ready", extra={"url": redact_url(self.url), "data_dir": str(self.data_dir)})
         return self
 
+    def replicate(self, primary: EmbeddedValkey | None) -> None:
+        """Follow `primary` as its replica (authenticating as the servers' owner), or, with None,
+        be promoted to a primary — a failover, as a test or a hand-made replica pair needs."""
+        client = redis.Redis.from_url(self.url)
+        if primary is None:
+            client.replicaof("NO", "ONE")
+            return
+        primary._load_passwords()
+        client.config_set("masteruser", redis_acl.ADMIN)
+        client.config_set("masterauth", primary.passwords[redis_acl.ADMIN])
+        client.replicaof("127.0.0.1", primary.port)
+
     def _tls_args(self) -> list[str]:
         assert self.tls
         return ["--port", "0", "--tls-port", str(self.port), "--tls-cert-file", str(self.tls["cert"]),
