@@ -180,15 +180,20 @@ def test_genuine_entries_replayed_decide_nothing_twice(pipeline, genuine):
     assert len(decisions) == 1, "the decided key outlives any frame young enough to be accepted"
 
 
-def operator_command(pipeline, command: str, issued_at_ms: int, request_id: str, **args) -> bytes:
+def signed_operator_command(pipeline, command: str, issued_at_ms: int, request_id: str, **args) -> dict:
+    """The stream entry of an admin command, signed with the operator's key."""
     from facepay.keys import load_signer
     from facepay.runtime.envelope import seal
 
     ref = FrameRef(session_id=f"admin-{request_id}", store_id="", camera_id="admin", sequence=0, captured_ms=issued_at_ms)
     message = AdminMsg(ref=ref, command=command, args=args, request_id=request_id, issued_at_ms=issued_at_ms)
     posed = pipeline.settings.key("posed")
-    signer = load_signer(pipeline.settings.operator_key_file)
-    return client_of(pipeline).xadd(posed, seal({FIELD: message.encode()}, posed, signer))
+    return seal({FIELD: message.encode()}, posed, load_signer(pipeline.settings.operator_key_file))
+
+
+def operator_command(pipeline, command: str, issued_at_ms: int, request_id: str, **args) -> bytes:
+    entry = signed_operator_command(pipeline, command, issued_at_ms, request_id, **args)
+    return client_of(pipeline).xadd(pipeline.settings.key("posed"), entry)
 
 
 def test_stale_or_repeated_operator_commands_are_refused(pipeline, victim):
@@ -196,9 +201,10 @@ def test_stale_or_repeated_operator_commands_are_refused(pipeline, victim):
     hour_ago = int(time.time() * 1000) - 3600_000
     stale = operator_command(pipeline, "delete_user", hour_ago, uuid.uuid4().hex, user_id=victim)
     request_id = uuid.uuid4().hex
-    first = operator_command(pipeline, "list_users", int(time.time() * 1000), request_id, tenant="demo")
+    # A Redis reader copies a genuine command before it is carried out (and erased from the stream).
+    original = signed_operator_command(pipeline, "list_users", int(time.time() * 1000), request_id, tenant="demo")
+    client.xadd(pipeline.settings.key("posed"), original)
     wait_until(lambda: replied(pipeline, request_id), 60)
-    (_, original), = client.xrange(pipeline.settings.key("posed"), min=first, max=first)
     repeated = client.xadd(pipeline.settings.key("posed"), original)
     wait_until(lambda: dead_lettered(pipeline, [stale, repeated]), 60)
     assert call(pipeline.settings, "show_user", user_id=victim)["enrolled"]
