@@ -21,6 +21,7 @@ from facepay.camera import CameraClient, UnreadableMedia, frames_from_path, phot
 from facepay.config import SessionPolicy, load_settings
 from facepay.contract import pb, rpc
 from facepay.decisions import SeenEvents, verify_event
+from facepay.models.registry import recognizer_defaults
 from facepay.supervisor import Pipeline, demo_access
 
 REPO = Path(__file__).resolve().parents[1]
@@ -212,8 +213,12 @@ def enrollment_report(user: str, photo_names: list[str], reply: pb.EnrollRespons
     return lines
 
 
-def describe_rules(policy: SessionPolicy) -> str:
-    """The rules a session runs under, as printed beside each session."""
+def describe_rules(policy: SessionPolicy, recognizer_model: str = "dlib-resnet-v1") -> str:
+    """The rules a session runs under, as printed beside each session: margin and k where no
+    setting gives them are the recognizer's defaults (the demo's fresh gallery has no stored
+    session calibration)."""
+    defaults = recognizer_defaults(recognizer_model, default_threshold=0.0)
+    policy = policy.for_space(defaults.margin, defaults.min_agreeing_frames)
     rules = [f"{policy.min_agreeing_frames} agreeing frames", f"margin {policy.margin:g}",
              "blink" if policy.require_blink else "blink RELAXED"]
     if policy.min_passive_liveness is not None:
@@ -223,7 +228,8 @@ def describe_rules(policy: SessionPolicy) -> str:
 
 def _pay_all(pipeline: Pipeline, script: Script) -> None:
     store = "store-1"
-    rules = describe_rules(pipeline.settings.policy)  # one pipeline, one policy: every session runs these
+    # one pipeline, one policy: every session runs these
+    rules = describe_rules(pipeline.settings.policy, pipeline.settings.recognizer_model)
     decisions: dict[str, pb.DecisionEvent] = {}
     arrived = threading.Condition()
     channel = pipeline.channel()

@@ -79,7 +79,9 @@ def test_an_accepted_enrollment_is_one_line_and_a_duplicate_names_the_other_user
 
 
 def test_the_rules_of_a_session_are_named_and_a_relaxed_one_says_so():
-    assert describe_rules(SessionPolicy()) == "rules: 3 agreeing frames, margin 0.02, blink"
+    assert describe_rules(SessionPolicy()) == "rules: 2 agreeing frames, margin 0.02, blink"  # dlib's defaults
+    assert describe_rules(SessionPolicy(margin=0.05, min_agreeing_frames=3)) == "rules: 3 agreeing frames, margin 0.05, blink"
+    assert describe_rules(SessionPolicy(), "arcface-mbf-w600k") == "rules: 1 agreeing frames, margin 0.15, blink"
     assert describe_rules(SessionPolicy(require_blink=False)) == \
-        "rules: 3 agreeing frames, margin 0.02, blink RELAXED"
+        "rules: 2 agreeing frames, margin 0.02, blink RELAXED"
     assert describe_rules(SessionPolicy(min_passive_liveness=0.5)).endswith("blink, anti-spoof ≥ 0.5")
