@@ -21,7 +21,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
-COMPONENTS = ("gateway", "detector", "aligner", "pose", "recognizer", "operator")
+COMPONENTS = ("gateway", "detector", "aligner", "pose", "recognizer", "archiver", "operator")
 TRUSTED_FILE = "trusted.yaml"
 HOW_TO = "create a keyset with `facepay keys generate --out DIR`"
 

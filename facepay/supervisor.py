@@ -1,5 +1,6 @@
-"""Runs the whole pipeline on one machine: embedded Valkey, gateway and the four stage workers
-as separate processes — what `facepay demo` and the end-to-end tests start.
+"""Runs the whole pipeline on one machine: embedded Valkey, embedded SeaweedFS (the audit
+archive), gateway, the four stage workers and the archiver as separate processes — what
+`facepay demo` and the end-to-end tests start.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import yaml
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from facepay import keys
+from facepay.archive import ArchiveKeys, EmbeddedS3
 from facepay.config import Settings
 from facepay.grpc_tls import ClientTLS, client_channel, make_local_certificates
 from facepay.runtime.embedded import EmbeddedValkey, free_port
@@ -70,14 +72,27 @@ def component_keys_env(keys_dir: Path, component: str) -> dict[str, str]:
             "FACEPAY_TRUSTED_KEYS_FILE": str(keys_dir / keys.TRUSTED_FILE), "FACEPAY_OPERATOR_KEY_FILE": ""}
 
 
+ARCHIVE_BUCKET = "facepay-archive"
+
+
 class Pipeline:
     def __init__(self, settings: Settings, workdir: Path, access: dict, replicas: dict[str, int] | None = None,
-                 embedded: bool = True) -> None:
+                 embedded: bool = True, archive: bool = True) -> None:
         self.workdir = Path(workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.access = access
         self.replicas = {name: 1 for name in STAGES} | (replicas or {})
         self.valkey = EmbeddedValkey(self.workdir / "valkey") if embedded else None
+        # The audit archive: the settings' own, else the embedded SeaweedFS; archive=False runs
+        # without an archiver (nothing is then held back for it).
+        self.s3 = EmbeddedS3(self.workdir / "archive") if archive and not settings.archive_url else None
+        self.archive_keys_file = settings.archive_keys_file
+        if not archive:
+            self.replicas["archiver"] = 0
+        elif not self.archive_keys_file:
+            self.archive_keys_file = str(self.workdir / "archive-keys.yaml")
+            tenants = sorted({s.get("tenant") or "default" for s in access.get("stores", {}).values()} | {"default"})
+            ArchiveKeys.generate(tenants).write(Path(self.archive_keys_file))
         cameras_file = self.workdir / "cameras.yaml"
         write_private(cameras_file, yaml.safe_dump(access))
         self.keys_dir = self.workdir / "keys"
@@ -110,6 +125,9 @@ class Pipeline:
         if self.valkey:
             self.valkey.start()
             self.settings = self.settings.replace(redis_url=self.valkey.url)
+        if self.s3:
+            self.s3.start()
+            self.settings = self.settings.replace(archive_url=f"{self.s3.url}/{ARCHIVE_BUCKET}")
         self._spawn("gateway", ["gateway"])
         for stage, count in self.replicas.items():
             for i in range(count):
@@ -122,11 +140,21 @@ class Pipeline:
         env = {**os.environ, **settings_to_env(self.settings), "FACEPAY_CONSUMER": name,
                "FACEPAY_METRICS_PORT": str(self.metrics_ports[name])}
         env.update(component_keys_env(self.keys_dir, args[-1]))  # args: ["gateway"] | ["worker", stage]
+        if args[-1] == "archiver":
+            env.update(self.archive_env())
         with open(self.workdir / f"{name}.log", "ab") as log_file:
             self.processes[name] = subprocess.Popen(
                 [sys.executable, "-m", "facepay", *args], env=env, stdout=log_file, stderr=subprocess.STDOUT,
                 start_new_session=True,  # signals go to the supervisor, which stops children in order
             )
+
+    def archive_env(self) -> dict[str, str]:
+        """What only the archiver (and an auditor) gets: the archive's keys and credentials."""
+        env = {"FACEPAY_ARCHIVE_KEYS_FILE": self.archive_keys_file}
+        if self.s3 and self.s3.credentials:
+            env |= {"AWS_ACCESS_KEY_ID": self.s3.credentials.access_key_id,
+                    "AWS_SECRET_ACCESS_KEY": self.s3.credentials.secret_access_key}
+        return env
 
     def _wait_healthy(self, timeout_s: float) -> None:
         """The gateway answers health checks and every worker has joined its consumer group."""
@@ -181,6 +209,8 @@ class Pipeline:
         self.processes.clear()
         if self.valkey:
             self.valkey.stop()
+        if self.s3:
+            self.s3.stop()
 
     def __enter__(self) -> Pipeline:
         return self.start()
