@@ -1,4 +1,4 @@
-"""`facepay` command line: demo, gateway, worker, models, enroll, keys, config."""
+"""`facepay` command line: demo, gateway, worker, models, enroll, keys, audit, config."""
 
 from __future__ import annotations
 
@@ -29,7 +29,7 @@ def main(argv: list[str] | None = None) -> None:
 
     sub.add_parser("gateway", help="serve the gRPC gateway")
     worker = sub.add_parser("worker", help="run one stage worker")
-    worker.add_argument("stage", choices=["detector", "aligner", "pose", "recognizer"])
+    worker.add_argument("stage", choices=["detector", "aligner", "pose", "recognizer", "archiver"])
 
     models = sub.add_parser("models", help="pretrained weights in the model cache")
     models.add_argument("action", choices=["fetch", "list", "verify"])
@@ -67,6 +67,14 @@ def main(argv: list[str] | None = None) -> None:
     keys = sub.add_parser("keys", help="Ed25519 keys that authenticate every message (one per component)")
     keys.add_argument("action", choices=["generate"])
     keys.add_argument("--out", required=True, help="folder for <component>.key (0600) files and trusted.yaml")
+
+    audit = sub.add_parser("audit", help="the audit archive: list archived sessions, verify the stores' hash chains")
+    audit.add_argument("action", choices=["list", "verify"])
+    audit.add_argument("--store", help="one store (default: every store in the archive)")
+    audit.add_argument("--tenant", help="one tenant (default: every tenant)")
+    audit.add_argument("--from", dest="start", help="ISO 8601 (UTC) or how long ago: 24h, 7d, 30m (default: 24 h before --to)")
+    audit.add_argument("--to", dest="end", help="ISO 8601 (UTC) or relative (default: now)")
+    audit.add_argument("--json", action="store_true", help="machine-readable output")
 
     config = sub.add_parser("config", help="settings")
     config.add_argument("action", choices=["show"])
@@ -241,6 +249,27 @@ def _cmd_keys(args) -> int:
     print("give each process only its own key: FACEPAY_KEY_FILE=<component>.key, FACEPAY_TRUSTED_KEYS_FILE="
           f"{trusted}; the CLI and rq workers: FACEPAY_OPERATOR_KEY_FILE=operator.key")
     return 0
+
+
+def _cmd_audit(args) -> int:
+    """Exit 0: all clean; 1: verify found problems; 2: a bad option or no archive configured."""
+    from dataclasses import asdict
+
+    from facepay import audit
+
+    try:
+        start, end = audit.time_range(args.start, args.end)
+        archive = audit.open_archive(load_settings())
+        if args.action == "list":
+            sessions = audit.list_sessions(archive, start, end, args.store, args.tenant)
+            print(json.dumps([asdict(s) for s in sessions], indent=2) if args.json else audit.format_list(sessions))
+            return 0
+        reports = audit.verify(archive, start, end, args.store, args.tenant)
+    except audit.AuditError as exc:
+        print(f"facepay audit: {exc}", file=sys.stderr)
+        return 2
+    print(json.dumps([audit.report_dict(r) for r in reports], indent=2) if args.json else audit.format_verify(reports))
+    return 0 if all(r.ok for r in reports) else 1
 
 
 def _cmd_config(args) -> int:

@@ -455,6 +455,11 @@ class ArchiveStore:
             raise KeyError(f"no archived session at {key}")
         return SealedSession.from_bytes(found[0])
 
+    def read_header(self, key: str) -> dict:
+        """The session's clear header (ids, times, signed decision, models, threshold, policy):
+        what listing and auditing a decision need, without any key."""
+        return self._read_sealed(key).header
+
     def read(self, key: str) -> ArchivedSession:
         """The session, frames decrypted with its tenant's KEK (an erased session has none)."""
         return open_session(self._read_sealed(key), self.keys)
