@@ -1,4 +1,4 @@
-"""`facepay` command line: demo, gateway, worker, models, enroll, keys, audit, config."""
+"""`facepay` command line: demo, gateway, worker, models, enroll, keys, audit, replay, config."""
 
 from __future__ import annotations
 
@@ -75,6 +75,18 @@ def main(argv: list[str] | None = None) -> None:
     audit.add_argument("--from", dest="start", help="ISO 8601 (UTC) or how long ago: 24h, 7d, 30m (default: 24 h before --to)")
     audit.add_argument("--to", dest="end", help="ISO 8601 (UTC) or relative (default: now)")
     audit.add_argument("--json", action="store_true", help="machine-readable output")
+
+    replay = sub.add_parser("replay", help="run archived sessions again through the real stages in an isolated namespace; "
+                                           "report what is decided today and why it differs")
+    replay.add_argument("--from", dest="start", required=True, help="ISO 8601 (UTC) or how long ago: 24h, 7d")
+    replay.add_argument("--to", dest="end", help="ISO 8601 (UTC) or how long ago (default: now)")
+    replay.add_argument("--store")
+    replay.add_argument("--tenant")
+    replay.add_argument("--camera")
+    replay.add_argument("--session")
+    replay.add_argument("--model", help="recognizer model to replay with (default: today's, FACEPAY_RECOGNIZER_MODEL)")
+    replay.add_argument("--threshold", type=float, help="cosine threshold (default: the archived sessions' own)")
+    replay.add_argument("--out", default="var/replay", help="report.json and report.html")
 
     config = sub.add_parser("config", help="settings")
     config.add_argument("action", choices=["show"])
@@ -270,6 +282,28 @@ def _cmd_audit(args) -> int:
         return 2
     print(json.dumps([audit.report_dict(r) for r in reports], indent=2) if args.json else audit.format_verify(reports))
     return 0 if all(r.ok for r in reports) else 1
+
+
+def _cmd_replay(args) -> int:
+    """Exit 0: every replayed decision equals the archived one; 1: some differ; 2: bad options."""
+    from facepay import audit
+    from facepay.replay import ReplayOptions, run_replay
+
+    try:
+        start, end = audit.time_range(args.start, args.end)
+        if args.threshold is not None and not -1.0 <= args.threshold <= 1.0:
+            raise audit.AuditError(f"--threshold must be a cosine in [-1, 1], got {args.threshold}")
+        settings = load_settings()
+        archive = audit.open_archive(settings)
+        options = ReplayOptions(start, end, args.store, args.tenant, args.camera, args.session, args.model,
+                                args.threshold, Path(args.out))
+        report = run_replay(settings, archive, options)
+    except audit.AuditError as exc:
+        print(f"facepay replay: {exc}", file=sys.stderr)
+        return 2
+    print(f"{report['replay']['sessions']} sessions replayed, {report['differences']} difference(s); "
+          f"report: {Path(args.out) / 'report.html'}")
+    return 1 if report["differences"] else 0
 
 
 def _cmd_config(args) -> int:

@@ -77,12 +77,13 @@ ARCHIVE_BUCKET = "facepay-archive"
 
 class Pipeline:
     def __init__(self, settings: Settings, workdir: Path, access: dict, replicas: dict[str, int] | None = None,
-                 embedded: bool = True, archive: bool = True) -> None:
+                 embedded: bool = True, archive: bool = True, gateway: bool = True) -> None:
         self.workdir = Path(workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.access = access
         self.replicas = {name: 1 for name in STAGES} | (replicas or {})
         self.valkey = EmbeddedValkey(self.workdir / "valkey") if embedded else None
+        self.gateway = gateway  # False: workers only, fed by the caller (a replay)
         # The audit archive: the settings' own, else the embedded SeaweedFS; archive=False runs
         # without an archiver (nothing is then held back for it).
         self.s3 = EmbeddedS3(self.workdir / "archive") if archive and not settings.archive_url else None
@@ -128,7 +129,8 @@ class Pipeline:
         if self.s3:
             self.s3.start()
             self.settings = self.settings.replace(archive_url=f"{self.s3.url}/{ARCHIVE_BUCKET}")
-        self._spawn("gateway", ["gateway"])
+        if self.gateway:
+            self._spawn("gateway", ["gateway"])
         for stage, count in self.replicas.items():
             for i in range(count):
                 self._spawn(f"{stage}-{i}", ["worker", stage])
@@ -162,6 +164,13 @@ class Pipeline:
 
         deadline = time.monotonic() + timeout_s
         client = redis.Redis.from_url(self.settings.redis_url)
+        if not self.gateway:
+            while time.monotonic() < deadline:
+                self._check_alive()
+                if self._workers_ready(client):
+                    return
+                time.sleep(0.2)
+            raise TimeoutError(f"workers not ready after {timeout_s}s; logs in {self.workdir}")
         with self.channel() as channel:
             stub = health_pb2_grpc.HealthStub(channel)
             while time.monotonic() < deadline:

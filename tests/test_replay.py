@@ -1,0 +1,150 @@
+"""`facepay replay` on real parts: a production pipeline (embedded Valkey, SeaweedFS, real models)
+decides real-face sessions, the archiver archives them, and a replay runs them again through the
+real stage workers in its own namespace while live traffic keeps flowing."""
+
+from __future__ import annotations
+
+import threading
+from collections import Counter
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+import redis
+
+from facepay.admin import call
+from facepay.archive import ArchiveKeys, ArchiveSettings, ArchivedFrame, ArchivedSession, ArchiveStore, Candidate, SignedDecision
+from facepay.config import SessionPolicy
+from facepay.contract import pb
+from facepay.replay import ReplayOptions, explain, run_replay
+from facepay.signing import sign
+from tests.e2e import Backend, camera, enroll, new_session, start_pipeline, wait_until
+
+PHOTO_POLICY = SessionPolicy(require_blink=False)  # still photos cannot blink: that rule alone is off
+TAP_STREAMS = ("frames", "faces", "aligned", "posed", "decisions")
+
+
+def archive_of(pipeline) -> ArchiveStore:
+    settings = ArchiveSettings.from_url(pipeline.settings.archive_url)
+    return ArchiveStore(settings, ArchiveKeys.from_file(Path(pipeline.archive_keys_file)),
+                        access_key_id=pipeline.s3.credentials.access_key_id,
+                        secret_access_key=pipeline.s3.credentials.secret_access_key)
+
+
+def production_state(pipeline, client: redis.Redis) -> dict:
+    """What a replay must never touch: consumer groups, lockout counters, the gallery's users."""
+    groups = {}
+    for stream in TAP_STREAMS:
+        groups[stream] = sorted(g["name"] for g in client.xinfo_groups(pipeline.settings.key(stream)))
+    limits = {k: client.dump(k) for k in client.scan_iter(match=pipeline.settings.key("limits", "*"))}
+    users = call(pipeline.settings, "list_users", tenant="demo")
+    return {"groups": groups, "limits": limits, "users": users}
+
+
+@pytest.mark.slow
+def test_a_replay_beside_live_traffic_decides_as_the_original_and_leaves_production_untouched(faces, tmp_path, monkeypatch):
+    people = {n: p for n, p in faces.identities().items() if len(p) >= 2}
+    stranger = next(p for p in faces.identities().values() if len(p) == 1)
+    names = sorted(people)[:2]
+    pipeline = start_pipeline(tmp_path / "production", PHOTO_POLICY)
+    try:
+        for name in names:
+            assert enroll(pipeline, name, [people[name][0].read_bytes()]).status == pb.EnrollResponse.ENROLLED
+        backend, cam = Backend(pipeline, "store-1"), camera(pipeline, "cam-1")
+        sessions = {}
+        for name in names:
+            session = new_session()
+            cam.stream_session(session, [p.read_bytes() for p in people[name][1:]] * 3)
+            sessions[session] = name
+        session = new_session()
+        cam.stream_session(session, [stranger[0].read_bytes()] * 3)
+        sessions[session] = None
+        originals = backend.wait_for(list(sessions))
+        archive = archive_of(pipeline)
+        now = datetime.now(UTC)
+        wait_until(lambda: set(sessions) <= {r.session_id for r in archive.list_sessions("demo", "store-1", now - timedelta(hours=1), now + timedelta(hours=1))},
+                   120, "every session archived")
+
+        client = redis.Redis.from_url(pipeline.settings.redis_url)
+        before = production_state(pipeline, client)
+        # Live traffic on another camera of the same store, for as long as the replay runs.
+        live, stop_live = [], threading.Event()
+        live_cam = camera(pipeline, "cam-2")
+
+        def traffic() -> None:
+            while not stop_live.is_set():
+                live_session = new_session()
+                live_cam.stream_session(live_session, [p.read_bytes() for p in people[names[0]][1:]] * 3)
+                live.append(live_session)
+                stop_live.wait(1.0)
+
+        thread = threading.Thread(target=traffic, daemon=True)
+        thread.start()
+        monkeypatch.setenv("AWS_ACCESS_KEY_ID", pipeline.s3.credentials.access_key_id)
+        options = ReplayOptions(start=now - timedelta(hours=1), end=datetime.now(UTC) + timedelta(minutes=1),
+                                store="store-1", camera="cam-1", out=tmp_path / "replay")
+        report = run_replay(pipeline.settings, archive, options)
+        stop_live.set()
+        thread.join(120)
+        live_decisions = backend.wait_for(live)
+
+        # Same models, same settings → the same decisions, session for session.
+        replayed = {s["session_id"]: s for s in report["sessions"]}
+        assert set(replayed) == set(sessions)
+        for session_id, original in originals.items():
+            again = replayed[session_id]["replayed"]
+            assert again is not None, f"{session_id} not decided in the replay"
+            expected = "approve" if original.decision == pb.APPROVE else "decline"
+            assert (again["decision"], again["user_id"]) == (expected, original.user_id)
+        assert report["differences"] == 0, [s["causes"] for s in report["sessions"] if s["differs"]]
+        assert report["replay"]["key_id"].startswith("replay-")
+        html = (tmp_path / "replay" / "report.html").read_text()
+        assert html.count("<img") >= sum(len(s["frames"]) for s in report["sessions"])
+
+        # Production untouched: groups, lockouts, gallery; no replayed decision in its stream.
+        assert live and all(live_decisions[s].decision == pb.APPROVE for s in live)
+        assert production_state(pipeline, client) == before
+        decided = Counter(json_session(f) for _, f in client.xrange(pipeline.settings.key("decisions")))
+        assert all(decided[s] == 1 for s in sessions), decided
+        assert set(decided) == set(sessions) | set(live)
+        assert list(client.scan_iter(match=f"{pipeline.settings.namespace}-replay-*")) == []
+        backend.close()
+        cam.close()
+        live_cam.close()
+    finally:
+        pipeline.stop()
+
+
+def json_session(fields: dict) -> str:
+    import json
+
+    return json.loads(fields[b"payload"])["session_id"]
+
+
+# ---- the causes of a difference (no pipeline needed) ------------------------------------------
+def archived(user: str | None, threshold: float = 0.6, models: dict | None = None, images: bool = True,
+             candidates: tuple[str, ...] = ("alice",)) -> ArchivedSession:
+    event = {"session_id": "s", "store_id": "st", "decision": "approve" if user else "decline", "user_id": user or "",
+             "threshold": threshold, "rule": "voted" if user else "no_match"}
+    signed = sign(event, "k", "k1")
+    frames = [ArchivedFrame(i, 0, b"\xff\xd8jpeg" if images else b"", "jpeg", top_k=[Candidate(c, 0.7) for c in candidates])
+              for i in range(3)]
+    return ArchivedSession("s", "t", "st", "c", 0, 0, SignedDecision(signed[b"payload"], signed[b"sig"].decode(), "k1"),
+                           models or {"recognizer": "dlib-resnet-v1"}, threshold, {}, frames)
+
+
+def replayed_event(user: str | None, threshold: float = 0.6, recognizer: str = "dlib-resnet-v1") -> dict:
+    return {"decision": "approve" if user else "decline", "user_id": user or "", "threshold": threshold,
+            "model_ids": {"recognizer": recognizer}}
+
+
+def test_each_cause_of_a_difference_is_named():
+    assert explain(archived("alice"), replayed_event(None, 0.8), [], {"alice"}) == ["threshold changed: 0.6 → 0.8"]
+    assert explain(archived("alice"), replayed_event(None, recognizer="faceres-hse-v1"), [], {"alice"}) == [
+        "model changed: recognizer dlib-resnet-v1 → faceres-hse-v1"]
+    assert explain(archived("alice"), replayed_event(None), [], set()) == ["user deleted since: alice"]
+    assert explain(archived(None, candidates=()), replayed_event("bob"), [{"top_user": "bob"}], {"bob"}) == [
+        "user enrolled since: bob"]
+    assert explain(archived("alice", images=False), replayed_event(None), [], {"alice"}) == [
+        "frame missing (erased, or never reached the archiver)"]
+    assert explain(archived("alice"), None, [], {"alice"}) == ["not decided in the replay"]
