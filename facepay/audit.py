@@ -11,7 +11,6 @@ import json
 import re
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 
 from facepay.archive import ArchiveSettings, ArchiveStore, VerifyReport
 from facepay.config import Settings
@@ -53,7 +52,7 @@ def open_archive(settings: Settings) -> ArchiveStore:
         raise AuditError("FACEPAY_ARCHIVE_URL is not set: which archive? (s3://bucket[/prefix] or http(s)://host:port/bucket)")
     if not settings.archive_keys_file:
         raise AuditError("FACEPAY_ARCHIVE_KEYS_FILE is not set: verifying needs the archive signing key")
-    return ArchiveStore.from_settings(ArchiveSettings.from_url(settings.archive_url, keys_file=Path(settings.archive_keys_file)))
+    return ArchiveStore.from_settings(ArchiveSettings.from_facepay(settings))
 
 
 def stores_of(archive: ArchiveStore, store: str | None = None, tenant: str | None = None) -> list[tuple[str, str]]:

@@ -179,7 +179,7 @@ class SettingsError(ValueError):
 
 # FACEPAY_* variables that are not settings: process plumbing, caches, test data.
 NON_SETTING_ENV = frozenset({"FACEPAY_CONFIG", "FACEPAY_CONSUMER", "FACEPAY_MODEL_CACHE", "FACEPAY_TEST_DATA",
-                             "FACEPAY_TFJS_ORACLE_CACHE"})
+                             "FACEPAY_TFJS_ORACLE_CACHE", "FACEPAY_ARCHIVE_SIGNING_KEY"})
 
 
 def sections() -> dict[str, type]:

@@ -32,7 +32,6 @@ import json
 import logging
 import time
 from collections import defaultdict
-from pathlib import Path
 
 from facepay.archive import (
     ArchiveAccessDenied, ArchiveError, ArchiveKeyError, ArchiveSettings, ArchiveStore, ArchiveTampered, ArchiveUnavailable,
@@ -118,10 +117,7 @@ class ArchiverStage(Stage):
         if self.store is None:
             if not self.settings.archive_url:
                 raise ValueError("FACEPAY_ARCHIVE_URL is not set: the archiver needs an archive (s3://bucket or http://host:port/bucket)")
-            archive = ArchiveSettings.from_url(
-                self.settings.archive_url, keys_file=Path(self.settings.archive_keys_file) if self.settings.archive_keys_file else None,
-                retention_days=self.settings.archive_retention_days, keep_embeddings=self.settings.archive_keep_embeddings)
-            self.store = ArchiveStore.from_settings(archive)
+            self.store = ArchiveStore.from_settings(ArchiveSettings.from_facepay(self.settings))
         self.redis = connect(self.settings.redis_url)
         self.trusted = load_trusted(self.settings.trusted_keys_file)
         self.consumer = f"{GROUP}-taps-{id(self):x}"
