@@ -468,7 +468,11 @@ class StreamWorker:
     def _handle_alone(self, entry: Entry) -> None:
         metrics.MESSAGES_IN.labels(self.group).inc()
         try:
-            message = decode(entry.fields.get(FIELD, b""))
+            message = self._open(entry)  # verified like a first read: a reclaim is no way around it
+        except Unauthenticated as exc:
+            metrics.UNAUTHENTICATED.labels(self.group).inc()
+            self._dead_letter(entry, "unauthenticated", str(exc))
+            return
         except MalformedMessage as exc:
             self._dead_letter(entry, "malformed", str(exc))
             return
