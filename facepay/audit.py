@@ -12,7 +12,7 @@ import re
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime, timedelta
 
-from facepay.archive import ArchiveSettings, ArchiveStore, VerifyReport
+from facepay.archive import ArchiveSettings, ArchiveStore, SweepReport, VerifyReport
 from facepay.config import Settings
 
 _RELATIVE = re.compile(r"^-?(\d+(?:\.\d+)?)([smhd])$")  # "24h" or "-24h": that long ago
@@ -111,3 +111,14 @@ def format_verify(reports: list[VerifyReport]) -> str:
 def format_list(sessions: list[ListedSession]) -> str:
     rows = [f"{s.decided_at}  {s.tenant}/{s.store}  {s.session_id}  {s.decision:<7}  {s.user_id or '-'}  {s.rule}" for s in sessions]
     return "\n".join(rows) if rows else "no archived sessions in this range"
+
+
+def sweep(archive: ArchiveStore, retention_days: int | None = None) -> SweepReport:
+    """Delete what is older than the retention (the archiver also runs this every hour)."""
+    return archive.sweep(retention_days)
+
+
+def erase_user(archive: ArchiveStore, user_id: str, tenant: str | None = None) -> list[str]:
+    """Frames and per-frame figures of every session that approved the user, in every tenant
+    (or one): what `facepay users delete` erases from the archive (see README, Erasure)."""
+    return [key for t in ([tenant] if tenant else archive.tenants()) for key in archive.erase_user(t, user_id)]

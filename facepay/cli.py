@@ -68,8 +68,11 @@ def main(argv: list[str] | None = None) -> None:
     keys.add_argument("action", choices=["generate"])
     keys.add_argument("--out", required=True, help="folder for <component>.key (0600) files and trusted.yaml")
 
-    audit = sub.add_parser("audit", help="the audit archive: list archived sessions, verify the stores' hash chains")
-    audit.add_argument("action", choices=["list", "verify"])
+    audit = sub.add_parser("audit", help="the audit archive: list archived sessions, verify the stores' hash chains, "
+                                         "sweep by retention, erase a user's frames")
+    audit.add_argument("action", choices=["list", "verify", "sweep", "erase"])
+    audit.add_argument("--user", help="erase: the user whose approved sessions lose their frames")
+    audit.add_argument("--retention-days", type=int, help="sweep: override FACEPAY_ARCHIVE_RETENTION_DAYS")
     audit.add_argument("--store", help="one store (default: every store in the archive)")
     audit.add_argument("--tenant", help="one tenant (default: every tenant)")
     audit.add_argument("--from", dest="start", help="ISO 8601 (UTC) or how long ago: 24h, 7d, 30m (default: 24 h before --to)")
@@ -241,8 +244,25 @@ def _cmd_users(args) -> int:
         result = call(settings, "list_users", tenant=args.tenant)
     else:
         result = call(settings, f"{args.action}_user", user_id=args.user_id)
+    if args.action == "delete" and settings.archive_url:
+        result["archive"] = _erase_from_archive(settings, args.user_id, args.tenant)
     print(json.dumps(result, indent=2))
     return 0
+
+
+def _erase_from_archive(settings, user_id: str, tenant: str) -> dict:
+    """The gallery forgot the user; the archive drops the frames of the sessions that approved
+    them (the signed decision events stay: README, Erasure). Needs the archive's keys."""
+    from facepay import audit
+    from facepay.archive import ArchiveError
+
+    try:
+        erased = audit.erase_user(audit.open_archive(settings), user_id, tenant or None)
+    except (audit.AuditError, ArchiveError) as exc:
+        print(f"facepay users delete: the archive was NOT erased: {exc}; run `facepay audit erase --user {user_id}`",
+              file=sys.stderr)
+        return {"erased_sessions": None, "error": str(exc)}
+    return {"erased_sessions": len(erased)}
 
 
 def _cmd_lockouts(args) -> int:
@@ -272,6 +292,18 @@ def _cmd_audit(args) -> int:
     try:
         start, end = audit.time_range(args.start, args.end)
         archive = audit.open_archive(load_settings())
+        if args.action == "sweep":
+            if args.retention_days is not None and args.retention_days < 1:
+                raise audit.AuditError(f"--retention-days must be ≥ 1, got {args.retention_days}")
+            report = audit.sweep(archive, args.retention_days)
+            print(json.dumps(asdict(report)))
+            return 0
+        if args.action == "erase":
+            if not args.user:
+                raise audit.AuditError("erase needs --user")
+            erased = audit.erase_user(archive, args.user, args.tenant)
+            print(json.dumps({"user_id": args.user, "erased_sessions": erased}))
+            return 0
         if args.action == "list":
             sessions = audit.list_sessions(archive, start, end, args.store, args.tenant)
             print(json.dumps([asdict(s) for s in sessions], indent=2) if args.json else audit.format_list(sessions))

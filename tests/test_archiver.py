@@ -248,3 +248,20 @@ def test_an_archive_outage_makes_the_archiver_fall_behind_and_loses_no_session(s
     assert report.ok, report
     for ref in store.list_sessions(TENANT, STORE, now - timedelta(hours=1), now + timedelta(hours=1)):
         assert [f.image for f in store.read(ref.key).frames] == photos[:3]
+
+
+def test_the_archiver_sweeps_sessions_older_than_the_retention(setup, photos):
+    from tests.test_archive_store import session_at
+
+    store = reader(setup)
+    old = session_at(datetime.now(UTC) - timedelta(days=100), photos, tenant=TENANT, store=STORE)
+    store.archive(old)
+    settings = setup.replace(archive_sweep_every_s=1)
+
+    def old_ones() -> list:
+        now = datetime.now(UTC)
+        return store.list_sessions(TENANT, STORE, now - timedelta(days=365), now - timedelta(days=30))
+
+    assert len(old_ones()) == 1
+    with RunningArchiver(settings):
+        wait_until(lambda: not old_ones(), what="the old session swept")

@@ -97,3 +97,34 @@ def test_times_are_iso_in_utc_or_relative_to_now():
     assert parse_time("2026-11-28T12:00", now) == datetime(2026, 11, 28, 12, tzinfo=UTC)
     with pytest.raises(AuditError):
         parse_time("last week", now)
+
+
+def test_sweep_deletes_what_is_older_than_the_retention_and_the_chain_still_verifies(archive, photos):
+    store, env = archive
+    now = datetime.now(UTC)
+    store.archive(session_at(now - timedelta(days=100), photos))
+    recent = store.archive(session_at(now - timedelta(hours=1), photos))
+
+    swept = facepay(env, "sweep")  # FACEPAY_ARCHIVE_RETENTION_DAYS: 90 by default
+    assert swept.returncode == 0, swept.stderr
+    assert json.loads(swept.stdout)["deleted_sessions"] == 1
+    listed = facepay(env, "list", "--from", "400d", "--json")
+    assert [s["key"] for s in json.loads(listed.stdout)] == [recent.key]
+    assert facepay(env, "verify", "--from", "400d").returncode == 0
+
+
+def test_erase_drops_the_frames_of_the_sessions_that_approved_the_user_and_keeps_the_decisions(archive, photos):
+    store, env = archive
+    now = datetime.now(UTC)
+    alice = [store.archive(session_at(now - timedelta(hours=h), photos, user="alice")) for h in (3, 2)]
+    bob = store.archive(session_at(now - timedelta(hours=1), photos, user="bob"))
+
+    erased = facepay(env, "erase", "--user", "alice")
+    assert erased.returncode == 0, erased.stderr
+    assert sorted(json.loads(erased.stdout)["erased_sessions"]) == sorted(r.key for r in alice)
+    for receipt in alice:
+        session = store.read(receipt.key)
+        assert session.frames == [] and session.decision.fields["user_id"] == "alice"
+    assert len(store.read(bob.key).frames) == 4
+    verified = facepay(env, "verify", "--json")
+    assert verified.returncode == 0 and json.loads(verified.stdout)[0]["erased"] == 2

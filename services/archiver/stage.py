@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
 import time
 from collections import defaultdict
 
@@ -111,6 +112,7 @@ class ArchiverStage(Stage):
         self._bucket_ready = False
         self._held_since: dict[str, float] = {}  # decision → when it was first held for missing frames
         self._claim_cursor = {tap: "0-0" for tap in TAPS}
+        self._sweeper: threading.Thread | None = None
 
     # ---- lifecycle -------------------------------------------------------------------------
     def start(self) -> None:
@@ -142,7 +144,29 @@ class ArchiverStage(Stage):
         self._index_taps()
         self._reclaim_taps()
         self._release_orphans()
+        self._sweep_when_due()
         return []
+
+    # ---- retention -------------------------------------------------------------------------
+    def _sweep_when_due(self) -> None:
+        """The retention sweep, every archive_sweep_every_s, by whichever replica takes the
+        turn first (SET NX with that TTL); beside the loop, so a long sweep adds no lag."""
+        if self._sweeper is not None and self._sweeper.is_alive():
+            return
+        turn = self.settings.key(GROUP, "sweep-turn")
+        if not self.redis.set(turn, self.consumer, nx=True, ex=self.settings.archive_sweep_every_s):
+            return
+        self._sweeper = threading.Thread(target=self._sweep, name="archive-sweep", daemon=True)
+        self._sweeper.start()
+
+    def _sweep(self) -> None:
+        try:
+            report = self.store.sweep(self.settings.archive_retention_days)
+        except Exception:  # noqa: BLE001 - the next turn retries; the archive stays as it was
+            log.exception("archive retention sweep failed")
+            return
+        log.info("archive retention sweep", extra={"deleted_sessions": report.deleted_sessions,
+                                                   "deleted_entries": report.deleted_entries, "cutoff_ms": report.cutoff_ms})
 
     # ---- keys ------------------------------------------------------------------------------
     def _stream(self, tap: str) -> str:
