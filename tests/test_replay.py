@@ -73,6 +73,7 @@ def test_a_replay_beside_live_traffic_decides_as_the_original_and_leaves_product
         wait_until(lambda: set(sessions) <= {r.session_id for r in archive.list_sessions("demo", "store-1", now - timedelta(hours=1), now + timedelta(hours=1))},
                    120, "every session archived")
 
+        assert archive.verify("demo", "store-1", now - timedelta(hours=1), now + timedelta(hours=1)).ok
         client = redis.Redis.from_url(pipeline.settings.redis_url)
         before = production_state(pipeline, client)
         # Live traffic on another camera of the same store, for as long as the replay runs.
