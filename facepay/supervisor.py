@@ -13,6 +13,7 @@ import signal
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import grpc
@@ -126,16 +127,24 @@ class Pipeline:
         if self.valkey:
             self.valkey.start()
             self.settings = self.settings.replace(redis_url=self.valkey.url)
-        if self.s3:
-            self.s3.start()
+        s3_started = None
+        if self.s3:  # starts (≈4 s) while the workers load their models; the archiver waits for it
             self.settings = self.settings.replace(archive_url=f"{self.s3.url}/{ARCHIVE_BUCKET}")
+            s3_started = ThreadPoolExecutor(1).submit(self.s3.start)
         if self.gateway:
             self._spawn("gateway", ["gateway"])
         for stage, count in self.replicas.items():
-            for i in range(count):
-                self._spawn(f"{stage}-{i}", ["worker", stage])
+            if stage != "archiver":
+                self._spawn_replicas(stage, count)
+        if s3_started:
+            s3_started.result(timeout_s)
+        self._spawn_replicas("archiver", self.replicas.get("archiver", 0))
         self._wait_healthy(timeout_s)
         return self
+
+    def _spawn_replicas(self, stage: str, count: int) -> None:
+        for i in range(count):
+            self._spawn(f"{stage}-{i}", ["worker", stage])
 
     def _spawn(self, name: str, args: list[str]) -> None:
         self.metrics_ports.setdefault(name, free_port())
@@ -219,7 +228,7 @@ class Pipeline:
         if self.valkey:
             self.valkey.stop()
         if self.s3:
-            self.s3.stop()
+            self.s3.stop(grace_s=0.5)  # objects are fsynced before acknowledged: nothing to wait for
 
     def __enter__(self) -> Pipeline:
         return self.start()
