@@ -161,3 +161,44 @@ def test_each_cause_of_a_difference_is_named():
     assert explain(archived("alice", images=False), replayed_event(None), [], {"alice"}) == [
         "frame missing (erased, or never reached the archiver)"]
     assert explain(archived("alice"), None, [], {"alice"}) == ["not decided in the replay"]
+
+
+def test_the_replay_namespace_is_isolated_and_accepts_old_frames_there_only(tmp_path):
+    """Settings of a replay: own namespace, own HMAC key id, no production key file, failure
+    limits off, an embedded gallery copied; the frame-age bound lifted in the replay only."""
+    import time as clock
+
+    from facepay import keys as component_keys
+    from facepay.config import Settings
+    from facepay.messages import FrameRef
+    from facepay.replay import REPLAY_MAX_FRAME_AGE_S, replay_settings
+    from facepay.runtime.envelope import Unauthenticated, attest, open_entry, origin_problem, seal
+
+    gallery = tmp_path / "gallery"
+    (gallery / "faces__m").mkdir(parents=True)
+    (gallery / "faces__m" / "segment").write_bytes(b"vectors")
+    production_keys, replay_keys = component_keys.generate(tmp_path / "prod"), component_keys.generate(tmp_path / "replay")
+    production = Settings(namespace="fp", gallery_url=f"edge://{gallery}", key_file=str(tmp_path / "prod" / "gateway.key"),
+                          trusted_keys_file=str(production_keys), signing_key="prod-secret", signing_key_id="k1")
+    options = ReplayOptions(start=datetime.now(UTC) - timedelta(days=2), end=datetime.now(UTC))
+    replay = replay_settings(production, tmp_path / "work", [archived("alice", threshold=0.77)], options)
+
+    assert replay.namespace.startswith("fp-replay-") and replay.signing_key_id.startswith("replay-")
+    assert replay.signing_key == "" and replay.key_file == "" and replay.trusted_keys_file == ""  # fresh keys, never production's
+    assert replay.gallery_url == f"edge://{tmp_path / 'work' / 'gallery'}"
+    assert (tmp_path / "work" / "gallery" / "faces__m" / "segment").read_bytes() == b"vectors"
+    assert replay.limits.max_consecutive >= 10**9 and replay.policy.threshold == 0.77
+
+    # A frame the replay's gateway attested two days ago: accepted by the replay's bound, not by production's.
+    gateway = component_keys.load_signer(str(tmp_path / "replay" / "gateway.key"))
+    old_ms = int((clock.time() - 2 * 86400) * 1000)
+    ref = attest(FrameRef("s", "st", "c", 0, old_ms, received_ms=old_ms), gateway, b"image")
+    replay_trusted = component_keys.load_trusted(str(replay_keys))
+    assert replay.max_frame_age_s == REPLAY_MAX_FRAME_AGE_S
+    assert origin_problem(ref, replay_trusted, replay.max_frame_age_s) == ""
+    assert "ago" in origin_problem(ref, replay_trusted, production.max_frame_age_s)
+    # And production, which trusts only its own keys, refuses anything the replay signs.
+    entry = seal({b"m": b"body"}, "fp:frames", gateway)
+    with pytest.raises(Unauthenticated):
+        open_entry(entry, "fp:frames", component_keys.load_trusted(str(production_keys)), {"gateway"})
+    assert "not attested" in origin_problem(ref, component_keys.load_trusted(str(production_keys)))
