@@ -265,3 +265,36 @@ def test_the_archiver_sweeps_sessions_older_than_the_retention(setup, photos):
     assert len(old_ones()) == 1
     with RunningArchiver(settings):
         wait_until(lambda: not old_ones(), what="the old session swept")
+
+
+def test_two_archiver_replicas_archive_every_session_once(setup, photos):
+    upstream = Upstream(setup)
+    sessions = [f"r-{i}" for i in range(8)]
+    with RunningArchiver(setup), RunningArchiver(setup):
+        for session_id in sessions:
+            upstream.session(session_id, photos[:3])
+        wait_until(lambda: set(sessions) <= archived_ids(setup), what="every session archived")
+        wait_until(lambda: all(pending(setup, s) == 0 for s in ("frames", "faces", "aligned", "posed", "decisions")),
+                   what="every entry acknowledged")
+    now = datetime.now(UTC)
+    store = reader(setup)
+    refs = store.list_sessions(TENANT, STORE, now - timedelta(hours=1), now + timedelta(hours=1))
+    assert sorted(r.session_id for r in refs) == sorted(sessions)  # each once
+    assert all(len(store.read(r.key).frames) == 3 for r in refs)
+    assert store.verify(TENANT, STORE, now - timedelta(hours=1), now + timedelta(hours=1)).ok
+
+
+def test_frames_read_by_an_archiver_that_died_before_filing_them_are_taken_over(setup, photos):
+    upstream = Upstream(setup)
+    upstream.session("d-1", photos[:3])
+    client = connect(setup.redis_url)
+    taps = {setup.key(t): ">" for t in ("frames", "faces", "aligned", "posed")}
+    for stream in taps:
+        client.xgroup_create(stream, "archiver", id="0")
+    client.xreadgroup("archiver", "died", taps, count=100)  # read, never indexed: that replica died
+    with RunningArchiver(setup):
+        wait_until(lambda: "d-1" in archived_ids(setup), what="the session archived")
+    now = datetime.now(UTC)
+    store = reader(setup)
+    (ref,) = store.list_sessions(TENANT, STORE, now - timedelta(hours=1), now + timedelta(hours=1))
+    assert [f.image for f in store.read(ref.key).frames] == photos[:3]

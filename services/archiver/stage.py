@@ -215,16 +215,20 @@ class ArchiverStage(Stage):
         except MalformedMessage:
             return None
 
-    def _reclaim_taps(self) -> None:
+    def _reclaim_taps(self, full_pass: bool = False) -> None:
         """Entries a dead replica read but may not have indexed: take them over and index them
-        (indexing twice is harmless). A bounded number per tick, resuming where the last stopped."""
+        (indexing twice is harmless). A bounded number per tick, resuming where the last stopped;
+        or every idle entry (a decision is missing frames)."""
         for tap in TAPS:
             stream = self._stream(tap)
-            cursor, claimed, _ = self.redis.xautoclaim(stream, GROUP, self.consumer, self.settings.claim_idle_ms,
-                                                       self._claim_cursor[tap], count=READ_COUNT)
-            self._claim_cursor[tap] = cursor.decode() if isinstance(cursor, bytes) else cursor
-            if claimed:
-                self._index([(stream, eid, fields) for eid, fields in claimed if fields])
+            while True:
+                cursor, claimed, _ = self.redis.xautoclaim(stream, GROUP, self.consumer, self.settings.claim_idle_ms,
+                                                           self._claim_cursor[tap], count=READ_COUNT)
+                self._claim_cursor[tap] = cursor.decode() if isinstance(cursor, bytes) else cursor
+                if claimed:
+                    self._index([(stream, eid, fields) for eid, fields in claimed if fields])
+                if not full_pass or self._claim_cursor[tap] == "0-0":
+                    break
 
     def _release_orphans(self) -> None:
         """Sessions no decision came for (every frame refused by the recognizer, an enrollment
@@ -263,6 +267,10 @@ class ArchiverStage(Stage):
             return
         gathered = self._gather(key)
         missing = self._missing(event, gathered)
+        if missing:  # perhaps read by a replica that died before filing them: take them over
+            self._reclaim_taps(full_pass=True)
+            gathered = self._gather(key)
+            missing = self._missing(event, gathered)
         if missing and not self._grace_over(key):
             raise StageBacklog(f"session {key}: waiting for {len(missing)} frame(s) to reach the archiver")
         self._held_since.pop(key, None)
@@ -283,8 +291,10 @@ class ArchiverStage(Stage):
         return event
 
     def _grace_over(self, key: str) -> bool:
+        """Frames a dead replica holds become claimable after claim_idle_ms: the grace starts then."""
         first = self._held_since.setdefault(key, time.monotonic())
-        return time.monotonic() - first >= self.settings.archive_gather_grace_s
+        grace_s = self.settings.claim_idle_ms / 1000 + self.settings.archive_gather_grace_s
+        return time.monotonic() - first >= grace_s
 
     @staticmethod
     def _missing(event: dict, gathered: dict[int, dict[str, Message]]) -> list[int]:
