@@ -43,6 +43,7 @@ from facepay.keys import TrustedKeys, load_trusted
 from facepay.messages import (
     FIELD, AlignedMsg, DecisionMsg, FaceMsg, FrameMsg, MalformedMessage, Message, PosedMsg, Rejection, SessionEndMsg, decode,
 )
+from facepay.runtime import metrics
 from facepay.runtime.envelope import Unauthenticated, image_digest, open_entry, origin_problem
 from facepay.runtime.redis_conn import connect
 from facepay.runtime.stage import Emit, Stage, StageBacklog
@@ -240,6 +241,7 @@ class ArchiverStage(Stage):
         for key in self.redis.zrangebyscore(self.settings.key(GROUP, "open"), "-inf", cutoff_ms, start=0, num=100):
             key = key.decode()
             released = self._release(key, "released")
+            metrics.ARCHIVED.labels("released_undecided").inc()
             log.warning("session never decided: its entries are released unarchived", extra={"session_id": key, "entries": released})
 
     def _oldest_waiting_decision_ms(self) -> int:
@@ -277,6 +279,7 @@ class ArchiverStage(Stage):
         session = self._session(decision, event, gathered)
         self._archive(session, key)
         released = self._release(key, "archived")
+        metrics.ARCHIVED.labels("missing_frames" if missing else "complete").inc()
         log.info("session archived", extra={"session_id": key, "frames": len(session.frames), "entries": released,
                                             "missing_frames": missing})
 
@@ -321,6 +324,7 @@ class ArchiverStage(Stage):
             try:
                 message = self._verified(tap, found[0][1])
             except (Unauthenticated, MalformedMessage) as refused:
+                metrics.ARCHIVE_LEFT_OUT.labels(tap).inc()
                 log.error("entry left out of the archive: it does not verify",
                           extra={"session_id": key, "entry": member, "error": str(refused)})
                 continue
