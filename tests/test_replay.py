@@ -202,3 +202,22 @@ def test_the_replay_namespace_is_isolated_and_accepts_old_frames_there_only(tmp_
     with pytest.raises(Unauthenticated):
         open_entry(entry, "fp:frames", component_keys.load_trusted(str(production_keys)), {"gateway"})
     assert "not attested" in origin_problem(ref, component_keys.load_trusted(str(production_keys)))
+
+
+def test_replay_refuses_bad_options_with_a_clear_error_before_starting_anything():
+    import os
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FACEPAY_ARCHIVE")}
+
+    def replay(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "facepay", "replay", *args], env=env, cwd=root,
+                              capture_output=True, text=True, timeout=60)
+
+    assert "is not a time" in replay("--from", "yesterday").stderr
+    bad = replay("--from", "1h", "--threshold", "5")
+    assert bad.returncode == 2 and "--threshold must be a cosine" in bad.stderr
+    unset = replay("--from", "1h")
+    assert unset.returncode == 2 and "FACEPAY_ARCHIVE_URL" in unset.stderr
