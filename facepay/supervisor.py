@@ -105,6 +105,7 @@ class Pipeline:
             signing_key=settings.signing_key or secrets.token_hex(32),
             operator_token=settings.operator_token or secrets.token_hex(16),
             key_file="", trusted_keys_file=str(trusted_file), operator_key_file=str(self.keys_dir / "operator.key"),
+            archive_keys_file="",  # the archiver's alone: archive_env()
             gallery_url=settings.gallery_url if "://./" not in settings.gallery_url else f"edge://{self.workdir / 'gallery'}",
         )
         self.settings = with_local_tls(self.settings, self.workdir / "tls")
@@ -148,7 +149,9 @@ class Pipeline:
 
     def _spawn(self, name: str, args: list[str]) -> None:
         self.metrics_ports.setdefault(name, free_port())
-        env = {**os.environ, **settings_to_env(self.settings), "FACEPAY_CONSUMER": name,
+        # The archive's keys and credentials reach the archiver only, even if this shell has them.
+        inherited = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "FACEPAY_ARCHIVE_"))}
+        env = {**inherited, **settings_to_env(self.settings), "FACEPAY_CONSUMER": name,
                "FACEPAY_METRICS_PORT": str(self.metrics_ports[name])}
         env.update(component_keys_env(self.keys_dir, args[-1]))  # args: ["gateway"] | ["worker", stage]
         if args[-1] == "archiver":
@@ -161,7 +164,8 @@ class Pipeline:
 
     def archive_env(self) -> dict[str, str]:
         """What only the archiver (and an auditor) gets: the archive's keys and credentials."""
-        env = {"FACEPAY_ARCHIVE_KEYS_FILE": self.archive_keys_file}
+        env = {k: v for k, v in os.environ.items() if k.startswith(("AWS_", "FACEPAY_ARCHIVE_SIGNING_KEY"))}
+        env["FACEPAY_ARCHIVE_KEYS_FILE"] = self.archive_keys_file
         if self.s3 and self.s3.credentials:
             env |= {"AWS_ACCESS_KEY_ID": self.s3.credentials.access_key_id,
                     "AWS_SECRET_ACCESS_KEY": self.s3.credentials.secret_access_key}
