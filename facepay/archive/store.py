@@ -177,7 +177,9 @@ class ArchiveStore:
             s3={"addressing_style": "path"}, retries={"mode": "standard", "max_attempts": 2},
             connect_timeout=2, read_timeout=15, max_pool_connections=16,
         )
-        self.client = boto3.client(
+        # A session of its own: boto3's default session keeps the first credentials it found for
+        # the life of the process, so a store made after a rotation would sign with the old ones.
+        self.client = boto3.session.Session().client(
             "s3", endpoint_url=settings.endpoint_url, region_name=settings.region, config=config,
             aws_access_key_id=access_key_id, aws_secret_access_key=secret_access_key,
         )

@@ -30,9 +30,13 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import socket
 import threading
 import time
 from collections import defaultdict
+
+import redis
 
 from facepay.archive import (
     ArchiveAccessDenied, ArchiveError, ArchiveKeyError, ArchiveSettings, ArchiveStore, ArchiveTampered, ArchiveUnavailable,
@@ -123,7 +127,9 @@ class ArchiverStage(Stage):
             self.store = ArchiveStore.from_settings(ArchiveSettings.from_facepay(self.settings))
         self.redis = connect(self.settings.redis_url)
         self.trusted = load_trusted(self.settings.trusted_keys_file)
-        self.consumer = f"{GROUP}-taps-{id(self):x}"
+        # The replica's stable name (the pod's, FACEPAY_CONSUMER): a restarted replica is the same
+        # consumer of the taps, not one more dead one in the groups.
+        self.consumer = os.environ.get("FACEPAY_CONSUMER") or f"{socket.gethostname()}-{os.getpid()}"
         self._scripts = {"index": self.redis.register_script(_INDEX), "release": self.redis.register_script(_RELEASE)}
         for tap in TAPS:
             self._ensure_group(self._stream(tap))
@@ -180,7 +186,7 @@ class ArchiverStage(Stage):
     def _ensure_group(self, stream: str) -> None:
         try:
             self.redis.xgroup_create(stream, GROUP, id="0", mkstream=True)
-        except Exception as exc:  # noqa: BLE001 - BUSYGROUP: it exists
+        except redis.ResponseError as exc:  # BUSYGROUP: it exists
             if "BUSYGROUP" not in str(exc):
                 raise
 
