@@ -1,9 +1,10 @@
 """`facepay replay`: archived payment sessions run again through the real stage workers, in an
 isolated namespace, and a report of what would be decided today and why it differs.
 
-The replay namespace (`<namespace>-replay-<id>`, on the same Redis):
-- its own streams, consumer groups, session state, decided-session keys and lockout counters
-  (every Redis key of facepay is namespaced), deleted when the replay ends;
+The replay namespace (`<namespace>-replay-<id>`, on an embedded Valkey of its own):
+- its own streams, consumer groups, session state, decided-session keys and lockout counters,
+  on a Redis server of its own (production's is never connected to: no memory taken there, no
+  ACL user needed, nothing to clean up), deleted when the replay ends;
 - its own keyset (`facepay keys generate` into the replay's folder): the injector signs frames
   as the replay's gateway, the replay's stages sign with their replay keys, and its recognizer
   signs decisions under a fresh HMAC key with key id `replay-<id>`. No production key is read,
@@ -139,20 +140,25 @@ class ReplayRun:
     """Workers of the replay namespace, the injector (the replay's gateway) and the collector."""
 
     def __init__(self, settings: Settings, workdir: Path, replicas: dict[str, int] | None = None) -> None:
+        # Its own embedded Valkey: production's Redis is not even connected to (no memory, no
+        # ACL user, no key of the replay there); the namespace names the replay in logs too.
         self.pipeline = Pipeline(settings, workdir, access={"stores": {}, "cameras": {}}, replicas=replicas,
-                                 embedded=False, archive=False, gateway=False)
+                                 embedded=True, archive=False, gateway=False)
         self.settings = self.pipeline.settings
-        self.client = redis.Redis.from_url(self.settings.redis_url)
         self.gateway = component_keys.load_signer(str(self.pipeline.keys_dir / "gateway.key"))
         self.trusted = component_keys.load_trusted(self.settings.trusted_keys_file)
 
     def start(self, timeout_s: float = 300.0) -> ReplayRun:
         self.pipeline.start(timeout_s)
+        self.settings = self.pipeline.settings  # with the embedded Valkey's address
+        self.client = redis.Redis.from_url(self.settings.redis_url)
         return self
 
     def stop(self) -> None:
+        if hasattr(self, "client"):
+            _delete_namespace(self.client, self.settings.namespace)
         self.pipeline.stop()
-        _delete_namespace(self.client, self.settings.namespace)
+        shutil.rmtree(self.pipeline.workdir / "valkey", ignore_errors=True)  # the replayed frames' copy
 
     def inject(self, session: ArchivedSession) -> None:
         """The archived frames, as the replay's gateway would queue them."""

@@ -130,7 +130,6 @@ class ArchiverStage(Stage):
         # The replica's stable name (the pod's, FACEPAY_CONSUMER): a restarted replica is the same
         # consumer of the taps, not one more dead one in the groups.
         self.consumer = os.environ.get("FACEPAY_CONSUMER") or f"{socket.gethostname()}-{os.getpid()}"
-        self._scripts = {"index": self.redis.register_script(_INDEX), "release": self.redis.register_script(_RELEASE)}
         for tap in TAPS:
             self._ensure_group(self._stream(tap))
 
@@ -211,7 +210,8 @@ class ArchiverStage(Stage):
                 continue
             key = session_key(ref.store_id, ref.session_id)
             member = f"{tap}|{entry_id.decode()}"
-            self._scripts["index"](keys=[*self._keys(key), stream], args=[GROUP, entry_id, member, key, now_ms], client=pipe)
+            # Plain EVAL (no SCRIPT LOAD, which the components' Redis ACL users may not run).
+            pipe.eval(_INDEX, 4, *self._keys(key), stream, GROUP, entry_id, member, key, now_ms)
         pipe.execute()
 
     @staticmethod
@@ -264,7 +264,7 @@ class ArchiverStage(Stage):
     def _release(self, key: str, marker: str) -> int:
         ttl = max(self.settings.archive_orphan_after_s, self.settings.max_frame_age_s, 3600)
         streams = [self._stream(t) for t in TAPS]
-        return int(self._scripts["release"](keys=[*self._keys(key), *streams], args=[GROUP, ttl, key, marker]))
+        return int(self.redis.eval(_RELEASE, 7, *self._keys(key), *streams, GROUP, ttl, key, marker))
 
     # ---- archiving one decided session -----------------------------------------------------
     def _archive_decided(self, decision: DecisionMsg) -> None:
