@@ -1,4 +1,4 @@
-"""`facepay` command line: demo, gateway, worker, models, enroll, keys, config."""
+"""`facepay` command line: demo, gateway, worker, models, enroll, keys, audit, replay, config."""
 
 from __future__ import annotations
 
@@ -30,7 +30,7 @@ def main(argv: list[str] | None = None) -> None:
 
     sub.add_parser("gateway", help="serve the gRPC gateway")
     worker = sub.add_parser("worker", help="run one stage worker")
-    worker.add_argument("stage", choices=["detector", "aligner", "pose", "recognizer"])
+    worker.add_argument("stage", choices=["detector", "aligner", "pose", "recognizer", "archiver"])
 
     models = sub.add_parser("models", help="pretrained weights in the model cache")
     models.add_argument("action", choices=["fetch", "list", "verify"])
@@ -82,6 +82,29 @@ def main(argv: list[str] | None = None) -> None:
     redis_cmd.add_argument("--namespace", help="key prefix (default: FACEPAY_NAMESPACE)")
     redis_cmd.add_argument("--out", default="var/redis-credentials",
                            help="folder for the generated <component>.password files (0600; kept if present)")
+
+    audit = sub.add_parser("audit", help="the audit archive: list archived sessions, verify the stores' hash chains, "
+                                         "sweep by retention, erase a user's frames")
+    audit.add_argument("action", choices=["list", "verify", "sweep", "erase"])
+    audit.add_argument("--user", help="erase: the user whose approved sessions lose their frames")
+    audit.add_argument("--retention-days", type=int, help="sweep: override FACEPAY_ARCHIVE_RETENTION_DAYS")
+    audit.add_argument("--store", help="one store (default: every store in the archive)")
+    audit.add_argument("--tenant", help="one tenant (default: every tenant)")
+    audit.add_argument("--from", dest="start", help="ISO 8601 (UTC) or how long ago: 24h, 7d, 30m (default: 24 h before --to)")
+    audit.add_argument("--to", dest="end", help="ISO 8601 (UTC) or relative (default: now)")
+    audit.add_argument("--json", action="store_true", help="machine-readable output")
+
+    replay = sub.add_parser("replay", help="run archived sessions again through the real stages in an isolated namespace; "
+                                           "report what is decided today and why it differs")
+    replay.add_argument("--from", dest="start", required=True, help="ISO 8601 (UTC) or how long ago: 24h, 7d")
+    replay.add_argument("--to", dest="end", help="ISO 8601 (UTC) or how long ago (default: now)")
+    replay.add_argument("--store")
+    replay.add_argument("--tenant")
+    replay.add_argument("--camera")
+    replay.add_argument("--session")
+    replay.add_argument("--model", help="recognizer model to replay with (default: today's, FACEPAY_RECOGNIZER_MODEL)")
+    replay.add_argument("--threshold", type=float, help="cosine threshold (default: the archived sessions' own)")
+    replay.add_argument("--out", default="var/replay", help="report.json and report.html")
 
     config = sub.add_parser("config", help="settings")
     config.add_argument("action", choices=["show"])
@@ -282,8 +305,25 @@ def _cmd_users(args) -> int:
         result = call(settings, "list_users", tenant=args.tenant)
     else:
         result = call(settings, f"{args.action}_user", user_id=args.user_id)
+    if args.action == "delete" and settings.archive_url:
+        result["archive"] = _erase_from_archive(settings, args.user_id, args.tenant)
     print(json.dumps(result, indent=2))
     return 0
+
+
+def _erase_from_archive(settings, user_id: str, tenant: str) -> dict:
+    """The gallery forgot the user; the archive drops the frames of the sessions that approved
+    them (the signed decision events stay: README, Erasure). Needs the archive's keys."""
+    from facepay import audit
+    from facepay.archive import ArchiveError
+
+    try:
+        erased = audit.erase_user(audit.open_archive(settings), user_id, tenant or None)
+    except (audit.AuditError, ArchiveError) as exc:
+        print(f"facepay users delete: the archive was NOT erased: {exc}; run `facepay audit erase --user {user_id}`",
+              file=sys.stderr)
+        return {"erased_sessions": None, "error": str(exc)}
+    return {"erased_sessions": len(erased)}
 
 
 def _cmd_lockouts(args) -> int:
@@ -315,6 +355,61 @@ def _cmd_redis(args) -> int:
     print("# FACEPAY_REDIS_PASSWORD_FILE=<the component's .password file>. Once your own admin user works:")
     print("# ACL SETUSER default off")
     return 0
+
+
+def _cmd_audit(args) -> int:
+    """Exit 0: all clean; 1: verify found problems; 2: a bad option or no archive configured."""
+    from dataclasses import asdict
+
+    from facepay import audit
+
+    try:
+        start, end = audit.time_range(args.start, args.end)
+        archive = audit.open_archive(load_settings())
+        if args.action == "sweep":
+            if args.retention_days is not None and args.retention_days < 1:
+                raise audit.AuditError(f"--retention-days must be ≥ 1, got {args.retention_days}")
+            report = audit.sweep(archive, args.retention_days)
+            print(json.dumps(asdict(report)))
+            return 0
+        if args.action == "erase":
+            if not args.user:
+                raise audit.AuditError("erase needs --user")
+            erased = audit.erase_user(archive, args.user, args.tenant)
+            print(json.dumps({"user_id": args.user, "erased_sessions": erased}))
+            return 0
+        if args.action == "list":
+            sessions = audit.list_sessions(archive, start, end, args.store, args.tenant)
+            print(json.dumps([asdict(s) for s in sessions], indent=2) if args.json else audit.format_list(sessions))
+            return 0
+        reports = audit.verify(archive, start, end, args.store, args.tenant)
+    except audit.AuditError as exc:
+        print(f"facepay audit: {exc}", file=sys.stderr)
+        return 2
+    print(json.dumps([audit.report_dict(r) for r in reports], indent=2) if args.json else audit.format_verify(reports))
+    return 0 if all(r.ok for r in reports) else 1
+
+
+def _cmd_replay(args) -> int:
+    """Exit 0: every replayed decision equals the archived one; 1: some differ; 2: bad options."""
+    from facepay import audit
+    from facepay.replay import ReplayOptions, run_replay
+
+    try:
+        start, end = audit.time_range(args.start, args.end)
+        if args.threshold is not None and not -1.0 <= args.threshold <= 1.0:
+            raise audit.AuditError(f"--threshold must be a cosine in [-1, 1], got {args.threshold}")
+        settings = load_settings()
+        archive = audit.open_archive(settings)
+        options = ReplayOptions(start, end, args.store, args.tenant, args.camera, args.session, args.model,
+                                args.threshold, Path(args.out))
+        report = run_replay(settings, archive, options)
+    except audit.AuditError as exc:
+        print(f"facepay replay: {exc}", file=sys.stderr)
+        return 2
+    print(f"{report['replay']['sessions']} sessions replayed, {report['differences']} difference(s); "
+          f"report: {Path(args.out) / 'report.html'}")
+    return 1 if report["differences"] else 0
 
 
 def _cmd_config(args) -> int:

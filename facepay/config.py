@@ -102,9 +102,12 @@ class Settings:
     batch_wait_ms: int = 40
     claim_idle_ms: int = 15_000  # a pending message idle this long is taken over (dead consumer)
     max_deliveries: int = 3  # failed attempts (raised, or its worker died on it alone), then dead letter
-    stream_retention_s: int = 7 * 24 * 3600  # a decided session is remembered this long (no second decision)
+    # How long decisions and decided sessions are remembered in Redis (a session is never decided
+    # twice); the audit record is the archive (archive_url). Unread entries, and a session's
+    # entries until the archiver has archived it, are never trimmed.
+    stream_retention_s: int = 6 * 3600
     # Face images and chips ride every stage stream (frames, faces, aligned, posed): each worker
-    # trims its input to this much history, so a payer's face is not kept a week (biometric data).
+    # trims its input to this much history, so a payer's face is not kept longer (biometric data).
     image_retention_s: int = 3600
     stream_maxlen: int = 1_000_000  # bound per stream: past it processed entries go, unread ones never
     max_image_bytes: int = 8 << 20
@@ -129,6 +132,19 @@ class Settings:
     # remembers decided sessions at least as long), and admin commands issued longer ago.
     max_frame_age_s: int = 3600
     admin_max_age_s: int = 300
+    # Audit archive (facepay/archive/, services/archiver/): where decided payment sessions go.
+    # "" → no archiver (the supervisor sets its embedded SeaweedFS here). Credentials: AWS_* env.
+    archive_url: str = ""
+    archive_keys_file: str = ""  # tenant KEKs and the archive signing key (0600)
+    archive_retention_days: int = 90
+    archive_keep_embeddings: bool = False
+    # A decision whose frames have not all reached the archiver yet is held this long, then
+    # archived with the missing frames noted.
+    archive_gather_grace_s: float = 10.0
+    # Entries of a session no decision came for are released (unarchived) after this long.
+    archive_orphan_after_s: int = 2 * 3600
+    # The retention sweep (archive_retention_days) runs this often, in one archiver replica.
+    archive_sweep_every_s: int = 3600
     metrics_port: int = 0  # Prometheus /metrics; 0 = off
     metrics_address: str = "127.0.0.1"  # where /metrics listens; 0.0.0.0 for a scraper on the network
     grpc_address: str = "127.0.0.1:50051"
@@ -192,7 +208,7 @@ class SettingsError(ValueError):
 
 # FACEPAY_* variables that are not settings: process plumbing, caches, test data.
 NON_SETTING_ENV = frozenset({"FACEPAY_CONFIG", "FACEPAY_CONSUMER", "FACEPAY_MODEL_CACHE", "FACEPAY_TEST_DATA",
-                             "FACEPAY_TFJS_ORACLE_CACHE"})
+                             "FACEPAY_TFJS_ORACLE_CACHE", "FACEPAY_ARCHIVE_SIGNING_KEY"})
 
 
 def sections() -> dict[str, type]:
@@ -367,6 +383,8 @@ BOUNDS: dict[str, Bounds] = {
     "enroll_min_face_px": at_least(1), "enroll_min_sharpness": at_least(0), "enroll_min_antispoof": RATIO,
     "metrics_port": PORT, "gateway_threads": at_least(1), "worker_threads": at_least(1),
     "max_frame_age_s": at_least(1), "admin_max_age_s": at_least(1),
+    "archive_retention_days": at_least(1), "archive_gather_grace_s": Bounds(low=0),
+    "archive_orphan_after_s": at_least(60), "archive_sweep_every_s": at_least(1),
     "grpc_max_message_bytes": at_least(0), "grpc_max_calls_per_camera": at_least(1),
     "grpc_max_calls_per_backend": at_least(1), "grpc_max_calls_per_peer": at_least(1),
     "grpc_health_reserved_calls": at_least(1), "grpc_idle_timeout_s": POSITIVE, "camera_max_fps": POSITIVE,

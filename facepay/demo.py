@@ -151,13 +151,14 @@ def run_demo(args) -> int:
             f"a replayed still frame would be approved")
     say(recognizer_notice(settings.recognizer_model))
     access = demo_access({"store-1": ["cam-1"], "store-2": ["cam-2"]})
-    say(f"starting embedded Valkey, gateway and 4 workers (logs in {workdir}) …")
+    say(f"starting embedded Valkey and SeaweedFS, gateway, 4 workers and the archiver (logs in {workdir}) …")
     pipeline = Pipeline(settings, workdir, access)
     try:
         pipeline.start()
         say(f"gateway listening on {pipeline.address}")
         _enroll_all(pipeline, script)
         _pay_all(pipeline, script)
+        _show_archive(pipeline, [f"pos-{i + 1:03d}" for i in range(len(script.sessions))])
         if args.keep_running:
             say("pipeline running; Ctrl-C stops it")
             threading.Event().wait()
@@ -272,3 +273,28 @@ def _pay_all(pipeline: Pipeline, script: Script) -> None:
     subscription.cancel()
     camera.close()
     channel.close()
+
+
+def _show_archive(pipeline: Pipeline, session_ids: list[str], store: str = "store-1", tenant: str = "demo") -> None:
+    """The audit path: the decided sessions in the archive, and its hash chain verified."""
+    from datetime import UTC, datetime, timedelta
+
+    from facepay.archive import ArchiveKeys, ArchiveSettings, ArchiveStore
+
+    if not pipeline.s3:
+        return
+    archive = ArchiveStore(ArchiveSettings.from_url(pipeline.settings.archive_url),
+                           ArchiveKeys.from_file(Path(pipeline.archive_keys_file)),
+                           access_key_id=pipeline.s3.credentials.access_key_id,
+                           secret_access_key=pipeline.s3.credentials.secret_access_key)
+    start, deadline = datetime.now(UTC) - timedelta(hours=1), time.monotonic() + 30
+    archived: set[str] = set()
+    while time.monotonic() < deadline:
+        end = datetime.now(UTC) + timedelta(minutes=1)
+        archived = {r.session_id for r in archive.list_sessions(tenant, store, start, end)} & set(session_ids)
+        if archived == set(session_ids):
+            break
+        time.sleep(0.5)
+    report = archive.verify(tenant, store, start, datetime.now(UTC) + timedelta(minutes=1))
+    say(f"audit archive: {len(archived)} of {len(session_ids)} sessions archived at {pipeline.settings.archive_url} "
+        f"(frames encrypted; hash chain {'verified' if report.ok else 'PROBLEMS: ' + ', '.join(sorted(report.kinds()))})")

@@ -22,7 +22,7 @@ from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 from facepay.private_files import write_private
 
-COMPONENTS = ("gateway", "detector", "aligner", "pose", "recognizer", "operator")
+COMPONENTS = ("gateway", "detector", "aligner", "pose", "recognizer", "archiver", "operator")
 TRUSTED_FILE = "trusted.yaml"
 HOW_TO = "create a keyset with `facepay keys generate --out DIR`"
 

@@ -141,8 +141,22 @@ class AdminMsg(Message):
     issued_at_ms: int = 0  # refused when older than admin_max_age_s
 
 
+@dataclass(frozen=True)
+class DecisionMsg(Message):
+    """recognizer → archiver, in the `{ns}:decisions` entry beside the HMAC-signed event that
+    backends read: the event exactly as signed, what the recognizer saw of each frame (the
+    top-k scores exist nowhere else) and the session rule in force. `ref` is the session's."""
+
+    TYPE: ClassVar[str] = "decision"
+    payload: bytes = b""  # the signed event's canonical JSON
+    signature: str = ""  # its HMAC-SHA256
+    key_id: str = ""
+    frames: list[dict[str, Any]] = field(default_factory=list)  # sequence, top_user, top_score, second_score, reason
+    policy: dict[str, Any] = field(default_factory=dict)
+
+
 _TYPES: dict[str, type[Message]] = {
-    cls.TYPE: cls for cls in (FrameMsg, SessionEndMsg, FaceMsg, AlignedMsg, PosedMsg, Rejection, AdminMsg)
+    cls.TYPE: cls for cls in (FrameMsg, SessionEndMsg, FaceMsg, AlignedMsg, PosedMsg, Rejection, AdminMsg, DecisionMsg)
 }
 
 

@@ -27,7 +27,7 @@ STAGE_STREAMS = {  # stage: (input stream, output stream)
     "pose": ("aligned", "posed"),
     "recognizer": ("posed", "decisions"),
 }
-COMPONENTS = ("gateway", "detector", "aligner", "pose", "recognizer", "operator", "backend", "keda")
+COMPONENTS = ("gateway", "detector", "aligner", "pose", "recognizer", "archiver", "operator", "backend", "keda")
 ADMIN = "admin"  # the embedded server's owner (supervisor, tests): never handed to a component
 
 # Keyless housekeeping every client needs (rq and the
@@ -79,10 +79,30 @@ def _recognizer_rules(ns: str) -> list[str]:
     ]
 
 
+def _archiver_rules(ns: str) -> list[str]:
+    """The archiver reads every per-frame stream in its own group (the streams are its staging
+    area: entries stay pending there until their session is archived) and writes only dead
+    letters and its own per-session index."""
+    taps = ("frames", "faces", "aligned", "posed")
+    return [
+        f"({_keys(ns, 'decisions', *taps)} {_CONSUME} +xrange)",
+        f"({_keys(ns, 'dead')} +xadd +xinfo +xlen)",
+        f"({_keys(ns, 'decisions', 'dead')} +eval +evalsha +exists +xinfo|groups +xpending +xlen +xtrim)",
+        f"({_keys(ns, 'errors:archiver')} +hset +hget +hdel +hgetall +hincrby +expire)",
+        f"({_keys(ns, 'workers:ready')} +sadd)",
+        # the per-session index scripts (services/archiver/stage.py) and the acknowledgement of a
+        # session's entries once archived
+        f"({_keys(ns, 'archiver:*', *taps)} +eval +evalsha +exists +sadd +smembers +del +zadd +zrem "
+        "+zrangebyscore +set +get +xack)",
+    ]
+
+
 def rules(component: str, ns: str) -> list[str]:
     """The ACL rules of one component (without its password), Redis 7 selector syntax."""
     if component in STAGE_STREAMS:
         return _recognizer_rules(ns) if component == "recognizer" else _stage_rules(ns, component)
+    if component == "archiver":
+        return _archiver_rules(ns)
     if component == "gateway":
         return [f"({_keys(ns, 'frames')} +xadd +xinfo +xlen)",
                 f"(%R~{ns}:decisions %R~{ns}:enrollments {_READ_STREAM})",

@@ -1,4 +1,4 @@
-"""The four pipeline stages by name (imported lazily: a worker loads only its own models)."""
+"""The pipeline stages (the four of a payment, and the archiver) by name (imported lazily: a worker loads only its own models)."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ STAGES = {
     "aligner": "services.aligner.stage:AlignerStage",
     "pose": "services.pose.stage:PoseStage",
     "recognizer": "services.recognizer.stage:RecognizerStage",
+    "archiver": "services.archiver.stage:ArchiverStage",
 }
 
 

@@ -1,5 +1,6 @@
-"""Runs the whole pipeline on one machine: embedded Valkey, gateway and the four stage workers
-as separate processes — what `facepay demo` and the end-to-end tests start.
+"""Runs the whole pipeline on one machine: embedded Valkey, embedded SeaweedFS (the audit
+archive), gateway, the four stage workers and the archiver as separate processes — what
+`facepay demo` and the end-to-end tests start.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import signal
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import grpc
@@ -19,6 +21,7 @@ import yaml
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from facepay import keys, redis_acl
+from facepay.archive import ArchiveKeys, EmbeddedS3
 from facepay.config import Settings
 from facepay.grpc_tls import ClientTLS, client_channel, make_local_certificates
 from facepay.private_files import write_private
@@ -74,14 +77,28 @@ def component_secrets(env: dict[str, str], component: str, valkey: EmbeddedValke
     return env
 
 
+ARCHIVE_BUCKET = "facepay-archive"
+
+
 class Pipeline:
     def __init__(self, settings: Settings, workdir: Path, access: dict, replicas: dict[str, int] | None = None,
-                 embedded: bool = True) -> None:
+                 embedded: bool = True, archive: bool = True, gateway: bool = True) -> None:
         self.workdir = Path(workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.access = access
         self.replicas = {name: 1 for name in STAGES} | (replicas or {})
         self.valkey = EmbeddedValkey(self.workdir / "valkey", namespace=settings.namespace) if embedded else None
+        self.gateway = gateway  # False: workers only, fed by the caller (a replay)
+        # The audit archive: the settings' own, else the embedded SeaweedFS; archive=False runs
+        # without an archiver (nothing is then held back for it).
+        self.s3 = EmbeddedS3(self.workdir / "archive") if archive and not settings.archive_url else None
+        self.archive_keys_file = settings.archive_keys_file
+        if not archive:
+            self.replicas["archiver"] = 0
+        elif not self.archive_keys_file:
+            self.archive_keys_file = str(self.workdir / "archive-keys.yaml")
+            tenants = sorted({s.get("tenant") or "default" for s in access.get("stores", {}).values()} | {"default"})
+            ArchiveKeys.generate(tenants).write(Path(self.archive_keys_file))
         cameras_file = self.workdir / "cameras.yaml"
         write_private(cameras_file, yaml.safe_dump(access))  # camera and backend tokens
         self.keys_dir = self.workdir / "keys"
@@ -92,6 +109,7 @@ class Pipeline:
             signing_key=settings.signing_key or secrets.token_hex(32),
             operator_token=settings.operator_token or secrets.token_hex(16),
             key_file="", trusted_keys_file=str(trusted_file), operator_key_file=str(self.keys_dir / "operator.key"),
+            archive_keys_file="",  # the archiver's alone: archive_env()
             gallery_url=settings.gallery_url if "://./" not in settings.gallery_url else f"edge://{self.workdir / 'gallery'}",
         )
         self.settings = with_local_tls(self.settings, self.workdir / "tls")
@@ -114,19 +132,37 @@ class Pipeline:
         if self.valkey:
             self.valkey.start()
             self.settings = self.settings.replace(redis_url=self.valkey.url)
-        self._spawn("gateway", ["gateway"])
+        s3_started = None
+        if self.s3:  # starts (≈4 s) while the workers load their models; the archiver waits for it
+            self.settings = self.settings.replace(archive_url=f"{self.s3.url}/{ARCHIVE_BUCKET}")
+            s3_started = ThreadPoolExecutor(1).submit(self.s3.start)
+        if self.gateway:
+            self._spawn("gateway", ["gateway"])
         for stage, count in self.replicas.items():
-            for i in range(count):
-                self._spawn(f"{stage}-{i}", ["worker", stage])
+            if stage != "archiver":
+                self._spawn_replicas(stage, count)
+        if s3_started:
+            s3_started.result(timeout_s)
+        self._spawn_replicas("archiver", self.replicas.get("archiver", 0))
         self._wait_healthy(timeout_s)
         return self
+
+    def _spawn_replicas(self, stage: str, count: int) -> None:
+        for i in range(count):
+            self._spawn(f"{stage}-{i}", ["worker", stage])
 
     def process_env(self, name: str) -> dict[str, str]:
         """The environment of process `name` ("gateway", "detector-0", …)."""
         self.metrics_ports.setdefault(name, free_port())
-        env = {**os.environ, **settings_to_env(self.settings), "FACEPAY_CONSUMER": name,
+        # The archive's keys and credentials reach the archiver only, even if this shell has them.
+        inherited = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "FACEPAY_ARCHIVE_"))}
+        env = {**inherited, **settings_to_env(self.settings), "FACEPAY_CONSUMER": name,
                "FACEPAY_METRICS_PORT": str(self.metrics_ports[name])}
-        return component_secrets(env, name.rsplit("-", 1)[0], self.valkey, self.keys_dir)
+        component = name.rsplit("-", 1)[0]
+        env = component_secrets(env, component, self.valkey, self.keys_dir)
+        if component == "archiver":
+            env.update(self.archive_env())
+        return env
 
     def _spawn(self, name: str, args: list[str]) -> None:
         env = self.process_env(name)
@@ -136,12 +172,28 @@ class Pipeline:
                 start_new_session=True,  # signals go to the supervisor, which stops children in order
             )
 
+    def archive_env(self) -> dict[str, str]:
+        """What only the archiver (and an auditor) gets: the archive's keys and credentials."""
+        env = {k: v for k, v in os.environ.items() if k.startswith(("AWS_", "FACEPAY_ARCHIVE_SIGNING_KEY"))}
+        env["FACEPAY_ARCHIVE_KEYS_FILE"] = self.archive_keys_file
+        if self.s3 and self.s3.credentials:
+            env |= {"AWS_ACCESS_KEY_ID": self.s3.credentials.access_key_id,
+                    "AWS_SECRET_ACCESS_KEY": self.s3.credentials.secret_access_key}
+        return env
+
     def _wait_healthy(self, timeout_s: float) -> None:
         """The gateway answers health checks and every worker has joined its consumer group."""
         import redis
 
         deadline = time.monotonic() + timeout_s
         client = redis.Redis.from_url(self.settings.redis_url)
+        if not self.gateway:
+            while time.monotonic() < deadline:
+                self._check_alive()
+                if self._workers_ready(client):
+                    return
+                time.sleep(0.2)
+            raise TimeoutError(f"workers not ready after {timeout_s}s; logs in {self.workdir}")
         with self.channel() as channel:
             stub = health_pb2_grpc.HealthStub(channel)
             while time.monotonic() < deadline:
@@ -189,6 +241,8 @@ class Pipeline:
         self.processes.clear()
         if self.valkey:
             self.valkey.stop()
+        if self.s3:
+            self.s3.stop(grace_s=0.5)  # objects are fsynced before acknowledged: nothing to wait for
 
     def __enter__(self) -> Pipeline:
         return self.start()

@@ -655,3 +655,17 @@ def test_settings_come_from_the_environment_without_credentials_in_the_url(tmp_p
     keys_file.chmod(0o644)
     with pytest.raises(ArchiveKeyError, match="readable by others"):
         ArchiveKeys.from_file(keys_file)
+
+
+def test_each_store_reads_the_credentials_the_environment_has_when_it_is_made(s3: EmbeddedS3, keys: ArchiveKeys, photos: list[bytes],
+                                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """Not the first ones a process ever saw (boto3's default session caches them)."""
+    url = f"{s3.url}/facepay-archive/test-{uuid.uuid4().hex[:12]}"
+    for name in ("AWS_PROFILE", "AWS_SHARED_CREDENTIALS_FILE", "AWS_CONFIG_FILE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "FPOLDKEY")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "rotated-away")
+    ArchiveStore(ArchiveSettings.from_url(url), keys)
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", s3.credentials.access_key_id)
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", s3.credentials.secret_access_key)
+    assert ArchiveStore(ArchiveSettings.from_url(url), keys).archive(session_at(T0, photos)).seq == 1

@@ -22,6 +22,7 @@ def test_the_demo_runs_on_the_built_in_face_and_leaves_no_process_behind(tmp_pat
     assert "enroll astronaut" in out and "ENROLLED" in out
     assert "APPROVE user=astronaut" in out
     assert "DECLINE reason=no_face" in out
+    assert "audit archive: 2 of 2 sessions archived" in out and "hash chain verified" in out
     assert "no process left behind" in out
     leftover = subprocess.run(["pgrep", "-f", str(tmp_path / "demo")], capture_output=True, text=True).stdout
     assert leftover.strip() == ""

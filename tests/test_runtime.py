@@ -269,3 +269,20 @@ def test_a_stage_returning_other_than_one_result_per_input_fails_naming_the_stag
     with pytest.raises(StageContractError) as failure:
         Miscounting(results_per_batch).process(batch)
     assert "miscounting" in str(failure.value) and returned in str(failure.value)
+
+
+def test_an_entry_reclaimed_from_a_dead_consumer_is_verified_before_it_is_processed(valkey, settings):
+    """A forged entry that a consumer read and died on must not be processed unverified by the
+    replica that reclaims it: it is dead-lettered as unauthenticated, like on a first read."""
+    client = redis.Redis.from_url(valkey.url)
+    stage = Upper()
+    worker = StreamWorker(stage, settings, consumer="c1")
+    worker._ensure_group_once()
+    push(client, settings, frame("s", 0, b"forged"), signer="intruder")
+    client.xreadgroup("upper", "died", {settings.key("in"): ">"}, count=10)  # read, then the consumer died
+    dead = settings.key("dead")
+    run_until(worker, lambda: client.xlen(dead) == 1 or outputs(client, settings))
+    assert outputs(client, settings) == [], "the reclaimed forgery was processed"
+    (_, letter), = client.xrange(dead)
+    assert letter[b"reason"] == b"unauthenticated"
+    assert pending(client, settings) == 0

@@ -220,6 +220,8 @@ def test_each_process_holds_only_its_own_private_key(pipeline):
         component = name if name == "gateway" else name.rsplit("-", 1)[0]
         assert environ["FACEPAY_KEY_FILE"] == str(pipeline.keys_dir / f"{component}.key")
         assert not environ.get("FACEPAY_OPERATOR_KEY_FILE"), f"{name} must not hold the operator's key"
+        holds_archive = bool(environ.get("FACEPAY_ARCHIVE_KEYS_FILE") or environ.get("AWS_SECRET_ACCESS_KEY"))
+        assert holds_archive == (component == "archiver"), f"{name}: the archive's keys are the archiver's only"
     for key_file in pipeline.keys_dir.glob("*.key"):
         assert stat.S_IMODE(os.stat(key_file).st_mode) == 0o600
 

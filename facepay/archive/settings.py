@@ -65,3 +65,15 @@ class ArchiveSettings:
             retention_days=int(env.get("FACEPAY_ARCHIVE_RETENTION_DAYS", DEFAULT_RETENTION_DAYS)),
             keep_embeddings=env.get("FACEPAY_ARCHIVE_KEEP_EMBEDDINGS", "false").lower() in ("1", "true", "yes", "on"),
         )
+
+    @classmethod
+    def from_facepay(cls, settings, env: dict[str, str] | None = None) -> ArchiveSettings:
+        """From facepay's Settings (`archive_*`); the signing key may also come from
+        `FACEPAY_ARCHIVE_SIGNING_KEY` (a secret, kept out of Settings and `config show`)."""
+        env = dict(os.environ if env is None else env)
+        return cls.from_url(
+            settings.archive_url, region=env.get("AWS_REGION") or env.get("AWS_DEFAULT_REGION") or "us-east-1",
+            keys_file=Path(settings.archive_keys_file) if settings.archive_keys_file else None,
+            signing_key_hex=env.get("FACEPAY_ARCHIVE_SIGNING_KEY") or None,
+            retention_days=settings.archive_retention_days, keep_embeddings=settings.archive_keep_embeddings,
+        )

@@ -177,7 +177,9 @@ class ArchiveStore:
             s3={"addressing_style": "path"}, retries={"mode": "standard", "max_attempts": 2},
             connect_timeout=2, read_timeout=15, max_pool_connections=16,
         )
-        self.client = boto3.client(
+        # A session of its own: boto3's default session keeps the first credentials it found for
+        # the life of the process, so a store made after a rotation would sign with the old ones.
+        self.client = boto3.session.Session().client(
             "s3", endpoint_url=settings.endpoint_url, region_name=settings.region, config=config,
             aws_access_key_id=access_key_id, aws_secret_access_key=secret_access_key,
         )
@@ -454,6 +456,11 @@ class ArchiveStore:
         if found is None:
             raise KeyError(f"no archived session at {key}")
         return SealedSession.from_bytes(found[0])
+
+    def read_header(self, key: str) -> dict:
+        """The session's clear header (ids, times, signed decision, models, threshold, policy):
+        what listing and auditing a decision need, without any key."""
+        return self._read_sealed(key).header
 
     def read(self, key: str) -> ArchivedSession:
         """The session, frames decrypted with its tenant's KEK (an erased session has none)."""

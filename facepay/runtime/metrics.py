@@ -30,6 +30,10 @@ DECISION_LATENCY = Histogram(
     buckets=(0.1, 0.25, 0.5, 1, 2, 4, 8, 16, 32),
 )
 
+ARCHIVED = Counter("facepay_archive_sessions_total", "Sessions the archiver archived (complete, or with frames missing) "
+                   "or released undecided", ["result"])
+ARCHIVE_LEFT_OUT = Counter("facepay_archive_entries_left_out_total", "Entries not archived: they did not verify", ["stream"])
+
 
 def serve_metrics(port: int, address: str = "127.0.0.1"):
     """Serve /metrics on address:port (loopback unless told otherwise: the figures describe the

@@ -22,6 +22,12 @@ class Emit:
     once_key: str | None = None
 
 
+class StageBacklog(RuntimeError):
+    """A dependency outside Redis cannot take the batch for now (the archive's object store is
+    down): the runtime holds the batch pending and retries it with a backoff, like a Redis
+    refusal. Never counted as a failure, never dead-lettered; the group's lag shows it."""
+
+
 class StageContractError(RuntimeError):
     """A stage broke its contract with the runtime (a programming error, not bad input)."""
 

@@ -47,7 +47,7 @@ from facepay.messages import FIELD, MalformedMessage, Message, decode
 from facepay.runtime import metrics
 from facepay.runtime.envelope import Unauthenticated, open_entry, seal
 from facepay.runtime.redis_conn import Backoff, backpressure_kind, connect
-from facepay.runtime.stage import Emit, Stage
+from facepay.runtime.stage import Emit, Stage, StageBacklog
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -165,6 +165,9 @@ class StreamWorker:
             batch = self._read_batch()
             if batch:
                 self._handle(batch)
+        except StageBacklog as exc:  # only escapes while stopping: the batch stays pending
+            log.info("stopping with a batch held back", extra={"stage": self.group, "error": str(exc)[:300]})
+            return
         except redis.RedisError as exc:
             kind = backpressure_kind(exc)
             if kind is not None:  # (a group lost with the server's data shows up as NOGROUP)
@@ -227,8 +230,8 @@ class StreamWorker:
             emits = self._until_accepted(lambda: self.stage.process([m for _, m in good]), "stage",
                                          holding=[e.id for e, _ in good])
         except Exception as exc:
-            if backpressure_kind(exc):
-                raise  # stopping while Redis refuses: the batch stays pending, nothing failed
+            if backpressure_kind(exc) or isinstance(exc, StageBacklog):
+                raise  # stopping while held back: the batch stays pending, nothing failed
             # Find the entry that fails: retry one by one, so the rest of the batch goes on.
             if len(good) == 1:
                 self._record_failure(*good[0])
@@ -266,7 +269,7 @@ class StreamWorker:
         try:
             emits = self._until_accepted(lambda: self.stage.process([message]), "stage", holding=[entry.id])
         except Exception as exc:
-            if backpressure_kind(exc):
+            if backpressure_kind(exc) or isinstance(exc, StageBacklog):
                 raise
             self._record_failure(entry, message)
             return
@@ -364,8 +367,8 @@ class StreamWorker:
         while True:
             try:
                 result = attempt()
-            except redis.RedisError as exc:
-                kind = backpressure_kind(exc)
+            except (redis.RedisError, StageBacklog) as exc:
+                kind = "backlog" if isinstance(exc, StageBacklog) else backpressure_kind(exc)
                 if kind is None or self._stopping:
                     raise
                 # Holding entries: wake often enough to keep them ours (claim_idle_ms / 3).

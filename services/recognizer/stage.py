@@ -7,6 +7,7 @@ template (the L2-normalised mean embedding, with each embedding kept as a sample
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
 import time
@@ -19,7 +20,7 @@ from facepay.config import Settings
 from facepay.images import decode_trusted
 from facepay.keys import TrustedKeys, load_trusted
 from facepay.gallery import Gallery, open_gallery
-from facepay.messages import AdminMsg, FrameRef, Message, PosedMsg, Rejection, SessionEndMsg
+from facepay.messages import FIELD, AdminMsg, DecisionMsg, FrameRef, Message, PosedMsg, Rejection, SessionEndMsg
 from facepay.models.registry import recognizer_defaults
 from facepay.runtime import metrics
 from facepay.runtime.envelope import origin_problem
@@ -324,7 +325,16 @@ class RecognizerStage(Stage):
                                     "decision": event["decision"], "rule": verdict.rule, "votes": _loggable_votes(verdict)})
         payload = sign(event, self.settings.signing_key, self.settings.signing_key_id)
         payload[b"store"] = ref.store_id.encode()
+        payload[FIELD] = self._for_the_archive(ref, state, payload).encode()  # signed by the runtime
         return Emit("decisions", payload, once_key=decided_key(session_key(ref)))
+
+    def _for_the_archive(self, ref: FrameRef, state: SessionState, signed: dict[bytes, bytes]) -> DecisionMsg:
+        """The event as signed, each frame's scores and the rule in force, for the archiver."""
+        frames = [{"sequence": r.sequence, "top_user": r.top_user, "top_score": round(float(r.top_score), 4),
+                   "second_score": round(float(r.second_score), 4), "reason": r.reason}
+                  for r in sorted(state.results, key=lambda r: r.sequence)]
+        return DecisionMsg(ref=ref, payload=signed[b"payload"], signature=signed[b"sig"].decode(),
+                           key_id=signed[b"kid"].decode(), frames=frames, policy=dataclasses.asdict(self.policy))
 
     # ---- enrollment ------------------------------------------------------------------------
     def _finish_enrollment(self, state: SessionState, timed_out: bool) -> list[Emit]:

@@ -1,0 +1,300 @@
+"""The archiver stage on real parts: embedded Valkey, embedded SeaweedFS (`weed`), the runtime's
+StreamWorker, entries signed by each component's real key (the test keyset) and real face
+photos. The stages upstream are played by this test (their outputs are written as they would
+write them): the whole pipeline with models runs in tests/test_pipeline.py.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+import uuid
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+
+from facepay import keys as component_keys
+from facepay.archive import ArchiveKeys, ArchiveSettings, ArchiveStore, EmbeddedS3
+from facepay.config import Settings
+from facepay.messages import FIELD, AlignedMsg, DecisionMsg, FaceMsg, FrameMsg, FrameRef, PosedMsg, Rejection, SessionEndMsg
+from facepay.runtime.embedded import EmbeddedValkey
+from facepay.runtime.envelope import attest, seal
+from facepay.runtime.redis_conn import connect
+from facepay.runtime.worker import _TRIM_SAFELY, StreamWorker
+from facepay.signing import sign
+from services.archiver.stage import ArchiverStage
+from tests import keysets
+
+TENANT, STORE, CAMERA = "acme", "store-1", "cam-1"
+HMAC_KEY = "archiver-test-decision-key"
+
+
+@pytest.fixture(scope="module")
+def photos(request: pytest.FixtureRequest) -> list[bytes]:
+    """Real face photos (the `faces` data), else scikit-image's astronaut as JPEG."""
+    try:
+        faces = request.getfixturevalue("faces")
+        return [p.read_bytes() for people in faces.identities().values() for p in people][:6]
+    except pytest.skip.Exception:
+        import cv2
+        from skimage import data
+
+        image = cv2.cvtColor(data.astronaut(), cv2.COLOR_RGB2BGR)
+        return [cv2.imencode(".jpg", image, [cv2.IMWRITE_JPEG_QUALITY, q])[1].tobytes() for q in (70, 80, 90)]
+
+
+class Upstream:
+    """Writes what the gateway, detector, aligner, pose and recognizer write, each signed with
+    its own key, for one payment session at a time."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.redis = connect(settings.redis_url)
+        folder = keysets.test_keyset()
+        self.signers = {c: component_keys.load_signer(str(folder / f"{c}.key")) for c in component_keys.COMPONENTS}
+
+    def _xadd(self, stream: str, body: bytes, as_: str, extra: dict | None = None) -> None:
+        key = self.settings.key(stream)
+        self.redis.xadd(key, {**seal({FIELD: body}, key, self.signers[as_]), **(extra or {})})
+
+    def session(self, session_id: str, images: list[bytes], approve: bool = True) -> None:
+        refs = []
+        for seq, image in enumerate(images):
+            ref = FrameRef(session_id, STORE, CAMERA, seq, int(time.time() * 1000), tenant_id=TENANT,
+                           received_ms=int(time.time() * 1000))
+            ref = attest(ref, self.signers["gateway"], image)
+            refs.append(ref)
+            self._xadd("frames", FrameMsg(ref=ref, image=image).encode(), "gateway")
+            if seq == len(images) - 1 and len(images) > 2:  # the last frame: no face found
+                for stream, stage in (("faces", "detector"), ("aligned", "aligner"), ("posed", "pose")):
+                    self._xadd(stream, Rejection(ref=ref, stage="detector", reason="no_face").encode(), stage)
+                continue
+            self._xadd("faces", FaceMsg(ref=ref, crop=b"crop", box=(1, 2, 30, 40), points5=[[5.0, 6.0]] * 5,
+                                        frame_box=(10, 20, 110, 140), frame_size=(640, 480), score=0.99).encode(), "detector")
+            self._xadd("aligned", AlignedMsg(ref=ref, landmarks=[[1.0, 2.0]] * 68, ear=(0.3, 0.32), antispoof=0.8,
+                                             liveness=0.7, det_score=0.99).encode(), "aligner")
+            self._xadd("posed", PosedMsg(ref=ref, pitch=1.5, yaw=-3.0, roll=0.5, eligible=True).encode(), "pose")
+        end = attest(FrameRef(session_id, STORE, CAMERA, 0, 0, tenant_id=TENANT, received_ms=int(time.time() * 1000)),
+                     self.signers["gateway"])
+        self._xadd("frames", SessionEndMsg(ref=end, frame_count=len(images)).encode(), "gateway")
+        self.decide(refs[0], len(images), approve)
+
+    def decide(self, ref: FrameRef, frames: int, approve: bool) -> None:
+        event = {"session_id": ref.session_id, "store_id": STORE, "camera_id": CAMERA, "tenant_id": TENANT,
+                 "decision": "approve" if approve else "decline", "user_id": "alice" if approve else "",
+                 "score": 0.71, "threshold": 0.6, "rule": "voted", "model_ids": {"detector": "mtcnn-v1", "recognizer": "dlib-resnet-v1"},
+                 "first_frame_ms": ref.received_ms, "decided_at_ms": int(time.time() * 1000), "frames_seen": frames,
+                 "frames_eligible": frames - 1, "reasons": []}
+        signed = sign(event, HMAC_KEY, "k1")
+        scores = [{"sequence": i, "top_user": "alice", "top_score": 0.7 + i / 100, "second_score": 0.2, "reason": ""}
+                  for i in range(frames)]
+        message = DecisionMsg(ref=ref, payload=signed[b"payload"], signature=signed[b"sig"].decode(), key_id="k1",
+                              frames=scores, policy={"min_agreeing_frames": 3, "require_blink": True})
+        key = self.settings.key("decisions")
+        self.redis.xadd(key, {**seal({FIELD: message.encode()}, key, self.signers["recognizer"]), **signed,
+                              b"store": STORE.encode()})
+
+
+@pytest.fixture(scope="module")
+def valkey(tmp_path_factory: pytest.TempPathFactory):
+    with EmbeddedValkey(tmp_path_factory.mktemp("valkey")) as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def s3(tmp_path_factory: pytest.TempPathFactory):
+    with EmbeddedS3(tmp_path_factory.mktemp("weed")) as server:
+        yield server
+
+
+@pytest.fixture
+def setup(valkey, s3, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """Settings of a fresh namespace and archive prefix; the archiver's keys and credentials."""
+    keys_file = tmp_path / "archive-keys.yaml"
+    ArchiveKeys.generate([TENANT, "default"]).write(keys_file)
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", s3.credentials.access_key_id)
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", s3.credentials.secret_access_key)
+    settings = Settings(redis_url=valkey.url, namespace=f"arc{uuid.uuid4().hex[:6]}", claim_idle_ms=1000,
+                        batch_size=8, batch_wait_ms=20, archive_url=f"{s3.url}/facepay-archive/t{uuid.uuid4().hex[:8]}",
+                        archive_keys_file=str(keys_file), archive_gather_grace_s=2.0, **keysets.signing_as("archiver"))
+    return settings
+
+
+def reader(settings: Settings) -> ArchiveStore:
+    archive = ArchiveSettings.from_url(settings.archive_url, keys_file=Path(settings.archive_keys_file))
+    store = ArchiveStore.from_settings(archive)
+    store.ensure_bucket()  # the archiver may not have made it yet
+    return store
+
+
+class RunningArchiver:
+    def __init__(self, settings: Settings) -> None:
+        self.worker = StreamWorker(ArchiverStage(settings), settings, consumer=f"archiver-{uuid.uuid4().hex[:4]}")
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        self.worker.stage.start()
+        try:
+            while not self.worker._stopping:
+                self.worker.run_once()
+        finally:
+            self.worker.stage.stop()
+
+    def __enter__(self) -> RunningArchiver:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.worker.stop()
+        self.thread.join(30)
+
+
+def archived_ids(settings: Settings) -> set[str]:
+    now = datetime.now(UTC)
+    refs = reader(settings).list_sessions(TENANT, STORE, now - timedelta(hours=1), now + timedelta(hours=1))
+    return {r.session_id for r in refs}
+
+
+def wait_until(condition, timeout_s: float = 60.0, what: str = "condition"):
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        result = condition()
+        if result:
+            return result
+        time.sleep(0.2)
+    raise TimeoutError(f"{what} not met within {timeout_s} s")
+
+
+def pending(settings: Settings, stream: str) -> int:
+    client = connect(settings.redis_url)
+    for group in client.xinfo_groups(settings.key(stream)):
+        if group["name"] == b"archiver":
+            return int(group["pending"]) + int(group.get("lag") or 0)
+    return -1
+
+
+def test_a_decided_session_is_archived_once_with_its_frames_as_received_and_every_stages_output(setup, photos):
+    upstream = Upstream(setup)
+    images = photos[:4]
+    with RunningArchiver(setup):
+        upstream.session("s-1", images)
+        wait_until(lambda: "s-1" in archived_ids(setup), what="session archived")
+        wait_until(lambda: all(pending(setup, s) == 0 for s in ("frames", "faces", "aligned", "posed", "decisions")),
+                   what="every entry acknowledged")
+    store = reader(setup)
+    now = datetime.now(UTC)
+    (ref,) = store.list_sessions(TENANT, STORE, now - timedelta(hours=1), now + timedelta(hours=1))
+    session = store.read(ref.key)
+    assert [f.image for f in session.frames] == images  # byte for byte, as the camera sent them
+    assert all(f.image_format in ("jpeg", "png") for f in session.frames)
+    first, last = session.frames[0], session.frames[-1]
+    assert first.face_box == (10, 20, 110, 140) and first.detector_score == pytest.approx(0.99)
+    assert len(first.landmarks) == 68 and first.eye_aspect_ratio == pytest.approx(0.31)
+    assert first.liveness == {"antispoof": pytest.approx(0.8), "liveness": pytest.approx(0.7)}
+    assert (first.pitch, first.yaw, first.roll, first.eligible) == (1.5, -3.0, 0.5, True)
+    assert first.top_k[0].user_id == "alice" and first.top_k[0].score == pytest.approx(0.7)
+    assert last.rejection == "detector:no_face" and last.face_box is None
+    assert session.decision.fields["user_id"] == "alice" and session.threshold == 0.6
+    assert session.models["recognizer"] == "dlib-resnet-v1" and session.policy["min_agreeing_frames"] == 3
+    client = connect(setup.redis_url)
+    assert client.keys(setup.key("archiver", "staged", "*")) == []  # the per-session index is gone
+    assert store.verify(TENANT, STORE, now - timedelta(hours=1), now + timedelta(hours=1)).ok
+
+
+def test_an_entry_not_signed_by_its_stage_is_left_out_of_the_archive(setup, photos):
+    upstream = Upstream(setup)
+    # A forged face for frame 0 of s-2, signed by the gateway instead of the detector, arrives first.
+    forged_ref = attest(FrameRef("s-2", STORE, CAMERA, 0, 0, tenant_id=TENANT), upstream.signers["gateway"], photos[0])
+    upstream._xadd("faces", FaceMsg(ref=forged_ref, frame_box=(0, 0, 1, 1), score=0.01).encode(), "gateway")
+    with RunningArchiver(setup):
+        upstream.session("s-2", photos[:3])
+        wait_until(lambda: "s-2" in archived_ids(setup), what="session archived")
+        wait_until(lambda: pending(setup, "faces") == 0, what="the forged entry acknowledged too")
+    now = datetime.now(UTC)
+    store = reader(setup)
+    (ref,) = store.list_sessions(TENANT, STORE, now - timedelta(hours=1), now + timedelta(hours=1))
+    assert store.read(ref.key).frames[0].face_box == (10, 20, 110, 140)  # the detector's, not the forgery
+
+
+def test_an_archive_outage_makes_the_archiver_fall_behind_and_loses_no_session(setup, s3, photos):
+    """weed SIGKILLed mid-stream: sessions decided meanwhile stay pending (their frames are kept
+    from trimming), and all are archived once it is back; the chain verifies."""
+    upstream = Upstream(setup)
+    sessions = [f"o-{i}" for i in range(9)]
+    with RunningArchiver(setup):
+        for session_id in sessions[:3]:
+            upstream.session(session_id, photos[:3])
+        wait_until(lambda: set(sessions[:3]) <= archived_ids(setup), what="first sessions archived")
+        s3.kill()
+        try:
+            for session_id in sessions[3:]:
+                upstream.session(session_id, photos[:3])
+            wait_until(lambda: pending(setup, "decisions") >= 1, what="the archiver falls behind")
+            wait_until(lambda: pending(setup, "frames") >= 6 * 4, what="frames held")  # 6 × (3 frames + end)
+            # The runtime's trimming, with no retention and a length bound of 1, keeps them all.
+            client = connect(setup.redis_url)
+            for stream in ("frames", "faces", "aligned", "posed"):
+                client.eval(_TRIM_SAFELY, 1, setup.key(stream), int(time.time() * 1000), 1, "0")
+            assert client.xlen(setup.key("frames")) >= 6 * 4
+        finally:
+            s3.restart()
+        wait_until(lambda: set(sessions) <= archived_ids(setup), timeout_s=120, what="every session archived after the outage")
+        wait_until(lambda: all(pending(setup, s) == 0 for s in ("frames", "faces", "aligned", "posed", "decisions")),
+                   what="every entry acknowledged")
+    now = datetime.now(UTC)
+    store = reader(setup)
+    report = store.verify(TENANT, STORE, now - timedelta(hours=1), now + timedelta(hours=1))
+    assert report.ok, report
+    for ref in store.list_sessions(TENANT, STORE, now - timedelta(hours=1), now + timedelta(hours=1)):
+        assert [f.image for f in store.read(ref.key).frames] == photos[:3]
+
+
+def test_the_archiver_sweeps_sessions_older_than_the_retention(setup, photos):
+    from tests.test_archive_store import session_at
+
+    store = reader(setup)
+    old = session_at(datetime.now(UTC) - timedelta(days=100), photos, tenant=TENANT, store=STORE)
+    store.archive(old)
+    settings = setup.replace(archive_sweep_every_s=1)
+
+    def old_ones() -> list:
+        now = datetime.now(UTC)
+        return store.list_sessions(TENANT, STORE, now - timedelta(days=365), now - timedelta(days=30))
+
+    assert len(old_ones()) == 1
+    with RunningArchiver(settings):
+        wait_until(lambda: not old_ones(), what="the old session swept")
+
+
+def test_two_archiver_replicas_archive_every_session_once(setup, photos):
+    upstream = Upstream(setup)
+    sessions = [f"r-{i}" for i in range(8)]
+    with RunningArchiver(setup), RunningArchiver(setup):
+        for session_id in sessions:
+            upstream.session(session_id, photos[:3])
+        wait_until(lambda: set(sessions) <= archived_ids(setup), what="every session archived")
+        wait_until(lambda: all(pending(setup, s) == 0 for s in ("frames", "faces", "aligned", "posed", "decisions")),
+                   what="every entry acknowledged")
+    now = datetime.now(UTC)
+    store = reader(setup)
+    refs = store.list_sessions(TENANT, STORE, now - timedelta(hours=1), now + timedelta(hours=1))
+    assert sorted(r.session_id for r in refs) == sorted(sessions)  # each once
+    assert all(len(store.read(r.key).frames) == 3 for r in refs)
+    assert store.verify(TENANT, STORE, now - timedelta(hours=1), now + timedelta(hours=1)).ok
+
+
+def test_frames_read_by_an_archiver_that_died_before_filing_them_are_taken_over(setup, photos):
+    upstream = Upstream(setup)
+    upstream.session("d-1", photos[:3])
+    client = connect(setup.redis_url)
+    taps = {setup.key(t): ">" for t in ("frames", "faces", "aligned", "posed")}
+    for stream in taps:
+        client.xgroup_create(stream, "archiver", id="0")
+    client.xreadgroup("archiver", "died", taps, count=100)  # read, never indexed: that replica died
+    with RunningArchiver(setup):
+        wait_until(lambda: "d-1" in archived_ids(setup), what="the session archived")
+    now = datetime.now(UTC)
+    store = reader(setup)
+    (ref,) = store.list_sessions(TENANT, STORE, now - timedelta(hours=1), now + timedelta(hours=1))
+    assert [f.image for f in store.read(ref.key).frames] == photos[:3]

@@ -1,0 +1,223 @@
+"""`facepay replay` on real parts: a production pipeline (embedded Valkey, SeaweedFS, real models)
+decides real-face sessions, the archiver archives them, and a replay runs them again through the
+real stage workers in its own namespace while live traffic keeps flowing."""
+
+from __future__ import annotations
+
+import threading
+from collections import Counter
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+import redis
+
+from facepay.admin import call
+from facepay.archive import ArchiveKeys, ArchiveSettings, ArchivedFrame, ArchivedSession, ArchiveStore, Candidate, SignedDecision
+from facepay.config import SessionPolicy
+from facepay.contract import pb
+from facepay.replay import ReplayOptions, explain, run_replay
+from facepay.signing import sign
+from tests.e2e import Backend, camera, enroll, new_session, start_pipeline, wait_until
+
+PHOTO_POLICY = SessionPolicy(require_blink=False)  # still photos cannot blink: that rule alone is off
+TAP_STREAMS = ("frames", "faces", "aligned", "posed", "decisions")
+
+
+def archive_of(pipeline) -> ArchiveStore:
+    settings = ArchiveSettings.from_url(pipeline.settings.archive_url)
+    return ArchiveStore(settings, ArchiveKeys.from_file(Path(pipeline.archive_keys_file)),
+                        access_key_id=pipeline.s3.credentials.access_key_id,
+                        secret_access_key=pipeline.s3.credentials.secret_access_key)
+
+
+def production_state(pipeline, client: redis.Redis) -> dict:
+    """What a replay must never touch: consumer groups, lockout counters, the gallery's users."""
+    groups = {}
+    for stream in TAP_STREAMS:
+        groups[stream] = sorted(g["name"] for g in client.xinfo_groups(pipeline.settings.key(stream)))
+    # Failure counters and lockouts of cameras and users (live approvals on another camera
+    # leave them as they are); the per-session "counted" marks are checked apart.
+    limits = {k: client.dump(k) for k in client.scan_iter(match=pipeline.settings.key("limits", "*"))
+              if b":limits:session:" not in k}
+    users = call(pipeline.settings, "list_users", tenant="demo")
+    return {"groups": groups, "limits": limits, "users": users}
+
+
+def counted_sessions(pipeline, client: redis.Redis) -> set[str]:
+    pattern = pipeline.settings.key("limits", "session", "*")
+    return {k.decode().split("/", 1)[1].rsplit(":", 1)[0] for k in client.scan_iter(match=pattern)}
+
+
+@pytest.mark.slow
+def test_a_replay_beside_live_traffic_decides_as_the_original_and_leaves_production_untouched(faces, tmp_path, monkeypatch):
+    people = {n: p for n, p in faces.identities().items() if len(p) >= 2}
+    stranger = next(p for p in faces.identities().values() if len(p) == 1)
+    names = sorted(people)[:2]
+    pipeline = start_pipeline(tmp_path / "production", PHOTO_POLICY)
+    try:
+        for name in names:
+            assert enroll(pipeline, name, [people[name][0].read_bytes()]).status == pb.EnrollResponse.ENROLLED
+        backend, cam = Backend(pipeline, "store-1"), camera(pipeline, "cam-1")
+        sessions = {}
+        for name in names:
+            session = new_session()
+            cam.stream_session(session, [p.read_bytes() for p in people[name][1:]] * 3)
+            sessions[session] = name
+        session = new_session()
+        cam.stream_session(session, [stranger[0].read_bytes()] * 3)
+        sessions[session] = None
+        originals = backend.wait_for(list(sessions))
+        archive = archive_of(pipeline)
+        now = datetime.now(UTC)
+        wait_until(lambda: set(sessions) <= {r.session_id for r in archive.list_sessions("demo", "store-1", now - timedelta(hours=1), now + timedelta(hours=1))},
+                   120, "every session archived")
+
+        assert archive.verify("demo", "store-1", now - timedelta(hours=1), now + timedelta(hours=1)).ok
+        client = redis.Redis.from_url(pipeline.settings.redis_url)
+        before = production_state(pipeline, client)
+        # Live traffic on another camera of the same store, for as long as the replay runs.
+        live, stop_live = [], threading.Event()
+        approved = [sessions[s] for s, e in originals.items() if e.decision == pb.APPROVE]
+        assert approved, "at least one enrolled person is approved"
+        payer = approved[0]
+        live_cam = camera(pipeline, "cam-2")
+
+        def traffic() -> None:
+            while not stop_live.is_set():
+                live_session = new_session()
+                live_cam.stream_session(live_session, [p.read_bytes() for p in people[payer][1:]] * 3)
+                live.append(live_session)
+                stop_live.wait(1.0)
+
+        thread = threading.Thread(target=traffic, daemon=True)
+        thread.start()
+        monkeypatch.setenv("AWS_ACCESS_KEY_ID", pipeline.s3.credentials.access_key_id)
+        options = ReplayOptions(start=now - timedelta(hours=1), end=datetime.now(UTC) + timedelta(minutes=1),
+                                store="store-1", camera="cam-1", out=tmp_path / "replay")
+        report = run_replay(pipeline.settings, archive, options)
+        stop_live.set()
+        thread.join(120)
+        live_decisions = backend.wait_for(live)
+
+        # Same models, same settings → the same decisions, session for session.
+        replayed = {s["session_id"]: s for s in report["sessions"]}
+        assert set(replayed) == set(sessions)
+        for session_id, original in originals.items():
+            again = replayed[session_id]["replayed"]
+            assert again is not None, f"{session_id} not decided in the replay"
+            expected = "approve" if original.decision == pb.APPROVE else "decline"
+            assert (again["decision"], again["user_id"]) == (expected, original.user_id)
+        assert report["differences"] == 0, [s["causes"] for s in report["sessions"] if s["differs"]]
+        assert report["replay"]["key_id"].startswith("replay-")
+        html = (tmp_path / "replay" / "report.html").read_text()
+        assert html.count("<img") >= sum(len(s["frames"]) for s in report["sessions"])
+
+        # Production untouched: groups, lockouts, gallery; no replayed decision in its stream.
+        assert live and all(live_decisions[s].decision == pb.APPROVE and live_decisions[s].user_id == payer for s in live)
+        assert production_state(pipeline, client) == before
+        assert counted_sessions(pipeline, client) <= set(sessions) | set(live)
+        decided = Counter(json_session(f) for _, f in client.xrange(pipeline.settings.key("decisions")))
+        assert all(decided[s] == 1 for s in sessions), decided
+        assert set(decided) == set(sessions) | set(live)
+        assert list(client.scan_iter(match=f"{pipeline.settings.namespace}-replay-*")) == []
+        backend.close()
+        cam.close()
+        live_cam.close()
+    finally:
+        pipeline.stop()
+
+
+def json_session(fields: dict) -> str:
+    import json
+
+    return json.loads(fields[b"payload"])["session_id"]
+
+
+# ---- the causes of a difference (no pipeline needed) ------------------------------------------
+def archived(user: str | None, threshold: float = 0.6, models: dict | None = None, images: bool = True,
+             candidates: tuple[str, ...] = ("alice",)) -> ArchivedSession:
+    event = {"session_id": "s", "store_id": "st", "decision": "approve" if user else "decline", "user_id": user or "",
+             "threshold": threshold, "rule": "voted" if user else "no_match"}
+    signed = sign(event, "k", "k1")
+    frames = [ArchivedFrame(i, 0, b"\xff\xd8jpeg" if images else b"", "jpeg", top_k=[Candidate(c, 0.7) for c in candidates])
+              for i in range(3)]
+    return ArchivedSession("s", "t", "st", "c", 0, 0, SignedDecision(signed[b"payload"], signed[b"sig"].decode(), "k1"),
+                           models or {"recognizer": "dlib-resnet-v1"}, threshold, {}, frames)
+
+
+def replayed_event(user: str | None, threshold: float = 0.6, recognizer: str = "dlib-resnet-v1") -> dict:
+    return {"decision": "approve" if user else "decline", "user_id": user or "", "threshold": threshold,
+            "model_ids": {"recognizer": recognizer}}
+
+
+def test_each_cause_of_a_difference_is_named():
+    assert explain(archived("alice"), replayed_event(None, 0.8), [], {"alice"}) == ["threshold changed: 0.6 → 0.8"]
+    assert explain(archived("alice"), replayed_event(None, recognizer="faceres-hse-v1"), [], {"alice"}) == [
+        "model changed: recognizer dlib-resnet-v1 → faceres-hse-v1"]
+    assert explain(archived("alice"), replayed_event(None), [], set()) == ["user deleted since: alice"]
+    assert explain(archived(None, candidates=()), replayed_event("bob"), [{"top_user": "bob"}], {"bob"}) == [
+        "user enrolled since: bob"]
+    assert explain(archived("alice", images=False), replayed_event(None), [], {"alice"}) == [
+        "frame missing (erased, or never reached the archiver)"]
+    assert explain(archived("alice"), None, [], {"alice"}) == ["not decided in the replay"]
+
+
+def test_the_replay_namespace_is_isolated_and_accepts_old_frames_there_only(tmp_path):
+    """Settings of a replay: own namespace, own HMAC key id, no production key file, failure
+    limits off, an embedded gallery copied; the frame-age bound lifted in the replay only."""
+    import time as clock
+
+    from facepay import keys as component_keys
+    from facepay.config import Settings
+    from facepay.messages import FrameRef
+    from facepay.replay import REPLAY_MAX_FRAME_AGE_S, replay_settings
+    from facepay.runtime.envelope import Unauthenticated, attest, open_entry, origin_problem, seal
+
+    gallery = tmp_path / "gallery"
+    (gallery / "faces__m").mkdir(parents=True)
+    (gallery / "faces__m" / "segment").write_bytes(b"vectors")
+    production_keys, replay_keys = component_keys.generate(tmp_path / "prod"), component_keys.generate(tmp_path / "replay")
+    production = Settings(namespace="fp", gallery_url=f"edge://{gallery}", key_file=str(tmp_path / "prod" / "gateway.key"),
+                          trusted_keys_file=str(production_keys), signing_key="prod-secret", signing_key_id="k1")
+    options = ReplayOptions(start=datetime.now(UTC) - timedelta(days=2), end=datetime.now(UTC))
+    replay = replay_settings(production, tmp_path / "work", [archived("alice", threshold=0.77)], options)
+
+    assert replay.namespace.startswith("fp-replay-") and replay.signing_key_id.startswith("replay-")
+    assert replay.signing_key == "" and replay.key_file == "" and replay.trusted_keys_file == ""  # fresh keys, never production's
+    assert replay.gallery_url == f"edge://{tmp_path / 'work' / 'gallery'}"
+    assert (tmp_path / "work" / "gallery" / "faces__m" / "segment").read_bytes() == b"vectors"
+    assert replay.limits.max_consecutive >= 10**9 and replay.policy.threshold == 0.77
+
+    # A frame the replay's gateway attested two days ago: accepted by the replay's bound, not by production's.
+    gateway = component_keys.load_signer(str(tmp_path / "replay" / "gateway.key"))
+    old_ms = int((clock.time() - 2 * 86400) * 1000)
+    ref = attest(FrameRef("s", "st", "c", 0, old_ms, received_ms=old_ms), gateway, b"image")
+    replay_trusted = component_keys.load_trusted(str(replay_keys))
+    assert replay.max_frame_age_s == REPLAY_MAX_FRAME_AGE_S
+    assert origin_problem(ref, replay_trusted, replay.max_frame_age_s) == ""
+    assert "ago" in origin_problem(ref, replay_trusted, production.max_frame_age_s)
+    # And production, which trusts only its own keys, refuses anything the replay signs.
+    entry = seal({b"m": b"body"}, "fp:frames", gateway)
+    with pytest.raises(Unauthenticated):
+        open_entry(entry, "fp:frames", component_keys.load_trusted(str(production_keys)), {"gateway"})
+    assert "not attested" in origin_problem(ref, component_keys.load_trusted(str(production_keys)))
+
+
+def test_replay_refuses_bad_options_with_a_clear_error_before_starting_anything():
+    import os
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FACEPAY_ARCHIVE")}
+
+    def replay(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "facepay", "replay", *args], env=env, cwd=root,
+                              capture_output=True, text=True, timeout=60)
+
+    assert "is not a time" in replay("--from", "yesterday").stderr
+    bad = replay("--from", "1h", "--threshold", "5")
+    assert bad.returncode == 2 and "--threshold must be a cosine" in bad.stderr
+    unset = replay("--from", "1h")
+    assert unset.returncode == 2 and "FACEPAY_ARCHIVE_URL" in unset.stderr
