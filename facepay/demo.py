@@ -287,6 +287,7 @@ def _show_archive(pipeline: Pipeline, session_ids: list[str], store: str = "stor
                            ArchiveKeys.from_file(Path(pipeline.archive_keys_file)),
                            access_key_id=pipeline.s3.credentials.access_key_id,
                            secret_access_key=pipeline.s3.credentials.secret_access_key)
+    archive.ensure_bucket()  # the archiver makes it with its first session, which may still be on its way
     start, deadline = datetime.now(UTC) - timedelta(hours=1), time.monotonic() + 30
     archived: set[str] = set()
     while time.monotonic() < deadline:
