@@ -122,6 +122,7 @@ def core_cases(device: torch.device, notes: list[str]) -> tuple[list[Case], Inpu
     cases = [
         Case("MTCNN detector, 640×480 frame", mtcnn.model_id, "image",
              lambda n: mtcnn.detect([frame] * n), str(mtcnn.device)),
+        *detector_cases(device, frame, notes),
         Case("dlib 68-point landmarks", landmarks.model_id, "face",
              lambda n: landmarks.predict([frame] * n, [box] * n)),
         Case("head pose (solvePnP, 68 pts)", "headpose-solvepnp", "face",
@@ -137,6 +138,23 @@ def core_cases(device: torch.device, notes: list[str]) -> tuple[list[Case], Inpu
     else:
         notes.append("dlib-bin ResNet: CPU only, not run on " + str(device))
     return cases, inputs
+
+
+def detector_cases(device: torch.device, frame: np.ndarray, notes: list[str]) -> list[Case]:
+    """The other detectors of the registry on the same frame (bench/detectors.py: their misses)."""
+    from services.detector.detectors import load_detector
+
+    cases = []
+    for name, label in (("scrfd-500m", "SCRFD-500M detector @320"), ("scrfd-500m@640", "SCRFD-500M detector @640"),
+                        ("blazeface", "BlazeFace front (128) detector"), ("blazeface-back", "BlazeFace back (256) detector")):
+        try:
+            detector = load_detector(name, device)
+        except Exception as exc:
+            notes.append(f"{label}: not benchmarked, does not load ({type(exc).__name__}: {exc})")
+            continue
+        cases.append(Case(label + ", 640×480", detector.model_id, "image",
+                          (lambda d: lambda n: d.detect([frame] * n))(detector), str(detector.device)))
+    return cases
 
 
 def optional_cases(device: torch.device, inputs: Inputs, notes: list[str]) -> list[Case]:
