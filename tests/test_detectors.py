@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from facepay.config import Settings
+from facepay.models.base import FaceModel
 from facepay.models.cache import ModelMissingError
 from services.detector.detectors import DETECTORS, load_detector
 from services.detector.mtcnn import DetectedFace
@@ -56,6 +57,11 @@ def _detect_in_chunks(detector, images: list[np.ndarray], chunk: int = 8) -> lis
     for start in range(0, len(images), chunk):
         found += detector.detect(images[start : start + chunk])
     return found
+
+
+def test_detector_states_its_id_device_and_licence(detector) -> None:
+    assert isinstance(detector, FaceModel) and detector.model_id and detector.device.type == "cpu"
+    assert detector.licence and 0.0 < detector.payer_min_score < 1.0
 
 
 def test_every_identity_photo_has_a_confident_face(detector, identity_photos) -> None:
