@@ -38,6 +38,7 @@ VARIANTS = {"front": "blazeface-front", "back": "blazeface-back"}
 SCORE_THRESHOLD = 0.5  # MediaPipe's short-range graph uses 0.5
 NMS_IOU = 0.3  # MediaPipe's weighted NMS overlap
 RETRY_BORDER = 0.3  # as MTCNN's kiosk retry: border on each side, as a fraction of that side
+NESTED_OVERLAP = 0.7  # as MTCNN's final "Min" overlap NMS
 _SCORE_CLIP = 100.0  # MediaPipe clips raw scores before the sigmoid
 MOUTH_HALF_WIDTH = (70.7299 - 41.5493) / (73.5318 - 38.2946) / 2  # ArcFace template: mouth / eye distance
 # MTCNN's box from BlazeFace's (fitted on faces/ identities, see the module docstring):
@@ -99,7 +100,7 @@ class BlazeFace:
 
     def _detect_one(self, image: np.ndarray) -> list[DetectedFace]:
         faces = self._detect_in(image, image.shape[:2], (0, 0))
-        if faces:
+        if faces and faces[0].score >= self.payer_min_score:
             return faces
         # A face that fills and overflows the frame (a kiosk camera at arm's length) is outside
         # what BlazeFace was trained on; in a border of plain colour it is an ordinary close face.
@@ -107,7 +108,10 @@ class BlazeFace:
         bx, by = round(width * RETRY_BORDER), round(height * RETRY_BORDER)
         mean_colour = [float(c) for c in image.reshape(-1, 3).mean(axis=0)]
         padded = cv2.copyMakeBorder(image, by, by, bx, bx, cv2.BORDER_CONSTANT, value=mean_colour)
-        return self._detect_in(padded, (height, width), (bx, by))
+        retried = self._detect_in(padded, (height, width), (bx, by))
+        if retried and (not faces or retried[0].score > faces[0].score):
+            return retried
+        return faces
 
     def _detect_in(self, image: np.ndarray, frame: tuple[int, int], border: tuple[int, int]) -> list[DetectedFace]:
         """Faces in `image`, in the pixels of the frame it holds at `border` (x, y) of size `frame`."""
@@ -123,7 +127,7 @@ class BlazeFace:
         half = reg[:, 2:4] / 2
         boxes = np.concatenate([centre - half, centre + half], axis=1)
         keypoints = anchors[:, None, :] + reg[:, 4:16].reshape(-1, 6, 2)
-        merged = _weighted_nms(boxes, keypoints, scores[hit], NMS_IOU)
+        merged = _without_nested(_weighted_nms(boxes, keypoints, scores[hit], NMS_IOU))
         height, width = frame
         faces = []
         for box, points6, score in merged:
@@ -176,6 +180,19 @@ def _anchors(size: int) -> np.ndarray:
         centres = (np.stack([xs, ys], axis=-1).reshape(-1, 2) + 0.5) * stride
         out.append(np.repeat(centres, per_cell, axis=0))
     return np.concatenate(out).astype(np.float64)
+
+
+def _without_nested(merged: list[tuple[np.ndarray, np.ndarray, float]]) -> list[tuple[np.ndarray, np.ndarray, float]]:
+    """Drops a box lying mostly (> NESTED_OVERLAP of its area) inside a better one: the same face
+    found at two scales, which the payer rule would otherwise count as a second face."""
+    kept: list[tuple[np.ndarray, np.ndarray, float]] = []
+    for box, points, score in merged:  # best first
+        area = max((box[2] - box[0]) * (box[3] - box[1]), 1e-9)
+        inside = [max(min(box[2], k[2]) - max(box[0], k[0]), 0) * max(min(box[3], k[3]) - max(box[1], k[1]), 0)
+                  / area for k, _, _ in kept]
+        if not inside or max(inside) <= NESTED_OVERLAP:
+            kept.append((box, points, score))
+    return kept
 
 
 def _weighted_nms(
