@@ -272,6 +272,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=int, default=2, help="untimed calls per cell first")
     parser.add_argument("--budget", type=float, default=6.0, help="seconds per cell before stopping at 3 repeats")
     parser.add_argument("--device", default="cpu", help="cpu (default) or cuda; dlib models are CPU only")
+    parser.add_argument("--detectors-only", action="store_true", help="time the face detectors only")
     args = parser.parse_args(argv)
 
     from facepay.models.device import resolve_device
@@ -284,7 +285,10 @@ def main(argv: list[str] | None = None) -> int:
     others = OtherLoad()
     notes: list[str] = []
     cases, inputs = core_cases(device, notes)
-    cases += optional_cases(device, inputs, notes)
+    if args.detectors_only:
+        cases = [c for c in cases if "detector" in c.name]
+    else:
+        cases += optional_cases(device, inputs, notes)
 
     results: dict[tuple[str, int, int], float] = {}
     failed: dict[str, str] = {}

@@ -147,7 +147,7 @@ def test_scrfd_torch_conversion_matches_onnxruntime(astronaut: np.ndarray) -> No
     worst = max(float(np.abs(g - e).max()) for g, e in zip(got, expected))
     print(f"SCRFD torch vs onnxruntime: max abs difference {worst:.2e}")
     assert worst <= 1e-3
-    assert float(expected[0].max()) > 0.7  # the face is in it: the agreement covers a real detection
+    assert max(float(score.max()) for score in expected[:3]) > 0.7  # the agreement covers a real face
     assert scrfd.verify_against_onnxruntime() <= 1e-3
 
 
