@@ -108,8 +108,8 @@ class SCRFD:
             if not _is_usable(image, index):
                 continue
             scale = self.input_size / max(image.shape[:2])
-            shape = tuple(_round_up(round(side * scale), 32) for side in image.shape[:2])
-            by_shape.setdefault(shape, []).append((index, scale, _canvas(image, scale, shape)))  # type: ignore[arg-type]
+            shape = (_round_up(round(image.shape[0] * scale), 32), _round_up(round(image.shape[1] * scale), 32))
+            by_shape.setdefault(shape, []).append((index, scale, _canvas(image, scale, shape)))
         for shape, members in by_shape.items():
             for start in range(0, len(members), CHUNK):
                 chunk = members[start : start + CHUNK]
