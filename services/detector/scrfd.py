@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import importlib.util
 import logging
+import warnings
 
 import cv2
 import numpy as np
@@ -75,7 +76,9 @@ class SCRFD:
 
     def raw_outputs(self, batch: np.ndarray) -> list[np.ndarray]:
         """The graph's nine outputs for an NCHW float32 batch (already normalised)."""
-        with torch.inference_mode():
+        with torch.inference_mode(), warnings.catch_warnings():
+            # onnx2torch's Slice indexes with a list, which torch warns about on every call.
+            warnings.filterwarnings("ignore", message="Using a non-tuple sequence", category=UserWarning)
             out = self._module(torch.from_numpy(batch).to(self._device))
         return [o.float().cpu().numpy() for o in out]
 
