@@ -122,6 +122,7 @@ def core_cases(device: torch.device, notes: list[str]) -> tuple[list[Case], Inpu
     cases = [
         Case("MTCNN detector, 640×480 frame", mtcnn.model_id, "image",
              lambda n: mtcnn.detect([frame] * n), str(mtcnn.device)),
+        *detector_cases(device, frame, notes),
         Case("dlib 68-point landmarks", landmarks.model_id, "face",
              lambda n: landmarks.predict([frame] * n, [box] * n)),
         Case("head pose (solvePnP, 68 pts)", "headpose-solvepnp", "face",
@@ -137,6 +138,23 @@ def core_cases(device: torch.device, notes: list[str]) -> tuple[list[Case], Inpu
     else:
         notes.append("dlib-bin ResNet: CPU only, not run on " + str(device))
     return cases, inputs
+
+
+def detector_cases(device: torch.device, frame: np.ndarray, notes: list[str]) -> list[Case]:
+    """The other detectors of the registry on the same frame (bench/detectors.py: their misses)."""
+    from services.detector.detectors import load_detector
+
+    cases = []
+    for name, label in (("scrfd-500m", "SCRFD-500M detector @320"), ("scrfd-500m@640", "SCRFD-500M detector @640"),
+                        ("blazeface", "BlazeFace front (128) detector"), ("blazeface-back", "BlazeFace back (256) detector")):
+        try:
+            detector = load_detector(name, device)
+        except Exception as exc:
+            notes.append(f"{label}: not benchmarked, does not load ({type(exc).__name__}: {exc})")
+            continue
+        cases.append(Case(label + ", 640×480", detector.model_id, "image",
+                          (lambda d: lambda n: d.detect([frame] * n))(detector), str(detector.device)))
+    return cases
 
 
 def optional_cases(device: torch.device, inputs: Inputs, notes: list[str]) -> list[Case]:
@@ -254,6 +272,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=int, default=2, help="untimed calls per cell first")
     parser.add_argument("--budget", type=float, default=6.0, help="seconds per cell before stopping at 3 repeats")
     parser.add_argument("--device", default="cpu", help="cpu (default) or cuda; dlib models are CPU only")
+    parser.add_argument("--detectors-only", action="store_true", help="time the face detectors only")
     args = parser.parse_args(argv)
 
     from facepay.models.device import resolve_device
@@ -266,7 +285,10 @@ def main(argv: list[str] | None = None) -> int:
     others = OtherLoad()
     notes: list[str] = []
     cases, inputs = core_cases(device, notes)
-    cases += optional_cases(device, inputs, notes)
+    if args.detectors_only:
+        cases = [c for c in cases if "detector" in c.name]
+    else:
+        cases += optional_cases(device, inputs, notes)
 
     results: dict[tuple[str, int, int], float] = {}
     failed: dict[str, str] = {}

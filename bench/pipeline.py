@@ -6,12 +6,15 @@ Starts the embedded pipeline (Valkey, gateway, four workers as processes), strea
 from two cameras as fast as the gateway takes them, and reads the decisions. Then calls the
 same models in one process in a loop over the same frames. Prints both and their ratio,
 measured in this one run. Every frame is embedded (decide_early off), so the work is equal.
+`--detectors mtcnn,blazeface-back` repeats all of it for each detector model, one after the
+other in the same run (before/after a detector change on the same machine load).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import tempfile
@@ -27,7 +30,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from facepay.config import SessionPolicy  # noqa: E402
 from tests.e2e import camera, enroll, new_session, start_pipeline  # noqa: E402
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "faces" / "identities"
+# The real-face data as the tests find it (FACEPAY_TEST_DATA, default ../shared/data).
+DATA = Path(os.environ.get("FACEPAY_TEST_DATA", Path(__file__).resolve().parents[2] / "shared" / "data")) / "faces" / "identities"
 
 
 def sample_frames() -> tuple[list[bytes], bytes]:
@@ -42,10 +46,10 @@ def sample_frames() -> tuple[list[bytes], bytes]:
     return [face], face
 
 
-def run_pipeline(frames: list[bytes], enroll_image: bytes, total: int, per_session: int) -> dict:
+def run_pipeline(frames: list[bytes], enroll_image: bytes, total: int, per_session: int, detector: str) -> dict:
     policy = SessionPolicy(require_blink=False, decide_early=False)
     with tempfile.TemporaryDirectory() as tmp:
-        pipeline = start_pipeline(Path(tmp), policy)
+        pipeline = start_pipeline(Path(tmp), policy, detector_model=detector)
         try:
             enroll(pipeline, "bench-user", [enroll_image])
             sessions = [new_session() for _ in range(total // per_session)]
@@ -92,7 +96,7 @@ def wait_decisions(pipeline, sessions: list[str], timeout_s: float = 600) -> lis
     raise TimeoutError("not every session was decided")
 
 
-def run_in_process(frames: list[bytes], total: int) -> dict:
+def run_in_process(frames: list[bytes], total: int, detector: str) -> dict:
     """The same stage code and models, one process, one frame at a time: detector → aligner
     (landmarks, chips, age/gender, passive liveness) → pose → embed → gallery search."""
     import torch
@@ -107,7 +111,7 @@ def run_in_process(frames: list[bytes], total: int) -> dict:
     from services.recognizer.embedder import load_embedder, template_space
 
     torch.set_num_threads(1)
-    settings = Settings(device="cpu")
+    settings = Settings(device="cpu", detector_model=detector)
     stages = [DetectorStage(settings), AlignerStage(settings), PoseStage(settings)]
     for stage in stages:
         stage.start()
@@ -134,11 +138,22 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--frames", type=int, default=160)
     parser.add_argument("--session-frames", type=int, default=8)
+    parser.add_argument("--detectors", default="", help="comma-separated detector models (default: the setting's)")
     args = parser.parse_args()
+    from facepay.config import load_settings
+
     frames, enroll_image = sample_frames()
-    piped = run_pipeline(frames, enroll_image, args.frames, args.session_frames)
-    alone = run_in_process(frames, args.frames)
     print(f"frames: {args.frames} in sessions of {args.session_frames}, {len(frames)} distinct photos, 2 cameras")
+    for detector in (args.detectors or load_settings().detector_model).split(","):
+        load = os.getloadavg()
+        report(detector, frames, enroll_image, args)
+        print(f"load average before / after: {load[0]:.1f} / {os.getloadavg()[0]:.1f}", flush=True)
+
+
+def report(detector: str, frames: list[bytes], enroll_image: bytes, args: argparse.Namespace) -> None:
+    piped = run_pipeline(frames, enroll_image, args.frames, args.session_frames, detector)
+    alone = run_in_process(frames, args.frames, detector)
+    print(f"--- detector {detector}")
     print(f"pipeline (gateway + 4 worker processes, embedded Valkey): {piped['frames_per_s']:.1f} frames/s; "
           f"first frame → decision under that flood p50 {piped['p50_s']:.2f} s, p99 {piped['p99_s']:.2f} s")
     print(f"one session at a time ({args.session_frames} frames, 10 sessions): first frame → decision "

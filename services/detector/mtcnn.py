@@ -227,6 +227,8 @@ class MTCNN:
     """
 
     model_id = "mtcnn-facenet-pytorch-2.6.0"
+    licence = "MIT (facenet-pytorch)"
+    payer_min_score = 0.9  # the payer rule's threshold, tuned on this model's scores
 
     def __init__(
         self,

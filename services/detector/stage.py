@@ -7,6 +7,8 @@ Rejection with its reason, so the session still counts it.
 
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 
 from facepay.config import Settings
@@ -16,8 +18,11 @@ from facepay.messages import FaceMsg, FrameMsg, Message, reject
 from facepay.models.device import resolve_device
 from facepay.runtime.envelope import image_digest, origin_problem
 from facepay.runtime.stage import PipeStage
-from services.detector.mtcnn import MTCNN, DetectedFace
+from services.detector.detectors import load_detector
+from services.detector.mtcnn import DetectedFace
 from services.detector.payer import PayerRule, choose_payer
+
+log = logging.getLogger(__name__)
 
 CROP_MARGIN = 0.4  # of the box size on each side: context the landmark model needs
 
@@ -36,7 +41,14 @@ class DetectorStage(PipeStage):
     def start(self) -> None:
         # Faces narrower than min_face_px cannot pay anyway: not looking for them halves the
         # pyramid's cost on a full-HD frame.
-        self.model = MTCNN(device=resolve_device(self.settings.device), min_face_size=self.settings.min_face_px)
+        self.model = load_detector(
+            self.settings.detector_model, resolve_device(self.settings.device), self.settings.min_face_px
+        )
+        # Scores are each model's own: the payer rule's confidence bar comes with the model.
+        self.rule = PayerRule(min_score=self.model.payer_min_score, min_face_px=self.settings.min_face_px)
+        # An operator must never run a non-commercial model without seeing so.
+        level = logging.WARNING if "non-commercial" in self.model.licence else logging.INFO
+        log.log(level, "detector model", extra={"model": self.model.model_id, "licence": self.model.licence})
 
     def refuse(self, message: Message, trusted: TrustedKeys) -> str:
         """The gateway attested the frame's origin and the image is the one it attested."""
