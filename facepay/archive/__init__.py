@@ -1,6 +1,6 @@
 """The audit archive: every decided payment session, sealed and hash-chained on S3.
 
-See .notes/archive.md (README section "Audit archive") for the layout, keys, retention and
+See the README section "Audit archive" for the layout, keys, retention and
 erasure choices.
 """
 

@@ -9,7 +9,7 @@ here and written to a 0600 file in the data directory. Anonymous requests get 40
 Why `weed server` and not `weed mini`: both are one ~165 MB process at rest, but `mini` also
 starts an admin UI, a WebDAV gateway and a maintenance worker that keeps dialling the admin's
 gRPC port (it ignores `-admin.port.grpc`), none of which an archive needs
-(figures in .notes/archive.md).
+(figures in the README, "Audit archive").
 """
 
 from __future__ import annotations
