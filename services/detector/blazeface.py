@@ -29,8 +29,7 @@ import torch
 
 from facepay.models.device import resolve_device
 from facepay.models.tfjs import load_registered
-from services.detector.mtcnn import DetectedFace
-from services.detector.scrfd import _is_usable
+from services.detector.mtcnn import DetectedFace, is_usable_image
 
 log = logging.getLogger(__name__)
 
@@ -94,7 +93,7 @@ class BlazeFace:
         """images: RGB uint8 HxWx3 arrays of any sizes. Returns faces per image, best first."""
         results: list[list[DetectedFace]] = [[] for _ in images]
         for index, image in enumerate(images):
-            if _is_usable(image, index):
+            if is_usable_image(image, index, "blazeface"):
                 results[index] = self._detect_one(image)
         return results
 

@@ -259,7 +259,7 @@ class MTCNN:
     def detect(self, images: list[np.ndarray]) -> list[list[DetectedFace]]:
         """images: RGB uint8 HxWx3 arrays of any (different) sizes. Returns faces per image, best first."""
         results: list[list[DetectedFace]] = [[] for _ in images]
-        working = {i: _WorkingImage.from_input(im) for i, im in enumerate(images) if _is_usable(im, i)}
+        working = {i: _WorkingImage.from_input(im) for i, im in enumerate(images) if is_usable_image(im, i)}
         for i, faces in zip(working, self._detect_working(list(working.values()))):
             results[i] = faces
         # MTCNN often misses a face whose box is nearly the whole frame (a kiosk camera at arm's
@@ -364,11 +364,12 @@ class MTCNN:
         return tuple(torch.cat(parts).float().cpu().numpy().astype(np.float64) for parts in zip(*outputs))
 
 
-def _is_usable(image: object, index: int) -> bool:
-    """An RGB uint8 HxWx3 array with pixels; anything else is logged and gets no faces."""
+def is_usable_image(image: object, index: int, detector: str = "mtcnn") -> bool:
+    """An RGB uint8 HxWx3 array with pixels; anything else is logged and gets no faces (every
+    detector of services.detector.detectors takes its images the same way)."""
     if not isinstance(image, np.ndarray) or image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
         kind = f"{image.dtype} {image.shape}" if isinstance(image, np.ndarray) else type(image).__name__
-        log.warning("mtcnn: image %d is not an RGB uint8 HxWx3 array (%s); no faces", index, kind)
+        log.warning("%s: image %d is not an RGB uint8 HxWx3 array (%s); no faces", detector, index, kind)
         return False
     return image.size > 0
 

@@ -23,7 +23,7 @@ import torch
 
 from facepay.models.cache import weight_path
 from facepay.models.device import resolve_device
-from services.detector.mtcnn import DetectedFace
+from services.detector.mtcnn import DetectedFace, is_usable_image
 
 log = logging.getLogger(__name__)
 
@@ -108,7 +108,7 @@ class SCRFD:
         results: list[list[DetectedFace]] = [[] for _ in images]
         by_shape: dict[tuple[int, int], list[tuple[int, float, np.ndarray]]] = {}
         for index, image in enumerate(images):
-            if not _is_usable(image, index):
+            if not is_usable_image(image, index, "scrfd"):
                 continue
             scale = self.input_size / max(image.shape[:2])
             shape = (_round_up(round(image.shape[0] * scale), 32), _round_up(round(image.shape[1] * scale), 32))
@@ -208,10 +208,3 @@ def nms(boxes: np.ndarray, scores: np.ndarray, iou: float) -> list[int]:
         order = rest[overlap <= iou]
     return keep
 
-
-def _is_usable(image: object, index: int) -> bool:
-    if not isinstance(image, np.ndarray) or image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
-        kind = f"{image.dtype} {image.shape}" if isinstance(image, np.ndarray) else type(image).__name__
-        log.warning("detector: image %d is not an RGB uint8 HxWx3 array (%s); no faces", index, kind)
-        return False
-    return image.size > 0
