@@ -669,3 +669,24 @@ def test_each_store_reads_the_credentials_the_environment_has_when_it_is_made(s3
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", s3.credentials.access_key_id)
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", s3.credentials.secret_access_key)
     assert ArchiveStore(ArchiveSettings.from_url(url), keys).archive(session_at(T0, photos)).seq == 1
+
+
+def test_two_archivers_making_a_new_bucket_at_once_both_go_on(s3: EmbeddedS3, keys: ArchiveKeys) -> None:
+    """A sees no bucket; B creates it before A does: A's create must not fail (the race of two
+    archiver replicas, or the demo and its archiver, on a fresh store)."""
+    from botocore.exceptions import ClientError
+
+    bucket = f"race-{uuid.uuid4().hex[:10]}"
+    a, b = (ArchiveStore(ArchiveSettings.from_url(f"{s3.url}/{bucket}"), keys,
+                         access_key_id=s3.credentials.access_key_id,
+                         secret_access_key=s3.credentials.secret_access_key) for _ in range(2))
+    with pytest.raises(ClientError) as missing:
+        a.client.head_bucket(Bucket=bucket)
+
+    def head_then_the_other_creates_it(**kwargs):
+        b.ensure_bucket()
+        raise missing.value
+
+    a.client.head_bucket = head_then_the_other_creates_it
+    a.ensure_bucket()
+    b.client.head_bucket(Bucket=bucket)  # there, once

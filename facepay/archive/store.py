@@ -215,11 +215,19 @@ class ArchiveStore:
         except ArchiveAccessDenied as exc:
             if "does not exist" not in str(exc):
                 raise
-            self._s3("create_bucket")
+            self._create_bucket()
         except ClientError as exc:
             if exc.response["Error"]["Code"] not in ("404", "NotFound"):
                 raise
+            self._create_bucket()
+
+    def _create_bucket(self) -> None:
+        """Create it; another archiver replica (or an auditor) creating it meanwhile is success."""
+        try:
             self._s3("create_bucket")
+        except ClientError as exc:
+            if exc.response["Error"]["Code"] not in ("BucketAlreadyOwnedByYou", "BucketAlreadyExists"):
+                raise
 
     def _put_if_absent(self, key: str, body: bytes) -> bool:
         try:
