@@ -118,6 +118,11 @@ def test_boxes_follow_mtcnns_convention(detector, identity_photos) -> None:
 def test_batch_equals_one_image_at_a_time(detector, faces: FaceData, astronaut: np.ndarray) -> None:
     photos = [read_rgb(faces.path(p)) for p in ("multi/kit_with_rose.jpg", "identities/obama/02.jpg")]
     images = [astronaut, photos[0], np.zeros((0, 0, 3), np.uint8), astronaut[:, ::-1], photos[1]]
+    assert_batch_matches_one_at_a_time(detector, images)
+
+
+def assert_batch_matches_one_at_a_time(detector, images: list[np.ndarray]) -> list:
+    """Each image's faces in a batch are its faces alone (box and points within a pixel)."""
     batched = detector.detect(images)
     assert len(batched) == len(images)
     for image, together in zip(images, batched):
@@ -127,6 +132,7 @@ def test_batch_equals_one_image_at_a_time(detector, faces: FaceData, astronaut: 
             assert np.allclose(a.box, b.box, atol=1.0)
             assert np.allclose(a.points5, b.points5, atol=1.0)
             assert abs(a.score - b.score) < 1e-3
+    return batched
 
 
 def test_scrfd_torch_conversion_matches_onnxruntime(astronaut: np.ndarray) -> None:

@@ -11,6 +11,7 @@ from facepay.models.cache import ModelMissingError
 from facepay.models.device import DeviceUnavailableError
 from services.detector.mtcnn import MTCNN, DetectedFace
 from tests.conftest import FaceData, read_rgb
+from tests.test_detectors import assert_batch_matches_one_at_a_time
 
 # Photos whose counted faces include one MTCNN misses at its default thresholds, with why.
 KNOWN_MISSES = {
@@ -139,15 +140,7 @@ def test_batch_equals_one_image_at_a_time(detector: MTCNN, faces: FaceData, astr
     kiosk_crop = _inset_crop(astronaut, detector.detect([astronaut])[0][0].box, 0.14)  # needs the retry
     # Two same-size images share a P-Net pass; an unusable one must not disturb the others.
     images = [astronaut, photos[0], np.zeros((0, 0, 3), np.uint8), astronaut[:, ::-1], photos[1], kiosk_crop]
-    batched = detector.detect(images)
-    assert len(batched) == len(images)
-    for image, together in zip(images, batched):
-        (alone,) = detector.detect([image])
-        assert len(together) == len(alone)
-        for a, b in zip(together, alone):
-            assert np.allclose(a.box, b.box, atol=1.0)
-            assert np.allclose(a.points5, b.points5, atol=1.0)
-            assert abs(a.score - b.score) < 1e-3
+    batched = assert_batch_matches_one_at_a_time(detector, images)
     assert [len(found) for found in batched] == [1, 2, 0, 1, 1, 1]
 
 
