@@ -18,7 +18,7 @@ from facepay import keys, thresholds
 from facepay.config import SessionPolicy, Settings
 from facepay.models.cache import weight_path
 from facepay.models.registry import RECOGNIZERS, WEIGHTS
-from facepay.offline import FaceEmbedder
+from facepay.app.offline import FaceEmbedder
 from facepay.runtime.embedded import EmbeddedValkey
 from services.aligner.geometry import ARCFACE_112, dlib_chip, five_points_from_68, similarity_transform
 from tests.conftest import read_rgb
@@ -47,7 +47,7 @@ def chips_of(offline, faces):
 
 
 def _chip(offline: FaceEmbedder, rgb: np.ndarray):
-    from facepay.offline import _detector_crop
+    from facepay.app.offline import _detector_crop
     from services.detector.payer import choose_payer
 
     (faces,) = offline.detector.detect([rgb])
@@ -76,7 +76,7 @@ def test_models_list_names_the_non_commercial_weights():
 
 
 def test_the_demo_says_so_when_its_recognizer_is_non_commercial():
-    from facepay.demo import recognizer_notice
+    from facepay.app.demo import recognizer_notice
 
     assert recognizer_notice(MODEL).startswith("NOTE: recognizer arcface-mbf-w600k is for NON-COMMERCIAL")
     assert "NON-COMMERCIAL" not in recognizer_notice("dlib-resnet-v1")
@@ -214,7 +214,7 @@ def test_the_pipeline_with_arcface_approves_enrolled_people_and_declines_strange
 def test_with_arcface_a_live_selfie_video_is_approved_and_a_replayed_still_declined_for_liveness(faces, tmp_path):
     """Every rule on: the blink is judged on the matched face's track, whose same-face level is
     ArcFace's own threshold."""
-    from facepay.camera import video_frames
+    from facepay.app.camera import video_frames
     from facepay.contract import pb
     from tests.e2e import Backend, camera, enroll, new_session, start_pipeline
     from tests.test_pipeline import FULL_POLICY

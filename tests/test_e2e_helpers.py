@@ -10,7 +10,7 @@ import pytest
 
 from facepay.config import Settings
 from facepay.runtime.embedded import EmbeddedValkey, free_port
-from facepay.supervisor import demo_access
+from facepay.app.supervisor import demo_access
 from services.gateway.cameras import CameraRegistry
 from services.gateway.server import serve
 from tests.keysets import signing_as

@@ -18,7 +18,7 @@ from facepay.config import Settings
 from facepay.contract import pb, rpc
 from facepay.messages import FIELD, decode
 from facepay.runtime.embedded import EmbeddedValkey, free_port
-from facepay.supervisor import demo_access
+from facepay.app.supervisor import demo_access
 from services.gateway.cameras import CameraRegistry
 from services.gateway.server import serve
 

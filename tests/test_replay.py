@@ -12,11 +12,11 @@ from pathlib import Path
 import pytest
 import redis
 
-from facepay.admin import call
+from facepay.app.admin import call
 from facepay.archive import ArchiveKeys, ArchiveSettings, ArchivedFrame, ArchivedSession, ArchiveStore, Candidate, SignedDecision
 from facepay.config import SessionPolicy
 from facepay.contract import pb
-from facepay.replay import ReplayOptions, explain, run_replay
+from facepay.app.replay import ReplayOptions, explain, run_replay
 from facepay.signing import sign
 from tests.e2e import Backend, camera, enroll, new_session, start_pipeline, wait_until
 
@@ -171,7 +171,7 @@ def test_the_replay_namespace_is_isolated_and_accepts_old_frames_there_only(tmp_
     from facepay import keys as component_keys
     from facepay.config import Settings
     from facepay.messages import FrameRef
-    from facepay.replay import REPLAY_MAX_FRAME_AGE_S, replay_settings
+    from facepay.app.replay import REPLAY_MAX_FRAME_AGE_S, replay_settings
     from facepay.runtime.envelope import Unauthenticated, attest, open_entry, origin_problem, seal
 
     gallery = tmp_path / "gallery"

@@ -129,7 +129,7 @@ def _wait(condition, timeout_s: float, what: str) -> None:
 
 @pytest.mark.slow
 def test_a_deleted_user_leaves_no_biometric_data_in_redis(faces, tmp_path):
-    from facepay.admin import call
+    from facepay.app.admin import call
     from facepay.contract import pb
     from tests.e2e import camera, enroll, new_session, start_pipeline, Backend
 

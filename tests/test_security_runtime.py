@@ -28,7 +28,7 @@ from facepay.messages import FIELD, FrameMsg, decode
 from facepay.runtime.embedded import EmbeddedValkey, free_port
 from facepay.runtime.stage import Emit, PipeStage, Stage
 from facepay.runtime.worker import StreamWorker
-from facepay.supervisor import demo_access
+from facepay.app.supervisor import demo_access
 from services.gateway.cameras import CameraRegistry
 from services.gateway.server import serve
 from tests.keysets import signing_as

@@ -26,7 +26,7 @@ from facepay.config import Settings
 from facepay.grpc_tls import ClientTLS, client_channel, make_local_certificates
 from facepay.private_files import write_private
 from facepay.runtime.embedded import EmbeddedValkey, free_port
-from facepay.stages import STAGES
+from facepay.app.stages import STAGES
 
 log = logging.getLogger(__name__)
 

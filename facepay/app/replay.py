@@ -40,12 +40,12 @@ import redis
 
 from facepay import keys as component_keys
 from facepay.archive import ArchivedSession, ArchiveStore
-from facepay.audit import stores_of
+from facepay.app.audit import stores_of
 from facepay.config import FailureLimits, SessionPolicy, Settings
 from facepay.messages import FIELD, DecisionMsg, FrameMsg, FrameRef, SessionEndMsg, decode
 from facepay.runtime.envelope import attest, open_entry, seal
 from facepay.signing import verify
-from facepay.supervisor import Pipeline
+from facepay.app.supervisor import Pipeline
 
 log = logging.getLogger(__name__)
 
