@@ -47,15 +47,17 @@ def chips_of(offline, faces):
 
 
 def _chip(offline: FaceEmbedder, rgb: np.ndarray):
-    from facepay.app.offline import _detector_crop
+    from facepay.images import decode_trusted
+    from services.aligner.geometry import aligned_chips
+    from services.detector.crop import crop_payer
     from services.detector.payer import choose_payer
 
     (faces,) = offline.detector.detect([rgb])
     payer, _ = choose_payer(faces, rgb.shape[1], rgb.shape[0], offline.rule)
-    crop, box, offset = _detector_crop(rgb, payer)
-    points5 = (np.asarray(payer.points5, np.float64) - offset).astype(np.float32)
-    (landmarks,) = offline.landmarks.predict([crop], [box], [points5])
-    return offline._chip(crop, landmarks), landmarks, crop
+    cut = crop_payer(rgb, payer)
+    crop = decode_trusted(cut.jpeg)
+    (landmarks,) = offline.landmarks.predict([crop], [cut.box], [np.asarray(cut.points5, dtype=np.float32)])
+    return aligned_chips(crop, landmarks)[offline.embedder.chip_template], landmarks, crop
 
 
 def test_the_model_is_a_registry_file_pinned_by_sha256_and_marked_non_commercial():
