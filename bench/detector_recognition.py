@@ -25,8 +25,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
 def main(argv: list[str] | None = None) -> int:
-    from facepay.config import Settings
     from facepay.app.offline import EmbeddedFace, FaceEmbedder
+    from facepay.config import Settings
     from tests.conftest import read_rgb
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])

@@ -13,10 +13,10 @@ import grpc
 import redis
 
 from facepay.app.camera import CameraClient
+from facepay.app.supervisor import Pipeline, demo_access
 from facepay.config import FailureLimits, SessionPolicy, Settings
 from facepay.contract import pb, rpc
 from facepay.decisions import SeenEvents, verify_event
-from facepay.app.supervisor import Pipeline, demo_access
 
 STORES = {"store-1": ["cam-1", "cam-2"], "store-2": ["cam-3"]}
 

@@ -15,10 +15,10 @@ import pytest
 import redis
 
 from facepay import keys, thresholds
+from facepay.app.offline import FaceEmbedder
 from facepay.config import SessionPolicy, Settings
 from facepay.models.cache import weight_path
 from facepay.models.registry import RECOGNIZERS, WEIGHTS
-from facepay.app.offline import FaceEmbedder
 from facepay.runtime.embedded import EmbeddedValkey
 from services.aligner.geometry import ARCFACE_112, dlib_chip, five_points_from_68, similarity_transform
 from tests.conftest import read_rgb
@@ -154,11 +154,11 @@ SIGNING_KEY = "22" * 32
 
 def test_the_recognizer_warns_at_start_and_uses_the_space_s_signed_margin_and_k(tmp_path, caplog):
     from facepay.messages import FrameRef
+    from facepay.runtime.worker import StreamWorker
     from facepay.signing import verify
     from services.recognizer.policy import FrameResult
     from services.recognizer.stage import RecognizerStage
     from services.recognizer.state import SessionStore
-    from facepay.runtime.worker import StreamWorker
 
     keys.generate(tmp_path / "keys")
     with EmbeddedValkey(tmp_path / "vk") as server:

@@ -97,8 +97,8 @@ def test_pair_scores_count_every_pair_once_and_failures_as_rejects():
 
 @pytest.fixture(scope="module")
 def face_embedder():
-    from facepay.config import Settings
     from facepay.app.offline import FaceEmbedder
+    from facepay.config import Settings
 
     # The pipeline's defaults (landmarks, recognizer); the aligner's extras are not needed here.
     return FaceEmbedder(Settings(device="cpu", attributes_model="off", passive_liveness=False), labelled=True)
@@ -106,9 +106,9 @@ def face_embedder():
 
 def test_offline_embedder_scores_what_the_pipeline_scores(faces, face_embedder):
     """Same crop, landmarks, chip, pose and vector as the detector → aligner → pose stages."""
+    from facepay.app.offline import EmbeddedFace
     from facepay.images import decode_image, decode_trusted
     from facepay.messages import FrameMsg, FrameRef, PosedMsg, decode
-    from facepay.app.offline import EmbeddedFace
     from services.aligner.stage import AlignerStage
     from services.detector.stage import DetectorStage
     from services.pose.stage import PoseStage

@@ -8,9 +8,9 @@ import pytest
 import redis
 
 from facepay.app.admin import call
+from facepay.app.enrollment import enroll_tree
 from facepay.config import FailureLimits, SessionPolicy, Settings
 from facepay.contract import pb
-from facepay.app.enrollment import enroll_tree
 from services.recognizer.limits import FailureLimiter
 from tests.e2e import Backend, camera, enroll, new_session, start_pipeline, wait_until
 
@@ -182,8 +182,8 @@ def test_a_model_change_reindexes_every_user_from_the_kept_chips_and_delete_reac
 def test_a_gallery_moves_to_arcface_without_anyone_enrolling_again(pipeline, faces):
     """Issue 11: the kept chips include the ArcFace template's, so `reindex --model arcface-mbf-w600k`
     moves every user into the ArcFace space, and those chips are one person to ArcFace."""
-    from facepay.images import decode_trusted
     from facepay.app.reindex import reindex
+    from facepay.images import decode_trusted
     from services.recognizer.embedder import load_embedder
     from services.recognizer.enrollment import FaceSources
 

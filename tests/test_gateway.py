@@ -14,11 +14,11 @@ import redis
 from PIL import Image
 
 from facepay import keys
+from facepay.app.supervisor import demo_access
 from facepay.config import Settings
 from facepay.contract import pb, rpc
 from facepay.messages import FIELD, decode
 from facepay.runtime.embedded import EmbeddedValkey, free_port
-from facepay.app.supervisor import demo_access
 from services.gateway.cameras import CameraRegistry
 from services.gateway.server import serve
 

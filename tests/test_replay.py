@@ -13,10 +13,18 @@ import pytest
 import redis
 
 from facepay.app.admin import call
-from facepay.archive import ArchiveKeys, ArchiveSettings, ArchivedFrame, ArchivedSession, ArchiveStore, Candidate, SignedDecision
+from facepay.app.replay import ReplayOptions, explain, run_replay
+from facepay.archive import (
+    ArchivedFrame,
+    ArchivedSession,
+    ArchiveKeys,
+    ArchiveSettings,
+    ArchiveStore,
+    Candidate,
+    SignedDecision,
+)
 from facepay.config import SessionPolicy
 from facepay.contract import pb
-from facepay.app.replay import ReplayOptions, explain, run_replay
 from facepay.signing import sign
 from tests.e2e import Backend, camera, enroll, new_session, start_pipeline, wait_until
 
@@ -169,9 +177,9 @@ def test_the_replay_namespace_is_isolated_and_accepts_old_frames_there_only(tmp_
     import time as clock
 
     from facepay import keys as component_keys
+    from facepay.app.replay import REPLAY_MAX_FRAME_AGE_S, replay_settings
     from facepay.config import Settings
     from facepay.messages import FrameRef
-    from facepay.app.replay import REPLAY_MAX_FRAME_AGE_S, replay_settings
     from facepay.runtime.envelope import Unauthenticated, attest, open_entry, origin_problem, seal
 
     gallery = tmp_path / "gallery"

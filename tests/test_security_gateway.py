@@ -22,11 +22,11 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from PIL import Image
 
 from facepay.app.camera import CameraClient
+from facepay.app.supervisor import demo_access
 from facepay.config import Settings
 from facepay.contract import pb, rpc
 from facepay.grpc_tls import ClientTLS
 from facepay.runtime.embedded import EmbeddedValkey, free_port
-from facepay.app.supervisor import demo_access
 from services.gateway.cameras import CameraRegistry
 from services.gateway.server import serve
 from tests.keysets import signing_as

@@ -439,8 +439,8 @@ class Embedded:
 def embed_dataset(items: list[tuple[Path, str]], embedder, batch: int = 32,
                   progress: Callable[[int, int], None] | None = None) -> Embedded:
     """Run `embedder.embed_images` over the files in batches (an unreadable file is a failure)."""
-    from facepay.images import ImageError, decode_image
     from facepay.app.offline import Rejected
+    from facepay.images import ImageError, decode_image
 
     settings = embedder.settings
     results: list[Any] = []
@@ -526,8 +526,8 @@ def calibrate(data_dir: Path | str, out_dir: Path | str, target_far: float = 1e-
     data_dir, out_dir = Path(data_dir), Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     if embedder is None:
-        from facepay.config import load_settings
         from facepay.app.offline import FaceEmbedder
+        from facepay.config import load_settings
 
         embedder = FaceEmbedder(load_settings(), labelled=True)
     data = embedded_dataset(data_dir, embedder, cache, progress)

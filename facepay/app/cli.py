@@ -172,9 +172,9 @@ def _cmd_gateway(args) -> int:
 def _cmd_worker(args) -> int:
     import torch
 
+    from facepay.app.stages import create_stage
     from facepay.runtime.metrics import serve_metrics
     from facepay.runtime.worker import StreamWorker
-    from facepay.app.stages import create_stage
 
     settings = _settings()
     torch.set_num_threads(settings.worker_threads)
@@ -223,8 +223,8 @@ def _cmd_enroll(args) -> int:
 def _cmd_calibrate(args) -> int:
     from facepay import thresholds
     from facepay.app.calibration import calibrate
-    from facepay.redaction import redact_url
     from facepay.app.offline import FaceEmbedder
+    from facepay.redaction import redact_url
     from facepay.runtime.redis_conn import connect
     from services.recognizer.embedder import template_space
 
@@ -249,11 +249,11 @@ def _cmd_calibrate(args) -> int:
 
 
 def _calibrate_sessions(args, settings, signer) -> int:
-    from facepay.app import session_calibration as sc
     from facepay import thresholds
+    from facepay.app import session_calibration as sc
     from facepay.app.calibration import embedded_dataset
-    from facepay.models.registry import recognizer_defaults
     from facepay.app.offline import FaceEmbedder
+    from facepay.models.registry import recognizer_defaults
     from facepay.runtime.redis_conn import connect
     from services.recognizer.embedder import template_space
 

@@ -12,10 +12,10 @@ from collections.abc import Callable
 from pathlib import Path
 
 from facepay.app.camera import IMAGE_SUFFIXES
+from facepay.app.jobs import run_jobs
 from facepay.config import load_settings
 from facepay.contract import pb, rpc
 from facepay.grpc_tls import ClientTLS, client_channel
-from facepay.app.jobs import run_jobs
 
 QUEUE = "facepay-enroll"
 

@@ -11,9 +11,9 @@ from collections.abc import Callable
 from functools import lru_cache
 
 from facepay.app.admin import call
+from facepay.app.jobs import run_jobs
 from facepay.config import Settings, load_settings
 from facepay.images import decode_trusted
-from facepay.app.jobs import run_jobs
 from facepay.runtime.redis_conn import connect
 from services.recognizer.embedder import load_embedder, template_space
 from services.recognizer.enrollment import FaceSources

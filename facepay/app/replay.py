@@ -39,13 +39,13 @@ from pathlib import Path
 import redis
 
 from facepay import keys as component_keys
-from facepay.archive import ArchivedSession, ArchiveStore
 from facepay.app.audit import stores_of
+from facepay.app.supervisor import Pipeline
+from facepay.archive import ArchivedSession, ArchiveStore
 from facepay.config import FailureLimits, SessionPolicy, Settings
 from facepay.messages import FIELD, DecisionMsg, FrameMsg, FrameRef, SessionEndMsg, decode
 from facepay.runtime.envelope import attest, open_entry, seal
 from facepay.signing import verify
-from facepay.app.supervisor import Pipeline
 
 log = logging.getLogger(__name__)
 

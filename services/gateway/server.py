@@ -31,8 +31,15 @@ from facepay.runtime.envelope import Unauthenticated, attest, open_entry, seal
 from facepay.runtime.redis_conn import TRANSIENT, connect
 from facepay.sessions import decided_key, session_key
 from services.gateway.cameras import AccessDenied, Camera, CameraRegistry
-from services.gateway.guard import (FrameLimits, FrameRefused, Guard, HealthCheckOnly, check_session, max_message_bytes,
-                                    redis_errors_as_status)
+from services.gateway.guard import (
+    FrameLimits,
+    FrameRefused,
+    Guard,
+    HealthCheckOnly,
+    check_session,
+    max_message_bytes,
+    redis_errors_as_status,
+)
 
 log = logging.getLogger(__name__)
 

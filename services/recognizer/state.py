@@ -15,8 +15,8 @@ from dataclasses import dataclass
 import msgpack
 import redis
 
-from facepay.config import Settings
 from facepay import sessions
+from facepay.config import Settings
 from facepay.messages import FrameRef
 from facepay.sessions import decided_key  # noqa: F401  (the recognizer's stage imports it from here)
 from services.recognizer.policy import FrameResult
