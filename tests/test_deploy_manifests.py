@@ -39,8 +39,11 @@ WORKER_PROBE_PATHS = {"startupProbe": "/livez", "livenessProbe": "/livez", "read
 # Variables read by libraries, not facepay's settings.
 LIBRARY_ENV = {"QDRANT_API_KEY", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"}
 
-KUBECTL = shutil.which("kubectl")
-pytestmark = pytest.mark.skipif(KUBECTL is None, reason="kubectl is not installed (.ci/run installs it from Debian)")
+# The deploy tools' own venv (`make deploy-tools`): checkov, whose pins conflict with facepay's,
+# and kubectl where the machine has none (Debian 12's kubectl 1.20 predates kustomize components).
+TOOLS = ROOT / ".venv-deploy" / "bin"
+KUBECTL = shutil.which("kubectl") or next((str(p) for p in [TOOLS / "kubectl"] if p.exists()), None)
+pytestmark = pytest.mark.skipif(KUBECTL is None, reason="no kubectl: `make deploy-tools` installs one")
 
 
 def kustomize(directory: Path) -> list[dict]:
@@ -184,12 +187,11 @@ def test_the_crd_check_refuses_a_misspelt_field():
 
 
 def checkov() -> str | None:
-    candidates = [os.environ.get("FACEPAY_CHECKOV"), str(ROOT / ".venv-checkov" / "bin" / "checkov"), shutil.which("checkov")]
+    candidates = [os.environ.get("FACEPAY_CHECKOV"), str(TOOLS / "checkov"), shutil.which("checkov")]
     return next((c for c in candidates if c and Path(c).exists()), None)
 
 
-@pytest.mark.skipif(checkov() is None, reason="checkov not installed: `make deploy-tools` puts it in .venv-checkov "
-                                              "(its pins conflict with facepay's, so it has a venv of its own)")
+@pytest.mark.skipif(checkov() is None, reason="checkov not installed: `make deploy-tools` puts it in .venv-deploy")
 def test_checkov_passes_every_overlay_and_job_with_each_skip_justified(tmp_path):
     for name, docs in {**renderings(), "jobs": jobs()}.items():
         (tmp_path / f"{name}.yaml").write_text(yaml.safe_dump_all(docs))
