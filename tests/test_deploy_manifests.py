@@ -458,5 +458,131 @@ def test_the_dev_valkey_starts_as_its_manifest_says_with_the_acl_file_facepay_wr
         server.wait(10)
 
 
+class Pod:
+    """A pod of the dev overlay run as a local process with exactly its manifest's environment:
+    its volumes become folders holding the Secret/ConfigMap items it lists, its Secret-backed
+    variables the values those Secrets would hold. Ports move to free loopback ones (the shared
+    machine); everything else is as rendered."""
+
+    def __init__(self, name: str, tmp: Path, secrets: dict[str, dict[str, str]], configmaps: dict[str, dict[str, str]]):
+        from facepay.runtime.embedded import free_port
+
+        self.doc = of_kind(rendered("dev"), "Deployment")[name]
+        spec = self.doc["spec"]["template"]["spec"]
+        self.container = spec["containers"][0]
+        self.root = tmp / name
+        volumes = {v["name"]: v for v in spec["volumes"]}
+        self.paths: dict[str, Path] = {}
+        for mount in self.container["volumeMounts"]:
+            folder = self.root / mount["mountPath"].strip("/")
+            folder.mkdir(parents=True)
+            self.paths[mount["mountPath"]] = folder
+            volume = volumes[mount["name"]]
+            source = volume.get("secret") or volume.get("configMap")
+            if source is None:
+                continue  # emptyDir
+            data = (secrets if "secret" in volume else configmaps).get(source.get("secretName") or source.get("name"))
+            if data is None:
+                assert source.get("optional"), f"{name}: {mount['name']} names a Secret/ConfigMap the test has not made"
+                continue
+            for item in source.get("items") or [{"key": k, "path": k} for k in data]:
+                (folder / item["path"]).write_text(data[item["key"]])
+        self.ports: dict[str, int] = {}
+        self.env = {}
+        for variable, value in env_of(self.container, rendered("dev")).items():
+            if value is None:
+                ref = next(e["valueFrom"] for e in self.container["env"] if e["name"] == variable)
+                value = secrets[ref["secretKeyRef"]["name"]][ref["secretKeyRef"]["key"]] if "secretKeyRef" in ref else f"{name}-0"
+            for mount_path, folder in self.paths.items():
+                if value.startswith(mount_path + "/"):
+                    value = str(folder) + value[len(mount_path):]
+                    break
+            if variable in ("FACEPAY_GRPC_ADDRESS", "FACEPAY_GRPC_HEALTH_ADDRESS", "FACEPAY_METRICS_PORT", "FACEPAY_HEALTH_PORT"):
+                self.ports[variable] = free_port()
+                value = f"127.0.0.1:{self.ports[variable]}" if "ADDRESS" in variable else str(self.ports[variable])
+            self.env[variable] = value
+        self.env["FACEPAY_METRICS_ADDRESS"] = "127.0.0.1"
+
+    def start(self) -> subprocess.Popen:
+        base = {k: os.environ[k] for k in ("PATH", "LANG", "FACEPAY_MODEL_CACHE") if k in os.environ}
+        self.process = subprocess.Popen([sys.executable, "-m", "facepay", *self.container["args"]], cwd=self.paths["/var/lib/facepay"],
+                                        env={**base, "HOME": str(self.paths["/var/lib/facepay"]), "PYTHONPATH": str(ROOT), **self.env},
+                                        stdout=subprocess.DEVNULL, stderr=open(self.root / "stderr", "w"))
+        return self.process
+
+    def stderr(self) -> str:
+        return (self.root / "stderr").read_text()[-3000:]
+
+
+@pytest.mark.slow  # starts a gateway and a worker as processes: 14 s at load 8, 30 s at load 23
+def test_the_gateway_and_a_worker_start_with_exactly_what_their_manifests_give_them(tmp_path):
+    """Nothing missing, nothing misnamed: the dev overlay's pose worker and gateway, with only
+    their own Secrets and ConfigMaps, start against a real Valkey; the worker registers and the
+    gateway answers health on its plaintext health port and gRPC over TLS on its own."""
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    from facepay import keys
+    from facepay.grpc_tls import make_local_certificates
+    from facepay.runtime.embedded import EmbeddedValkey
+    from facepay.supervisor import demo_access
+    from tests.e2e import wait_until
+
+    trusted = keys.generate(tmp_path / "keys").read_text()
+    ca, cert, key = make_local_certificates(tmp_path / "tls")
+    with EmbeddedValkey(tmp_path / "valkey", namespace="fp") as valkey:
+        secrets = {f"facepay-{c}": {"ed25519.key": (tmp_path / "keys" / f"{c}.key").read_text(),
+                                    "redis-password": valkey.passwords[c],
+                                    "redis-url": f"redis://{c}@127.0.0.1:{valkey.port}/0"} for c in ("pose", "gateway")}
+        secrets["facepay-gateway"] |= {"cameras.yaml": yaml.safe_dump(demo_access({"store-1": ["cam-1"]})), "operator-token": "t" * 32}
+        secrets["facepay-gateway-tls"] = {"tls.crt": cert.read_text(), "tls.key": key.read_text()}
+        pods = [Pod(name, tmp_path, secrets, {"facepay-trusted-keys": {"trusted.yaml": trusted}})
+                for name in ("facepay-pose", "facepay-gateway")]
+        for pod in pods:
+            pod.start()
+        pose, gateway = pods
+        try:
+            admin = redis.Redis.from_url(valkey.url)
+
+            def up(pod: Pod, check) -> bool:
+                assert pod.process.poll() is None, pod.stderr()
+                return check()
+
+            wait_until(lambda: up(pose, lambda: admin.sismember("fp:workers:ready", "facepay-pose-0")), 120, "pose registered")
+            if "FACEPAY_HEALTH_PORT" in setting_variables():  # once the worker health endpoint is merged
+                import urllib.error
+                import urllib.request
+
+                def answers(path: str) -> int:
+                    try:
+                        return urllib.request.urlopen(f"http://127.0.0.1:{pose.ports['FACEPAY_HEALTH_PORT']}{path}", timeout=2).status
+                    except urllib.error.HTTPError as exc:
+                        return exc.code
+                    except OSError:
+                        return 0
+
+                wait_until(lambda: answers(WORKER_PROBE_PATHS["readinessProbe"]) == 200, 60, "pose ready on its probe path")
+                assert answers(WORKER_PROBE_PATHS["livenessProbe"]) == 200
+
+            def serving(address: str, credentials=None) -> bool:
+                channel = grpc.secure_channel(address, credentials) if credentials else grpc.insecure_channel(address)
+                with channel:
+                    try:
+                        reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=2)
+                    except grpc.RpcError:
+                        return False
+                    return reply.status == health_pb2.HealthCheckResponse.SERVING
+
+            health = f"127.0.0.1:{gateway.ports['FACEPAY_GRPC_HEALTH_ADDRESS']}"
+            wait_until(lambda: up(gateway, lambda: serving(health)), 60, "gateway health (plaintext port)")
+            tls = grpc.ssl_channel_credentials(root_certificates=ca.read_bytes())
+            assert serving(f"localhost:{gateway.ports['FACEPAY_GRPC_ADDRESS']}", tls)
+        finally:
+            for pod in pods:
+                pod.process.terminate()
+            for pod in pods:
+                pod.process.wait(30)
+
+
 if __name__ == "__main__":  # `python tests/test_deploy_manifests.py`: the same checks, for `make deploy-check`
     sys.exit(pytest.main([__file__, "-q"]))
