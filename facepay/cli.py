@@ -82,6 +82,8 @@ def main(argv: list[str] | None = None) -> None:
     redis_cmd.add_argument("--namespace", help="key prefix (default: FACEPAY_NAMESPACE)")
     redis_cmd.add_argument("--out", default="var/redis-credentials",
                            help="folder for the generated <component>.password files (0600; kept if present)")
+    redis_cmd.add_argument("--acl-file", help="also write an ACL file (0600; `user default off` and the same users) "
+                                              "for a Valkey/Redis started with `aclfile`, as the Kubernetes dev overlay's")
 
     audit = sub.add_parser("audit", help="the audit archive: list archived sessions, verify the stores' hash chains, "
                                          "sweep by retention, erase a user's frames")
@@ -344,6 +346,7 @@ def _cmd_keys(args) -> int:
 
 def _cmd_redis(args) -> int:
     from facepay import redis_acl
+    from facepay.private_files import write_private
 
     namespace = args.namespace or load_settings().namespace
     passwords = redis_acl.load_or_create_passwords(Path(args.out), redis_acl.COMPONENTS)
@@ -351,6 +354,9 @@ def _cmd_redis(args) -> int:
     print("# only their SHA-256 below. Run as the server's administrator (redis-cli, or your provider's console).")
     for line in redis_acl.setuser_commands(namespace, passwords):
         print(line)
+    if args.acl_file:
+        write_private(Path(args.acl_file), redis_acl.acl_file_text(namespace, passwords))
+        print(f"# ACL file (the same users, `default` off): {args.acl_file}")
     print("# Then give each process its own user: FACEPAY_REDIS_URL=redis[s]://<component>@host:port/0 and")
     print("# FACEPAY_REDIS_PASSWORD_FILE=<the component's .password file>. Once your own admin user works:")
     print("# ACL SETUSER default off")

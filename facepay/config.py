@@ -284,10 +284,19 @@ def _reject_unknown_keys(values: dict[str, Any]) -> None:
                 raise SettingsError(f"unknown setting '{name}.{key}'{_did_you_mean(str(key), section_known)}")
 
 
-def _overlay_env(values: dict[str, Any], env: dict[str, str]) -> None:
-    expected = {f"FACEPAY_{f.name.upper()}": (f.name, None) for f in fields(Settings) if f.name not in sections()}
+def setting_variables() -> dict[str, tuple[str, str | None]]:
+    """Every FACEPAY_* variable that is a setting: {variable: (setting, field of its section or None)}.
+
+    The one mapping from environment to settings (deploy manifests are checked against it)."""
+    variables: dict[str, tuple[str, str | None]] = {
+        f"FACEPAY_{f.name.upper()}": (f.name, None) for f in fields(Settings) if f.name not in sections()}
     for name, cls in sections().items():
-        expected.update({f"FACEPAY_{name.upper()}_{f.name.upper()}": (name, f.name) for f in fields(cls)})
+        variables.update({f"FACEPAY_{name.upper()}_{f.name.upper()}": (name, f.name) for f in fields(cls)})
+    return variables
+
+
+def _overlay_env(values: dict[str, Any], env: dict[str, str]) -> None:
+    expected = setting_variables()
     for variable, value in env.items():
         if variable in expected:
             top, inner = expected[variable]

@@ -657,6 +657,21 @@ def test_settings_come_from_the_environment_without_credentials_in_the_url(tmp_p
         ArchiveKeys.from_file(keys_file)
 
 
+def test_a_keys_file_readable_by_its_own_group_only_is_accepted_as_kubernetes_mounts_it(tmp_path: Path) -> None:
+    """A Secret volume with the pod's fsGroup is root:<fsGroup> 0440: readable by the process's
+    own group, by no one else. Group-writable, world-readable or another group's: refused."""
+    keys_file = tmp_path / "keys.yaml"
+    ArchiveKeys.generate(["acme"]).write(keys_file)
+    os.chown(keys_file, -1, os.getgid())
+    for mode in (0o440, 0o640):
+        keys_file.chmod(mode)
+        assert ArchiveKeys.from_file(keys_file).tenants["acme"].current == "k1"
+    for mode in (0o660, 0o604, 0o444):
+        keys_file.chmod(mode)
+        with pytest.raises(ArchiveKeyError, match="readable by others|writable"):
+            ArchiveKeys.from_file(keys_file)
+
+
 def test_each_store_reads_the_credentials_the_environment_has_when_it_is_made(s3: EmbeddedS3, keys: ArchiveKeys, photos: list[bytes],
                                                                               monkeypatch: pytest.MonkeyPatch) -> None:
     """Not the first ones a process ever saw (boto3's default session caches them)."""
