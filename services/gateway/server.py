@@ -279,10 +279,32 @@ def _enroll_response(result: dict) -> pb.EnrollResponse:
 class GatewayServer:
     """The gateway's gRPC server and, when configured, its health-only server."""
 
-    def __init__(self, main: grpc.Server, health_only: grpc.Server | None, guard: Guard) -> None:
+    def __init__(self, main: grpc.Server, health_only: grpc.Server | None, guard: Guard,
+                 health: health.HealthServicer, settings: Settings) -> None:
         self.main, self.health_only, self.guard = main, health_only, guard
+        self.health, self.settings = health, settings
+
+    def drain(self) -> threading.Event:
+        """What SIGTERM does: health answers NOT_SERVING at once (on both servers: they share the
+        servicer), so the load balancer takes this replica out; calls, new ones too, are served
+        for grpc_drain_s meanwhile; then new calls are refused and those in progress get
+        grpc_stop_grace_s to finish. Returns an event set once the server has stopped."""
+        self.health.enter_graceful_shutdown()
+        log.info("gateway draining", extra={"drain_s": self.settings.grpc_drain_s,
+                                            "grace_s": self.settings.grpc_stop_grace_s})
+        stopped = threading.Event()
+
+        def stop_after_drain() -> None:
+            time.sleep(self.settings.grpc_drain_s)  # serving on: endpoints take a while to forget us
+            self.stop(self.settings.grpc_stop_grace_s).wait()
+            log.info("gateway stopped")
+            stopped.set()
+
+        threading.Thread(target=stop_after_drain, name="gateway-drain", daemon=True).start()
+        return stopped
 
     def stop(self, grace: float | None) -> threading.Event:
+        self.health.enter_graceful_shutdown()
         self.guard.close()
         if self.health_only:
             self.health_only.stop(grace)
@@ -305,7 +327,8 @@ def serve(settings: Settings, registry: CameraRegistry) -> GatewayServer:
     guard = Guard(settings, registry)
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=threads, thread_name_prefix="gateway"),
                          interceptors=[guard],
-                         options=[("grpc.max_receive_message_length", max_message_bytes(settings))])
+                         options=[("grpc.max_receive_message_length", max_message_bytes(settings)),
+                                  *_connection_age_options(settings)])
     rpc.add_FaceGatewayServicer_to_server(Gateway(settings, registry), server)
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
@@ -318,7 +341,17 @@ def serve(settings: Settings, registry: CameraRegistry) -> GatewayServer:
     server.start()
     log.info("gateway listening", extra={"address": settings.grpc_address, "tls": credentials is not None,
                                          "health_address": settings.grpc_health_address})
-    return GatewayServer(server, health_only, guard)
+    return GatewayServer(server, health_only, guard, health_servicer, settings)
+
+
+def _connection_age_options(settings: Settings) -> list[tuple[str, int]]:
+    """Retire connections after grpc_max_connection_age_s (GOAWAY; clients reconnect, through the
+    load balancer, to any replica): an HTTP/2 connection carries every call of a camera for as
+    long as it lives, so without this a scale-up never gets the cameras already connected."""
+    if not settings.grpc_max_connection_age_s:
+        return []
+    return [("grpc.max_connection_age_ms", int(settings.grpc_max_connection_age_s * 1000)),
+            ("grpc.max_connection_age_grace_ms", int(settings.grpc_stop_grace_s * 1000))]
 
 
 def _listen(server: grpc.Server, address: str, credentials: grpc.ServerCredentials | None) -> None:
