@@ -59,15 +59,29 @@ def test_the_stages_that_run_models_are_the_ones_whose_device_is_checked():
     assert uses_device == {"detector", "aligner", "recognizer"}
 
 
+def worker_process(stage: str, **env: str) -> subprocess.Popen:
+    """`facepay worker <stage>` as a pod runs it, with Redis on a port nothing listens on."""
+    env = {**os.environ, "FACEPAY_REDIS_URL": closed_redis_url(), "FACEPAY_LOG_FORMAT": "text", **env,
+           **{f"FACEPAY_{k.upper()}": v for k, v in signing_as(stage).items()}}
+    return subprocess.Popen([sys.executable, "-m", "facepay", "worker", stage], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+
+
 @no_cuda
-def test_a_gpu_worker_pod_without_a_gpu_exits_at_once_with_one_line_saying_why(tmp_path):
-    env = {**os.environ, "FACEPAY_DEVICE": "cuda", "FACEPAY_REDIS_URL": closed_redis_url(), "FACEPAY_LOG_FORMAT": "text",
-           **{f"FACEPAY_{k.upper()}": v for k, v in signing_as("detector").items()}}
-    done = subprocess.run([sys.executable, "-m", "facepay", "worker", "detector"], env=env, capture_output=True,
-                          text=True, timeout=120, check=False)
-    assert done.returncode == 1
-    assert "facepay worker detector: device 'cuda' was asked for but torch sees no CUDA device" in done.stderr
-    assert "Traceback" not in done.stderr and "waiting for redis" not in done.stderr
+def test_a_worker_pod_that_cannot_start_exits_with_one_line_saying_why():
+    """A GPU pod without its GPU at once, before any connection; a pod whose Redis never comes
+    after FACEPAY_STARTUP_WAIT_S. (Both at once: each pays torch's import.)"""
+    gpu_without_gpu = worker_process("detector", FACEPAY_DEVICE="cuda")
+    redis_never_comes = worker_process("pose", FACEPAY_STARTUP_WAIT_S="1")
+    _, gpu_errors = gpu_without_gpu.communicate(timeout=120)
+    _, redis_errors = redis_never_comes.communicate(timeout=120)
+    assert gpu_without_gpu.returncode == 1
+    assert "facepay worker detector: device 'cuda' was asked for but torch sees no CUDA device" in gpu_errors
+    assert "Traceback" not in gpu_errors and "waiting for redis" not in gpu_errors
+    assert redis_never_comes.returncode == 1
+    assert "waiting for redis at redis://127.0.0.1:" in redis_errors
+    assert "facepay worker pose: redis at redis://127.0.0.1:" in redis_errors and "did not answer within 1 s" in redis_errors
+    assert "Traceback" not in redis_errors
 
 
 def test_a_worker_started_before_redis_waits_for_it_then_becomes_ready(tmp_path, keyset, caplog):

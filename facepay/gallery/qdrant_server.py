@@ -231,9 +231,10 @@ class QdrantGallery:
         Local mode has nothing to wait for."""
         if self._local:
             return
+        from facepay.redaction import redact_url
         from facepay.runtime.startup import wait_for
 
-        wait_for(f"qdrant at {self._url}", self._client.get_collections, _server_unreachable, within_s, on_wait)
+        wait_for(f"qdrant at {redact_url(self._url or '')}", self._client.get_collections, _server_unreachable, within_s, on_wait)
 
     def close(self) -> None:
         if not self._closed:

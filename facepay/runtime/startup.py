@@ -9,6 +9,7 @@ import logging
 import time
 from collections.abc import Callable
 
+from facepay.redaction import redact
 from facepay.runtime.redis_conn import Backoff
 
 log = logging.getLogger(__name__)
@@ -35,11 +36,11 @@ def wait_for(what: str, attempt: Callable[[], object], passing: Callable[[BaseEx
             waited = time.monotonic() - started
             if waited >= within_s:
                 raise DependencyUnavailable(
-                    f"{what} did not answer within {within_s:g} s (FACEPAY_STARTUP_WAIT_S): {exc}") from exc
+                    f"{what} did not answer within {within_s:g} s (FACEPAY_STARTUP_WAIT_S): {redact(str(exc))}") from exc
             if last_log is None or time.monotonic() - last_log >= LOG_EVERY_S:
                 last_log = time.monotonic()
                 log.warning("waiting for %s", what, extra={"waited_s": round(waited, 1), "bound_s": within_s,
-                                                           "error": str(exc)[:300]})
+                                                           "error": redact(str(exc))[:300]})
             on_wait(f"{what} unreachable")
             backoff.wait(max(0.0, min(backoff.next_s, within_s - waited)))
             continue
