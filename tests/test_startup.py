@@ -91,7 +91,8 @@ def test_a_worker_started_before_redis_waits_for_it_then_becomes_ready(tmp_path,
         with caplog.at_level(logging.INFO), running(StreamWorker(Upper(), settings, consumer="c1")) as worker:
             wait_until(lambda: any("waiting for redis at redis://" in r.getMessage() for r in caplog.records), 20,
                        "a log line saying what it waits for")
-            assert (probe(port, "/startupz"), probe(port, "/readyz"), probe(port, "/livez")) == (503, 503, 200)
+            assert (probe(port, "/startupz"), probe(port, "/livez"), probe(port, "/readyz")) == (503, 503, 503), \
+                "not started: the startup probe holds (and the liveness probe waits for it)"
             server.start()
             wait_until(lambda: probe(port, "/readyz") == 200, 30, "ready once redis answers")
             assert worker.is_alive()

@@ -3,8 +3,9 @@
 - `GET /startupz` → 200 once the stage has loaded its models and joined its consumer group.
 - `GET /livez` → 200 while the loop turns: it beats every turn (an idle read blocks 1 s) and while
   it waits out a Redis outage; 503 once no beat came for `health_stale_s` (a stage hung in
-  `process`, a deadlock) — a restart is the cure. Before start-up ends it is 200: loading models
-  and waiting for Redis are start-up's, bounded by `startup_wait_s` and the startup probe.
+  `process`, a deadlock) — a restart is the cure. Before start-up ends it is 503 like /startupz,
+  so a startup probe may use either (Kubernetes holds the liveness probe until that one passes);
+  a liveness probe without a startup probe would kill a worker loading its models.
 - `GET /readyz` → 200 when started, live, and Redis answered within `health_stale_s` with the
   worker not waiting anything out; 503 while Redis is unreachable, loading, read-only or full, or
   a stage dependency holds the batch back (a restart cures none of these: only readiness fails).
@@ -70,7 +71,7 @@ class Heartbeat:
 
     def live(self) -> Verdict:
         if not self._started:
-            return Verdict(True, "starting")
+            return self.startup()
         age = self.age_s()
         if age > self.stale_s:
             return Verdict(False, f"the worker loop has not turned for {age:.1f} s (health_stale_s {self.stale_s:g})")
