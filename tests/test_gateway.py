@@ -201,9 +201,9 @@ def test_queued_frames_are_signed_and_their_origin_attested_with_the_image_diges
 
 
 # ---- Kubernetes: drain on SIGTERM, connections retired after a maximum age (issue 13) ---------
-def health_at(address: str) -> int:
+def health_at(address: str, service: str = "") -> int:
     with grpc.insecure_channel(address) as channel:
-        return health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=5).status
+        return health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=service), timeout=5).status
 
 
 def refused_as_unavailable(settings, access) -> bool:
@@ -242,6 +242,8 @@ def test_on_sigterm_health_says_not_serving_at_once_calls_in_flight_finish_and_n
         stopped = server.drain()  # what SIGTERM does
         assert health_at(settings.grpc_address) == health_pb2.HealthCheckResponse.NOT_SERVING
         assert health_at(settings.grpc_health_address) == health_pb2.HealthCheckResponse.NOT_SERVING
+        assert health_at(settings.grpc_health_address, "liveness") == health_pb2.HealthCheckResponse.SERVING, \
+            "a liveness probe does not restart a gateway finishing its calls"
         assert rpc.FaceGatewayStub(channel).SubmitFrame(frame(session=f"d-{uuid.uuid4().hex[:6]}"), timeout=5,
                                                         metadata=creds(access, "cam-1")), "served while draining"
         wait_until(lambda: refused_as_unavailable(settings, access), 20, "new calls refused once the drain is over")

@@ -41,6 +41,11 @@ ENTRY_ID = re.compile(r"^\d+(-\d+)?$")
 PHONE_SUFFIX = re.compile(r"^\d{0,8}$")
 ENROLL_TIMEOUT_S = 120.0
 REFUSAL_THREADS = 8  # beyond the shares: threads that answer refused calls at once
+# Health service names: "" (and the API's own) say "send me calls" — NOT_SERVING from SIGTERM on,
+# for readiness; LIVENESS says "this process answers" and stays SERVING while it drains, so a
+# liveness probe never restarts a gateway that is finishing its calls.
+SERVING_SERVICES = ("", "facepay.v1.FaceGateway")
+LIVENESS_SERVICE = "liveness"
 
 
 class Gateway(rpc.FaceGatewayServicer):
@@ -289,7 +294,8 @@ class GatewayServer:
         servicer), so the load balancer takes this replica out; calls, new ones too, are served
         for grpc_drain_s meanwhile; then new calls are refused and those in progress get
         grpc_stop_grace_s to finish. Returns an event set once the server has stopped."""
-        self.health.enter_graceful_shutdown()
+        for service in SERVING_SERVICES:
+            self.health.set(service, health_pb2.HealthCheckResponse.NOT_SERVING)
         log.info("gateway draining", extra={"drain_s": self.settings.grpc_drain_s,
                                             "grace_s": self.settings.grpc_stop_grace_s})
         stopped = threading.Event()
@@ -332,8 +338,8 @@ def serve(settings: Settings, registry: CameraRegistry) -> GatewayServer:
     rpc.add_FaceGatewayServicer_to_server(Gateway(settings, registry), server)
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
-    health_servicer.set("facepay.v1.FaceGateway", health_pb2.HealthCheckResponse.SERVING)
+    for service in (*SERVING_SERVICES, LIVENESS_SERVICE):
+        health_servicer.set(service, health_pb2.HealthCheckResponse.SERVING)
     names = (pb.DESCRIPTOR.services_by_name["FaceGateway"].full_name, health.SERVICE_NAME, reflection.SERVICE_NAME)
     reflection.enable_server_reflection(names, server)
     _listen(server, settings.grpc_address, credentials)
