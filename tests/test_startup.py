@@ -140,3 +140,10 @@ def test_a_recognizer_started_before_its_redis_becomes_ready_once_redis_is_up(tm
             wait_until(lambda: probe(port, "/readyz") == 200, 120, "the recognizer ready once redis is up")
     finally:
         server.stop()
+
+
+def test_a_worker_asked_to_stop_while_it_waits_for_redis_stops_without_waiting_out_the_bound(keyset):
+    worker = StreamWorker(Upper(), settings_with_keys(keyset, redis_url=closed_redis_url(), startup_wait_s=600))
+    with running(worker) as thread:
+        wait_until(lambda: worker.heartbeat.startup().reason.startswith("redis at"), 20, "waiting for redis")
+    assert not thread.is_alive(), "SIGTERM during the start-up wait ends the process"

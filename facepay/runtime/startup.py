@@ -22,12 +22,14 @@ class DependencyUnavailable(RuntimeError):
 
 
 def wait_for(what: str, attempt: Callable[[], object], passing: Callable[[BaseException], bool], within_s: float,
-             on_wait: Callable[[str], None] = lambda _reason: None) -> None:
-    """Call `attempt` until it succeeds; errors for which `passing` holds are waited out (with a
-    log line when the wait starts and every LOG_EVERY_S), for at most `within_s`; others raise."""
+             on_wait: Callable[[str], None] = lambda _reason: None,
+             stopping: Callable[[], bool] = lambda: False) -> bool:
+    """Call `attempt` until it succeeds (True); errors for which `passing` holds are waited out
+    (with a log line when the wait starts and every LOG_EVERY_S), for at most `within_s`; others
+    raise. False when `stopping` turns true meanwhile (SIGTERM): the process is not to wait on."""
     started = time.monotonic()
     backoff, last_log = Backoff(first_s=0.1, max_s=2.0), None
-    while True:
+    while not stopping():
         try:
             attempt()
         except Exception as exc:
@@ -46,4 +48,5 @@ def wait_for(what: str, attempt: Callable[[], object], passing: Callable[[BaseEx
             continue
         if last_log is not None:
             log.info("%s answers", what, extra={"waited_s": round(time.monotonic() - started, 1)})
-        return
+        return True
+    return False

@@ -157,7 +157,8 @@ class StreamWorker:
         self._check_device()
         probes = serve_health(self.heartbeat, self.settings.health_port, self.settings.health_address)
         try:
-            self._wait_for_redis()
+            if not self._wait_for_redis():
+                return  # asked to stop while waiting
             self.stage.start()
             try:
                 self._until_accepted(lambda: self.redis.sadd(self.settings.key("workers", "ready"), self.consumer),
@@ -184,12 +185,15 @@ class StreamWorker:
         device = resolve_device(self.settings.device)
         log.info("device", extra={"stage": self.group, "requested": self.settings.device, "device": str(device)})
 
-    def _wait_for_redis(self) -> None:
-        """Redis may come up after this worker (a pod scheduled first): wait startup_wait_s for it."""
+    def _wait_for_redis(self) -> bool:
+        """Redis may come up after this worker (a pod scheduled first): wait startup_wait_s for it.
+        False when asked to stop meanwhile."""
         where = redact_url(self.settings.redis_url)
-        wait_for(f"redis at {where}", self.redis.ping, lambda exc: backpressure_kind(exc) is not None,
-                 self.settings.startup_wait_s, on_wait=self.heartbeat.waiting)
-        self.heartbeat.redis_answered()
+        answered = wait_for(f"redis at {where}", self.redis.ping, lambda exc: backpressure_kind(exc) is not None,
+                            self.settings.startup_wait_s, on_wait=self.heartbeat.waiting, stopping=lambda: self._stopping)
+        if answered:
+            self.heartbeat.redis_answered()
+        return answered
 
     def stop(self) -> None:
         self._stopping = True
