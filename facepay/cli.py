@@ -167,21 +167,26 @@ def _cmd_gateway(args) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
     stop.wait()
-    server.stop(grace=5).wait()
+    server.drain().wait()  # NOT_SERVING, serve on for grpc_drain_s, stop with grpc_stop_grace_s
     return 0
 
 
 def _cmd_worker(args) -> int:
     import torch
 
+    from facepay.models.device import DeviceUnavailableError
     from facepay.runtime.metrics import serve_metrics
+    from facepay.runtime.startup import DependencyUnavailable
     from facepay.runtime.worker import StreamWorker
     from facepay.stages import create_stage
 
     settings = _settings()
     torch.set_num_threads(settings.worker_threads)
     serve_metrics(settings.metrics_port, settings.metrics_address)
-    StreamWorker(create_stage(args.stage, settings), settings).run()
+    try:
+        StreamWorker(create_stage(args.stage, settings), settings).run()
+    except (DeviceUnavailableError, DependencyUnavailable) as exc:  # the deployment's to fix: one clear line
+        sys.exit(f"facepay worker {args.stage}: {exc}")
     return 0
 
 

@@ -33,6 +33,7 @@ class DetectorStage(PipeStage):
     output = "faces"
     accepts = FrameMsg
     accepts_from = {"frame": frozenset({"gateway"}), "end": frozenset({"gateway"})}
+    uses_device = True
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings

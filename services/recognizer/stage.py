@@ -19,7 +19,7 @@ from facepay import thresholds
 from facepay.config import Settings
 from facepay.images import decode_trusted
 from facepay.keys import TrustedKeys, load_trusted
-from facepay.gallery import Gallery, open_gallery
+from facepay.gallery import Gallery, open_gallery, wait_until_reachable
 from facepay.messages import FIELD, AdminMsg, DecisionMsg, FrameRef, Message, PosedMsg, Rejection, SessionEndMsg
 from facepay.models.registry import recognizer_defaults
 from facepay.runtime import metrics
@@ -44,6 +44,7 @@ class RecognizerStage(Stage):
     input = "posed"
     # Frames come from the pose stage (and carry the gateway's attestation); commands from the operator.
     accepts_from = {**{t: frozenset({"pose"}) for t in ("posed", "rejection", "end")}, "admin": frozenset({"operator"})}
+    uses_device = True
 
     def __init__(self, settings: Settings, gallery: Gallery | None = None) -> None:
         self.settings = settings
@@ -57,6 +58,7 @@ class RecognizerStage(Stage):
         # The vectors' space: the recognizer and the landmarks its chips were aligned with.
         self.space_id = template_space(self.embedder.model_id, self.settings.landmarks_model)
         self.gallery = self.gallery or open_gallery(self.settings.gallery_url)
+        wait_until_reachable(self.gallery, self.settings.startup_wait_s)  # a Qdrant server may start after us
         self.gallery.ensure_collection(self.space_id, self.embedder.dim)
         client = connect(self.settings.redis_url)
         self.sessions = SessionStore(client, self.settings)
