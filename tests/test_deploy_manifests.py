@@ -33,9 +33,6 @@ OVERLAYS = ("cpu", "gpu", "dev")
 KUBERNETES_VERSION = "1.33.0"  # the oldest release still supported upstream when this was written
 GPU_STAGES = ("detector", "aligner", "recognizer")  # the torch stages (README "Models")
 COMPONENTS = ("gateway", "detector", "aligner", "pose", "recognizer", "archiver")
-# Settings added in parallel by the `probes` branch (worker health endpoint, gateway connection
-# age and drain); allowed until that branch is merged, checked like any other setting after.
-PENDING_SETTINGS = {"FACEPAY_HEALTH_PORT", "FACEPAY_GRPC_MAX_CONNECTION_AGE_S", "FACEPAY_GRPC_DRAIN_S"}
 WORKER_PROBE_PATHS = {"startupProbe": "/livez", "livenessProbe": "/livez", "readinessProbe": "/readyz"}
 # Variables read by libraries, not facepay's settings.
 LIBRARY_ENV = {"QDRANT_API_KEY", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"}
@@ -212,7 +209,7 @@ def test_checkov_passes_every_overlay_and_job_with_each_skip_justified(tmp_path)
 
 
 def test_every_facepay_variable_the_manifests_set_is_a_setting():
-    known = set(setting_variables()) | NON_SETTING_ENV | PENDING_SETTINGS
+    known = set(setting_variables()) | NON_SETTING_ENV
     for name, docs in {**renderings(), "jobs": jobs()}.items():
         for component, container, _ in facepay_containers(docs):
             for variable in env_of(container, docs):
@@ -227,7 +224,7 @@ def test_the_settings_the_manifests_set_load_and_validate():
     for name, docs in renderings().items():
         for component, container, _ in facepay_containers(docs):
             env = {k: v for k, v in env_of(container, docs).items() if v is not None
-                   and k not in PENDING_SETTINGS and not k.endswith("_FILE")}
+                   and not k.endswith("_FILE")}
             settings = load_settings(env)
             assert settings.device == ("cuda" if name == "gpu" and component in GPU_STAGES else "cpu"), (name, component)
 
