@@ -237,7 +237,8 @@ class RecognizerStage(Stage):
         if locked:
             log.warning("locked out", extra={"session_id": ref.session_id, "subject": locked, "camera": ref.camera_id})
             return Verdict(False, [Reason.LOCKED_OUT], Reason.LOCKED_OUT, score=verdict.score,
-                           frames_seen=verdict.frames_seen, frames_eligible=verdict.frames_eligible, votes=verdict.votes)
+                           frames_seen=verdict.frames_seen, frames_eligible=verdict.frames_eligible,
+                           votes=verdict.votes)
         candidate = max(verdict.votes, key=verdict.votes.get) if verdict.votes else ""
         self.limits.record(session_key(ref), ref.camera_id, verdict.rule, verdict.approve, verdict.user_id or candidate)
         return verdict
