@@ -14,6 +14,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from facepay.config import SettingsError, load_settings
+from facepay.vocabulary import EnrollmentStatus
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -224,7 +225,7 @@ def _cmd_enroll(args) -> int:
                                   inline_workers=args.workers, progress=progress, tls=tls)
     for result in results:
         print(json.dumps(result))
-    return 0 if all(r["status"] == "enrolled" for r in results) else 1
+    return 0 if all(r["status"] == EnrollmentStatus.ENROLLED for r in results) else 1
 
 
 def _cmd_calibrate(args) -> int:

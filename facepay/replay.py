@@ -46,6 +46,7 @@ from facepay.messages import FIELD, DecisionMsg, FrameMsg, FrameRef, SessionEndM
 from facepay.runtime.envelope import attest, open_entry, seal
 from facepay.signing import verify
 from facepay.supervisor import Pipeline
+from facepay.vocabulary import Reason
 
 log = logging.getLogger(__name__)
 
@@ -221,7 +222,7 @@ def explain(session: ArchivedSession, replayed: dict | None, replayed_frames: li
     enrolled_since = sorted((top_now | ({now} if now else set())) - archived_candidates - {before})
     if enrolled_since:
         causes.append("user enrolled since: " + ", ".join(enrolled_since))
-    if original.get("rule") == "locked_out":
+    if original.get("rule") == Reason.LOCKED_OUT:
         causes.append("lockout (failure counters are not replayed)")
     if not causes:
         causes.append("unexplained: same models, threshold and gallery")

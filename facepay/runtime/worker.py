@@ -55,6 +55,7 @@ from facepay.runtime.health import Heartbeat, serve_health
 from facepay.runtime.redis_conn import Backoff, backpressure_kind, connect
 from facepay.runtime.stage import Emit, Stage, StageBacklog
 from facepay.runtime.startup import wait_for
+from facepay.vocabulary import Purpose
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -593,4 +594,4 @@ def _not_kept(pairs: list[tuple[Entry, Message]]) -> list[bytes]:
     """Entries erased from the input stream once handled: enrollment photos and chips, and
     operator commands (a re-index carries embeddings). Payment frames stay for the retention
     period (audit replay); enrollment has no such use, and a deleted user must leave nothing."""
-    return [e.id for e, m in pairs if m.ref.purpose == "enroll" or m.TYPE == "admin"]
+    return [e.id for e, m in pairs if m.ref.purpose == Purpose.ENROLL or m.TYPE == "admin"]

@@ -51,6 +51,7 @@ from facepay.runtime import metrics
 from facepay.runtime.envelope import Unauthenticated, image_digest, open_entry, origin_problem
 from facepay.runtime.redis_conn import connect
 from facepay.runtime.stage import Emit, Stage, StageBacklog
+from facepay.vocabulary import Purpose
 
 log = logging.getLogger(__name__)
 
@@ -205,7 +206,7 @@ class ArchiverStage(Stage):
         for stream, entry_id, fields in entries:
             tap = stream.rsplit(":", 1)[-1]
             ref = self._ref_of(fields)
-            if ref is None or ref.purpose == "enroll":  # not a payment session's: nothing to keep
+            if ref is None or ref.purpose == Purpose.ENROLL:  # not a payment session's: nothing to keep
                 pipe.xack(stream, GROUP, entry_id)
                 continue
             key = session_key(ref.store_id, ref.session_id)

@@ -29,6 +29,7 @@ from facepay.messages import FIELD, FrameMsg, FrameRef, Message, SessionEndMsg
 from facepay.runtime import metrics
 from facepay.runtime.envelope import Unauthenticated, attest, open_entry, seal
 from facepay.runtime.redis_conn import TRANSIENT, connect
+from facepay.vocabulary import EnrollmentStatus, Purpose
 from services.gateway.cameras import AccessDenied, Camera, CameraRegistry
 from services.gateway.guard import (FrameLimits, FrameRefused, Guard, HealthCheckOnly, check_session, max_message_bytes,
                                     redis_errors_as_status)
@@ -197,7 +198,7 @@ class Gateway(rpc.FaceGatewayServicer):
         last = self.redis.xrevrange(results_stream, count=1)
         cursor = last[0][0] if last else b"0-0"
         now = int(time.time() * 1000)
-        common = dict(session_id=session_id, store_id="", camera_id="enroll", captured_ms=now, purpose="enroll",
+        common = dict(session_id=session_id, store_id="", camera_id="enroll", captured_ms=now, purpose=Purpose.ENROLL,
                       user_id=request.user_id, tenant_id=request.tenant_id or "default",
                       phone_suffix=request.metadata.get("phone_suffix", ""), received_ms=now)
         for index, image in enumerate(request.images):
@@ -272,7 +273,7 @@ def _event_of_store(entry_id: bytes, fields: dict[bytes, bytes], store_id: str) 
 
 
 def _enroll_response(result: dict) -> pb.EnrollResponse:
-    status = {"enrolled": pb.EnrollResponse.ENROLLED, "duplicate": pb.EnrollResponse.DUPLICATE}.get(
+    status = {EnrollmentStatus.ENROLLED: pb.EnrollResponse.ENROLLED, EnrollmentStatus.DUPLICATE: pb.EnrollResponse.DUPLICATE}.get(
         result["status"], pb.EnrollResponse.REJECTED)
     images = [pb.ImageVerdict(index=i["index"], accepted=i["accepted"],
                               reason=reason_value(i["reason"]) if i["reason"] else 0, detail=i["reason"])
