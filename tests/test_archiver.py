@@ -58,11 +58,12 @@ class Upstream:
         key = self.settings.key(stream)
         self.redis.xadd(key, {**seal({FIELD: body}, key, self.signers[as_]), **(extra or {})})
 
-    def session(self, session_id: str, images: list[bytes], approve: bool = True) -> None:
+    def session(self, session_id: str, images: list[bytes], approve: bool = True, store: str = STORE,
+                phone_suffix: str = "") -> None:
         refs = []
         for seq, image in enumerate(images):
-            ref = FrameRef(session_id, STORE, CAMERA, seq, int(time.time() * 1000), tenant_id=TENANT,
-                           received_ms=int(time.time() * 1000))
+            ref = FrameRef(session_id, store, CAMERA, seq, int(time.time() * 1000) - 50, tenant_id=TENANT,
+                           phone_suffix=phone_suffix, received_ms=int(time.time() * 1000))
             ref = attest(ref, self.signers["gateway"], image)
             refs.append(ref)
             self._xadd("frames", FrameMsg(ref=ref, image=image).encode(), "gateway")
@@ -75,13 +76,13 @@ class Upstream:
             self._xadd("aligned", AlignedMsg(ref=ref, landmarks=[[1.0, 2.0]] * 68, ear=(0.3, 0.32), antispoof=0.8,
                                              liveness=0.7, det_score=0.99).encode(), "aligner")
             self._xadd("posed", PosedMsg(ref=ref, pitch=1.5, yaw=-3.0, roll=0.5, eligible=True).encode(), "pose")
-        end = attest(FrameRef(session_id, STORE, CAMERA, 0, 0, tenant_id=TENANT, received_ms=int(time.time() * 1000)),
+        end = attest(FrameRef(session_id, store, CAMERA, 0, 0, tenant_id=TENANT, received_ms=int(time.time() * 1000)),
                      self.signers["gateway"])
         self._xadd("frames", SessionEndMsg(ref=end, frame_count=len(images)).encode(), "gateway")
         self.decide(refs[0], len(images), approve)
 
     def decide(self, ref: FrameRef, frames: int, approve: bool) -> None:
-        event = {"session_id": ref.session_id, "store_id": STORE, "camera_id": CAMERA, "tenant_id": TENANT,
+        event = {"session_id": ref.session_id, "store_id": ref.store_id, "camera_id": CAMERA, "tenant_id": TENANT,
                  "decision": "approve" if approve else "decline", "user_id": "alice" if approve else "",
                  "score": 0.71, "threshold": 0.6, "rule": "voted", "model_ids": {"detector": "mtcnn-v1", "recognizer": "dlib-resnet-v1"},
                  "first_frame_ms": ref.received_ms, "decided_at_ms": int(time.time() * 1000), "frames_seen": frames,
@@ -93,7 +94,7 @@ class Upstream:
                               frames=scores, policy={"min_agreeing_frames": 3, "require_blink": True})
         key = self.settings.key("decisions")
         self.redis.xadd(key, {**seal({FIELD: message.encode()}, key, self.signers["recognizer"]), **signed,
-                              b"store": STORE.encode()})
+                              b"store": ref.store_id.encode()})
 
 
 @pytest.fixture(scope="module")
@@ -150,9 +151,9 @@ class RunningArchiver:
         self.thread.join(30)
 
 
-def archived_ids(settings: Settings) -> set[str]:
+def archived_ids(settings: Settings, store: str = STORE) -> set[str]:
     now = datetime.now(UTC)
-    refs = reader(settings).list_sessions(TENANT, STORE, now - timedelta(hours=1), now + timedelta(hours=1))
+    refs = reader(settings).list_sessions(TENANT, store, now - timedelta(hours=1), now + timedelta(hours=1))
     return {r.session_id for r in refs}
 
 
@@ -298,3 +299,53 @@ def test_frames_read_by_an_archiver_that_died_before_filing_them_are_taken_over(
     store = reader(setup)
     (ref,) = store.list_sessions(TENANT, STORE, now - timedelta(hours=1), now + timedelta(hours=1))
     assert [f.image for f in store.read(ref.key).frames] == photos[:3]
+
+
+def chained_ids(settings: Settings, store: str) -> set[str]:
+    """Sessions of the store that are archived and on its hash chain (not held outside it)."""
+    quarantined = {p.session_id for p in verify(settings, store).problems if p.kind == "quarantined"}
+    return archived_ids(settings, store) - quarantined
+
+
+def verify(settings: Settings, store: str):
+    now = datetime.now(UTC)
+    return reader(settings).verify(TENANT, store, now - timedelta(hours=1), now + timedelta(hours=1))
+
+
+def test_a_tampered_chain_of_one_store_holds_back_neither_the_other_stores_nor_its_own_sessions(setup, photos):
+    """Store A's chain head is forged: store B goes on being archived; A's new session is
+    sealed and kept outside the chain (quarantined, reported by verify), its frames leave Redis,
+    and once the operator restores A's head it is chained."""
+    upstream, archive = Upstream(setup), reader(setup)
+    settings = setup.replace(archive_quarantine_retry_s=1)
+    with RunningArchiver(settings):
+        upstream.session("q-a1", photos[:3], store="store-a")
+        upstream.session("q-b1", photos[:3], store="store-b")
+        wait_until(lambda: "q-a1" in archived_ids(setup, "store-a") and "q-b1" in archived_ids(setup, "store-b"),
+                   what="both stores archived")
+        head_key = f"{archive._chain(TENANT, 'store-a')}head.json"
+        genuine_head = archive.client.get_object(Bucket=archive.bucket, Key=head_key)["Body"].read()
+        archive.client.put_object(Bucket=archive.bucket, Key=head_key, Body=genuine_head.replace(b'"seq":1', b'"seq":7'))
+
+        upstream.session("q-a2", photos[:3], store="store-a")
+        for i in range(3):
+            upstream.session(f"q-b{i + 2}", photos[:3], store="store-b")
+        wait_until(lambda: {"q-b2", "q-b3", "q-b4"} <= archived_ids(setup, "store-b"), what="store B archived on")
+        wait_until(lambda: all(pending(setup, s) == 0 for s in ("frames", "faces", "aligned", "posed", "decisions")),
+                   what="nothing held in Redis, A's session included")
+        report = verify(setup, "store-a")
+        assert {"bad_signature", "quarantined"} <= report.kinds()
+        assert [p.session_id for p in report.problems if p.kind == "quarantined"] == ["q-a2"]
+        assert [f.image for f in archive.read(archive.session_key(TENANT, "store-a", *_decided("q-a2", archive))).frames] == photos[:3]
+        assert verify(setup, "store-b").ok
+
+        archive.client.put_object(Bucket=archive.bucket, Key=head_key, Body=genuine_head)  # restored by the operator
+        wait_until(lambda: verify(setup, "store-a").ok, what="A's quarantined session chained once its chain is whole")
+    assert chained_ids(setup, "store-a") == {"q-a1", "q-a2"}
+
+
+def _decided(session_id: str, archive: ArchiveStore) -> tuple[int, str]:
+    now = datetime.now(UTC)
+    (ref,) = [r for r in archive.list_sessions(TENANT, "store-a", now - timedelta(hours=1), now + timedelta(hours=1))
+              if r.session_id == session_id]
+    return ref.decided_ms, session_id

@@ -16,6 +16,9 @@ How a session's entries are gathered (the streams are the staging area; nothing 
   decision afterwards; a crash in between archives nothing twice (archive() is idempotent).
 - Archive down → `StageBacklog`: the runtime holds the decision pending and retries; the tap
   entries stay pending; lag grows; nothing is lost.
+- A store's chain refusing appends (tampered, unreadable) → the session is quarantined: sealed
+  in its place outside the chain, with a signed note, chained once the chain is restored. Not
+  held: one store's broken chain must not stall every store, nor keep frames in Redis for days.
 
 Why not let the recognizer carry everything: its messages hold chips, not the frame as received,
 and the per-stage outputs (boxes, landmarks, pose) are gone by then; copying them into Redis
@@ -151,6 +154,8 @@ class ArchiverStage(Stage):
         self._reclaim_taps()
         self._release_orphans()
         self._sweep_when_due()
+        if self._bucket_ready:
+            self._drain_quarantine_when_due()
         return []
 
     # ---- retention -------------------------------------------------------------------------
@@ -400,11 +405,44 @@ class ArchiverStage(Stage):
                 self.store.ensure_bucket()
                 self._bucket_ready = True
             self.store.archive(session)
+        except ArchiveTampered as exc:
+            self._quarantine(session, key, exc)
         except ArchiveUnavailable as exc:
             raise StageBacklog(f"archive unavailable; session {key} held: {exc}") from exc
-        except (ArchiveTampered, ArchiveAccessDenied, ArchiveKeyError) as exc:
+        except (ArchiveAccessDenied, ArchiveKeyError) as exc:
             # Waiting will not fix these, but releasing would lose the session: hold, loudly.
             log.error("archive refuses the session; held until an operator acts", extra={"session_id": key, "error": str(exc)})
             raise StageBacklog(f"archive refuses session {key}: {exc}") from exc
         except ArchiveError as exc:  # contention: retry
             raise StageBacklog(f"archive busy; session {key} held: {exc}") from exc
+
+    def _quarantine(self, session: ArchivedSession, key: str, refused: ArchiveTampered) -> None:
+        """The store's chain refuses appends (a forged or missing head, an unreadable entry):
+        holding the decision would stall every store behind it and keep the frames in Redis
+        until someone looks. The session is kept sealed outside the chain instead, and chained
+        when the chain is whole again (`_drain_quarantine_when_due`)."""
+        try:
+            self.store.quarantine(session, str(refused))
+        except ArchiveUnavailable as exc:
+            raise StageBacklog(f"archive unavailable; session {key} held: {exc}") from exc
+        except ArchiveError as exc:
+            raise StageBacklog(f"archive refuses session {key} and its quarantine: {exc}") from exc
+        metrics.ARCHIVE_QUARANTINED.labels(session.tenant, session.store).inc()
+        log.error("store's archive chain refuses appends (tampered or unreadable): session kept outside the chain "
+                  "(quarantined) until the chain is restored; run `facepay audit verify`",
+                  extra={"session_id": key, "tenant": session.tenant, "store": session.store, "error": str(refused)})
+
+    def _drain_quarantine_when_due(self) -> None:
+        """Chain quarantined sessions whose store's chain takes appends again; one replica per
+        turn (SET NX with the retry period), so two never chain the same session."""
+        turn = self.settings.key(GROUP, "drain-turn")
+        if not self.redis.set(turn, self.consumer, nx=True, ex=self.settings.archive_quarantine_retry_s):
+            return
+        try:
+            chained = self.store.drain_quarantine()
+        except ArchiveError as exc:  # the next turn retries
+            log.warning("quarantined sessions not drained this turn", extra={"error": str(exc)})
+            return
+        for session_id in chained:
+            log.warning("quarantined session chained: its store's chain takes appends again", extra={"session_id": session_id})
+        metrics.ARCHIVED.labels("chained_from_quarantine").inc(len(chained))
