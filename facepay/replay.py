@@ -165,8 +165,10 @@ class ReplayRun:
         stream = self.settings.key("frames")
         frames = [f for f in session.frames if f.image]
         for frame in frames:
-            ref = FrameRef(session.session_id, session.store, session.camera, frame.index, frame.received_ms,
-                           tenant_id=session.tenant, trace_id=f"replay-{uuid.uuid4().hex[:8]}", received_ms=frame.received_ms)
+            # As received: the camera's capture time, the phone suffix the search was filtered by.
+            ref = FrameRef(session.session_id, session.store, session.camera, frame.index, frame.captured_ms or frame.received_ms,
+                           tenant_id=session.tenant, phone_suffix=frame.phone_suffix,
+                           trace_id=f"replay-{uuid.uuid4().hex[:8]}", received_ms=frame.received_ms)
             message = FrameMsg(ref=attest(ref, self.gateway, frame.image), image=frame.image)
             self.client.xadd(stream, seal({FIELD: message.encode()}, stream, self.gateway))
         end = attest(FrameRef(session.session_id, session.store, session.camera, -1, 0, tenant_id=session.tenant,

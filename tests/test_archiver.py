@@ -17,7 +17,9 @@ import pytest
 from facepay import keys as component_keys
 from facepay.archive import ArchiveKeys, ArchiveSettings, ArchiveStore, EmbeddedS3
 from facepay.config import Settings
-from facepay.messages import FIELD, AlignedMsg, DecisionMsg, FaceMsg, FrameMsg, FrameRef, PosedMsg, Rejection, SessionEndMsg
+from facepay.messages import (
+    FIELD, AlignedMsg, DecisionMsg, EmbeddingMsg, FaceMsg, FrameMsg, FrameRef, PosedMsg, Rejection, SessionEndMsg, decode,
+)
 from facepay.runtime.embedded import EmbeddedValkey
 from facepay.runtime.envelope import attest, seal
 from facepay.runtime.redis_conn import connect
@@ -44,6 +46,10 @@ def photos(request: pytest.FixtureRequest) -> list[bytes]:
         return [cv2.imencode(".jpg", image, [cv2.IMWRITE_JPEG_QUALITY, q])[1].tobytes() for q in (70, 80, 90)]
 
 
+def embedding_of(sequence: int) -> list[float]:
+    return [round(0.01 * (sequence + 1) * (i % 7 - 3), 4) for i in range(128)]
+
+
 class Upstream:
     """Writes what the gateway, detector, aligner, pose and recognizer write, each signed with
     its own key, for one payment session at a time."""
@@ -59,7 +65,8 @@ class Upstream:
         self.redis.xadd(key, {**seal({FIELD: body}, key, self.signers[as_]), **(extra or {})})
 
     def session(self, session_id: str, images: list[bytes], approve: bool = True, store: str = STORE,
-                phone_suffix: str = "") -> None:
+                phone_suffix: str = "", embeddings: bool = False) -> None:
+        """`embeddings`: the recognizer also writes each face's embedding (archive_keep_embeddings)."""
         refs = []
         for seq, image in enumerate(images):
             ref = FrameRef(session_id, store, CAMERA, seq, int(time.time() * 1000) - 50, tenant_id=TENANT,
@@ -76,6 +83,9 @@ class Upstream:
             self._xadd("aligned", AlignedMsg(ref=ref, landmarks=[[1.0, 2.0]] * 68, ear=(0.3, 0.32), antispoof=0.8,
                                              liveness=0.7, det_score=0.99).encode(), "aligner")
             self._xadd("posed", PosedMsg(ref=ref, pitch=1.5, yaw=-3.0, roll=0.5, eligible=True).encode(), "pose")
+            if embeddings:
+                self._xadd("embeddings", EmbeddingMsg(ref=ref, vector=embedding_of(seq), space="dlib-resnet-v1+dlib68").encode(),
+                           "recognizer")
         end = attest(FrameRef(session_id, store, CAMERA, 0, 0, tenant_id=TENANT, received_ms=int(time.time() * 1000)),
                      self.signers["gateway"])
         self._xadd("frames", SessionEndMsg(ref=end, frame_count=len(images)).encode(), "gateway")
@@ -179,7 +189,7 @@ def test_a_decided_session_is_archived_once_with_its_frames_as_received_and_ever
     upstream = Upstream(setup)
     images = photos[:4]
     with RunningArchiver(setup):
-        upstream.session("s-1", images)
+        upstream.session("s-1", images, phone_suffix="1234")
         wait_until(lambda: "s-1" in archived_ids(setup), what="session archived")
         wait_until(lambda: all(pending(setup, s) == 0 for s in ("frames", "faces", "aligned", "posed", "decisions")),
                    what="every entry acknowledged")
@@ -195,6 +205,13 @@ def test_a_decided_session_is_archived_once_with_its_frames_as_received_and_ever
     assert first.liveness == {"antispoof": pytest.approx(0.8), "liveness": pytest.approx(0.7)}
     assert (first.pitch, first.yaw, first.roll, first.eligible) == (1.5, -3.0, 0.5, True)
     assert first.top_k[0].user_id == "alice" and first.top_k[0].score == pytest.approx(0.7)
+    # What else the decision depended on: the margin over the second-best user, the gallery
+    # search's phone-suffix filter, the camera's capture time, the frame count it announced.
+    assert first.second_score == pytest.approx(0.2)
+    assert [f.phone_suffix for f in session.frames] == ["1234"] * 4
+    assert all(f.received_ms - f.captured_ms >= 50 for f in session.frames)
+    assert session.frame_count == 4
+    assert all(f.embedding is None for f in session.frames), "no embedding unless configured"
     assert last.rejection == "detector:no_face" and last.face_box is None
     assert session.decision.fields["user_id"] == "alice" and session.threshold == 0.6
     assert session.models["recognizer"] == "dlib-resnet-v1" and session.policy["min_agreeing_frames"] == 3
@@ -349,3 +366,53 @@ def _decided(session_id: str, archive: ArchiveStore) -> tuple[int, str]:
     (ref,) = [r for r in archive.list_sessions(TENANT, "store-a", now - timedelta(hours=1), now + timedelta(hours=1))
               if r.session_id == session_id]
     return ref.decided_ms, session_id
+
+
+def test_embeddings_reach_the_archive_when_configured_and_only_then(setup, photos):
+    upstream, archive = Upstream(setup), reader(setup)
+    with RunningArchiver(setup.replace(archive_keep_embeddings=True)):
+        upstream.session("e-kept", photos[:3], embeddings=True)
+        wait_until(lambda: "e-kept" in archived_ids(setup), what="session archived")
+    with RunningArchiver(setup):
+        upstream.session("e-not-kept", photos[:3], embeddings=True)
+        wait_until(lambda: "e-not-kept" in archived_ids(setup), what="session archived")
+        wait_until(lambda: pending(setup, "embeddings") == 0, what="the embeddings acknowledged, not held")
+    now = datetime.now(UTC)
+    sessions = {r.session_id: archive.read(r.key) for r in archive.list_sessions(TENANT, STORE, now - timedelta(hours=1), now + timedelta(hours=1))}
+    kept = sessions["e-kept"].frames
+    assert [f.embedding for f in kept[:2]] == [pytest.approx(embedding_of(0)), pytest.approx(embedding_of(1))]
+    assert kept[2].embedding is None, "the frame with no face has none"
+    assert all(f.embedding is None for f in sessions["e-not-kept"].frames)
+
+
+@pytest.mark.parametrize("keep", [True, False])
+def test_the_recognizer_hands_each_faces_embedding_to_the_archiver_only_when_configured(valkey, tmp_path, astronaut, keep):
+    """The real recognizer stage and model: with archive_keep_embeddings, each payment face it
+    embeds goes to `{ns}:embeddings` (signed by the recognizer, read by the archiver only — not
+    into the decisions stream payment backends read); without it, nowhere."""
+    import cv2
+
+    from services.recognizer.stage import RecognizerStage
+
+    settings = Settings(redis_url=valkey.url, namespace=f"rec{uuid.uuid4().hex[:6]}", signing_key="11" * 32,
+                        gallery_url=f"edge://{tmp_path}/gallery", archive_keep_embeddings=keep, **keysets.signing_as("recognizer"))
+    stage = RecognizerStage(settings)
+    stage.start()
+    try:
+        chip = cv2.imencode(".png", cv2.resize(astronaut[30:230, 150:350], (150, 150)))[1].tobytes()
+        now = int(time.time() * 1000)
+        posed = [PosedMsg(ref=FrameRef("s-emb", STORE, CAMERA, seq, now, tenant_id=TENANT, received_ms=now),
+                          chips={stage.embedder.chip_template: chip}, ear=(0.3, 0.3), eligible=seq != 1,
+                          reason="" if seq != 1 else "pose_yaw") for seq in range(3)]
+        emits = stage.process(posed)
+    finally:
+        stage.stop()
+    handed = [decode(e.payload) for e in emits if e.stream == "embeddings"]
+    decisions = [e for e in emits if e.stream == "decisions"]
+    assert all(b"embedding" not in e.payload[FIELD] for e in decisions)
+    if not keep:
+        assert handed == []
+        return
+    assert [m.ref.sequence for m in handed] == [0, 1, 2], "every face the recognizer embedded, pose-rejected ones too"
+    assert all(isinstance(m, EmbeddingMsg) and len(m.vector) == stage.embedder.dim for m in handed)
+    assert handed[0].space == stage.space_id

@@ -4,6 +4,7 @@ real stage workers in its own namespace while live traffic keeps flowing."""
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 from collections import Counter
 from datetime import UTC, datetime, timedelta
@@ -202,6 +203,34 @@ def test_the_replay_namespace_is_isolated_and_accepts_old_frames_there_only(tmp_
     with pytest.raises(Unauthenticated):
         open_entry(entry, "fp:frames", component_keys.load_trusted(str(production_keys)), {"gateway"})
     assert "not attested" in origin_problem(ref, component_keys.load_trusted(str(production_keys)))
+
+
+def test_the_replay_reinjects_frames_as_they_were_received(tmp_path):
+    """Capture time and phone suffix are what the original pipeline had: the recognizer's
+    gallery search is filtered by the suffix, so a replay without it could match someone else."""
+    from facepay.config import Settings
+    from facepay.messages import FIELD, FrameMsg, SessionEndMsg, decode
+    from facepay.replay import ReplayRun
+    from facepay.runtime.envelope import open_entry, origin_problem
+
+    session = archived("alice")
+    frames = [dataclasses.replace(f, received_ms=1_700_000_000_000 + f.index, captured_ms=1_699_999_999_900 + f.index,
+                                  phone_suffix="1234") for f in session.frames]
+    session = dataclasses.replace(session, frames=frames)
+    run = ReplayRun(Settings(namespace="fp-replay-t"), tmp_path)
+    run.pipeline.valkey.start()
+    try:
+        run.client = redis.Redis.from_url(run.pipeline.valkey.url)
+        run.inject(session)
+        stream = run.settings.key("frames")
+        messages = [decode(open_entry(f, stream, run.trusted, {"gateway"})[1]) for _, f in run.client.xrange(stream)]
+    finally:
+        run.pipeline.valkey.stop()
+    injected = [m for m in messages if isinstance(m, FrameMsg)]
+    assert [(m.ref.captured_ms, m.ref.received_ms, m.ref.phone_suffix) for m in injected] == [
+        (f.captured_ms, f.received_ms, "1234") for f in frames]
+    assert all(origin_problem(m.ref, run.trusted, 20 * 365 * 86400) == "" for m in injected)
+    assert isinstance(messages[-1], SessionEndMsg) and messages[-1].frame_count == 3
 
 
 def test_replay_refuses_bad_options_with_a_clear_error_before_starting_anything():

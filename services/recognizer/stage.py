@@ -20,7 +20,7 @@ from facepay.config import Settings
 from facepay.images import decode_trusted
 from facepay.keys import TrustedKeys, load_trusted
 from facepay.gallery import Gallery, open_gallery
-from facepay.messages import FIELD, AdminMsg, DecisionMsg, FrameRef, Message, PosedMsg, Rejection, SessionEndMsg
+from facepay.messages import FIELD, AdminMsg, DecisionMsg, EmbeddingMsg, FrameRef, Message, PosedMsg, Rejection, SessionEndMsg
 from facepay.models.registry import recognizer_defaults
 from facepay.runtime import metrics
 from facepay.runtime.envelope import origin_problem
@@ -131,6 +131,7 @@ class RecognizerStage(Stage):
                 models = message.models if isinstance(message, PosedMsg) else None
                 result = self._frame_result(message, embeddings.get(id(message)))
                 self.sessions.record(message.ref, result=result, models=models)
+                emits += self._for_the_archive_embedding(message.ref, result)
         for key in dict.fromkeys(session_key(m.ref) for m in live):
             emits += self._evaluate(key, timed_out=False)
         return emits
@@ -327,6 +328,13 @@ class RecognizerStage(Stage):
         payload[b"store"] = ref.store_id.encode()
         payload[FIELD] = self._for_the_archive(ref, state, payload).encode()  # signed by the runtime
         return Emit("decisions", payload, once_key=decided_key(session_key(ref)))
+
+    def _for_the_archive_embedding(self, ref: FrameRef, result: FrameResult) -> list[Emit]:
+        """With archive_keep_embeddings, a payment face's embedding goes to the archiver on a
+        stream of its own (written in the same transaction as, or before, the decision)."""
+        if not self.settings.archive_keep_embeddings or ref.purpose == "enroll" or result.embedding is None:
+            return []
+        return [Emit("embeddings", EmbeddingMsg(ref=ref, vector=result.embedding, space=self.space_id).encode())]
 
     def _for_the_archive(self, ref: FrameRef, state: SessionState, signed: dict[bytes, bytes]) -> DecisionMsg:
         """The event as signed, each frame's scores and the rule in force, for the archiver."""
