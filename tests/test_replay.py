@@ -5,6 +5,9 @@ real stage workers in its own namespace while live traffic keeps flowing."""
 from __future__ import annotations
 
 import dataclasses
+import json
+import subprocess
+import sys
 import threading
 from collections import Counter
 from datetime import UTC, datetime, timedelta
@@ -15,6 +18,7 @@ import redis
 
 from facepay.admin import call
 from facepay.archive import ArchiveKeys, ArchiveSettings, ArchivedFrame, ArchivedSession, ArchiveStore, Candidate, SignedDecision
+from facepay.archive.container import SealedSession
 from facepay.config import SessionPolicy
 from facepay.contract import pb
 from facepay.replay import ReplayOptions, explain, run_replay
@@ -23,6 +27,7 @@ from tests.e2e import Backend, camera, enroll, new_session, start_pipeline, wait
 
 PHOTO_POLICY = SessionPolicy(require_blink=False)  # still photos cannot blink: that rule alone is off
 TAP_STREAMS = ("frames", "faces", "aligned", "posed", "decisions")
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def archive_of(pipeline) -> ArchiveStore:
@@ -50,12 +55,25 @@ def counted_sessions(pipeline, client: redis.Redis) -> set[str]:
     return {k.decode().split("/", 1)[1].rsplit(":", 1)[0] for k in client.scan_iter(match=pattern)}
 
 
-@pytest.mark.slow
-def test_a_replay_beside_live_traffic_decides_as_the_original_and_leaves_production_untouched(faces, tmp_path, monkeypatch):
+@dataclasses.dataclass
+class Production:
+    """A production pipeline whose archive holds real-face sessions: an approval of each of two
+    enrolled people and a stranger's decline, all on cam-1 of store-1."""
+
+    pipeline: object
+    backend: Backend
+    people: dict
+    names: list[str]
+    sessions: dict[str, str | None]  # session → the person streamed (None: the stranger)
+    originals: dict
+
+
+@pytest.fixture(scope="module")
+def production(faces, tmp_path_factory):
     people = {n: p for n, p in faces.identities().items() if len(p) >= 2}
     stranger = next(p for p in faces.identities().values() if len(p) == 1)
     names = sorted(people)[:2]
-    pipeline = start_pipeline(tmp_path / "production", PHOTO_POLICY)
+    pipeline = start_pipeline(tmp_path_factory.mktemp("production"), PHOTO_POLICY)
     try:
         for name in names:
             assert enroll(pipeline, name, [people[name][0].read_bytes()]).status == pb.EnrollResponse.ENROLLED
@@ -68,65 +86,122 @@ def test_a_replay_beside_live_traffic_decides_as_the_original_and_leaves_product
         session = new_session()
         cam.stream_session(session, [stranger[0].read_bytes()] * 3)
         sessions[session] = None
+        cam.close()
         originals = backend.wait_for(list(sessions))
         archive = archive_of(pipeline)
-        now = datetime.now(UTC)
-        wait_until(lambda: set(sessions) <= {r.session_id for r in archive.list_sessions("demo", "store-1", now - timedelta(hours=1), now + timedelta(hours=1))},
-                   120, "every session archived")
-
-        assert archive.verify("demo", "store-1", now - timedelta(hours=1), now + timedelta(hours=1)).ok
-        client = redis.Redis.from_url(pipeline.settings.redis_url)
-        before = production_state(pipeline, client)
-        # Live traffic on another camera of the same store, for as long as the replay runs.
-        live, stop_live = [], threading.Event()
-        approved = [sessions[s] for s, e in originals.items() if e.decision == pb.APPROVE]
-        assert approved, "at least one enrolled person is approved"
-        payer = approved[0]
-        live_cam = camera(pipeline, "cam-2")
-
-        def traffic() -> None:
-            while not stop_live.is_set():
-                live_session = new_session()
-                live_cam.stream_session(live_session, [p.read_bytes() for p in people[payer][1:]] * 3)
-                live.append(live_session)
-                stop_live.wait(1.0)
-
-        thread = threading.Thread(target=traffic, daemon=True)
-        thread.start()
-        monkeypatch.setenv("AWS_ACCESS_KEY_ID", pipeline.s3.credentials.access_key_id)
-        options = ReplayOptions(start=now - timedelta(hours=1), end=datetime.now(UTC) + timedelta(minutes=1),
-                                store="store-1", camera="cam-1", out=tmp_path / "replay")
-        report = run_replay(pipeline.settings, archive, options)
-        stop_live.set()
-        thread.join(120)
-        live_decisions = backend.wait_for(live)
-
-        # Same models, same settings → the same decisions, session for session.
-        replayed = {s["session_id"]: s for s in report["sessions"]}
-        assert set(replayed) == set(sessions)
-        for session_id, original in originals.items():
-            again = replayed[session_id]["replayed"]
-            assert again is not None, f"{session_id} not decided in the replay"
-            expected = "approve" if original.decision == pb.APPROVE else "decline"
-            assert (again["decision"], again["user_id"]) == (expected, original.user_id)
-        assert report["differences"] == 0, [s["causes"] for s in report["sessions"] if s["differs"]]
-        assert report["replay"]["key_id"].startswith("replay-")
-        html = (tmp_path / "replay" / "report.html").read_text()
-        assert html.count("<img") >= sum(len(s["frames"]) for s in report["sessions"])
-
-        # Production untouched: groups, lockouts, gallery; no replayed decision in its stream.
-        assert live and all(live_decisions[s].decision == pb.APPROVE and live_decisions[s].user_id == payer for s in live)
-        assert production_state(pipeline, client) == before
-        assert counted_sessions(pipeline, client) <= set(sessions) | set(live)
-        decided = Counter(json_session(f) for _, f in client.xrange(pipeline.settings.key("decisions")))
-        assert all(decided[s] == 1 for s in sessions), decided
-        assert set(decided) == set(sessions) | set(live)
-        assert list(client.scan_iter(match=f"{pipeline.settings.namespace}-replay-*")) == []
+        wait_until(lambda: set(sessions) <= archived_sessions(archive), 120, "every session archived")
+        yield Production(pipeline, backend, people, names, sessions, originals)
         backend.close()
-        cam.close()
-        live_cam.close()
     finally:
         pipeline.stop()
+
+
+def archived_sessions(archive: ArchiveStore) -> set[str]:
+    now = datetime.now(UTC)
+    return {r.session_id for r in archive.list_sessions("demo", "store-1", now - timedelta(hours=1), now + timedelta(hours=1))}
+
+
+@pytest.mark.slow
+def test_a_replay_beside_live_traffic_decides_as_the_original_and_leaves_production_untouched(production, tmp_path, monkeypatch):
+    pipeline, backend, people, sessions, originals = (production.pipeline, production.backend, production.people,
+                                                      production.sessions, production.originals)
+    archive = archive_of(pipeline)
+    now = datetime.now(UTC)
+    assert archive.verify("demo", "store-1", now - timedelta(hours=1), now + timedelta(hours=1)).ok
+    client = redis.Redis.from_url(pipeline.settings.redis_url)
+    before = production_state(pipeline, client)
+    # Live traffic on another camera of the same store, for as long as the replay runs.
+    live, stop_live = [], threading.Event()
+    approved = [sessions[s] for s, e in originals.items() if e.decision == pb.APPROVE]
+    assert approved, "at least one enrolled person is approved"
+    payer = approved[0]
+    live_cam = camera(pipeline, "cam-2")
+
+    def traffic() -> None:
+        while not stop_live.is_set():
+            live_session = new_session()
+            live_cam.stream_session(live_session, [p.read_bytes() for p in people[payer][1:]] * 3)
+            live.append(live_session)
+            stop_live.wait(1.0)
+
+    thread = threading.Thread(target=traffic, daemon=True)
+    thread.start()
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", pipeline.s3.credentials.access_key_id)
+    options = ReplayOptions(start=now - timedelta(hours=1), end=datetime.now(UTC) + timedelta(minutes=1),
+                            store="store-1", camera="cam-1", out=tmp_path / "replay")
+    report = run_replay(pipeline.settings, archive, options)
+    stop_live.set()
+    thread.join(120)
+    live_decisions = backend.wait_for(live)
+    live_cam.close()
+
+    # Same models, same settings → the same decisions, session for session.
+    replayed = {s["session_id"]: s for s in report["sessions"]}
+    assert set(replayed) == set(sessions)
+    for session_id, original in originals.items():
+        again = replayed[session_id]["replayed"]
+        assert again is not None, f"{session_id} not decided in the replay"
+        expected = "approve" if original.decision == pb.APPROVE else "decline"
+        assert (again["decision"], again["user_id"]) == (expected, original.user_id)
+    assert report["differences"] == 0, [s["causes"] for s in report["sessions"] if s["differs"]]
+    assert report["replay"]["key_id"].startswith("replay-")
+    html = (tmp_path / "replay" / "report.html").read_text()
+    assert html.count("<img") >= sum(len(s["frames"]) for s in report["sessions"])
+
+    # Production untouched: groups, lockouts, gallery; no replayed decision in its stream.
+    assert live and all(live_decisions[s].decision == pb.APPROVE and live_decisions[s].user_id == payer for s in live)
+    assert production_state(pipeline, client) == before
+    assert counted_sessions(pipeline, client) <= set(sessions) | set(live)
+    decided = Counter(json_session(f) for _, f in client.xrange(pipeline.settings.key("decisions")))
+    assert all(decided[s] == 1 for s in sessions), decided
+    assert set(decided) == set(sessions) | set(live)
+    assert list(client.scan_iter(match=f"{pipeline.settings.namespace}-replay-*")) == []
+
+
+@pytest.mark.slow
+def test_users_delete_erases_the_frames_of_the_sessions_that_approved_the_user_and_keeps_what_the_readme_says(production):
+    """`facepay users delete` as an operator runs it (the real CLI, the operator's Redis user
+    and key, the archive's keys): the gallery forgets the user; every archived session that
+    approved them loses its frames and data key, keeps its signed decision, and still verifies;
+    other people's sessions, and a decline in which the user's face appeared, stay whole
+    (README: Erasure)."""
+    pipeline = production.pipeline
+    name = next(production.sessions[s] for s, e in production.originals.items() if e.decision == pb.APPROVE)
+    archive = archive_of(pipeline)
+    # A decline showing the user's face: one frame, too few to decide on.
+    cam = camera(pipeline, "cam-2")
+    glimpse = new_session()
+    cam.stream_session(glimpse, [production.people[name][1].read_bytes()])
+    cam.close()
+    assert production.backend.wait_for([glimpse])[glimpse].decision == pb.DECLINE
+    wait_until(lambda: glimpse in archived_sessions(archive), 120, "the decline archived")
+    now = datetime.now(UTC)
+    refs = archive.list_sessions("demo", "store-1", now - timedelta(hours=1), now + timedelta(hours=1))
+    before = {r.session_id: archive.read(r.key) for r in refs}
+    approving = {s for s, session in before.items() if session.user_id == name}
+    assert approving and any(c.user_id == name for f in before[glimpse].frames for c in f.top_k)
+
+    env = {**pipeline.process_env("operator"), **pipeline.archive_env(),
+           "FACEPAY_OPERATOR_KEY_FILE": str(pipeline.keys_dir / "operator.key")}
+    deleted = subprocess.run([sys.executable, "-m", "facepay", "users", "delete", name], env=env, cwd=ROOT,
+                             capture_output=True, text=True, timeout=120)
+    assert deleted.returncode == 0, deleted.stderr
+    assert json.loads(deleted.stdout)["archive"] == {"erased_sessions": len(approving)}
+
+    assert name not in call(pipeline.settings, "list_users", tenant="demo")["users"]
+    for ref in refs:
+        was, now_ = before[ref.session_id], archive.read(ref.key)
+        assert now_.decision == was.decision and now_.models == was.models, "the signed decision and models stay"
+        if ref.session_id in approving:
+            assert now_.frames == [], f"{ref.session_id} approved {name}: its frames are erased"
+            stored = SealedSession.from_bytes(archive.client.get_object(Bucket=archive.bucket, Key=ref.key)["Body"].read())
+            assert stored.key is None and all(slot.sealed is None for slot in stored.frames), "ciphertexts and data key gone"
+            assert stored.erased
+        else:
+            assert now_.frames == was.frames, f"{ref.session_id} did not approve {name}: untouched"
+    report = archive.verify("demo", "store-1", now - timedelta(hours=1), now + timedelta(hours=1))
+    assert report.ok, report.problems
+    assert report.erased == len(approving)
 
 
 def json_session(fields: dict) -> str:
