@@ -21,6 +21,7 @@ from facepay.archive import ArchiveKeys, ArchiveSettings, ArchivedFrame, Archive
 from facepay.archive.container import SealedSession
 from facepay.config import SessionPolicy
 from facepay.contract import pb
+from facepay.messages import DecisionMsg, FrameRef
 from facepay.replay import ReplayOptions, explain, run_replay
 from facepay.signing import sign
 from tests.e2e import Backend, camera, enroll, new_session, start_pipeline, wait_until
@@ -212,9 +213,9 @@ def json_session(fields: dict) -> str:
 
 # ---- the causes of a difference (no pipeline needed) ------------------------------------------
 def archived(user: str | None, threshold: float = 0.6, models: dict | None = None, images: bool = True,
-             candidates: tuple[str, ...] = ("alice",)) -> ArchivedSession:
+             candidates: tuple[str, ...] = ("alice",), rule: dict | None = None) -> ArchivedSession:
     event = {"session_id": "s", "store_id": "st", "decision": "approve" if user else "decline", "user_id": user or "",
-             "threshold": threshold, "rule": "voted" if user else "no_match"}
+             "threshold": threshold, "rule": "voted" if user else "no_match", **(rule or {})}
     signed = sign(event, "k", "k1")
     frames = [ArchivedFrame(i, 0, b"\xff\xd8jpeg" if images else b"", "jpeg", top_k=[Candidate(c, 0.7) for c in candidates])
               for i in range(3)]
@@ -237,6 +238,23 @@ def test_each_cause_of_a_difference_is_named():
     assert explain(archived("alice", images=False), replayed_event(None), [], {"alice"}) == [
         "frame missing (erased, or never reached the archiver)"]
     assert explain(archived("alice"), None, [], {"alice"}) == ["not decided in the replay"]
+    assert explain(archived("alice", rule={"margin": 0.02, "min_agreeing_frames": 3}),
+                   {**replayed_event(None), "margin": 0.05, "min_agreeing_frames": 3}, [], {"alice"}) == [
+        "session rule changed: margin 0.02 → 0.05"]
+
+
+def test_the_html_report_shows_each_frames_scores_the_rule_and_the_cause():
+    from facepay.replay import render_html, session_report
+
+    original = archived("alice")
+    original = dataclasses.replace(original, frames=[dataclasses.replace(f, second_score=0.41) for f in original.frames])
+    message = DecisionMsg(ref=FrameRef("s", "st", "c", 0, 0), frames=[
+        {"sequence": i, "top_user": "alice", "top_score": 0.5, "second_score": 0.3, "reason": ""} for i in range(3)])
+    report = session_report(original, ({**replayed_event(None, 0.8), "rule": "unknown_face"}, message), {"alice"})
+    html = render_html({"replay": {"namespace": "fp-replay-x", "sessions": 1, "frames": 3, "model": "m", "threshold": 0.8,
+                                   "from": "a", "to": "b"}, "sessions": [dataclasses.asdict(report)], "differences": 1})
+    assert "alice 0.700 (2nd 0.410) → alice 0.500 (2nd 0.300)" in html
+    assert "rule voted" in html and "rule unknown_face" in html and "threshold changed: 0.6 → 0.8" in html
 
 
 def test_the_replay_namespace_is_isolated_and_accepts_old_frames_there_only(tmp_path):
