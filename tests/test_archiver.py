@@ -385,8 +385,7 @@ def test_embeddings_reach_the_archive_when_configured_and_only_then(setup, photo
     assert all(f.embedding is None for f in sessions["e-not-kept"].frames)
 
 
-@pytest.mark.parametrize("keep", [True, False])
-def test_the_recognizer_hands_each_faces_embedding_to_the_archiver_only_when_configured(valkey, tmp_path, astronaut, keep):
+def test_the_recognizer_hands_each_faces_embedding_to_the_archiver_only_when_configured(valkey, tmp_path, astronaut):
     """The real recognizer stage and model: with archive_keep_embeddings, each payment face it
     embeds goes to `{ns}:embeddings` (signed by the recognizer, read by the archiver only — not
     into the decisions stream payment backends read); without it, nowhere."""
@@ -395,24 +394,26 @@ def test_the_recognizer_hands_each_faces_embedding_to_the_archiver_only_when_con
     from services.recognizer.stage import RecognizerStage
 
     settings = Settings(redis_url=valkey.url, namespace=f"rec{uuid.uuid4().hex[:6]}", signing_key="11" * 32,
-                        gallery_url=f"edge://{tmp_path}/gallery", archive_keep_embeddings=keep, **keysets.signing_as("recognizer"))
+                        gallery_url=f"edge://{tmp_path}/gallery", archive_keep_embeddings=True, **keysets.signing_as("recognizer"))
     stage = RecognizerStage(settings)
     stage.start()
-    try:
-        chip = cv2.imencode(".png", cv2.resize(astronaut[30:230, 150:350], (150, 150)))[1].tobytes()
+    chip = cv2.imencode(".png", cv2.resize(astronaut[30:230, 150:350], (150, 150)))[1].tobytes()
+
+    def session(session_id: str) -> list:
         now = int(time.time() * 1000)
-        posed = [PosedMsg(ref=FrameRef("s-emb", STORE, CAMERA, seq, now, tenant_id=TENANT, received_ms=now),
+        posed = [PosedMsg(ref=FrameRef(session_id, STORE, CAMERA, seq, now, tenant_id=TENANT, received_ms=now),
                           chips={stage.embedder.chip_template: chip}, ear=(0.3, 0.3), eligible=seq != 1,
                           reason="" if seq != 1 else "pose_yaw") for seq in range(3)]
         emits = stage.process(posed)
+        assert all(b"embedding" not in e.payload[FIELD] for e in emits if e.stream == "decisions")
+        return [decode(e.payload) for e in emits if e.stream == "embeddings"]
+
+    try:
+        handed = session("s-kept")
+        stage.settings = settings.replace(archive_keep_embeddings=False)
+        assert session("s-not-kept") == []
     finally:
         stage.stop()
-    handed = [decode(e.payload) for e in emits if e.stream == "embeddings"]
-    decisions = [e for e in emits if e.stream == "decisions"]
-    assert all(b"embedding" not in e.payload[FIELD] for e in decisions)
-    if not keep:
-        assert handed == []
-        return
     assert [m.ref.sequence for m in handed] == [0, 1, 2], "every face the recognizer embedded, pose-rejected ones too"
     assert all(isinstance(m, EmbeddingMsg) and len(m.vector) == stage.embedder.dim for m in handed)
     assert handed[0].space == stage.space_id

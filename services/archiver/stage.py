@@ -167,8 +167,7 @@ class ArchiverStage(Stage):
         self._reclaim_taps()
         self._release_orphans()
         self._sweep_when_due()
-        if self._bucket_ready:
-            self._drain_quarantine_when_due()
+        self._drain_quarantine_when_due()
         return []
 
     # ---- retention -------------------------------------------------------------------------
@@ -424,9 +423,7 @@ class ArchiverStage(Stage):
     def _archive(self, session: ArchivedSession, key: str) -> None:
         """Archive, or hold the decision back (StageBacklog) while the archive cannot take it."""
         try:
-            if not self._bucket_ready:
-                self.store.ensure_bucket()
-                self._bucket_ready = True
+            self._ensure_bucket()
             self.store.archive(session)
         except ArchiveTampered as exc:
             self._quarantine(session, key, exc)
@@ -438,6 +435,11 @@ class ArchiverStage(Stage):
             raise StageBacklog(f"archive refuses session {key}: {exc}") from exc
         except ArchiveError as exc:  # contention: retry
             raise StageBacklog(f"archive busy; session {key} held: {exc}") from exc
+
+    def _ensure_bucket(self) -> None:
+        if not self._bucket_ready:
+            self.store.ensure_bucket()
+            self._bucket_ready = True
 
     def _quarantine(self, session: ArchivedSession, key: str, refused: ArchiveTampered) -> None:
         """The store's chain refuses appends (a forged or missing head, an unreadable entry):
@@ -462,6 +464,7 @@ class ArchiverStage(Stage):
         if not self.redis.set(turn, self.consumer, nx=True, ex=self.settings.archive_quarantine_retry_s):
             return
         try:
+            self._ensure_bucket()  # a restarted archiver drains before its first new session
             chained = self.store.drain_quarantine()
         except ArchiveError as exc:  # the next turn retries
             log.warning("quarantined sessions not drained this turn", extra={"error": str(exc)})
