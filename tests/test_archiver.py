@@ -79,7 +79,8 @@ class Upstream:
                     self._xadd(stream, Rejection(ref=ref, stage="detector", reason="no_face").encode(), stage)
                 continue
             self._xadd("faces", FaceMsg(ref=ref, crop=b"crop", box=(1, 2, 30, 40), points5=[[5.0, 6.0]] * 5,
-                                        frame_box=(10, 20, 110, 140), frame_size=(640, 480), score=0.99).encode(), "detector")
+                                        frame_box=(10, 20, 110, 140), frame_size=(640, 480), score=0.99,
+                                        faces_in_frame=2).encode(), "detector")
             self._xadd("aligned", AlignedMsg(ref=ref, landmarks=[[1.0, 2.0]] * 68, ear=(0.3, 0.32), antispoof=0.8,
                                              liveness=0.7, det_score=0.99).encode(), "aligner")
             self._xadd("posed", PosedMsg(ref=ref, pitch=1.5, yaw=-3.0, roll=0.5, eligible=True).encode(), "pose")
@@ -211,6 +212,7 @@ def test_a_decided_session_is_archived_once_with_its_frames_as_received_and_ever
     assert [f.phone_suffix for f in session.frames] == ["1234"] * 4
     assert all(f.received_ms - f.captured_ms >= 50 for f in session.frames)
     assert session.frame_count == 4
+    assert first.faces_in_frame == 2, "a bystander the detector told apart from the payer"
     assert all(f.embedding is None for f in session.frames), "no embedding unless configured"
     assert last.rejection == "detector:no_face" and last.face_box is None
     assert session.decision.fields["user_id"] == "alice" and session.threshold == 0.6

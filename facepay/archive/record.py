@@ -36,6 +36,7 @@ class ArchivedFrame:
     face_box: tuple[float, float, float, float] | None = None  # x1, y1, x2, y2 in image pixels
     face_points: list[tuple[float, float]] | None = None  # 5 points
     detector_score: float | None = None
+    faces_in_frame: int | None = None  # more than one: the detector told the payer from bystanders
     # aligner
     landmarks: list[tuple[float, float]] | None = None  # 68 iBUG points
     eye_aspect_ratio: float | None = None

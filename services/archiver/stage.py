@@ -409,6 +409,7 @@ class ArchiverStage(Stage):
             face_box=tuple(face.frame_box) if isinstance(face, FaceMsg) else None,
             face_points=[tuple(p) for p in face.points5] if isinstance(face, FaceMsg) else None,
             detector_score=float(face.score) if isinstance(face, FaceMsg) else None,
+            faces_in_frame=int(face.faces_in_frame) if isinstance(face, FaceMsg) else None,
             landmarks=[tuple(p) for p in aligned.landmarks] if isinstance(aligned, AlignedMsg) else None,
             eye_aspect_ratio=float(sum(aligned.ear) / 2) if isinstance(aligned, AlignedMsg) else None,
             liveness=liveness,
