@@ -13,6 +13,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
+from prometheus_client import REGISTRY
 
 from facepay import keys as component_keys
 from facepay.archive import ArchiveKeys, ArchiveSettings, ArchiveStore, EmbeddedS3
@@ -331,7 +332,7 @@ def verify(settings: Settings, store: str):
     return reader(settings).verify(TENANT, store, now - timedelta(hours=1), now + timedelta(hours=1))
 
 
-def test_a_tampered_chain_of_one_store_holds_back_neither_the_other_stores_nor_its_own_sessions(setup, photos):
+def test_a_tampered_chain_of_one_store_holds_back_neither_the_other_stores_nor_its_own_sessions(setup, photos, caplog):
     """Store A's chain head is forged: store B goes on being archived; A's new session is
     sealed and kept outside the chain (quarantined, reported by verify), its frames leave Redis,
     and once the operator restores A's head it is chained."""
@@ -352,6 +353,11 @@ def test_a_tampered_chain_of_one_store_holds_back_neither_the_other_stores_nor_i
         wait_until(lambda: {"q-b2", "q-b3", "q-b4"} <= archived_ids(setup, "store-b"), what="store B archived on")
         wait_until(lambda: all(pending(setup, s) == 0 for s in ("frames", "faces", "aligned", "posed", "decisions")),
                    what="nothing held in Redis, A's session included")
+        # Loud: an error naming the store, a metric to alert on, and verify (below).
+        assert any(r.levelname == "ERROR" and "quarantined" in r.getMessage() and getattr(r, "store", "") == "store-a"
+                   for r in caplog.records)
+        assert REGISTRY.get_sample_value("facepay_archive_quarantined_sessions_total",
+                                         {"tenant": TENANT, "store": "store-a"}) >= 1
         report = verify(setup, "store-a")
         assert {"bad_signature", "quarantined"} <= report.kinds()
         assert [p.session_id for p in report.problems if p.kind == "quarantined"] == ["q-a2"]
