@@ -149,6 +149,9 @@ class Settings:
     archive_orphan_after_s: int = 2 * 3600
     # The retention sweep (archive_retention_days) runs this often, in one archiver replica.
     archive_sweep_every_s: int = 3600
+    # Sessions of a store whose chain refuses appends (tampered or unreadable) are kept sealed
+    # outside the chain (quarantined); this often the archiver tries to chain them again.
+    archive_quarantine_retry_s: int = 60
     metrics_port: int = 0  # Prometheus /metrics; 0 = off
     metrics_address: str = "127.0.0.1"  # where /metrics listens; 0.0.0.0 for a scraper on the network
     # Worker probes (facepay/runtime/health.py): HTTP /livez, /readyz, /startupz; 0 = off. Loopback
@@ -415,6 +418,7 @@ BOUNDS: dict[str, Bounds] = {
     "max_frame_age_s": at_least(1), "admin_max_age_s": at_least(1),
     "archive_retention_days": at_least(1), "archive_gather_grace_s": Bounds(low=0),
     "archive_orphan_after_s": at_least(60), "archive_sweep_every_s": at_least(1),
+    "archive_quarantine_retry_s": at_least(1),
     "grpc_max_message_bytes": at_least(0), "grpc_max_calls_per_camera": at_least(1),
     "grpc_max_calls_per_backend": at_least(1), "grpc_max_calls_per_peer": at_least(1),
     "grpc_health_reserved_calls": at_least(1), "grpc_idle_timeout_s": POSITIVE,

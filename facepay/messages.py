@@ -157,8 +157,20 @@ class DecisionMsg(Message):
     policy: dict[str, Any] = field(default_factory=dict)
 
 
+@dataclass(frozen=True)
+class EmbeddingMsg(Message):
+    """recognizer → archiver on `{ns}:embeddings`, only with `archive_keep_embeddings`: one
+    payment face's embedding as the session rule used it. A stream of its own, not the decision
+    entry: payment backends read `{ns}:decisions`, and an embedding is biometric data."""
+
+    TYPE: ClassVar[str] = "embedding"
+    vector: list[float] = field(default_factory=list)
+    space: str = ""  # the template space (recognizer model + landmarks) the vector belongs to
+
+
 _TYPES: dict[str, type[Message]] = {
-    cls.TYPE: cls for cls in (FrameMsg, SessionEndMsg, FaceMsg, AlignedMsg, PosedMsg, Rejection, AdminMsg, DecisionMsg)
+    cls.TYPE: cls for cls in (FrameMsg, SessionEndMsg, FaceMsg, AlignedMsg, PosedMsg, Rejection, AdminMsg, DecisionMsg,
+                              EmbeddingMsg)
 }
 
 

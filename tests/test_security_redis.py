@@ -98,6 +98,23 @@ def test_a_stage_cannot_write_another_components_stream_or_read_its_jobs(valkey)
             forged()
 
 
+def test_embeddings_for_the_archive_go_from_the_recognizer_to_the_archiver_only(valkey):
+    """`{ns}:embeddings` (archive_keep_embeddings): biometric data, so only its writer and its
+    reader touch it — not the payment backends, nor any other stage."""
+    stream = f"{NS}:embeddings"
+    as_user(valkey, "recognizer").xadd(stream, {FIELD: b"embedding"})
+    archiver = as_user(valkey, "archiver")
+    archiver.xgroup_create(stream, "archiver", id="0")
+    assert archiver.xreadgroup("archiver", "a1", {stream: ">"})[0][1][0][1] == {FIELD: b"embedding"}
+    for refused in (lambda: as_user(valkey, "backend").xrange(stream),
+                    lambda: as_user(valkey, "gateway").xrange(stream),
+                    lambda: as_user(valkey, "pose").xadd(stream, {FIELD: b"forged"}),
+                    lambda: archiver.xadd(stream, {FIELD: b"forged"}),
+                    lambda: as_user(valkey, "operator").xrange(stream)):
+        with pytest.raises(redis.exceptions.NoPermissionError):
+            refused()
+
+
 @pytest.mark.parametrize("component", COMPONENTS)
 def test_dangerous_commands_are_refused_to_every_component(valkey, component):
     client = as_user(valkey, component)

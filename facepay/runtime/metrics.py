@@ -35,6 +35,9 @@ DECISION_LATENCY = Histogram(
 
 ARCHIVED = Counter("facepay_archive_sessions_total", "Sessions the archiver archived (complete, or with frames missing) "
                    "or released undecided", ["result"])
+ARCHIVE_QUARANTINED = Counter(
+    "facepay_archive_quarantined_sessions_total", "Sessions kept outside their store's hash chain because the chain refuses "
+    "appends (tampered or unreadable); alert on any increase", ["tenant", "store"])
 ARCHIVE_LEFT_OUT = Counter("facepay_archive_entries_left_out_total", "Entries not archived: they did not verify", ["stream"])
 
 

@@ -115,8 +115,9 @@ return {before_length - after_length, after_length}
 """
 
 BLOCK_MS = 1000
-# Streams whose entries hold face images or chips: kept image_retention_s, not stream_retention_s.
-IMAGE_STREAMS = ("frames", "faces", "aligned", "posed")
+# Streams whose entries hold biometric data (face images, chips, embeddings): kept
+# image_retention_s, not stream_retention_s.
+IMAGE_STREAMS = ("frames", "faces", "aligned", "posed", "embeddings")
 BACKPRESSURE_LOG_EVERY_S = 30.0
 
 

@@ -20,7 +20,7 @@ from facepay.config import SessionPolicy, Settings
 from facepay.gallery import Gallery
 from facepay.images import decode_trusted
 from facepay.keys import TrustedKeys
-from facepay.messages import AdminMsg, FrameRef, Message, PosedMsg, Rejection, SessionEndMsg
+from facepay.messages import AdminMsg, EmbeddingMsg, FrameRef, Message, PosedMsg, Rejection, SessionEndMsg
 from facepay.models.registry import recognizer_defaults
 from facepay.runtime.envelope import origin_problem
 from facepay.runtime.redis_conn import TRANSIENT, connect
@@ -113,6 +113,7 @@ class RecognizerStage(Stage):
                 models = message.models if isinstance(message, PosedMsg) else None
                 result = self._frame_result(message, embeddings.get(id(message)))
                 self.sessions.record(message.ref, result=result, models=models)
+                emits += self._for_the_archive_embedding(message.ref, result)
         for key in dict.fromkeys(session_key(m.ref) for m in live):
             emits += self._evaluate(key, timed_out=False)
         return emits
@@ -243,6 +244,13 @@ class RecognizerStage(Stage):
         candidate = max(verdict.votes, key=verdict.votes.get) if verdict.votes else ""
         self.limits.record(session_key(ref), ref.camera_id, verdict.rule, verdict.approve, verdict.user_id or candidate)
         return verdict
+
+    def _for_the_archive_embedding(self, ref: FrameRef, result: FrameResult) -> list[Emit]:
+        """With archive_keep_embeddings, a payment face's embedding goes to the archiver on a
+        stream of its own (written in the same transaction as, or before, the decision)."""
+        if not self.settings.archive_keep_embeddings or ref.purpose == Purpose.ENROLL or result.embedding is None:
+            return []
+        return [Emit("embeddings", EmbeddingMsg(ref=ref, vector=result.embedding, space=self.gallery_owner.space_id).encode())]
 
     # ---- enrollment ------------------------------------------------------------------------
     def _finish_enrollment(self, state: SessionState, timed_out: bool) -> list[Emit]:
