@@ -424,4 +424,4 @@ def test_the_recognizer_hands_each_faces_embedding_to_the_archiver_only_when_con
         stage.stop()
     assert [m.ref.sequence for m in handed] == [0, 1, 2], "every face the recognizer embedded, pose-rejected ones too"
     assert all(isinstance(m, EmbeddingMsg) and len(m.vector) == stage.embedder.dim for m in handed)
-    assert handed[0].space == stage.space_id
+    assert handed[0].space == stage.gallery_owner.space_id
