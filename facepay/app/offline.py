@@ -20,6 +20,7 @@ import numpy as np
 from facepay.config import Settings
 from facepay.images import decode_trusted
 from facepay.models.device import resolve_device
+from facepay.vocabulary import Reason
 from services.aligner.geometry import aligned_chips, chip_sharpness
 from services.aligner.stage import load_landmarks
 from services.detector.crop import crop_payer
@@ -95,7 +96,7 @@ class FaceEmbedder:
         for i, (image, faces) in enumerate(zip(images, self.detector.detect(list(images)))):
             h, w = image.shape[:2]
             payer, reason = choose_payer(faces, w, h, self.rule, enrolling=self.enrolling)
-            central = payer is None and reason == "multiple_faces" and self.labelled
+            central = payer is None and reason == Reason.MULTIPLE_FACES and self.labelled
             if central:
                 payer, reason = _most_central(faces, w, h, self.rule)
             if payer is None:
@@ -129,5 +130,5 @@ class FaceEmbedder:
 def _most_central(faces: list[DetectedFace], w: int, h: int, rule: PayerRule) -> tuple[DetectedFace | None, str]:
     confident = [f for f in faces if f.score >= rule.min_score]
     face = min(confident, key=lambda f: ((f.box[0] + f.box[2] - w) ** 2 + (f.box[1] + f.box[3] - h) ** 2))
-    return (face, "") if face.box[2] - face.box[0] >= rule.min_face_px else (None, "face_too_small")
+    return (face, "") if face.box[2] - face.box[0] >= rule.min_face_px else (None, Reason.FACE_TOO_SMALL)
 

@@ -18,6 +18,7 @@ from facepay.messages import FaceMsg, FrameMsg, Message, reject
 from facepay.models.device import resolve_device
 from facepay.runtime.envelope import image_digest, origin_problem
 from facepay.runtime.stage import PipeStage
+from facepay.vocabulary import Purpose, Reason
 from services.detector.crop import crop_payer
 from services.detector.detectors import load_detector
 from services.detector.mtcnn import DetectedFace
@@ -32,6 +33,7 @@ class DetectorStage(PipeStage):
     output = "faces"
     accepts = FrameMsg
     accepts_from = {"frame": frozenset({"gateway"}), "end": frozenset({"gateway"})}
+    uses_device = True
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
@@ -62,7 +64,7 @@ class DetectorStage(PipeStage):
         return [
             self._lock_on_payer(frame, image, next(detections))
             if isinstance(image, np.ndarray)
-            else reject(frame, self.name, "unreadable_image", image)
+            else reject(frame, self.name, Reason.UNREADABLE_IMAGE, image)
             for frame, image in zip(batch, decoded)
         ]
 
@@ -75,7 +77,7 @@ class DetectorStage(PipeStage):
 
     def _lock_on_payer(self, frame: FrameMsg, image, faces: list[DetectedFace]) -> Message:
         h, w = image.shape[:2]
-        payer, reason = choose_payer(faces, w, h, self.rule, enrolling=frame.ref.purpose == "enroll")
+        payer, reason = choose_payer(faces, w, h, self.rule, enrolling=frame.ref.purpose == Purpose.ENROLL)
         if payer is None:
             return reject(frame, self.name, reason, f"{len(faces)} faces found")
         crop = crop_payer(image, payer)

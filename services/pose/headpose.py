@@ -25,6 +25,8 @@ from typing import TYPE_CHECKING
 import cv2
 import numpy as np
 
+from facepay.vocabulary import Reason
+
 if TYPE_CHECKING:
     from facepay.config import PoseLimits
 
@@ -134,12 +136,12 @@ class PoseGate:
         """The gate the settings' `pose` limits describe (the pose stage's, and the offline tools')."""
         return cls(max_abs_yaw=limits.max_abs_yaw, max_abs_pitch=limits.max_abs_pitch, max_abs_roll=limits.max_abs_roll)
 
-    def check(self, pose: HeadPose) -> str | None:
+    def check(self, pose: HeadPose) -> Reason | None:
         """None when the pose is acceptable, else a stable reason code (yaw checked first)."""
         if abs(pose.yaw) > self.max_abs_yaw:
-            return "pose_yaw"
+            return Reason.POSE_YAW
         if abs(pose.pitch) > self.max_abs_pitch:
-            return "pose_pitch"
+            return Reason.POSE_PITCH
         if abs(pose.roll) > self.max_abs_roll:
-            return "pose_roll"
+            return Reason.POSE_ROLL
         return None
