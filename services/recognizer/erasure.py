@@ -17,13 +17,16 @@ import msgpack
 import redis
 
 from facepay.config import Settings
+from facepay.runtime.partitions import Partitions
 
 log = logging.getLogger(__name__)
 
 
 def erase_user_traces(client: redis.Redis, settings: Settings, user_id: str) -> dict[str, int]:
+    partitions = Partitions.of(settings)
     erased = {"enrollment_sessions": _erase_enrollment_sessions(client, settings, user_id),
-              "enrollment_results": _erase_entries_naming(client, settings.key("enrollments"), user_id),
+              "enrollment_results": sum(_erase_entries_naming(client, stream, user_id)
+                                        for stream in partitions.streams("enrollments")),
               "admin_replies": _erase_entries_naming(client, settings.key("admin-replies"), user_id)}
     _rewrite_append_only_file(client)
     return erased
@@ -31,7 +34,9 @@ def erase_user_traces(client: redis.Redis, settings: Settings, user_id: str) -> 
 
 def _erase_enrollment_sessions(client: redis.Redis, settings: Settings, user_id: str) -> int:
     erased = 0
-    for key in client.scan_iter(match=settings.key("session", "*"), count=500):
+    # every partition's session states (a cluster client scans every primary)
+    pattern = Partitions.of(settings).key(0, "session", "*").replace("{p00}", "{p*}")
+    for key in client.scan_iter(match=pattern, count=500):
         meta = client.hget(key, "meta")
         if meta and (ref := msgpack.unpackb(meta)).get("purpose") == "enroll" and ref.get("user_id") == user_id:
             erased += client.delete(key)

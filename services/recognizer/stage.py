@@ -326,7 +326,7 @@ class RecognizerStage(Stage):
         payload = sign(event, self.settings.signing_key, self.settings.signing_key_id)
         payload[b"store"] = ref.store_id.encode()
         payload[FIELD] = self._for_the_archive(ref, state, payload).encode()  # signed by the runtime
-        return Emit("decisions", payload, once_key=decided_key(session_key(ref)))
+        return Emit("decisions", payload, once_key=decided_key(session_key(ref)), partition_key=session_key(ref))
 
     def _for_the_archive(self, ref: FrameRef, state: SessionState, signed: dict[bytes, bytes]) -> DecisionMsg:
         """The event as signed, each frame's scores and the rule in force, for the archiver."""
@@ -364,7 +364,7 @@ class RecognizerStage(Stage):
 
     def _enrollment_emit(self, ref: FrameRef, result: dict) -> Emit:
         return Emit("enrollments", {b"m": msgpack.packb(result), b"session": ref.session_id.encode()},
-                    once_key=decided_key(session_key(ref)))
+                    once_key=decided_key(session_key(ref)), partition_key=session_key(ref))
 
     def _duplicate_of(self, user_id: str, tenant_id: str, mean: np.ndarray):
         hits = self.gallery.search(self.space_id, mean, limit=2, tenant=tenant_id or None)
