@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from collections.abc import Callable
@@ -155,6 +156,19 @@ def replicated(client: redis.Redis, key: str, commands: list[tuple], replicas: i
     """Send `commands` (in MULTI/EXEC with `transaction`) and WAIT for `replicas` replicas, all on
     one connection to the node holding `key` (WAIT counts that connection's writes). Returns
     the commands' raw replies; a refusal inside the transaction is raised."""
+    try:
+        return _replicated(client, key, commands, replicas, timeout_ms, transaction)
+    except (redis.ConnectionError, redis.TimeoutError, redis.exceptions.AskError, redis.exceptions.ClusterError):
+        # This bypasses the cluster client's own redirection handling: after a failover or a
+        # slot move, re-learn the slots (then the caller's retry reaches the right node).
+        if is_cluster(client):
+            with contextlib.suppress(*REDIS_ERRORS):
+                client.nodes_manager.initialize()
+        raise
+
+
+def _replicated(client: redis.Redis, key: str, commands: list[tuple], replicas: int, timeout_ms: int,
+                transaction: bool) -> list:
     node_client = client.get_redis_connection(client.get_node_from_key(key)) if is_cluster(client) else client
     sent = ([("MULTI",), *commands, ("EXEC",)] if transaction else list(commands)) + [("WAIT", replicas, timeout_ms)]
     pool = node_client.connection_pool

@@ -360,7 +360,7 @@ class StreamWorker:
                 flat = [x for kv in fields.items() for x in kv]
                 # A replayed frame is either older than max_frame_age_s or meets this key.
                 ttl = max(self.settings.stream_retention_s, self.settings.max_frame_age_s, 3600)
-                ops.append(_Op(stream, lambda pipe, k=once_key, s=stream, f=flat: pipe.eval(_EMIT_ONCE, 2, k, s, ttl, *f)))
+                ops.append(_Op(stream, lambda pipe, k=once_key, s=stream, f=flat: pipe.execute_command("EVAL", _EMIT_ONCE, 2, k, s, ttl, *f)))
             else:  # trimmed by the maintenance pass, never unread entries
                 ops.append(_Op(stream, lambda pipe, s=stream, f=fields: pipe.xadd(s, f)))
             self._written.add(stream)
