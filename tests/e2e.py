@@ -29,11 +29,12 @@ def start_pipeline(workdir: Path, policy: SessionPolicy, redis_url: str | None =
     overrides.setdefault("limits", FailureLimits(max_consecutive=10_000, hard_limit=100_000))
     overrides.setdefault("namespace", f"e2e{uuid.uuid4().hex[:6]}")
     valkey = overrides.pop("valkey", None)  # a server or local cluster of the test's (tests/test_cluster*.py)
+    archive = overrides.pop("archive", True)
     settings = Settings(policy=policy, claim_idle_ms=2000, batch_size=8, batch_wait_ms=30, log_format="json", **overrides)
     if redis_url:
         settings = settings.replace(redis_url=redis_url)
     return Pipeline(settings, workdir, demo_access(STORES), replicas=replicas, embedded=redis_url is None,
-                    valkey=valkey).start()
+                    valkey=valkey, archive=archive).start()
 
 
 def enroll(pipeline: Pipeline, user: str, images: list[bytes], tenant: str = "demo", **metadata) -> pb.EnrollResponse:
