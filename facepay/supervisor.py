@@ -189,7 +189,6 @@ class Pipeline:
 
     def _wait_healthy(self, timeout_s: float) -> None:
         """The gateway answers health checks and every worker has joined its consumer group."""
-        import redis
 
         deadline = time.monotonic() + timeout_s
         client = connect(self.settings.redis_url)

@@ -23,8 +23,15 @@ from facepay.messages import FIELD, FrameMsg, FrameRef
 from facepay.runtime.embedded_cluster import EmbeddedValkeyCluster
 from facepay.runtime.envelope import seal
 from facepay.runtime.partitions import Partitions
-from facepay.runtime.redis_conn import REDIS_ERRORS, backpressure_kind, connect, durable_xadd, is_cluster
-from facepay.runtime.stage import Emit, PipeStage, Stage, session_of
+from facepay.runtime.passthrough import COMPONENTS, Decide, Relay
+from facepay.runtime.redis_conn import (
+    REDIS_ERRORS,
+    backpressure_kind,
+    connect,
+    durable_xadd,
+    is_cluster,
+)
+from facepay.runtime.stage import session_of
 from facepay.runtime.worker import StreamWorker
 from tests.e2e import wait_until
 
@@ -32,44 +39,10 @@ FRAMES = 3  # per session
 PARTITIONS = 8
 
 
-class Relay(PipeStage):
-    """Passes frames on unchanged (a detector without a model)."""
-
-    name, input, output, accepts = "relay", "frames", "faces", FrameMsg
-    accepts_from = {t: frozenset({"source"}) for t in ("frame", "rejection", "end")}
-
-    def handle(self, batch):
-        return batch
-
-
-class Decide(Stage):
-    """Decides a session once it has all its frames (a recognizer without a model): the frames
-    seen are kept in the session's partition, like the recognizer's session state."""
-
-    name, input = "decide", "faces"
-    accepts_from = {t: frozenset({"relay"}) for t in ("frame", "rejection", "end")}
-
-    def __init__(self, settings: Settings) -> None:
-        self.redis = connect(settings.redis_url)
-        self.partitions = Partitions.of(settings)
-
-    def process(self, batch):
-        emits = []
-        for message in batch:
-            session = session_of(message)
-            seen = self.partitions.session_key(session, "session", session)
-            self.redis.hsetnx(seen, str(message.ref.sequence), 1)
-            if self.redis.hlen(seen) >= FRAMES:
-                body = {"session_id": message.ref.session_id, "store_id": message.ref.store_id, "frames": FRAMES}
-                emits.append(Emit("decisions", {b"payload": json.dumps(body).encode()},
-                                  once_key=f"decided:{session}", partition_key=session))
-        return emits
-
-
 @pytest.fixture(scope="module")
 def keyset(tmp_path_factory):
     folder = tmp_path_factory.mktemp("keys")
-    keys.generate(folder, ("source", "relay", "decide"))
+    keys.generate(folder, COMPONENTS)
     return folder
 
 
@@ -85,7 +58,7 @@ class Workers:
     def __init__(self, keyset, cluster: EmbeddedValkeyCluster, **values) -> None:
         self.workers = [StreamWorker(Relay(), settings_for(keyset, cluster, "relay", **values), consumer="relay-0"),
                         StreamWorker(Relay(), settings_for(keyset, cluster, "relay", **values), consumer="relay-1"),
-                        StreamWorker(Decide(settings_for(keyset, cluster, "decide")),
+                        StreamWorker(Decide(settings_for(keyset, cluster, "decide"), FRAMES),
                                      settings_for(keyset, cluster, "decide", **values), consumer="decide-0")]
         self.errors: list[BaseException] = []
         self.threads = [threading.Thread(target=self._loop, args=(w,), daemon=True) for w in self.workers]
@@ -218,7 +191,6 @@ def test_a_slot_migrating_during_traffic_changes_nothing(cluster, keyset):
 def test_a_primary_killed_and_its_replica_promoted_loses_no_acknowledged_frame(tmp_path, keyset):
     with EmbeddedValkeyCluster(tmp_path / "cluster", primaries=3, replicas_per_primary=1, namespace="fpc",
                                node_timeout_ms=1000) as cluster:
-        client = cluster.cluster_client()
         # Every acknowledgement (the source's frames, the workers' commits) waits for a replica.
         source = Source(keyset, cluster, redis_wait_replicas=1)
         victim_stream = source.partitions.streams("frames")[0]

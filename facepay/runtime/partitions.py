@@ -54,12 +54,12 @@ class Partitions:
 
     def stream(self, name: str, session: str) -> str:
         """Stream `name` of `session`'s partition (a global stream's one name)."""
-        return self.session_key(session, name) if name in PARTITIONED_STREAMS else ":".join((self.namespace, name))
+        return self.session_key(session, name) if name in PARTITIONED_STREAMS else f"{self.namespace}:{name}"
 
     def streams(self, name: str) -> list[str]:
         """Every partition's stream `name` (one name for a global stream)."""
         if name not in PARTITIONED_STREAMS:
-            return [":".join((self.namespace, name))]
+            return [f"{self.namespace}:{name}"]
         return [self.key(p, name) for p in range(self.count)]
 
     def all(self, *parts: str) -> list[str]:

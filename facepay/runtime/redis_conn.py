@@ -5,9 +5,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
-from collections.abc import Callable
 from typing import TypeVar
-
 from urllib.parse import urlsplit, urlunsplit
 
 import redis
@@ -87,7 +85,7 @@ def is_cluster(client: object) -> bool:
 def connect(url: str, block_ms: int = 1000) -> redis.Redis:
     """A client whose socket timeout outlasts the longest XREAD BLOCK it will issue: a plain
     client, or a cluster client (redis.cluster.RedisCluster) for a redis+cluster:// URL."""
-    options = dict(socket_timeout=block_ms / 1000 + 10, socket_connect_timeout=5, retry_on_timeout=False)
+    options = {"socket_timeout": block_ms / 1000 + 10, "socket_connect_timeout": 5, "retry_on_timeout": False}
     if is_cluster_url(url):
         return connect_cluster(url, **options)
     return redis.Redis.from_url(url, health_check_interval=15, **options)

@@ -48,8 +48,17 @@ from facepay.messages import FIELD, MalformedMessage, Message, decode
 from facepay.runtime import metrics
 from facepay.runtime.envelope import Unauthenticated, open_entry, seal
 from facepay.runtime.partitions import PARTITIONED_STREAMS, Partitions, per_partition
-from facepay.runtime.redis_conn import (REDIS_ERRORS, Backoff, backpressure_kind, command_recorder, connect, is_cluster,
-                                       recorded, replicated, reset_connections)
+from facepay.runtime.redis_conn import (
+    REDIS_ERRORS,
+    Backoff,
+    backpressure_kind,
+    command_recorder,
+    connect,
+    is_cluster,
+    recorded,
+    replicated,
+    reset_connections,
+)
 from facepay.runtime.stage import Emit, Stage, StageBacklog, StageContractError
 
 log = logging.getLogger(__name__)
@@ -360,7 +369,7 @@ class StreamWorker:
                 flat = [x for kv in fields.items() for x in kv]
                 # A replayed frame is either older than max_frame_age_s or meets this key.
                 ttl = max(self.settings.stream_retention_s, self.settings.max_frame_age_s, 3600)
-                ops.append(_Op(stream, lambda pipe, k=once_key, s=stream, f=flat: pipe.execute_command("EVAL", _EMIT_ONCE, 2, k, s, ttl, *f)))
+                ops.append(_Op(stream, lambda pipe, k=once_key, s=stream, t=ttl, f=flat: pipe.execute_command("EVAL", _EMIT_ONCE, 2, k, s, t, *f)))
             else:  # trimmed by the maintenance pass, never unread entries
                 ops.append(_Op(stream, lambda pipe, s=stream, f=fields: pipe.xadd(s, f)))
             self._written.add(stream)

@@ -29,11 +29,18 @@ from facepay.messages import FIELD, FrameMsg, FrameRef, Message, SessionEndMsg
 from facepay.runtime import metrics
 from facepay.runtime.envelope import Unauthenticated, attest, open_entry, seal
 from facepay.runtime.partitions import Partitions
-from facepay.runtime.stage import session_of
 from facepay.runtime.redis_conn import REDIS_ERRORS, TRANSIENT, connect, durable_xadd
+from facepay.runtime.stage import session_of
 from services.gateway.cameras import AccessDenied, Camera, CameraRegistry
-from services.gateway.guard import (FrameLimits, FrameRefused, Guard, HealthCheckOnly, check_session, max_message_bytes,
-                                    redis_errors_as_status)
+from services.gateway.guard import (
+    FrameLimits,
+    FrameRefused,
+    Guard,
+    HealthCheckOnly,
+    check_session,
+    max_message_bytes,
+    redis_errors_as_status,
+)
 from services.recognizer.state import decided_key
 
 log = logging.getLogger(__name__)
