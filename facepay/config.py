@@ -96,6 +96,9 @@ class Settings:
     # server keeps the plain names; on a cluster (redis+cluster://) use more partitions than
     # primaries (e.g. 16) so that slots, hence load, can move between them.
     stream_partitions: int = 1
+    # rq's queue (enrollment and re-index jobs): rq needs a standalone Redis — it has no Redis
+    # Cluster support (rq/rq#1942) — so with a cluster redis_url, name one here. Empty: redis_url.
+    jobs_redis_url: str = ""
     # After a write that acknowledges work (a frame to a camera, a worker's outputs), wait until
     # this many replicas have it (WAIT): a primary lost right after loses no acknowledged frame.
     redis_wait_replicas: int = 0
