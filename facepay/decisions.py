@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
 import time
 from collections import OrderedDict
 from collections.abc import Iterator, Mapping
@@ -214,10 +215,11 @@ class DecisionReader:
 def consume_partitions(client: redis.Redis, partitions: Partitions, group: str, consumer: str,
                        keys: Mapping[str, str], store_id: str, seen: SeenEvents | None = None,
                        max_age_s: float | None = MAX_EVENT_AGE_S, block_ms: int = 1000,
-                       start: str = "$") -> Iterator[tuple[str, bytes, dict]]:
+                       start: str = "$", stop: threading.Event | None = None) -> Iterator[tuple[str, bytes, dict]]:
     """`consume` over every partition of the decisions stream: yields (stream, entry id, verified
     event); acknowledge each with XACK on that stream. The group exists on each partition, so
-    a backend's replicas share the partitions without an event going to two of them."""
+    a backend's replicas share the partitions without an event going to two of them. Returns
+    once `stop` is set (a backend shutting down)."""
     seen = seen if seen is not None else SeenEvents()
     streams = partitions.streams("decisions")
     for stream in streams:
@@ -227,7 +229,7 @@ def consume_partitions(client: redis.Redis, partitions: Partitions, group: str, 
             if "BUSYGROUP" not in str(exc):
                 raise
     turn = 0
-    while True:
+    while stop is None or not stop.is_set():
         pipe = client.pipeline(transaction=False)
         for stream in streams:
             pipe.xreadgroup(group, consumer, {stream: ">"}, count=32)

@@ -19,6 +19,7 @@ import redis
 
 from facepay import keys
 from facepay.config import Settings
+from facepay.decisions import consume_partitions
 from facepay.messages import FIELD, FrameMsg, FrameRef
 from facepay.runtime.embedded_cluster import EmbeddedValkeyCluster
 from facepay.runtime.envelope import seal
@@ -33,6 +34,7 @@ from facepay.runtime.redis_conn import (
 )
 from facepay.runtime.stage import session_of
 from facepay.runtime.worker import StreamWorker
+from facepay.signing import sign
 from tests.e2e import wait_until
 
 FRAMES = 3  # per session
@@ -244,3 +246,46 @@ def _serves(cluster, node, slot: int) -> bool:
 def _is_primary(cluster, node) -> bool:
     table = cluster._nodes_table(node)
     return "master" in next(n for n in table.values() if "myself" in n["flags"])["flags"]
+
+
+def test_a_backend_group_spanning_the_partitions_gets_each_decision_once(cluster):
+    """Two replicas of a backend share the partitions through one consumer group per partition
+    stream (`consume_partitions`): together they see every decision, none twice."""
+    client = cluster.cluster_client()
+    layout = Partitions(cluster.namespace, PARTITIONS, tagged=True)
+    key, key_id = "k" * 32, "k1"
+    group = f"backend-{uuid.uuid4().hex[:6]}"
+    got: list[str] = []
+    stop = threading.Event()
+
+    def replica(name: str) -> None:
+        reader = connect(cluster.url)
+        for stream, entry_id, event in consume_partitions(reader, layout, group, name, {key_id: key}, "store-1",
+                                                          max_age_s=None, block_ms=100, stop=stop):
+            got.append(event["session_id"])
+            reader.xack(stream, group, entry_id)
+
+    threads = [threading.Thread(target=replica, args=(f"b-{i}",), daemon=True) for i in range(2)]
+    for thread in threads:
+        thread.start()
+    sessions = [f"d-{uuid.uuid4().hex[:8]}" for _ in range(40)]
+    try:
+        wait_until(lambda: all(has_group(client, s, group) for s in layout.streams("decisions")), 10,
+                   "the group on every partition")
+        for session in sessions:
+            event = {"session_id": session, "store_id": "store-1", "event_id": f"fpc:store-1/{session}",
+                     "decided_at_ms": int(time.time() * 1000)}
+            client.xadd(layout.stream("decisions", f"store-1/{session}"), sign(event, key, key_id))
+        wait_until(lambda: len(got) >= len(sessions), 30, "every decision consumed")
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join(10)
+    assert sorted(got) == sorted(sessions), "each decision once, across the partitions and the replicas"
+
+
+def has_group(client, stream: str, group: str) -> bool:
+    try:
+        return any(g["name"] in (group, group.encode()) for g in client.xinfo_groups(stream))
+    except redis.ResponseError:  # no stream yet
+        return False
