@@ -17,7 +17,7 @@ import uuid
 import pytest
 import redis
 
-from facepay import keys
+from facepay import keys, redis_acl
 from facepay.config import Settings
 from facepay.decisions import consume_partitions
 from facepay.messages import FIELD, FrameMsg, FrameRef
@@ -35,6 +35,7 @@ from facepay.runtime.redis_conn import (
 from facepay.runtime.stage import session_of
 from facepay.runtime.worker import StreamWorker
 from facepay.signing import sign
+from facepay.stages import create_stage
 from tests.e2e import wait_until
 
 FRAMES = 3  # per session
@@ -289,3 +290,20 @@ def has_group(client, stream: str, group: str) -> bool:
         return any(g["name"] in (group, group.encode()) for g in client.xinfo_groups(stream))
     except redis.ResponseError:  # no stream yet
         return False
+
+
+def test_every_component_user_may_use_the_partitioned_names_of_its_keys():
+    """ACL rules carry each per-session key in every partition's hash tag, and the cluster's
+    discovery commands; global keys stay as they were."""
+    gateway = " ".join(redis_acl.rules("gateway", "fp"))
+    assert "~fp:frames" in gateway and "~fp:{p*}:frames" in gateway
+    assert "%R~fp:{p*}:decided:*" in gateway
+    recognizer = " ".join(redis_acl.rules("recognizer", "fp"))
+    assert "~fp:{p*}:session:*" in recognizer and "~fp:{p*}:sessions:open" in recognizer
+    assert "~fp:{p*}:thresholds" not in recognizer, "global keys are not partitioned"
+    assert "+cluster|slots" in redis_acl.user_line("keda", "fp", "x") and "+asking" in redis_acl.user_line("keda", "fp", "x")
+
+
+def test_the_archiver_refuses_partitioned_streams_with_a_clear_error():
+    with pytest.raises(ValueError, match="archiver does not run on partitioned streams"):
+        create_stage("archiver", Settings(stream_partitions=4))
