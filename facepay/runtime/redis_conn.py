@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
+from collections.abc import Callable
 from typing import TypeVar
 from urllib.parse import urlsplit, urlunsplit
 
@@ -195,3 +196,17 @@ def _replicated(client: redis.Redis, key: str, commands: list[tuple], replicas: 
     if acked < replicas:
         raise redis.ConnectionError(f"only {acked} of {replicas} replicas acknowledged the write within {timeout_ms} ms")
     return results
+
+
+def with_retry(fn: Callable[[], T], what: str, deadline_s: float = 60.0) -> T:
+    """Call fn until the server answers (restart, loading AOF, full, read-only); give up after deadline_s."""
+    delay, start = 0.1, time.monotonic()
+    while True:
+        try:
+            return fn()
+        except redis.RedisError as exc:
+            if backpressure_kind(exc) is None or time.monotonic() - start > deadline_s:
+                raise
+            log.warning("redis unavailable, retrying", extra={"what": what, "error": str(exc), "retry_in_s": delay})
+            time.sleep(delay)
+            delay = min(delay * 2, 2.0)

@@ -32,15 +32,8 @@ from facepay.runtime.partitions import Partitions
 from facepay.runtime.redis_conn import REDIS_ERRORS, TRANSIENT, connect, durable_xadd
 from facepay.runtime.stage import session_of
 from services.gateway.cameras import AccessDenied, Camera, CameraRegistry
-from services.gateway.guard import (
-    FrameLimits,
-    FrameRefused,
-    Guard,
-    HealthCheckOnly,
-    check_session,
-    max_message_bytes,
-    redis_errors_as_status,
-)
+from services.gateway.guard import (FrameLimits, FrameRefused, Guard, HealthCheckOnly, check_session, max_message_bytes,
+                                    redis_errors_as_status)
 from services.recognizer.state import decided_key
 
 log = logging.getLogger(__name__)

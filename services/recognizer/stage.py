@@ -17,19 +17,10 @@ import numpy as np
 
 from facepay import thresholds
 from facepay.config import Settings
-from facepay.gallery import Gallery, open_gallery
 from facepay.images import decode_trusted
 from facepay.keys import TrustedKeys, load_trusted
-from facepay.messages import (
-    FIELD,
-    AdminMsg,
-    DecisionMsg,
-    FrameRef,
-    Message,
-    PosedMsg,
-    Rejection,
-    SessionEndMsg,
-)
+from facepay.gallery import Gallery, open_gallery
+from facepay.messages import FIELD, AdminMsg, DecisionMsg, FrameRef, Message, PosedMsg, Rejection, SessionEndMsg
 from facepay.models.registry import recognizer_defaults
 from facepay.runtime import metrics
 from facepay.runtime.envelope import origin_problem
@@ -41,13 +32,7 @@ from services.recognizer.embedder import load_embedder, template_space
 from services.recognizer.enrollment import FaceSources, mean_template, store_templates
 from services.recognizer.limits import FailureLimiter
 from services.recognizer.policy import FrameResult, Verdict, decide
-from services.recognizer.state import (
-    SessionState,
-    SessionStore,
-    UnreadableState,
-    decided_key,
-    session_key,
-)
+from services.recognizer.state import SessionState, SessionStore, UnreadableState, decided_key, session_key
 
 log = logging.getLogger(__name__)
 
