@@ -19,7 +19,7 @@ import redis
 
 from facepay import keys, redis_acl
 from facepay.config import Settings
-from facepay.decisions import consume_partitions
+from facepay.decisions import DecisionReader, consume_partitions
 from facepay.messages import FIELD, FrameMsg, FrameRef
 from facepay.runtime.embedded_cluster import EmbeddedValkeyCluster
 from facepay.runtime.envelope import seal
@@ -175,6 +175,21 @@ def test_sessions_flow_through_partitions_on_a_cluster_and_are_decided_once(clus
 
 
 @pytest.mark.slow
+def test_a_dead_replica_s_entries_in_every_partition_are_taken_over(cluster, keyset):
+    """A relay replica reads frames from many partitions and dies before acknowledging any:
+    the live replicas reclaim them (XAUTOCLAIM on each partition) and every session is decided."""
+    client = cluster.cluster_client()
+    source = Source(keyset, cluster)
+    sessions = source.sessions(16)
+    dead = StreamWorker(Relay(), settings_for(keyset, cluster, "relay"), consumer="relay-dead")
+    dead._ensure_group_once()
+    held = dead._xreadgroup(64, 100)
+    assert len({entry.stream for entry in held}) > 1, "it held entries of several partitions"
+    with Workers(keyset, cluster):
+        assert_decided_once(client, source.partitions, sessions)
+
+
+@pytest.mark.slow
 def test_a_slot_migrating_during_traffic_changes_nothing(cluster, keyset):
     client = cluster.cluster_client()
     source = Source(keyset, cluster)
@@ -307,3 +322,34 @@ def test_every_component_user_may_use_the_partitioned_names_of_its_keys():
 def test_the_archiver_refuses_partitioned_streams_with_a_clear_error():
     with pytest.raises(ValueError, match="archiver does not run on partitioned streams"):
         create_stage("archiver", Settings(stream_partitions=4))
+
+
+def test_decision_subscribers_read_every_partition_and_resume_missing_nothing(cluster):
+    """The gateway's reader (SubscribeDecisions): a cursor per partition, each entry once while
+    subscribed; resumed after an entry id, it misses none of what came after (it may repeat a
+    little from before: backends drop repeats by event id)."""
+    client = cluster.cluster_client()
+    layout = Partitions(f"r{uuid.uuid4().hex[:4]}", PARTITIONS, tagged=True)
+    reader = DecisionReader(client, layout)  # from now on
+
+    def write(n: int) -> list[tuple[bytes, bytes]]:
+        """(entry id, token) of n decisions in random partitions (ids repeat across partitions)."""
+        written = []
+        for _ in range(n):
+            token = uuid.uuid4().hex.encode()
+            written.append((client.xadd(layout.stream("decisions", f"store-1/{token.decode()}"), {b"t": token}), token))
+        return written
+
+    def read_into(into: list[bytes], subscription: DecisionReader) -> None:
+        into.extend(fields[b"t"] for _, fields in subscription.read(block_ms=50))
+
+    first = write(20)
+    seen: list[bytes] = []
+    wait_until(lambda: read_into(seen, reader) or len(seen) >= 20, 10, "the first 20 decisions")
+    assert sorted(seen) == sorted(t for _, t in first), "each once, from every partition"
+    later = write(20)
+    resumed = DecisionReader(client, layout, after=first[-1][0].decode())
+    again: list[bytes] = []
+    wait_until(lambda: read_into(again, resumed) or {t for _, t in later} <= set(again), 10,
+               "every decision after the cursor")
+    assert len(again) == len(set(again)), "no entry twice within one subscription"
