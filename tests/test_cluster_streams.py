@@ -14,6 +14,7 @@ import threading
 import time
 import uuid
 
+import msgpack
 import pytest
 import redis
 
@@ -36,6 +37,7 @@ from facepay.runtime.stage import session_of
 from facepay.runtime.worker import StreamWorker
 from facepay.signing import sign
 from facepay.stages import create_stage
+from services.recognizer.erasure import erase_user_traces
 from tests.e2e import wait_until
 
 FRAMES = 3  # per session
@@ -353,3 +355,18 @@ def test_decision_subscribers_read_every_partition_and_resume_missing_nothing(cl
     wait_until(lambda: read_into(again, resumed) or {t for _, t in later} <= set(again), 10,
                "every decision after the cursor")
     assert len(again) == len(set(again)), "no entry twice within one subscription"
+
+
+def test_erasing_a_user_reaches_every_partition_of_a_cluster(cluster):
+    """A deleted user's enrollment session state and results, wherever their partition lives."""
+    settings = Settings(redis_url=cluster.url, namespace=f"e{uuid.uuid4().hex[:4]}", stream_partitions=PARTITIONS)
+    client, layout = cluster.cluster_client(), Partitions.of(settings)
+    for i in range(6):  # enrollments spread over partitions (and primaries)
+        session = f"/enroll-{uuid.uuid4().hex[:6]}"
+        client.hset(layout.session_key(session, "session", session), "meta",
+                    msgpack.packb({"purpose": "enroll", "user_id": "alice" if i % 2 else "bob"}))
+        client.xadd(layout.stream("enrollments", session), {b"m": msgpack.packb({"user_id": "alice" if i % 2 else "bob"})})
+    erased = erase_user_traces(client, settings, "alice")
+    assert erased["enrollment_sessions"] == 3 and erased["enrollment_results"] == 3
+    left = sum(client.xlen(s) for s in layout.streams("enrollments"))
+    assert left == 3, "bob's stay"

@@ -18,6 +18,7 @@ import redis
 
 from facepay.config import Settings
 from facepay.runtime.partitions import Partitions
+from facepay.runtime.redis_conn import is_cluster
 
 log = logging.getLogger(__name__)
 
@@ -80,7 +81,11 @@ def _names(packed: bytes | None, user_id: str) -> bool:
 
 def _rewrite_append_only_file(client: redis.Redis) -> None:
     try:
-        client.bgrewriteaof()
+        if is_cluster(client):  # the erased entries were on several primaries
+            for node in client.get_primaries():
+                client.get_redis_connection(node).bgrewriteaof()
+        else:
+            client.bgrewriteaof()
     except redis.ResponseError as exc:  # not permitted (managed Redis), or one already running
         log.warning("AOF rewrite not started: erased entries stay in the server's files until its next rewrite",
                     extra={"error": str(exc)})
