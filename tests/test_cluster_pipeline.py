@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import pytest
 
+from facepay.admin import call
 from facepay.config import SessionPolicy
 from facepay.contract import pb
 from facepay.runtime.embedded_cluster import EmbeddedValkeyCluster
@@ -44,5 +45,9 @@ def test_the_pipeline_on_a_cluster_approves_the_enrolled_and_declines_a_stranger
             decided_key = partitions.session_key(f"store-1/{payer}", "decided", f"store-1/{payer}")
             assert client.exists(decided_key), "the once-only key in the session's partition"
             assert client.keyslot(decided_key) == client.keyslot(partitions.stream("decisions", f"store-1/{payer}"))
+            # The admin path (operator's ACL user) on the cluster: a command to a partition of
+            # posed, the recognizer's signed reply on the global replies stream.
+            operator = pipeline.settings.replace(redis_url=cluster.url_for("operator"))
+            assert name in call(operator, "list_users", tenant="demo")["users"]
         finally:
             pipeline.stop()
