@@ -1,4 +1,5 @@
-"""The Redis-bound cost of the pipeline on 1 primary vs 3 primaries, in one run.
+"""The Redis-bound cost of the pipeline on 1 primary vs 3 primaries, in one run (and, as the
+baseline, one plain server with one partition: today's setup).
 
 Tiny frames through pass-through stages (facepay.runtime.passthrough: the runtime's reads,
 signed envelopes, MULTI/EXEC commits and once-only decisions, no model), on local Valkey
@@ -23,9 +24,12 @@ import time
 import uuid
 from pathlib import Path
 
+import redis
+
 from facepay import keys
 from facepay.config import Settings
 from facepay.messages import FIELD, FrameMsg, FrameRef
+from facepay.runtime.embedded import EmbeddedValkey
 from facepay.runtime.embedded_cluster import EmbeddedValkeyCluster
 from facepay.runtime.envelope import seal
 from facepay.runtime.partitions import Partitions
@@ -68,36 +72,43 @@ def decided(client, layout: Partitions) -> int:
     return sum(client.xlen(stream) for stream in layout.streams("decisions"))
 
 
-def server_cpu_s(cluster: EmbeddedValkeyCluster) -> dict[int, float]:
+def server_cpu_s(servers: list[EmbeddedValkey]) -> dict[int, float]:
     cpu = {}
-    for node in cluster.live():
-        info = cluster.client(node).info("cpu")
+    for node in servers:
+        info = redis.Redis.from_url(node.url).info("cpu")
         cpu[node.port] = float(info["used_cpu_user"]) + float(info["used_cpu_sys"])
     return cpu
 
 
 def measure(primaries: int, args: argparse.Namespace, keys_dir: Path, workdir: Path) -> dict:
-    with EmbeddedValkeyCluster(workdir / f"cluster-{primaries}", primaries=primaries, namespace="bench",
-                               appendfsync=args.appendfsync) as cluster:
-        url = cluster.url
+    """On a cluster of `primaries`, or (0) on one plain server with one partition: today's setup."""
+    if primaries:
+        server = EmbeddedValkeyCluster(workdir / f"cluster-{primaries}", primaries=primaries, namespace="bench",
+                                       appendfsync=args.appendfsync)
+    else:
+        server = EmbeddedValkey(workdir / "plain", namespace="bench", extra_args=["--appendfsync", args.appendfsync])
+    partitions = args.partitions if primaries else 1
+    with server:
+        url = server.url
+        nodes = server.live() if primaries else [server]
         context = multiprocessing.get_context("spawn")
         stop = context.Event()
         stages = ["relay"] * args.relays + ["decide"] * args.deciders
-        workers = [context.Process(target=run_worker, args=(keys_dir, url, stage, args.partitions, args.frames, stop))
+        workers = [context.Process(target=run_worker, args=(keys_dir, url, stage, partitions, args.frames, stop))
                    for stage in stages]
         for worker in workers:
             worker.start()
-        client, layout = connect(url), Partitions.of(settings_for(keys_dir, url, "source", args.partitions))
-        send(keys_dir, url, args.partitions, 8, args.frames)  # warm-up: groups made, clients connected
+        client, layout = connect(url), Partitions.of(settings_for(keys_dir, url, "source", partitions))
+        send(keys_dir, url, partitions, 8, args.frames)  # warm-up: groups made, clients connected
         deadline = time.monotonic() + 120
         while decided(client, layout) < 8 and time.monotonic() < deadline:
             time.sleep(0.05)
-        cpu_before, started = server_cpu_s(cluster), time.monotonic()
-        send(keys_dir, url, args.partitions, args.sessions, args.frames)
+        cpu_before, started = server_cpu_s(nodes), time.monotonic()
+        send(keys_dir, url, partitions, args.sessions, args.frames)
         while decided(client, layout) < 8 + args.sessions and time.monotonic() < deadline + 600:
             time.sleep(0.02)
         elapsed = time.monotonic() - started
-        cpu_after = server_cpu_s(cluster)
+        cpu_after = server_cpu_s(nodes)
         stop.set()
         for worker in workers:
             worker.join(30)
@@ -106,7 +117,7 @@ def measure(primaries: int, args: argparse.Namespace, keys_dir: Path, workdir: P
         total_frames = args.sessions * args.frames
         per_node = {port: cpu_after[port] - cpu_before[port] for port in cpu_after}
         busiest = max(per_node.values())
-        return {"primaries": primaries, "partitions": args.partitions, "sessions": args.sessions,
+        return {"setup": f"cluster of {primaries}" if primaries else "one server (today)", "partitions": partitions, "sessions": args.sessions,
                 "frames": total_frames, "seconds": round(elapsed, 2),
                 "frames_per_s": round(total_frames / elapsed, 1),
                 "server_cpu_ms_per_frame": round(1000 * sum(per_node.values()) / total_frames, 3),
@@ -126,10 +137,10 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(tmp)
         keys.generate(workdir / "keys", COMPONENTS)
-        results = [measure(n, args, workdir / "keys", workdir) for n in (1, 3)]
+        results = [measure(n, args, workdir / "keys", workdir) for n in (0, 1, 3)]
     for result in results:
         print(json.dumps(result))
-    one, three = results
+    _, one, three = results
     print(f"3 primaries vs 1: end to end {three['frames_per_s'] / one['frames_per_s']:.2f}x frames/s on this machine; "
           f"server capacity with a core per primary {three['frames_per_s_if_one_core_per_primary'] / one['frames_per_s_if_one_core_per_primary']:.2f}x "
           f"(busiest primary does {three['busiest_primary_cpu_share']:.0%} of the servers' work)")
