@@ -16,7 +16,7 @@ from pathlib import Path
 import redis
 
 from facepay import redis_acl
-from facepay.runtime.embedded import EmbeddedValkey
+from facepay.runtime.embedded import EmbeddedValkey, free_port
 
 SLOTS = 16384
 
@@ -60,10 +60,24 @@ class EmbeddedValkeyCluster:
                 "--masteruser", redis_acl.ADMIN, "--masterauth", self.passwords[redis_acl.ADMIN]]
         self.nodes = [EmbeddedValkey(self.data_dir / f"node-{i}", namespace=self.namespace, extra_args=args,
                                      credentials_dir=self.credentials_dir) for i in range(total)]
-        for node in self.nodes:
-            node.start()
-        self._form(timeout_s)
+        try:
+            for node in self.nodes:
+                self._start_node(node)
+            self._form(timeout_s)
+        except BaseException:
+            self.stop()  # never leave half a cluster running
+            raise
         return self
+
+    @staticmethod
+    def _start_node(node: EmbeddedValkey) -> None:
+        """Start a node; once more on another port if its port was taken meanwhile (busy machine)."""
+        try:
+            node.start()
+        except (RuntimeError, TimeoutError):
+            node.stop()
+            node.port = free_port()
+            node.start()
 
     def client(self, node: EmbeddedValkey) -> redis.Redis:
         """The server owner's plain client of one node (cluster administration)."""
