@@ -91,6 +91,18 @@ class Settings:
     redis_tls_cert_file: str = ""
     redis_tls_key_file: str = ""
     namespace: str = "fp"
+    # Stream partitions (README "Streams on a cluster"): a session's entries, state and decision
+    # live in partition crc32(store/session) % N, all in one hash slot (`{ns}:{pNN}:…`). 1 on one
+    # server keeps the plain names; on a cluster (redis+cluster://) about 2 × the primaries, so
+    # that slots, hence load, can move between them (more cost more per frame: bench/cluster.py).
+    stream_partitions: int = 1
+    # rq's queue (enrollment and re-index jobs): rq needs a standalone Redis — it has no Redis
+    # Cluster support (rq/rq#1942) — so with a cluster redis_url, name one here. Empty: redis_url.
+    jobs_redis_url: str = ""
+    # After a write that acknowledges work (a frame to a camera, a worker's outputs), wait until
+    # this many replicas have it (WAIT): a primary lost right after loses no acknowledged frame.
+    redis_wait_replicas: int = 0
+    redis_wait_timeout_ms: int = 1000
     gallery_url: str = "edge://./var/gallery"
     cameras_file: str = ""  # YAML: stores, cameras and their tokens (see README)
     # mtcnn (MIT) by default, as the recognizer is dlib's (CC0): what runs by default is something a
@@ -273,8 +285,8 @@ def _effective_redis_url(settings: Settings) -> str:
         netloc = f"{quote(user, safe='')}:{quote(password, safe='')}@{host}"
     tls = {"ssl_ca_certs": settings.redis_tls_ca_file, "ssl_certfile": settings.redis_tls_cert_file,
            "ssl_keyfile": settings.redis_tls_key_file}
-    if any(tls.values()) and parts.scheme != "rediss":
-        raise SettingsError("FACEPAY_REDIS_TLS_* files are set but FACEPAY_REDIS_URL is not rediss://")
+    if any(tls.values()) and not parts.scheme.startswith("rediss"):
+        raise SettingsError("FACEPAY_REDIS_TLS_* files are set but FACEPAY_REDIS_URL is not rediss:// (or rediss+cluster://)")
     query = [(k, v) for k, v in query if k not in tls or not tls[k]] + [(k, v) for k, v in tls.items() if v]
     return urlunsplit((parts.scheme, netloc, parts.path, urlencode(query), parts.fragment))
 
@@ -411,7 +423,8 @@ DEGREES = Bounds(0.0, 180.0)
 BOUNDS: dict[str, Bounds] = {
     "batch_size": at_least(1), "batch_wait_ms": at_least(0), "claim_idle_ms": at_least(1),
     "max_deliveries": at_least(1), "stream_retention_s": at_least(1), "image_retention_s": at_least(1),
-    "stream_maxlen": at_least(1),
+    "stream_maxlen": at_least(1), "stream_partitions": Bounds(low=1, high=1024),
+    "redis_wait_replicas": at_least(0), "redis_wait_timeout_ms": at_least(1),
     "max_image_bytes": at_least(1), "max_image_pixels": at_least(1), "min_face_px": at_least(1),
     "enroll_min_face_px": at_least(1), "enroll_min_sharpness": at_least(0), "enroll_min_antispoof": RATIO,
     "metrics_port": PORT, "gateway_threads": at_least(1), "worker_threads": at_least(1),

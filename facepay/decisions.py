@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
 import time
 from collections import OrderedDict
 from collections.abc import Iterator, Mapping
@@ -16,6 +17,8 @@ from collections.abc import Iterator, Mapping
 import redis
 
 from facepay.contract import pb
+from facepay.runtime.partitions import Partitions
+from facepay.runtime.redis_conn import is_cluster
 from facepay.signing import SignatureError, verify
 from facepay.vocabulary import Decision
 
@@ -155,6 +158,96 @@ def consume(client: redis.Redis, stream: str, group: str, consumer: str, keys: M
                     client.xack(stream, group, entry_id)
                     continue
                 yield entry_id, event
+
+
+# With partitions, resuming after an entry id restarts every partition this much earlier: ids of
+# different partitions (different servers' clocks) do not order across them. Events seen twice
+# are refused by the backend's SeenEvents (their event ids); none is missed.
+RESUME_WINDOW_MS = int(CLOCK_SKEW_S * 1000)
+# On a cluster a read cannot span partitions: a round that finds nothing blocks this long on one.
+PARTITION_BLOCK_MS = 50
+
+
+class DecisionReader:
+    """Decision entries of every partition, each once, in entry-id order within a read.
+
+    `after`: an entry id to resume after (None: only new decisions). On one stream that is
+    exact; across partitions every partition resumes RESUME_WINDOW_MS before it (at least
+    once: deduplicate by event id, as `verify_event(seen=…)` does)."""
+
+    def __init__(self, client: redis.Redis, partitions: Partitions, after: str | None = None) -> None:
+        self.client = client
+        self.streams = partitions.streams("decisions")
+        self._cluster = is_cluster(client)
+        self._turn = 0
+        if after is None:
+            self.cursors = {s: self._tail(s) for s in self.streams}
+        elif len(self.streams) == 1:
+            self.cursors = {self.streams[0]: after}
+        else:
+            ms, _, _ = after.partition("-")
+            self.cursors = {s: f"{max(int(ms) - RESUME_WINDOW_MS, 0)}-0" if int(ms) else after for s in self.streams}
+
+    def _tail(self, stream: str) -> bytes | str:
+        last = self.client.xrevrange(stream, count=1)
+        return last[0][0] if last else "0-0"
+
+    def read(self, block_ms: int = 1000, count: int = 100) -> list[tuple[bytes, dict]]:
+        if len(self.streams) == 1 or not self._cluster:
+            reply = self.client.xread(self.cursors, block=block_ms, count=count)
+        else:
+            pipe = self.client.pipeline(transaction=False)
+            for stream, cursor in self.cursors.items():
+                pipe.xread({stream: cursor}, count=count)
+            reply = [r for replies in pipe.execute() for r in (replies or [])]
+            if not reply and block_ms:
+                self._turn = (self._turn + 1) % len(self.streams)
+                stream = self.streams[self._turn]
+                reply = self.client.xread({stream: self.cursors[stream]}, block=min(block_ms, PARTITION_BLOCK_MS),
+                                          count=count)
+        found = []
+        for stream, items in reply or []:
+            for entry_id, fields in items:
+                self.cursors[_text(stream)] = entry_id
+                found.append((entry_id, fields))
+        return sorted(found, key=lambda item: tuple(int(x) for x in _text(item[0]).split("-")))
+
+
+def consume_partitions(client: redis.Redis, partitions: Partitions, group: str, consumer: str,
+                       keys: Mapping[str, str], store_id: str, seen: SeenEvents | None = None,
+                       max_age_s: float | None = MAX_EVENT_AGE_S, block_ms: int = 1000,
+                       start: str = "$", stop: threading.Event | None = None) -> Iterator[tuple[str, bytes, dict]]:
+    """`consume` over every partition of the decisions stream: yields (stream, entry id, verified
+    event); acknowledge each with XACK on that stream. The group exists on each partition, so
+    a backend's replicas share the partitions without an event going to two of them. Returns
+    once `stop` is set (a backend shutting down)."""
+    seen = seen if seen is not None else SeenEvents()
+    streams = partitions.streams("decisions")
+    for stream in streams:
+        try:
+            client.xgroup_create(stream, group, id=start, mkstream=True)
+        except redis.ResponseError as exc:
+            if "BUSYGROUP" not in str(exc):
+                raise
+    turn = 0
+    while stop is None or not stop.is_set():
+        pipe = client.pipeline(transaction=False)
+        for stream in streams:
+            pipe.xreadgroup(group, consumer, {stream: ">"}, count=32)
+        replies = [r for reply in pipe.execute() for r in (reply or [])]
+        if not replies and block_ms:
+            turn = (turn + 1) % len(streams)
+            replies = client.xreadgroup(group, consumer, {streams[turn]: ">"}, count=32,
+                                        block=min(block_ms, PARTITION_BLOCK_MS)) or []
+        for stream, items in replies:
+            for entry_id, fields in items:
+                try:
+                    event = verify_entry(fields, keys, store_id, max_age_s, seen)
+                except SignatureError as refused:
+                    log.warning("decision entry refused", extra={"entry": _text(entry_id), "error": str(refused)})
+                    client.xack(stream, group, entry_id)
+                    continue
+                yield _text(stream), entry_id, event
 
 
 def _text(value: bytes | str) -> str:

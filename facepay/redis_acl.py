@@ -20,6 +20,7 @@ from pathlib import Path
 from urllib.parse import quote, urlsplit, urlunsplit
 
 from facepay.private_files import write_private
+from facepay.runtime.partitions import PARTITIONED_KEYS, PARTITIONED_STREAMS
 
 STAGE_STREAMS = {  # stage: (input stream, output stream)
     "detector": ("frames", "faces"),
@@ -33,13 +34,24 @@ ADMIN = "admin"  # the embedded server's owner (supervisor, tests): never handed
 # Keyless housekeeping every client needs (rq and the
 # gateway read INFO; a worker's outputs and acknowledgement are one MULTI/EXEC).
 _CONNECTION = "+ping +hello +auth +select +client|setname +client|getname +client|id +client|info +info +multi +exec +discard +readonly +acl|whoami"
+# A cluster client learns the slots and the commands' key positions, follows ASK redirections;
+# WAIT: a write acknowledged to a camera is on `redis_wait_replicas` replicas (keyless).
+_CONNECTION += " +cluster|slots +cluster|shards +cluster|nodes +cluster|info +cluster|myid +command +asking +readwrite +wait"
 _READ_STREAM = "+xread +xrange +xrevrange +xlen +xinfo"
 # A consumer group's reader: XREADGROUP/XACK/XAUTOCLAIM are write commands on the stream.
 _CONSUME = "+xreadgroup +xack +xgroup|create +xgroup|createconsumer +xautoclaim +xclaim +xpending +xinfo +xlen"
 
 
-def _keys(ns: str, *names: str) -> str:
-    return " ".join(f"~{ns}:{n}" for n in names)
+def _keys(ns: str, *names: str, prefix: str = "~") -> str:
+    """Key patterns of `names`; a per-session (partitioned) name also in every partition's hash
+    tag (facepay.runtime.partitions): `~fp:frames ~fp:{p*}:frames`."""
+    return " ".join(f"{prefix}{pattern}" for n in names for pattern in _patterns(ns, n))
+
+
+def _patterns(ns: str, name: str) -> list[str]:
+    if name.split(":")[0] in PARTITIONED_STREAMS | PARTITIONED_KEYS:
+        return [f"{ns}:{name}", f"{ns}:{{p*}}:{name}"]
+    return [f"{ns}:{name}"]
 
 
 def _stage_rules(ns: str, stage: str) -> list[str]:
@@ -107,14 +119,14 @@ def rules(component: str, ns: str) -> list[str]:
         return _archiver_rules(ns)
     if component == "gateway":
         return [f"({_keys(ns, 'frames')} +xadd +xinfo +xlen)",
-                f"(%R~{ns}:decisions %R~{ns}:enrollments {_READ_STREAM})",
+                f"({_keys(ns, 'decisions', 'enrollments', prefix='%R~')} {_READ_STREAM})",
                 # whether a session is already decided (a point of sale's retry is refused)
-                f"(%R~{ns}:decided:* +exists +get)",
+                f"({_keys(ns, 'decided:*', prefix='%R~')} +exists +get)",
                 # per-session frame and duration caps (services/gateway/guard.py)
                 f"({_keys(ns, 'gateway-session:*')} +hsetnx +hincrby +hget +expire)"]
     if component == "operator":  # CLI and rq jobs acting for an operator
         return [f"({_keys(ns, 'posed')} +xadd)",  # admin commands (authenticated by the operator's key)
-                f"(%R~{ns}:admin-replies %R~{ns}:decisions %R~{ns}:dead {_READ_STREAM})",
+                f"({_keys(ns, 'admin-replies', 'decisions', 'dead', prefix='%R~')} {_READ_STREAM})",
                 f"({_keys(ns, 'thresholds')} +hset +hget +hgetall)",
                 f"(%R~{ns}:faces:* +get)",  # re-index reads the kept chips
                 # rq's own keys and pub/sub channel; no dangerous or scripting commands
@@ -169,7 +181,7 @@ def load_or_create_passwords(directory: Path, components: tuple[str, ...]) -> di
 def component_url(base_url: str, user: str, password: str | None = None) -> str:
     """`base_url` with `user` (and the password, if given) as its credentials."""
     parts = urlsplit(base_url)
-    host = parts.hostname or "127.0.0.1"
+    hosts = parts.netloc.rpartition("@")[2] or "127.0.0.1"  # host:port, or a cluster's host:port,host:port
     auth = quote(user, safe="") + (f":{quote(password, safe='')}" if password else "")
-    netloc = f"{auth}@{host}" + (f":{parts.port}" if parts.port else "")
+    netloc = f"{auth}@{hosts}"
     return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))

@@ -17,6 +17,8 @@ from facepay.app.supervisor import Pipeline, demo_access
 from facepay.config import FailureLimits, SessionPolicy, Settings
 from facepay.contract import pb, rpc
 from facepay.decisions import SeenEvents, verify_event
+from facepay.runtime.partitions import Partitions
+from facepay.runtime.redis_conn import connect
 
 STORES = {"store-1": ["cam-1", "cam-2"], "store-2": ["cam-3"]}
 
@@ -25,11 +27,14 @@ def start_pipeline(workdir: Path, policy: SessionPolicy, redis_url: str | None =
                    replicas: dict[str, int] | None = None, **overrides) -> Pipeline:
     # Tests stream many declined sessions from one camera: the failure limits get their own test.
     overrides.setdefault("limits", FailureLimits(max_consecutive=10_000, hard_limit=100_000))
-    settings = Settings(namespace=f"e2e{uuid.uuid4().hex[:6]}", policy=policy, claim_idle_ms=2000,
-                        batch_size=8, batch_wait_ms=30, log_format="json", **overrides)
+    overrides.setdefault("namespace", f"e2e{uuid.uuid4().hex[:6]}")
+    valkey = overrides.pop("valkey", None)  # a server or local cluster of the test's (tests/test_cluster*.py)
+    archive = overrides.pop("archive", True)
+    settings = Settings(policy=policy, claim_idle_ms=2000, batch_size=8, batch_wait_ms=30, log_format="json", **overrides)
     if redis_url:
         settings = settings.replace(redis_url=redis_url)
-    return Pipeline(settings, workdir, demo_access(STORES), replicas=replicas, embedded=redis_url is None).start()
+    return Pipeline(settings, workdir, demo_access(STORES), replicas=replicas, embedded=redis_url is None,
+                    valkey=valkey, archive=archive).start()
 
 
 def enroll(pipeline: Pipeline, user: str, images: list[bytes], tenant: str = "demo", **metadata) -> pb.EnrollResponse:
@@ -101,17 +106,19 @@ STAGE_INPUTS = {"detector": "frames", "aligner": "faces", "pose": "aligned", "re
 def wait_until_drained(pipeline: Pipeline, timeout_s: float = 60.0) -> None:
     """Until every stage has read and acknowledged every entry of its input: from then on no
     redelivery (of a killed worker's entries, say) can produce anything more."""
-    client = redis.Redis.from_url(pipeline.settings.redis_url)
+    client = connect(pipeline.settings.redis_url)
+    partitions = Partitions.of(pipeline.settings)
 
     def drained() -> bool:
-        for stage, stream in STAGE_INPUTS.items():
-            try:
-                groups = {g["name"]: g for g in client.xinfo_groups(pipeline.settings.key(stream))}
-            except redis.ResponseError:  # the stream was never written
-                continue
-            group = groups.get(stage.encode(), groups.get(stage))
-            if group is None or group["pending"] or group.get("lag"):
-                return False
+        for stage, name in STAGE_INPUTS.items():
+            for stream in partitions.streams(name):
+                try:
+                    groups = {g["name"]: g for g in client.xinfo_groups(stream)}
+                except redis.ResponseError:  # the stream was never written
+                    continue
+                group = groups.get(stage.encode(), groups.get(stage))
+                if group is None or group["pending"] or group.get("lag"):
+                    return False
         return True
 
     wait_until(drained, timeout_s, "every stage's input read and acknowledged")

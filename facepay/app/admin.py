@@ -17,6 +17,7 @@ from facepay.keys import operator_keyring
 from facepay.messages import FIELD, AdminMsg, FrameRef
 from facepay.redaction import redact_url
 from facepay.runtime.envelope import Unauthenticated, open_entry, seal
+from facepay.runtime.partitions import Partitions
 from facepay.runtime.redis_conn import connect
 
 
@@ -34,7 +35,7 @@ def call(settings: Settings, command: str, timeout_s: float = 30.0, **args: str)
     now_ms = int(time.time() * 1000)
     ref = FrameRef(session_id=f"admin-{request_id}", store_id="", camera_id="admin", sequence=0, captured_ms=now_ms)
     command_msg = AdminMsg(ref=ref, command=command, args=args, request_id=request_id, issued_at_ms=now_ms)
-    posed = settings.key("posed")
+    posed = Partitions.of(settings).stream("posed", f"/{ref.session_id}")  # the recognizer reads every partition
     client.xadd(posed, seal({FIELD: command_msg.encode()}, posed, keys.signer))
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:

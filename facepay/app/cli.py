@@ -207,6 +207,7 @@ def _cmd_models(args) -> int:
 
 def _cmd_enroll(args) -> int:
     from facepay.app.enrollment import enroll_images, enroll_tree, gateway_target, photos_in
+    from facepay.app.jobs import queue_url
     from facepay.grpc_tls import ClientTLS
 
     settings = load_settings()
@@ -221,7 +222,7 @@ def _cmd_enroll(args) -> int:
         results = [enroll_images(target, settings.operator_token, args.user, args.tenant, images, args.phone_suffix, tls=tls)]
     else:
         with progress_bar("enrolling", "user") as progress:
-            results = enroll_tree(settings.redis_url, args.tree, target, settings.operator_token, args.tenant,
+            results = enroll_tree(queue_url(settings), args.tree, target, settings.operator_token, args.tenant,
                                   inline_workers=args.workers, progress=progress, tls=tls)
     for result in results:
         print(json.dumps(result))

@@ -10,24 +10,37 @@ from collections.abc import Callable
 
 from rq.job import Job
 
+from facepay.runtime.redis_conn import is_cluster_url
 
-def rq_worker_environ(redis_url: str) -> dict[str, str]:
+
+def queue_url(settings) -> str:
+    """Where rq's queue lives: `jobs_redis_url`, else `redis_url` — never a cluster (rq has no
+    Redis Cluster support: its transactions and scripts span keys of many slots)."""
+    url = settings.jobs_redis_url or settings.redis_url
+    if is_cluster_url(url):
+        raise ValueError("rq jobs need a standalone Redis and FACEPAY_REDIS_URL names a cluster: set "
+                         "FACEPAY_JOBS_REDIS_URL to a standalone Redis/Valkey for the job queue")
+    return url
+
+
+def rq_worker_environ(redis_url: str, rq_url: str | None = None) -> dict[str, str]:
     """The URL (with its password) goes in the environment, readable by this user only — not
     on the command line, which every user of the machine can read (ps, /proc/*/cmdline). The
-    jobs read their Redis settings from the same variables (no credentials in job data)."""
-    return {**os.environ, "RQ_REDIS_URL": redis_url, "REDIS_URL": redis_url, "FACEPAY_REDIS_URL": redis_url,
+    jobs read their Redis settings from the same variables (no credentials in job data).
+    `rq_url`: the queue's own Redis when it is not the pipeline's (a cluster)."""
+    return {**os.environ, "RQ_REDIS_URL": rq_url or redis_url, "REDIS_URL": redis_url, "FACEPAY_REDIS_URL": redis_url,
             "FACEPAY_REDIS_PASSWORD_FILE": "", "FACEPAY_REDIS_TLS_CA_FILE": "", "FACEPAY_REDIS_TLS_CERT_FILE": "",
             "FACEPAY_REDIS_TLS_KEY_FILE": ""}  # already folded into redis_url
 
 
 def run_jobs(redis_url: str, queue_name: str, jobs: list[Job], inline_workers: int = 1,
              progress: Callable[[int, int], None] | None = None, timeout_s: float | None = None,
-             worker_env: dict[str, str] | None = None) -> list[dict]:
+             worker_env: dict[str, str] | None = None, rq_url: str | None = None) -> list[dict]:
     """Wait for `jobs`; with inline_workers > 0 start that many `rq worker --burst` processes
     here (they exit when the queue is empty), else rely on the operator's own rq workers.
     Secrets reach the workers through their own environment (`worker_env`, and the Redis URL
     with its password), never through job data or a command line."""
-    env = {**rq_worker_environ(redis_url), **(worker_env or {})}
+    env = {**rq_worker_environ(redis_url, rq_url), **(worker_env or {})}
     workers = [subprocess.Popen([sys.executable, "-m", "rq.cli", "worker", "--burst", "--quiet", queue_name],
                                 env=env, stdout=subprocess.DEVNULL) for _ in range(inline_workers)]
     deadline = None if timeout_s is None else time.monotonic() + timeout_s

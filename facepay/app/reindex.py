@@ -11,7 +11,7 @@ from collections.abc import Callable
 from functools import lru_cache
 
 from facepay.app.admin import call
-from facepay.app.jobs import run_jobs
+from facepay.app.jobs import queue_url, run_jobs
 from facepay.config import Settings, load_settings
 from facepay.images import decode_trusted
 from facepay.runtime.redis_conn import connect
@@ -49,9 +49,10 @@ def reindex(settings: Settings, model: str, inline_workers: int = 1,
     from rq import Queue
 
     users = sorted(FaceSources(connect(settings.redis_url), settings).users())
-    queue = Queue(QUEUE, connection=redis.Redis.from_url(settings.redis_url))
+    queue = Queue(QUEUE, connection=redis.Redis.from_url(queue_url(settings)))
     jobs = [queue.enqueue(reindex_user_job, settings.namespace, settings.landmarks_model,
                           settings.device, model, user, job_timeout=600, result_ttl=86400) for user in users]
     key_files = {"FACEPAY_OPERATOR_KEY_FILE": settings.operator_key_file,
                  "FACEPAY_TRUSTED_KEYS_FILE": settings.trusted_keys_file}
-    return run_jobs(settings.redis_url, QUEUE, jobs, inline_workers, progress, timeout_s, worker_env=key_files)
+    return run_jobs(settings.redis_url, QUEUE, jobs, inline_workers, progress, timeout_s, worker_env=key_files,
+                    rq_url=queue_url(settings))

@@ -45,6 +45,7 @@ from facepay.archive import ArchivedSession, ArchiveStore
 from facepay.config import FailureLimits, SessionPolicy, Settings
 from facepay.messages import FIELD, DecisionMsg, FrameMsg, FrameRef, SessionEndMsg, decode
 from facepay.runtime.envelope import attest, open_entry, seal
+from facepay.runtime.partitions import Partitions
 from facepay.signing import verify
 from facepay.vocabulary import Reason
 
@@ -163,7 +164,7 @@ class ReplayRun:
 
     def inject(self, session: ArchivedSession) -> None:
         """The archived frames, as the replay's gateway would queue them."""
-        stream = self.settings.key("frames")
+        stream = Partitions.of(self.settings).stream("frames", f"{session.store}/{session.session_id}")
         frames = [f for f in session.frames if f.image]
         for frame in frames:
             # As received: the camera's capture time, the phone suffix the search was filtered by.
@@ -178,10 +179,10 @@ class ReplayRun:
 
     def decisions(self) -> dict[tuple[str, str], tuple[dict, DecisionMsg]]:
         """(store, session) → (the verified event, the recognizer's message) of every decision so far."""
-        stream = self.settings.key("decisions")
         keys = {self.settings.signing_key_id: self.settings.signing_key}
         found = {}
-        for _, fields in self.client.xrange(stream):
+        for stream, fields in ((s, f) for s in Partitions.of(self.settings).streams("decisions")
+                               for _, f in self.client.xrange(s)):
             _, body = open_entry(fields, stream, self.trusted, {"recognizer"})
             message = decode(body)
             if not isinstance(message, DecisionMsg):

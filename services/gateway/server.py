@@ -21,14 +21,16 @@ from grpc_reflection.v1alpha import reflection
 
 from facepay.config import Settings
 from facepay.contract import pb, reason_value, rpc
-from facepay.decisions import to_proto
+from facepay.decisions import DecisionReader, to_proto
 from facepay.grpc_tls import is_loopback, server_credentials
 from facepay.images import ImageError, decode_image
 from facepay.keys import load_keyring
 from facepay.messages import FIELD, FrameMsg, FrameRef, Message, SessionEndMsg
 from facepay.runtime import metrics
 from facepay.runtime.envelope import Unauthenticated, attest, open_entry, seal
-from facepay.runtime.redis_conn import TRANSIENT, connect
+from facepay.runtime.partitions import Partitions
+from facepay.runtime.redis_conn import REDIS_ERRORS, TRANSIENT, connect, durable_xadd
+from facepay.runtime.stage import session_of
 from facepay.sessions import decided_key, session_key
 from facepay.vocabulary import EnrollmentStatus, Purpose
 from services.gateway.cameras import AccessDenied, Camera, CameraRegistry
@@ -61,7 +63,8 @@ class Gateway(rpc.FaceGatewayServicer):
         self.settings = settings
         self.registry = registry
         self.redis = connect(settings.redis_url)
-        self.frames_stream = settings.key("frames")
+        # Each session's frames go to its partition's stream (facepay.runtime.partitions).
+        self.partitions = Partitions.of(settings)
         # It signs every entry and attests every frame's origin: no key, no start.
         self.keys = load_keyring(settings.key_file, settings.trusted_keys_file, "gateway")
         self.frame_limits = FrameLimits(settings, self.redis)
@@ -167,11 +170,12 @@ class Gateway(rpc.FaceGatewayServicer):
     def _xadd(self, message: Message) -> str:
         """Queue durably; a Redis that cannot take it is UNAVAILABLE or RESOURCE_EXHAUSTED, so
         the camera retries the frame."""
-        fields = seal({FIELD: message.encode()}, self.frames_stream, self.keys.signer)
+        stream = self.partitions.stream("frames", session_of(message))
+        fields = seal({FIELD: message.encode()}, stream, self.keys.signer)
         with redis_errors_as_status(self.redis, "queue"):
             # No inline MAXLEN: it would trim frames no stage has read yet. The workers trim
             # safely (never past a group's delivery point); a full queue is back-pressure.
-            entry_id = self.redis.xadd(self.frames_stream, fields)
+            entry_id = durable_xadd(self.redis, stream, fields, self.settings)
         return entry_id.decode()
 
     # ---- enrollment ------------------------------------------------------------------------
@@ -201,7 +205,7 @@ class Gateway(rpc.FaceGatewayServicer):
 
     def _run_enrollment(self, request) -> dict | None:
         session_id = f"enroll-{uuid.uuid4().hex}"
-        results_stream = self.settings.key("enrollments")
+        results_stream = self.partitions.stream("enrollments", f"/{session_id}")  # its partition (store "")
         last = self.redis.xrevrange(results_stream, count=1)
         cursor = last[0][0] if last else b"0-0"
         now = int(time.time() * 1000)
@@ -239,29 +243,22 @@ class Gateway(rpc.FaceGatewayServicer):
             self.registry.backend(request.store_id, token)
         except AccessDenied as denied:
             context.abort(grpc.StatusCode.UNAUTHENTICATED, str(denied))
-        stream = self.settings.key("decisions")
         if request.after_entry_id and not ENTRY_ID.match(request.after_entry_id):
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, "after_entry_id must be a stream id like 1700000000000-0")
         try:
-            cursor = request.after_entry_id or self._stream_tail(stream)
+            reader = DecisionReader(self.redis, self.partitions, request.after_entry_id or None)
         except TRANSIENT as exc:
             context.abort(grpc.StatusCode.UNAVAILABLE, f"decisions stream unavailable, retry: {exc}")
         while context.is_active():
             try:
-                reply = self.redis.xread({stream: cursor}, block=1000, count=100)
-            except TRANSIENT:
+                items = reader.read(block_ms=1000)
+            except REDIS_ERRORS:
                 time.sleep(0.5)
                 continue
-            for _, items in reply or []:
-                for entry_id, fields in items:
-                    cursor = entry_id
-                    event = _event_of_store(entry_id, fields, request.store_id)
-                    if event is not None:
-                        yield event
-
-    def _stream_tail(self, stream: str) -> bytes:
-        last = self.redis.xrevrange(stream, count=1)
-        return last[0][0] if last else b"0-0"
+            for entry_id, fields in items:
+                event = _event_of_store(entry_id, fields, request.store_id)
+                if event is not None:
+                    yield event
 
 
 def _event_of_store(entry_id: bytes, fields: dict[bytes, bytes], store_id: str) -> pb.DecisionEvent | None:

@@ -17,14 +17,18 @@ import msgpack
 import redis
 
 from facepay.config import Settings
+from facepay.runtime.partitions import Partitions
+from facepay.runtime.redis_conn import is_cluster
 from facepay.vocabulary import Purpose
 
 log = logging.getLogger(__name__)
 
 
 def erase_user_traces(client: redis.Redis, settings: Settings, user_id: str) -> dict[str, int]:
+    partitions = Partitions.of(settings)
     erased = {"enrollment_sessions": _erase_enrollment_sessions(client, settings, user_id),
-              "enrollment_results": _erase_entries_naming(client, settings.key("enrollments"), user_id),
+              "enrollment_results": sum(_erase_entries_naming(client, stream, user_id)
+                                        for stream in partitions.streams("enrollments")),
               "admin_replies": _erase_entries_naming(client, settings.key("admin-replies"), user_id)}
     _rewrite_append_only_file(client)
     return erased
@@ -32,7 +36,9 @@ def erase_user_traces(client: redis.Redis, settings: Settings, user_id: str) -> 
 
 def _erase_enrollment_sessions(client: redis.Redis, settings: Settings, user_id: str) -> int:
     erased = 0
-    for key in client.scan_iter(match=settings.key("session", "*"), count=500):
+    # every partition's session states (a cluster client scans every primary)
+    pattern = Partitions.of(settings).key(0, "session", "*").replace("{p00}", "{p*}")
+    for key in client.scan_iter(match=pattern, count=500):
         meta = client.hget(key, "meta")
         if meta and (ref := msgpack.unpackb(meta)).get("purpose") == Purpose.ENROLL and ref.get("user_id") == user_id:
             erased += client.delete(key)
@@ -76,7 +82,11 @@ def _names(packed: bytes | None, user_id: str) -> bool:
 
 def _rewrite_append_only_file(client: redis.Redis) -> None:
     try:
-        client.bgrewriteaof()
+        if is_cluster(client):  # the erased entries were on several primaries
+            for node in client.get_primaries():
+                client.get_redis_connection(node).bgrewriteaof()
+        else:
+            client.bgrewriteaof()
     except redis.ResponseError as exc:  # not permitted (managed Redis), or one already running
         log.warning("AOF rewrite not started: erased entries stay in the server's files until its next rewrite",
                     extra={"error": str(exc)})

@@ -74,12 +74,12 @@ class DecisionEvents:
         payload = sign(event, self.settings.signing_key, self.settings.signing_key_id)
         payload[b"store"] = ref.store_id.encode()
         payload[FIELD] = _for_the_archive(ref, state, payload, rule).encode()  # signed by the runtime
-        return Emit("decisions", payload, once_key=decided_key(session_key(ref)))
+        return Emit("decisions", payload, once_key=decided_key(session_key(ref)), partition_key=session_key(ref))
 
     def enrollment(self, ref: FrameRef, result: dict) -> Emit:
         """`result` as `enrollment_result` starts it."""
         return Emit("enrollments", {b"m": msgpack.packb(result), b"session": ref.session_id.encode()},
-                    once_key=decided_key(session_key(ref)))
+                    once_key=decided_key(session_key(ref)), partition_key=session_key(ref))
 
 
 def enrollment_result(ref: FrameRef, space_id: str, images: list[dict] | None = None) -> dict:

@@ -58,7 +58,8 @@ class FailureLimiter:
             return
         subjects = [("camera", camera_id)] + ([("user", candidate_user)] if candidate_user else [])
         if approved:
-            self.redis.delete(*[self._key(k, s, "failures") for k, s in subjects])
+            for kind, subject in subjects:  # one key at a time: on a cluster each has its own slot
+                self.redis.delete(self._key(kind, subject, "failures"))
             return
         if rule not in COUNTED_FAILURES:
             return

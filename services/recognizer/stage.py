@@ -250,7 +250,8 @@ class RecognizerStage(Stage):
         stream of its own (written in the same transaction as, or before, the decision)."""
         if not self.settings.archive_keep_embeddings or ref.purpose == Purpose.ENROLL or result.embedding is None:
             return []
-        return [Emit("embeddings", EmbeddingMsg(ref=ref, vector=result.embedding, space=self.gallery_owner.space_id).encode())]
+        return [Emit("embeddings", EmbeddingMsg(ref=ref, vector=result.embedding, space=self.gallery_owner.space_id).encode(),
+                     partition_key=session_key(ref))]
 
     # ---- enrollment ------------------------------------------------------------------------
     def _finish_enrollment(self, state: SessionState, timed_out: bool) -> list[Emit]:

@@ -4,6 +4,9 @@
 redelivered frame changes nothing), `end` → the frame count the camera announced, `meta` →
 store, camera and timing. `{ns}:sessions:open` is a sorted set of sessions by deadline, swept
 for timeouts. `{ns}:decided:{id}` is set by the runtime when the decision is written.
+With partitions (facepay.runtime.partitions) each of these is the session's partition's —
+`{ns}:{p07}:session:{id}`, `{ns}:{p07}:sessions:open`, `{ns}:{p07}:decided:{id}` — one hash
+slot per session, so each transaction below stays on one slot of a cluster.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import redis
 from facepay import sessions
 from facepay.config import Settings
 from facepay.messages import FrameRef
+from facepay.runtime.partitions import Partitions
 from facepay.sessions import decided_key  # noqa: F401  (the recognizer's stage imports it from here)
 from services.recognizer.policy import FrameResult
 
@@ -46,18 +50,22 @@ class SessionStore:
     def __init__(self, client: redis.Redis, settings: Settings) -> None:
         self.redis = client
         self.settings = settings
+        self.partitions = Partitions.of(settings)
 
     def _key(self, key: str) -> str:
-        return self.settings.key("session", key)
+        return self.partitions.session_key(key, "session", key)
 
-    @property
-    def _open_key(self) -> str:
-        return self.settings.key("sessions", "open")
+    def _open_key(self, key: str) -> str:
+        """The sorted set of open sessions of `key`'s partition."""
+        return self.partitions.session_key(key, "sessions", "open")
+
+    def decided_key(self, key: str) -> str:
+        return self.partitions.session_key(key, decided_key(key))
 
     def is_decided(self, keys: list[str]) -> dict[str, bool]:
         pipe = self.redis.pipeline(transaction=False)
         for key in keys:
-            pipe.exists(self.settings.key(decided_key(key)))
+            pipe.exists(self.decided_key(key))
         return dict(zip(keys, (bool(x) for x in pipe.execute())))
 
     def record(
@@ -78,7 +86,7 @@ class SessionStore:
         if frame_count is not None:
             pipe.hset(key, "end", frame_count)
         pipe.expire(key, STATE_TTL_S)
-        pipe.zadd(self._open_key, {skey: deadline_ms}, gt=True)
+        pipe.zadd(self._open_key(skey), {skey: deadline_ms}, gt=True)
         pipe.execute()
 
     def load(self, key: str) -> SessionState | None:
@@ -108,33 +116,37 @@ class SessionStore:
         longer than the decision needs them."""
         pipe = self.redis.pipeline(transaction=True)
         pipe.delete(self._key(key))
-        pipe.zrem(self._open_key, key)
+        pipe.zrem(self._open_key(key), key)
         pipe.execute()
 
     def quarantine(self, key: str) -> str:
         """Move an unreadable state aside (for an operator to inspect, for a week at most), out
         of the sweep; returns where it went."""
-        aside = self.settings.key("quarantine", "session", key)
+        aside = self.partitions.session_key(key, "quarantine", "session", key)  # RENAME: one slot
         pipe = self.redis.pipeline(transaction=True)
         pipe.rename(self._key(key), aside)
         pipe.expire(aside, QUARANTINE_TTL_S)
-        pipe.zrem(self._open_key, key)
+        pipe.zrem(self._open_key(key), key)
         try:
             pipe.execute()
         except redis.ResponseError as exc:  # already moved (by another replica) or gone
             if "no such key" not in str(exc).lower():
                 raise
-            self.redis.zrem(self._open_key, key)
+            self.redis.zrem(self._open_key(key), key)
         return aside
 
     def overdue(self, limit: int = 100) -> list[str]:
+        """Sessions past their deadline, from every partition (at most `limit` of each)."""
         now_ms = int(time.time() * 1000)
-        return [s.decode() for s in self.redis.zrangebyscore(self._open_key, 0, now_ms, start=0, num=limit)]
+        pipe = self.redis.pipeline(transaction=False)
+        for open_key in self.partitions.all("sessions", "open"):
+            pipe.zrangebyscore(open_key, 0, now_ms, start=0, num=limit)
+        return [s.decode() for found in pipe.execute() for s in found]
 
     def close(self, key: str) -> None:
         """Forget a decided session: its state holds names, embeddings and (enrollment) chips,
         none of which is needed once the decision is written."""
         pipe = self.redis.pipeline(transaction=True)
-        pipe.zrem(self._open_key, key)
+        pipe.zrem(self._open_key(key), key)
         pipe.delete(self._key(key))
         pipe.execute()
