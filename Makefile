@@ -7,7 +7,7 @@ PY     := $(VENV)/bin/python
 
 # The `byo` extra of pyproject.toml, installed without its dependencies: onnx2torch declares
 # torchvision, and the PyPI torchvision that fits the pinned torch does not import beside the CPU
-# wheel (byo.py copes; `pip install -e '.[byo]'` is the equivalent for a user's own environment).
+# wheel (facepay/models/onnx_torch.py copes; `pip install -e '.[byo]'` is the equivalent for a user's own environment).
 BYO_REQUIREMENTS = $(shell $(PYTHON) -c "import tomllib; print(' '.join(tomllib.load(open('pyproject.toml', 'rb'))['project']['optional-dependencies']['byo']))")
 
 $(VENV)/.installed: pyproject.toml

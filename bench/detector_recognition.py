@@ -2,7 +2,7 @@
 
     .venv/bin/python bench/detector_recognition.py [--pairs 150] [--detectors mtcnn,scrfd-500m]
 
-Runs `facepay.offline.FaceEmbedder` (the pipeline's own detector → crop → landmarks → chip →
+Runs `facepay.app.offline.FaceEmbedder` (the pipeline's own detector → crop → landmarks → chip →
 recognizer, labelled mode) with each detector on the images of the first N same-person and N
 different-person pairs of `faces-lfw/pairs.csv`, and prints per detector: images without a
 usable face, best pair accuracy and the genuine/impostor score gap; and between the first
@@ -25,8 +25,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
 def main(argv: list[str] | None = None) -> int:
+    from facepay.app.offline import EmbeddedFace, FaceEmbedder
     from facepay.config import Settings
-    from facepay.offline import EmbeddedFace, FaceEmbedder
     from tests.conftest import read_rgb
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])

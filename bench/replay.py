@@ -5,7 +5,7 @@
 Starts the embedded pipeline (Valkey, SeaweedFS, gateway, four workers, archiver), streams the
 sessions from two cameras as fast as the gateway takes them (live: first frame sent → last
 decision), waits until the archiver has archived them all, then replays them with
-`facepay.replay.run_replay` (replay: first frame injected → last replayed decision; the
+`facepay.app.replay.run_replay` (replay: first frame injected → last replayed decision; the
 replay's worker start-up is reported apart). Same models, same frames, same machine; the
 live pipeline sits idle during the replay. Every frame is embedded (decide_early off).
 """
@@ -24,8 +24,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.pipeline import sample_frames, wait_decisions  # noqa: E402
+from facepay.app.replay import ReplayOptions, run_replay  # noqa: E402
 from facepay.config import SessionPolicy  # noqa: E402
-from facepay.replay import ReplayOptions, run_replay  # noqa: E402
 from tests.e2e import camera, enroll, new_session, start_pipeline  # noqa: E402
 from tests.test_replay import archive_of  # noqa: E402
 

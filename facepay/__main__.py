@@ -1,3 +1,3 @@
-from facepay.cli import main
+from facepay.app.cli import main
 
 main()

@@ -12,13 +12,13 @@ from pathlib import Path
 import grpc
 import redis
 
-from facepay.camera import CameraClient
+from facepay.app.camera import CameraClient
+from facepay.app.supervisor import Pipeline, demo_access
 from facepay.config import FailureLimits, SessionPolicy, Settings
 from facepay.contract import pb, rpc
 from facepay.decisions import SeenEvents, verify_event
 from facepay.runtime.partitions import Partitions
 from facepay.runtime.redis_conn import connect
-from facepay.supervisor import Pipeline, demo_access
 
 STORES = {"store-1": ["cam-1", "cam-2"], "store-2": ["cam-3"]}
 

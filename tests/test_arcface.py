@@ -15,10 +15,10 @@ import pytest
 import redis
 
 from facepay import keys, thresholds
+from facepay.app.offline import FaceEmbedder
 from facepay.config import SessionPolicy, Settings
 from facepay.models.cache import weight_path
 from facepay.models.registry import RECOGNIZERS, WEIGHTS
-from facepay.offline import FaceEmbedder
 from facepay.runtime.embedded import EmbeddedValkey
 from services.aligner.geometry import ARCFACE_112, dlib_chip, five_points_from_68, similarity_transform
 from tests.conftest import read_rgb
@@ -47,15 +47,17 @@ def chips_of(offline, faces):
 
 
 def _chip(offline: FaceEmbedder, rgb: np.ndarray):
-    from facepay.offline import _detector_crop
+    from facepay.images import decode_trusted
+    from services.aligner.geometry import aligned_chips
+    from services.detector.crop import crop_payer
     from services.detector.payer import choose_payer
 
     (faces,) = offline.detector.detect([rgb])
     payer, _ = choose_payer(faces, rgb.shape[1], rgb.shape[0], offline.rule)
-    crop, box, offset = _detector_crop(rgb, payer)
-    points5 = (np.asarray(payer.points5, np.float64) - offset).astype(np.float32)
-    (landmarks,) = offline.landmarks.predict([crop], [box], [points5])
-    return offline._chip(crop, landmarks), landmarks, crop
+    cut = crop_payer(rgb, payer)
+    crop = decode_trusted(cut.jpeg)
+    (landmarks,) = offline.landmarks.predict([crop], [cut.box], [np.asarray(cut.points5, dtype=np.float32)])
+    return aligned_chips(crop, landmarks)[offline.embedder.chip_template], landmarks, crop
 
 
 def test_the_model_is_a_registry_file_pinned_by_sha256_and_marked_non_commercial():
@@ -76,7 +78,7 @@ def test_models_list_names_the_non_commercial_weights():
 
 
 def test_the_demo_says_so_when_its_recognizer_is_non_commercial():
-    from facepay.demo import recognizer_notice
+    from facepay.app.demo import recognizer_notice
 
     assert recognizer_notice(MODEL).startswith("NOTE: recognizer arcface-mbf-w600k is for NON-COMMERCIAL")
     assert "NON-COMMERCIAL" not in recognizer_notice("dlib-resnet-v1")
@@ -152,11 +154,11 @@ SIGNING_KEY = "22" * 32
 
 def test_the_recognizer_warns_at_start_and_uses_the_space_s_signed_margin_and_k(tmp_path, caplog):
     from facepay.messages import FrameRef
+    from facepay.runtime.worker import StreamWorker
     from facepay.signing import verify
     from services.recognizer.policy import FrameResult
     from services.recognizer.stage import RecognizerStage
     from services.recognizer.state import SessionStore
-    from facepay.runtime.worker import StreamWorker
 
     keys.generate(tmp_path / "keys")
     with EmbeddedValkey(tmp_path / "vk") as server:
@@ -214,7 +216,7 @@ def test_the_pipeline_with_arcface_approves_enrolled_people_and_declines_strange
 def test_with_arcface_a_live_selfie_video_is_approved_and_a_replayed_still_declined_for_liveness(faces, tmp_path):
     """Every rule on: the blink is judged on the matched face's track, whose same-face level is
     ArcFace's own threshold."""
-    from facepay.camera import video_frames
+    from facepay.app.camera import video_frames
     from facepay.contract import pb
     from tests.e2e import Backend, camera, enroll, new_session, start_pipeline
     from tests.test_pipeline import FULL_POLICY

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
+from facepay.app.audit import AuditError, parse_time
 from facepay.archive import ArchiveKeys, ArchiveSettings, ArchiveStore, EmbeddedS3
-from facepay.audit import AuditError, parse_time
 from tests.test_archive_store import session_at
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -29,7 +29,7 @@ from services.recognizer.byo import (
 )
 
 # Not pytest.importorskip("onnx2torch"): a plain import of it fails where torchvision cannot load,
-# and leaves its converters half-registered; byo.import_onnx2torch handles that case.
+# and leaves its converters half-registered; facepay.models.onnx_torch.import_onnx2torch handles that case.
 for _package in ("onnx", "onnx2torch"):
     if importlib.util.find_spec(_package) is None:
         pytest.skip(f"{_package} is not installed", allow_module_level=True)
@@ -206,7 +206,7 @@ def test_conversion_that_disagrees_with_onnxruntime_is_not_used(models, monkeypa
 
 
 def test_onnx2torch_stand_in_does_not_leak():
-    from services.recognizer.byo import import_onnx2torch
+    from facepay.models.onnx_torch import import_onnx2torch
 
     assert hasattr(import_onnx2torch(), "convert")
     tv = sys.modules.get("torchvision")

@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 
-from facepay.calibration import (
+from facepay.app.calibration import (
     ScoreSet,
     choose_threshold,
     clopper_pearson_upper,
@@ -97,8 +97,8 @@ def test_pair_scores_count_every_pair_once_and_failures_as_rejects():
 
 @pytest.fixture(scope="module")
 def face_embedder():
+    from facepay.app.offline import FaceEmbedder
     from facepay.config import Settings
-    from facepay.offline import FaceEmbedder
 
     # The pipeline's defaults (landmarks, recognizer); the aligner's extras are not needed here.
     return FaceEmbedder(Settings(device="cpu", attributes_model="off", passive_liveness=False), labelled=True)
@@ -106,9 +106,9 @@ def face_embedder():
 
 def test_offline_embedder_scores_what_the_pipeline_scores(faces, face_embedder):
     """Same crop, landmarks, chip, pose and vector as the detector → aligner → pose stages."""
+    from facepay.app.offline import EmbeddedFace
     from facepay.images import decode_image, decode_trusted
     from facepay.messages import FrameMsg, FrameRef, PosedMsg, decode
-    from facepay.offline import EmbeddedFace
     from services.aligner.stage import AlignerStage
     from services.detector.stage import DetectorStage
     from services.pose.stage import PoseStage
@@ -132,7 +132,7 @@ def test_offline_embedder_scores_what_the_pipeline_scores(faces, face_embedder):
 
 @pytest.fixture(scope="module")
 def dev_report(faces, face_embedder, tmp_path_factory):
-    from facepay.calibration import calibrate
+    from facepay.app.calibration import calibrate
 
     out = tmp_path_factory.mktemp("calibration")
     return calibrate(faces.root, out, 1e-5, face_embedder), out

@@ -7,7 +7,7 @@ import cv2
 import numpy as np
 import pytest
 
-from facepay.camera import UnreadableMedia, frames_from_path, photos_in
+from facepay.app.camera import UnreadableMedia, frames_from_path, photos_in
 from facepay.images import decode_image
 
 

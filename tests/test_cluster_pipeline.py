@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import pytest
 
-from facepay.admin import call
+from facepay.app.admin import call
 from facepay.config import SessionPolicy
 from facepay.contract import pb
 from facepay.runtime.embedded_cluster import EmbeddedValkeyCluster

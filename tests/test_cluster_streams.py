@@ -19,6 +19,7 @@ import pytest
 import redis
 
 from facepay import keys, redis_acl
+from facepay.app.stages import create_stage
 from facepay.config import Settings
 from facepay.decisions import DecisionReader, consume_partitions
 from facepay.messages import FIELD, FrameMsg, FrameRef
@@ -36,7 +37,6 @@ from facepay.runtime.redis_conn import (
 from facepay.runtime.stage import session_of
 from facepay.runtime.worker import StreamWorker
 from facepay.signing import sign
-from facepay.stages import create_stage
 from services.recognizer.erasure import erase_user_traces
 from tests.e2e import wait_until
 

@@ -97,7 +97,7 @@ def test_settings_built_in_code_are_checked_too():
 
 
 def test_the_defaults_and_a_round_trip_through_the_environment_are_valid():
-    from facepay.supervisor import settings_to_env
+    from facepay.app.supervisor import settings_to_env
 
     settings = Settings(policy=SessionPolicy(threshold=0.55, min_passive_liveness=0.4))
     assert load_settings(settings_to_env(settings)) == settings

@@ -9,10 +9,10 @@ import cv2
 import numpy as np
 import pytest
 
-from facepay.camera import UnreadableMedia
+from facepay.app.camera import UnreadableMedia
+from facepay.app.demo import build_script, describe_rules, enrollment_report
 from facepay.config import SessionPolicy
 from facepay.contract import pb
-from facepay.demo import build_script, describe_rules, enrollment_report
 
 
 def args(enroll=None, camera=None, relax_liveness=False) -> argparse.Namespace:

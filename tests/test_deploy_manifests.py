@@ -24,8 +24,8 @@ import pytest
 import redis
 import yaml
 
+from facepay.app.stages import STAGES
 from facepay.config import NON_SETTING_ENV, Settings, load_settings, setting_variables
-from facepay.stages import STAGES
 
 ROOT = Path(__file__).resolve().parents[1]
 K8S = ROOT / "deploy" / "k8s"
@@ -520,9 +520,9 @@ def test_the_gateway_and_a_worker_start_with_exactly_what_their_manifests_give_t
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
     from facepay import keys
+    from facepay.app.supervisor import demo_access
     from facepay.grpc_tls import make_local_certificates
     from facepay.runtime.embedded import EmbeddedValkey
-    from facepay.supervisor import demo_access
     from tests.e2e import wait_until
 
     trusted = keys.generate(tmp_path / "keys").read_text()

@@ -165,7 +165,7 @@ def test_unknown_detector_is_refused_with_the_known_names() -> None:
 
 
 def test_stage_and_offline_tools_build_the_configured_detector() -> None:
-    from facepay.offline import FaceEmbedder
+    from facepay.app.offline import FaceEmbedder
     from services.detector.stage import DetectorStage
 
     settings = Settings(detector_model="blazeface", device="cpu")

@@ -7,10 +7,10 @@ import time
 import pytest
 import redis
 
-from facepay.admin import call
+from facepay.app.admin import call
+from facepay.app.enrollment import enroll_tree
 from facepay.config import FailureLimits, SessionPolicy, Settings
 from facepay.contract import pb
-from facepay.enrollment import enroll_tree
 from services.recognizer.limits import FailureLimiter
 from tests.e2e import Backend, camera, enroll, new_session, start_pipeline, wait_until
 
@@ -137,7 +137,7 @@ def test_failure_counts_survive_restarts_and_a_hard_lock_needs_an_operator(pipel
 @pytest.mark.redis7
 def test_users_commands_say_when_no_recognizer_answers(tmp_path):
     from facepay import keys
-    from facepay.admin import AdminError
+    from facepay.app.admin import AdminError
 
     keys.generate(tmp_path)
     settings = Settings(redis_url="redis://127.0.0.1:6379/0", namespace="nobody-home",
@@ -166,7 +166,7 @@ def test_blurred_and_small_photos_are_refused_by_the_quality_gates(pipeline, peo
 
 
 def test_a_model_change_reindexes_every_user_from_the_kept_chips_and_delete_reaches_both(pipeline, people):
-    from facepay.reindex import reindex
+    from facepay.app.reindex import reindex
 
     name, paths = list(people.items())[8]
     assert enroll(pipeline, name, [paths[0].read_bytes(), paths[1].read_bytes()]).status == pb.EnrollResponse.ENROLLED
@@ -182,8 +182,8 @@ def test_a_model_change_reindexes_every_user_from_the_kept_chips_and_delete_reac
 def test_a_gallery_moves_to_arcface_without_anyone_enrolling_again(pipeline, faces):
     """Issue 11: the kept chips include the ArcFace template's, so `reindex --model arcface-mbf-w600k`
     moves every user into the ArcFace space, and those chips are one person to ArcFace."""
+    from facepay.app.reindex import reindex
     from facepay.images import decode_trusted
-    from facepay.reindex import reindex
     from services.recognizer.embedder import load_embedder
     from services.recognizer.enrollment import FaceSources
 

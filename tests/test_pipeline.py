@@ -14,7 +14,7 @@ import time
 import pytest
 import redis
 
-from facepay.camera import video_frames
+from facepay.app.camera import video_frames
 from facepay.config import SessionPolicy
 from facepay.contract import pb
 from tests.e2e import Backend, camera, enroll, new_session, start_pipeline, wait_until, wait_until_drained

@@ -16,13 +16,21 @@ from pathlib import Path
 import pytest
 import redis
 
-from facepay.admin import call
-from facepay.archive import ArchiveKeys, ArchiveSettings, ArchivedFrame, ArchivedSession, ArchiveStore, Candidate, SignedDecision
+from facepay.app.admin import call
+from facepay.app.replay import ReplayOptions, explain, run_replay
+from facepay.archive import (
+    ArchivedFrame,
+    ArchivedSession,
+    ArchiveKeys,
+    ArchiveSettings,
+    ArchiveStore,
+    Candidate,
+    SignedDecision,
+)
 from facepay.archive.container import SealedSession
 from facepay.config import SessionPolicy
 from facepay.contract import pb
 from facepay.messages import DecisionMsg, FrameRef
-from facepay.replay import ReplayOptions, explain, run_replay
 from facepay.signing import sign
 from tests.e2e import Backend, camera, enroll, new_session, start_pipeline, wait_until
 
@@ -244,7 +252,7 @@ def test_each_cause_of_a_difference_is_named():
 
 
 def test_the_html_report_shows_each_frames_scores_the_rule_and_the_cause():
-    from facepay.replay import render_html, session_report
+    from facepay.app.replay import render_html, session_report
 
     original = archived("alice")
     original = dataclasses.replace(original, frames=[dataclasses.replace(f, second_score=0.41) for f in original.frames])
@@ -263,9 +271,9 @@ def test_the_replay_namespace_is_isolated_and_accepts_old_frames_there_only(tmp_
     import time as clock
 
     from facepay import keys as component_keys
+    from facepay.app.replay import REPLAY_MAX_FRAME_AGE_S, replay_settings
     from facepay.config import Settings
     from facepay.messages import FrameRef
-    from facepay.replay import REPLAY_MAX_FRAME_AGE_S, replay_settings
     from facepay.runtime.envelope import Unauthenticated, attest, open_entry, origin_problem, seal
 
     gallery = tmp_path / "gallery"
@@ -301,9 +309,9 @@ def test_the_replay_namespace_is_isolated_and_accepts_old_frames_there_only(tmp_
 def test_the_replay_reinjects_frames_as_they_were_received(tmp_path):
     """Capture time and phone suffix are what the original pipeline had: the recognizer's
     gallery search is filtered by the suffix, so a replay without it could match someone else."""
+    from facepay.app.replay import ReplayRun
     from facepay.config import Settings
-    from facepay.messages import FIELD, FrameMsg, SessionEndMsg, decode
-    from facepay.replay import ReplayRun
+    from facepay.messages import FrameMsg, SessionEndMsg, decode
     from facepay.runtime.envelope import open_entry, origin_problem
 
     session = archived("alice")

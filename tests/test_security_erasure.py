@@ -129,9 +129,9 @@ def _wait(condition, timeout_s: float, what: str) -> None:
 
 @pytest.mark.slow
 def test_a_deleted_user_leaves_no_biometric_data_in_redis(faces, tmp_path):
-    from facepay.admin import call
+    from facepay.app.admin import call
     from facepay.contract import pb
-    from tests.e2e import camera, enroll, new_session, start_pipeline, Backend
+    from tests.e2e import Backend, camera, enroll, new_session, start_pipeline
 
     people = {n: p for n, p in faces.identities().items() if len(p) >= 3}
     name, photos = next(iter(people.items()))

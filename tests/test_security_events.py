@@ -16,12 +16,12 @@ import grpc
 import pytest
 import redis
 
+from facepay.app.supervisor import demo_access
 from facepay.config import Settings
 from facepay.contract import pb, rpc
 from facepay.decisions import EventRefused, SeenEvents, consume, to_proto, verify_event
 from facepay.runtime.embedded import EmbeddedValkey, free_port
 from facepay.signing import sign
-from facepay.supervisor import demo_access
 from services.gateway.cameras import CameraRegistry
 from services.gateway.server import serve
 from tests.keysets import signing_as

@@ -21,12 +21,12 @@ import redis
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from PIL import Image
 
-from facepay.camera import CameraClient
+from facepay.app.camera import CameraClient
+from facepay.app.supervisor import demo_access
 from facepay.config import Settings
 from facepay.contract import pb, rpc
 from facepay.grpc_tls import ClientTLS
 from facepay.runtime.embedded import EmbeddedValkey, free_port
-from facepay.supervisor import demo_access
 from services.gateway.cameras import CameraRegistry
 from services.gateway.server import serve
 from tests.keysets import signing_as
@@ -551,7 +551,7 @@ def test_metrics_listen_on_loopback_unless_told_otherwise():
 
 
 def test_the_supervisor_writes_its_secret_files_readable_by_their_owner_only(tmp_path):
-    from facepay.supervisor import Pipeline
+    from facepay.app.supervisor import Pipeline
 
     pipeline = Pipeline(Settings(), tmp_path, demo_access({"store-1": ["cam-1"]}))
     for secret in (pipeline.settings.cameras_file, pipeline.settings.grpc_tls_key_file):

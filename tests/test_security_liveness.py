@@ -13,7 +13,7 @@ import math
 import pytest
 import redis
 
-from facepay.camera import video_frames
+from facepay.app.camera import video_frames
 from facepay.config import SessionPolicy
 from facepay.contract import pb
 from services.recognizer.policy import FrameResult, decide

@@ -17,7 +17,7 @@ import msgpack
 import pytest
 import redis
 
-from facepay.admin import call
+from facepay.app.admin import call
 from facepay.config import SessionPolicy
 from facepay.contract import pb
 from facepay.messages import FIELD, AdminMsg, FrameRef, PosedMsg, SessionEndMsg
@@ -315,7 +315,7 @@ def test_the_cli_believes_only_replies_the_recognizer_signed(keyset, tmp_path):
     """A Redis writer answering an admin command first (say, "user deleted") is not believed."""
     import threading
 
-    from facepay.admin import AdminError
+    from facepay.app.admin import AdminError
     from facepay.config import Settings
     from facepay.keys import load_signer
     from facepay.runtime.embedded import EmbeddedValkey

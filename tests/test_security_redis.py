@@ -197,7 +197,7 @@ def test_the_recognizer_writes_its_decision_once_with_eval(valkey):
 def test_rq_jobs_run_under_the_operator_user(valkey, tmp_path):
     from rq import Queue
 
-    from facepay.jobs import run_jobs
+    from facepay.app.jobs import run_jobs
 
     queue = Queue("facepay-acl-test", connection=redis.Redis.from_url(valkey.url_for("operator")))
     job = queue.enqueue("os.getpid", result_ttl=60)
@@ -283,7 +283,7 @@ def test_a_password_file_is_read_and_never_shown(tmp_path):
 
 
 def test_the_admin_clients_error_does_not_print_the_password(valkey):
-    from facepay.admin import AdminError, call
+    from facepay.app.admin import AdminError, call
 
     url = valkey.url_for("operator")
     password = redis.connection.parse_url(url)["password"]
@@ -313,7 +313,7 @@ def test_rq_workers_get_the_redis_url_outside_their_command_line(valkey, monkeyp
     """A command line is world-readable (ps, /proc/*/cmdline); the environment is not."""
     from rq import Queue
 
-    import facepay.jobs as jobs
+    import facepay.app.jobs as jobs
 
     started: list[list[str]] = []
     real_popen = subprocess.Popen
@@ -332,7 +332,7 @@ def test_rq_workers_get_the_redis_url_outside_their_command_line(valkey, monkeyp
 
 def test_rq_job_data_holds_no_redis_credentials(valkey):
     """A re-index job reads its Redis settings from the worker's environment, not from the job."""
-    from facepay.reindex import reindex
+    from facepay.app.reindex import reindex
 
     url = valkey.url_for("operator")
     password = redis.connection.parse_url(url)["password"]
@@ -349,7 +349,7 @@ def test_rq_job_data_holds_no_redis_credentials(valkey):
 
 
 def test_the_supervisor_gives_each_process_only_its_own_credentials(tmp_path):
-    from facepay.supervisor import Pipeline, demo_access
+    from facepay.app.supervisor import Pipeline, demo_access
 
     settings = Settings(namespace="sup", signing_key="cd" * 32, operator_token="op")
     pipeline = Pipeline(settings, tmp_path, demo_access({"s1": ["c1"]}))
@@ -479,7 +479,7 @@ def test_tls_end_to_end_connect_runtime_rq_and_subscriber(tls_redis, tmp_path):
     # rq under TLS, as the operator
     from rq import Queue
 
-    from facepay.jobs import run_jobs
+    from facepay.app.jobs import run_jobs
 
     operator_url = server.url_for("operator")
     job = Queue("facepay-tls", connection=redis.Redis.from_url(operator_url)).enqueue("os.getpid", result_ttl=60)

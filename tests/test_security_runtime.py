@@ -22,18 +22,17 @@ import redis
 from prometheus_client import REGISTRY
 
 from facepay import keys
+from facepay.app.supervisor import demo_access
 from facepay.config import Settings
 from facepay.contract import pb, rpc
 from facepay.messages import FIELD, FrameMsg, decode
 from facepay.runtime.embedded import EmbeddedValkey, free_port
 from facepay.runtime.stage import Emit, PipeStage, Stage
 from facepay.runtime.worker import StreamWorker
-from facepay.supervisor import demo_access
 from services.gateway.cameras import CameraRegistry
 from services.gateway.server import serve
 from tests.keysets import signing_as
-from tests.test_runtime import (Upper, frame, keyset, outputs, pending, push, run_until,  # noqa: F401 (keyset: a fixture)
-                                settings_with_keys)
+from tests.test_runtime import Upper, frame, keyset, outputs, pending, push, run_until, settings_with_keys  # noqa: F401 (keyset: a fixture)
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -15,16 +15,16 @@ import pytest
 import redis
 
 from facepay import keys, thresholds
-from facepay.calibration import Embedded, clopper_pearson_upper
-from facepay.config import SessionPolicy, Settings
-from facepay.runtime.embedded import EmbeddedValkey
-from facepay.session_calibration import (
+from facepay.app.calibration import Embedded, clopper_pearson_upper
+from facepay.app.session_calibration import (
     SessionDesign,
     build_sessions,
     calibrate_sessions,
     evaluate,
     frame_results,
 )
+from facepay.config import SessionPolicy, Settings
+from facepay.runtime.embedded import EmbeddedValkey
 
 DIM = 16
 
@@ -153,8 +153,8 @@ def test_facepay_calibrate_sessions_on_real_faces_reports_and_stores_the_policy(
 
 
 def test_a_policy_leaving_margin_and_k_to_the_space_survives_the_trip_to_a_worker_s_environment():
+    from facepay.app.supervisor import settings_to_env
     from facepay.config import load_settings
-    from facepay.supervisor import settings_to_env
 
     policy = load_settings(settings_to_env(Settings())).policy
     assert (policy.margin, policy.min_agreeing_frames) == (None, None)

@@ -14,13 +14,13 @@ import pytest
 import torch
 
 from facepay import keys
+from facepay.app.stages import STAGES, create_stage
 from facepay.config import Settings
 from facepay.gallery import EdgeGallery, QdrantGallery, wait_until_reachable
 from facepay.models.device import DeviceUnavailableError
 from facepay.runtime.embedded import EmbeddedValkey, free_port
 from facepay.runtime.startup import DependencyUnavailable
 from facepay.runtime.worker import StreamWorker
-from facepay.stages import STAGES, create_stage
 from tests.e2e import wait_until
 from tests.keysets import signing_as
 from tests.test_runtime import Upper, probe, running, settings_with_keys

@@ -30,3 +30,21 @@ def resolve_device(requested: str = "auto") -> torch.device:
 def autocast_dtype(device: torch.device) -> torch.dtype:
     """fp16 on CUDA (tensor cores, half the memory), fp32 on the CPU."""
     return torch.float16 if device.type == "cuda" else torch.float32
+
+
+def dlib_cpu_device(requested: str | torch.device = "cpu") -> torch.device:
+    """The device a dlib model runs on: always the CPU.
+
+    The dlib-bin wheel is built without CUDA (and the shape predictor never uses a GPU), so a
+    CUDA request fails loudly instead of silently running on the CPU; "auto" means "best
+    available", which for dlib is the CPU.
+    """
+    name = str(requested).strip().lower()
+    if name in ("auto", "cpu"):
+        return torch.device("cpu")
+    import dlib  # for the message only: the platform does not load dlib for everyone
+
+    raise DeviceUnavailableError(
+        f"device {name!r} was asked for, but dlib models run on the CPU only "
+        f"(dlib {dlib.__version__}, DLIB_USE_CUDA={dlib.DLIB_USE_CUDA}); use device='cpu'"
+    )

@@ -11,6 +11,7 @@ from typing import ClassVar
 
 from facepay.keys import TrustedKeys
 from facepay.messages import Message
+from facepay.sessions import session_key
 
 
 @dataclass(frozen=True)
@@ -26,8 +27,8 @@ class Emit:
 
 
 def session_of(message: Message) -> str:
-    """A message's session as partitions know it: "store/session" (recognizer `session_key`)."""
-    return f"{message.ref.store_id}/{message.ref.session_id}"
+    """A message's session as partitions know it (`facepay.sessions.session_key`)."""
+    return session_key(message.ref.store_id, message.ref.session_id)
 
 
 class StageBacklog(RuntimeError):

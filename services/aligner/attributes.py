@@ -24,10 +24,10 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
+from facepay.models.faceres import faceres_input
 from facepay.models.tfjs import load_registered
 from services.aligner.facemesh import Box, FaceSquare, check_face_inputs, run_batched, squares_for, warp_square
 
-CAFFE_BGR_MEAN = np.array([103.939, 116.779, 123.68], dtype=np.float32)
 FACERES_BOX_SCALE = 1.0
 GEAR_BOX_SCALE = 1.25
 GEAR_SUB_BOX = (0.10, 0.10, 0.90, 0.90)
@@ -38,11 +38,6 @@ class FaceAttributes(NamedTuple):
     age_years: float
     gender: str  # "female" | "male"
     gender_confidence: float  # 0 (a coin toss) … 1
-
-
-def faceres_input(chips_rgb: np.ndarray) -> np.ndarray:
-    """(N, 224, 224, 3) uint8 RGB → the float32 BGR − mean the HSE network was trained on."""
-    return np.ascontiguousarray(chips_rgb[..., ::-1].astype(np.float32) - CAFFE_BGR_MEAN)
 
 
 def faceres_age(age_probs: np.ndarray) -> np.ndarray:

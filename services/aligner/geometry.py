@@ -146,3 +146,19 @@ def dlib_chip(image_rgb: np.ndarray, landmarks68: np.ndarray, size: int = 150, p
         chip_to_image = chip_to_image / scale
     return cv2.warpAffine(np.ascontiguousarray(source), chip_to_image, (size, size),
                           flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP, borderMode=cv2.BORDER_CONSTANT)
+
+
+def aligned_chips(crop_rgb: np.ndarray, landmarks68: np.ndarray) -> dict[str, np.ndarray]:
+    """The chips the recognizers read, by their `chip_template`: ArcFace's 112×112 template
+    (from the five points) and dlib's 150×150 chip. The aligner stage sends both on; the offline
+    tools take the one their recognizer reads."""
+    return {
+        "arcface112": align_face(crop_rgb, five_points_from_68(landmarks68)),
+        "dlib150": dlib_chip(crop_rgb, landmarks68),
+    }
+
+
+def chip_sharpness(chips: dict[str, np.ndarray]) -> float:
+    """The sharpness the enrollment gate checks: measured on the dlib chip, whichever recognizer
+    runs, so one `enroll_min_sharpness` means the same for every model."""
+    return round(laplacian_variance(chips["dlib150"]), 2)

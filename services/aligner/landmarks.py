@@ -10,29 +10,13 @@ import numpy as np
 import torch
 
 from facepay.models.cache import weight_path
-from facepay.models.device import DeviceUnavailableError
+from facepay.models.device import dlib_cpu_device
 
 WEIGHTS = "shape_predictor_68_face_landmarks.dat"
 
 # x1, y1, x2, y2 in pixels, rounded to dlib.rectangle(left, top, right, bottom). dlib treats
 # right/bottom as inclusive; the predictor is sensitive even to that 1 px on small faces.
 Box = tuple[float, float, float, float]
-
-
-def dlib_cpu_device(requested: str | torch.device = "cpu") -> torch.device:
-    """The device a dlib model runs on: always the CPU.
-
-    The dlib-bin wheel is built without CUDA (and the shape predictor never uses a GPU), so a
-    CUDA request fails loudly instead of silently running on the CPU; "auto" means "best
-    available", which for dlib is the CPU.
-    """
-    name = str(requested).strip().lower()
-    if name in ("auto", "cpu"):
-        return torch.device("cpu")
-    raise DeviceUnavailableError(
-        f"device {name!r} was asked for, but dlib models run on the CPU only "
-        f"(dlib {dlib.__version__}, DLIB_USE_CUDA={dlib.DLIB_USE_CUDA}); use device='cpu'"
-    )
 
 
 def _as_rgb_uint8(image: np.ndarray) -> np.ndarray:

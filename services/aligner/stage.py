@@ -12,7 +12,7 @@ from facepay.config import Settings
 from facepay.images import decode_trusted, encode_png
 from facepay.messages import AlignedMsg, FaceMsg, Message
 from facepay.runtime.stage import PipeStage
-from services.aligner.geometry import align_face, dlib_chip, eye_aspect_ratio, five_points_from_68, laplacian_variance
+from services.aligner.geometry import aligned_chips, chip_sharpness, eye_aspect_ratio
 
 
 class MeshLandmarks:
@@ -44,6 +44,13 @@ class DlibLandmarks:
 LANDMARKERS = {"facemesh": MeshLandmarks, "dlib68": DlibLandmarks}
 
 
+def load_landmarks(name: str, device: str) -> MeshLandmarks | DlibLandmarks:
+    """The landmarks model `settings.landmarks_model` names (the aligner's, and the offline tools')."""
+    if name not in LANDMARKERS:
+        raise ValueError(f"unknown landmarks model {name!r}; known: {', '.join(LANDMARKERS)}")
+    return LANDMARKERS[name](device)
+
+
 class AlignerStage(PipeStage):
     name = "aligner"
     input = "faces"
@@ -57,9 +64,7 @@ class AlignerStage(PipeStage):
 
     def start(self) -> None:
         device = self.settings.device
-        if self.settings.landmarks_model not in LANDMARKERS:
-            raise ValueError(f"unknown landmarks model {self.settings.landmarks_model!r}; known: {', '.join(LANDMARKERS)}")
-        self.landmarks = LANDMARKERS[self.settings.landmarks_model](device)
+        self.landmarks = load_landmarks(self.settings.landmarks_model, device)
         self.attributes = self.liveness = None
         if self.settings.attributes_model != "off":
             from services.aligner.attributes import AgeGender
@@ -80,11 +85,7 @@ class AlignerStage(PipeStage):
         return [self._aligned(*row) for row in zip(batch, crops, landmarks, attributes, liveness)]
 
     def _aligned(self, face: FaceMsg, crop, landmarks, attributes, liveness) -> AlignedMsg:
-        chip150 = dlib_chip(crop, landmarks)
-        chips = {
-            "arcface112": encode_png(align_face(crop, five_points_from_68(landmarks))),
-            "dlib150": encode_png(chip150),
-        }
+        chips = aligned_chips(crop, landmarks)
         models = {**face.models, "landmarks": self.landmarks.model_id}
         extra = {}
         if attributes is not None:
@@ -98,11 +99,11 @@ class AlignerStage(PipeStage):
             ref=face.ref,
             landmarks=landmarks.tolist(),
             crop_size=(crop.shape[1], crop.shape[0]),
-            chips=chips,
+            chips={template: encode_png(chip) for template, chip in chips.items()},
             ear=tuple(float(e) for e in eye_aspect_ratio(landmarks)),
             frame_box=face.frame_box,
             det_score=face.score,
             models=models,
-            sharpness=round(laplacian_variance(chip150), 2),
+            sharpness=chip_sharpness(chips),
             **extra,
         )

@@ -6,7 +6,7 @@ in the image's own pixels. `payer_min_score` is the confidence at which the paye
 a face: scores are each model's own, not comparable across models.
 
 `FACEPAY_DETECTOR_MODEL` (`Settings.detector_model`) names one; the detector stage and the
-offline tools (`facepay.offline.FaceEmbedder`) both build it with `load_detector`.
+offline tools (`facepay.app.offline.FaceEmbedder`) both build it with `load_detector`.
 """
 
 from __future__ import annotations

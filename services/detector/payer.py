@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from facepay.vocabulary import Reason
 from services.detector.mtcnn import DetectedFace
+
+if TYPE_CHECKING:
+    from services.detector.detectors import FaceDetector
 
 
 @dataclass(frozen=True)
@@ -14,6 +18,12 @@ class PayerRule:
     min_face_px: int = 40  # narrower than this is too small to identify reliably
     ambiguity_ratio: float = 0.8  # a second face this prominent: cannot tell who pays
     background_ratio: float = 0.25  # enrollment: any other face above this × the main one's area
+
+
+def rule_for(detector: FaceDetector, min_face_px: int) -> PayerRule:
+    """The payer rule for `detector`: scores are each model's own, so the
+    confidence bar comes with the model."""
+    return PayerRule(min_score=detector.payer_min_score, min_face_px=min_face_px)
 
 
 def prominence(face: DetectedFace, frame_w: int, frame_h: int) -> float:

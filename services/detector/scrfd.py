@@ -155,7 +155,7 @@ class SCRFD:
 
 
 def _convert(path) -> torch.nn.Module:
-    from services.recognizer.byo import import_onnx2torch
+    from facepay.models.onnx_torch import import_onnx2torch
 
     return import_onnx2torch().convert(onnx.load(str(path))).eval().requires_grad_(False)
 

@@ -12,20 +12,19 @@ import logging
 import numpy as np
 
 from facepay.config import Settings
-from facepay.images import ImageError, decode_image, encode_jpeg
+from facepay.images import ImageError, decode_image
 from facepay.keys import TrustedKeys
 from facepay.messages import FaceMsg, FrameMsg, Message, reject
 from facepay.models.device import resolve_device
 from facepay.runtime.envelope import image_digest, origin_problem
 from facepay.runtime.stage import PipeStage
 from facepay.vocabulary import Purpose, Reason
+from services.detector.crop import crop_payer
 from services.detector.detectors import load_detector
 from services.detector.mtcnn import DetectedFace
-from services.detector.payer import PayerRule, choose_payer
+from services.detector.payer import PayerRule, choose_payer, rule_for
 
 log = logging.getLogger(__name__)
-
-CROP_MARGIN = 0.4  # of the box size on each side: context the landmark model needs
 
 
 class DetectorStage(PipeStage):
@@ -46,8 +45,7 @@ class DetectorStage(PipeStage):
         self.model = load_detector(
             self.settings.detector_model, resolve_device(self.settings.device), self.settings.min_face_px
         )
-        # Scores are each model's own: the payer rule's confidence bar comes with the model.
-        self.rule = PayerRule(min_score=self.model.payer_min_score, min_face_px=self.settings.min_face_px)
+        self.rule = rule_for(self.model, self.settings.min_face_px)
         # An operator must never run a non-commercial model without seeing so.
         level = logging.WARNING if "non-commercial" in self.model.licence else logging.INFO
         log.log(level, "detector model", extra={"model": self.model.model_id, "licence": self.model.licence})
@@ -82,15 +80,13 @@ class DetectorStage(PipeStage):
         payer, reason = choose_payer(faces, w, h, self.rule, enrolling=frame.ref.purpose == Purpose.ENROLL)
         if payer is None:
             return reject(frame, self.name, reason, f"{len(faces)} faces found")
+        crop = crop_payer(image, payer)
         x1, y1, x2, y2 = payer.box
-        mx, my = (x2 - x1) * CROP_MARGIN, (y2 - y1) * CROP_MARGIN
-        cx1, cy1 = int(max(0, x1 - mx)), int(max(0, y1 - my))
-        cx2, cy2 = int(min(w, x2 + mx)), int(min(h, y2 + my))
         return FaceMsg(
             ref=frame.ref,
-            crop=encode_jpeg(image[cy1:cy2, cx1:cx2]),
-            box=(x1 - cx1, y1 - cy1, x2 - cx1, y2 - cy1),
-            points5=[[float(px - cx1), float(py - cy1)] for px, py in payer.points5],
+            crop=crop.jpeg,
+            box=crop.box,
+            points5=crop.points5,
             frame_box=(float(x1), float(y1), float(x2), float(y2)),
             frame_size=(w, h),
             score=float(payer.score),

@@ -31,11 +31,18 @@ from facepay.runtime.envelope import Unauthenticated, attest, open_entry, seal
 from facepay.runtime.partitions import Partitions
 from facepay.runtime.redis_conn import REDIS_ERRORS, TRANSIENT, connect, durable_xadd
 from facepay.runtime.stage import session_of
+from facepay.sessions import decided_key, session_key
 from facepay.vocabulary import EnrollmentStatus, Purpose
 from services.gateway.cameras import AccessDenied, Camera, CameraRegistry
-from services.gateway.guard import (FrameLimits, FrameRefused, Guard, HealthCheckOnly, check_session, max_message_bytes,
-                                    redis_errors_as_status)
-from services.recognizer.state import decided_key
+from services.gateway.guard import (
+    FrameLimits,
+    FrameRefused,
+    Guard,
+    HealthCheckOnly,
+    check_session,
+    max_message_bytes,
+    redis_errors_as_status,
+)
 
 log = logging.getLogger(__name__)
 
@@ -150,7 +157,7 @@ class Gateway(rpc.FaceGatewayServicer):
         return self._xadd(SessionEndMsg(ref=ref, frame_count=end.frame_count))
 
     def _check_session(self, camera: Camera, session_id: str, frame: bool) -> None:
-        key = decided_key(f"{camera.store.store_id}/{session_id}")  # as state.session_key(ref) spells it
+        key = decided_key(session_key(camera.store.store_id, session_id))
         check_session(self.redis, self.settings, key, camera.store.store_id, session_id, frame)
 
     def _ref(self, camera: Camera, session_id: str, sequence: int, captured_ms: int, image: bytes | None = None,

@@ -20,11 +20,15 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import cv2
 import numpy as np
 
 from facepay.vocabulary import Reason
+
+if TYPE_CHECKING:
+    from facepay.config import PoseLimits
 
 # The six iBUG-68 points used: rigid and well spread (lids, brows and jaw outline move or
 # are poorly localised), with their positions on a mean adult face in mm, axes as above.
@@ -126,6 +130,11 @@ class PoseGate:
     max_abs_yaw: float = 25.0
     max_abs_pitch: float = 20.0
     max_abs_roll: float = 25.0
+
+    @classmethod
+    def of(cls, limits: PoseLimits) -> PoseGate:
+        """The gate the settings' `pose` limits describe (the pose stage's, and the offline tools')."""
+        return cls(max_abs_yaw=limits.max_abs_yaw, max_abs_pitch=limits.max_abs_pitch, max_abs_roll=limits.max_abs_roll)
 
     def check(self, pose: HeadPose) -> Reason | None:
         """None when the pose is acceptable, else a stable reason code (yaw checked first)."""

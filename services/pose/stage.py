@@ -21,9 +21,7 @@ class PoseStage(PipeStage):
     accepts_from = {t: frozenset({"aligner"}) for t in ("aligned", "rejection", "end")}
 
     def __init__(self, settings: Settings) -> None:
-        limits = settings.pose
-        self.gate = PoseGate(max_abs_yaw=limits.max_abs_yaw, max_abs_pitch=limits.max_abs_pitch,
-                             max_abs_roll=limits.max_abs_roll)
+        self.gate = PoseGate.of(settings.pose)
 
     def handle(self, batch: list[AlignedMsg]) -> list[Message]:
         return [self._posed(face) for face in batch]

@@ -11,7 +11,7 @@ import torch
 
 from facepay.models.base import NormalisedEmbeddings, check_chips
 from facepay.models.cache import weight_path
-from services.aligner.landmarks import dlib_cpu_device
+from facepay.models.device import dlib_cpu_device
 
 WEIGHTS = "dlib_face_recognition_resnet_model_v1.dat"
 

@@ -23,8 +23,8 @@ import numpy as np
 import torch
 
 from facepay.models.base import NormalisedEmbeddings
+from facepay.models.faceres import faceres_input
 from facepay.models.tfjs import load_registered
-from services.aligner.attributes import faceres_input
 
 FEATURES = "global_pooling/Mean"
 INPUT_SIZE = 224

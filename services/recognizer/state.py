@@ -18,9 +18,11 @@ from dataclasses import dataclass
 import msgpack
 import redis
 
+from facepay import sessions
 from facepay.config import Settings
 from facepay.messages import FrameRef
 from facepay.runtime.partitions import Partitions
+from facepay.sessions import decided_key  # noqa: F401  (the recognizer's stage imports it from here)
 from services.recognizer.policy import FrameResult
 
 STATE_TTL_S = 24 * 3600
@@ -40,13 +42,8 @@ class SessionState:
 
 
 def session_key(ref: FrameRef) -> str:
-    """Sessions are the point of sale's transaction ids: unique within a store, not across
-    stores, so every piece of session state is keyed by both."""
-    return f"{ref.store_id}/{ref.session_id}"
-
-
-def decided_key(key: str) -> str:
-    return f"decided:{key}"
+    """The session `ref` belongs to, as the whole pipeline spells it (`facepay.sessions`)."""
+    return sessions.session_key(ref.store_id, ref.session_id)
 
 
 class SessionStore:

@@ -39,14 +39,14 @@ from pathlib import Path
 import redis
 
 from facepay import keys as component_keys
+from facepay.app.audit import stores_of
+from facepay.app.supervisor import Pipeline
 from facepay.archive import ArchivedSession, ArchiveStore
-from facepay.audit import stores_of
 from facepay.config import FailureLimits, SessionPolicy, Settings
 from facepay.messages import FIELD, DecisionMsg, FrameMsg, FrameRef, SessionEndMsg, decode
 from facepay.runtime.envelope import attest, open_entry, seal
 from facepay.runtime.partitions import Partitions
 from facepay.signing import verify
-from facepay.supervisor import Pipeline
 from facepay.vocabulary import Reason
 
 log = logging.getLogger(__name__)

@@ -175,11 +175,11 @@ def _cmd_gateway(args) -> int:
 def _cmd_worker(args) -> int:
     import torch
 
+    from facepay.app.stages import create_stage
     from facepay.models.device import DeviceUnavailableError
     from facepay.runtime.metrics import serve_metrics
     from facepay.runtime.startup import DependencyUnavailable
     from facepay.runtime.worker import StreamWorker
-    from facepay.stages import create_stage
 
     settings = _settings()
     torch.set_num_threads(settings.worker_threads)
@@ -206,8 +206,8 @@ def _cmd_models(args) -> int:
 
 
 def _cmd_enroll(args) -> int:
-    from facepay.enrollment import enroll_images, enroll_tree, gateway_target, photos_in
-    from facepay.jobs import queue_url
+    from facepay.app.enrollment import enroll_images, enroll_tree, gateway_target, photos_in
+    from facepay.app.jobs import queue_url
     from facepay.grpc_tls import ClientTLS
 
     settings = load_settings()
@@ -231,9 +231,9 @@ def _cmd_enroll(args) -> int:
 
 def _cmd_calibrate(args) -> int:
     from facepay import thresholds
-    from facepay.calibration import calibrate
+    from facepay.app.calibration import calibrate
+    from facepay.app.offline import FaceEmbedder
     from facepay.redaction import redact_url
-    from facepay.offline import FaceEmbedder
     from facepay.runtime.redis_conn import connect
     from services.recognizer.embedder import template_space
 
@@ -258,11 +258,11 @@ def _cmd_calibrate(args) -> int:
 
 
 def _calibrate_sessions(args, settings, signer) -> int:
-    from facepay import session_calibration as sc
     from facepay import thresholds
-    from facepay.calibration import embedded_dataset
+    from facepay.app import session_calibration as sc
+    from facepay.app.calibration import embedded_dataset
+    from facepay.app.offline import FaceEmbedder
     from facepay.models.registry import recognizer_defaults
-    from facepay.offline import FaceEmbedder
     from facepay.runtime.redis_conn import connect
     from services.recognizer.embedder import template_space
 
@@ -295,7 +295,7 @@ def _calibrate_sessions(args, settings, signer) -> int:
 
 
 def _cmd_reindex(args) -> int:
-    from facepay.reindex import reindex
+    from facepay.app.reindex import reindex
 
     with progress_bar("re-indexing", "user") as progress:
         results = reindex(load_settings(), args.model, args.workers, progress)
@@ -305,7 +305,7 @@ def _cmd_reindex(args) -> int:
 
 
 def _cmd_users(args) -> int:
-    from facepay.admin import call
+    from facepay.app.admin import call
 
     settings = load_settings()
     if args.action != "list" and not args.user_id:
@@ -323,7 +323,7 @@ def _cmd_users(args) -> int:
 def _erase_from_archive(settings, user_id: str, tenant: str) -> dict:
     """The gallery forgot the user; the archive drops the frames of the sessions that approved
     them (the signed decision events stay: README, Erasure). Needs the archive's keys."""
-    from facepay import audit
+    from facepay.app import audit
     from facepay.archive import ArchiveError
 
     try:
@@ -336,7 +336,7 @@ def _erase_from_archive(settings, user_id: str, tenant: str) -> dict:
 
 
 def _cmd_lockouts(args) -> int:
-    from facepay.admin import call
+    from facepay.app.admin import call
 
     kind, subject = ("camera", args.camera) if args.camera else ("user", args.user)
     print(json.dumps(call(load_settings(), "reset_lockout", kind=kind, subject=subject)))
@@ -374,7 +374,7 @@ def _cmd_audit(args) -> int:
     """Exit 0: all clean; 1: verify found problems; 2: a bad option or no archive configured."""
     from dataclasses import asdict
 
-    from facepay import audit
+    from facepay.app import audit
 
     try:
         start, end = audit.time_range(args.start, args.end)
@@ -405,8 +405,8 @@ def _cmd_audit(args) -> int:
 
 def _cmd_replay(args) -> int:
     """Exit 0: every replayed decision equals the archived one; 1: some differ; 2: bad options."""
-    from facepay import audit
-    from facepay.replay import ReplayOptions, run_replay
+    from facepay.app import audit
+    from facepay.app.replay import ReplayOptions, run_replay
 
     try:
         start, end = audit.time_range(args.start, args.end)
@@ -438,7 +438,7 @@ def _cmd_contract(args) -> int:
 
 
 def _cmd_demo(args) -> int:
-    from facepay.demo import run_demo
+    from facepay.app.demo import run_demo
 
     logging.basicConfig(level=logging.WARNING)
     return run_demo(args)

@@ -2,7 +2,7 @@
 
 A payment is approved by the session rule (services/recognizer/policy.py `decide`) over the
 frames of one session, against a gallery of mean templates. Its error rates are not the
-per-comparison FAR/FRR of facepay/calibration.py: they depend on the threshold, the margin
+per-comparison FAR/FRR of facepay/app/calibration.py: they depend on the threshold, the margin
 over the second-best user, and k (frames that must agree) together, and on the gallery size.
 This module measures them the way an operator meets them, with the same code:
 
@@ -26,7 +26,7 @@ This module measures them the way an operator meets them, with the same code:
 Session FRR = genuine sessions not approved for their own person; session FAR = stranger
 sessions approved for anyone. A genuine session approved as someone else (misidentification)
 counts as a false reject and, separately, as a false accept (`wrong_user`). Each rate comes
-with its 80 % Clopper–Pearson upper bound (facepay/calibration.py).
+with its 80 % Clopper–Pearson upper bound (facepay/app/calibration.py).
 
 The policy chosen: among the grid points with no stranger session and no genuine session
 approved as someone else, the lowest session FRR; ties go to the larger k, then the larger
@@ -45,7 +45,7 @@ from typing import Any
 
 import numpy as np
 
-from facepay.calibration import CONFIDENCE, SPLIT_SEED, Embedded, Rate, pair_scores, tar_at_far
+from facepay.app.calibration import CONFIDENCE, SPLIT_SEED, Embedded, Rate, pair_scores, tar_at_far
 from facepay.config import SessionPolicy
 from facepay.vocabulary import Reason
 from services.recognizer.enrollment import mean_template

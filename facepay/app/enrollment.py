@@ -11,11 +11,11 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
-from facepay.camera import IMAGE_SUFFIXES
+from facepay.app.camera import IMAGE_SUFFIXES
+from facepay.app.jobs import run_jobs
 from facepay.config import load_settings
 from facepay.contract import pb, rpc
 from facepay.grpc_tls import ClientTLS, client_channel
-from facepay.jobs import run_jobs
 
 QUEUE = "facepay-enroll"
 
@@ -64,7 +64,7 @@ def enroll_person_job(target: str, user_id: str, tenant: str, paths: list[str], 
 def enroll_tree(redis_url: str, root: Path, target: str, operator_token: str, tenant: str,
                 inline_workers: int = 1, progress: Callable[[int, int], None] | None = None,
                 timeout_s: float | None = None, tls: ClientTLS | None = None) -> list[dict]:
-    """One rq job per person folder (see `facepay.jobs.run_jobs` for the workers)."""
+    """One rq job per person folder (see `facepay.app.jobs.run_jobs` for the workers)."""
     import redis
     from rq import Queue
 

@@ -10,10 +10,10 @@ from __future__ import annotations
 from collections.abc import Callable
 from functools import lru_cache
 
-from facepay.admin import call
+from facepay.app.admin import call
+from facepay.app.jobs import queue_url, run_jobs
 from facepay.config import Settings, load_settings
 from facepay.images import decode_trusted
-from facepay.jobs import queue_url, run_jobs
 from facepay.runtime.redis_conn import connect
 from services.recognizer.embedder import load_embedder, template_space
 from services.recognizer.enrollment import FaceSources

@@ -17,15 +17,15 @@ from pathlib import Path
 
 import grpc
 
-from facepay.camera import CameraClient, UnreadableMedia, frames_from_path, photos_in, video_frames
+from facepay.app.camera import CameraClient, UnreadableMedia, frames_from_path, photos_in, video_frames
+from facepay.app.supervisor import Pipeline, demo_access
 from facepay.config import SessionPolicy, load_settings
 from facepay.contract import pb, rpc
 from facepay.decisions import SeenEvents, verify_event
 from facepay.models.registry import recognizer_defaults
-from facepay.supervisor import Pipeline, demo_access
 from facepay.vocabulary import Reason
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 DATA = Path(os.environ.get("FACEPAY_TEST_DATA", REPO.parent / "shared" / "data")) / "faces"
 
 

@@ -21,6 +21,7 @@ import yaml
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from facepay import keys, redis_acl
+from facepay.app.stages import STAGES
 from facepay.archive import ArchiveKeys, EmbeddedS3
 from facepay.config import Settings
 from facepay.grpc_tls import ClientTLS, client_channel, make_local_certificates
@@ -28,7 +29,6 @@ from facepay.private_files import write_private
 from facepay.runtime.embedded import EmbeddedValkey, free_port
 from facepay.runtime.embedded_cluster import EmbeddedValkeyCluster
 from facepay.runtime.redis_conn import connect
-from facepay.stages import STAGES
 
 log = logging.getLogger(__name__)
 

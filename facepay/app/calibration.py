@@ -441,8 +441,8 @@ class Embedded:
 def embed_dataset(items: list[tuple[Path, str]], embedder, batch: int = 32,
                   progress: Callable[[int, int], None] | None = None) -> Embedded:
     """Run `embedder.embed_images` over the files in batches (an unreadable file is a failure)."""
+    from facepay.app.offline import Rejected
     from facepay.images import ImageError, decode_image
-    from facepay.offline import Rejected
 
     settings = embedder.settings
     results: list[Any] = []
@@ -517,7 +517,7 @@ def calibrate(data_dir: Path | str, out_dir: Path | str, target_far: float = 1e-
               cache: Path | str | None = None) -> CalibrationReport:
     """Embed every identity image of `data_dir`, measure, choose the threshold, write the report.
 
-    `embedder`: a `facepay.offline.FaceEmbedder`; when None, one is built from the environment's
+    `embedder`: a `facepay.app.offline.FaceEmbedder`; when None, one is built from the environment's
     settings in labelled mode (where the payer rule refuses a photo with two alike faces, the
     labelled person is taken to be the most central one; the report counts those photos).
     With `apply_pose_gate` faces the pose stage would not identify count as failures.
@@ -528,8 +528,8 @@ def calibrate(data_dir: Path | str, out_dir: Path | str, target_far: float = 1e-
     data_dir, out_dir = Path(data_dir), Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     if embedder is None:
+        from facepay.app.offline import FaceEmbedder
         from facepay.config import load_settings
-        from facepay.offline import FaceEmbedder
 
         embedder = FaceEmbedder(load_settings(), labelled=True)
     data = embedded_dataset(data_dir, embedder, cache, progress)

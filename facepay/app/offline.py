@@ -3,10 +3,11 @@
 `FaceEmbedder` runs what the detector, aligner, pose and recognizer stages run, in the same
 order and with the same settings, on an RGB array instead of a stream of messages: the
 detector (`settings.detector_model`, built by the stage's `load_detector`) → `choose_payer` →
-the detector's crop (margin, JPEG round trip, as the aligner gets it)
-→ the aligner's landmarks model (`settings.landmarks_model`: facemesh or dlib68) → the chip the
-recognizer reads (`dlib_chip` or the ArcFace template) → `head_pose` → the recognizer's
-embedder. So a score measured offline is the score the pipeline computes for the same photo.
+the detector's `crop_payer` (margin, JPEG round trip, as the aligner gets it) → the aligner's
+`load_landmarks` (`settings.landmarks_model`: facemesh or dlib68) → its `aligned_chips`, of which
+the one the recognizer reads → `head_pose` and `PoseGate.of(settings.pose)` → the recognizer's
+embedder. Each step is the stage's own function, not a copy of it, so a score measured offline
+is the score the pipeline computes for the same photo.
 """
 
 from __future__ import annotations
@@ -17,15 +18,15 @@ from dataclasses import dataclass
 import numpy as np
 
 from facepay.config import Settings
-from facepay.images import decode_trusted, encode_jpeg
+from facepay.images import decode_trusted
 from facepay.models.device import resolve_device
 from facepay.vocabulary import Reason
-from services.aligner.geometry import align_face, dlib_chip, five_points_from_68, laplacian_variance
-from services.aligner.stage import LANDMARKERS
+from services.aligner.geometry import aligned_chips, chip_sharpness
+from services.aligner.stage import load_landmarks
+from services.detector.crop import crop_payer
 from services.detector.detectors import load_detector
 from services.detector.mtcnn import DetectedFace
-from services.detector.payer import PayerRule, choose_payer
-from services.detector.stage import CROP_MARGIN
+from services.detector.payer import PayerRule, choose_payer, rule_for
 from services.pose.headpose import HeadPose, PoseGate, head_pose  # noqa: F401  (HeadPose: a field type)
 from services.recognizer.embedder import load_embedder
 
@@ -38,7 +39,7 @@ class EmbeddedFace:
     pose: HeadPose  # degrees, relative to the line of sight (as the pose stage computes it)
     pose_reason: str  # "" when the pose stage would let it be identified, else pose_yaw/…
     face_px: float  # detector box width in image pixels
-    sharpness: float  # variance of the Laplacian of the grey aligned chip (higher = sharper)
+    sharpness: float  # as the enrollment gate reads it (`chip_sharpness`; higher = sharper)
     det_score: float
     faces_in_image: int
     box: tuple[float, float, float, float]  # x1, y1, x2, y2 in image pixels
@@ -62,15 +63,11 @@ class FaceEmbedder:
         # Labelled photo sets (LFW: "the person is the face nearest the centre"): where the
         # payer rule cannot tell two faces apart, take the most central one instead of refusing.
         self.labelled = labelled
-        limits = self.settings.pose
-        self.pose_gate = PoseGate(limits.max_abs_yaw, limits.max_abs_pitch, limits.max_abs_roll)
+        self.pose_gate = PoseGate.of(self.settings.pose)
         device = resolve_device(self.settings.device)
         self.detector = load_detector(self.settings.detector_model, device, self.settings.min_face_px)
-        self.rule = PayerRule(min_score=self.detector.payer_min_score, min_face_px=self.settings.min_face_px)
-        if self.settings.landmarks_model not in LANDMARKERS:
-            known = ", ".join(LANDMARKERS)
-            raise ValueError(f"unknown landmarks model {self.settings.landmarks_model!r}; known: {known}")
-        self.landmarks = LANDMARKERS[self.settings.landmarks_model](self.settings.device)
+        self.rule = rule_for(self.detector, self.settings.min_face_px)
+        self.landmarks = load_landmarks(self.settings.landmarks_model, self.settings.device)
         self.embedder = load_embedder(self.settings.recognizer_model, self.settings.device)
 
     @property
@@ -105,15 +102,15 @@ class FaceEmbedder:
             if payer is None:
                 out[i] = Rejected(reason, f"{len(faces)} faces found")
                 continue
-            crop, box, offset = _detector_crop(image, payer)
+            crop = crop_payer(image, payer)
             found.append((i, payer, central, len(faces)))
-            crops.append(crop)
-            boxes.append(box)
-            points5.append((np.asarray(payer.points5, np.float64) - offset).astype(np.float32))  # as FaceMsg
+            crops.append(decode_trusted(crop.jpeg))  # as the aligner reads the detector's FaceMsg
+            boxes.append(crop.box)
+            points5.append(np.asarray(crop.points5, dtype=np.float32))
         landmarks = self.landmarks.predict(crops, boxes, points5) if crops else []
-        chips = [self._chip(crop, lm) for crop, lm in zip(crops, landmarks)]
-        vectors = self.embedder.embed(chips)
-        for (i, payer, central, n_faces), crop, lm, chip, vector in zip(found, crops, landmarks, chips, vectors):
+        chips = [aligned_chips(crop, lm) for crop, lm in zip(crops, landmarks)]
+        vectors = self.embedder.embed([c[self.embedder.chip_template] for c in chips])
+        for (i, payer, central, n_faces), crop, lm, face_chips, vector in zip(found, crops, landmarks, chips, vectors):
             pose = head_pose(lm, (crop.shape[1], crop.shape[0]))
             x1, y1, x2, y2 = (float(v) for v in payer.box)
             out[i] = EmbeddedFace(
@@ -121,7 +118,7 @@ class FaceEmbedder:
                 pose=pose,
                 pose_reason=self.pose_gate.check(pose) or "",
                 face_px=x2 - x1,
-                sharpness=laplacian_variance(chip),
+                sharpness=chip_sharpness(face_chips),
                 det_score=float(payer.score),
                 faces_in_image=n_faces,
                 box=(x1, y1, x2, y2),
@@ -129,26 +126,9 @@ class FaceEmbedder:
             )
         return out  # type: ignore[return-value]
 
-    def _chip(self, crop: np.ndarray, landmarks68: np.ndarray) -> np.ndarray:
-        """The aligner's chip that this recognizer reads (its `chip_template`)."""
-        if self.embedder.chip_template == "arcface112":
-            return align_face(crop, five_points_from_68(landmarks68))
-        return dlib_chip(crop, landmarks68)
-
 
 def _most_central(faces: list[DetectedFace], w: int, h: int, rule: PayerRule) -> tuple[DetectedFace | None, str]:
     confident = [f for f in faces if f.score >= rule.min_score]
     face = min(confident, key=lambda f: ((f.box[0] + f.box[2] - w) ** 2 + (f.box[1] + f.box[3] - h) ** 2))
     return (face, "") if face.box[2] - face.box[0] >= rule.min_face_px else (None, Reason.FACE_TOO_SMALL)
-
-
-def _detector_crop(image: np.ndarray, face: DetectedFace) -> tuple[np.ndarray, tuple[float, ...], tuple[int, int]]:
-    """The crop the detector stage sends on (same margin, same JPEG), the box in it, its offset."""
-    h, w = image.shape[:2]
-    x1, y1, x2, y2 = face.box
-    mx, my = (x2 - x1) * CROP_MARGIN, (y2 - y1) * CROP_MARGIN
-    cx1, cy1 = int(max(0, x1 - mx)), int(max(0, y1 - my))
-    cx2, cy2 = int(min(w, x2 + mx)), int(min(h, y2 + my))
-    crop = decode_trusted(encode_jpeg(np.ascontiguousarray(image[cy1:cy2, cx1:cx2])))
-    return crop, (x1 - cx1, y1 - cy1, x2 - cx1, y2 - cy1), (cx1, cy1)
 
