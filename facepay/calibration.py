@@ -267,7 +267,7 @@ def pair_scores(embeddings: np.ndarray, labels: Sequence[str], usable: np.ndarra
                     impostor_subjects=int(len(usable_ids)) if len(usable_ids) >= 2 else 0)
 
 
-def identification(embeddings: np.ndarray, labels: Sequence[str], names: Sequence[str], usable: np.ndarray,
+def identification(embeddings: np.ndarray, labels: Sequence[str] | np.ndarray, names: Sequence[str], usable: np.ndarray,
                    enrolled_ids: set[str] | None = None, thresholds: dict[str, float] | None = None,
                    fpir_targets: Sequence[float] = FPIR_TARGETS, confidence: float = CONFIDENCE) -> dict[str, Any]:
     """1:N with one enrolled image per identity: its first usable image by name.
@@ -422,18 +422,22 @@ class Embedded:
     most_central: np.ndarray | None = None  # labelled mode took the most central of several faces
 
     def save(self, path: Path) -> None:
-        np.savez_compressed(path, paths=np.array([str(p) for p in self.paths]), labels=np.array(self.labels),
-                            vectors=self.vectors, usable=self.usable, reasons=np.array(self.reasons),
-                            pose_reasons=np.array(self.pose_reasons), face_px=self.face_px,
-                            sharpness=self.sharpness, seconds=self.seconds, setup=self.setup,
-                            most_central=self.most_central)
+        # most_central only when there is one: None would be stored as a pickled object, which load refuses.
+        arrays: dict[str, Any] = dict(
+            paths=np.array([str(p) for p in self.paths]), labels=np.array(self.labels), vectors=self.vectors,
+            usable=self.usable, reasons=np.array(self.reasons), pose_reasons=np.array(self.pose_reasons),
+            face_px=self.face_px, sharpness=self.sharpness, seconds=self.seconds, setup=self.setup)
+        if self.most_central is not None:
+            arrays["most_central"] = self.most_central
+        np.savez_compressed(path, **arrays)
 
     @classmethod
     def load(cls, path: Path) -> Embedded:
         z = np.load(path, allow_pickle=False)
         return cls([Path(p) for p in z["paths"]], [str(x) for x in z["labels"]], z["vectors"], z["usable"],
                    [str(x) for x in z["reasons"]], [str(x) for x in z["pose_reasons"]], z["face_px"],
-                   z["sharpness"], float(z["seconds"]), str(z["setup"]), z["most_central"])
+                   z["sharpness"], float(z["seconds"]), str(z["setup"]),
+                   z["most_central"] if "most_central" in z.files else None)
 
 
 def embed_dataset(items: list[tuple[Path, str]], embedder, batch: int = 32,

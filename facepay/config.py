@@ -285,7 +285,7 @@ def _reject_unknown_keys(values: dict[str, Any]) -> None:
 
 
 def _overlay_env(values: dict[str, Any], env: dict[str, str]) -> None:
-    expected = {f"FACEPAY_{f.name.upper()}": (f.name, None) for f in fields(Settings) if f.name not in sections()}
+    expected: dict[str, tuple[str, str | None]] = {f"FACEPAY_{f.name.upper()}": (f.name, None) for f in fields(Settings) if f.name not in sections()}
     for name, cls in sections().items():
         expected.update({f"FACEPAY_{name.upper()}_{f.name.upper()}": (name, f.name) for f in fields(cls)})
     for variable, value in env.items():

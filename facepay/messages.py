@@ -190,6 +190,6 @@ def _plain(value: Any) -> Any:
     return value
 
 
-def _tuple_if_list(cls: type, name: str, value: Any) -> Any:
+def _tuple_if_list(cls: type[Message], name: str, value: Any) -> Any:
     annotation = cls.__dataclass_fields__[name].type
     return tuple(value) if isinstance(value, list) and str(annotation).startswith("tuple") else value

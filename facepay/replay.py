@@ -217,7 +217,7 @@ def explain(session: ArchivedSession, replayed: dict | None, replayed_frames: li
     if before and gallery_users is not None and before not in gallery_users:
         causes.append(f"user deleted since: {before}")
     archived_candidates = {c.user_id for f in session.frames for c in f.top_k}
-    top_now = {f.get("top_user") for f in replayed_frames if f.get("top_user")}
+    top_now: set[str] = {f["top_user"] for f in replayed_frames if f.get("top_user")}
     enrolled_since = sorted((top_now | ({now} if now else set())) - archived_candidates - {before})
     if enrolled_since:
         causes.append("user enrolled since: " + ", ".join(enrolled_since))
@@ -243,7 +243,7 @@ def _thumbnail(image: bytes, height: int = 96) -> str:
         return ""
     scale = height / decoded.shape[0]
     small = cv2.resize(decoded, (max(1, int(decoded.shape[1] * scale)), height), interpolation=cv2.INTER_AREA)
-    return "data:image/jpeg;base64," + base64.b64encode(cv2.imencode(".jpg", small, [cv2.IMWRITE_JPEG_QUALITY, 80])[1]).decode()
+    return "data:image/jpeg;base64," + base64.b64encode(cv2.imencode(".jpg", small, [cv2.IMWRITE_JPEG_QUALITY, 80])[1].tobytes()).decode()
 
 
 def session_report(session: ArchivedSession, replayed: tuple[dict, DecisionMsg] | None,
@@ -298,7 +298,7 @@ def run_replay(production: Settings, archive: ArchiveStore, options: ReplayOptio
     settings = replay_settings(production, workdir, sessions, options)
     run = ReplayRun(settings, workdir, replicas)
     found: dict = {}
-    timings = {"sessions": len(sessions), "frames": sum(len(s.frames) for s in sessions)}
+    timings: dict[str, float] = {"sessions": len(sessions), "frames": sum(len(s.frames) for s in sessions)}
     try:
         if sessions:
             run.start()

@@ -59,6 +59,11 @@ def _filter(
     return qm.Filter(must=must) if must else None
 
 
+def _user_filter(user_id: str) -> qm.Filter:
+    """Exactly one user's points: what a delete is scoped by (a None filter would match every point)."""
+    return qm.Filter(must=[qm.FieldCondition(key="user_id", match=qm.MatchValue(value=user_id))])
+
+
 class QdrantGallery:
     """Gallery on a Qdrant server (``url``) or in qdrant-client's local mode (``location``/``path``)."""
 
@@ -161,7 +166,7 @@ class QdrantGallery:
         name = collection_name(model_id)
         if self._dim_of_existing(name) is None:
             return 0
-        flt = _filter(user_id=user_id)
+        flt = _user_filter(user_id)
         n = self._client.count(name, count_filter=flt, exact=True).count
         if n:
             self._client.delete(name, points_selector=qm.FilterSelector(filter=flt), wait=True)

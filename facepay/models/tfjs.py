@@ -203,8 +203,27 @@ def _activation(name: str, node: Mapping[str, Any]) -> Callable[[Tensor, Tensor 
         alpha = _attr(node, "leakyrelu_alpha", 0.2)
         return lambda y, a: F.leaky_relu(y, alpha)
     if name == "Prelu":
-        return _prelu
+        def prelu(y: Tensor, alpha: Tensor | None) -> Tensor:
+            if alpha is None:
+                raise TfjsFormatError(f"{node['name']}: Prelu without its alpha")
+            return _prelu(y, alpha)
+        return prelu
     return None
+
+
+_FusedStep = Callable[[Tensor, Sequence[Tensor]], Tensor]  # y, the node's extra args → y
+
+
+def _bias_add(i: int) -> _FusedStep:
+    return lambda y, args: y + args[i]
+
+
+def _batch_norm(i: int, epsilon: float) -> _FusedStep:  # args[i:i + 4]: scale, offset, mean, variance
+    return lambda y, args: (y - args[i + 2]) * torch.rsqrt(args[i + 3] + epsilon) * args[i] + args[i + 1]
+
+
+def _activate_with(act: Callable[[Tensor, Tensor | None], Tensor], alpha: int | None) -> _FusedStep:
+    return lambda y, args: act(y, None if alpha is None else args[alpha])
 
 
 def _fused_tail(node: Mapping[str, Any], skip_bias: bool = False) -> Callable[[Tensor, Sequence[Tensor]], Tensor]:
@@ -213,7 +232,7 @@ def _fused_tail(node: Mapping[str, Any], skip_bias: bool = False) -> Callable[[T
     a leading BiasAdd is left out (the caller passed args[0] to the conv as its bias)."""
     ops = list(_attr(node, "fused_ops", []))
     epsilon = _attr(node, "epsilon", 1e-3)
-    steps: list[Callable[[Tensor, Sequence[Tensor]], Tensor]] = []
+    steps: list[_FusedStep] = []
     arg = 0
     if skip_bias:
         if not ops or ops[0] != "BiasAdd":
@@ -221,25 +240,20 @@ def _fused_tail(node: Mapping[str, Any], skip_bias: bool = False) -> Callable[[T
         ops, arg = ops[1:], 1
     for op in ops:
         if op == "BiasAdd":
-            i = arg
-            steps.append(lambda y, args, i=i: y + args[i])
+            steps.append(_bias_add(arg))
             arg += 1
         elif op == "FusedBatchNorm":
-            i = arg
-            steps.append(
-                lambda y, args, i=i: (y - args[i + 2]) * torch.rsqrt(args[i + 3] + epsilon) * args[i] + args[i + 1]
-            )
+            steps.append(_batch_norm(arg, epsilon))
             arg += 4
         else:
             act = _activation(op, node)
             if act is None:
                 raise NotImplementedError(f"{node['op']} fused op {op!r} (node {node['name']})")
             if op == "Prelu":
-                i = arg
-                steps.append(lambda y, args, i=i, act=act: act(y, args[i]))
+                steps.append(_activate_with(act, arg))
                 arg += 1
             else:
-                steps.append(lambda y, args, act=act: act(y, None))
+                steps.append(_activate_with(act, None))
 
     def tail(y: Tensor, args: Sequence[Tensor]) -> Tensor:
         for step in steps:
@@ -606,7 +620,7 @@ class TfjsGraphModel:
                         dep = ref.split(":")[0]
                         if state.get(dep) != 2:
                             stack.append((dep, False))
-        steps = []
+        steps: list[tuple[str, str, list[str], Callable[..., Tensor] | None]] = []
         last_use: dict[str, int] = {}
         for i, name in enumerate(order):
             node = self.nodes[name]

@@ -35,7 +35,7 @@ import signal
 import socket
 import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TypeVar
 
@@ -359,7 +359,7 @@ class StreamWorker:
         self._until_accepted(write, "dead letter", holding=[entry.id])
 
     # ---- back-pressure: Redis refusing for now -----------------------------------------------
-    def _until_accepted(self, attempt: Callable[[], T], what: str, holding: list[bytes] = ()) -> T:
+    def _until_accepted(self, attempt: Callable[[], T], what: str, holding: Sequence[bytes] = ()) -> T:
         """Call attempt until Redis stops refusing (OOM, READONLY, LOADING, MASTERDOWN, down),
         waiting with a bounded backoff; re-raises only if the worker is asked to stop.
         `holding`: the pending entries in hand, kept ours meanwhile (see _keep_holding)."""
@@ -380,7 +380,7 @@ class StreamWorker:
             self._resumed(what)
             return result
 
-    def _keep_holding(self, entry_ids: list[bytes]) -> None:
+    def _keep_holding(self, entry_ids: Sequence[bytes]) -> None:
         """Reset the idle time of the entries in hand (XCLAIM to ourselves, allowed on a full
         server), so that an idle replica does not reclaim a batch this worker is waiting to
         commit and process it a second time."""

@@ -6,6 +6,8 @@ passive anti-spoof scores carried in the aligned record.
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 
 from facepay.config import Settings
@@ -41,7 +43,7 @@ class DlibLandmarks:
         return self.model.predict(crops, boxes)
 
 
-LANDMARKERS = {"facemesh": MeshLandmarks, "dlib68": DlibLandmarks}
+LANDMARKERS: dict[str, type[MeshLandmarks | DlibLandmarks]] = {"facemesh": MeshLandmarks, "dlib68": DlibLandmarks}
 
 
 class AlignerStage(PipeStage):
@@ -85,20 +87,21 @@ class AlignerStage(PipeStage):
             "dlib150": encode_png(chip150),
         }
         models = {**face.models, "landmarks": self.landmarks.model_id}
-        extra = {}
-        if attributes is not None:
+        extra: dict[str, Any] = {}
+        if attributes is not None and self.attributes is not None:
             models["attributes"] = self.attributes.model_id
             extra.update(age=round(attributes.age_years, 1), gender=attributes.gender,
                          gender_confidence=round(attributes.gender_confidence, 3))
-        if liveness is not None:
+        if liveness is not None and self.liveness is not None:
             models["passive_liveness"] = self.liveness.model_id
             extra.update(antispoof=round(liveness.antispoof, 4), liveness=round(liveness.liveness, 4))
+        left_ear, right_ear = (float(e) for e in eye_aspect_ratio(landmarks))
         return AlignedMsg(
             ref=face.ref,
             landmarks=landmarks.tolist(),
             crop_size=(crop.shape[1], crop.shape[0]),
             chips=chips,
-            ear=tuple(float(e) for e in eye_aspect_ratio(landmarks)),
+            ear=(left_ear, right_ear),
             frame_box=face.frame_box,
             det_score=face.score,
             models=models,

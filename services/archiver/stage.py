@@ -98,6 +98,16 @@ def session_key(store_id: str, session_id: str) -> str:
     return f"{store_id}/{session_id}"
 
 
+def _point(p: list[float]) -> tuple[float, float]:
+    x, y = p
+    return (x, y)
+
+
+def _box(box: tuple[float, ...]) -> tuple[float, float, float, float]:
+    x0, y0, x1, y1 = box
+    return (x0, y0, x1, y1)
+
+
 def image_format(image: bytes) -> str:
     if image.startswith(b"\xff\xd8"):
         return "jpeg"
@@ -113,7 +123,7 @@ class ArchiverStage(Stage):
 
     def __init__(self, settings: Settings, store: ArchiveStore | None = None) -> None:
         self.settings = settings
-        self.store = store
+        self._given_store = store  # else start() opens FACEPAY_ARCHIVE_URL's
         self._bucket_ready = False
         self._held_since: dict[str, float] = {}  # decision → when it was first held for missing frames
         self._claim_cursor = {tap: "0-0" for tap in TAPS}
@@ -121,9 +131,11 @@ class ArchiverStage(Stage):
 
     # ---- lifecycle -------------------------------------------------------------------------
     def start(self) -> None:
-        if self.store is None:
-            if not self.settings.archive_url:
-                raise ValueError("FACEPAY_ARCHIVE_URL is not set: the archiver needs an archive (s3://bucket or http://host:port/bucket)")
+        if self._given_store is not None:
+            self.store = self._given_store
+        elif not self.settings.archive_url:
+            raise ValueError("FACEPAY_ARCHIVE_URL is not set: the archiver needs an archive (s3://bucket or http://host:port/bucket)")
+        else:
             self.store = ArchiveStore.from_settings(ArchiveSettings.from_facepay(self.settings))
         self.redis = connect(self.settings.redis_url)
         self.trusted = load_trusted(self.settings.trusted_keys_file)
@@ -381,10 +393,10 @@ class ArchiverStage(Stage):
             liveness = {k: float(v) for k, v in (("antispoof", aligned.antispoof), ("liveness", aligned.liveness)) if v is not None}
         return ArchivedFrame(
             index=sequence, received_ms=received, image=image, image_format=image_format(image),
-            face_box=tuple(face.frame_box) if isinstance(face, FaceMsg) else None,
-            face_points=[tuple(p) for p in face.points5] if isinstance(face, FaceMsg) else None,
+            face_box=_box(face.frame_box) if isinstance(face, FaceMsg) else None,
+            face_points=[_point(p) for p in face.points5] if isinstance(face, FaceMsg) else None,
             detector_score=float(face.score) if isinstance(face, FaceMsg) else None,
-            landmarks=[tuple(p) for p in aligned.landmarks] if isinstance(aligned, AlignedMsg) else None,
+            landmarks=[_point(p) for p in aligned.landmarks] if isinstance(aligned, AlignedMsg) else None,
             eye_aspect_ratio=float(sum(aligned.ear) / 2) if isinstance(aligned, AlignedMsg) else None,
             liveness=liveness,
             pitch=posed.pitch if isinstance(posed, PosedMsg) else None,

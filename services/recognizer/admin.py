@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import msgpack
@@ -88,5 +89,5 @@ def _store_templates(stage: RecognizerStage, space: str, user_id: str, tenant: s
     return {"space": space, "user_id": user_id, "templates": stored}
 
 
-_COMMANDS = {"list_users": _list_users, "show_user": _show_user, "delete_user": _delete_user,
+_COMMANDS: dict[str, Callable[..., dict]] = {"list_users": _list_users, "show_user": _show_user, "delete_user": _delete_user,
              "reset_lockout": _reset_lockout, "store_templates": _store_templates}

@@ -90,10 +90,13 @@ class ByoModelError(ValueError):
 
 
 def _triple(value, what: str) -> tuple[float, float, float]:
-    values = (float(value),) * 3 if np.isscalar(value) else tuple(float(v) for v in value)
-    if len(values) != 3:
+    values = np.asarray(value, dtype=np.float64)
+    if values.ndim == 0:
+        values = np.repeat(values, 3)
+    if values.shape != (3,):
         raise ValueError(f"{what} needs one value or three (per channel), got {value!r}")
-    return values  # type: ignore[return-value]
+    first, second, third = (float(v) for v in values)
+    return first, second, third
 
 
 @dataclass(frozen=True)

@@ -307,6 +307,9 @@ def dlib_add(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 class Affine(nn.Module):
     """dlib's affine_ in conv mode: x·γ + β per channel (a frozen batch norm)."""
 
+    gamma: torch.Tensor  # buffers, registered in __init__
+    beta: torch.Tensor
+
     def __init__(self, gamma: np.ndarray, beta: np.ndarray) -> None:
         super().__init__()
         self.register_buffer("gamma", torch.from_numpy(gamma.copy()).view(1, -1, 1, 1))
@@ -345,6 +348,7 @@ def _conv(layer: Layer) -> nn.Conv2d:
     )
     with torch.no_grad():
         conv.weight.copy_(torch.from_numpy(weight))
+        assert conv.bias is not None  # nn.Conv2d has one unless bias=False
         conv.bias.copy_(torch.from_numpy(bias))
     return conv
 
@@ -399,6 +403,8 @@ class DlibResNetTorch(nn.Module):
     Takes raw 0..255 RGB values (any float dtype) and applies dlib's input_rgb_image_sized
     normalisation, (pixel − mean) / 256, itself.
     """
+
+    mean: torch.Tensor  # a buffer, registered in __init__
 
     def __init__(self, network: DlibNetwork) -> None:
         super().__init__()
@@ -460,7 +466,7 @@ class DlibResNetTorchEmbedder(NormalisedEmbeddings):
         model = DlibResNetTorch.from_dat(weights or weight_path(WEIGHTS))
         # Channels-last: the HWC chips are channels-last already, and mixing layouts costs ~2×
         # at batch 1 on the CPU; on CUDA it is the layout fp16 tensor cores want.
-        model = model.eval().requires_grad_(False).to(self._device, memory_format=torch.channels_last)
+        model = model.eval().requires_grad_(False).to(self._device, memory_format=torch.channels_last)  # type: ignore[call-overload]  # torch's stubs omit memory_format
         self._model = model
 
     @property

@@ -6,6 +6,7 @@ asking every customer to enrol again. Both are erased together when the user is 
 from __future__ import annotations
 
 import time
+from typing import Any
 from collections.abc import Iterator
 
 import msgpack
@@ -26,7 +27,7 @@ def store_templates(gallery: Gallery, space: str, user_id: str, tenant: str, pho
                     samples: np.ndarray) -> int:
     """Replace the user's templates in `space`: the mean, and every sample."""
     samples = np.asarray(samples, dtype=np.float32)
-    common = {"user_id": user_id, "tenant": tenant or "default", "phone_suffix": phone_suffix or None,
+    common: dict[str, Any] = {"user_id": user_id, "tenant": tenant or "default", "phone_suffix": phone_suffix or None,
               "enrolled_at_ms": int(time.time() * 1000)}
     gallery.ensure_collection(space, samples.shape[1])
     gallery.delete_user(space, user_id)

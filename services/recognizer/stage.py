@@ -11,6 +11,7 @@ import dataclasses
 import logging
 import threading
 import time
+from typing import TypeGuard
 
 import msgpack
 import numpy as np
@@ -31,7 +32,7 @@ from services.recognizer.admin import admin_problem, handle_admin
 from services.recognizer.embedder import load_embedder, template_space
 from services.recognizer.enrollment import FaceSources, mean_template, store_templates
 from services.recognizer.limits import FailureLimiter
-from services.recognizer.policy import FrameResult, Verdict, decide
+from services.recognizer.policy import FrameResult, Verdict, decide, resolved
 from services.recognizer.state import SessionState, SessionStore, UnreadableState, decided_key, session_key
 
 log = logging.getLogger(__name__)
@@ -47,8 +48,14 @@ class RecognizerStage(Stage):
 
     def __init__(self, settings: Settings, gallery: Gallery | None = None) -> None:
         self.settings = settings
-        self.gallery = gallery
+        self._gallery = gallery  # else start() opens FACEPAY_GALLERY_URL's
         self.policy = settings.policy
+
+    @property
+    def gallery(self) -> Gallery:
+        if self._gallery is None:
+            raise RuntimeError("the recognizer's gallery is opened by start()")
+        return self._gallery
 
     def start(self) -> None:
         if not self.settings.signing_key:
@@ -56,7 +63,8 @@ class RecognizerStage(Stage):
         self.embedder = load_embedder(self.settings.recognizer_model, self.settings.device)
         # The vectors' space: the recognizer and the landmarks its chips were aligned with.
         self.space_id = template_space(self.embedder.model_id, self.settings.landmarks_model)
-        self.gallery = self.gallery or open_gallery(self.settings.gallery_url)
+        if self._gallery is None:
+            self._gallery = open_gallery(self.settings.gallery_url)
         self.gallery.ensure_collection(self.space_id, self.embedder.dim)
         client = connect(self.settings.redis_url)
         self.sessions = SessionStore(client, self.settings)
@@ -103,8 +111,8 @@ class RecognizerStage(Stage):
         self.threshold_source = source
 
     def stop(self) -> None:
-        if self.gallery:
-            self.gallery.close()
+        if self._gallery is not None:
+            self._gallery.close()
 
     def refuse(self, message: Message, trusted: TrustedKeys) -> str:
         """The chain: pose signed the entry (checked by the runtime) and the gateway attested the
@@ -189,7 +197,7 @@ class RecognizerStage(Stage):
         self._optimizer = threading.Thread(target=optimize, args=(self.space_id,), daemon=True)
         self._optimizer.start()
 
-    def _to_embed(self, message: Message) -> bool:
+    def _to_embed(self, message: Message) -> TypeGuard[PosedMsg]:
         """Every face that may vote; and, in payment sessions, faces rejected for pose, so that
         the rule can tell whether their eyes are the matched face's."""
         if not isinstance(message, PosedMsg):
@@ -285,7 +293,7 @@ class RecognizerStage(Stage):
             log.warning("locked out", extra={"session_id": ref.session_id, "subject": locked, "camera": ref.camera_id})
             return Verdict(False, ["locked_out"], "locked_out", score=verdict.score, frames_seen=verdict.frames_seen,
                            frames_eligible=verdict.frames_eligible, votes=verdict.votes)
-        candidate = max(verdict.votes, key=verdict.votes.get) if verdict.votes else ""
+        candidate = max(verdict.votes, key=verdict.votes.__getitem__) if verdict.votes else ""
         self.limits.record(session_key(ref), ref.camera_id, verdict.rule, verdict.approve, verdict.user_id or candidate)
         return verdict
 
@@ -305,8 +313,8 @@ class RecognizerStage(Stage):
             "score": round(verdict.score, 4),
             "threshold": round(self.threshold, 4),
             "threshold_source": self.threshold_source,
-            "margin": round(float(self.policy.margin), 4),
-            "min_agreeing_frames": int(self.policy.min_agreeing_frames),
+            "margin": round(resolved(self.policy.margin, "margin"), 4),
+            "min_agreeing_frames": resolved(self.policy.min_agreeing_frames, "min_agreeing_frames"),
             "template_space": self.space_id,
             "reasons": verdict.reasons,
             "rule": verdict.rule,
