@@ -462,7 +462,7 @@ def embed_dataset(items: list[tuple[Path, str]], embedder, batch: int = 32,
             progress(len(results), len(items))
     seconds = time.perf_counter() - start
     ok = np.array([not isinstance(r, Rejected) for r in results], bool)
-    dim = next((len(r.embedding) for r, good in zip(results, ok) if good), 1)
+    dim = next((len(r.embedding) for r, good in zip(results, ok, strict=True) if good), 1)
     vectors = np.zeros((len(results), dim), np.float32)
     for k in np.flatnonzero(ok):
         vectors[k] = results[k].embedding
@@ -535,7 +535,7 @@ def calibrate(data_dir: Path | str, out_dir: Path | str, target_far: float = 1e-
 
         embedder = FaceEmbedder(load_settings(), labelled=True)
     data = embedded_dataset(data_dir, embedder, cache, progress)
-    items = list(zip(data.paths, data.labels))
+    items = list(zip(data.paths, data.labels, strict=True))
     usable = data.usable.copy()
     if apply_pose_gate:
         usable &= np.array([not r for r in data.pose_reasons])
@@ -557,7 +557,7 @@ def calibrate(data_dir: Path | str, out_dir: Path | str, target_far: float = 1e-
         if r:
             failures[r] = failures.get(r, 0) + 1
     pose_failures: dict[str, int] = {}
-    for ok, r in zip(data.usable, data.pose_reasons):
+    for ok, r in zip(data.usable, data.pose_reasons, strict=True):
         if ok and r:
             pose_failures[r] = pose_failures.get(r, 0) + 1
 

@@ -95,7 +95,7 @@ class FaceEmbedder:
         out: list[EmbeddedFace | Rejected | None] = [None] * len(images)
         found: list[tuple[int, DetectedFace, bool, int]] = []
         crops, boxes, points5 = [], [], []
-        for i, (image, faces) in enumerate(zip(images, self.detector.detect(list(images)))):
+        for i, (image, faces) in enumerate(zip(images, self.detector.detect(list(images)), strict=True)):
             h, w = image.shape[:2]
             payer, reason = choose_payer(faces, w, h, self.rule, enrolling=self.enrolling)
             central = payer is None and reason == "multiple_faces" and self.labelled
@@ -110,9 +110,9 @@ class FaceEmbedder:
             boxes.append(box)
             points5.append((np.asarray(payer.points5, np.float64) - offset).astype(np.float32))  # as FaceMsg
         landmarks = self.landmarks.predict(crops, boxes, points5) if crops else []
-        chips = [self._chip(crop, lm) for crop, lm in zip(crops, landmarks)]
+        chips = [self._chip(crop, lm) for crop, lm in zip(crops, landmarks, strict=True)]
         vectors = self.embedder.embed(chips)
-        for (i, payer, central, n_faces), crop, lm, chip, vector in zip(found, crops, landmarks, chips, vectors):
+        for (i, payer, central, n_faces), crop, lm, chip, vector in zip(found, crops, landmarks, chips, vectors, strict=True):
             pose = head_pose(lm, (crop.shape[1], crop.shape[0]))
             x1, y1, x2, y2 = (float(v) for v in payer.box)
             out[i] = EmbeddedFace(

@@ -134,7 +134,7 @@ def test_real_pairs_separate_far_apart(offline, faces):
     """faces/pairs.csv: every same-person pair scores above every different-person pair."""
     pairs = faces.pairs()[:40] + [p for p in faces.pairs() if not p[2]][:40]
     paths = sorted({p for a, b, _ in pairs for p in (a, b)})
-    results = dict(zip(paths, offline.embed_images([read_rgb(p) for p in paths])))
+    results = dict(zip(paths, offline.embed_images([read_rgb(p) for p in paths]), strict=True))
     scores = {True: [], False: []}
     for a, b, same in pairs:
         if hasattr(results[a], "embedding") and hasattr(results[b], "embedding"):

@@ -141,7 +141,7 @@ def test_offline_embedder_scores_what_the_pipeline_scores(faces, face_embedder):
     template = face_embedder.embedder.chip_template
     expected = face_embedder.embedder.embed([decode_trusted(m.chips[template]) for m in messages])
     got = face_embedder.embed_images([decode_image(p.read_bytes()) for p in paths])
-    for message, vector, face in zip(messages, expected, got):
+    for message, vector, face in zip(messages, expected, got, strict=True):
         assert isinstance(face, EmbeddedFace)
         assert float(face.embedding @ vector) > 0.9999
         assert face.pose.yaw == pytest.approx(message.yaw, abs=1e-3) and face.pose_reason == message.reason

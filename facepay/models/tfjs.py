@@ -639,7 +639,7 @@ class TfjsGraphModel:
             steps.append((name, node["op"], refs, builder(self, node)))
         keep = set(outputs)
         frees = [[r for r, last in last_use.items() if last == i and r not in keep] for i in range(len(order))]
-        plan = [(name, op, refs, fn, free) for (name, op, refs, fn), free in zip(steps, frees)]
+        plan = [(name, op, refs, fn, free) for (name, op, refs, fn), free in zip(steps, frees, strict=True)]
         self._plans[outputs] = plan
         return plan
 
@@ -666,7 +666,7 @@ class TfjsGraphModel:
                 raise KeyError(f"{self.path.name} has no input {name!r}; inputs: {list(self.inputs)}")
             t = torch.as_tensor(value).to(self._device, torch.float32)
             want = self.inputs[key]
-            if want and (t.ndim != len(want) or any(w not in (-1, s) for w, s in zip(want, t.shape))):
+            if want and (t.ndim != len(want) or any(w not in (-1, s) for w, s in zip(want, t.shape, strict=True))):
                 raise ValueError(f"{self.path.name} input {key}: shape {tuple(t.shape)} does not fit {want}")
             feeds[key] = t
         missing = set(self.inputs) - set(feeds)

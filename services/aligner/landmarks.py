@@ -65,7 +65,7 @@ class DlibLandmarks68:
         if len(images) != len(boxes):
             raise ValueError(f"one box per image: got {len(images)} images and {len(boxes)} boxes")
         out: list[np.ndarray] = []
-        for image, box in zip(images, boxes):
+        for image, box in zip(images, boxes, strict=True):
             shape = self._predictor(_as_rgb_uint8(image), _rect(box))
             out.append(np.array([(p.x, p.y) for p in shape.parts()], dtype=np.float32))
         return out

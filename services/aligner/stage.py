@@ -78,7 +78,7 @@ class AlignerStage(PipeStage):
         landmarks = self.landmarks.predict(crops, boxes, points5)
         attributes = self.attributes.predict(crops, boxes, points5) if self.attributes else [None] * len(batch)
         liveness = self.liveness.predict(crops, boxes, points5) if self.liveness else [None] * len(batch)
-        return [self._aligned(*row) for row in zip(batch, crops, landmarks, attributes, liveness)]
+        return [self._aligned(*row) for row in zip(batch, crops, landmarks, attributes, liveness, strict=True)]
 
     def _aligned(self, face: FaceMsg, crop, landmarks, attributes, liveness) -> AlignedMsg:
         chip150 = dlib_chip(crop, landmarks)

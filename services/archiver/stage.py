@@ -334,7 +334,7 @@ class ArchiverStage(Stage):
             tap, _, entry_id = member.partition("|")
             pipe.xrange(self._stream(tap), entry_id, entry_id)
         gathered: dict[int, dict[str, Message]] = defaultdict(dict)
-        for member, found in zip(members, pipe.execute()):
+        for member, found in zip(members, pipe.execute(), strict=True):
             tap = member.partition("|")[0]
             if not found:
                 log.error("indexed entry missing from its stream", extra={"session_id": key, "entry": member})

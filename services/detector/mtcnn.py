@@ -217,7 +217,7 @@ class _WorkingImage:
         points = (points - offset) / scale
         faces = [
             DetectedFace(_box(box), float(score), pts.astype(np.float32))
-            for box, score, pts in zip(boxes, scores, points)
+            for box, score, pts in zip(boxes, scores, points, strict=True)
             if (box[1] - box[0] >= 1).all()  # a detection that lay wholly in the added border
         ]
         return sorted(faces, key=lambda face: face.score, reverse=True)
@@ -265,7 +265,7 @@ class MTCNN:
         """images: RGB uint8 HxWx3 arrays of any (different) sizes. Returns faces per image, best first."""
         results: list[list[DetectedFace]] = [[] for _ in images]
         working = {i: _WorkingImage.from_input(im) for i, im in enumerate(images) if is_usable_image(im, i)}
-        for i, faces in zip(working, self._detect_working(list(working.values()))):
+        for i, faces in zip(working, self._detect_working(list(working.values())), strict=True):
             results[i] = faces
         # MTCNN often misses a face whose box is nearly the whole frame (a kiosk camera at arm's
         # length): the nets were trained on faces with some context around them. One retry
@@ -273,7 +273,7 @@ class MTCNN:
         missed = [i for i in working if not results[i]]
         if missed:
             retried = self._detect_working([working[i].for_retry() for i in missed])
-            for i, faces in zip(missed, retried):
+            for i, faces in zip(missed, retried, strict=True):
                 results[i] = faces
             log.debug("bordered retry of %d images found faces in %d", len(missed), sum(map(bool, retried)))
         return results
@@ -366,7 +366,7 @@ class MTCNN:
             chunk = torch.from_numpy(crops[start : start + CROP_CHUNK]).to(self._device).permute(0, 3, 1, 2)
             with self._autocast():
                 outputs.append(net(_normalise(chunk)))
-        return tuple(torch.cat(parts).float().cpu().numpy().astype(np.float64) for parts in zip(*outputs))
+        return tuple(torch.cat(parts).float().cpu().numpy().astype(np.float64) for parts in zip(*outputs, strict=True))
 
 
 def is_usable_image(image: object, index: int, detector: str = "mtcnn") -> bool:

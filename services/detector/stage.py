@@ -65,7 +65,7 @@ class DetectorStage(PipeStage):
             self._lock_on_payer(frame, image, next(detections))
             if isinstance(image, np.ndarray)
             else reject(frame, self.name, "unreadable_image", image)
-            for frame, image in zip(batch, decoded)
+            for frame, image in zip(batch, decoded, strict=True)
         ]
 
     def _decode(self, frame: FrameMsg) -> np.ndarray | str:

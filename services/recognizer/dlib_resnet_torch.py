@@ -295,7 +295,7 @@ def dlib_add(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """
     if a.shape == b.shape:
         return a + b
-    shape = [max(x, y) for x, y in zip(a.shape, b.shape)]
+    shape = [max(x, y) for x, y in zip(a.shape, b.shape, strict=True)]
 
     def grow(t: torch.Tensor) -> torch.Tensor:
         # F.pad takes (W, H, C) pairs from the last dimension backwards; zeros at the end.

@@ -211,7 +211,7 @@ class RecognizerStage(Stage):
         template = self.embedder.chip_template
         chips = [decode_trusted(m.chips[template]) for m in faces]
         vectors = self.embedder.embed(chips)
-        return {id(m): v for m, v in zip(faces, vectors)}
+        return {id(m): v for m, v in zip(faces, vectors, strict=True)}
 
     def _frame_result(self, message: Message, vector: np.ndarray | None) -> FrameResult:
         ref = message.ref

@@ -61,7 +61,7 @@ class SessionStore:
         pipe = self.redis.pipeline(transaction=False)
         for key in keys:
             pipe.exists(self.settings.key(decided_key(key)))
-        return dict(zip(keys, (bool(x) for x in pipe.execute())))
+        return dict(zip(keys, (bool(x) for x in pipe.execute()), strict=True))
 
     def record(
         self, ref: FrameRef, result: FrameResult | None = None, frame_count: int | None = None,
