@@ -188,7 +188,7 @@ def tar_at_far(scores: ScoreSet, target: float, confidence: float = CONFIDENCE) 
     reason = not_measurable(len(scores.impostor), target)
     if reason:
         return {"target_far": target, "measurable": False, "reason": reason}
-    k = int(math.floor(target * len(scores.impostor) + 1e-9))
+    k = math.floor(target * len(scores.impostor) + 1e-9)
     s = threshold_for_errors(scores.impostor, k)
     far, frr = scores.far(s, confidence), scores.frr(s, confidence)
     return {"target_far": target, "measurable": True, "threshold": s, "tar": _num(1 - frr.value),
@@ -226,7 +226,7 @@ def choose_threshold(scores: ScoreSet, target_far: float = 1e-5, confidence: flo
         note = (f"smallest S whose {confidence:.0%} upper bound on FAR is <= {target_far:g} "
                 f"(at most {k} of {n} impostor pairs at or above it)")
     elif not not_measurable(n, target_far):
-        k = int(math.floor(target_far * n + 1e-9))
+        k = math.floor(target_far * n + 1e-9)
         basis, effective = "point_estimate", target_far
         note = (f"{n} impostor pairs cannot bound FAR at {target_far:g} with {confidence:.0%} confidence "
                 f"(needs >= {trials_for(target_far, confidence)} error-free pairs): smallest S whose measured "
@@ -260,11 +260,11 @@ def pair_scores(embeddings: np.ndarray, labels: Sequence[str], usable: np.ndarra
     genuine = np.where(both[same], sims[iu[same], ju[same]], -np.inf)
     imp_mask = ~same & both
     impostor = sims[iu[imp_mask], ju[imp_mask]]
-    ids, counts = np.unique(labels_arr, return_counts=True)
+    _ids, counts = np.unique(labels_arr, return_counts=True)
     usable_ids = np.unique(labels_arr[usable])
     return ScoreSet(genuine.astype(np.float64), impostor.astype(np.float64),
                     genuine_subjects=int((counts >= 2).sum()),
-                    impostor_subjects=int(len(usable_ids)) if len(usable_ids) >= 2 else 0)
+                    impostor_subjects=len(usable_ids) if len(usable_ids) >= 2 else 0)
 
 
 def identification(embeddings: np.ndarray, labels: Sequence[str] | np.ndarray, names: Sequence[str], usable: np.ndarray,
@@ -329,7 +329,7 @@ def identification(embeddings: np.ndarray, labels: Sequence[str] | np.ndarray, n
                 out["fnir_at_fpir"].append({"target_fpir": target, "measurable": False,
                                             "reason": reason.replace("impostor pairs", "non-mated probes")})
             else:
-                t = threshold_for_errors(n_sorted, int(math.floor(target * len(nonmated) + 1e-9)))
+                t = threshold_for_errors(n_sorted, math.floor(target * len(nonmated) + 1e-9))
                 out["fnir_at_fpir"].append({"target_fpir": target, "measurable": True, **at(t)})
     return out
 

@@ -223,8 +223,8 @@ def _cmd_enroll(args) -> int:
 def _cmd_calibrate(args) -> int:
     from facepay import thresholds
     from facepay.calibration import calibrate
-    from facepay.redaction import redact_url
     from facepay.offline import FaceEmbedder
+    from facepay.redaction import redact_url
     from facepay.runtime.redis_conn import connect
     from services.recognizer.embedder import template_space
 

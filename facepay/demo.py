@@ -257,7 +257,7 @@ def _pay_all(pipeline: Pipeline, script: Script) -> None:
         started = time.monotonic()
         camera.stream_session(session_id, session.frames, fps=12)
         with arrived:
-            arrived.wait_for(lambda: session_id in decisions, timeout=120)
+            arrived.wait_for(lambda: session_id in decisions, timeout=120)  # noqa: B023 - waited on in this iteration
         event = decisions.get(session_id)
         took = time.monotonic() - started
         if event is None:

@@ -164,7 +164,7 @@ def decode(raw: bytes) -> Message:
     try:
         data = msgpack.unpackb(raw, raw=False)
         version, kind = data.pop("v"), data.pop("t")
-    except Exception as exc:  # noqa: BLE001 - any decoding failure means the same thing
+    except Exception as exc:  # any decoding failure means the same thing
         raise MalformedMessage(f"not a facepay message: {exc}") from exc
     if version != SCHEMA_VERSION or not isinstance(kind, str) or kind not in _TYPES:
         raise MalformedMessage(f"unsupported message v={version!r} t={kind!r}")

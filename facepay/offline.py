@@ -25,7 +25,7 @@ from services.detector.detectors import load_detector
 from services.detector.mtcnn import DetectedFace
 from services.detector.payer import PayerRule, choose_payer
 from services.detector.stage import CROP_MARGIN
-from services.pose.headpose import HeadPose, PoseGate, head_pose  # noqa: F401  (HeadPose: a field type)
+from services.pose.headpose import HeadPose, PoseGate, head_pose
 from services.recognizer.embedder import load_embedder
 
 

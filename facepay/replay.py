@@ -274,12 +274,12 @@ def _gallery_users(settings: Settings, spaces: set[str], tenants: set[str]) -> s
 
     try:
         gallery = open_gallery(settings.gallery_url)
-    except Exception:  # noqa: BLE001 - the cause "user deleted" is then not offered
+    except Exception:  # the cause "user deleted" is then not offered
         log.warning("replay gallery not readable for the report", exc_info=True)
         return None
     try:
         return {u for space in spaces for t in tenants for u in gallery.list_users(space, t or None)}
-    except Exception:  # noqa: BLE001
+    except Exception:
         log.warning("replay gallery not listable for the report", exc_info=True)
         return None
     finally:

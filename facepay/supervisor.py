@@ -86,7 +86,7 @@ class Pipeline:
         self.workdir = Path(workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.access = access
-        self.replicas = {name: 1 for name in STAGES} | (replicas or {})
+        self.replicas = dict.fromkeys(STAGES, 1) | (replicas or {})
         self.valkey = EmbeddedValkey(self.workdir / "valkey", namespace=settings.namespace) if embedded else None
         self.gateway = gateway  # False: workers only, fed by the caller (a replay)
         # The audit archive: the settings' own, else the embedded SeaweedFS; archive=False runs

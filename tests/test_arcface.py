@@ -152,11 +152,11 @@ SIGNING_KEY = "22" * 32
 
 def test_the_recognizer_warns_at_start_and_uses_the_space_s_signed_margin_and_k(tmp_path, caplog):
     from facepay.messages import FrameRef
+    from facepay.runtime.worker import StreamWorker
     from facepay.signing import verify
     from services.recognizer.policy import FrameResult
     from services.recognizer.stage import RecognizerStage
     from services.recognizer.state import SessionStore
-    from facepay.runtime.worker import StreamWorker
 
     keys.generate(tmp_path / "keys")
     with EmbeddedValkey(tmp_path / "vk") as server:
@@ -227,7 +227,7 @@ def test_with_arcface_a_live_selfie_video_is_approved_and_a_replayed_still_decli
         backend, cam = Backend(pipeline, "store-1"), camera(pipeline, "cam-1")
         live, replay = new_session(), new_session()
         cam.stream_session(live, video_frames(clip, max_frames=90, every=2, start=30))
-        cam.stream_session(replay, [list(video_frames(clip, max_frames=1, start=60))[0]] * 30)
+        cam.stream_session(replay, [next(iter(video_frames(clip, max_frames=1, start=60)))] * 30)
         events = backend.wait_for([live, replay])
         assert events[live].decision == pb.APPROVE and events[live].user_id == "selfie-user", events[live]
         assert events[replay].decision == pb.DECLINE and list(events[replay].reasons) == ["no_liveness"]

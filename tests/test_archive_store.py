@@ -160,7 +160,7 @@ def test_the_filer_and_volume_http_ports_refuse_requests_without_a_token(s3: Emb
     import urllib.request
 
     receipt = archive.archive(session_at(T0, photos))
-    master, _, volume, _, filer, _, _ = s3._ports
+    _master, _, volume, _, filer, _, _ = s3._ports
     attempts = [
         urllib.request.Request(f"http://127.0.0.1:{filer}/buckets/{archive.bucket}/{receipt.key}"),
         urllib.request.Request(f"http://127.0.0.1:{filer}/buckets/{archive.bucket}/"),

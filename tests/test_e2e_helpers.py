@@ -13,8 +13,8 @@ from facepay.runtime.embedded import EmbeddedValkey, free_port
 from facepay.supervisor import demo_access
 from services.gateway.cameras import CameraRegistry
 from services.gateway.server import serve
-from tests.keysets import signing_as
 from tests.e2e import Backend, wait_until
+from tests.keysets import signing_as
 
 
 @pytest.fixture(scope="module")

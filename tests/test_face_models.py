@@ -129,7 +129,7 @@ def identity_faces(
         (pts,) = landmarker.predict([image], [box])
         found[path] = ((image.shape[1], image.shape[0]), pts, dlib_face_chip(image, pts))
     raw = embedder.embed_raw([chip for _, _, chip in found.values()])
-    out: dict[Path, Face | None] = {p: None for p in paths}
+    out: dict[Path, Face | None] = dict.fromkeys(paths)
     for (path, (size, pts, _)), vec in zip(found.items(), raw, strict=True):
         out[path] = Face(size, pts, vec / np.linalg.norm(vec), vec)
     return out

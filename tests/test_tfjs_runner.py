@@ -171,7 +171,7 @@ def test_runner_matches_tfjs(name: str, oracle: Path, astronaut: np.ndarray) -> 
         assert mine.shape == ref.shape, f"{name} {out_name}: {mine.shape} vs tfjs {ref.shape}"
         err, scale = float(np.abs(mine - ref).max()), float(np.abs(ref).max())
         print(
-            f"\n[tfjs] {name:9s} {out_name:22s} {str(ref.shape):16s} max |torch − tfjs| {err:.3g} "
+            f"\n[tfjs] {name:9s} {out_name:22s} {ref.shape!s:16s} max |torch − tfjs| {err:.3g} "
             f"(output scale {scale:.3g})",
             end="",
         )
@@ -317,10 +317,10 @@ def test_unknown_op_and_bad_inputs_fail_clearly(tmp_path: Path) -> None:
             n["op"] = "Cumsum"
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps(doc))
-    with pytest.raises(NotImplementedError, match="'Cumsum'.*'tanh'"):
+    with pytest.raises(NotImplementedError, match=r"'Cumsum'.*'tanh'"):
         TfjsGraphModel(bad, device="cpu")
     model = TfjsGraphModel(path, device="cpu")
-    with pytest.raises(ValueError, match="does not fit"):
+    with pytest.raises(ValueError, match=r"does not fit"):
         model.run(torch.zeros(1, 8, 9, 4))
     if not torch.cuda.is_available():
         with pytest.raises(DeviceUnavailableError):
@@ -466,7 +466,7 @@ def test_age_gender_plausible_on_named_people(model: str, identity_faces) -> Non
     result = predictor.predict([f[1] for f in found], [f[2].box for f in found], [f[2].points5 for f in found])
     right = wrong = 0
     misses = []
-    for (person, _, _), (age, gender, conf), path in zip(found, result, paths, strict=True):
+    for (person, _, _), (_age, gender, conf), path in zip(found, result, paths, strict=True):
         assert 0.0 <= conf <= 1.0 and gender in ("female", "male")
         truth = "female" if person in NAMED_FEMALE else "male" if person in NAMED_MALE else None
         if truth is not None:
@@ -550,7 +550,7 @@ def test_faceres_embedder_verification(faces: FaceData, identity_faces) -> None:
     ours = embedder.embed(chips)
     assert ours.shape == (len(chips), 1024) and np.allclose(np.linalg.norm(ours, axis=1), 1.0, atol=1e-5)
     assert embedder.embed([]).shape == (0, 1024)
-    with pytest.raises(ValueError, match="dlib_face_chip"):
+    with pytest.raises(ValueError, match=r"dlib_face_chip"):
         embedder.embed([np.zeros((112, 112, 3), np.uint8)])
     theirs = dlib_embedder.embed(chips)
     pairs = faces.pairs()

@@ -93,7 +93,7 @@ def _read_dim(shard_dir: Path) -> int:
 
 
 class _Shard:
-    __slots__ = ("shard", "dim", "lock")
+    __slots__ = ("dim", "lock", "shard")
 
     def __init__(self, shard: qe.EdgeShard, dim: int) -> None:
         self.shard = shard
@@ -279,12 +279,12 @@ class EdgeGallery:
                 for step in (s.shard.flush, s.shard.close):
                     try:
                         step()
-                    except Exception as exc:  # keep closing the other shards
+                    except Exception as exc:  # noqa: BLE001 - qdrant-edge raises bare Exception; keep closing the other shards
                         errors.append(exc)
         if errors:
             raise GalleryError(f"closing Edge shards failed: {errors}")
 
-    def __enter__(self) -> "EdgeGallery":
+    def __enter__(self) -> EdgeGallery:
         return self
 
     def __exit__(self, *exc: object) -> None:

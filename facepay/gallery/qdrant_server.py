@@ -233,7 +233,7 @@ class QdrantGallery:
             self._closed = True
             self._client.close()
 
-    def __enter__(self) -> "QdrantGallery":
+    def __enter__(self) -> QdrantGallery:
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -310,7 +310,7 @@ def _op(*names: str):
 
 
 def _conv_builder(depthwise: bool, fused: bool) -> Builder:
-    def build(model: "TfjsGraphModel", node: dict) -> Callable[..., Tensor]:
+    def build(model: TfjsGraphModel, node: dict) -> Callable[..., Tensor]:
         _check_nhwc(node)
         strides, dilations = _hw(_attr(node, "strides")), _hw(_attr(node, "dilations"))
         filt = model.const(node["input"][1])  # HWIO, or H W C multiplier for depthwise
@@ -352,7 +352,7 @@ _op("FusedDepthwiseConv2dNative")(_conv_builder(depthwise=True, fused=True))
 
 
 @_op("MaxPool", "AvgPool")
-def _pool(model: "TfjsGraphModel", node: dict) -> Callable[..., Tensor]:
+def _pool(model: TfjsGraphModel, node: dict) -> Callable[..., Tensor]:
     _check_nhwc(node)
     kernel, strides = _hw(_attr(node, "ksize")), _hw(_attr(node, "strides"))
     is_max = node["op"] == "MaxPool"
@@ -377,7 +377,7 @@ def _pool(model: "TfjsGraphModel", node: dict) -> Callable[..., Tensor]:
 
 
 @_op("MatMul", "_FusedMatMul")
-def _matmul(model: "TfjsGraphModel", node: dict) -> Callable[..., Tensor]:
+def _matmul(model: TfjsGraphModel, node: dict) -> Callable[..., Tensor]:
     ta, tb = _attr(node, "transpose_a", False), _attr(node, "transpose_b", False)
     tail = _fused_tail(node) if node["op"] == "_FusedMatMul" else None
     weight = None
@@ -429,13 +429,13 @@ _op("Identity", "StopGradient", "Snapshot")(_unary(lambda x: x))
 
 
 @_op("LeakyRelu")
-def _leaky(model: "TfjsGraphModel", node: dict) -> Callable[..., Tensor]:
+def _leaky(model: TfjsGraphModel, node: dict) -> Callable[..., Tensor]:
     alpha = _attr(node, "alpha", 0.2)
     return lambda x: F.leaky_relu(x, alpha)
 
 
 @_op("Sum", "Mean", "Max", "Min", "Prod")
-def _reduce(model: "TfjsGraphModel", node: dict) -> Callable[..., Tensor]:
+def _reduce(model: TfjsGraphModel, node: dict) -> Callable[..., Tensor]:
     axes_value = model.const(node["input"][1])
     keep = _attr(node, "keep_dims", False)
     op = node["op"]
@@ -458,13 +458,13 @@ def _reduce(model: "TfjsGraphModel", node: dict) -> Callable[..., Tensor]:
 
 
 @_op("Reshape")
-def _reshape(model: "TfjsGraphModel", node: dict) -> Callable[..., Tensor]:
+def _reshape(model: TfjsGraphModel, node: dict) -> Callable[..., Tensor]:
     shape = [int(v) for v in model.const(node["input"][1]).reshape(-1)]
     return lambda x, _shape: x.reshape(shape)
 
 
 @_op("Squeeze")
-def _squeeze(model: "TfjsGraphModel", node: dict) -> Callable[..., Tensor]:
+def _squeeze(model: TfjsGraphModel, node: dict) -> Callable[..., Tensor]:
     dims = _attr(node, "squeeze_dims", []) or _attr(node, "axis", [])
 
     def run(x: Tensor) -> Tensor:
@@ -480,19 +480,19 @@ def _squeeze(model: "TfjsGraphModel", node: dict) -> Callable[..., Tensor]:
 
 
 @_op("ExpandDims")
-def _expand_dims(model: "TfjsGraphModel", node: dict) -> Callable[..., Tensor]:
+def _expand_dims(model: TfjsGraphModel, node: dict) -> Callable[..., Tensor]:
     axis = int(model.const(node["input"][1]).reshape(-1)[0])
     return lambda x, _axis: x.unsqueeze(axis if axis >= 0 else x.ndim + 1 + axis)
 
 
 @_op("StridedSlice")
-def _slice(model: "TfjsGraphModel", node: dict) -> Callable[..., Tensor]:
+def _slice(model: TfjsGraphModel, node: dict) -> Callable[..., Tensor]:
     begin, end, strides = (model.const(name).reshape(-1).tolist() for name in node["input"][1:4])
     return lambda x, *_: _strided_slice(node, x, begin, end, strides)
 
 
 @_op("ConcatV2", "Concat")
-def _concat(model: "TfjsGraphModel", node: dict) -> Callable[..., Tensor]:
+def _concat(model: TfjsGraphModel, node: dict) -> Callable[..., Tensor]:
     axis_name = node["input"][-1] if node["op"] == "ConcatV2" else node["input"][0]
     axis = int(model.const(axis_name).reshape(-1)[0])
     if node["op"] == "ConcatV2":
@@ -501,19 +501,19 @@ def _concat(model: "TfjsGraphModel", node: dict) -> Callable[..., Tensor]:
 
 
 @_op("Pack")
-def _pack(model: "TfjsGraphModel", node: dict) -> Callable[..., Tensor]:
+def _pack(model: TfjsGraphModel, node: dict) -> Callable[..., Tensor]:
     axis = _attr(node, "axis", 0)
     return lambda *xs: torch.stack(xs, dim=axis)
 
 
 @_op("Transpose")
-def _transpose(model: "TfjsGraphModel", node: dict) -> Callable[..., Tensor]:
+def _transpose(model: TfjsGraphModel, node: dict) -> Callable[..., Tensor]:
     perm = [int(v) for v in model.const(node["input"][1]).reshape(-1)]
     return lambda x, _perm: x.permute(perm)
 
 
 @_op("Pad", "PadV2")
-def _pad(model: "TfjsGraphModel", node: dict) -> Callable[..., Tensor]:
+def _pad(model: TfjsGraphModel, node: dict) -> Callable[..., Tensor]:
     pairs = model.const(node["input"][1]).reshape(-1, 2).tolist()
     flat = [int(v) for pair in reversed(pairs) for v in pair]  # F.pad: last dim first
     value = float(model.const(node["input"][2]).reshape(-1)[0]) if node["op"] == "PadV2" else 0.0

@@ -126,7 +126,7 @@ class ArchiverStage(Stage):
         self._given_store = store  # else start() opens FACEPAY_ARCHIVE_URL's
         self._bucket_ready = False
         self._held_since: dict[str, float] = {}  # decision → when it was first held for missing frames
-        self._claim_cursor = {tap: "0-0" for tap in TAPS}
+        self._claim_cursor = dict.fromkeys(TAPS, "0-0")
         self._sweeper: threading.Thread | None = None
 
     # ---- lifecycle -------------------------------------------------------------------------
@@ -180,7 +180,7 @@ class ArchiverStage(Stage):
     def _sweep(self) -> None:
         try:
             report = self.store.sweep(self.settings.archive_retention_days)
-        except Exception:  # noqa: BLE001 - the next turn retries; the archive stays as it was
+        except Exception:  # the next turn retries; the archive stays as it was
             log.exception("archive retention sweep failed")
             return
         log.info("archive retention sweep", extra={"deleted_sessions": report.deleted_sessions,

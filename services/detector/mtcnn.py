@@ -436,10 +436,7 @@ def _nms(candidates: _Candidates, threshold: float, use_min_area: bool = False) 
         width = np.minimum(boxes[best, 2], boxes[rest, 2]) - np.maximum(boxes[best, 0], boxes[rest, 0])
         height = np.minimum(boxes[best, 3], boxes[rest, 3]) - np.maximum(boxes[best, 1], boxes[rest, 1])
         inter = width.clip(min=0) * height.clip(min=0)
-        if use_min_area:
-            denom = np.minimum(areas[best], areas[rest])
-        else:
-            denom = areas[best] + areas[rest] - inter
+        denom = np.minimum(areas[best], areas[rest]) if use_min_area else areas[best] + areas[rest] - inter
         overlap = inter / np.maximum(denom, 1e-9)
         order = rest[(overlap <= threshold) | (image[rest] != image[best])]
     return np.asarray(keep, dtype=np.int64)

@@ -331,7 +331,7 @@ class TorchScriptEmbedder(_TorchModuleEmbedder):
     def _batches(self) -> bool:
         try:
             two = self._probe(2)
-        except Exception:
+        except Exception:  # noqa: BLE001 - any failure of the probe means: one face per call
             return False
         return tuple(two.shape) == (2, self.dim)
 
@@ -559,7 +559,7 @@ def _opset_for_onnx2torch(model):
         return model
     try:
         lowered = importlib.import_module("onnx.version_converter").convert_version(model, ONNX2TORCH_OPSET)
-    except Exception as exc:
+    except Exception as exc:  # noqa: BLE001 - onnx's converter raises anything; converting as is is the fallback
         log.info("opset %d could not be lowered to %d for onnx2torch (%s); converting as is", opset, ONNX2TORCH_OPSET, exc)
         return model
     log.info("opset %d lowered to %d for onnx2torch", opset, ONNX2TORCH_OPSET)
@@ -582,9 +582,8 @@ def _without_needless_allowzero(model):
         if node.op_type != "Reshape" or len(node.input) < 2 or node.input[1] not in constants:
             continue
         for attr in node.attribute:
-            if attr.name == "allowzero" and attr.i == 1:
-                if not (numpy_helper.to_array(constants[node.input[1]]) == 0).any():
-                    attr.i = 0
+            if attr.name == "allowzero" and attr.i == 1 and not (numpy_helper.to_array(constants[node.input[1]]) == 0).any():
+                attr.i = 0
     return model
 
 
@@ -624,7 +623,7 @@ def _torchvision_importable() -> bool:
     try:
         importlib.import_module("torchvision")
         return True
-    except Exception as exc:  # the CUDA wheel against CPU torch raises RuntimeError
+    except Exception as exc:  # noqa: BLE001 - the CUDA wheel against CPU torch raises RuntimeError
         log.debug("torchvision does not import (%s); onnx2torch gets a stand-in", exc)
         for key in [k for k in sys.modules if k == "torchvision" or k.startswith("torchvision.")]:
             del sys.modules[key]

@@ -428,7 +428,7 @@ class DlibResNetTorch(nn.Module):
                 self.fc.bias.copy_(torch.from_numpy(fc["bias"]))
 
     @classmethod
-    def from_dat(cls, path: Path | str) -> "DlibResNetTorch":
+    def from_dat(cls, path: Path | str) -> DlibResNetTorch:
         return cls(read_network(path))
 
     def normalize(self, rgb: torch.Tensor) -> torch.Tensor:

@@ -6,8 +6,8 @@ asking every customer to enrol again. Both are erased together when the user is 
 from __future__ import annotations
 
 import time
-from typing import Any
 from collections.abc import Iterator
+from typing import Any
 
 import msgpack
 import numpy as np

@@ -77,10 +77,7 @@ def blink_seen(ears: list[float], policy: SessionPolicy) -> bool:
         return False
     closed = series <= policy.blink_closed_ratio * open_level
     opened = series >= policy.blink_open_ratio * open_level
-    for i in np.flatnonzero(closed):
-        if opened[:i].any() and opened[i + 1 :].any():
-            return True
-    return False
+    return any(opened[:i].any() and opened[i + 1 :].any() for i in np.flatnonzero(closed))
 
 
 def decide(

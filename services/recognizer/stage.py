@@ -18,9 +18,9 @@ import numpy as np
 
 from facepay import thresholds
 from facepay.config import Settings
+from facepay.gallery import Gallery, open_gallery
 from facepay.images import decode_trusted
 from facepay.keys import TrustedKeys, load_trusted
-from facepay.gallery import Gallery, open_gallery
 from facepay.messages import FIELD, AdminMsg, DecisionMsg, FrameRef, Message, PosedMsg, Rejection, SessionEndMsg
 from facepay.models.registry import recognizer_defaults
 from facepay.runtime import metrics
