@@ -337,6 +337,11 @@ def _without_thumbnails(report: dict) -> dict:
     return copy
 
 
+def _verdict(e: dict) -> str:
+    return (f"{e.get('decision', 'none')} {e.get('user_id') or ''} ({e.get('score', '')} vs {e.get('threshold', '')}, "
+            f"rule {e.get('rule', '')})")
+
+
 def render_html(report: dict) -> str:
     esc = html.escape
     meta = report["replay"]
@@ -348,12 +353,11 @@ def render_html(report: dict) -> str:
             f'{esc(_scores(f["original_top"], f["original_rejection"]))} → {esc(_scores(f["replayed_top"], f["replayed_rejection"]))}'
             f"</figcaption></figure>" if f["thumbnail"] else f"<figure><figcaption>#{f['index']} frame missing</figcaption></figure>"
             for f in s["frames"])
-        verdict = lambda e: f"{e.get('decision', 'none')} {e.get('user_id') or ''} ({e.get('score', '')} vs {e.get('threshold', '')}, rule {e.get('rule', '')})"  # noqa: E731
         rows.append(
             f'<section class="{"diff" if s["differs"] else "same"}"><h2>{esc(s["store"])} / {esc(s["session_id"])} '
             f'<small>camera {esc(s["camera"])}</small></h2>'
-            f"<table><tr><th>original</th><td>{esc(verdict(o))}</td></tr>"
-            f"<tr><th>replayed</th><td>{esc(verdict(r)) if r else 'not decided'}</td></tr>"
+            f"<table><tr><th>original</th><td>{esc(_verdict(o))}</td></tr>"
+            f"<tr><th>replayed</th><td>{esc(_verdict(r)) if r else 'not decided'}</td></tr>"
             + (f"<tr><th>causes</th><td>{esc('; '.join(s['causes']))}</td></tr>" if s["differs"] else "")
             + f'</table><div class="frames">{frames}</div></section>')
     return f"""<!doctype html><meta charset="utf-8"><title>facepay replay</title>

@@ -199,7 +199,7 @@ class QdrantGallery:
         hits = dedupe_hits((h.score, h.payload or {}) for g in result.groups for h in g.hits)
         return hits[:limit]
 
-    def _payloads(self, model_id: str, flt) -> Iterator[dict]:
+    def _payloads(self, model_id: str, flt: qm.Filter | None) -> Iterator[dict]:
         """Every matching point's payload, page by page (no vectors)."""
         name = collection_name(model_id)
         if self._dim_of_existing(name) is None:
