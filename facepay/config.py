@@ -149,8 +149,21 @@ class Settings:
     archive_orphan_after_s: int = 2 * 3600
     # The retention sweep (archive_retention_days) runs this often, in one archiver replica.
     archive_sweep_every_s: int = 3600
+    # Sessions of a store whose chain refuses appends (tampered or unreadable) are kept sealed
+    # outside the chain (quarantined); this often the archiver tries to chain them again.
+    archive_quarantine_retry_s: int = 60
     metrics_port: int = 0  # Prometheus /metrics; 0 = off
     metrics_address: str = "127.0.0.1"  # where /metrics listens; 0.0.0.0 for a scraper on the network
+    # Worker probes (facepay/runtime/health.py): HTTP /livez, /readyz, /startupz; 0 = off. Loopback
+    # by default (one machine); a pod's kubelet needs 0.0.0.0.
+    health_port: int = 0
+    health_address: str = "127.0.0.1"
+    # /livez fails once the worker loop has not turned for this long (a hung stage): longer than
+    # the idle read's 1 s block + batch_wait_ms + the slowest batch the stage ever processes.
+    health_stale_s: float = 60.0
+    # At start-up a worker waits this long for Redis (and the recognizer for a Qdrant server)
+    # before exiting with an error that says so, instead of failing at the first refused connection.
+    startup_wait_s: float = 120.0
     grpc_address: str = "127.0.0.1:50051"
     # gRPC TLS. The gateway refuses to listen on a non-loopback address without it, unless
     # grpc_allow_plaintext says TLS is terminated in front of it (mesh, proxy).
@@ -172,6 +185,13 @@ class Settings:
     grpc_health_reserved_calls: int = 8  # health checks, served outside gateway_threads
     grpc_health_address: str = ""  # also serve health (only) here, plaintext: for probes that speak no TLS
     grpc_idle_timeout_s: float = 30.0  # a call waiting this long for the client's next message is ended
+    # Connections are retired (GOAWAY) after this long, so long-lived HTTP/2 connections spread
+    # again over the replicas a scale-up added; calls in progress get grpc_stop_grace_s. 0 = never.
+    grpc_max_connection_age_s: float = 0.0
+    # On SIGTERM the gateway answers health NOT_SERVING at once, keeps serving this long (while the
+    # load balancer takes it out), then stops taking calls and gives those in progress grpc_stop_grace_s.
+    grpc_drain_s: float = 0.0
+    grpc_stop_grace_s: float = 5.0
     camera_max_fps: float = 30.0  # per camera, token bucket
     camera_burst: int = 100  # frames a camera may send at once above its rate
     queue_max_lag: int = 5000  # refuse frames while the detector has this many undelivered; 0 = off
@@ -284,10 +304,19 @@ def _reject_unknown_keys(values: dict[str, Any]) -> None:
                 raise SettingsError(f"unknown setting '{name}.{key}'{_did_you_mean(str(key), section_known)}")
 
 
-def _overlay_env(values: dict[str, Any], env: dict[str, str]) -> None:
-    expected: dict[str, tuple[str, str | None]] = {f"FACEPAY_{f.name.upper()}": (f.name, None) for f in fields(Settings) if f.name not in sections()}
+def setting_variables() -> dict[str, tuple[str, str | None]]:
+    """Every FACEPAY_* variable that is a setting: {variable: (setting, field of its section or None)}.
+
+    The one mapping from environment to settings (deploy manifests are checked against it)."""
+    variables: dict[str, tuple[str, str | None]] = {
+        f"FACEPAY_{f.name.upper()}": (f.name, None) for f in fields(Settings) if f.name not in sections()}
     for name, cls in sections().items():
-        expected.update({f"FACEPAY_{name.upper()}_{f.name.upper()}": (name, f.name) for f in fields(cls)})
+        variables.update({f"FACEPAY_{name.upper()}_{f.name.upper()}": (name, f.name) for f in fields(cls)})
+    return variables
+
+
+def _overlay_env(values: dict[str, Any], env: dict[str, str]) -> None:
+    expected = setting_variables()
     for variable, value in env.items():
         if variable in expected:
             top, inner = expected[variable]
@@ -389,10 +418,14 @@ BOUNDS: dict[str, Bounds] = {
     "max_frame_age_s": at_least(1), "admin_max_age_s": at_least(1),
     "archive_retention_days": at_least(1), "archive_gather_grace_s": Bounds(low=0),
     "archive_orphan_after_s": at_least(60), "archive_sweep_every_s": at_least(1),
+    "archive_quarantine_retry_s": at_least(1),
     "grpc_max_message_bytes": at_least(0), "grpc_max_calls_per_camera": at_least(1),
     "grpc_max_calls_per_backend": at_least(1), "grpc_max_calls_per_peer": at_least(1),
-    "grpc_health_reserved_calls": at_least(1), "grpc_idle_timeout_s": POSITIVE, "camera_max_fps": POSITIVE,
-    "camera_burst": at_least(1), "queue_max_lag": at_least(0), "queue_max_memory_ratio": RATIO,
+    "grpc_health_reserved_calls": at_least(1), "grpc_idle_timeout_s": POSITIVE,
+    "grpc_max_connection_age_s": Bounds(low=0), "grpc_drain_s": Bounds(low=0), "grpc_stop_grace_s": Bounds(low=0),
+    # The idle read blocks 1 s (worker.BLOCK_MS): a worker beats at least that often when healthy.
+    "health_port": PORT, "health_stale_s": Bounds(low=2.0), "startup_wait_s": Bounds(low=0),
+    "camera_max_fps": POSITIVE, "camera_burst": at_least(1), "queue_max_lag": at_least(0), "queue_max_memory_ratio": RATIO,
     "queue_max_memory_bytes": at_least(0), "session_max_frames": at_least(1), "session_max_duration_s": POSITIVE,
     "policy.threshold": COSINE, "policy.margin": Bounds(0.0, 2.0), "policy.min_agreeing_frames": at_least(1),
     "policy.max_disagreeing_ratio": RATIO, "policy.blink_closed_ratio": RATIO, "policy.blink_open_ratio": RATIO,

@@ -17,6 +17,7 @@ import redis
 
 from facepay.contract import pb
 from facepay.signing import SignatureError, verify
+from facepay.vocabulary import Decision
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +39,7 @@ def to_proto(entry_id: bytes | str, fields: Mapping[bytes, bytes]) -> pb.Decisio
     return pb.DecisionEvent(
         entry_id=entry_id.decode() if isinstance(entry_id, bytes) else entry_id,
         session_id=event["session_id"], store_id=event["store_id"], camera_id=event["camera_id"],
-        decision=pb.APPROVE if event["decision"] == "approve" else pb.DECLINE,
+        decision=pb.APPROVE if event["decision"] == Decision.APPROVE else pb.DECLINE,
         user_id=event["user_id"], score=event["score"], threshold=event["threshold"],
         reasons=event["reasons"], model_ids=event["model_ids"], first_frame_ms=event["first_frame_ms"],
         decided_at_ms=event["decided_at_ms"], frames_seen=event["frames_seen"],

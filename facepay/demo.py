@@ -23,6 +23,7 @@ from facepay.contract import pb, rpc
 from facepay.decisions import SeenEvents, verify_event
 from facepay.models.registry import recognizer_defaults
 from facepay.supervisor import Pipeline, demo_access
+from facepay.vocabulary import Reason
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = Path(os.environ.get("FACEPAY_TEST_DATA", REPO.parent / "shared" / "data")) / "faces"
@@ -184,15 +185,15 @@ def _enroll_all(pipeline: Pipeline, script: Script) -> None:
 
 # What a newcomer can do about each enrollment rejection.
 REJECTION_HINTS = {
-    "no_face": "no face found",
-    "multiple_faces": "more than one face: crop to the person",
-    "face_too_small": "the face is too small: a closer photo",
-    "pose_yaw": "head turned sideways: face the camera",
-    "pose_pitch": "head tilted up or down: face the camera",
-    "pose_roll": "head tilted to one side (or the photo is sideways)",
-    "blurry": "not sharp enough",
-    "spoof_suspected": "looks like a photo of a photo or a screen",
-    "unreadable_image": "the gateway could not read the image",
+    Reason.NO_FACE: "no face found",
+    Reason.MULTIPLE_FACES: "more than one face: crop to the person",
+    Reason.FACE_TOO_SMALL: "the face is too small: a closer photo",
+    Reason.POSE_YAW: "head turned sideways: face the camera",
+    Reason.POSE_PITCH: "head tilted up or down: face the camera",
+    Reason.POSE_ROLL: "head tilted to one side (or the photo is sideways)",
+    Reason.BLURRY: "not sharp enough",
+    Reason.SPOOF_SUSPECTED: "looks like a photo of a photo or a screen",
+    Reason.UNREADABLE_IMAGE: "the gateway could not read the image",
 }
 
 
@@ -268,7 +269,7 @@ def _pay_all(pipeline: Pipeline, script: Script) -> None:
         expected = f"; expected {session.expect}" if session.expect else ""
         say(f"{session_id} {session.name:<45} {len(session.frames):>3} frames → {verdict} {who} "
             f"(decided on {event.frames_seen} frames, signed {event.key_id}, {took:.1f}s{expected}) [{rules}]")
-        if "no_liveness" in event.reasons and pipeline.settings.policy.require_blink and not session.expect:
+        if Reason.NO_LIVENESS in event.reasons and pipeline.settings.policy.require_blink and not session.expect:
             say("    no blink was seen: blink while recording, or run with --relax-liveness to test identity alone")
     subscription.cancel()
     camera.close()

@@ -14,6 +14,8 @@ from typing import Any, ClassVar
 import msgpack
 import numpy as np
 
+from facepay.vocabulary import Purpose, Reason
+
 SCHEMA_VERSION = 1
 FIELD = b"m"  # the stream entry field that holds the encoded message
 
@@ -29,7 +31,7 @@ class FrameRef:
     camera_id: str
     sequence: int
     captured_ms: int
-    purpose: str = "pay"  # "pay" | "enroll"
+    purpose: Purpose = Purpose.PAY  # decoded from the wire as its plain string, equal to the member
     user_id: str = ""  # enroll: the user being enrolled
     tenant_id: str = ""  # gallery partition the session searches / writes
     phone_suffix: str = ""
@@ -113,7 +115,7 @@ class PosedMsg(Message):
     yaw: float = 0.0
     roll: float = 0.0
     eligible: bool = True
-    reason: str = ""  # why not eligible (pose_yaw …)
+    reason: Reason | str = ""  # why not eligible (pose_yaw …)
     models: dict[str, str] = field(default_factory=dict)
     antispoof: float | None = None
     sharpness: float = 0.0
@@ -126,7 +128,7 @@ class Rejection(Message):
 
     TYPE: ClassVar[str] = "rejection"
     stage: str = ""
-    reason: str = ""
+    reason: Reason | str = ""
     detail: str = ""
 
 
@@ -155,8 +157,20 @@ class DecisionMsg(Message):
     policy: dict[str, Any] = field(default_factory=dict)
 
 
+@dataclass(frozen=True)
+class EmbeddingMsg(Message):
+    """recognizer → archiver on `{ns}:embeddings`, only with `archive_keep_embeddings`: one
+    payment face's embedding as the session rule used it. A stream of its own, not the decision
+    entry: payment backends read `{ns}:decisions`, and an embedding is biometric data."""
+
+    TYPE: ClassVar[str] = "embedding"
+    vector: list[float] = field(default_factory=list)
+    space: str = ""  # the template space (recognizer model + landmarks) the vector belongs to
+
+
 _TYPES: dict[str, type[Message]] = {
-    cls.TYPE: cls for cls in (FrameMsg, SessionEndMsg, FaceMsg, AlignedMsg, PosedMsg, Rejection, AdminMsg, DecisionMsg)
+    cls.TYPE: cls for cls in (FrameMsg, SessionEndMsg, FaceMsg, AlignedMsg, PosedMsg, Rejection, AdminMsg, DecisionMsg,
+                              EmbeddingMsg)
 }
 
 
@@ -176,7 +190,7 @@ def decode(raw: bytes) -> Message:
         raise MalformedMessage(f"bad {kind} message: {exc!r}") from exc
 
 
-def reject(msg: Message, stage: str, reason: str, detail: str = "") -> Rejection:
+def reject(msg: Message, stage: str, reason: Reason, detail: str = "") -> Rejection:
     return Rejection(ref=msg.ref, stage=stage, reason=reason, detail=detail)
 
 

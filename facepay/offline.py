@@ -19,6 +19,7 @@ import numpy as np
 from facepay.config import Settings
 from facepay.images import decode_trusted, encode_jpeg
 from facepay.models.device import resolve_device
+from facepay.vocabulary import Reason
 from services.aligner.geometry import align_face, dlib_chip, five_points_from_68, laplacian_variance
 from services.aligner.stage import LANDMARKERS
 from services.detector.detectors import load_detector
@@ -98,7 +99,7 @@ class FaceEmbedder:
         for i, (image, faces) in enumerate(zip(images, self.detector.detect(list(images)), strict=True)):
             h, w = image.shape[:2]
             payer, reason = choose_payer(faces, w, h, self.rule, enrolling=self.enrolling)
-            central = payer is None and reason == "multiple_faces" and self.labelled
+            central = payer is None and reason == Reason.MULTIPLE_FACES and self.labelled
             if central:
                 payer, reason = _most_central(faces, w, h, self.rule)
             if payer is None:
@@ -138,7 +139,7 @@ class FaceEmbedder:
 def _most_central(faces: list[DetectedFace], w: int, h: int, rule: PayerRule) -> tuple[DetectedFace | None, str]:
     confident = [f for f in faces if f.score >= rule.min_score]
     face = min(confident, key=lambda f: ((f.box[0] + f.box[2] - w) ** 2 + (f.box[1] + f.box[3] - h) ** 2))
-    return (face, "") if face.box[2] - face.box[0] >= rule.min_face_px else (None, "face_too_small")
+    return (face, "") if face.box[2] - face.box[0] >= rule.min_face_px else (None, Reason.FACE_TOO_SMALL)
 
 
 def _detector_crop(image: np.ndarray, face: DetectedFace) -> tuple[np.ndarray, tuple[float, ...], tuple[int, int]]:

@@ -71,8 +71,10 @@ def _recognizer_rules(ns: str) -> list[str]:
         f"({_keys(ns, 'session:*', 'quarantine:session:*')} +rename +expire)",
         # operator commands are carried out once: their request ids (SET NX EX)
         f"({_keys(ns, 'admin-requests:*')} +set)",
-        # the recognizer trims what it writes: decisions, enrollment results, replies
-        f"({_keys(ns, 'decisions', 'enrollments', 'admin-replies')} +eval +evalsha +exists +xinfo|groups +xpending +xlen +xtrim)",
+        # per-face embeddings for the archiver (only with archive_keep_embeddings): append only
+        f"({_keys(ns, 'embeddings')} +xadd +xinfo +xlen)",
+        # the recognizer trims what it writes: decisions, enrollment results, replies, embeddings
+        f"({_keys(ns, 'decisions', 'enrollments', 'admin-replies', 'embeddings')} +eval +evalsha +exists +xinfo|groups +xpending +xlen +xtrim)",
         f"(%R~{ns}:thresholds +hget +hgetall)",
         # after erasing a user, rewrite the AOF so the erased entries leave the disk too
         "+scan +bgrewriteaof",
@@ -83,7 +85,7 @@ def _archiver_rules(ns: str) -> list[str]:
     """The archiver reads every per-frame stream in its own group (the streams are its staging
     area: entries stay pending there until their session is archived) and writes only dead
     letters and its own per-session index."""
-    taps = ("frames", "faces", "aligned", "posed")
+    taps = ("frames", "faces", "aligned", "posed", "embeddings")
     return [
         f"({_keys(ns, 'decisions', *taps)} {_CONSUME} +xrange)",
         f"({_keys(ns, 'dead')} +xadd +xinfo +xlen)",

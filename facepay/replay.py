@@ -46,6 +46,7 @@ from facepay.messages import FIELD, DecisionMsg, FrameMsg, FrameRef, SessionEndM
 from facepay.runtime.envelope import attest, open_entry, seal
 from facepay.signing import verify
 from facepay.supervisor import Pipeline
+from facepay.vocabulary import Reason
 
 log = logging.getLogger(__name__)
 
@@ -165,8 +166,10 @@ class ReplayRun:
         stream = self.settings.key("frames")
         frames = [f for f in session.frames if f.image]
         for frame in frames:
-            ref = FrameRef(session.session_id, session.store, session.camera, frame.index, frame.received_ms,
-                           tenant_id=session.tenant, trace_id=f"replay-{uuid.uuid4().hex[:8]}", received_ms=frame.received_ms)
+            # As received: the camera's capture time, the phone suffix the search was filtered by.
+            ref = FrameRef(session.session_id, session.store, session.camera, frame.index, frame.captured_ms or frame.received_ms,
+                           tenant_id=session.tenant, phone_suffix=frame.phone_suffix,
+                           trace_id=f"replay-{uuid.uuid4().hex[:8]}", received_ms=frame.received_ms)
             message = FrameMsg(ref=attest(ref, self.gateway, frame.image), image=frame.image)
             self.client.xadd(stream, seal({FIELD: message.encode()}, stream, self.gateway))
         end = attest(FrameRef(session.session_id, session.store, session.camera, -1, 0, tenant_id=session.tenant,
@@ -213,6 +216,12 @@ def explain(session: ArchivedSession, replayed: dict | None, replayed_frames: li
         causes.append("model changed: " + ", ".join(f"{k} {old_models.get(k)} → {new_models.get(k)}" for k in changed))
     if abs(float(original.get("threshold", 0)) - float(replayed.get("threshold", 0))) > 1e-6:
         causes.append(f"threshold changed: {original.get('threshold')} → {replayed.get('threshold')}")
+    # The replay runs every session under one rule (the latest archived one's): a session decided
+    # under an earlier margin or k is explained by it.
+    rule = [f"{k} {original[k]} → {replayed[k]}" for k in ("margin", "min_agreeing_frames")
+            if k in original and k in replayed and original[k] != replayed[k]]
+    if rule:
+        causes.append("session rule changed: " + ", ".join(rule))
     before, now = original.get("user_id") or "", replayed.get("user_id") or ""
     if before and gallery_users is not None and before not in gallery_users:
         causes.append(f"user deleted since: {before}")
@@ -221,7 +230,7 @@ def explain(session: ArchivedSession, replayed: dict | None, replayed_frames: li
     enrolled_since = sorted((top_now | ({now} if now else set())) - archived_candidates - {before})
     if enrolled_since:
         causes.append("user enrolled since: " + ", ".join(enrolled_since))
-    if original.get("rule") == "locked_out":
+    if original.get("rule") == Reason.LOCKED_OUT:
         causes.append("lockout (failure counters are not replayed)")
     if not causes:
         causes.append("unexplained: same models, threshold and gallery")
@@ -256,8 +265,10 @@ def session_report(session: ArchivedSession, replayed: tuple[dict, DecisionMsg] 
         frames.append({
             "index": frame.index, "image": "present" if frame.image else "missing",
             "original_top": [{"user_id": c.user_id, "score": c.score} for c in frame.top_k],
+            "original_second": frame.second_score,
             "original_rejection": frame.rejection,
             "replayed_top": [{"user_id": now["top_user"], "score": now["top_score"]}] if now.get("top_user") else [],
+            "replayed_second": now.get("second_score"),
             "replayed_rejection": now.get("reason") or None,
             "thumbnail": _thumbnail(frame.image),
         })
@@ -349,9 +360,9 @@ def render_html(report: dict) -> str:
     for s in report["sessions"]:
         o, r = s["original"], s["replayed"] or {}
         frames = "".join(
-            f'<figure><img src="{f["thumbnail"]}" alt="frame {f["index"]}"><figcaption>#{f["index"]} '
-            f'{esc(_scores(f["original_top"], f["original_rejection"]))} → {esc(_scores(f["replayed_top"], f["replayed_rejection"]))}'
-            f"</figcaption></figure>" if f["thumbnail"] else f"<figure><figcaption>#{f['index']} frame missing</figcaption></figure>"
+            f'<figure>{_picture(f)}<figcaption>#{f["index"]} '
+            f'{esc(_scores(f["original_top"], f.get("original_second"), f["original_rejection"]))} → '
+            f'{esc(_scores(f["replayed_top"], f.get("replayed_second"), f["replayed_rejection"]))}</figcaption></figure>'
             for f in s["frames"])
         rows.append(
             f'<section class="{"diff" if s["differs"] else "same"}"><h2>{esc(s["store"])} / {esc(s["session_id"])} '
@@ -367,11 +378,18 @@ th{{text-align:left;padding-right:1em}}</style>
 <h1>Replay {esc(meta["namespace"])}</h1>
 <p>{meta["sessions"]} sessions, {meta["frames"]} frames, {report["differences"]} difference(s);
 model {esc(str(meta["model"]))}, threshold {esc(str(meta["threshold"]))}; {esc(meta["from"])} → {esc(meta["to"])}.
-Frame captions: original top score → replayed top score.</p>
+Frame captions: original top user and score (second-best score: the margin rule) → replayed.</p>
 {''.join(rows)}"""
 
 
-def _scores(top: list[dict], rejection: str | None) -> str:
+def _picture(frame: dict) -> str:
+    if frame["thumbnail"]:
+        return f'<img src="{frame["thumbnail"]}" alt="frame {frame["index"]}">'
+    return "<p>frame missing</p>" if frame["image"] == "missing" else "<p>image unreadable</p>"
+
+
+def _scores(top: list[dict], second: float | None, rejection: str | None) -> str:
     if top:
-        return f"{top[0]['user_id']} {top[0]['score']:.3f}"
+        runner_up = f" (2nd {second:.3f})" if second is not None and second > -1 else ""
+        return f"{top[0]['user_id']} {top[0]['score']:.3f}{runner_up}"
     return rejection or "-"

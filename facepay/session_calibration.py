@@ -47,6 +47,7 @@ import numpy as np
 
 from facepay.calibration import CONFIDENCE, SPLIT_SEED, Embedded, Rate, pair_scores, tar_at_far
 from facepay.config import SessionPolicy
+from facepay.vocabulary import Reason
 from services.recognizer.enrollment import mean_template
 from services.recognizer.policy import FrameResult, decide
 
@@ -141,7 +142,7 @@ def frame_results(data: Embedded, sessions: SessionSet) -> None:
         scores = data.vectors[rows].astype(np.float32) @ gal.templates.T  # as the gallery computes it
         order = np.argsort(-scores, axis=1)[:, :2]
         for i, row in enumerate(rows):
-            reason = "" if data.usable[row] else (data.reasons[row] or "no_face")
+            reason = "" if data.usable[row] else (data.reasons[row] or Reason.NO_FACE)
             if not reason and design.apply_pose_gate:
                 reason = data.pose_reasons[row]
             if not data.usable[row]:

@@ -333,6 +333,44 @@ def test_a_forged_chain_head_stops_the_archiver(archive: ArchiveStore, photos: l
     assert "bad_signature" in archive.verify("acme", "store-1", *window()).kinds()
 
 
+def test_an_unreadable_chain_tip_stops_the_archiver_for_that_store_as_tampering(archive: ArchiveStore, photos: list[bytes]) -> None:
+    """An entry that does not parse is tampering too: refused as ArchiveTampered (the archiver
+    quarantines the session), never a crash that would end the decision in dead letters."""
+    archived = fill(archive, photos, 2)
+    # Past the signed head (where an archiver that died between its writes leaves the tip).
+    raw_put(archive, archive._entry_key("acme", "store-1", archived[-1][1].seq + 1), b"not a chain entry")
+
+    with pytest.raises(ArchiveTampered, match="unreadable"):
+        archive.archive(session_at(T0 + timedelta(hours=1), photos))
+    assert "altered" in archive.verify("acme", "store-1", *window()).kinds()
+
+
+def test_a_session_quarantined_beside_a_tampered_chain_is_reported_and_chained_once_the_chain_is_restored(
+        archive: ArchiveStore, photos: list[bytes]) -> None:
+    fill(archive, photos, 2)
+    head_key = f"{archive._chain('acme', 'store-1')}head.json"
+    genuine_head = raw_get(archive, head_key)
+    document = json.loads(genuine_head)
+    document["body"]["seq"] = 1
+    raw_put(archive, head_key, json.dumps(document).encode())
+    late = session_at(T0 + timedelta(hours=1), photos)
+    with pytest.raises(ArchiveTampered) as refused:
+        archive.archive(late)
+
+    archive.quarantine(late, str(refused.value))
+    report = archive.verify("acme", "store-1", *window())
+    assert {"bad_signature", "quarantined"} <= report.kinds() and "unchained" not in report.kinds()
+    (held,) = [p for p in report.problems if p.kind == "quarantined"]
+    assert held.session_id == late.session_id and "signature" in held.detail
+    assert archive.drain_quarantine() == [], "still tampered: it stays where it is"
+
+    raw_put(archive, head_key, genuine_head)  # the operator restores the head from a backup
+    assert archive.drain_quarantine() == [late.session_id]
+    report = archive.verify("acme", "store-1", *window())
+    assert report.ok, report.problems
+    assert archive.read(archive.session_key("acme", "store-1", late.decided_ms, late.session_id)).frames
+
+
 def test_verify_detects_an_altered_session(archive: ArchiveStore, photos: list[bytes]) -> None:
     archived = fill(archive, photos, 6)
     key = archived[2][1].key
@@ -655,6 +693,21 @@ def test_settings_come_from_the_environment_without_credentials_in_the_url(tmp_p
     keys_file.chmod(0o644)
     with pytest.raises(ArchiveKeyError, match="readable by others"):
         ArchiveKeys.from_file(keys_file)
+
+
+def test_a_keys_file_readable_by_its_own_group_only_is_accepted_as_kubernetes_mounts_it(tmp_path: Path) -> None:
+    """A Secret volume with the pod's fsGroup is root:<fsGroup> 0440: readable by the process's
+    own group, by no one else. Group-writable, world-readable or another group's: refused."""
+    keys_file = tmp_path / "keys.yaml"
+    ArchiveKeys.generate(["acme"]).write(keys_file)
+    os.chown(keys_file, -1, os.getgid())
+    for mode in (0o440, 0o640):
+        keys_file.chmod(mode)
+        assert ArchiveKeys.from_file(keys_file).tenants["acme"].current == "k1"
+    for mode in (0o660, 0o604, 0o444):
+        keys_file.chmod(mode)
+        with pytest.raises(ArchiveKeyError, match=r"readable by others|writable"):
+            ArchiveKeys.from_file(keys_file)
 
 
 def test_each_store_reads_the_credentials_the_environment_has_when_it_is_made(s3: EmbeddedS3, keys: ArchiveKeys, photos: list[bytes],

@@ -13,11 +13,14 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
+from prometheus_client import REGISTRY
 
 from facepay import keys as component_keys
 from facepay.archive import ArchiveKeys, ArchiveSettings, ArchiveStore, EmbeddedS3
 from facepay.config import Settings
-from facepay.messages import FIELD, AlignedMsg, DecisionMsg, FaceMsg, FrameMsg, FrameRef, PosedMsg, Rejection, SessionEndMsg
+from facepay.messages import (
+    FIELD, AlignedMsg, DecisionMsg, EmbeddingMsg, FaceMsg, FrameMsg, FrameRef, PosedMsg, Rejection, SessionEndMsg, decode,
+)
 from facepay.runtime.embedded import EmbeddedValkey
 from facepay.runtime.envelope import attest, seal
 from facepay.runtime.redis_conn import connect
@@ -44,6 +47,10 @@ def photos(request: pytest.FixtureRequest) -> list[bytes]:
         return [cv2.imencode(".jpg", image, [cv2.IMWRITE_JPEG_QUALITY, q])[1].tobytes() for q in (70, 80, 90)]
 
 
+def embedding_of(sequence: int) -> list[float]:
+    return [round(0.01 * (sequence + 1) * (i % 7 - 3), 4) for i in range(128)]
+
+
 class Upstream:
     """Writes what the gateway, detector, aligner, pose and recognizer write, each signed with
     its own key, for one payment session at a time."""
@@ -58,11 +65,13 @@ class Upstream:
         key = self.settings.key(stream)
         self.redis.xadd(key, {**seal({FIELD: body}, key, self.signers[as_]), **(extra or {})})
 
-    def session(self, session_id: str, images: list[bytes], approve: bool = True) -> None:
+    def session(self, session_id: str, images: list[bytes], approve: bool = True, store: str = STORE,
+                phone_suffix: str = "", embeddings: bool = False) -> None:
+        """`embeddings`: the recognizer also writes each face's embedding (archive_keep_embeddings)."""
         refs = []
         for seq, image in enumerate(images):
-            ref = FrameRef(session_id, STORE, CAMERA, seq, int(time.time() * 1000), tenant_id=TENANT,
-                           received_ms=int(time.time() * 1000))
+            ref = FrameRef(session_id, store, CAMERA, seq, int(time.time() * 1000) - 50, tenant_id=TENANT,
+                           phone_suffix=phone_suffix, received_ms=int(time.time() * 1000))
             ref = attest(ref, self.signers["gateway"], image)
             refs.append(ref)
             self._xadd("frames", FrameMsg(ref=ref, image=image).encode(), "gateway")
@@ -71,17 +80,21 @@ class Upstream:
                     self._xadd(stream, Rejection(ref=ref, stage="detector", reason="no_face").encode(), stage)
                 continue
             self._xadd("faces", FaceMsg(ref=ref, crop=b"crop", box=(1, 2, 30, 40), points5=[[5.0, 6.0]] * 5,
-                                        frame_box=(10, 20, 110, 140), frame_size=(640, 480), score=0.99).encode(), "detector")
+                                        frame_box=(10, 20, 110, 140), frame_size=(640, 480), score=0.99,
+                                        faces_in_frame=2).encode(), "detector")
             self._xadd("aligned", AlignedMsg(ref=ref, landmarks=[[1.0, 2.0]] * 68, ear=(0.3, 0.32), antispoof=0.8,
                                              liveness=0.7, det_score=0.99).encode(), "aligner")
             self._xadd("posed", PosedMsg(ref=ref, pitch=1.5, yaw=-3.0, roll=0.5, eligible=True).encode(), "pose")
-        end = attest(FrameRef(session_id, STORE, CAMERA, 0, 0, tenant_id=TENANT, received_ms=int(time.time() * 1000)),
+            if embeddings:
+                self._xadd("embeddings", EmbeddingMsg(ref=ref, vector=embedding_of(seq), space="dlib-resnet-v1+dlib68").encode(),
+                           "recognizer")
+        end = attest(FrameRef(session_id, store, CAMERA, 0, 0, tenant_id=TENANT, received_ms=int(time.time() * 1000)),
                      self.signers["gateway"])
         self._xadd("frames", SessionEndMsg(ref=end, frame_count=len(images)).encode(), "gateway")
         self.decide(refs[0], len(images), approve)
 
     def decide(self, ref: FrameRef, frames: int, approve: bool) -> None:
-        event = {"session_id": ref.session_id, "store_id": STORE, "camera_id": CAMERA, "tenant_id": TENANT,
+        event = {"session_id": ref.session_id, "store_id": ref.store_id, "camera_id": CAMERA, "tenant_id": TENANT,
                  "decision": "approve" if approve else "decline", "user_id": "alice" if approve else "",
                  "score": 0.71, "threshold": 0.6, "rule": "voted", "model_ids": {"detector": "mtcnn-v1", "recognizer": "dlib-resnet-v1"},
                  "first_frame_ms": ref.received_ms, "decided_at_ms": int(time.time() * 1000), "frames_seen": frames,
@@ -93,7 +106,7 @@ class Upstream:
                               frames=scores, policy={"min_agreeing_frames": 3, "require_blink": True})
         key = self.settings.key("decisions")
         self.redis.xadd(key, {**seal({FIELD: message.encode()}, key, self.signers["recognizer"]), **signed,
-                              b"store": STORE.encode()})
+                              b"store": ref.store_id.encode()})
 
 
 @pytest.fixture(scope="module")
@@ -150,9 +163,9 @@ class RunningArchiver:
         self.thread.join(30)
 
 
-def archived_ids(settings: Settings) -> set[str]:
+def archived_ids(settings: Settings, store: str = STORE) -> set[str]:
     now = datetime.now(UTC)
-    refs = reader(settings).list_sessions(TENANT, STORE, now - timedelta(hours=1), now + timedelta(hours=1))
+    refs = reader(settings).list_sessions(TENANT, store, now - timedelta(hours=1), now + timedelta(hours=1))
     return {r.session_id for r in refs}
 
 
@@ -178,7 +191,7 @@ def test_a_decided_session_is_archived_once_with_its_frames_as_received_and_ever
     upstream = Upstream(setup)
     images = photos[:4]
     with RunningArchiver(setup):
-        upstream.session("s-1", images)
+        upstream.session("s-1", images, phone_suffix="1234")
         wait_until(lambda: "s-1" in archived_ids(setup), what="session archived")
         wait_until(lambda: all(pending(setup, s) == 0 for s in ("frames", "faces", "aligned", "posed", "decisions")),
                    what="every entry acknowledged")
@@ -194,6 +207,14 @@ def test_a_decided_session_is_archived_once_with_its_frames_as_received_and_ever
     assert first.liveness == {"antispoof": pytest.approx(0.8), "liveness": pytest.approx(0.7)}
     assert (first.pitch, first.yaw, first.roll, first.eligible) == (1.5, -3.0, 0.5, True)
     assert first.top_k[0].user_id == "alice" and first.top_k[0].score == pytest.approx(0.7)
+    # What else the decision depended on: the margin over the second-best user, the gallery
+    # search's phone-suffix filter, the camera's capture time, the frame count it announced.
+    assert first.second_score == pytest.approx(0.2)
+    assert [f.phone_suffix for f in session.frames] == ["1234"] * 4
+    assert all(f.received_ms - f.captured_ms >= 50 for f in session.frames)
+    assert session.frame_count == 4
+    assert first.faces_in_frame == 2, "a bystander the detector told apart from the payer"
+    assert all(f.embedding is None for f in session.frames), "no embedding unless configured"
     assert last.rejection == "detector:no_face" and last.face_box is None
     assert session.decision.fields["user_id"] == "alice" and session.threshold == 0.6
     assert session.models["recognizer"] == "dlib-resnet-v1" and session.policy["min_agreeing_frames"] == 3
@@ -298,3 +319,109 @@ def test_frames_read_by_an_archiver_that_died_before_filing_them_are_taken_over(
     store = reader(setup)
     (ref,) = store.list_sessions(TENANT, STORE, now - timedelta(hours=1), now + timedelta(hours=1))
     assert [f.image for f in store.read(ref.key).frames] == photos[:3]
+
+
+def chained_ids(settings: Settings, store: str) -> set[str]:
+    """Sessions of the store that are archived and on its hash chain (not held outside it)."""
+    quarantined = {p.session_id for p in verify(settings, store).problems if p.kind == "quarantined"}
+    return archived_ids(settings, store) - quarantined
+
+
+def verify(settings: Settings, store: str):
+    now = datetime.now(UTC)
+    return reader(settings).verify(TENANT, store, now - timedelta(hours=1), now + timedelta(hours=1))
+
+
+def test_a_tampered_chain_of_one_store_holds_back_neither_the_other_stores_nor_its_own_sessions(setup, photos, caplog):
+    """Store A's chain head is forged: store B goes on being archived; A's new session is
+    sealed and kept outside the chain (quarantined, reported by verify), its frames leave Redis,
+    and once the operator restores A's head it is chained."""
+    upstream, archive = Upstream(setup), reader(setup)
+    settings = setup.replace(archive_quarantine_retry_s=1)
+    with RunningArchiver(settings):
+        upstream.session("q-a1", photos[:3], store="store-a")
+        upstream.session("q-b1", photos[:3], store="store-b")
+        wait_until(lambda: "q-a1" in archived_ids(setup, "store-a") and "q-b1" in archived_ids(setup, "store-b"),
+                   what="both stores archived")
+        head_key = f"{archive._chain(TENANT, 'store-a')}head.json"
+        genuine_head = archive.client.get_object(Bucket=archive.bucket, Key=head_key)["Body"].read()
+        archive.client.put_object(Bucket=archive.bucket, Key=head_key, Body=genuine_head.replace(b'"seq":1', b'"seq":7'))
+
+        upstream.session("q-a2", photos[:3], store="store-a")
+        for i in range(3):
+            upstream.session(f"q-b{i + 2}", photos[:3], store="store-b")
+        wait_until(lambda: {"q-b2", "q-b3", "q-b4"} <= archived_ids(setup, "store-b"), what="store B archived on")
+        wait_until(lambda: all(pending(setup, s) == 0 for s in ("frames", "faces", "aligned", "posed", "decisions")),
+                   what="nothing held in Redis, A's session included")
+        # Loud: an error naming the store, a metric to alert on, and verify (below).
+        assert any(r.levelname == "ERROR" and "quarantined" in r.getMessage() and getattr(r, "store", "") == "store-a"
+                   for r in caplog.records)
+        assert REGISTRY.get_sample_value("facepay_archive_quarantined_sessions_total",
+                                         {"tenant": TENANT, "store": "store-a"}) >= 1
+        report = verify(setup, "store-a")
+        assert {"bad_signature", "quarantined"} <= report.kinds()
+        assert [p.session_id for p in report.problems if p.kind == "quarantined"] == ["q-a2"]
+        assert [f.image for f in archive.read(archive.session_key(TENANT, "store-a", *_decided("q-a2", archive))).frames] == photos[:3]
+        assert verify(setup, "store-b").ok
+
+        archive.client.put_object(Bucket=archive.bucket, Key=head_key, Body=genuine_head)  # restored by the operator
+        wait_until(lambda: verify(setup, "store-a").ok, what="A's quarantined session chained once its chain is whole")
+    assert chained_ids(setup, "store-a") == {"q-a1", "q-a2"}
+
+
+def _decided(session_id: str, archive: ArchiveStore) -> tuple[int, str]:
+    now = datetime.now(UTC)
+    (ref,) = [r for r in archive.list_sessions(TENANT, "store-a", now - timedelta(hours=1), now + timedelta(hours=1))
+              if r.session_id == session_id]
+    return ref.decided_ms, session_id
+
+
+def test_embeddings_reach_the_archive_when_configured_and_only_then(setup, photos):
+    upstream, archive = Upstream(setup), reader(setup)
+    with RunningArchiver(setup.replace(archive_keep_embeddings=True)):
+        upstream.session("e-kept", photos[:3], embeddings=True)
+        wait_until(lambda: "e-kept" in archived_ids(setup), what="session archived")
+    with RunningArchiver(setup):
+        upstream.session("e-not-kept", photos[:3], embeddings=True)
+        wait_until(lambda: "e-not-kept" in archived_ids(setup), what="session archived")
+        wait_until(lambda: pending(setup, "embeddings") == 0, what="the embeddings acknowledged, not held")
+    now = datetime.now(UTC)
+    sessions = {r.session_id: archive.read(r.key) for r in archive.list_sessions(TENANT, STORE, now - timedelta(hours=1), now + timedelta(hours=1))}
+    kept = sessions["e-kept"].frames
+    assert [f.embedding for f in kept[:2]] == [pytest.approx(embedding_of(0)), pytest.approx(embedding_of(1))]
+    assert kept[2].embedding is None, "the frame with no face has none"
+    assert all(f.embedding is None for f in sessions["e-not-kept"].frames)
+
+
+def test_the_recognizer_hands_each_faces_embedding_to_the_archiver_only_when_configured(valkey, tmp_path, astronaut):
+    """The real recognizer stage and model: with archive_keep_embeddings, each payment face it
+    embeds goes to `{ns}:embeddings` (signed by the recognizer, read by the archiver only — not
+    into the decisions stream payment backends read); without it, nowhere."""
+    import cv2
+
+    from services.recognizer.stage import RecognizerStage
+
+    settings = Settings(redis_url=valkey.url, namespace=f"rec{uuid.uuid4().hex[:6]}", signing_key="11" * 32,
+                        gallery_url=f"edge://{tmp_path}/gallery", archive_keep_embeddings=True, **keysets.signing_as("recognizer"))
+    stage = RecognizerStage(settings)
+    stage.start()
+    chip = cv2.imencode(".png", cv2.resize(astronaut[30:230, 150:350], (150, 150)))[1].tobytes()
+
+    def session(session_id: str) -> list:
+        now = int(time.time() * 1000)
+        posed = [PosedMsg(ref=FrameRef(session_id, STORE, CAMERA, seq, now, tenant_id=TENANT, received_ms=now),
+                          chips={stage.embedder.chip_template: chip}, ear=(0.3, 0.3), eligible=seq != 1,
+                          reason="" if seq != 1 else "pose_yaw") for seq in range(3)]
+        emits = stage.process(posed)
+        assert all(b"embedding" not in e.payload[FIELD] for e in emits if e.stream == "decisions")
+        return [decode(e.payload) for e in emits if e.stream == "embeddings"]
+
+    try:
+        handed = session("s-kept")
+        stage.settings = settings.replace(archive_keep_embeddings=False)
+        assert session("s-not-kept") == []
+    finally:
+        stage.stop()
+    assert [m.ref.sequence for m in handed] == [0, 1, 2], "every face the recognizer embedded, pose-rejected ones too"
+    assert all(isinstance(m, EmbeddingMsg) and len(m.vector) == stage.embedder.dim for m in handed)
+    assert handed[0].space == stage.space_id

@@ -80,6 +80,25 @@ def test_verify_exits_1_and_names_a_removed_session(archive, photos):
     assert {p["kind"] for p in report["problems"]} == {"removed"}
 
 
+def test_verify_names_each_session_quarantined_beside_a_tampered_chain(archive, photos):
+    from facepay.archive import ArchiveTampered
+
+    store, env = archive
+    now = datetime.now(UTC)
+    store.archive(session_at(now - timedelta(hours=2), photos))
+    head_key = f"{store._chain('acme', 'store-1')}head.json"
+    store.client.put_object(Bucket=store.bucket, Key=head_key, Body=b'{"body": {"seq": 9}, "sig": "00"}')
+    held = session_at(now - timedelta(hours=1), photos)
+    with pytest.raises(ArchiveTampered) as refused:
+        store.archive(held)
+    store.quarantine(held, str(refused.value))
+
+    verified = facepay(env, "verify", "--store", "store-1")
+    assert verified.returncode == 1
+    assert f"quarantined: session {held.session_id}: " in verified.stdout and "bad signature" in verified.stdout
+    assert "bad_signature: chain head signature does not match" in verified.stdout
+
+
 def test_bad_options_are_a_clear_error_with_exit_2(archive):
     _, env = archive
     bad_time = facepay(env, "verify", "--from", "yesterday")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import struct
+import threading
 import uuid
 import zlib
 
@@ -11,6 +12,7 @@ import grpc
 import numpy as np
 import pytest
 import redis
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 from PIL import Image
 
 from facepay import keys
@@ -21,6 +23,7 @@ from facepay.runtime.embedded import EmbeddedValkey, free_port
 from facepay.supervisor import demo_access
 from services.gateway.cameras import CameraRegistry
 from services.gateway.server import serve
+from tests.e2e import wait_until
 
 
 def jpeg(width: int = 64, height: int = 48) -> bytes:
@@ -195,3 +198,78 @@ def test_queued_frames_are_signed_and_their_origin_attested_with_the_image_diges
     message = decode(body)
     assert signer == "gateway" and message.ref.image_sha256 == hashlib.sha256(image).hexdigest()
     assert origin_problem(message.ref, trusted) == ""
+
+
+# ---- Kubernetes: drain on SIGTERM, connections retired after a maximum age (issue 13) ---------
+def health_at(address: str, service: str = "") -> int:
+    with grpc.insecure_channel(address) as channel:
+        return health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=service), timeout=5).status
+
+
+def refused_as_unavailable(settings, access) -> bool:
+    """A new call, on a new connection, is refused."""
+    with grpc.insecure_channel(settings.grpc_address) as channel:
+        try:
+            rpc.FaceGatewayStub(channel).SubmitFrame(frame(session=f"n-{uuid.uuid4().hex[:6]}"),
+                                                     metadata=creds(access, "cam-1"), timeout=2)
+        except grpc.RpcError as error:
+            return error.code() == grpc.StatusCode.UNAVAILABLE
+    return False
+
+
+def gateway_for_deploy(gateway, **overrides):
+    settings, access, _ = gateway
+    settings = settings.replace(namespace=f"gw{uuid.uuid4().hex[:6]}", grpc_address=f"127.0.0.1:{free_port()}",
+                                grpc_health_address=f"127.0.0.1:{free_port()}", **overrides)
+    return settings, serve(settings, CameraRegistry.from_dict(access))
+
+
+def test_on_sigterm_health_says_not_serving_at_once_calls_in_flight_finish_and_new_ones_are_refused(gateway):
+    _, access, _ = gateway
+    settings, server = gateway_for_deploy(gateway, grpc_drain_s=2.0, grpc_stop_grace_s=20.0)
+    session, release = f"s-{uuid.uuid4().hex[:6]}", threading.Event()
+
+    def camera_stream():
+        yield pb.CameraMessage(frame=frame(session=session, seq=0))
+        release.wait(30)
+        yield pb.CameraMessage(frame=frame(session=session, seq=1))
+        yield pb.CameraMessage(end=pb.SessionEnd(camera_id="cam-1", store_id="store-1", session_id=session, frame_count=2))
+
+    channel = grpc.insecure_channel(settings.grpc_address)
+    try:
+        in_flight = rpc.FaceGatewayStub(channel).StreamFrames(camera_stream(), metadata=creds(access, "cam-1"))
+        acks = [next(in_flight)]
+        stopped = server.drain()  # what SIGTERM does
+        assert health_at(settings.grpc_address) == health_pb2.HealthCheckResponse.NOT_SERVING
+        assert health_at(settings.grpc_health_address) == health_pb2.HealthCheckResponse.NOT_SERVING
+        assert health_at(settings.grpc_health_address, "liveness") == health_pb2.HealthCheckResponse.SERVING, \
+            "a liveness probe does not restart a gateway finishing its calls"
+        assert rpc.FaceGatewayStub(channel).SubmitFrame(frame(session=f"d-{uuid.uuid4().hex[:6]}"), timeout=5,
+                                                        metadata=creds(access, "cam-1")), "served while draining"
+        wait_until(lambda: refused_as_unavailable(settings, access), 20, "new calls refused once the drain is over")
+        assert not stopped.is_set(), "the call in flight holds the stop"
+        release.set()
+        acks += list(in_flight)
+        assert [(a.sequence, a.code) for a in acks] == [(0, 0), (1, 0), (-1, 0)], "the stream in flight completed"
+        wait_until(stopped.is_set, 20, "stopped once the last call ended")
+    finally:
+        release.set()
+        channel.close()
+        server.stop(0)
+
+
+def test_connections_are_retired_after_their_maximum_age_and_clients_carry_on_over_new_ones(gateway):
+    _, access, _ = gateway
+    settings, server = gateway_for_deploy(gateway, grpc_max_connection_age_s=1.0, grpc_stop_grace_s=1.0)
+    channel = grpc.insecure_channel(settings.grpc_address)
+    try:
+        stub = rpc.FaceGatewayStub(channel)
+        token = access["stores"]["store-1"]["backend_token"]
+        subscription = stub.SubscribeDecisions(pb.SubscribeRequest(store_id="store-1"),
+                                               metadata=(("authorization", f"Bearer {token}"),))
+        wait_until(subscription.done, 20, "a long-lived stream ended by its connection's age (plus grace)")
+        assert subscription.code() == grpc.StatusCode.UNAVAILABLE, "a status the backend resubscribes on"
+        assert stub.SubmitFrame(frame(session=f"a-{uuid.uuid4().hex[:6]}"), metadata=creds(access, "cam-1"), timeout=10)
+    finally:
+        channel.close()
+        server.stop(0)

@@ -4,6 +4,10 @@ real stage workers in its own namespace while live traffic keeps flowing."""
 
 from __future__ import annotations
 
+import dataclasses
+import json
+import subprocess
+import sys
 import threading
 from collections import Counter
 from datetime import UTC, datetime, timedelta
@@ -14,14 +18,17 @@ import redis
 
 from facepay.admin import call
 from facepay.archive import ArchiveKeys, ArchiveSettings, ArchivedFrame, ArchivedSession, ArchiveStore, Candidate, SignedDecision
+from facepay.archive.container import SealedSession
 from facepay.config import SessionPolicy
 from facepay.contract import pb
+from facepay.messages import DecisionMsg, FrameRef
 from facepay.replay import ReplayOptions, explain, run_replay
 from facepay.signing import sign
 from tests.e2e import Backend, camera, enroll, new_session, start_pipeline, wait_until
 
 PHOTO_POLICY = SessionPolicy(require_blink=False)  # still photos cannot blink: that rule alone is off
 TAP_STREAMS = ("frames", "faces", "aligned", "posed", "decisions")
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def archive_of(pipeline) -> ArchiveStore:
@@ -49,12 +56,25 @@ def counted_sessions(pipeline, client: redis.Redis) -> set[str]:
     return {k.decode().split("/", 1)[1].rsplit(":", 1)[0] for k in client.scan_iter(match=pattern)}
 
 
-@pytest.mark.slow
-def test_a_replay_beside_live_traffic_decides_as_the_original_and_leaves_production_untouched(faces, tmp_path, monkeypatch):
+@dataclasses.dataclass
+class Production:
+    """A production pipeline whose archive holds real-face sessions: an approval of each of two
+    enrolled people and a stranger's decline, all on cam-1 of store-1."""
+
+    pipeline: object
+    backend: Backend
+    people: dict
+    names: list[str]
+    sessions: dict[str, str | None]  # session → the person streamed (None: the stranger)
+    originals: dict
+
+
+@pytest.fixture(scope="module")
+def production(faces, tmp_path_factory):
     people = {n: p for n, p in faces.identities().items() if len(p) >= 2}
     stranger = next(p for p in faces.identities().values() if len(p) == 1)
     names = sorted(people)[:2]
-    pipeline = start_pipeline(tmp_path / "production", PHOTO_POLICY)
+    pipeline = start_pipeline(tmp_path_factory.mktemp("production"), PHOTO_POLICY)
     try:
         for name in names:
             assert enroll(pipeline, name, [people[name][0].read_bytes()]).status == pb.EnrollResponse.ENROLLED
@@ -67,65 +87,122 @@ def test_a_replay_beside_live_traffic_decides_as_the_original_and_leaves_product
         session = new_session()
         cam.stream_session(session, [stranger[0].read_bytes()] * 3)
         sessions[session] = None
+        cam.close()
         originals = backend.wait_for(list(sessions))
         archive = archive_of(pipeline)
-        now = datetime.now(UTC)
-        wait_until(lambda: set(sessions) <= {r.session_id for r in archive.list_sessions("demo", "store-1", now - timedelta(hours=1), now + timedelta(hours=1))},
-                   120, "every session archived")
-
-        assert archive.verify("demo", "store-1", now - timedelta(hours=1), now + timedelta(hours=1)).ok
-        client = redis.Redis.from_url(pipeline.settings.redis_url)
-        before = production_state(pipeline, client)
-        # Live traffic on another camera of the same store, for as long as the replay runs.
-        live, stop_live = [], threading.Event()
-        approved = [sessions[s] for s, e in originals.items() if e.decision == pb.APPROVE]
-        assert approved, "at least one enrolled person is approved"
-        payer = approved[0]
-        live_cam = camera(pipeline, "cam-2")
-
-        def traffic() -> None:
-            while not stop_live.is_set():
-                live_session = new_session()
-                live_cam.stream_session(live_session, [p.read_bytes() for p in people[payer][1:]] * 3)
-                live.append(live_session)
-                stop_live.wait(1.0)
-
-        thread = threading.Thread(target=traffic, daemon=True)
-        thread.start()
-        monkeypatch.setenv("AWS_ACCESS_KEY_ID", pipeline.s3.credentials.access_key_id)
-        options = ReplayOptions(start=now - timedelta(hours=1), end=datetime.now(UTC) + timedelta(minutes=1),
-                                store="store-1", camera="cam-1", out=tmp_path / "replay")
-        report = run_replay(pipeline.settings, archive, options)
-        stop_live.set()
-        thread.join(120)
-        live_decisions = backend.wait_for(live)
-
-        # Same models, same settings → the same decisions, session for session.
-        replayed = {s["session_id"]: s for s in report["sessions"]}
-        assert set(replayed) == set(sessions)
-        for session_id, original in originals.items():
-            again = replayed[session_id]["replayed"]
-            assert again is not None, f"{session_id} not decided in the replay"
-            expected = "approve" if original.decision == pb.APPROVE else "decline"
-            assert (again["decision"], again["user_id"]) == (expected, original.user_id)
-        assert report["differences"] == 0, [s["causes"] for s in report["sessions"] if s["differs"]]
-        assert report["replay"]["key_id"].startswith("replay-")
-        html = (tmp_path / "replay" / "report.html").read_text()
-        assert html.count("<img") >= sum(len(s["frames"]) for s in report["sessions"])
-
-        # Production untouched: groups, lockouts, gallery; no replayed decision in its stream.
-        assert live and all(live_decisions[s].decision == pb.APPROVE and live_decisions[s].user_id == payer for s in live)
-        assert production_state(pipeline, client) == before
-        assert counted_sessions(pipeline, client) <= set(sessions) | set(live)
-        decided = Counter(json_session(f) for _, f in client.xrange(pipeline.settings.key("decisions")))
-        assert all(decided[s] == 1 for s in sessions), decided
-        assert set(decided) == set(sessions) | set(live)
-        assert list(client.scan_iter(match=f"{pipeline.settings.namespace}-replay-*")) == []
+        wait_until(lambda: set(sessions) <= archived_sessions(archive), 120, "every session archived")
+        yield Production(pipeline, backend, people, names, sessions, originals)
         backend.close()
-        cam.close()
-        live_cam.close()
     finally:
         pipeline.stop()
+
+
+def archived_sessions(archive: ArchiveStore) -> set[str]:
+    now = datetime.now(UTC)
+    return {r.session_id for r in archive.list_sessions("demo", "store-1", now - timedelta(hours=1), now + timedelta(hours=1))}
+
+
+@pytest.mark.slow
+def test_a_replay_beside_live_traffic_decides_as_the_original_and_leaves_production_untouched(production, tmp_path, monkeypatch):
+    pipeline, backend, people, sessions, originals = (production.pipeline, production.backend, production.people,
+                                                      production.sessions, production.originals)
+    archive = archive_of(pipeline)
+    now = datetime.now(UTC)
+    assert archive.verify("demo", "store-1", now - timedelta(hours=1), now + timedelta(hours=1)).ok
+    client = redis.Redis.from_url(pipeline.settings.redis_url)
+    before = production_state(pipeline, client)
+    # Live traffic on another camera of the same store, for as long as the replay runs.
+    live, stop_live = [], threading.Event()
+    approved = [sessions[s] for s, e in originals.items() if e.decision == pb.APPROVE]
+    assert approved, "at least one enrolled person is approved"
+    payer = approved[0]
+    live_cam = camera(pipeline, "cam-2")
+
+    def traffic() -> None:
+        while not stop_live.is_set():
+            live_session = new_session()
+            live_cam.stream_session(live_session, [p.read_bytes() for p in people[payer][1:]] * 3)
+            live.append(live_session)
+            stop_live.wait(1.0)
+
+    thread = threading.Thread(target=traffic, daemon=True)
+    thread.start()
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", pipeline.s3.credentials.access_key_id)
+    options = ReplayOptions(start=now - timedelta(hours=1), end=datetime.now(UTC) + timedelta(minutes=1),
+                            store="store-1", camera="cam-1", out=tmp_path / "replay")
+    report = run_replay(pipeline.settings, archive, options)
+    stop_live.set()
+    thread.join(120)
+    live_decisions = backend.wait_for(live)
+    live_cam.close()
+
+    # Same models, same settings → the same decisions, session for session.
+    replayed = {s["session_id"]: s for s in report["sessions"]}
+    assert set(replayed) == set(sessions)
+    for session_id, original in originals.items():
+        again = replayed[session_id]["replayed"]
+        assert again is not None, f"{session_id} not decided in the replay"
+        expected = "approve" if original.decision == pb.APPROVE else "decline"
+        assert (again["decision"], again["user_id"]) == (expected, original.user_id)
+    assert report["differences"] == 0, [s["causes"] for s in report["sessions"] if s["differs"]]
+    assert report["replay"]["key_id"].startswith("replay-")
+    html = (tmp_path / "replay" / "report.html").read_text()
+    assert html.count("<img") >= sum(len(s["frames"]) for s in report["sessions"])
+
+    # Production untouched: groups, lockouts, gallery; no replayed decision in its stream.
+    assert live and all(live_decisions[s].decision == pb.APPROVE and live_decisions[s].user_id == payer for s in live)
+    assert production_state(pipeline, client) == before
+    assert counted_sessions(pipeline, client) <= set(sessions) | set(live)
+    decided = Counter(json_session(f) for _, f in client.xrange(pipeline.settings.key("decisions")))
+    assert all(decided[s] == 1 for s in sessions), decided
+    assert set(decided) == set(sessions) | set(live)
+    assert list(client.scan_iter(match=f"{pipeline.settings.namespace}-replay-*")) == []
+
+
+@pytest.mark.slow
+def test_users_delete_erases_the_frames_of_the_sessions_that_approved_the_user_and_keeps_what_the_readme_says(production):
+    """`facepay users delete` as an operator runs it (the real CLI, the operator's Redis user
+    and key, the archive's keys): the gallery forgets the user; every archived session that
+    approved them loses its frames and data key, keeps its signed decision, and still verifies;
+    other people's sessions, and a decline in which the user's face appeared, stay whole
+    (README: Erasure)."""
+    pipeline = production.pipeline
+    name = next(production.sessions[s] for s, e in production.originals.items() if e.decision == pb.APPROVE)
+    archive = archive_of(pipeline)
+    # A decline showing the user's face: one frame, too few to decide on.
+    cam = camera(pipeline, "cam-2")
+    glimpse = new_session()
+    cam.stream_session(glimpse, [production.people[name][1].read_bytes()])
+    cam.close()
+    assert production.backend.wait_for([glimpse])[glimpse].decision == pb.DECLINE
+    wait_until(lambda: glimpse in archived_sessions(archive), 120, "the decline archived")
+    now = datetime.now(UTC)
+    refs = archive.list_sessions("demo", "store-1", now - timedelta(hours=1), now + timedelta(hours=1))
+    before = {r.session_id: archive.read(r.key) for r in refs}
+    approving = {s for s, session in before.items() if session.user_id == name}
+    assert approving and any(c.user_id == name for f in before[glimpse].frames for c in f.top_k)
+
+    env = {**pipeline.process_env("operator"), **pipeline.archive_env(),
+           "FACEPAY_OPERATOR_KEY_FILE": str(pipeline.keys_dir / "operator.key")}
+    deleted = subprocess.run([sys.executable, "-m", "facepay", "users", "delete", name], env=env, cwd=ROOT,
+                             capture_output=True, text=True, timeout=120)
+    assert deleted.returncode == 0, deleted.stderr
+    assert json.loads(deleted.stdout)["archive"] == {"erased_sessions": len(approving)}
+
+    assert name not in call(pipeline.settings, "list_users", tenant="demo")["users"]
+    for ref in refs:
+        was, now_ = before[ref.session_id], archive.read(ref.key)
+        assert now_.decision == was.decision and now_.models == was.models, "the signed decision and models stay"
+        if ref.session_id in approving:
+            assert now_.frames == [], f"{ref.session_id} approved {name}: its frames are erased"
+            stored = SealedSession.from_bytes(archive.client.get_object(Bucket=archive.bucket, Key=ref.key)["Body"].read())
+            assert stored.key is None and all(slot.sealed is None for slot in stored.frames), "ciphertexts and data key gone"
+            assert stored.erased
+        else:
+            assert now_.frames == was.frames, f"{ref.session_id} did not approve {name}: untouched"
+    report = archive.verify("demo", "store-1", now - timedelta(hours=1), now + timedelta(hours=1))
+    assert report.ok, report.problems
+    assert report.erased == len(approving)
 
 
 def json_session(fields: dict) -> str:
@@ -136,9 +213,9 @@ def json_session(fields: dict) -> str:
 
 # ---- the causes of a difference (no pipeline needed) ------------------------------------------
 def archived(user: str | None, threshold: float = 0.6, models: dict | None = None, images: bool = True,
-             candidates: tuple[str, ...] = ("alice",)) -> ArchivedSession:
+             candidates: tuple[str, ...] = ("alice",), rule: dict | None = None) -> ArchivedSession:
     event = {"session_id": "s", "store_id": "st", "decision": "approve" if user else "decline", "user_id": user or "",
-             "threshold": threshold, "rule": "voted" if user else "no_match"}
+             "threshold": threshold, "rule": "voted" if user else "no_match", **(rule or {})}
     signed = sign(event, "k", "k1")
     frames = [ArchivedFrame(i, 0, b"\xff\xd8jpeg" if images else b"", "jpeg", top_k=[Candidate(c, 0.7) for c in candidates])
               for i in range(3)]
@@ -161,6 +238,23 @@ def test_each_cause_of_a_difference_is_named():
     assert explain(archived("alice", images=False), replayed_event(None), [], {"alice"}) == [
         "frame missing (erased, or never reached the archiver)"]
     assert explain(archived("alice"), None, [], {"alice"}) == ["not decided in the replay"]
+    assert explain(archived("alice", rule={"margin": 0.02, "min_agreeing_frames": 3}),
+                   {**replayed_event(None), "margin": 0.05, "min_agreeing_frames": 3}, [], {"alice"}) == [
+        "session rule changed: margin 0.02 → 0.05"]
+
+
+def test_the_html_report_shows_each_frames_scores_the_rule_and_the_cause():
+    from facepay.replay import render_html, session_report
+
+    original = archived("alice")
+    original = dataclasses.replace(original, frames=[dataclasses.replace(f, second_score=0.41) for f in original.frames])
+    message = DecisionMsg(ref=FrameRef("s", "st", "c", 0, 0), frames=[
+        {"sequence": i, "top_user": "alice", "top_score": 0.5, "second_score": 0.3, "reason": ""} for i in range(3)])
+    report = session_report(original, ({**replayed_event(None, 0.8), "rule": "unknown_face"}, message), {"alice"})
+    html = render_html({"replay": {"namespace": "fp-replay-x", "sessions": 1, "frames": 3, "model": "m", "threshold": 0.8,
+                                   "from": "a", "to": "b"}, "sessions": [dataclasses.asdict(report)], "differences": 1})
+    assert "alice 0.700 (2nd 0.410) → alice 0.500 (2nd 0.300)" in html
+    assert "rule voted" in html and "rule unknown_face" in html and "threshold changed: 0.6 → 0.8" in html
 
 
 def test_the_replay_namespace_is_isolated_and_accepts_old_frames_there_only(tmp_path):
@@ -202,6 +296,34 @@ def test_the_replay_namespace_is_isolated_and_accepts_old_frames_there_only(tmp_
     with pytest.raises(Unauthenticated):
         open_entry(entry, "fp:frames", component_keys.load_trusted(str(production_keys)), {"gateway"})
     assert "not attested" in origin_problem(ref, component_keys.load_trusted(str(production_keys)))
+
+
+def test_the_replay_reinjects_frames_as_they_were_received(tmp_path):
+    """Capture time and phone suffix are what the original pipeline had: the recognizer's
+    gallery search is filtered by the suffix, so a replay without it could match someone else."""
+    from facepay.config import Settings
+    from facepay.messages import FrameMsg, SessionEndMsg, decode
+    from facepay.replay import ReplayRun
+    from facepay.runtime.envelope import open_entry, origin_problem
+
+    session = archived("alice")
+    frames = [dataclasses.replace(f, received_ms=1_700_000_000_000 + f.index, captured_ms=1_699_999_999_900 + f.index,
+                                  phone_suffix="1234") for f in session.frames]
+    session = dataclasses.replace(session, frames=frames)
+    run = ReplayRun(Settings(namespace="fp-replay-t"), tmp_path)
+    run.pipeline.valkey.start()
+    try:
+        run.client = redis.Redis.from_url(run.pipeline.valkey.url)
+        run.inject(session)
+        stream = run.settings.key("frames")
+        messages = [decode(open_entry(f, stream, run.trusted, {"gateway"})[1]) for _, f in run.client.xrange(stream)]
+    finally:
+        run.pipeline.valkey.stop()
+    injected = [m for m in messages if isinstance(m, FrameMsg)]
+    assert [(m.ref.captured_ms, m.ref.received_ms, m.ref.phone_suffix) for m in injected] == [
+        (f.captured_ms, f.received_ms, "1234") for f in frames]
+    assert all(origin_problem(m.ref, run.trusted, 20 * 365 * 86400) == "" for m in injected)
+    assert isinstance(messages[-1], SessionEndMsg) and messages[-1].frame_count == 3
 
 
 def test_replay_refuses_bad_options_with_a_clear_error_before_starting_anything():

@@ -2,21 +2,26 @@
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
+import urllib.error
+import urllib.request
 import uuid
 from pathlib import Path
 
 import pytest
 import redis
+from prometheus_client import REGISTRY
 
 from facepay import keys
 from facepay.config import Settings
 from facepay.messages import FIELD, FrameMsg, FrameRef, Rejection, SessionEndMsg, decode
-from facepay.runtime.embedded import EmbeddedValkey
+from facepay.runtime.embedded import EmbeddedValkey, free_port
 from facepay.runtime.envelope import seal
 from facepay.runtime.stage import Emit, PipeStage, Stage, StageContractError
 from facepay.runtime.worker import StreamWorker
+from tests.e2e import wait_until
 
 
 class Upper(PipeStage):
@@ -286,3 +291,73 @@ def test_an_entry_reclaimed_from_a_dead_consumer_is_verified_before_it_is_proces
     (_, letter), = client.xrange(dead)
     assert letter[b"reason"] == b"unauthenticated"
     assert pending(client, settings) == 0
+
+
+# ---- health probes (issue 13): /livez follows the loop, /readyz Redis too --------------------
+def probe(port: int, path: str) -> int:
+    """The HTTP status a kubelet's probe of `path` gets; 0 while nothing listens yet."""
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5) as answer:
+            return answer.status
+    except urllib.error.HTTPError as refused:
+        return refused.code
+    except urllib.error.URLError:
+        return 0
+
+
+@contextlib.contextmanager
+def running(worker: StreamWorker):
+    """The worker's own run() (start-up, probes, loop) in a thread, stopped on leaving."""
+    thread = threading.Thread(target=worker.run, daemon=True)
+    thread.start()
+    try:
+        yield thread
+    finally:
+        worker.stop()
+        thread.join(20)
+
+
+def heartbeat_age(stage: str) -> float:
+    return REGISTRY.get_sample_value("facepay_worker_heartbeat_age_seconds", {"stage": stage})
+
+
+def test_readiness_fails_while_redis_is_down_and_comes_back_with_it_liveness_holds(tmp_path, keyset):
+    with EmbeddedValkey(tmp_path / "vk") as server:
+        port = free_port()
+        settings = settings_with_keys(keyset, redis_url=server.url, namespace="probes", health_port=port)
+        with running(StreamWorker(Upper(), settings, consumer="c1")):
+            wait_until(lambda: probe(port, "/readyz") == 200, 20, "ready")
+            assert probe(port, "/startupz") == 200 and probe(port, "/livez") == 200
+            server.kill()
+            wait_until(lambda: probe(port, "/readyz") == 503, 20, "not ready while redis is down")
+            assert probe(port, "/livez") == 200, "waiting out an outage is not being stuck: no restart for it"
+            server.start()
+            wait_until(lambda: probe(port, "/readyz") == 200, 20, "ready again once redis answers")
+            assert probe(port, "/nope") == 404
+
+
+class Hanging(Upper):
+    """A stage whose handle() hangs until released."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.entered, self.release = threading.Event(), threading.Event()
+
+    def handle(self, batch):
+        self.entered.set()
+        self.release.wait(30)
+        return super().handle(batch)
+
+
+def test_a_stage_stuck_in_handle_fails_liveness_and_the_heartbeat_gauge_shows_it(valkey, settings):
+    port, stage = free_port(), Hanging()
+    settings = settings.replace(health_port=port, health_stale_s=2.0)
+    with running(StreamWorker(stage, settings, consumer="c1")):
+        wait_until(lambda: probe(port, "/livez") == 200 and probe(port, "/readyz") == 200, 20, "live and ready")
+        assert heartbeat_age("upper") < 2.0
+        push(redis.Redis.from_url(valkey.url), settings, frame("s", 0))
+        assert stage.entered.wait(20)
+        wait_until(lambda: probe(port, "/livez") == 503, 20, "liveness fails once the loop stops turning")
+        assert probe(port, "/readyz") == 503 and heartbeat_age("upper") > 2.0
+        stage.release.set()
+        wait_until(lambda: probe(port, "/livez") == 200, 20, "live again once the loop turns")

@@ -24,7 +24,7 @@ import redis
 
 from facepay.config import Settings, load_settings
 from facepay.messages import FIELD, FrameMsg, FrameRef
-from facepay.redis_acl import COMPONENTS, component_url
+from facepay.redis_acl import COMPONENTS, acl_file_text, component_url
 from facepay.runtime.embedded import EmbeddedValkey
 from facepay.runtime.stage import PipeStage
 from facepay.runtime.worker import StreamWorker
@@ -97,6 +97,23 @@ def test_a_stage_cannot_write_another_components_stream_or_read_its_jobs(valkey)
                    lambda: detector.get("elsewhere:key")):
         with pytest.raises(redis.exceptions.NoPermissionError):
             forged()
+
+
+def test_embeddings_for_the_archive_go_from_the_recognizer_to_the_archiver_only(valkey):
+    """`{ns}:embeddings` (archive_keep_embeddings): biometric data, so only its writer and its
+    reader touch it — not the payment backends, nor any other stage."""
+    stream = f"{NS}:embeddings"
+    as_user(valkey, "recognizer").xadd(stream, {FIELD: b"embedding"})
+    archiver = as_user(valkey, "archiver")
+    archiver.xgroup_create(stream, "archiver", id="0")
+    assert archiver.xreadgroup("archiver", "a1", {stream: ">"})[0][1][0][1] == {FIELD: b"embedding"}
+    for refused in (lambda: as_user(valkey, "backend").xrange(stream),
+                    lambda: as_user(valkey, "gateway").xrange(stream),
+                    lambda: as_user(valkey, "pose").xadd(stream, {FIELD: b"forged"}),
+                    lambda: archiver.xadd(stream, {FIELD: b"forged"}),
+                    lambda: as_user(valkey, "operator").xrange(stream)):
+        with pytest.raises(redis.exceptions.NoPermissionError):
+            refused()
 
 
 @pytest.mark.parametrize("component", COMPONENTS)
@@ -225,6 +242,21 @@ def test_facepay_redis_acl_prints_lines_a_real_server_accepts(tmp_path):
         gateway.xadd("shop:frames", {FIELD: b"x"})
         with pytest.raises(redis.exceptions.NoPermissionError):
             gateway.xadd("shop:posed", {FIELD: b"x"})
+
+
+def test_facepay_redis_acl_writes_an_acl_file_a_server_can_start_with(tmp_path):
+    """For a Valkey/Redis started with `aclfile` (the Kubernetes dev overlay's): the same users,
+    `default` off, only password hashes, 0600."""
+    out, acl_file = tmp_path / "creds", tmp_path / "users.acl"
+    subprocess.run([sys.executable, "-m", "facepay", "redis", "acl", "--namespace", "shop", "--out", str(out),
+                    "--acl-file", str(acl_file)], capture_output=True, text=True, check=True)
+    passwords = {c: (out / f"{c}.password").read_text().strip() for c in COMPONENTS}
+    text = acl_file.read_text()
+    assert (acl_file.stat().st_mode & 0o777) == 0o600
+    assert text.splitlines()[0].startswith("user default off")
+    assert {line.split()[1] for line in text.splitlines()} == {"default", *COMPONENTS}
+    assert not any(pw in text for pw in passwords.values())
+    assert text == acl_file_text("shop", passwords)  # what the embedded Valkey starts with
 
 
 # ---- item 12: secrets --------------------------------------------------------------------

@@ -13,6 +13,7 @@ import json
 import time
 import uuid
 
+import msgpack
 import pytest
 import redis
 
@@ -21,6 +22,7 @@ from facepay.messages import FrameRef
 from facepay.runtime.embedded import EmbeddedValkey
 from facepay.runtime.worker import StreamWorker
 from facepay.signing import verify
+from facepay.vocabulary import EnrollmentStatus, Purpose, Reason
 from services.recognizer.policy import FrameResult
 from services.recognizer.stage import RecognizerStage
 from services.recognizer.state import SessionStore
@@ -98,3 +100,20 @@ def test_a_decided_sessions_state_is_erased_once_the_decision_is_written(recogni
     run_until(worker, lambda: "s-erased" in decisions(client, settings))
     run_until(worker, lambda: not client.exists(settings.key("session", key)))
     assert json.loads(client.xrange(settings.key("decisions"))[0][1][b"payload"])["session_id"] == "s-erased"
+
+
+def test_an_unreadable_enrollment_is_rejected_with_its_session_id_so_the_gateway_can_answer(recognizer):
+    """The gateway matches an enrollment's result to its request by the session id inside the
+    signed body; a result without it is never matched and the operator waits for the deadline."""
+    settings, worker = recognizer
+    client = redis.Redis.from_url(settings.redis_url)
+    store = SessionStore(client, settings)
+    ref = FrameRef("enroll-s1", "", "enroll", 0, 0, purpose=Purpose.ENROLL, user_id="alice", tenant_id="acme")
+    store.record(ref, result=FrameResult(0, reason=Reason.NO_FACE))
+    client.hset(settings.key("session", "/enroll-s1"), "f:0", b"\xc1 not msgpack")
+
+    run_until(worker, lambda: client.xlen(settings.key("enrollments")) == 1)
+    ((_, fields),) = client.xrange(settings.key("enrollments"))
+    result = msgpack.unpackb(fields[b"m"])
+    assert result["session_id"] == "enroll-s1"
+    assert (result["user_id"], result["status"]) == ("alice", EnrollmentStatus.REJECTED)

@@ -1,7 +1,8 @@
 """The archive's keys, which never enter the archive: per-tenant key-encryption keys and the
 archive signing key (HMAC of chain entries, heads, retention checkpoints and erasure notes).
 
-A keys file (YAML or JSON, `FACEPAY_ARCHIVE_KEYS_FILE`, refused when group/world-readable):
+A keys file (YAML or JSON, `FACEPAY_ARCHIVE_KEYS_FILE`; refused when anyone but its user, or that
+user's own group as a Kubernetes Secret volume mounts it, can read it):
 
     signing_key: <64 hex>            # or FACEPAY_ARCHIVE_SIGNING_KEY
     tenants:
@@ -44,6 +45,18 @@ def _key_from_hex(text: str, what: str) -> bytes:
     return key
 
 
+def _check_private(path: Path) -> None:
+    """Readable by this process's user, and at most its own group: a Kubernetes Secret volume
+    with the pod's fsGroup is root:<fsGroup> 0440, the group being this process's alone."""
+    info = path.stat()
+    mode = info.st_mode
+    own_group = info.st_gid == os.getgid() or info.st_gid in os.getgroups()
+    if mode & stat.S_IRWXO or (mode & stat.S_IRWXG and not own_group):
+        raise ArchiveKeyError(f"{path} is readable by others (mode {oct(mode & 0o777)}); chmod 600 it")
+    if mode & (stat.S_IWGRP | stat.S_IXGRP):
+        raise ArchiveKeyError(f"{path} is group-writable (mode {oct(mode & 0o777)}); chmod 600 it")
+
+
 @dataclass(frozen=True)
 class TenantKeys:
     current: str
@@ -69,9 +82,7 @@ class ArchiveKeys:
 
     @classmethod
     def from_file(cls, path: Path, signing_key_hex: str | None = None) -> ArchiveKeys:
-        mode = path.stat().st_mode
-        if mode & (stat.S_IRWXG | stat.S_IRWXO):
-            raise ArchiveKeyError(f"{path} is readable by others (mode {oct(mode & 0o777)}); chmod 600 it")
+        _check_private(path)
         data = yaml.safe_load(path.read_text()) or {}
         if signing_key_hex:
             data["signing_key"] = signing_key_hex

@@ -27,13 +27,16 @@ class ArchivedFrame:
     """One frame as received and what every stage said about it."""
 
     index: int  # the camera's frame number within the session
-    received_ms: int
+    received_ms: int  # the gateway's clock: the frame-age bound and latency are measured from it
     image: bytes  # the bytes the camera sent (JPEG/PNG), unchanged
     image_format: str
+    captured_ms: int = 0  # the camera's clock, as it sent it
+    phone_suffix: str = ""  # what the point of sale gave: the gallery search was filtered by it
     # detector
     face_box: tuple[float, float, float, float] | None = None  # x1, y1, x2, y2 in image pixels
     face_points: list[tuple[float, float]] | None = None  # 5 points
     detector_score: float | None = None
+    faces_in_frame: int | None = None  # more than one: the detector told the payer from bystanders
     # aligner
     landmarks: list[tuple[float, float]] | None = None  # 68 iBUG points
     eye_aspect_ratio: float | None = None
@@ -45,6 +48,7 @@ class ArchivedFrame:
     eligible: bool | None = None
     # recognizer
     top_k: list[Candidate] = field(default_factory=list)
+    second_score: float | None = None  # best score of anyone else: the margin rule reads top − second
     embedding: list[float] | None = None  # only when the archive is configured to keep it
     rejection: str | None = None  # why this frame was left out (no_face, pose_yaw, …)
 
@@ -90,6 +94,7 @@ class ArchivedSession:
     policy: dict[str, Any]  # the session rule in force (SessionPolicy fields)
     frames: list[ArchivedFrame]
     schema_version: int = RECORD_SCHEMA_VERSION
+    frame_count: int | None = None  # the count the camera announced (SessionEnd), None if it never did
 
     @property
     def user_id(self) -> str | None:
@@ -103,7 +108,7 @@ class ArchivedSession:
             "store": self.store, "camera": self.camera, "first_frame_ms": self.first_frame_ms,
             "decided_ms": self.decided_ms,
             "decision": {"payload": self.decision.payload, "signature": self.decision.signature, "key_id": self.decision.key_id},
-            "models": self.models, "threshold": self.threshold, "policy": self.policy,
+            "models": self.models, "threshold": self.threshold, "policy": self.policy, "frame_count": self.frame_count,
         }
 
     @classmethod

@@ -128,7 +128,7 @@ class SessionRef:
 
 @dataclass(frozen=True)
 class Problem:
-    kind: str  # removed | altered | reordered | unchained | bad_signature | truncated | head_missing
+    kind: str  # removed | altered | reordered | unchained | bad_signature | truncated | head_missing | quarantined
     seq: int | None
     session_id: str | None
     detail: str
@@ -300,32 +300,105 @@ class ArchiveStore:
 
     # --- writing ------------------------------------------------------------------------------
     def archive(self, session: ArchivedSession) -> ArchiveReceipt:
-        """Store one decided session and chain it; idempotent per session id (redelivery-safe)."""
+        """Store one decided session and chain it; idempotent per session id (redelivery-safe).
+        ArchiveTampered when the store's chain refuses appends: the session is then stored but
+        not chained (the archiver `quarantine`s it)."""
         tenant, store = _check_id(session.tenant, "tenant"), _check_id(session.store, "store")
         _check_id(session.session_id, "session id")
+        key = self.session_key(tenant, store, session.decided_ms, session.session_id)
+        sealed = self._seal(session)
+        stored_before = not self._put_if_absent(key, sealed.to_bytes())
+        if stored_before:  # an earlier attempt stored it: chain what is stored
+            sealed = self._read_sealed(key)
+        user = self._user_digest(tenant, session.user_id) if session.user_id else None
+        return self._link(tenant, store, session.session_id, key, session.decided_ms, user, sealed, stored_before)
+
+    def _seal(self, session: ArchivedSession) -> SealedSession:
         if not self.settings.keep_embeddings:
             session = replace(session, frames=[replace(f, embedding=None) for f in session.frames])
-        key = self.session_key(tenant, store, session.decided_ms, session.session_id)
-        sealed = seal_session(session, self.keys)
-        if not self._put_if_absent(key, sealed.to_bytes()):
-            # An earlier attempt stored it; chain what is stored, unless that attempt got that far.
-            marker = self._get(self._marker_key(tenant, store, session.session_id))
-            existing = self._read_sealed(key)
+        return seal_session(session, self.keys)
+
+    def _link(self, tenant: str, store: str, session_id: str, key: str, decided_ms: int, user: str | None,
+              sealed: SealedSession, stored_before: bool) -> ArchiveReceipt:
+        """Chain a stored session once: unless an earlier attempt got that far."""
+        if stored_before:
+            marker = self._get(self._marker_key(tenant, store, session_id))
             if marker is not None:
-                return ArchiveReceipt(key, json.loads(marker[0])["seq"], existing.content_sha256(), already_archived=True)
-            chained = self._find_entry(tenant, store, session.session_id, self._stored_ms(key))
+                return ArchiveReceipt(key, json.loads(marker[0])["seq"], sealed.content_sha256(), already_archived=True)
+            chained = self._find_entry(tenant, store, session_id, self._stored_ms(key))
             if chained is not None:  # the entry was written, its acknowledgement lost
-                self._s3("put_object", Key=self._marker_key(tenant, store, session.session_id), Body=json.dumps({"seq": chained.seq}).encode())
+                self._s3("put_object", Key=self._marker_key(tenant, store, session_id), Body=json.dumps({"seq": chained.seq}).encode())
                 self._advance_head(tenant, store, chained)
                 return ArchiveReceipt(key, chained.seq, chained.content_sha256, already_archived=True)
-            sealed = existing
-        user = self._user_digest(tenant, session.user_id) if session.user_id else None
         if user:
-            self._s3("put_object", Key=self._user_index_key(tenant, user, session.session_id), Body=json.dumps({"key": key}).encode())
-        entry = self._append(tenant, store, session.session_id, key, session.decided_ms, sealed.content_sha256(), user)
-        self._s3("put_object", Key=self._marker_key(tenant, store, session.session_id), Body=json.dumps({"seq": entry.seq}).encode())
+            self._s3("put_object", Key=self._user_index_key(tenant, user, session_id), Body=json.dumps({"key": key}).encode())
+        entry = self._append(tenant, store, session_id, key, decided_ms, sealed.content_sha256(), user)
+        self._s3("put_object", Key=self._marker_key(tenant, store, session_id), Body=json.dumps({"seq": entry.seq}).encode())
         self._advance_head(tenant, store, entry)
         return ArchiveReceipt(key, entry.seq, entry.content_sha256)
+
+    # --- quarantine: sessions a store's chain refuses -------------------------------------------
+    def _quarantine_key(self, tenant: str, store: str, decided_ms: int, session_id: str) -> str:
+        return f"{self.prefix}quarantine/{tenant}/{store}/{decided_ms:013d}-{session_id}.json"
+
+    def quarantine(self, session: ArchivedSession, reason: str) -> str:
+        """Keep a session that its store's chain refused (ArchiveTampered) sealed in its place,
+        outside the chain, with a note signed under the archive key naming its content hash:
+        its frames can leave Redis, the other stores go on, verify reports it as quarantined,
+        and `drain_quarantine` chains it once the chain takes appends again."""
+        tenant, store = _check_id(session.tenant, "tenant"), _check_id(session.store, "store")
+        key = self.session_key(tenant, store, session.decided_ms, _check_id(session.session_id, "session id"))
+        self._put_if_absent(key, self._seal(session).to_bytes())  # archive() normally stored it already
+        sealed = self._read_sealed(key)
+        user = self._user_digest(tenant, session.user_id) if session.user_id else None
+        if user:  # erasure finds it like any other session
+            self._s3("put_object", Key=self._user_index_key(tenant, user, session.session_id), Body=json.dumps({"key": key}).encode())
+        note = {"key": key, "session_id": session.session_id, "decided_ms": session.decided_ms, "user": user,
+                "content_sha256": sealed.content_sha256(), "reason": reason, "quarantined_ms": int(self.clock() * 1000)}
+        marker = self._quarantine_key(tenant, store, session.decided_ms, session.session_id)
+        self._s3("put_object", Key=marker, Body=signed_document(note, self.keys))
+        return marker
+
+    def quarantined(self, tenant: str, store: str) -> list[dict]:
+        """The store's sessions held outside its chain (their signed notes), in decision order;
+        a note that does not verify comes back as {"key", "problem"}."""
+        notes = []
+        for marker in self._list(f"{self.prefix}quarantine/{tenant}/{store}/"):
+            found = self._get(marker)
+            if found is None:
+                continue
+            try:
+                notes.append({**open_signed_document(found[0], self.keys), "marker": marker})
+            except (ChainSignatureError, ValueError, KeyError, TypeError) as exc:
+                notes.append({"marker": marker, "problem": f"quarantine note {marker}: {exc}"})
+        return notes
+
+    def drain_quarantine(self) -> list[str]:
+        """Chain every quarantined session whose store's chain takes appends again, in decision
+        order per store; returns their session ids. A store still refusing keeps its sessions."""
+        chained, refusing = [], set()
+        base = f"{self.prefix}quarantine/"
+        stores = {tuple(k[len(base):].split("/")[:2]) for k in self._list(base)}
+        for tenant, store in sorted(stores):
+            for note in self.quarantined(tenant, store):
+                if (tenant, store) in refusing or "problem" in note:
+                    continue
+                try:
+                    sealed = self._read_sealed(note["key"])
+                except (KeyError, RecordError) as exc:  # removed or altered meanwhile: verify says so
+                    log.error("quarantined session unreadable; left for verify", extra={"key": note["key"], "error": str(exc)})
+                    continue
+                if sealed.content_sha256() != note["content_sha256"]:
+                    log.error("quarantined session altered; not chained", extra={"key": note["key"]})
+                    continue
+                try:
+                    self._link(tenant, store, note["session_id"], note["key"], note["decided_ms"], note["user"], sealed, True)
+                except ArchiveTampered:
+                    refusing.add((tenant, store))
+                    continue
+                self._delete(note["marker"])
+                chained.append(note["session_id"])
+        return chained
 
     def _append(self, tenant: str, store: str, session_id: str, key: str, decided_ms: int, content: str, user: str | None) -> ChainEntry:
         for _ in range(MAX_APPEND_ATTEMPTS):
@@ -341,7 +414,7 @@ class ArchiveStore:
         (rare path: an archiver died, or lost a reply, between chaining a session and marking it)."""
         seqs = self._entry_seqs(tenant, store)
         for seq in seqs[self._first_index(tenant, store, seqs, stored_ms - SKEW_MS):]:
-            entry = self._entry(self._entry_key(tenant, store, seq))
+            entry = self._entry_or_tampered(self._entry_key(tenant, store, seq))
             if entry.session_id == session_id:
                 return entry
         return None
@@ -383,7 +456,7 @@ class ArchiveStore:
             pass
         if last is None:
             return seq, hash_, chained_ms
-        entry = self._entry(last)
+        entry = self._entry_or_tampered(last)
         return entry.seq, entry.hash, entry.chained_ms
 
     def _entry(self, key: str) -> ChainEntry:
@@ -391,6 +464,14 @@ class ArchiveStore:
         if found is None:
             raise ArchiveError(f"chain entry {key} vanished while being read")
         return ChainEntry.from_bytes(found[0], self.keys)
+
+    def _entry_or_tampered(self, key: str) -> ChainEntry:
+        """A chain entry the archiver must read to append: one that does not parse or verify
+        means the chain was tampered with, and appending after it would bury that."""
+        try:
+            return self._entry(key)
+        except (ChainSignatureError, ValueError, KeyError, TypeError) as exc:
+            raise ArchiveTampered(f"chain entry {key} is unreadable ({exc}); not appending (run verify)") from exc
 
     def _advance_head(self, tenant: str, store: str, entry: ChainEntry) -> None:
         """Compare-and-set, so the head never moves back when replicas finish out of order."""
@@ -501,10 +582,38 @@ class ArchiveStore:
             if start_ms <= entry.decided_ms < end_ms:
                 self._check_session(entry, by_content, retention, report)
         walked = {e.key for e in entries}
+        quarantined = self._check_quarantined(tenant, store, report)
         for ref in self.list_sessions(tenant, store, start, end):
-            if ref.key not in walked:
+            if ref.key not in walked and ref.key not in quarantined:
                 self._check_late_session(tenant, store, ref, by_content, retention, report)
         return report
+
+    def _check_quarantined(self, tenant: str, store: str, report: VerifyReport) -> set[str]:
+        """Every session held outside the store's chain, whatever the range (an operator must
+        act on them); each checked against its signed note. Returns their object keys."""
+        keys = set()
+        for note in self.quarantined(tenant, store):
+            if "problem" in note:
+                report.problems.append(Problem("altered", None, None, note["problem"]))
+                continue
+            keys.add(note["key"])
+            since = datetime.fromtimestamp(note["quarantined_ms"] / 1000, UTC).isoformat(timespec="seconds")
+            report.problems.append(Problem("quarantined", None, note["session_id"],
+                                           f"{note['key']} held outside the chain since {since}: {note['reason']}"))
+            found = self._get(note["key"])
+            if found is None:
+                report.problems.append(Problem("removed", None, note["session_id"], f"quarantined {note['key']} is missing"))
+                continue
+            try:
+                sealed = SealedSession.from_bytes(found[0])
+            except RecordError as exc:
+                report.problems.append(Problem("altered", None, note["session_id"], str(exc)))
+                continue
+            if sealed.content_sha256() != note["content_sha256"]:
+                report.problems.append(Problem("altered", None, note["session_id"], f"{note['key']}: content hash does not match its quarantine note"))
+            for problem in sealed.integrity_problems(self.keys):
+                report.problems.append(Problem("altered", None, note["session_id"], problem))
+        return keys
 
     def _check_head(self, tenant: str, store: str, seqs: list[int], report: VerifyReport) -> None:
         head, head_etag = self._head(tenant, store)
@@ -660,6 +769,9 @@ class ArchiveStore:
         self._s3("put_object", Key=f"{self._chain(tenant, store)}retention.json", Body=signed_document(checkpoint, self.keys))
         for key in doomed:  # chained or not: an archiver that died between writes leaves orphans
             self._delete(key)
+            ref = self._ref(key)
+            if ref:  # a session that expired while quarantined takes its note with it
+                self._delete(self._quarantine_key(tenant, store, ref.decided_ms, ref.session_id))
             report.deleted_sessions += 1
         for entry in expired:
             self._delete(self._marker_key(tenant, store, entry.session_id))

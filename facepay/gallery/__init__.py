@@ -44,6 +44,7 @@ __all__ = [
     "collection_name",
     "open_gallery",
     "point_id",
+    "wait_until_reachable",
 ]
 
 _LAZY = {"EdgeGallery": ".edge", "ShardBusyError": ".edge", "QdrantGallery": ".qdrant_server"}
@@ -63,6 +64,14 @@ def _after(url: str, scheme: str) -> str:
     if not rest:
         raise ValueError(f"gallery URL {url!r} has no directory")
     return rest
+
+
+def wait_until_reachable(gallery: Gallery, within_s: float) -> None:
+    """Wait for a gallery served by another process (a Qdrant server) to answer, within_s at most;
+    an in-process gallery (edge, qdrant-client local mode) answers at once."""
+    wait = getattr(gallery, "wait_until_reachable", None)
+    if wait is not None:
+        wait(within_s)
 
 
 def open_gallery(url: str) -> Gallery:

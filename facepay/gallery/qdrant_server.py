@@ -18,12 +18,13 @@ from __future__ import annotations
 
 import threading
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import numpy as np
 from qdrant_client import QdrantClient
 from qdrant_client import models as qm
+from qdrant_client.http.exceptions import ResponseHandlingException, UnexpectedResponse
 
 from .base import (
     INDEXED_FIELDS,
@@ -85,6 +86,7 @@ class QdrantGallery:
             url=url, path=None if path is None else str(path), location=location,
             api_key=api_key, timeout=timeout, **client_kwargs,
         )
+        self._url = url
         self._dims: dict[str, int] = {}  # collection name -> dim (immutable once created)
         self._lock = threading.Lock()
         self._closed = False
@@ -228,6 +230,17 @@ class QdrantGallery:
 
     # -- lifecycle --------------------------------------------------------------------------
 
+    def wait_until_reachable(self, within_s: float, on_wait: Callable[[str], None] = lambda _reason: None) -> None:
+        """A Qdrant server started after this process (a pod scheduled first) is waited for,
+        within_s at most (then DependencyUnavailable); a refused API key fails at once.
+        Local mode has nothing to wait for."""
+        if self._local:
+            return
+        from facepay.redaction import redact_url
+        from facepay.runtime.startup import wait_for
+
+        wait_for(f"qdrant at {redact_url(self._url or '')}", self._client.get_collections, _server_unreachable, within_s, on_wait)
+
     def close(self) -> None:
         if not self._closed:
             self._closed = True
@@ -238,3 +251,10 @@ class QdrantGallery:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _server_unreachable(exc: BaseException) -> bool:
+    """Refused, timed out, or a proxy's 502/503/504 while the server starts: passing."""
+    if isinstance(exc, ResponseHandlingException):
+        return True
+    return isinstance(exc, UnexpectedResponse) and exc.status_code in (502, 503, 504)

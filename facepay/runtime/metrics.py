@@ -23,6 +23,9 @@ STAGE_SECONDS = Histogram(
     buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
 )
 GROUP_LAG = Gauge("facepay_group_lag", "Entries not yet delivered to the consumer group (autoscaler input)", ["stage", "stream"])
+HEARTBEAT_AGE = Gauge("facepay_worker_heartbeat_age_seconds",
+                      "Seconds since the worker loop last turned (beats every turn; /livez fails past health_stale_s)",
+                      ["stage"])
 GROUP_PENDING = Gauge("facepay_group_pending", "Entries delivered but not acknowledged", ["stage", "stream"])
 FRAMES_ACCEPTED = Counter("facepay_gateway_frames_total", "Frames queued by the gateway", ["store"])
 FRAMES_REJECTED = Counter("facepay_gateway_frames_rejected_total", "Frames refused by the gateway", ["code"])
@@ -34,6 +37,9 @@ DECISION_LATENCY = Histogram(
 
 ARCHIVED = Counter("facepay_archive_sessions_total", "Sessions the archiver archived (complete, or with frames missing) "
                    "or released undecided", ["result"])
+ARCHIVE_QUARANTINED = Counter(
+    "facepay_archive_quarantined_sessions_total", "Sessions kept outside their store's hash chain because the chain refuses "
+    "appends (tampered or unreadable); alert on any increase", ["tenant", "store"])
 ARCHIVE_LEFT_OUT = Counter("facepay_archive_entries_left_out_total", "Entries not archived: they did not verify", ["stream"])
 
 

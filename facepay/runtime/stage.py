@@ -38,6 +38,8 @@ class Stage:
     # Message type → the components whose signature this stage accepts for it on its input;
     # anything else is dead-lettered as unauthenticated before it is decoded further.
     accepts_from: ClassVar[dict[str, frozenset[str]]] = {}
+    # Runs models on FACEPAY_DEVICE: the runtime checks that device before anything else.
+    uses_device: ClassVar[bool] = False
 
     def start(self) -> None:
         """Load models; called once before the first batch."""

@@ -2,12 +2,15 @@
 
 Life of a worker, one screen:
 
-    start → ensure consumer group → loop:
+    check the device → wait for Redis (startup_wait_s) → stage.start() → ensure consumer group → loop:
         reclaim entries left pending by dead consumers (XAUTOCLAIM), dead-letter the hopeless
         read a batch (XREADGROUP, up to batch_size entries or batch_wait_ms)
         decode → stage.process(batch) → write outputs + XACK in one MULTI/EXEC
         stage.tick() about once a second; refresh lag/pending gauges
     SIGTERM → finish the batch in hand → stage.stop()
+
+Every turn of the loop beats a heartbeat, served to Kubernetes' probes (`facepay.runtime.health`)
+and as the facepay_worker_heartbeat_age_seconds gauge.
 
 Delivery is at least once: an entry is acknowledged in the same transaction that writes its
 outputs, so a crash before that leaves it pending and another replica reclaims it. Outputs
@@ -33,6 +36,7 @@ import logging
 import os
 import signal
 import socket
+import threading
 import time
 import traceback
 from collections.abc import Callable, Sequence
@@ -44,10 +48,14 @@ import redis
 from facepay.config import Settings
 from facepay.keys import load_keyring
 from facepay.messages import FIELD, MalformedMessage, Message, decode
+from facepay.redaction import redact_url
 from facepay.runtime import metrics
 from facepay.runtime.envelope import Unauthenticated, open_entry, seal
+from facepay.runtime.health import Heartbeat, serve_health
 from facepay.runtime.redis_conn import Backoff, backpressure_kind, connect
 from facepay.runtime.stage import Emit, Stage, StageBacklog
+from facepay.runtime.startup import wait_for
+from facepay.vocabulary import Purpose
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -107,8 +115,9 @@ return {before_length - after_length, after_length}
 """
 
 BLOCK_MS = 1000
-# Streams whose entries hold face images or chips: kept image_retention_s, not stream_retention_s.
-IMAGE_STREAMS = ("frames", "faces", "aligned", "posed")
+# Streams whose entries hold biometric data (face images, chips, embeddings): kept
+# image_retention_s, not stream_retention_s.
+IMAGE_STREAMS = ("frames", "faces", "aligned", "posed", "embeddings")
 BACKPRESSURE_LOG_EVERY_S = 30.0
 
 
@@ -140,19 +149,53 @@ class StreamWorker:
         # nothing in it has been read, so it is not trimmed.
         output = getattr(stage, "output", None)
         self._awaits_group = {settings.key(output)} if output else set()
+        self.heartbeat = Heartbeat(settings.health_stale_s)
+        metrics.HEARTBEAT_AGE.labels(self.group).set_function(self.heartbeat.age_s)
 
     # ---- lifecycle -------------------------------------------------------------------------
     def run(self) -> None:
         self._install_signal_handlers()
-        self.stage.start()
-        self._until_accepted(lambda: self.redis.sadd(self.settings.key("workers", "ready"), self.consumer), "register worker")
-        log.info("worker started", extra={"stage": self.group, "stream": self.stream, "consumer": self.consumer})
+        # A GPU pod without its GPU fails here, loudly, before it touches the network.
+        self._check_device()
+        probes = serve_health(self.heartbeat, self.settings.health_port, self.settings.health_address)
         try:
-            while not self._stopping:
-                self.run_once()
+            if not self._wait_for_redis():
+                return  # asked to stop while waiting
+            self.stage.start()
+            try:
+                self._until_accepted(lambda: self.redis.sadd(self.settings.key("workers", "ready"), self.consumer),
+                                     "register worker")
+                self.heartbeat.started()
+                log.info("worker started", extra={"stage": self.group, "stream": self.stream, "consumer": self.consumer})
+                while not self._stopping:
+                    self.heartbeat.beat()
+                    self.run_once()
+            finally:
+                self.stage.stop()
+                log.info("worker stopped", extra={"stage": self.group, "consumer": self.consumer})
         finally:
-            self.stage.stop()
-            log.info("worker stopped", extra={"stage": self.group, "consumer": self.consumer})
+            if probes:
+                probes.close()
+
+    def _check_device(self) -> None:
+        """The device a model stage asked for (FACEPAY_DEVICE=cuda without CUDA raises
+        DeviceUnavailableError), checked before anything else; torch only for stages with models."""
+        if not self.stage.uses_device:
+            return
+        from facepay.models.device import resolve_device
+
+        device = resolve_device(self.settings.device)
+        log.info("device", extra={"stage": self.group, "requested": self.settings.device, "device": str(device)})
+
+    def _wait_for_redis(self) -> bool:
+        """Redis may come up after this worker (a pod scheduled first): wait startup_wait_s for it.
+        False when asked to stop meanwhile."""
+        where = redact_url(self.settings.redis_url)
+        answered = wait_for(f"redis at {where}", self.redis.ping, lambda exc: backpressure_kind(exc) is not None,
+                            self.settings.startup_wait_s, on_wait=self.heartbeat.waiting, stopping=lambda: self._stopping)
+        if answered:
+            self.heartbeat.redis_answered()
+        return answered
 
     def stop(self) -> None:
         self._stopping = True
@@ -181,6 +224,8 @@ class StreamWorker:
         self._resumed("loop")
 
     def _install_signal_handlers(self) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            return  # a worker run in a thread (tests, tools) is stopped with stop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, lambda *_: self.stop())
 
@@ -391,6 +436,7 @@ class StreamWorker:
 
     def _wait_out(self, kind: str, exc: Exception, what: str, at_most_s: float | None = None) -> None:
         metrics.BACKPRESSURE.labels(self.group, kind).inc()
+        self.heartbeat.waiting(f"{what}: {'a stage dependency' if kind == 'backlog' else 'redis'} {kind}")
         now = time.monotonic()
         if now - self._last_backpressure_log >= BACKPRESSURE_LOG_EVERY_S:
             self._last_backpressure_log = now
@@ -404,6 +450,7 @@ class StreamWorker:
         self._backoff.wait(at_most_s)
 
     def _resumed(self, what: str) -> None:
+        self.heartbeat.redis_answered()
         waited = self._backoff.reset()
         if waited is not None:
             self._last_backpressure_log = 0.0
@@ -548,4 +595,4 @@ def _not_kept(pairs: list[tuple[Entry, Message]]) -> list[bytes]:
     """Entries erased from the input stream once handled: enrollment photos and chips, and
     operator commands (a re-index carries embeddings). Payment frames stay for the retention
     period (audit replay); enrollment has no such use, and a deleted user must leave nothing."""
-    return [e.id for e, m in pairs if m.ref.purpose == "enroll" or m.TYPE == "admin"]
+    return [e.id for e, m in pairs if m.ref.purpose == Purpose.ENROLL or m.TYPE == "admin"]

@@ -52,6 +52,7 @@ class AlignerStage(PipeStage):
     output = "aligned"
     accepts = FaceMsg
     accepts_from = {t: frozenset({"detector"}) for t in ("face", "rejection", "end")}
+    uses_device = True
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings

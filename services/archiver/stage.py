@@ -2,8 +2,9 @@
 
 How a session's entries are gathered (the streams are the staging area; nothing is copied):
 
-- The archiver has its own consumer group `archiver` on the four per-frame streams (`frames`,
-  `faces`, `aligned`, `posed`: the "taps") and on `decisions` (its input, read by the runtime).
+- The archiver has its own consumer group `archiver` on the per-frame streams (`frames`,
+  `faces`, `aligned`, `posed`, and `embeddings` when the recognizer keeps them for the archive:
+  the "taps") and on `decisions` (its input, read by the runtime).
 - A tap entry it reads stays *pending* in its group: trimming never passes a group's pending
   entries, so the frame stays in Redis until its session is archived, however long the archive
   is down. Redis keeps only an index per open session: a set of "tap|entry id" strings (≈25 bytes
@@ -16,6 +17,9 @@ How a session's entries are gathered (the streams are the staging area; nothing 
   decision afterwards; a crash in between archives nothing twice (archive() is idempotent).
 - Archive down → `StageBacklog`: the runtime holds the decision pending and retries; the tap
   entries stay pending; lag grows; nothing is lost.
+- A store's chain refusing appends (tampered, unreadable) → the session is quarantined: sealed
+  in its place outside the chain, with a signed note, chained once the chain is restored. Not
+  held: one store's broken chain must not stall every store, nor keep frames in Redis for days.
 
 Why not let the recognizer carry everything: its messages hold chips, not the frame as received,
 and the per-stage outputs (boxes, landmarks, pose) are gone by then; copying them into Redis
@@ -35,6 +39,7 @@ import socket
 import threading
 import time
 from collections import defaultdict
+from dataclasses import dataclass, field
 
 import redis
 
@@ -45,12 +50,14 @@ from facepay.archive import (
 from facepay.config import Settings
 from facepay.keys import TrustedKeys, load_trusted
 from facepay.messages import (
-    FIELD, AlignedMsg, DecisionMsg, FaceMsg, FrameMsg, MalformedMessage, Message, PosedMsg, Rejection, SessionEndMsg, decode,
+    FIELD, AlignedMsg, DecisionMsg, EmbeddingMsg, FaceMsg, FrameMsg, MalformedMessage, Message, PosedMsg, Rejection,
+    SessionEndMsg, decode,
 )
 from facepay.runtime import metrics
 from facepay.runtime.envelope import Unauthenticated, image_digest, open_entry, origin_problem
 from facepay.runtime.redis_conn import connect
 from facepay.runtime.stage import Emit, Stage, StageBacklog
+from facepay.vocabulary import Purpose
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +68,8 @@ TAPS: dict[str, tuple[str, frozenset[str]]] = {
     "faces": ("detector", frozenset({"face", "rejection", "end"})),
     "aligned": ("aligner", frozenset({"aligned", "rejection", "end"})),
     "posed": ("pose", frozenset({"posed", "rejection", "end"})),
+    # only with archive_keep_embeddings (else empty): the recognizer's per-face embedding
+    "embeddings": ("recognizer", frozenset({"embedding"})),
 }
 READ_COUNT = 200
 
@@ -78,11 +87,11 @@ return 1
 """
 
 # The session is archived (or abandoned): mark it, acknowledge every indexed entry, drop the
-# index. KEYS: staged set, archived marker, open sessions, frames, faces, aligned, posed.
+# index. KEYS: staged set, archived marker, open sessions, frames, faces, aligned, posed, embeddings.
 # ARGV: group, marker ttl (s), session key, marker ("archived" | "released").
 _RELEASE = """
 redis.call('SET', KEYS[2], ARGV[4], 'EX', ARGV[2])
-local taps = {frames = KEYS[4], faces = KEYS[5], aligned = KEYS[6], posed = KEYS[7]}
+local taps = {frames = KEYS[4], faces = KEYS[5], aligned = KEYS[6], posed = KEYS[7], embeddings = KEYS[8]}
 local released = 0
 for _, member in ipairs(redis.call('SMEMBERS', KEYS[1])) do
   local tap, id = string.match(member, '^(%a+)|(.+)$')
@@ -92,6 +101,14 @@ redis.call('DEL', KEYS[1])
 redis.call('ZREM', KEYS[3], ARGV[3])
 return released
 """
+
+
+@dataclass
+class Gathered:
+    """A session's verified entries: sequence → tap → message, and the camera's frame count."""
+
+    frames: dict[int, dict[str, Message]] = field(default_factory=lambda: defaultdict(dict))
+    frame_count: int | None = None
 
 
 def session_key(store_id: str, session_id: str) -> str:
@@ -163,6 +180,7 @@ class ArchiverStage(Stage):
         self._reclaim_taps()
         self._release_orphans()
         self._sweep_when_due()
+        self._drain_quarantine_when_due()
         return []
 
     # ---- retention -------------------------------------------------------------------------
@@ -217,7 +235,7 @@ class ArchiverStage(Stage):
         for stream, entry_id, fields in entries:
             tap = stream.rsplit(":", 1)[-1]
             ref = self._ref_of(fields)
-            if ref is None or ref.purpose == "enroll":  # not a payment session's: nothing to keep
+            if ref is None or ref.purpose == Purpose.ENROLL:  # not a payment session's: nothing to keep
                 pipe.xack(stream, GROUP, entry_id)
                 continue
             key = session_key(ref.store_id, ref.session_id)
@@ -276,7 +294,7 @@ class ArchiverStage(Stage):
     def _release(self, key: str, marker: str) -> int:
         ttl = max(self.settings.archive_orphan_after_s, self.settings.max_frame_age_s, 3600)
         streams = [self._stream(t) for t in TAPS]
-        return int(self.redis.eval(_RELEASE, 7, *self._keys(key), *streams, GROUP, ttl, key, marker))
+        return int(self.redis.eval(_RELEASE, 3 + len(streams), *self._keys(key), *streams, GROUP, ttl, key, marker))
 
     # ---- archiving one decided session -----------------------------------------------------
     def _archive_decided(self, decision: DecisionMsg) -> None:
@@ -318,22 +336,23 @@ class ArchiverStage(Stage):
         return time.monotonic() - first >= grace_s
 
     @staticmethod
-    def _missing(event: dict, gathered: dict[int, dict[str, Message]]) -> list[int]:
+    def _missing(event: dict, gathered: Gathered) -> list[int]:
         """Frames the recognizer saw whose posed entry has not been gathered (yet)."""
         seen = int(event.get("frames_seen") or 0)
-        have = sum(1 for stages in gathered.values() if "posed" in stages)
+        have = sum(1 for stages in gathered.frames.values() if "posed" in stages)
         return [] if have >= seen else [seen - have]
 
-    def _gather(self, key: str) -> dict[int, dict[str, Message]]:
-        """sequence → tap → the verified message; entries that do not verify are left out (and
-        logged): the pipeline's stages dead-letter them too."""
+    def _gather(self, key: str) -> Gathered:
+        """sequence → tap → the verified message (and the frame count the camera announced);
+        entries that do not verify are left out (and logged): the pipeline's stages dead-letter
+        them too."""
         store_id, _, session_id = key.partition("/")
         members = sorted(m.decode() for m in self.redis.smembers(self._keys(key)[0]))
         pipe = self.redis.pipeline(transaction=False)
         for member in members:
             tap, _, entry_id = member.partition("|")
             pipe.xrange(self._stream(tap), entry_id, entry_id)
-        gathered: dict[int, dict[str, Message]] = defaultdict(dict)
+        gathered = Gathered()
         for member, found in zip(members, pipe.execute(), strict=True):
             tap = member.partition("|")[0]
             if not found:
@@ -346,9 +365,13 @@ class ArchiverStage(Stage):
                 log.error("entry left out of the archive: it does not verify",
                           extra={"session_id": key, "entry": member, "error": str(refused)})
                 continue
-            if (message.ref.store_id, message.ref.session_id) != (store_id, session_id) or isinstance(message, SessionEndMsg):
+            if (message.ref.store_id, message.ref.session_id) != (store_id, session_id):
                 continue
-            gathered[message.ref.sequence].setdefault(tap, message)  # at-least-once: keep the first
+            if isinstance(message, SessionEndMsg):
+                if tap == "frames":  # the gateway's: what the camera announced
+                    gathered.frame_count = message.frame_count
+                continue
+            gathered.frames[message.ref.sequence].setdefault(tap, message)  # at-least-once: keep the first
         return gathered
 
     def _verified(self, tap: str, fields: dict[bytes, bytes]) -> Message:
@@ -364,10 +387,11 @@ class ArchiverStage(Stage):
             raise Unauthenticated("frame image does not match the digest the gateway attested")
         return message
 
-    def _session(self, decision: DecisionMsg, event: dict, gathered: dict[int, dict[str, Message]]) -> ArchivedSession:
+    def _session(self, decision: DecisionMsg, event: dict, gathered: Gathered) -> ArchivedSession:
         ref = decision.ref
         scores = {int(f.get("sequence", -1)): f for f in decision.frames}
-        frames = [self._frame(seq, gathered.get(seq, {}), scores.get(seq, {})) for seq in sorted(set(gathered) | set(scores))]
+        frames = [self._frame(seq, gathered.frames.get(seq, {}), scores.get(seq, {}))
+                  for seq in sorted(set(gathered.frames) | set(scores))]
         first_ms = min((f.received_ms for f in frames if f.received_ms), default=int(event.get("first_frame_ms") or 0))
         return ArchivedSession(
             session_id=ref.session_id, tenant=event.get("tenant_id") or ref.tenant_id or "default",
@@ -375,13 +399,14 @@ class ArchiverStage(Stage):
             decided_ms=int(event.get("decided_at_ms") or 0),
             decision=SignedDecision(decision.payload, decision.signature, decision.key_id),
             models=dict(event.get("model_ids") or {}), threshold=float(event.get("threshold") or 0.0),
-            policy=dict(decision.policy), frames=frames)
+            policy=dict(decision.policy), frames=frames, frame_count=gathered.frame_count)
 
     @staticmethod
     def _frame(sequence: int, stages: dict[str, Message], scores: dict) -> ArchivedFrame:
-        frame, face, aligned, posed = (stages.get(t) for t in TAPS)
+        frame, face, aligned, posed = (stages.get(t) for t in ("frames", "faces", "aligned", "posed"))
+        embedding = stages.get("embeddings")
         image = frame.image if isinstance(frame, FrameMsg) else b""
-        received = next((m.ref.received_ms for m in stages.values()), 0)
+        ref = next((m.ref for m in stages.values()), None)  # the gateway's attested ref, on every stage's entry
         rejection = next((f"{m.stage}:{m.reason}" for m in (face, aligned, posed) if isinstance(m, Rejection)), None)
         if not stages:
             rejection = "frame_missing"
@@ -392,10 +417,12 @@ class ArchiverStage(Stage):
         if isinstance(aligned, AlignedMsg):
             liveness = {k: float(v) for k, v in (("antispoof", aligned.antispoof), ("liveness", aligned.liveness)) if v is not None}
         return ArchivedFrame(
-            index=sequence, received_ms=received, image=image, image_format=image_format(image),
+            index=sequence, received_ms=ref.received_ms if ref else 0, image=image, image_format=image_format(image),
+            captured_ms=ref.captured_ms if ref else 0, phone_suffix=ref.phone_suffix if ref else "",
             face_box=_box(face.frame_box) if isinstance(face, FaceMsg) else None,
             face_points=[_point(p) for p in face.points5] if isinstance(face, FaceMsg) else None,
             detector_score=float(face.score) if isinstance(face, FaceMsg) else None,
+            faces_in_frame=int(face.faces_in_frame) if isinstance(face, FaceMsg) else None,
             landmarks=[_point(p) for p in aligned.landmarks] if isinstance(aligned, AlignedMsg) else None,
             eye_aspect_ratio=float(sum(aligned.ear) / 2) if isinstance(aligned, AlignedMsg) else None,
             liveness=liveness,
@@ -403,20 +430,59 @@ class ArchiverStage(Stage):
             yaw=posed.yaw if isinstance(posed, PosedMsg) else None,
             roll=posed.roll if isinstance(posed, PosedMsg) else None,
             eligible=posed.eligible if isinstance(posed, PosedMsg) else None,
-            top_k=top_k, rejection=rejection or (scores.get("reason") or None))
+            top_k=top_k, second_score=float(scores["second_score"]) if "second_score" in scores else None,
+            embedding=[float(x) for x in embedding.vector] if isinstance(embedding, EmbeddingMsg) else None,
+            rejection=rejection or (scores.get("reason") or None))
 
     def _archive(self, session: ArchivedSession, key: str) -> None:
         """Archive, or hold the decision back (StageBacklog) while the archive cannot take it."""
         try:
-            if not self._bucket_ready:
-                self.store.ensure_bucket()
-                self._bucket_ready = True
+            self._ensure_bucket()
             self.store.archive(session)
+        except ArchiveTampered as exc:
+            self._quarantine(session, key, exc)
         except ArchiveUnavailable as exc:
             raise StageBacklog(f"archive unavailable; session {key} held: {exc}") from exc
-        except (ArchiveTampered, ArchiveAccessDenied, ArchiveKeyError) as exc:
+        except (ArchiveAccessDenied, ArchiveKeyError) as exc:
             # Waiting will not fix these, but releasing would lose the session: hold, loudly.
             log.error("archive refuses the session; held until an operator acts", extra={"session_id": key, "error": str(exc)})
             raise StageBacklog(f"archive refuses session {key}: {exc}") from exc
         except ArchiveError as exc:  # contention: retry
             raise StageBacklog(f"archive busy; session {key} held: {exc}") from exc
+
+    def _ensure_bucket(self) -> None:
+        if not self._bucket_ready:
+            self.store.ensure_bucket()
+            self._bucket_ready = True
+
+    def _quarantine(self, session: ArchivedSession, key: str, refused: ArchiveTampered) -> None:
+        """The store's chain refuses appends (a forged or missing head, an unreadable entry):
+        holding the decision would stall every store behind it and keep the frames in Redis
+        until someone looks. The session is kept sealed outside the chain instead, and chained
+        when the chain is whole again (`_drain_quarantine_when_due`)."""
+        try:
+            self.store.quarantine(session, str(refused))
+        except ArchiveUnavailable as exc:
+            raise StageBacklog(f"archive unavailable; session {key} held: {exc}") from exc
+        except ArchiveError as exc:
+            raise StageBacklog(f"archive refuses session {key} and its quarantine: {exc}") from exc
+        metrics.ARCHIVE_QUARANTINED.labels(session.tenant, session.store).inc()
+        log.error("store's archive chain refuses appends (tampered or unreadable): session kept outside the chain "
+                  "(quarantined) until the chain is restored; run `facepay audit verify`",
+                  extra={"session_id": key, "tenant": session.tenant, "store": session.store, "error": str(refused)})
+
+    def _drain_quarantine_when_due(self) -> None:
+        """Chain quarantined sessions whose store's chain takes appends again; one replica per
+        turn (SET NX with the retry period), so two never chain the same session."""
+        turn = self.settings.key(GROUP, "drain-turn")
+        if not self.redis.set(turn, self.consumer, nx=True, ex=self.settings.archive_quarantine_retry_s):
+            return
+        try:
+            self._ensure_bucket()  # a restarted archiver drains before its first new session
+            chained = self.store.drain_quarantine()
+        except ArchiveError as exc:  # the next turn retries
+            log.warning("quarantined sessions not drained this turn", extra={"error": str(exc)})
+            return
+        for session_id in chained:
+            log.warning("quarantined session chained: its store's chain takes appends again", extra={"session_id": session_id})
+        metrics.ARCHIVED.labels("chained_from_quarantine").inc(len(chained))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from facepay.vocabulary import Reason
 from services.detector.mtcnn import DetectedFace
 
 
@@ -29,13 +30,13 @@ def choose_payer(
     """(face, "") or (None, reason code) — no_face, face_too_small, multiple_faces."""
     faces = [f for f in faces if f.score >= rule.min_score]
     if not faces:
-        return None, "no_face"
+        return None, Reason.NO_FACE
     ranked = sorted(faces, key=lambda f: prominence(f, frame_w, frame_h), reverse=True)
     best = ranked[0]
     if len(ranked) > 1:
         ratio = prominence(ranked[1], frame_w, frame_h) / prominence(best, frame_w, frame_h)
         if ratio >= (rule.background_ratio if enrolling else rule.ambiguity_ratio):
-            return None, "multiple_faces"
+            return None, Reason.MULTIPLE_FACES
     if best.box[2] - best.box[0] < rule.min_face_px:
-        return None, "face_too_small"
+        return None, Reason.FACE_TOO_SMALL
     return best, ""

@@ -18,6 +18,7 @@ from facepay.messages import FaceMsg, FrameMsg, Message, reject
 from facepay.models.device import resolve_device
 from facepay.runtime.envelope import image_digest, origin_problem
 from facepay.runtime.stage import PipeStage
+from facepay.vocabulary import Purpose, Reason
 from services.detector.detectors import load_detector
 from services.detector.mtcnn import DetectedFace
 from services.detector.payer import PayerRule, choose_payer
@@ -33,6 +34,7 @@ class DetectorStage(PipeStage):
     output = "faces"
     accepts = FrameMsg
     accepts_from = {"frame": frozenset({"gateway"}), "end": frozenset({"gateway"})}
+    uses_device = True
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
@@ -64,7 +66,7 @@ class DetectorStage(PipeStage):
         return [
             self._lock_on_payer(frame, image, next(detections))
             if isinstance(image, np.ndarray)
-            else reject(frame, self.name, "unreadable_image", image)
+            else reject(frame, self.name, Reason.UNREADABLE_IMAGE, image)
             for frame, image in zip(batch, decoded, strict=True)
         ]
 
@@ -77,9 +79,9 @@ class DetectorStage(PipeStage):
 
     def _lock_on_payer(self, frame: FrameMsg, image, faces: list[DetectedFace]) -> Message:
         h, w = image.shape[:2]
-        payer, reason = choose_payer(faces, w, h, self.rule, enrolling=frame.ref.purpose == "enroll")
+        payer, reason = choose_payer(faces, w, h, self.rule, enrolling=frame.ref.purpose == Purpose.ENROLL)
         if payer is None:
-            return reject(frame, self.name, reason, f"{len(faces)} faces found")
+            return reject(frame, self.name, Reason(reason), f"{len(faces)} faces found")
         x1, y1, x2, y2 = payer.box
         mx, my = (x2 - x1) * CROP_MARGIN, (y2 - y1) * CROP_MARGIN
         cx1, cy1 = int(max(0, x1 - mx)), int(max(0, y1 - my))

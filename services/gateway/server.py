@@ -30,6 +30,7 @@ from facepay.messages import FIELD, FrameMsg, FrameRef, Message, SessionEndMsg
 from facepay.runtime import metrics
 from facepay.runtime.envelope import Unauthenticated, attest, open_entry, seal
 from facepay.runtime.redis_conn import TRANSIENT, connect
+from facepay.vocabulary import EnrollmentStatus, Purpose
 from services.gateway.cameras import AccessDenied, Camera, CameraRegistry
 from services.gateway.guard import (FrameLimits, FrameRefused, Guard, HealthCheckOnly, check_session, max_message_bytes,
                                     redis_errors_as_status)
@@ -42,6 +43,11 @@ ENTRY_ID = re.compile(r"^\d+(-\d+)?$")
 PHONE_SUFFIX = re.compile(r"^\d{0,8}$")
 ENROLL_TIMEOUT_S = 120.0
 REFUSAL_THREADS = 8  # beyond the shares: threads that answer refused calls at once
+# Health service names: "" (and the API's own) say "send me calls" — NOT_SERVING from SIGTERM on,
+# for readiness; LIVENESS says "this process answers" and stays SERVING while it drains, so a
+# liveness probe never restarts a gateway that is finishing its calls.
+SERVING_SERVICES = ("", "facepay.v1.FaceGateway")
+LIVENESS_SERVICE = "liveness"
 
 
 class Gateway(rpc.FaceGatewayServicer):
@@ -193,7 +199,7 @@ class Gateway(rpc.FaceGatewayServicer):
         last = self.redis.xrevrange(results_stream, count=1)
         cursor = last[0][0] if last else b"0-0"
         now = int(time.time() * 1000)
-        common = dict(session_id=session_id, store_id="", camera_id="enroll", captured_ms=now, purpose="enroll",
+        common = dict(session_id=session_id, store_id="", camera_id="enroll", captured_ms=now, purpose=Purpose.ENROLL,
                       user_id=request.user_id, tenant_id=request.tenant_id or "default",
                       phone_suffix=request.metadata.get("phone_suffix", ""), received_ms=now)
         for index, image in enumerate(request.images):
@@ -274,7 +280,7 @@ def _abort(context: grpc.ServicerContext, code: grpc.StatusCode, details: str) -
 
 
 def _enroll_response(result: dict) -> pb.EnrollResponse:
-    status = {"enrolled": pb.EnrollResponse.ENROLLED, "duplicate": pb.EnrollResponse.DUPLICATE}.get(
+    status = {EnrollmentStatus.ENROLLED: pb.EnrollResponse.ENROLLED, EnrollmentStatus.DUPLICATE: pb.EnrollResponse.DUPLICATE}.get(
         result["status"], pb.EnrollResponse.REJECTED)
     images = [pb.ImageVerdict(index=i["index"], accepted=i["accepted"],
                               reason=reason_value(i["reason"]) if i["reason"] else pb.REASON_UNSPECIFIED, detail=i["reason"])
@@ -286,10 +292,33 @@ def _enroll_response(result: dict) -> pb.EnrollResponse:
 class GatewayServer:
     """The gateway's gRPC server and, when configured, its health-only server."""
 
-    def __init__(self, main: grpc.Server, health_only: grpc.Server | None, guard: Guard) -> None:
+    def __init__(self, main: grpc.Server, health_only: grpc.Server | None, guard: Guard,
+                 health: health.HealthServicer, settings: Settings) -> None:
         self.main, self.health_only, self.guard = main, health_only, guard
+        self.health, self.settings = health, settings
+
+    def drain(self) -> threading.Event:
+        """What SIGTERM does: health answers NOT_SERVING at once (on both servers: they share the
+        servicer), so the load balancer takes this replica out; calls, new ones too, are served
+        for grpc_drain_s meanwhile; then new calls are refused and those in progress get
+        grpc_stop_grace_s to finish. Returns an event set once the server has stopped."""
+        for service in SERVING_SERVICES:
+            self.health.set(service, health_pb2.HealthCheckResponse.NOT_SERVING)
+        log.info("gateway draining", extra={"drain_s": self.settings.grpc_drain_s,
+                                            "grace_s": self.settings.grpc_stop_grace_s})
+        stopped = threading.Event()
+
+        def stop_after_drain() -> None:
+            time.sleep(self.settings.grpc_drain_s)  # serving on: endpoints take a while to forget us
+            self.stop(self.settings.grpc_stop_grace_s).wait()
+            log.info("gateway stopped")
+            stopped.set()
+
+        threading.Thread(target=stop_after_drain, name="gateway-drain", daemon=True).start()
+        return stopped
 
     def stop(self, grace: float | None) -> threading.Event:
+        self.health.enter_graceful_shutdown()
         self.guard.close()
         if self.health_only:
             self.health_only.stop(grace)
@@ -312,12 +341,13 @@ def serve(settings: Settings, registry: CameraRegistry) -> GatewayServer:
     guard = Guard(settings, registry)
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=threads, thread_name_prefix="gateway"),
                          interceptors=[guard],
-                         options=[("grpc.max_receive_message_length", max_message_bytes(settings))])
+                         options=[("grpc.max_receive_message_length", max_message_bytes(settings)),
+                                  *_connection_age_options(settings)])
     rpc.add_FaceGatewayServicer_to_server(Gateway(settings, registry), server)
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
-    health_servicer.set("facepay.v1.FaceGateway", health_pb2.HealthCheckResponse.SERVING)
+    for service in (*SERVING_SERVICES, LIVENESS_SERVICE):
+        health_servicer.set(service, health_pb2.HealthCheckResponse.SERVING)
     names = (pb.DESCRIPTOR.services_by_name["FaceGateway"].full_name, health.SERVICE_NAME, reflection.SERVICE_NAME)
     reflection.enable_server_reflection(names, server)
     _listen(server, settings.grpc_address, credentials)
@@ -325,7 +355,17 @@ def serve(settings: Settings, registry: CameraRegistry) -> GatewayServer:
     server.start()
     log.info("gateway listening", extra={"address": settings.grpc_address, "tls": credentials is not None,
                                          "health_address": settings.grpc_health_address})
-    return GatewayServer(server, health_only, guard)
+    return GatewayServer(server, health_only, guard, health_servicer, settings)
+
+
+def _connection_age_options(settings: Settings) -> list[tuple[str, int]]:
+    """Retire connections after grpc_max_connection_age_s (GOAWAY; clients reconnect, through the
+    load balancer, to any replica): an HTTP/2 connection carries every call of a camera for as
+    long as it lives, so without this a scale-up never gets the cameras already connected."""
+    if not settings.grpc_max_connection_age_s:
+        return []
+    return [("grpc.max_connection_age_ms", int(settings.grpc_max_connection_age_s * 1000)),
+            ("grpc.max_connection_age_grace_ms", int(settings.grpc_stop_grace_s * 1000))]
 
 
 def _listen(server: grpc.Server, address: str, credentials: grpc.ServerCredentials | None) -> None:

@@ -24,6 +24,8 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
+from facepay.vocabulary import Reason
+
 # The six iBUG-68 points used: rigid and well spread (lids, brows and jaw outline move or
 # are poorly localised), with their positions on a mean adult face in mm, axes as above.
 # x/y: the iBUG 300-W mean 2-D shape (the annotation dlib's predictor was trained on) scaled
@@ -125,12 +127,12 @@ class PoseGate:
     max_abs_pitch: float = 20.0
     max_abs_roll: float = 25.0
 
-    def check(self, pose: HeadPose) -> str | None:
+    def check(self, pose: HeadPose) -> Reason | None:
         """None when the pose is acceptable, else a stable reason code (yaw checked first)."""
         if abs(pose.yaw) > self.max_abs_yaw:
-            return "pose_yaw"
+            return Reason.POSE_YAW
         if abs(pose.pitch) > self.max_abs_pitch:
-            return "pose_pitch"
+            return Reason.POSE_PITCH
         if abs(pose.roll) > self.max_abs_roll:
-            return "pose_roll"
+            return Reason.POSE_ROLL
         return None

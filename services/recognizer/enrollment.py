@@ -15,6 +15,20 @@ import redis
 
 from facepay.config import Settings
 from facepay.gallery import Gallery, Template
+from facepay.messages import PosedMsg
+from facepay.vocabulary import Reason
+
+
+def quality_problem(face: PosedMsg, settings: Settings) -> Reason | None:
+    """Why an enrollment photo's face may not become part of a template, if it may not: a
+    template is only as good as its photos — large, sharp and (weakly) live enough."""
+    if face.face_px < settings.enroll_min_face_px:
+        return Reason.FACE_TOO_SMALL
+    if face.sharpness < settings.enroll_min_sharpness:
+        return Reason.BLURRY
+    if face.antispoof is not None and face.antispoof < settings.enroll_min_antispoof:
+        return Reason.SPOOF_SUSPECTED
+    return None
 
 
 def mean_template(samples: np.ndarray) -> np.ndarray:

@@ -17,6 +17,7 @@ import msgpack
 import redis
 
 from facepay.config import Settings
+from facepay.vocabulary import Purpose
 
 log = logging.getLogger(__name__)
 
@@ -33,7 +34,7 @@ def _erase_enrollment_sessions(client: redis.Redis, settings: Settings, user_id:
     erased = 0
     for key in client.scan_iter(match=settings.key("session", "*"), count=500):
         meta = client.hget(key, "meta")
-        if meta and (ref := msgpack.unpackb(meta)).get("purpose") == "enroll" and ref.get("user_id") == user_id:
+        if meta and (ref := msgpack.unpackb(meta)).get("purpose") == Purpose.ENROLL and ref.get("user_id") == user_id:
             erased += client.delete(key)
     return erased
 

@@ -18,8 +18,9 @@ from collections.abc import Callable
 import redis
 
 from facepay.config import FailureLimits, Settings
+from facepay.vocabulary import Reason
 
-COUNTED_FAILURES = {"unknown_face", "ambiguous_match", "no_liveness", "too_few_frames"}
+COUNTED_FAILURES = frozenset({Reason.UNKNOWN_FACE, Reason.AMBIGUOUS_MATCH, Reason.NO_LIVENESS, Reason.TOO_FEW_FRAMES})
 COUNTER_TTL_S = 30 * 24 * 3600
 MAX_DELAY_S = 24 * 3600
 

@@ -15,6 +15,7 @@ from typing import Any, TypeVar
 import numpy as np
 
 from facepay.config import SessionPolicy
+from facepay.vocabulary import POSE_REASONS, Reason
 
 FIRST_SHIPPED_MARGIN = 0.02
 FIRST_SHIPPED_MIN_AGREEING_FRAMES = 3
@@ -35,7 +36,7 @@ class FrameResult:
 
     sequence: int
     received_ms: int = 0
-    reason: str = ""  # set when the frame cannot vote: no_face, pose_yaw, …
+    reason: Reason | str = ""  # set when the frame cannot vote: no_face, pose_yaw, … (a stage's code as it wrote it)
     ear: float | None = None  # mean eye aspect ratio, when the eyes were found
     top_user: str = ""
     top_score: float = -1.0
@@ -54,13 +55,24 @@ class FrameResult:
 @dataclass(frozen=True)
 class Verdict:
     approve: bool
-    reasons: list[str]
-    rule: str  # the rule that decided: matched, no_face, timeout, …
+    reasons: list[Reason | str]
+    rule: Reason | str  # the rule that decided: matched, no_face, timeout, … (or a frame's reason, passed on)
     user_id: str = ""
     score: float = 0.0
     frames_seen: int = 0
     frames_eligible: int = 0
     votes: dict[str, int] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class RuleInForce:
+    """The session rule of one template space as decisions apply and name it: the policy with
+    the space's margin and k, the space's threshold, and where that threshold came from."""
+
+    space_id: str
+    threshold: float
+    threshold_source: str  # "setting", "calibrated" or "model default"
+    policy: SessionPolicy
 
 
 def blink_seen(ears: list[float], policy: SessionPolicy) -> bool:
@@ -94,7 +106,7 @@ def decide(
     if tally.agreed and not tally.face_changed and live and (tally.complete or policy.decide_early):
         scores = [r.top_score for r in tally.eligible if r.top_user == tally.winner and r.top_score >= threshold]
         score = float(np.median(scores))
-        return Verdict(True, ["matched"], "matched", user_id=tally.winner, score=score, **base)
+        return Verdict(True, [Reason.MATCHED], Reason.MATCHED, user_id=tally.winner, score=score, **base)
     if not tally.complete:
         return None
     best = max((r.top_score for r in tally.eligible), default=0.0)
@@ -208,29 +220,29 @@ def _passive_liveness_ok(eligible: list[FrameResult], policy: SessionPolicy) -> 
     return bool(scores) and float(np.median(scores)) >= policy.min_passive_liveness
 
 
-def _decline_reason(tally: Tally, policy: SessionPolicy, threshold: float) -> str:
+def _decline_reason(tally: Tally, policy: SessionPolicy, threshold: float) -> Reason | str:
     """The first rule the session failed, most telling first (only rules the policy has on)."""
     if tally.agreed and tally.face_changed:
-        return "face_changed"
+        return Reason.FACE_CHANGED
     if tally.agreed and policy.require_blink and not tally.blinked:
-        return "no_liveness"
+        return Reason.NO_LIVENESS
     if tally.agreed and not tally.passive_ok:
-        return "spoof_suspected"
+        return Reason.SPOOF_SUSPECTED
     results, eligible, votes, expected = tally.results, tally.eligible, tally.votes, tally.expected_frames
     if tally.timed_out and (expected is None or len(results) < expected) and not results:
-        return "timeout"
+        return Reason.TIMEOUT
     if not eligible:
         rejected = Counter(r.reason for r in results)
         if not rejected:
-            return "timeout"
-        if any(reason.startswith("pose_") for reason in rejected):
-            return "not_frontal"
+            return Reason.TIMEOUT
+        if any(reason in POSE_REASONS for reason in rejected):
+            return Reason.NOT_FRONTAL
         return rejected.most_common(1)[0][0]
     if not votes:
         near = any(r.top_score >= threshold for r in eligible)
-        return "ambiguous_match" if near else "unknown_face"
+        return Reason.AMBIGUOUS_MATCH if near else Reason.UNKNOWN_FACE
     if len(votes) > 1:
-        return "ambiguous_match"
+        return Reason.AMBIGUOUS_MATCH
     if tally.timed_out and expected is None:
-        return "timeout"
-    return "too_few_frames"
+        return Reason.TIMEOUT
+    return Reason.TOO_FEW_FRAMES
