@@ -25,7 +25,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from facepay.archive import (  # noqa: E402
+from facepay.archive import (
     ArchivedFrame,
     ArchivedSession,
     ArchiveKeys,
@@ -35,8 +35,8 @@ from facepay.archive import (  # noqa: E402
     EmbeddedS3,
     SignedDecision,
 )
-from facepay.archive.embedded import weed_binary  # noqa: E402
-from facepay.signing import sign  # noqa: E402
+from facepay.archive.embedded import weed_binary
+from facepay.signing import sign
 
 T0 = datetime(2026, 11, 28, 9, 0, tzinfo=UTC)
 

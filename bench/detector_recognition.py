@@ -66,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
               f"impostor 99th pct {np.percentile(impostor, 99):.4f}", flush=True)
     first, *others = args.detectors.split(",")
     for name in others:
-        cos = np.array([float(a @ b) for a, b in zip(vectors[first], vectors[name]) if a is not None and b is not None])
+        cos = np.array([float(a @ b) for a, b in zip(vectors[first], vectors[name], strict=True) if a is not None and b is not None])
         print(f"same photo, {first} vs {name}: embedding cosine median {np.median(cos):.4f}, "
               f"5th pct {np.percentile(cos, 5):.4f}, min {cos.min():.4f} ({len(cos)} photos)")
     return 0

@@ -31,7 +31,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from tests.conftest import FaceData, read_rgb  # noqa: E402
+from tests.conftest import FaceData, read_rgb
 
 KIOSK_INSET = 0.1
 
@@ -85,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
 
     mtcnn = load_detector("mtcnn")
     reference = [_largest(f).box if f else None for f in _detect_all(mtcnn, identity)]
-    kiosk = [_inset_crop(im, box, KIOSK_INSET) for im, box in zip(identity, reference) if box is not None]
+    kiosk = [_inset_crop(im, box, KIOSK_INSET) for im, box in zip(identity, reference, strict=True) if box is not None]
 
     # Faces a payer could be (at least the pipeline's 40 px) in the group photos, as MTCNN finds them.
     multi_reference = [[f.box for f in faces_ if f.score >= mtcnn.payer_min_score and f.box[2] - f.box[0] >= 40]
@@ -103,24 +103,24 @@ def main(argv: list[str] | None = None) -> int:
         seconds = time.perf_counter() - start
 
         def confident(found):
-            return [[f for f in faces_ if f.score >= bar] for faces_ in found]
+            return [[f for f in faces_ if f.score >= bar] for faces_ in found]  # noqa: B023 - used in this iteration
 
-        identity_misses = [r["path"] for r, f in zip(identity_rows, confident(found_identity)) if not f]
-        multi_short = {r["path"]: int(r["faces"]) - len(f) for r, f in zip(counted, confident(found_multi))
+        identity_misses = [r["path"] for r, f in zip(identity_rows, confident(found_identity), strict=True) if not f]
+        multi_short = {r["path"]: int(r["faces"]) - len(f) for r, f in zip(counted, confident(found_multi), strict=True)
                        if len(f) < int(r["faces"])}
         false_pos = sum(len(f) for f in confident(found_negative))
         lfw_misses = []
-        for r, im, f in zip(lfw_rows, lfw_images, confident(found_lfw)):
+        for r, im, f in zip(lfw_rows, lfw_images, confident(found_lfw), strict=True):
             cy, cx = im.shape[0] / 2, im.shape[1] / 2
             if not any(b.box[0] <= cx <= b.box[2] and b.box[1] <= cy <= b.box[3] for b in f):
                 lfw_misses.append(r["path"])
         kiosk_misses = sum(1 for f in confident(found_kiosk) if not f)
         sized_misses = sum(
-            1 for ref_faces, f in zip(multi_reference, confident(found_multi)) for ref in ref_faces
+            1 for ref_faces, f in zip(multi_reference, confident(found_multi), strict=True) for ref in ref_faces
             if not any(_iou(ref, x.box) >= 0.3 for x in f)
         )
         ious, widths, heights, shifts = [], [], [], []
-        for ref, f in zip(reference, found_identity):
+        for ref, f in zip(reference, found_identity, strict=True):
             if ref is None or not f:
                 continue
             best = max(f, key=lambda x: _iou(x.box, ref))

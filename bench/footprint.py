@@ -25,9 +25,9 @@ import redis
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.pipeline import sample_frames, wait_decisions  # noqa: E402
-from facepay.config import SessionPolicy  # noqa: E402
-from tests.e2e import camera, enroll, new_session, start_pipeline, wait_until_drained  # noqa: E402
+from bench.pipeline import sample_frames, wait_decisions
+from facepay.config import SessionPolicy
+from tests.e2e import camera, enroll, new_session, start_pipeline, wait_until_drained
 
 STREAMS = ("frames", "faces", "aligned", "posed", "decisions", "dead")
 

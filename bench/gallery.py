@@ -21,7 +21,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from facepay.gallery import Template, open_gallery  # noqa: E402
+from facepay.gallery import Template, open_gallery
 
 MODEL = "bench-model"
 

@@ -149,7 +149,7 @@ def detector_cases(device: torch.device, frame: np.ndarray, notes: list[str]) ->
                         ("blazeface", "BlazeFace front (128) detector"), ("blazeface-back", "BlazeFace back (256) detector")):
         try:
             detector = load_detector(name, device)
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - whatever stops a model loading is noted in the report
             notes.append(f"{label}: not benchmarked, does not load ({type(exc).__name__}: {exc})")
             continue
         cases.append(Case(label + ", 640×480", detector.model_id, "image",
@@ -205,7 +205,7 @@ def optional_cases(device: torch.device, inputs: Inputs, notes: list[str]) -> li
             cases.append(build())
         except ImportError as exc:
             notes.append(f"{label}: not benchmarked, does not import ({exc})")
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - whatever stops a model loading is noted in the report
             notes.append(f"{label}: not benchmarked, does not load ({type(exc).__name__}: {exc})")
     return cases
 
@@ -300,7 +300,7 @@ def main(argv: list[str] | None = None) -> int:
                     continue
                 try:
                     ms, _ = time_case(case, batch, args.warmup, args.repeats, args.budget, sync)
-                except Exception as exc:  # a wrapper still being written: note it, go on
+                except Exception as exc:  # noqa: BLE001 - a wrapper still being written: note it, go on
                     failed[case.name] = f"{case.name}: failed at threads={threads}, batch={batch} ({type(exc).__name__}: {exc})"
                     continue
                 results[(case.name, threads, batch)] = ms

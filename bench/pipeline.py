@@ -27,8 +27,8 @@ import redis
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from facepay.config import SessionPolicy  # noqa: E402
-from tests.e2e import camera, enroll, new_session, start_pipeline  # noqa: E402
+from facepay.config import SessionPolicy
+from tests.e2e import camera, enroll, new_session, start_pipeline
 
 # The real-face data as the tests find it (FACEPAY_TEST_DATA, default ../shared/data).
 DATA = Path(os.environ.get("FACEPAY_TEST_DATA", Path(__file__).resolve().parents[2] / "shared" / "data")) / "faces" / "identities"

@@ -23,11 +23,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.pipeline import sample_frames, wait_decisions  # noqa: E402
-from facepay.app.replay import ReplayOptions, run_replay  # noqa: E402
-from facepay.config import SessionPolicy  # noqa: E402
-from tests.e2e import camera, enroll, new_session, start_pipeline  # noqa: E402
-from tests.test_replay import archive_of  # noqa: E402
+from bench.pipeline import sample_frames, wait_decisions
+from facepay.app.replay import ReplayOptions, run_replay
+from facepay.config import SessionPolicy
+from tests.e2e import camera, enroll, new_session, start_pipeline
+from tests.test_replay import archive_of
 
 
 def main() -> None:

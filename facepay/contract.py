@@ -14,6 +14,7 @@ import shutil
 import tempfile
 from pathlib import Path
 from types import ModuleType
+from typing import TYPE_CHECKING
 
 from facepay.contract_codegen import PROTO_RELATIVE, STAMP_NAME, compile_proto, proto_digest
 
@@ -66,7 +67,11 @@ def _load() -> tuple[ModuleType, ModuleType]:
     )
 
 
-pb, rpc = _load()
+if TYPE_CHECKING:  # the type checker reads the generated messages through their .pyi
+    from facepay.v1 import facepay_pb2 as pb
+    from facepay.v1 import facepay_pb2_grpc as rpc
+else:
+    pb, rpc = _load()
 
 
 def reason_code(reason: int) -> str:
@@ -74,5 +79,5 @@ def reason_code(reason: int) -> str:
     return pb.Reason.Name(reason).lower()
 
 
-def reason_value(code: str) -> int:
+def reason_value(code: str) -> pb.Reason:
     return pb.Reason.Value(code.upper())

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import yaml
 from cryptography.exceptions import InvalidSignature
@@ -21,6 +22,9 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 from facepay.private_files import write_private
+
+if TYPE_CHECKING:
+    from facepay.config import Settings
 
 COMPONENTS = ("gateway", "detector", "aligner", "pose", "recognizer", "archiver", "operator")
 TRUSTED_FILE = "trusted.yaml"
@@ -121,6 +125,6 @@ def load_keyring(key_file: str, trusted_file: str, component: str, setting: str 
     return Keyring(signer, trusted)
 
 
-def operator_keyring(settings) -> Keyring:
+def operator_keyring(settings: Settings) -> Keyring:
     """The CLI's and rq workers' keys: the operator's signer and the trusted keys."""
     return load_keyring(settings.operator_key_file, settings.trusted_keys_file, "operator", "FACEPAY_OPERATOR_KEY_FILE")

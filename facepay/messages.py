@@ -178,7 +178,7 @@ def decode(raw: bytes) -> Message:
     try:
         data = msgpack.unpackb(raw, raw=False)
         version, kind = data.pop("v"), data.pop("t")
-    except Exception as exc:  # noqa: BLE001 - any decoding failure means the same thing
+    except Exception as exc:  # any decoding failure means the same thing
         raise MalformedMessage(f"not a facepay message: {exc}") from exc
     if version != SCHEMA_VERSION or not isinstance(kind, str) or kind not in _TYPES:
         raise MalformedMessage(f"unsupported message v={version!r} t={kind!r}")
@@ -204,6 +204,6 @@ def _plain(value: Any) -> Any:
     return value
 
 
-def _tuple_if_list(cls: type, name: str, value: Any) -> Any:
+def _tuple_if_list(cls: type[Message], name: str, value: Any) -> Any:
     annotation = cls.__dataclass_fields__[name].type
     return tuple(value) if isinstance(value, list) and str(annotation).startswith("tuple") else value

@@ -136,7 +136,7 @@ def test_real_pairs_separate_far_apart(offline, faces):
     """faces/pairs.csv: every same-person pair scores above every different-person pair."""
     pairs = faces.pairs()[:40] + [p for p in faces.pairs() if not p[2]][:40]
     paths = sorted({p for a, b, _ in pairs for p in (a, b)})
-    results = dict(zip(paths, offline.embed_images([read_rgb(p) for p in paths])))
+    results = dict(zip(paths, offline.embed_images([read_rgb(p) for p in paths]), strict=True))
     scores = {True: [], False: []}
     for a, b, same in pairs:
         if hasattr(results[a], "embedding") and hasattr(results[b], "embedding"):
@@ -229,7 +229,7 @@ def test_with_arcface_a_live_selfie_video_is_approved_and_a_replayed_still_decli
         backend, cam = Backend(pipeline, "store-1"), camera(pipeline, "cam-1")
         live, replay = new_session(), new_session()
         cam.stream_session(live, video_frames(clip, max_frames=90, every=2, start=30))
-        cam.stream_session(replay, [list(video_frames(clip, max_frames=1, start=60))[0]] * 30)
+        cam.stream_session(replay, [next(iter(video_frames(clip, max_frames=1, start=60)))] * 30)
         events = backend.wait_for([live, replay])
         assert events[live].decision == pb.APPROVE and events[live].user_id == "selfie-user", events[live]
         assert events[replay].decision == pb.DECLINE and list(events[replay].reasons) == ["no_liveness"]

@@ -160,7 +160,7 @@ def test_the_filer_and_volume_http_ports_refuse_requests_without_a_token(s3: Emb
     import urllib.request
 
     receipt = archive.archive(session_at(T0, photos))
-    master, _, volume, _, filer, _, _ = s3._ports
+    _master, _, volume, _, filer, _, _ = s3._ports
     attempts = [
         urllib.request.Request(f"http://127.0.0.1:{filer}/buckets/{archive.bucket}/{receipt.key}"),
         urllib.request.Request(f"http://127.0.0.1:{filer}/buckets/{archive.bucket}/"),
@@ -706,7 +706,7 @@ def test_a_keys_file_readable_by_its_own_group_only_is_accepted_as_kubernetes_mo
         assert ArchiveKeys.from_file(keys_file).tenants["acme"].current == "k1"
     for mode in (0o660, 0o604, 0o444):
         keys_file.chmod(mode)
-        with pytest.raises(ArchiveKeyError, match="readable by others|writable"):
+        with pytest.raises(ArchiveKeyError, match=r"readable by others|writable"):
             ArchiveKeys.from_file(keys_file)
 
 

@@ -19,7 +19,17 @@ from facepay import keys as component_keys
 from facepay.archive import ArchiveKeys, ArchiveSettings, ArchiveStore, EmbeddedS3
 from facepay.config import Settings
 from facepay.messages import (
-    FIELD, AlignedMsg, DecisionMsg, EmbeddingMsg, FaceMsg, FrameMsg, FrameRef, PosedMsg, Rejection, SessionEndMsg, decode,
+    FIELD,
+    AlignedMsg,
+    DecisionMsg,
+    EmbeddingMsg,
+    FaceMsg,
+    FrameMsg,
+    FrameRef,
+    PosedMsg,
+    Rejection,
+    SessionEndMsg,
+    decode,
 )
 from facepay.runtime.embedded import EmbeddedValkey
 from facepay.runtime.envelope import attest, seal

@@ -190,7 +190,7 @@ def test_failed_conversion_falls_back_to_onnxruntime_loudly(models, monkeypatch,
     assert any("onnxruntime on the CPU" in r.getMessage() and "Exotic" in r.getMessage() for r in caplog.records)
     batch = chips(2)
     np.testing.assert_allclose(emb.embed(batch), reference(models["a"], batch), atol=1e-5)
-    with pytest.raises(ByoModelError, match="onnx2torch cannot run"):
+    with pytest.raises(ByoModelError, match=r"onnx2torch cannot run"):
         OnnxEmbedder(models["onnx_a"], device="cpu", backend="onnx2torch")
 
 
@@ -300,13 +300,13 @@ def test_cuda_without_a_gpu_raises(models, kind):
 
 def test_missing_or_bad_files_give_clear_errors(tmp_path):
     missing = tmp_path / "nope.onnx"
-    with pytest.raises(FileNotFoundError, match="nope.onnx.*does not exist"):
+    with pytest.raises(FileNotFoundError, match=r"nope.onnx.*does not exist"):
         OnnxEmbedder(missing, device="cpu")
-    with pytest.raises(FileNotFoundError, match="does not exist"):
+    with pytest.raises(FileNotFoundError, match=r"does not exist"):
         TorchScriptEmbedder(tmp_path / "nope.pt", device="cpu")
-    with pytest.raises(FileNotFoundError, match="does not exist"):
+    with pytest.raises(FileNotFoundError, match=r"does not exist"):
         load_byo(f"onnx:{missing}", device="cpu")
-    with pytest.raises(FileNotFoundError, match="directory"):
+    with pytest.raises(FileNotFoundError, match=r"directory"):
         TorchScriptEmbedder(tmp_path, device="cpu")
     junk = tmp_path / "junk.onnx"
     junk.write_bytes(b"not a model")
@@ -321,15 +321,15 @@ def test_the_recognizer_setting_reads_a_byo_spec_the_way_load_byo_does(tmp_path,
     from services.recognizer.embedder import load_embedder
 
     # One parser: a spec load_byo accepts is never "an unknown recognizer model" to the worker.
-    with pytest.raises(FileNotFoundError, match="does not exist"):
+    with pytest.raises(FileNotFoundError, match=r"does not exist"):
         load_embedder(f"{kind}:{tmp_path / 'nope.model'}", device="cpu")
 
 
 def test_wrong_chips_and_wrong_graphs_are_refused(models, tmp_path):
     emb = TorchScriptEmbedder(models["ts_a"], device="cpu")
-    with pytest.raises(ValueError, match="112x112x3 uint8"):
+    with pytest.raises(ValueError, match=r"112x112x3 uint8"):
         emb.embed([np.zeros((150, 150, 3), np.uint8)])
-    with pytest.raises(ValueError, match="112x112x3 uint8"):
+    with pytest.raises(ValueError, match=r"112x112x3 uint8"):
         emb.embed([np.zeros((112, 112, 3), np.float32)])
     # A graph made for 160x160 inputs cannot read the aligner's 112x112 chips.
     wrong = tmp_path / "facenet160.onnx"
@@ -337,7 +337,7 @@ def test_wrong_chips_and_wrong_graphs_are_refused(models, tmp_path):
         warnings.simplefilter("ignore")
         torch.onnx.export(TinyArcFace(), (torch.zeros(1, 3, 160, 160),), str(wrong), dynamo=False,
                           input_names=["input"], output_names=["embedding"], dynamic_axes={"input": {0: "b"}})
-    with pytest.raises(ByoModelError, match="112"):
+    with pytest.raises(ByoModelError, match=r"112"):
         OnnxEmbedder(wrong, device="cpu")
 
 

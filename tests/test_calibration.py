@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from facepay.app.calibration import (
+    Embedded,
     ScoreSet,
     choose_threshold,
     clopper_pearson_upper,
@@ -22,6 +23,23 @@ from facepay.app.calibration import (
 
 GENUINE = np.array([0.95, 0.90, 0.85, 0.60])
 IMPOSTOR = np.array([0.10, 0.20, 0.30, 0.40, 0.50, 0.70, 0.88, 0.20, 0.30, 0.10])
+
+
+@pytest.mark.parametrize("most_central", [None, np.array([True, False])])
+def test_an_embedding_cache_reads_back_what_was_saved(tmp_path, most_central):
+    # most_central is None outside labelled mode; the cache is read without pickle (it may come from disk).
+    from pathlib import Path
+
+    embedded = Embedded([Path("a/1.jpg"), Path("b/2.jpg")], ["a", "b"], np.eye(2, dtype=np.float32),
+                        np.array([True, True]), ["", ""], ["", ""], np.array([80, 90]), np.array([5.0, 6.0]),
+                        1.5, "setup", most_central)
+    embedded.save(tmp_path / "cache.npz")
+    loaded = Embedded.load(tmp_path / "cache.npz")
+    assert loaded.labels == ["a", "b"] and loaded.setup == "setup"
+    if most_central is None:
+        assert loaded.most_central is None
+    else:
+        assert loaded.most_central is not None and loaded.most_central.tolist() == [True, False]
 
 
 def test_far_and_frr_follow_the_seed_definitions():
@@ -123,7 +141,7 @@ def test_offline_embedder_scores_what_the_pipeline_scores(faces, face_embedder):
     template = face_embedder.embedder.chip_template
     expected = face_embedder.embedder.embed([decode_trusted(m.chips[template]) for m in messages])
     got = face_embedder.embed_images([decode_image(p.read_bytes()) for p in paths])
-    for message, vector, face in zip(messages, expected, got):
+    for message, vector, face in zip(messages, expected, got, strict=True):
         assert isinstance(face, EmbeddedFace)
         assert float(face.embedding @ vector) > 0.9999
         assert face.pose.yaw == pytest.approx(message.yaw, abs=1e-3) and face.pose_reason == message.reason

@@ -80,24 +80,24 @@ def test_a_folder_is_its_photos_in_name_order_whatever_their_suffix(tmp_path):
 
 def test_a_file_that_is_neither_a_photo_nor_a_video_is_a_clear_error(tmp_path):
     (tmp_path / "notes.webm").write_text("not a video")
-    with pytest.raises(UnreadableMedia, match="notes.webm.*neither a photo nor a video"):
+    with pytest.raises(UnreadableMedia, match=r"notes.webm.*neither a photo nor a video"):
         frames_from_path(tmp_path / "notes.webm")
 
 
 def test_a_stray_file_in_a_folder_of_photos_is_named_in_the_error(tmp_path):
     cv2.imwrite(str(tmp_path / "a.png"), picture(0))
     (tmp_path / "readme.txt").write_text("my photos")
-    with pytest.raises(UnreadableMedia, match="readme.txt"):
+    with pytest.raises(UnreadableMedia, match=r"readme.txt"):
         frames_from_path(tmp_path)
 
 
 def test_a_video_in_a_folder_of_photos_is_a_clear_error(tmp_path):
     cv2.imwrite(str(tmp_path / "a.png"), picture(0))
     write_video(tmp_path / "clip.webm", "VP80", frames=3)
-    with pytest.raises(UnreadableMedia, match="clip.webm.*video"):
+    with pytest.raises(UnreadableMedia, match=r"clip.webm.*video"):
         frames_from_path(tmp_path)
 
 
 def test_a_missing_path_is_a_clear_error(tmp_path):
-    with pytest.raises(UnreadableMedia, match="nothing.mp4.*does not exist"):
+    with pytest.raises(UnreadableMedia, match=r"nothing.mp4.*does not exist"):
         frames_from_path(tmp_path / "nothing.mp4")

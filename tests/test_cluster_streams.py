@@ -9,6 +9,7 @@ through a primary's SIGKILL and through a slot migration, with traffic flowing.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import threading
 import time
@@ -72,7 +73,7 @@ class Workers:
         try:
             while not worker._stopping:
                 worker.run_once()
-        except BaseException as exc:  # surfaced by stop(): a worker must never crash on a failover
+        except BaseException as exc:  # noqa: BLE001 - surfaced by stop(): a worker must never crash on a failover
             self.errors.append(exc)
 
     def __enter__(self) -> Workers:
@@ -249,10 +250,8 @@ def migrate_slot(cluster: EmbeddedValkeyCluster, slot: int) -> None:
         src.execute_command("MIGRATE", "127.0.0.1", target.port, "", 0, 5000, "AUTH2", "admin", password,
                             "KEYS", *keys_left)
     for node in (target, source, *[n for n in cluster.live() if n not in (source, target)]):
-        try:
+        with contextlib.suppress(redis.ResponseError):  # a replica: it learns from its primary
             cluster.client(node).execute_command("CLUSTER SETSLOT", slot, "NODE", target_id)
-        except redis.ResponseError:  # a replica: it learns from its primary
-            pass
 
 
 def _serves(cluster, node, slot: int) -> bool:

@@ -25,7 +25,7 @@ def test_yaml_and_env_values_reach_every_level(tmp_path):
 
 
 def test_a_typo_at_the_top_level_of_the_yaml_file_is_an_error(tmp_path):
-    with pytest.raises(SettingsError, match="batch_sise.*batch_size"):
+    with pytest.raises(SettingsError, match=r"batch_sise.*batch_size"):
         from_yaml(tmp_path, "batch_sise: 4\n")
 
 
@@ -35,12 +35,12 @@ def test_a_typo_inside_a_section_of_the_yaml_file_is_an_error_naming_it(tmp_path
 
 
 def test_a_section_that_is_not_a_mapping_is_an_error(tmp_path):
-    with pytest.raises(SettingsError, match="policy"):
+    with pytest.raises(SettingsError, match=r"policy"):
         from_yaml(tmp_path, "policy: strict\n")
 
 
 def test_a_typo_in_a_section_environment_variable_is_an_error():
-    with pytest.raises(SettingsError, match="FACEPAY_POLICY_MIN_AGREING_FRAMES"):
+    with pytest.raises(SettingsError, match=r"FACEPAY_POLICY_MIN_AGREING_FRAMES"):
         load_settings({"FACEPAY_POLICY_MIN_AGREING_FRAMES": "2"})
 
 
@@ -87,7 +87,7 @@ def test_yaml_values_of_the_wrong_type_are_errors_naming_the_setting(tmp_path):
 
 
 def test_rules_across_settings_are_checked():
-    with pytest.raises(SettingsError, match="blink_closed_ratio.*blink_open_ratio"):
+    with pytest.raises(SettingsError, match=r"blink_closed_ratio.*blink_open_ratio"):
         Settings(policy=SessionPolicy(blink_closed_ratio=0.95, blink_open_ratio=0.9))
 
 

@@ -49,13 +49,13 @@ def test_own_sessions_run_every_rule_unless_liveness_is_relaxed_by_a_flag(tmp_pa
 def test_an_unreadable_file_of_ones_own_is_a_clear_error_before_anything_starts(tmp_path):
     people, _ = own_data(tmp_path)
     (tmp_path / "notes.webm").write_text("not a video")
-    with pytest.raises(UnreadableMedia, match="notes.webm"):
+    with pytest.raises(UnreadableMedia, match=r"notes.webm"):
         build_script(args(people, [tmp_path / "notes.webm"]))
 
 
 def test_a_person_folder_without_photos_is_a_clear_error(tmp_path):
     (tmp_path / "people" / "bob").mkdir(parents=True)
-    with pytest.raises(UnreadableMedia, match="bob.*no photo"):
+    with pytest.raises(UnreadableMedia, match=r"bob.*no photo"):
         build_script(args(tmp_path / "people"))
 
 

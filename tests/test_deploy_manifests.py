@@ -288,7 +288,7 @@ def _check_streams(docs, namespace: str) -> None:
 
 
 def test_keda_reads_the_stream_and_group_each_stage_consumes():
-    for name, docs in renderings().items():
+    for docs in renderings().values():
         namespace = of_kind(docs, "ConfigMap")["facepay-config"]["data"]["FACEPAY_NAMESPACE"]
         _check_streams(docs, namespace)
 
@@ -504,7 +504,7 @@ class Pod:
         base = {k: os.environ[k] for k in ("PATH", "LANG", "FACEPAY_MODEL_CACHE") if k in os.environ}
         self.process = subprocess.Popen([sys.executable, "-m", "facepay", *self.container["args"]], cwd=self.paths["/var/lib/facepay"],
                                         env={**base, "HOME": str(self.paths["/var/lib/facepay"]), "PYTHONPATH": str(ROOT), **self.env},
-                                        stdout=subprocess.DEVNULL, stderr=open(self.root / "stderr", "w"))
+                                        stdout=subprocess.DEVNULL, stderr=open(self.root / "stderr", "w"))  # noqa: SIM115 - the child writes it
         return self.process
 
     def stderr(self) -> str:

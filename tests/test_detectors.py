@@ -66,7 +66,7 @@ def test_detector_states_its_id_device_and_licence(detector) -> None:
 
 def test_every_identity_photo_has_a_confident_face(detector, identity_photos) -> None:
     found = _detect_in_chunks(detector, list(identity_photos.values()))
-    missed = [path for path, faces in zip(identity_photos, found) if not _confident(detector, faces)]
+    missed = [path for path, faces in zip(identity_photos, found, strict=True) if not _confident(detector, faces)]
     assert not missed, f"{detector.model_id}: no face at score ≥ {detector.payer_min_score} in {missed}"
 
 
@@ -81,7 +81,7 @@ def test_photos_without_people_have_no_confident_face(detector, faces: FaceData)
 def test_face_filling_the_frame_is_found(detector, kiosk_crops) -> None:
     found = _detect_in_chunks(detector, list(kiosk_crops.values()))
     missed = []
-    for (path, crop), faces in zip(kiosk_crops.items(), found):
+    for (path, crop), faces in zip(kiosk_crops.items(), found, strict=True):
         confident = _confident(detector, faces)
         if not confident:
             missed.append(path)
@@ -125,10 +125,10 @@ def assert_batch_matches_one_at_a_time(detector, images: list[np.ndarray]) -> li
     """Each image's faces in a batch are its faces alone (box and points within a pixel)."""
     batched = detector.detect(images)
     assert len(batched) == len(images)
-    for image, together in zip(images, batched):
+    for image, together in zip(images, batched, strict=True):
         (alone,) = detector.detect([image])
         assert len(together) == len(alone)
-        for a, b in zip(together, alone):
+        for a, b in zip(together, alone, strict=True):
             assert np.allclose(a.box, b.box, atol=1.0)
             assert np.allclose(a.points5, b.points5, atol=1.0)
             assert abs(a.score - b.score) < 1e-3
@@ -150,7 +150,7 @@ def test_scrfd_torch_conversion_matches_onnxruntime(astronaut: np.ndarray) -> No
     expected = session.run(None, {session.get_inputs()[0].name: batch})
     got = scrfd.raw_outputs(batch)
     assert [g.shape for g in got] == [e.shape for e in expected]
-    worst = max(float(np.abs(g - e).max()) for g, e in zip(got, expected))
+    worst = max(float(np.abs(g - e).max()) for g, e in zip(got, expected, strict=True))
     print(f"SCRFD torch vs onnxruntime: max abs difference {worst:.2e}")
     assert worst <= 1e-3
     assert max(float(score.max()) for score in expected[:3]) > 0.7  # the agreement covers a real face

@@ -212,7 +212,7 @@ def test_real_faces_match_dlib(
         f"\n[dlib vs torch] {len(chips)} faces: min cosine {cos.min():.9f} ({worst}), "
         f"max abs diff {diff.max():.2e}, mean abs diff {diff.mean():.2e}"
     )
-    assert (cos >= 0.999).all(), {name: c for name, c in zip(real_chips, cos) if c < 0.999}
+    assert (cos >= 0.999).all(), {name: c for name, c in zip(real_chips, cos, strict=True) if c < 0.999}
     assert diff.max() < 1e-4
 
 

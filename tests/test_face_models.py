@@ -71,7 +71,7 @@ def detect_all(hog: dlib.fhog_object_detector, image: np.ndarray, upsample: int 
     scale = min(1.0, _DETECT_MAX_SIDE / max(image.shape[:2]))
     small = image if scale == 1.0 else cv2.resize(image, None, fx=scale, fy=scale, interpolation=cv2.INTER_AREA)
     rects, scores, _ = hog.run(np.ascontiguousarray(small), upsample, 0.0)
-    ranked = [r for _, r in sorted(zip(scores, rects), key=lambda sr: -sr[0])]
+    ranked = [r for _, r in sorted(zip(scores, rects, strict=True), key=lambda sr: -sr[0])]
     return [(r.left() / scale, r.top() / scale, r.right() / scale, r.bottom() / scale) for r in ranked]
 
 
@@ -129,8 +129,8 @@ def identity_faces(
         (pts,) = landmarker.predict([image], [box])
         found[path] = ((image.shape[1], image.shape[0]), pts, dlib_face_chip(image, pts))
     raw = embedder.embed_raw([chip for _, _, chip in found.values()])
-    out: dict[Path, Face | None] = {p: None for p in paths}
-    for (path, (size, pts, _)), vec in zip(found.items(), raw):
+    out: dict[Path, Face | None] = dict.fromkeys(paths)
+    for (path, (size, pts, _)), vec in zip(found.items(), raw, strict=True):
         out[path] = Face(size, pts, vec / np.linalg.norm(vec), vec)
     return out
 
@@ -269,7 +269,7 @@ def test_eye_aspect_ratio(astronaut_landmarks: np.ndarray, identity_faces: dict[
         f"\n[ear] astronaut open {np.round(open_ear, 3).tolist()}, "
         f"synthetic closed {np.round(closed_ear, 3).tolist()}"
     )
-    assert all(c < 0.05 < 0.15 < o for c, o in zip(closed_ear, open_ear))
+    assert all(c < 0.05 < 0.15 < o for c, o in zip(closed_ear, open_ear, strict=True))
     ears = np.array([np.mean(eye_aspect_ratio(f.landmarks)) for f in identity_faces.values() if f is not None])
     inside = ((ears >= 0.15) & (ears <= 0.45)).mean()
     print(

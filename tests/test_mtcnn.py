@@ -37,7 +37,7 @@ def identity_faces(detector: MTCNN, faces: FaceData) -> dict[str, list[DetectedF
     found: dict[str, list[DetectedFace]] = {}
     for start in range(0, len(paths), 8):
         chunk = paths[start : start + 8]
-        found.update(zip(chunk, detector.detect([read_rgb(faces.path(p)) for p in chunk])))
+        found.update(zip(chunk, detector.detect([read_rgb(faces.path(p)) for p in chunk]), strict=True))
     return found
 
 

@@ -46,7 +46,7 @@ def run_photo_sessions(pipeline, faces):
         frames = [p.read_bytes() for p in paths[1:]]
         cam.stream_session(session, (frames * 3)[: max(3, len(frames))])
         expected[session] = name
-    for name, paths in strangers.items():
+    for paths in strangers.values():
         session = new_session()
         cam.stream_session(session, [paths[0].read_bytes()] * 3)
         expected[session] = None
@@ -122,7 +122,7 @@ def test_a_live_selfie_video_with_every_rule_on_is_approved(selfie_pipeline):
 def test_one_still_frame_replayed_is_a_photo_attack_declined_for_liveness(selfie_pipeline):
     pipeline, clip = selfie_pipeline
     backend, cam = Backend(pipeline, "store-1"), camera(pipeline, "cam-1")
-    still = list(video_frames(clip, max_frames=1, start=60))[0]
+    still = next(iter(video_frames(clip, max_frames=1, start=60)))
     session = new_session()
     cam.stream_session(session, [still] * 30)
     event = backend.wait_for([session])[session]
@@ -141,7 +141,7 @@ def test_cameras_of_two_stores_at_once_and_each_backend_sees_only_its_store(face
 
         def play(camera_id: str) -> None:
             cam = camera(pipeline, camera_id)
-            for name, paths in people:
+            for _name, paths in people:
                 session = new_session()
                 sessions[session] = cam.store_id
                 cam.stream_session(session, [paths[1].read_bytes()] * 3, fps=20)
@@ -199,7 +199,7 @@ def assert_metrics_exported(pipeline) -> None:
 
 def count_decisions(pipeline, session_ids) -> dict[str, int]:
     client = redis.Redis.from_url(pipeline.settings.redis_url)
-    counts = {s: 0 for s in session_ids}
+    counts = dict.fromkeys(session_ids, 0)
     for _, fields in client.xrange(pipeline.settings.key("decisions")):
         sid = json.loads(fields[b"payload"])["session_id"]
         if sid in counts:

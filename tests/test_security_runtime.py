@@ -31,8 +31,11 @@ from facepay.runtime.stage import Emit, PipeStage, Stage
 from facepay.runtime.worker import StreamWorker
 from services.gateway.cameras import CameraRegistry
 from services.gateway.server import serve
+from tests import test_runtime
 from tests.keysets import signing_as
-from tests.test_runtime import Upper, frame, keyset, outputs, pending, push, run_until, settings_with_keys  # noqa: F401 (keyset: a fixture)
+from tests.test_runtime import Upper, frame, outputs, pending, push, run_until, settings_with_keys
+
+keyset = test_runtime.keyset  # test_runtime's module-scoped fixture, used here by name
 
 REPO = Path(__file__).resolve().parents[1]
 

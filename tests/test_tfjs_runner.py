@@ -171,7 +171,7 @@ def test_runner_matches_tfjs(name: str, oracle: Path, astronaut: np.ndarray) -> 
         assert mine.shape == ref.shape, f"{name} {out_name}: {mine.shape} vs tfjs {ref.shape}"
         err, scale = float(np.abs(mine - ref).max()), float(np.abs(ref).max())
         print(
-            f"\n[tfjs] {name:9s} {out_name:22s} {str(ref.shape):16s} max |torch − tfjs| {err:.3g} "
+            f"\n[tfjs] {name:9s} {out_name:22s} {ref.shape!s:16s} max |torch − tfjs| {err:.3g} "
             f"(output scale {scale:.3g})",
             end="",
         )
@@ -317,10 +317,10 @@ def test_unknown_op_and_bad_inputs_fail_clearly(tmp_path: Path) -> None:
             n["op"] = "Cumsum"
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps(doc))
-    with pytest.raises(NotImplementedError, match="'Cumsum'.*'tanh'"):
+    with pytest.raises(NotImplementedError, match=r"'Cumsum'.*'tanh'"):
         TfjsGraphModel(bad, device="cpu")
     model = TfjsGraphModel(path, device="cpu")
-    with pytest.raises(ValueError, match="does not fit"):
+    with pytest.raises(ValueError, match=r"does not fit"):
         model.run(torch.zeros(1, 8, 9, 4))
     if not torch.cuda.is_available():
         with pytest.raises(DeviceUnavailableError):
@@ -387,7 +387,7 @@ def test_facemesh_agrees_with_dlib_landmarks(faces: FaceData, mtcnn, facemesh) -
         np.stack([five_points_from_68(p) for p in pred]) - np.stack([five_points_from_68(r) for r in ref]), axis=2
     ) / iod[:, None]
     yaw_diff = []
-    for (image, _, r), p in zip(items, pred):
+    for (image, _, r), p in zip(items, pred, strict=True):
         size = (image.shape[1], image.shape[0])
         a, b = head_pose(p, size), head_pose(r, size)
         yaw_diff.append([abs(a.yaw - b.yaw), abs(a.pitch - b.pitch), abs(a.roll - b.roll)])
@@ -439,7 +439,7 @@ def test_facemesh_eye_aspect_ratio_follows_dlib_on_video(faces: FaceData, faceme
                 boxes.append((2 * r.left(), 2 * r.top(), 2 * r.right(), 2 * r.bottom()))
         index += 1
     assert len(frames) >= 50
-    ear_dlib = np.array([np.mean(eye_aspect_ratio(landmarker.predict([f], [b])[0])) for f, b in zip(frames, boxes)])
+    ear_dlib = np.array([np.mean(eye_aspect_ratio(landmarker.predict([f], [b])[0])) for f, b in zip(frames, boxes, strict=True)])
     ear_mesh = np.array([np.mean(eye_aspect_ratio(mesh_to_68(r.mesh))) for r in facemesh.predict(frames, boxes)])
     corr = float(np.corrcoef(ear_dlib, ear_mesh)[0, 1])
     open_d, open_m = np.percentile(ear_dlib, 90), np.percentile(ear_mesh, 90)
@@ -466,7 +466,7 @@ def test_age_gender_plausible_on_named_people(model: str, identity_faces) -> Non
     result = predictor.predict([f[1] for f in found], [f[2].box for f in found], [f[2].points5 for f in found])
     right = wrong = 0
     misses = []
-    for (person, _, _), (age, gender, conf), path in zip(found, result, paths):
+    for (person, _, _), (_age, gender, conf), path in zip(found, result, paths, strict=True):
         assert 0.0 <= conf <= 1.0 and gender in ("female", "male")
         truth = "female" if person in NAMED_FEMALE else "male" if person in NAMED_MALE else None
         if truth is not None:
@@ -550,13 +550,13 @@ def test_faceres_embedder_verification(faces: FaceData, identity_faces) -> None:
     ours = embedder.embed(chips)
     assert ours.shape == (len(chips), 1024) and np.allclose(np.linalg.norm(ours, axis=1), 1.0, atol=1e-5)
     assert embedder.embed([]).shape == (0, 1024)
-    with pytest.raises(ValueError, match="dlib_face_chip"):
+    with pytest.raises(ValueError, match=r"dlib_face_chip"):
         embedder.embed([np.zeros((112, 112, 3), np.uint8)])
     theirs = dlib_embedder.embed(chips)
     pairs = faces.pairs()
-    vectors = dict(zip(paths, ours))
+    vectors = dict(zip(paths, ours, strict=True))
     fr = _verification(pairs, vectors)
-    dl = _verification(pairs, dict(zip(paths, theirs)))
+    dl = _verification(pairs, dict(zip(paths, theirs, strict=True)))
     scored = [(float(vectors[a] @ vectors[b]), same) for a, b, same in pairs if a in vectors and b in vectors]
     acc_default = sum((score >= embedder.default_threshold) == same for score, same in scored) / len(pairs)
     for name, v in (("faceres-hse-v1", fr), ("dlib-resnet-v1", dl)):

@@ -190,7 +190,7 @@ def tar_at_far(scores: ScoreSet, target: float, confidence: float = CONFIDENCE) 
     reason = not_measurable(len(scores.impostor), target)
     if reason:
         return {"target_far": target, "measurable": False, "reason": reason}
-    k = int(math.floor(target * len(scores.impostor) + 1e-9))
+    k = math.floor(target * len(scores.impostor) + 1e-9)
     s = threshold_for_errors(scores.impostor, k)
     far, frr = scores.far(s, confidence), scores.frr(s, confidence)
     return {"target_far": target, "measurable": True, "threshold": s, "tar": _num(1 - frr.value),
@@ -228,7 +228,7 @@ def choose_threshold(scores: ScoreSet, target_far: float = 1e-5, confidence: flo
         note = (f"smallest S whose {confidence:.0%} upper bound on FAR is <= {target_far:g} "
                 f"(at most {k} of {n} impostor pairs at or above it)")
     elif not not_measurable(n, target_far):
-        k = int(math.floor(target_far * n + 1e-9))
+        k = math.floor(target_far * n + 1e-9)
         basis, effective = "point_estimate", target_far
         note = (f"{n} impostor pairs cannot bound FAR at {target_far:g} with {confidence:.0%} confidence "
                 f"(needs >= {trials_for(target_far, confidence)} error-free pairs): smallest S whose measured "
@@ -262,14 +262,14 @@ def pair_scores(embeddings: np.ndarray, labels: Sequence[str], usable: np.ndarra
     genuine = np.where(both[same], sims[iu[same], ju[same]], -np.inf)
     imp_mask = ~same & both
     impostor = sims[iu[imp_mask], ju[imp_mask]]
-    ids, counts = np.unique(labels_arr, return_counts=True)
+    _ids, counts = np.unique(labels_arr, return_counts=True)
     usable_ids = np.unique(labels_arr[usable])
     return ScoreSet(genuine.astype(np.float64), impostor.astype(np.float64),
                     genuine_subjects=int((counts >= 2).sum()),
-                    impostor_subjects=int(len(usable_ids)) if len(usable_ids) >= 2 else 0)
+                    impostor_subjects=len(usable_ids) if len(usable_ids) >= 2 else 0)
 
 
-def identification(embeddings: np.ndarray, labels: Sequence[str], names: Sequence[str], usable: np.ndarray,
+def identification(embeddings: np.ndarray, labels: Sequence[str] | np.ndarray, names: Sequence[str], usable: np.ndarray,
                    enrolled_ids: set[str] | None = None, thresholds: dict[str, float] | None = None,
                    fpir_targets: Sequence[float] = FPIR_TARGETS, confidence: float = CONFIDENCE) -> dict[str, Any]:
     """1:N with one enrolled image per identity: its first usable image by name.
@@ -331,7 +331,7 @@ def identification(embeddings: np.ndarray, labels: Sequence[str], names: Sequenc
                 out["fnir_at_fpir"].append({"target_fpir": target, "measurable": False,
                                             "reason": reason.replace("impostor pairs", "non-mated probes")})
             else:
-                t = threshold_for_errors(n_sorted, int(math.floor(target * len(nonmated) + 1e-9)))
+                t = threshold_for_errors(n_sorted, math.floor(target * len(nonmated) + 1e-9))
                 out["fnir_at_fpir"].append({"target_fpir": target, "measurable": True, **at(t)})
     return out
 
@@ -424,18 +424,22 @@ class Embedded:
     most_central: np.ndarray | None = None  # labelled mode took the most central of several faces
 
     def save(self, path: Path) -> None:
-        np.savez_compressed(path, paths=np.array([str(p) for p in self.paths]), labels=np.array(self.labels),
-                            vectors=self.vectors, usable=self.usable, reasons=np.array(self.reasons),
-                            pose_reasons=np.array(self.pose_reasons), face_px=self.face_px,
-                            sharpness=self.sharpness, seconds=self.seconds, setup=self.setup,
-                            most_central=self.most_central)
+        # most_central only when there is one: None would be stored as a pickled object, which load refuses.
+        arrays: dict[str, Any] = dict(
+            paths=np.array([str(p) for p in self.paths]), labels=np.array(self.labels), vectors=self.vectors,
+            usable=self.usable, reasons=np.array(self.reasons), pose_reasons=np.array(self.pose_reasons),
+            face_px=self.face_px, sharpness=self.sharpness, seconds=self.seconds, setup=self.setup)
+        if self.most_central is not None:
+            arrays["most_central"] = self.most_central
+        np.savez_compressed(path, **arrays)
 
     @classmethod
     def load(cls, path: Path) -> Embedded:
         z = np.load(path, allow_pickle=False)
         return cls([Path(p) for p in z["paths"]], [str(x) for x in z["labels"]], z["vectors"], z["usable"],
                    [str(x) for x in z["reasons"]], [str(x) for x in z["pose_reasons"]], z["face_px"],
-                   z["sharpness"], float(z["seconds"]), str(z["setup"]), z["most_central"])
+                   z["sharpness"], float(z["seconds"]), str(z["setup"]),
+                   z["most_central"] if "most_central" in z.files else None)
 
 
 def embed_dataset(items: list[tuple[Path, str]], embedder, batch: int = 32,
@@ -460,7 +464,7 @@ def embed_dataset(items: list[tuple[Path, str]], embedder, batch: int = 32,
             progress(len(results), len(items))
     seconds = time.perf_counter() - start
     ok = np.array([not isinstance(r, Rejected) for r in results], bool)
-    dim = next((len(r.embedding) for r, good in zip(results, ok) if good), 1)
+    dim = next((len(r.embedding) for r, good in zip(results, ok, strict=True) if good), 1)
     vectors = np.zeros((len(results), dim), np.float32)
     for k in np.flatnonzero(ok):
         vectors[k] = results[k].embedding
@@ -533,7 +537,7 @@ def calibrate(data_dir: Path | str, out_dir: Path | str, target_far: float = 1e-
 
         embedder = FaceEmbedder(load_settings(), labelled=True)
     data = embedded_dataset(data_dir, embedder, cache, progress)
-    items = list(zip(data.paths, data.labels))
+    items = list(zip(data.paths, data.labels, strict=True))
     usable = data.usable.copy()
     if apply_pose_gate:
         usable &= np.array([not r for r in data.pose_reasons])
@@ -555,7 +559,7 @@ def calibrate(data_dir: Path | str, out_dir: Path | str, target_far: float = 1e-
         if r:
             failures[r] = failures.get(r, 0) + 1
     pose_failures: dict[str, int] = {}
-    for ok, r in zip(data.usable, data.pose_reasons):
+    for ok, r in zip(data.usable, data.pose_reasons, strict=True):
         if ok and r:
             pose_failures[r] = pose_failures.get(r, 0) + 1
 

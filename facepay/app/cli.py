@@ -350,6 +350,8 @@ def _cmd_keys(args) -> int:
     print(f"wrote {', '.join(f'{c}.key' for c in COMPONENTS)} (mode 0600) and {trusted.name} in {args.out}")
     print("give each process only its own key: FACEPAY_KEY_FILE=<component>.key, FACEPAY_TRUSTED_KEYS_FILE="
           f"{trusted}; the CLI and rq workers: FACEPAY_OPERATOR_KEY_FILE=operator.key")
+    return 0
+
 
 def _cmd_redis(args) -> int:
     from facepay import redis_acl

@@ -118,7 +118,7 @@ def _script_from_builtin_face() -> Script:
 def _shift(dx: int):
     import numpy as np
 
-    return np.float32([[1, 0, dx], [0, 1, 0]])
+    return np.array([[1, 0, dx], [0, 1, 0]], dtype=np.float32)
 
 
 def recognizer_notice(model: str) -> str:
@@ -258,7 +258,7 @@ def _pay_all(pipeline: Pipeline, script: Script) -> None:
         started = time.monotonic()
         camera.stream_session(session_id, session.frames, fps=12)
         with arrived:
-            arrived.wait_for(lambda: session_id in decisions, timeout=120)
+            arrived.wait_for(lambda: session_id in decisions, timeout=120)  # noqa: B023 - waited on in this iteration
         event = decisions.get(session_id)
         took = time.monotonic() - started
         if event is None:
@@ -282,12 +282,13 @@ def _show_archive(pipeline: Pipeline, session_ids: list[str], store: str = "stor
 
     from facepay.archive import ArchiveKeys, ArchiveSettings, ArchiveStore
 
-    if not pipeline.s3:
+    if not pipeline.s3 or not pipeline.s3.credentials:  # credentials: once the embedded S3 has started
         return
+    credentials = pipeline.s3.credentials
     archive = ArchiveStore(ArchiveSettings.from_url(pipeline.settings.archive_url),
                            ArchiveKeys.from_file(Path(pipeline.archive_keys_file)),
-                           access_key_id=pipeline.s3.credentials.access_key_id,
-                           secret_access_key=pipeline.s3.credentials.secret_access_key)
+                           access_key_id=credentials.access_key_id,
+                           secret_access_key=credentials.secret_access_key)
     archive.ensure_bucket()  # the archiver makes it with its first session, which may still be on its way
     start, deadline = datetime.now(UTC) - timedelta(hours=1), time.monotonic() + 30
     archived: set[str] = set()

@@ -57,5 +57,16 @@ def run_jobs(redis_url: str, queue_name: str, jobs: list[Job], inline_workers: i
     finally:
         for worker in workers:
             worker.wait(timeout=60)
-    return [j.return_value() if j.get_status() == "finished" else
-            {"job": j.id, "status": "failed", "error": str(j.latest_result().exc_string)[-300:]} for j in jobs]
+    return [_outcome(j) for j in jobs]
+
+
+def _outcome(job: Job) -> dict:
+    """What a finished job returned, or why it failed."""
+    if job.get_status() == "finished":
+        value = job.return_value()
+        if isinstance(value, dict):
+            return value
+        return {"job": job.id, "status": "failed", "error": f"returned {type(value).__name__}, not a dict"}
+    result = job.latest_result()
+    error = result.exc_string if result is not None else "no result recorded"
+    return {"job": job.id, "status": "failed", "error": str(error)[-300:]}

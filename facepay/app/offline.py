@@ -27,7 +27,7 @@ from services.detector.crop import crop_payer
 from services.detector.detectors import load_detector
 from services.detector.mtcnn import DetectedFace
 from services.detector.payer import PayerRule, choose_payer, rule_for
-from services.pose.headpose import HeadPose, PoseGate, head_pose  # noqa: F401  (HeadPose: a field type)
+from services.pose.headpose import HeadPose, PoseGate, head_pose
 from services.recognizer.embedder import load_embedder
 
 
@@ -93,7 +93,7 @@ class FaceEmbedder:
         out: list[EmbeddedFace | Rejected | None] = [None] * len(images)
         found: list[tuple[int, DetectedFace, bool, int]] = []
         crops, boxes, points5 = [], [], []
-        for i, (image, faces) in enumerate(zip(images, self.detector.detect(list(images)))):
+        for i, (image, faces) in enumerate(zip(images, self.detector.detect(list(images)), strict=True)):
             h, w = image.shape[:2]
             payer, reason = choose_payer(faces, w, h, self.rule, enrolling=self.enrolling)
             central = payer is None and reason == Reason.MULTIPLE_FACES and self.labelled
@@ -102,15 +102,15 @@ class FaceEmbedder:
             if payer is None:
                 out[i] = Rejected(reason, f"{len(faces)} faces found")
                 continue
-            crop = crop_payer(image, payer)
+            payer_crop = crop_payer(image, payer)
             found.append((i, payer, central, len(faces)))
-            crops.append(decode_trusted(crop.jpeg))  # as the aligner reads the detector's FaceMsg
-            boxes.append(crop.box)
-            points5.append(np.asarray(crop.points5, dtype=np.float32))
+            crops.append(decode_trusted(payer_crop.jpeg))  # as the aligner reads the detector's FaceMsg
+            boxes.append(payer_crop.box)
+            points5.append(np.asarray(payer_crop.points5, dtype=np.float32))
         landmarks = self.landmarks.predict(crops, boxes, points5) if crops else []
-        chips = [aligned_chips(crop, lm) for crop, lm in zip(crops, landmarks)]
+        chips = [aligned_chips(crop, lm) for crop, lm in zip(crops, landmarks, strict=True)]
         vectors = self.embedder.embed([c[self.embedder.chip_template] for c in chips])
-        for (i, payer, central, n_faces), crop, lm, face_chips, vector in zip(found, crops, landmarks, chips, vectors):
+        for (i, payer, central, n_faces), crop, lm, face_chips, vector in zip(found, crops, landmarks, chips, vectors, strict=True):
             pose = head_pose(lm, (crop.shape[1], crop.shape[0]))
             x1, y1, x2, y2 = (float(v) for v in payer.box)
             out[i] = EmbeddedFace(

@@ -227,7 +227,7 @@ def explain(session: ArchivedSession, replayed: dict | None, replayed_frames: li
     if before and gallery_users is not None and before not in gallery_users:
         causes.append(f"user deleted since: {before}")
     archived_candidates = {c.user_id for f in session.frames for c in f.top_k}
-    top_now = {f.get("top_user") for f in replayed_frames if f.get("top_user")}
+    top_now: set[str] = {f["top_user"] for f in replayed_frames if f.get("top_user")}
     enrolled_since = sorted((top_now | ({now} if now else set())) - archived_candidates - {before})
     if enrolled_since:
         causes.append("user enrolled since: " + ", ".join(enrolled_since))
@@ -253,7 +253,7 @@ def _thumbnail(image: bytes, height: int = 96) -> str:
         return ""
     scale = height / decoded.shape[0]
     small = cv2.resize(decoded, (max(1, int(decoded.shape[1] * scale)), height), interpolation=cv2.INTER_AREA)
-    return "data:image/jpeg;base64," + base64.b64encode(cv2.imencode(".jpg", small, [cv2.IMWRITE_JPEG_QUALITY, 80])[1]).decode()
+    return "data:image/jpeg;base64," + base64.b64encode(cv2.imencode(".jpg", small, [cv2.IMWRITE_JPEG_QUALITY, 80])[1].tobytes()).decode()
 
 
 def session_report(session: ArchivedSession, replayed: tuple[dict, DecisionMsg] | None,
@@ -286,12 +286,12 @@ def _gallery_users(settings: Settings, spaces: set[str], tenants: set[str]) -> s
 
     try:
         gallery = open_gallery(settings.gallery_url)
-    except Exception:  # noqa: BLE001 - the cause "user deleted" is then not offered
+    except Exception:  # the cause "user deleted" is then not offered
         log.warning("replay gallery not readable for the report", exc_info=True)
         return None
     try:
         return {u for space in spaces for t in tenants for u in gallery.list_users(space, t or None)}
-    except Exception:  # noqa: BLE001
+    except Exception:
         log.warning("replay gallery not listable for the report", exc_info=True)
         return None
     finally:
@@ -310,7 +310,7 @@ def run_replay(production: Settings, archive: ArchiveStore, options: ReplayOptio
     settings = replay_settings(production, workdir, sessions, options)
     run = ReplayRun(settings, workdir, replicas)
     found: dict = {}
-    timings = {"sessions": len(sessions), "frames": sum(len(s.frames) for s in sessions)}
+    timings: dict[str, float] = {"sessions": len(sessions), "frames": sum(len(s.frames) for s in sessions)}
     try:
         if sessions:
             run.start()
@@ -349,6 +349,11 @@ def _without_thumbnails(report: dict) -> dict:
     return copy
 
 
+def _verdict(e: dict) -> str:
+    return (f"{e.get('decision', 'none')} {e.get('user_id') or ''} ({e.get('score', '')} vs {e.get('threshold', '')}, "
+            f"rule {e.get('rule', '')})")
+
+
 def render_html(report: dict) -> str:
     esc = html.escape
     meta = report["replay"]
@@ -360,12 +365,11 @@ def render_html(report: dict) -> str:
             f'{esc(_scores(f["original_top"], f.get("original_second"), f["original_rejection"]))} → '
             f'{esc(_scores(f["replayed_top"], f.get("replayed_second"), f["replayed_rejection"]))}</figcaption></figure>'
             for f in s["frames"])
-        verdict = lambda e: f"{e.get('decision', 'none')} {e.get('user_id') or ''} ({e.get('score', '')} vs {e.get('threshold', '')}, rule {e.get('rule', '')})"  # noqa: E731
         rows.append(
             f'<section class="{"diff" if s["differs"] else "same"}"><h2>{esc(s["store"])} / {esc(s["session_id"])} '
             f'<small>camera {esc(s["camera"])}</small></h2>'
-            f"<table><tr><th>original</th><td>{esc(verdict(o))}</td></tr>"
-            f"<tr><th>replayed</th><td>{esc(verdict(r)) if r else 'not decided'}</td></tr>"
+            f"<table><tr><th>original</th><td>{esc(_verdict(o))}</td></tr>"
+            f"<tr><th>replayed</th><td>{esc(_verdict(r)) if r else 'not decided'}</td></tr>"
             + (f"<tr><th>causes</th><td>{esc('; '.join(s['causes']))}</td></tr>" if s["differs"] else "")
             + f'</table><div class="frames">{frames}</div></section>')
     return f"""<!doctype html><meta charset="utf-8"><title>facepay replay</title>

@@ -111,7 +111,7 @@ def build_sessions(data: Embedded, design: SessionDesign = SessionDesign()) -> S
     people = sorted(by_person)
     rng = np.random.default_rng(design.seed)
     fold_of = {p: int(f) for p, f in zip([people[i] for i in rng.permutation(len(people))],
-                                         np.arange(len(people)) % design.folds)}
+                                         np.arange(len(people)) % design.folds, strict=True)}
 
     def gallery(without_fold: int) -> Gallery:
         users = [p for p in people if p in enrolment and fold_of[p] != without_fold]

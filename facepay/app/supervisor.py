@@ -61,7 +61,7 @@ def demo_access(stores: dict[str, list[str]], tenant: str = "demo") -> dict:
     }
 
 
-def component_secrets(env: dict[str, str], component: str, valkey: EmbeddedValkey | None,
+def component_secrets(env: dict[str, str], component: str, valkey: EmbeddedValkey | EmbeddedValkeyCluster | None,
                       keys_dir: Path) -> dict[str, str]:
     """Only what `component` needs: its own message-signing key and everyone's public keys (the
     operator's key stays with the supervisor, which acts as the operator), its own Redis user on
@@ -91,7 +91,7 @@ class Pipeline:
         self.workdir = Path(workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.access = access
-        self.replicas = {name: 1 for name in STAGES} | (replicas or {})
+        self.replicas = dict.fromkeys(STAGES, 1) | (replicas or {})
         self._owns_valkey = valkey is None
         self.valkey = valkey or (EmbeddedValkey(self.workdir / "valkey", namespace=settings.namespace) if embedded else None)
         self.gateway = gateway  # False: workers only, fed by the caller (a replay)

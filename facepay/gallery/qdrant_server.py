@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import threading
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import numpy as np
@@ -58,6 +58,11 @@ def _filter(
         if value is not None
     ]
     return qm.Filter(must=must) if must else None
+
+
+def _user_filter(user_id: str) -> qm.Filter:
+    """Exactly one user's points: what a delete is scoped by (a None filter would match every point)."""
+    return qm.Filter(must=[qm.FieldCondition(key="user_id", match=qm.MatchValue(value=user_id))])
 
 
 class QdrantGallery:
@@ -163,7 +168,7 @@ class QdrantGallery:
         name = collection_name(model_id)
         if self._dim_of_existing(name) is None:
             return 0
-        flt = _filter(user_id=user_id)
+        flt = _user_filter(user_id)
         n = self._client.count(name, count_filter=flt, exact=True).count
         if n:
             self._client.delete(name, points_selector=qm.FilterSelector(filter=flt), wait=True)
@@ -196,7 +201,7 @@ class QdrantGallery:
         hits = dedupe_hits((h.score, h.payload or {}) for g in result.groups for h in g.hits)
         return hits[:limit]
 
-    def _payloads(self, model_id: str, flt) -> Iterator[dict]:
+    def _payloads(self, model_id: str, flt: qm.Filter | None) -> Iterator[dict]:
         """Every matching point's payload, page by page (no vectors)."""
         name = collection_name(model_id)
         if self._dim_of_existing(name) is None:
@@ -225,7 +230,7 @@ class QdrantGallery:
 
     # -- lifecycle --------------------------------------------------------------------------
 
-    def wait_until_reachable(self, within_s: float, on_wait=lambda _reason: None) -> None:
+    def wait_until_reachable(self, within_s: float, on_wait: Callable[[str], None] = lambda _reason: None) -> None:
         """A Qdrant server started after this process (a pod scheduled first) is waited for,
         within_s at most (then DependencyUnavailable); a refused API key fails at once.
         Local mode has nothing to wait for."""
@@ -241,7 +246,7 @@ class QdrantGallery:
             self._closed = True
             self._client.close()
 
-    def __enter__(self) -> "QdrantGallery":
+    def __enter__(self) -> QdrantGallery:
         return self
 
     def __exit__(self, *exc: object) -> None:

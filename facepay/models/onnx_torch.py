@@ -26,7 +26,7 @@ def _torchvision_importable() -> bool:
     try:
         importlib.import_module("torchvision")
         return True
-    except Exception as exc:  # the CUDA wheel against CPU torch raises RuntimeError
+    except Exception as exc:  # noqa: BLE001 - the CUDA wheel against CPU torch raises RuntimeError
         log.debug("torchvision does not import (%s); onnx2torch gets a stand-in", exc)
         for key in [k for k in sys.modules if k == "torchvision" or k.startswith("torchvision.")]:
             del sys.modules[key]

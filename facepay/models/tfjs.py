@@ -203,8 +203,27 @@ def _activation(name: str, node: Mapping[str, Any]) -> Callable[[Tensor, Tensor 
         alpha = _attr(node, "leakyrelu_alpha", 0.2)
         return lambda y, a: F.leaky_relu(y, alpha)
     if name == "Prelu":
-        return _prelu
+        def prelu(y: Tensor, alpha: Tensor | None) -> Tensor:
+            if alpha is None:
+                raise TfjsFormatError(f"{node['name']}: Prelu without its alpha")
+            return _prelu(y, alpha)
+        return prelu
     return None
+
+
+_FusedStep = Callable[[Tensor, Sequence[Tensor]], Tensor]  # y, the node's extra args → y
+
+
+def _bias_add(i: int) -> _FusedStep:
+    return lambda y, args: y + args[i]
+
+
+def _batch_norm(i: int, epsilon: float) -> _FusedStep:  # args[i:i + 4]: scale, offset, mean, variance
+    return lambda y, args: (y - args[i + 2]) * torch.rsqrt(args[i + 3] + epsilon) * args[i] + args[i + 1]
+
+
+def _activate_with(act: Callable[[Tensor, Tensor | None], Tensor], alpha: int | None) -> _FusedStep:
+    return lambda y, args: act(y, None if alpha is None else args[alpha])
 
 
 def _fused_tail(node: Mapping[str, Any], skip_bias: bool = False) -> Callable[[Tensor, Sequence[Tensor]], Tensor]:
@@ -213,7 +232,7 @@ def _fused_tail(node: Mapping[str, Any], skip_bias: bool = False) -> Callable[[T
     a leading BiasAdd is left out (the caller passed args[0] to the conv as its bias)."""
     ops = list(_attr(node, "fused_ops", []))
     epsilon = _attr(node, "epsilon", 1e-3)
-    steps: list[Callable[[Tensor, Sequence[Tensor]], Tensor]] = []
+    steps: list[_FusedStep] = []
     arg = 0
     if skip_bias:
         if not ops or ops[0] != "BiasAdd":
@@ -221,25 +240,20 @@ def _fused_tail(node: Mapping[str, Any], skip_bias: bool = False) -> Callable[[T
         ops, arg = ops[1:], 1
     for op in ops:
         if op == "BiasAdd":
-            i = arg
-            steps.append(lambda y, args, i=i: y + args[i])
+            steps.append(_bias_add(arg))
             arg += 1
         elif op == "FusedBatchNorm":
-            i = arg
-            steps.append(
-                lambda y, args, i=i: (y - args[i + 2]) * torch.rsqrt(args[i + 3] + epsilon) * args[i] + args[i + 1]
-            )
+            steps.append(_batch_norm(arg, epsilon))
             arg += 4
         else:
             act = _activation(op, node)
             if act is None:
                 raise NotImplementedError(f"{node['op']} fused op {op!r} (node {node['name']})")
             if op == "Prelu":
-                i = arg
-                steps.append(lambda y, args, i=i, act=act: act(y, args[i]))
+                steps.append(_activate_with(act, arg))
                 arg += 1
             else:
-                steps.append(lambda y, args, act=act: act(y, None))
+                steps.append(_activate_with(act, None))
 
     def tail(y: Tensor, args: Sequence[Tensor]) -> Tensor:
         for step in steps:
@@ -296,7 +310,7 @@ def _op(*names: str):
 
 
 def _conv_builder(depthwise: bool, fused: bool) -> Builder:
-    def build(model: "TfjsGraphModel", node: dict) -> Callable[..., Tensor]:
+    def build(model: TfjsGraphModel, node: dict) -> Callable[..., Tensor]:
         _check_nhwc(node)
         strides, dilations = _hw(_attr(node, "strides")), _hw(_attr(node, "dilations"))
         filt = model.const(node["input"][1])  # HWIO, or H W C multiplier for depthwise
@@ -338,7 +352,7 @@ _op("FusedDepthwiseConv2dNative")(_conv_builder(depthwise=True, fused=True))
 
 
 @_op("MaxPool", "AvgPool")
-def _pool(model: "TfjsGraphModel", node: dict) -> Callable[..., Tensor]:
+def _pool(model: TfjsGraphModel, node: dict) -> Callable[..., Tensor]:
     _check_nhwc(node)
     kernel, strides = _hw(_attr(node, "ksize")), _hw(_attr(node, "strides"))
     is_max = node["op"] == "MaxPool"
@@ -363,7 +377,7 @@ def _pool(model: "TfjsGraphModel", node: dict) -> Callable[..., Tensor]:
 
 
 @_op("MatMul", "_FusedMatMul")
-def _matmul(model: "TfjsGraphModel", node: dict) -> Callable[..., Tensor]:
+def _matmul(model: TfjsGraphModel, node: dict) -> Callable[..., Tensor]:
     ta, tb = _attr(node, "transpose_a", False), _attr(node, "transpose_b", False)
     tail = _fused_tail(node) if node["op"] == "_FusedMatMul" else None
     weight = None
@@ -415,13 +429,13 @@ _op("Identity", "StopGradient", "Snapshot")(_unary(lambda x: x))
 
 
 @_op("LeakyRelu")
-def _leaky(model: "TfjsGraphModel", node: dict) -> Callable[..., Tensor]:
+def _leaky(model: TfjsGraphModel, node: dict) -> Callable[..., Tensor]:
     alpha = _attr(node, "alpha", 0.2)
     return lambda x: F.leaky_relu(x, alpha)
 
 
 @_op("Sum", "Mean", "Max", "Min", "Prod")
-def _reduce(model: "TfjsGraphModel", node: dict) -> Callable[..., Tensor]:
+def _reduce(model: TfjsGraphModel, node: dict) -> Callable[..., Tensor]:
     axes_value = model.const(node["input"][1])
     keep = _attr(node, "keep_dims", False)
     op = node["op"]
@@ -444,13 +458,13 @@ def _reduce(model: "TfjsGraphModel", node: dict) -> Callable[..., Tensor]:
 
 
 @_op("Reshape")
-def _reshape(model: "TfjsGraphModel", node: dict) -> Callable[..., Tensor]:
+def _reshape(model: TfjsGraphModel, node: dict) -> Callable[..., Tensor]:
     shape = [int(v) for v in model.const(node["input"][1]).reshape(-1)]
     return lambda x, _shape: x.reshape(shape)
 
 
 @_op("Squeeze")
-def _squeeze(model: "TfjsGraphModel", node: dict) -> Callable[..., Tensor]:
+def _squeeze(model: TfjsGraphModel, node: dict) -> Callable[..., Tensor]:
     dims = _attr(node, "squeeze_dims", []) or _attr(node, "axis", [])
 
     def run(x: Tensor) -> Tensor:
@@ -466,19 +480,19 @@ def _squeeze(model: "TfjsGraphModel", node: dict) -> Callable[..., Tensor]:
 
 
 @_op("ExpandDims")
-def _expand_dims(model: "TfjsGraphModel", node: dict) -> Callable[..., Tensor]:
+def _expand_dims(model: TfjsGraphModel, node: dict) -> Callable[..., Tensor]:
     axis = int(model.const(node["input"][1]).reshape(-1)[0])
     return lambda x, _axis: x.unsqueeze(axis if axis >= 0 else x.ndim + 1 + axis)
 
 
 @_op("StridedSlice")
-def _slice(model: "TfjsGraphModel", node: dict) -> Callable[..., Tensor]:
+def _slice(model: TfjsGraphModel, node: dict) -> Callable[..., Tensor]:
     begin, end, strides = (model.const(name).reshape(-1).tolist() for name in node["input"][1:4])
     return lambda x, *_: _strided_slice(node, x, begin, end, strides)
 
 
 @_op("ConcatV2", "Concat")
-def _concat(model: "TfjsGraphModel", node: dict) -> Callable[..., Tensor]:
+def _concat(model: TfjsGraphModel, node: dict) -> Callable[..., Tensor]:
     axis_name = node["input"][-1] if node["op"] == "ConcatV2" else node["input"][0]
     axis = int(model.const(axis_name).reshape(-1)[0])
     if node["op"] == "ConcatV2":
@@ -487,19 +501,19 @@ def _concat(model: "TfjsGraphModel", node: dict) -> Callable[..., Tensor]:
 
 
 @_op("Pack")
-def _pack(model: "TfjsGraphModel", node: dict) -> Callable[..., Tensor]:
+def _pack(model: TfjsGraphModel, node: dict) -> Callable[..., Tensor]:
     axis = _attr(node, "axis", 0)
     return lambda *xs: torch.stack(xs, dim=axis)
 
 
 @_op("Transpose")
-def _transpose(model: "TfjsGraphModel", node: dict) -> Callable[..., Tensor]:
+def _transpose(model: TfjsGraphModel, node: dict) -> Callable[..., Tensor]:
     perm = [int(v) for v in model.const(node["input"][1]).reshape(-1)]
     return lambda x, _perm: x.permute(perm)
 
 
 @_op("Pad", "PadV2")
-def _pad(model: "TfjsGraphModel", node: dict) -> Callable[..., Tensor]:
+def _pad(model: TfjsGraphModel, node: dict) -> Callable[..., Tensor]:
     pairs = model.const(node["input"][1]).reshape(-1, 2).tolist()
     flat = [int(v) for pair in reversed(pairs) for v in pair]  # F.pad: last dim first
     value = float(model.const(node["input"][2]).reshape(-1)[0]) if node["op"] == "PadV2" else 0.0
@@ -606,7 +620,7 @@ class TfjsGraphModel:
                         dep = ref.split(":")[0]
                         if state.get(dep) != 2:
                             stack.append((dep, False))
-        steps = []
+        steps: list[tuple[str, str, list[str], Callable[..., Tensor] | None]] = []
         last_use: dict[str, int] = {}
         for i, name in enumerate(order):
             node = self.nodes[name]
@@ -625,7 +639,7 @@ class TfjsGraphModel:
             steps.append((name, node["op"], refs, builder(self, node)))
         keep = set(outputs)
         frees = [[r for r, last in last_use.items() if last == i and r not in keep] for i in range(len(order))]
-        plan = [(name, op, refs, fn, free) for (name, op, refs, fn), free in zip(steps, frees)]
+        plan = [(name, op, refs, fn, free) for (name, op, refs, fn), free in zip(steps, frees, strict=True)]
         self._plans[outputs] = plan
         return plan
 
@@ -652,7 +666,7 @@ class TfjsGraphModel:
                 raise KeyError(f"{self.path.name} has no input {name!r}; inputs: {list(self.inputs)}")
             t = torch.as_tensor(value).to(self._device, torch.float32)
             want = self.inputs[key]
-            if want and (t.ndim != len(want) or any(w not in (-1, s) for w, s in zip(want, t.shape))):
+            if want and (t.ndim != len(want) or any(w not in (-1, s) for w, s in zip(want, t.shape, strict=True))):
                 raise ValueError(f"{self.path.name} input {key}: shape {tuple(t.shape)} does not fit {want}")
             feeds[key] = t
         missing = set(self.inputs) - set(feeds)

@@ -11,6 +11,7 @@ node can become a replica of any other after a failover.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import redis
@@ -154,7 +155,7 @@ class EmbeddedValkeyCluster:
             node.stop()
 
     @staticmethod
-    def _until(condition, timeout_s: float, what: str) -> None:
+    def _until(condition: Callable[[], object], timeout_s: float, what: str) -> None:
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             try:

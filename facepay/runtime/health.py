@@ -117,7 +117,7 @@ class HealthServer:
                 self.end_headers()
                 self.wfile.write(data)
 
-            def log_message(self, format: str, *args) -> None:  # probes every few seconds: not worth a log line
+            def log_message(self, format: str, *args: object) -> None:  # probes every few seconds: not worth a log line
                 pass
 
         self.httpd = ThreadingHTTPServer((address, port), Probe)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from wsgiref.simple_server import WSGIServer
+
 from prometheus_client import Counter, Gauge, Histogram, start_http_server
 
 MESSAGES_IN = Counter("facepay_messages_in_total", "Stream entries read", ["stage"])
@@ -41,7 +43,7 @@ ARCHIVE_QUARANTINED = Counter(
 ARCHIVE_LEFT_OUT = Counter("facepay_archive_entries_left_out_total", "Entries not archived: they did not verify", ["stream"])
 
 
-def serve_metrics(port: int, address: str = "127.0.0.1"):
+def serve_metrics(port: int, address: str = "127.0.0.1") -> WSGIServer | None:
     """Serve /metrics on address:port (loopback unless told otherwise: the figures describe the
     traffic); returns the HTTP server, or None when port is 0."""
     if not port:

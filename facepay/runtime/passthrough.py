@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 
 from facepay.config import Settings
-from facepay.messages import FrameMsg
+from facepay.messages import FrameMsg, Message
 from facepay.runtime.partitions import Partitions
 from facepay.runtime.redis_conn import connect
 from facepay.runtime.stage import Emit, PipeStage, Stage, session_of
@@ -26,7 +26,7 @@ class Relay(PipeStage):
     name, input, output, accepts = "relay", "frames", "faces", FrameMsg
     accepts_from = {t: frozenset({"source"}) for t in ("frame", "rejection", "end")}
 
-    def handle(self, batch):
+    def handle(self, batch: list[Message]) -> list[Message]:
         return batch
 
 
@@ -42,7 +42,7 @@ class Decide(Stage):
         self.partitions = Partitions.of(settings)
         self.frames = frames
 
-    def process(self, batch):
+    def process(self, batch: list[Message]) -> list[Emit]:
         emits = []
         for message in batch:
             session = session_of(message)

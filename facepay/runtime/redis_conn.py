@@ -6,11 +6,14 @@ import contextlib
 import logging
 import time
 from collections.abc import Callable
-from typing import TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 from urllib.parse import urlsplit, urlunsplit
 
 import redis
 from redis.cluster import ClusterNode, RedisCluster
+
+if TYPE_CHECKING:
+    from facepay.config import Settings
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -92,7 +95,7 @@ def connect(url: str, block_ms: int = 1000) -> redis.Redis:
     return redis.Redis.from_url(url, health_check_interval=15, **options)
 
 
-def connect_cluster(url: str, **options) -> RedisCluster:
+def connect_cluster(url: str, **options: Any) -> RedisCluster:
     """A RedisCluster client from `redis+cluster://user:password@host:port,host:port/0?…`."""
     parts = urlsplit(url)
     credentials, _, hosts = parts.netloc.rpartition("@")
@@ -129,7 +132,7 @@ def reset_connections(client: redis.Redis) -> None:
         client.connection_pool.disconnect()
 
 
-def durable_xadd(client: redis.Redis, stream: str, fields: dict, settings) -> bytes:
+def durable_xadd(client: redis.Redis, stream: str, fields: dict, settings: Settings) -> bytes:
     """XADD, returning once `settings.redis_wait_replicas` replicas have the entry too: an entry
     acknowledged to its sender survives the loss of the primary (a failover promotes a replica
     that has it). Not enough replicas in time is 'unavailable': the sender retries (a duplicate

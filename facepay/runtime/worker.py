@@ -39,9 +39,9 @@ import socket
 import threading
 import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import redis
 from redis.crc import key_slot
@@ -291,7 +291,7 @@ class StreamWorker:
         if entries or not block_ms:
             return entries
         if not self._cluster:
-            return self._read({s: ">" for s in self.streams}, per_partition(count, len(self.streams)), block_ms)
+            return self._read(dict.fromkeys(self.streams, ">"), per_partition(count, len(self.streams)), block_ms)
         self._turn = (self._turn + 1) % len(self.streams)
         return self._read({self.streams[self._turn]: ">"}, count, min(block_ms, PARTITION_BLOCK_MS))
 
@@ -481,7 +481,7 @@ class StreamWorker:
             pipe.execute()
 
     # ---- back-pressure: Redis refusing for now -----------------------------------------------
-    def _until_accepted(self, attempt: Callable[[], T], what: str, holding: list[Entry] = ()) -> T:
+    def _until_accepted(self, attempt: Callable[[], T], what: str, holding: Sequence[Entry] = ()) -> T:
         """Call attempt until Redis stops refusing (OOM, READONLY, LOADING, MASTERDOWN, down),
         waiting with a bounded backoff; re-raises only if the worker is asked to stop.
         `holding`: the pending entries in hand, kept ours meanwhile (see _keep_holding)."""
@@ -502,7 +502,7 @@ class StreamWorker:
             self._resumed(what)
             return result
 
-    def _keep_holding(self, entries: list[Entry]) -> None:
+    def _keep_holding(self, entries: Sequence[Entry]) -> None:
         """Reset the idle time of the entries in hand (XCLAIM to ourselves, allowed on a full
         server), so that an idle replica does not reclaim a batch this worker is waiting to
         commit and process it a second time."""
@@ -520,7 +520,7 @@ class StreamWorker:
             self._last_backpressure_log = now
             log.warning("redis refuses for now; holding and retrying", extra={
                 "stage": self.group, "kind": kind, "during": what, "error": str(exc)[:300], "retry_in_s": self._backoff.next_s})
-        if kind in ("readonly", "unavailable") and self._cluster or kind == "readonly":
+        if (kind in ("readonly", "unavailable") and self._cluster) or kind == "readonly":
             # After a failover the address may lead to the new primary (a cluster: another node
             # serves the slot): reconnect, do not reuse.
             self._reset_connections()
@@ -669,11 +669,11 @@ class _Op:
     """One command of a commit: `key` places it (its hash slot on a cluster)."""
 
     key: str
-    call: Callable[[redis.client.Pipeline], object]
+    call: Callable[..., object]  # called with the pipeline; defaults bind the loop's values
     acknowledges: bool = False
 
 
-def _entries(reply) -> list[Entry]:
+def _entries(reply: Any) -> list[Entry]:
     """XREADGROUP's reply as entries that know their stream."""
     return [Entry(eid, fields, _text(stream)) for stream, items in (reply or []) for eid, fields in items]
 
@@ -682,7 +682,7 @@ def _text(value: bytes | str) -> str:
     return value.decode() if isinstance(value, bytes) else value
 
 
-def _by_stream(entries: list[Entry]) -> dict[str, list[Entry]]:
+def _by_stream(entries: Sequence[Entry]) -> dict[str, list[Entry]]:
     grouped: dict[str, list[Entry]] = {}
     for entry in entries:
         grouped.setdefault(entry.stream, []).append(entry)

@@ -82,9 +82,9 @@ class AgeGender:
         if not crops:
             return []
         if self.model == "faceres":
-            batch = faceres_input(np.stack([warp_square(c, s, 224) for c, s in zip(crops, squares)]))
+            batch = faceres_input(np.stack([warp_square(c, s, 224) for c, s in zip(crops, squares, strict=True)]))
         else:
-            cut = np.stack([warp_square(c, s, 198, GEAR_SUB_BOX) for c, s in zip(crops, squares)])
+            cut = np.stack([warp_square(c, s, 198, GEAR_SUB_BOX) for c, s in zip(crops, squares, strict=True)])
             batch = cut.astype(np.float32) / 255.0
         out = run_batched(self._net, batch, self.max_batch, self._outputs)
         age_out, gender_out = (out[name] for name in self._outputs)
@@ -96,5 +96,5 @@ class AgeGender:
             p_male = gender_out[:, 0].astype(np.float64) / gender_out.sum(axis=1)
         return [
             FaceAttributes(float(age), "male" if p >= 0.5 else "female", float(abs(2.0 * p - 1.0)))
-            for age, p in zip(ages, p_male)
+            for age, p in zip(ages, p_male, strict=True)
         ]

@@ -229,11 +229,11 @@ class FaceMesh:
         return self._pass(crops, squares) if crops else []
 
     def _pass(self, crops: Sequence[np.ndarray], squares: Sequence[FaceSquare]) -> list[MeshResult]:
-        batch = np.stack([warp_square(c, s, INPUT_SIZE) for c, s in zip(crops, squares)]).astype(np.float32) / 255.0
+        batch = np.stack([warp_square(c, s, INPUT_SIZE) for c, s in zip(crops, squares, strict=True)]).astype(np.float32) / 255.0
         out = run_batched(self._model, batch, self.max_batch, [self._mesh_out, self._score_out])
         meshes = out[self._mesh_out].reshape(len(crops), 468, 3)
         scores = out[self._score_out].reshape(len(crops))
         return [
             MeshResult(sq.to_image(m, INPUT_SIZE).astype(np.float32), float(score), sq)
-            for m, score, sq in zip(meshes, scores, squares)
+            for m, score, sq in zip(meshes, scores, squares, strict=True)
         ]

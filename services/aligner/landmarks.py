@@ -27,7 +27,7 @@ def _as_rgb_uint8(image: np.ndarray) -> np.ndarray:
 
 
 def _rect(box: Box) -> dlib.rectangle:
-    x1, y1, x2, y2 = (int(round(float(v))) for v in box)
+    x1, y1, x2, y2 = (round(float(v)) for v in box)
     return dlib.rectangle(x1, y1, x2, y2)
 
 
@@ -49,7 +49,7 @@ class DlibLandmarks68:
         if len(images) != len(boxes):
             raise ValueError(f"one box per image: got {len(images)} images and {len(boxes)} boxes")
         out: list[np.ndarray] = []
-        for image, box in zip(images, boxes):
+        for image, box in zip(images, boxes, strict=True):
             shape = self._predictor(_as_rgb_uint8(image), _rect(box))
             out.append(np.array([(p.x, p.y) for p in shape.parts()], dtype=np.float32))
         return out
@@ -66,7 +66,7 @@ def dlib_face_chip(
     pts = np.asarray(landmarks68, dtype=np.float64).reshape(68, 2)
     # dlib.point is integer-valued; the predictor's own output is integer too, so rounding
     # loses nothing for dlib landmarks and at most half a pixel for others.
-    parts = dlib.points([dlib.point(int(round(x)), int(round(y))) for x, y in pts])
+    parts = dlib.points([dlib.point(round(x), round(y)) for x, y in pts])
     x1, y1 = np.floor(pts.min(axis=0)).astype(int)
     x2, y2 = np.ceil(pts.max(axis=0)).astype(int)
     detection = dlib.full_object_detection(dlib.rectangle(int(x1), int(y1), int(x2), int(y2)), parts)

@@ -58,13 +58,13 @@ class PassiveLiveness:
     def predict_squares(self, crops: Sequence[np.ndarray], squares: Sequence[FaceSquare]) -> list[LivenessScores]:
         if not crops:
             return []
-        rgb = np.stack([warp_square(c, s, ANTISPOOF_SIZE) for c, s in zip(crops, squares)]).astype(np.float32) / 255.0
+        rgb = np.stack([warp_square(c, s, ANTISPOOF_SIZE) for c, s in zip(crops, squares, strict=True)]).astype(np.float32) / 255.0
         spoof = run_batched(self._antispoof, rgb, self.max_batch)
         (spoof_out,) = spoof.values()
-        bgr = np.stack([warp_square(c, s, LIVENESS_SIZE)[..., ::-1] for c, s in zip(crops, squares)])
+        bgr = np.stack([warp_square(c, s, LIVENESS_SIZE)[..., ::-1] for c, s in zip(crops, squares, strict=True)])
         live = run_batched(self._liveness, bgr.astype(np.float32) / 255.0, self.max_batch)
         (live_out,) = live.values()
         return [
             LivenessScores(float(np.clip(a, 0.0, 1.0)), float(np.clip(v[LIVENESS_REAL_INDEX], 0.0, 1.0)))
-            for a, v in zip(spoof_out.reshape(-1), live_out)
+            for a, v in zip(spoof_out.reshape(-1), live_out, strict=True)
         ]

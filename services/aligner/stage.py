@@ -6,6 +6,8 @@ passive anti-spoof scores carried in the aligned record.
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 
 from facepay.config import Settings
@@ -41,7 +43,7 @@ class DlibLandmarks:
         return self.model.predict(crops, boxes)
 
 
-LANDMARKERS = {"facemesh": MeshLandmarks, "dlib68": DlibLandmarks}
+LANDMARKERS: dict[str, type[MeshLandmarks | DlibLandmarks]] = {"facemesh": MeshLandmarks, "dlib68": DlibLandmarks}
 
 
 def load_landmarks(name: str, device: str) -> MeshLandmarks | DlibLandmarks:
@@ -82,25 +84,26 @@ class AlignerStage(PipeStage):
         landmarks = self.landmarks.predict(crops, boxes, points5)
         attributes = self.attributes.predict(crops, boxes, points5) if self.attributes else [None] * len(batch)
         liveness = self.liveness.predict(crops, boxes, points5) if self.liveness else [None] * len(batch)
-        return [self._aligned(*row) for row in zip(batch, crops, landmarks, attributes, liveness)]
+        return [self._aligned(*row) for row in zip(batch, crops, landmarks, attributes, liveness, strict=True)]
 
     def _aligned(self, face: FaceMsg, crop, landmarks, attributes, liveness) -> AlignedMsg:
         chips = aligned_chips(crop, landmarks)
         models = {**face.models, "landmarks": self.landmarks.model_id}
-        extra = {}
-        if attributes is not None:
+        extra: dict[str, Any] = {}
+        if attributes is not None and self.attributes is not None:
             models["attributes"] = self.attributes.model_id
             extra.update(age=round(attributes.age_years, 1), gender=attributes.gender,
                          gender_confidence=round(attributes.gender_confidence, 3))
-        if liveness is not None:
+        if liveness is not None and self.liveness is not None:
             models["passive_liveness"] = self.liveness.model_id
             extra.update(antispoof=round(liveness.antispoof, 4), liveness=round(liveness.liveness, 4))
+        left_ear, right_ear = (float(e) for e in eye_aspect_ratio(landmarks))
         return AlignedMsg(
             ref=face.ref,
             landmarks=landmarks.tolist(),
             crop_size=(crop.shape[1], crop.shape[0]),
             chips={template: encode_png(chip) for template, chip in chips.items()},
-            ear=tuple(float(e) for e in eye_aspect_ratio(landmarks)),
+            ear=(left_ear, right_ear),
             frame_box=face.frame_box,
             det_score=face.score,
             models=models,

@@ -44,14 +44,33 @@ from dataclasses import dataclass, field
 import redis
 
 from facepay.archive import (
-    ArchiveAccessDenied, ArchiveError, ArchiveKeyError, ArchiveSettings, ArchiveStore, ArchiveTampered, ArchiveUnavailable,
-    ArchivedFrame, ArchivedSession, Candidate, SignedDecision,
+    ArchiveAccessDenied,
+    ArchivedFrame,
+    ArchivedSession,
+    ArchiveError,
+    ArchiveKeyError,
+    ArchiveSettings,
+    ArchiveStore,
+    ArchiveTampered,
+    ArchiveUnavailable,
+    Candidate,
+    SignedDecision,
 )
 from facepay.config import Settings
 from facepay.keys import TrustedKeys, load_trusted
 from facepay.messages import (
-    FIELD, AlignedMsg, DecisionMsg, EmbeddingMsg, FaceMsg, FrameMsg, MalformedMessage, Message, PosedMsg, Rejection,
-    SessionEndMsg, decode,
+    FIELD,
+    AlignedMsg,
+    DecisionMsg,
+    EmbeddingMsg,
+    FaceMsg,
+    FrameMsg,
+    MalformedMessage,
+    Message,
+    PosedMsg,
+    Rejection,
+    SessionEndMsg,
+    decode,
 )
 from facepay.runtime import metrics
 from facepay.runtime.envelope import Unauthenticated, image_digest, open_entry, origin_problem
@@ -115,6 +134,16 @@ def session_key(store_id: str, session_id: str) -> str:
     return f"{store_id}/{session_id}"
 
 
+def _point(p: list[float]) -> tuple[float, float]:
+    x, y = p
+    return (x, y)
+
+
+def _box(box: tuple[float, ...]) -> tuple[float, float, float, float]:
+    x0, y0, x1, y1 = box
+    return (x0, y0, x1, y1)
+
+
 def image_format(image: bytes) -> str:
     if image.startswith(b"\xff\xd8"):
         return "jpeg"
@@ -130,17 +159,19 @@ class ArchiverStage(Stage):
 
     def __init__(self, settings: Settings, store: ArchiveStore | None = None) -> None:
         self.settings = settings
-        self.store = store
+        self._given_store = store  # else start() opens FACEPAY_ARCHIVE_URL's
         self._bucket_ready = False
         self._held_since: dict[str, float] = {}  # decision → when it was first held for missing frames
-        self._claim_cursor = {tap: "0-0" for tap in TAPS}
+        self._claim_cursor = dict.fromkeys(TAPS, "0-0")
         self._sweeper: threading.Thread | None = None
 
     # ---- lifecycle -------------------------------------------------------------------------
     def start(self) -> None:
-        if self.store is None:
-            if not self.settings.archive_url:
-                raise ValueError("FACEPAY_ARCHIVE_URL is not set: the archiver needs an archive (s3://bucket or http://host:port/bucket)")
+        if self._given_store is not None:
+            self.store = self._given_store
+        elif not self.settings.archive_url:
+            raise ValueError("FACEPAY_ARCHIVE_URL is not set: the archiver needs an archive (s3://bucket or http://host:port/bucket)")
+        else:
             self.store = ArchiveStore.from_settings(ArchiveSettings.from_facepay(self.settings))
         self.redis = connect(self.settings.redis_url)
         self.trusted = load_trusted(self.settings.trusted_keys_file)
@@ -186,7 +217,7 @@ class ArchiverStage(Stage):
     def _sweep(self) -> None:
         try:
             report = self.store.sweep(self.settings.archive_retention_days)
-        except Exception:  # noqa: BLE001 - the next turn retries; the archive stays as it was
+        except Exception:  # the next turn retries; the archive stays as it was
             log.exception("archive retention sweep failed")
             return
         log.info("archive retention sweep", extra={"deleted_sessions": report.deleted_sessions,
@@ -341,7 +372,7 @@ class ArchiverStage(Stage):
             tap, _, entry_id = member.partition("|")
             pipe.xrange(self._stream(tap), entry_id, entry_id)
         gathered = Gathered()
-        for member, found in zip(members, pipe.execute()):
+        for member, found in zip(members, pipe.execute(), strict=True):
             tap = member.partition("|")[0]
             if not found:
                 log.error("indexed entry missing from its stream", extra={"session_id": key, "entry": member})
@@ -407,11 +438,11 @@ class ArchiverStage(Stage):
         return ArchivedFrame(
             index=sequence, received_ms=ref.received_ms if ref else 0, image=image, image_format=image_format(image),
             captured_ms=ref.captured_ms if ref else 0, phone_suffix=ref.phone_suffix if ref else "",
-            face_box=tuple(face.frame_box) if isinstance(face, FaceMsg) else None,
-            face_points=[tuple(p) for p in face.points5] if isinstance(face, FaceMsg) else None,
+            face_box=_box(face.frame_box) if isinstance(face, FaceMsg) else None,
+            face_points=[_point(p) for p in face.points5] if isinstance(face, FaceMsg) else None,
             detector_score=float(face.score) if isinstance(face, FaceMsg) else None,
             faces_in_frame=int(face.faces_in_frame) if isinstance(face, FaceMsg) else None,
-            landmarks=[tuple(p) for p in aligned.landmarks] if isinstance(aligned, AlignedMsg) else None,
+            landmarks=[_point(p) for p in aligned.landmarks] if isinstance(aligned, AlignedMsg) else None,
             eye_aspect_ratio=float(sum(aligned.ear) / 2) if isinstance(aligned, AlignedMsg) else None,
             liveness=liveness,
             pitch=posed.pitch if isinstance(posed, PosedMsg) else None,

@@ -80,9 +80,10 @@ class BlazeFace:
         square, scale, offset = _letterbox(image, self.input_size)
         x = torch.from_numpy(square.astype(np.float32) / 127.5 - 1.0)[None]
         out = self._model.run(x)
-        scores, regressors = {}, {}
-        for value in out.values():
-            value = value[0].cpu().numpy()
+        scores: dict[int, np.ndarray] = {}
+        regressors: dict[int, np.ndarray] = {}
+        for output in out.values():
+            value = output[0].cpu().numpy()
             (scores if value.shape[-1] == 1 else regressors)[len(value)] = value
         # The 512 anchors of the fine grid come first, as _anchors lays them out.
         raw_scores = np.concatenate([scores[512], scores[384]])[:, 0]

@@ -77,6 +77,11 @@ class _PNet(nn.Module):
         return face_prob, self.conv4_2(x)
 
 
+def _box(box: np.ndarray) -> tuple[float, float, float, float]:
+    x1, y1, x2, y2 = (float(v) for v in box.ravel())
+    return x1, y1, x2, y2
+
+
 def _caffe_flatten(x: torch.Tensor) -> torch.Tensor:
     # Caffe's dense layers were trained on features flattened in (W, H, C) order.
     return x.permute(0, 3, 2, 1).flatten(1)
@@ -145,7 +150,7 @@ def _load(net: nn.Module, weight_name: str, device: torch.device) -> nn.Module:
     state = torch.load(weight_path(weight_name), map_location="cpu", weights_only=True)
     net.load_state_dict(state)
     # channels_last: oneDNN's fast layout on the CPU (measured ~1.3-2x here), tensor cores on CUDA.
-    return net.to(device, memory_format=torch.channels_last).eval()
+    return net.to(device, memory_format=torch.channels_last).eval()  # type: ignore[call-overload]  # torch's stubs omit memory_format
 
 
 @dataclass
@@ -211,8 +216,8 @@ class _WorkingImage:
         boxes[..., 1] = boxes[..., 1].clip(0, height)
         points = (points - offset) / scale
         faces = [
-            DetectedFace(tuple(float(v) for v in box.ravel()), float(score), pts.astype(np.float32))
-            for box, score, pts in zip(boxes, scores, points)
+            DetectedFace(_box(box), float(score), pts.astype(np.float32))
+            for box, score, pts in zip(boxes, scores, points, strict=True)
             if (box[1] - box[0] >= 1).all()  # a detection that lay wholly in the added border
         ]
         return sorted(faces, key=lambda face: face.score, reverse=True)
@@ -260,7 +265,7 @@ class MTCNN:
         """images: RGB uint8 HxWx3 arrays of any (different) sizes. Returns faces per image, best first."""
         results: list[list[DetectedFace]] = [[] for _ in images]
         working = {i: _WorkingImage.from_input(im) for i, im in enumerate(images) if is_usable_image(im, i)}
-        for i, faces in zip(working, self._detect_working(list(working.values()))):
+        for i, faces in zip(working, self._detect_working(list(working.values())), strict=True):
             results[i] = faces
         # MTCNN often misses a face whose box is nearly the whole frame (a kiosk camera at arm's
         # length): the nets were trained on faces with some context around them. One retry
@@ -268,7 +273,7 @@ class MTCNN:
         missed = [i for i in working if not results[i]]
         if missed:
             retried = self._detect_working([working[i].for_retry() for i in missed])
-            for i, faces in zip(missed, retried):
+            for i, faces in zip(missed, retried, strict=True):
                 results[i] = faces
             log.debug("bordered retry of %d images found faces in %d", len(missed), sum(map(bool, retried)))
         return results
@@ -361,7 +366,7 @@ class MTCNN:
             chunk = torch.from_numpy(crops[start : start + CROP_CHUNK]).to(self._device).permute(0, 3, 1, 2)
             with self._autocast():
                 outputs.append(net(_normalise(chunk)))
-        return tuple(torch.cat(parts).float().cpu().numpy().astype(np.float64) for parts in zip(*outputs))
+        return tuple(torch.cat(parts).float().cpu().numpy().astype(np.float64) for parts in zip(*outputs, strict=True))
 
 
 def is_usable_image(image: object, index: int, detector: str = "mtcnn") -> bool:
@@ -431,10 +436,7 @@ def _nms(candidates: _Candidates, threshold: float, use_min_area: bool = False) 
         width = np.minimum(boxes[best, 2], boxes[rest, 2]) - np.maximum(boxes[best, 0], boxes[rest, 0])
         height = np.minimum(boxes[best, 3], boxes[rest, 3]) - np.maximum(boxes[best, 1], boxes[rest, 1])
         inter = width.clip(min=0) * height.clip(min=0)
-        if use_min_area:
-            denom = np.minimum(areas[best], areas[rest])
-        else:
-            denom = areas[best] + areas[rest] - inter
+        denom = np.minimum(areas[best], areas[rest]) if use_min_area else areas[best] + areas[rest] - inter
         overlap = inter / np.maximum(denom, 1e-9)
         order = rest[(overlap <= threshold) | (image[rest] != image[best])]
     return np.asarray(keep, dtype=np.int64)

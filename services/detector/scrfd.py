@@ -97,7 +97,7 @@ class SCRFD:
         session = ort.InferenceSession(str(self._path), options, providers=["CPUExecutionProvider"])
         expected = session.run(None, {session.get_inputs()[0].name: batch})
         got = self.raw_outputs(batch)
-        diff = max(float(np.abs(g - e).max()) for g, e in zip(got, expected))
+        diff = max(float(np.abs(g - e).max()) for g, e in zip(got, expected, strict=True))
         if not diff <= VERIFY_TOLERANCE:
             raise ScrfdVerificationError(f"{WEIGHTS}: onnx2torch differs from onnxruntime by {diff:.2e}")
         log.debug("%s: onnx2torch matches onnxruntime to %.2e", WEIGHTS, diff)

@@ -65,7 +65,7 @@ class DetectorStage(PipeStage):
             self._lock_on_payer(frame, image, next(detections))
             if isinstance(image, np.ndarray)
             else reject(frame, self.name, Reason.UNREADABLE_IMAGE, image)
-            for frame, image in zip(batch, decoded)
+            for frame, image in zip(batch, decoded, strict=True)
         ]
 
     def _decode(self, frame: FrameMsg) -> np.ndarray | str:
@@ -79,7 +79,7 @@ class DetectorStage(PipeStage):
         h, w = image.shape[:2]
         payer, reason = choose_payer(faces, w, h, self.rule, enrolling=frame.ref.purpose == Purpose.ENROLL)
         if payer is None:
-            return reject(frame, self.name, reason, f"{len(faces)} faces found")
+            return reject(frame, self.name, Reason(reason), f"{len(faces)} faces found")
         crop = crop_payer(image, payer)
         x1, y1, x2, y2 = payer.box
         return FaceMsg(

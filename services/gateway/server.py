@@ -13,6 +13,7 @@ import threading
 import time
 import uuid
 from concurrent import futures
+from typing import NoReturn
 
 import grpc
 import msgpack
@@ -93,7 +94,7 @@ class Gateway(rpc.FaceGatewayServicer):
         try:
             entry_id = self._queue_frame(camera, request)
         except FrameRefused as refused:
-            context.abort(refused.code, str(refused))
+            _abort(context, refused.code, str(refused))
         return pb.FrameAck(session_id=request.session_id, sequence=request.sequence, entry_id=entry_id)
 
     def EndSession(self, request, context):
@@ -101,7 +102,7 @@ class Gateway(rpc.FaceGatewayServicer):
         try:
             entry_id = self._queue_end(camera, request)
         except FrameRefused as refused:
-            context.abort(refused.code, str(refused))
+            _abort(context, refused.code, str(refused))
         return pb.FrameAck(session_id=request.session_id, sequence=-1, entry_id=entry_id)
 
     def _camera(self, context) -> Camera:
@@ -111,7 +112,7 @@ class Gateway(rpc.FaceGatewayServicer):
             return self.registry.camera(metadata.get("x-camera-id", ""), token)
         except AccessDenied as denied:
             metrics.FRAMES_REJECTED.labels("UNAUTHENTICATED").inc()
-            context.abort(grpc.StatusCode.UNAUTHENTICATED, str(denied))
+            _abort(context, grpc.StatusCode.UNAUTHENTICATED, str(denied))
 
     def _check_origin(self, camera: Camera, camera_id: str, store_id: str, session_id: str) -> None:
         if camera_id and camera_id != camera.camera_id:
@@ -183,24 +184,24 @@ class Gateway(rpc.FaceGatewayServicer):
         metadata = dict(context.invocation_metadata())
         token = metadata.get("authorization", "").removeprefix("Bearer ").strip()
         if not self.settings.operator_token or not hmac.compare_digest(token.encode(), self.settings.operator_token.encode()):
-            context.abort(grpc.StatusCode.UNAUTHENTICATED, "Enroll needs the operator token")
+            _abort(context, grpc.StatusCode.UNAUTHENTICATED, "Enroll needs the operator token")
         if not request.user_id or not SESSION_ID.match(request.user_id):
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "user_id must be 1-128 chars of [A-Za-z0-9._:-]")
+            _abort(context, grpc.StatusCode.INVALID_ARGUMENT, "user_id must be 1-128 chars of [A-Za-z0-9._:-]")
         if not request.images:
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "no images")
+            _abort(context, grpc.StatusCode.INVALID_ARGUMENT, "no images")
         for index, image in enumerate(request.images):
             try:
                 decode_image(image, self.settings.max_image_bytes, self.settings.max_image_pixels)
             except ImageError as bad:
-                context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"image {index}: {bad}")
+                _abort(context, grpc.StatusCode.INVALID_ARGUMENT, f"image {index}: {bad}")
         try:
             result = self._run_enrollment(request)
         except TRANSIENT as exc:
-            context.abort(grpc.StatusCode.UNAVAILABLE, f"queue unavailable, retry: {exc}")
+            _abort(context, grpc.StatusCode.UNAVAILABLE, f"queue unavailable, retry: {exc}")
         except FrameRefused as refused:
-            context.abort(refused.code, str(refused))
+            _abort(context, refused.code, str(refused))
         if result is None:
-            context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, "the pipeline did not finish the enrollment in time")
+            _abort(context, grpc.StatusCode.DEADLINE_EXCEEDED, "the pipeline did not finish the enrollment in time")
         return _enroll_response(result)
 
     def _run_enrollment(self, request) -> dict | None:
@@ -242,13 +243,13 @@ class Gateway(rpc.FaceGatewayServicer):
         try:
             self.registry.backend(request.store_id, token)
         except AccessDenied as denied:
-            context.abort(grpc.StatusCode.UNAUTHENTICATED, str(denied))
+            _abort(context, grpc.StatusCode.UNAUTHENTICATED, str(denied))
         if request.after_entry_id and not ENTRY_ID.match(request.after_entry_id):
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "after_entry_id must be a stream id like 1700000000000-0")
+            _abort(context, grpc.StatusCode.INVALID_ARGUMENT, "after_entry_id must be a stream id like 1700000000000-0")
         try:
             reader = DecisionReader(self.redis, self.partitions, request.after_entry_id or None)
         except TRANSIENT as exc:
-            context.abort(grpc.StatusCode.UNAVAILABLE, f"decisions stream unavailable, retry: {exc}")
+            _abort(context, grpc.StatusCode.UNAVAILABLE, f"decisions stream unavailable, retry: {exc}")
         while context.is_active():
             try:
                 items = reader.read(block_ms=1000)
@@ -276,11 +277,17 @@ def _event_of_store(entry_id: bytes, fields: dict[bytes, bytes], store_id: str) 
         return None
 
 
+def _abort(context: grpc.ServicerContext, code: grpc.StatusCode, details: str) -> NoReturn:
+    """context.abort, which raises to end the RPC (typed here: grpc ships no annotations)."""
+    context.abort(code, details)
+    raise AssertionError("grpc's ServicerContext.abort returned")
+
+
 def _enroll_response(result: dict) -> pb.EnrollResponse:
     status = {EnrollmentStatus.ENROLLED: pb.EnrollResponse.ENROLLED, EnrollmentStatus.DUPLICATE: pb.EnrollResponse.DUPLICATE}.get(
         result["status"], pb.EnrollResponse.REJECTED)
     images = [pb.ImageVerdict(index=i["index"], accepted=i["accepted"],
-                              reason=reason_value(i["reason"]) if i["reason"] else 0, detail=i["reason"])
+                              reason=reason_value(i["reason"]) if i["reason"] else pb.REASON_UNSPECIFIED, detail=i["reason"])
               for i in result["images"]]
     return pb.EnrollResponse(user_id=result["user_id"], status=status, images=images, model_id=result["model_id"],
                              duplicate_of=result["duplicate_of"], duplicate_score=result["duplicate_score"])

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from typing import Protocol
 
 import msgpack
@@ -95,5 +96,5 @@ def _store_templates(target: Operated, space: str, user_id: str, tenant: str, ph
     return {"space": space, "user_id": user_id, "templates": stored}
 
 
-_COMMANDS = {"list_users": _list_users, "show_user": _show_user, "delete_user": _delete_user,
+_COMMANDS: dict[str, Callable[..., dict]] = {"list_users": _list_users, "show_user": _show_user, "delete_user": _delete_user,
              "reset_lockout": _reset_lockout, "store_templates": _store_templates}

@@ -85,10 +85,13 @@ class ByoModelError(ValueError):
 
 
 def _triple(value, what: str) -> tuple[float, float, float]:
-    values = (float(value),) * 3 if np.isscalar(value) else tuple(float(v) for v in value)
-    if len(values) != 3:
+    values = np.asarray(value, dtype=np.float64)
+    if values.ndim == 0:
+        values = np.repeat(values, 3)
+    if values.shape != (3,):
         raise ValueError(f"{what} needs one value or three (per channel), got {value!r}")
-    return values  # type: ignore[return-value]
+    first, second, third = (float(v) for v in values)
+    return first, second, third
 
 
 @dataclass(frozen=True)
@@ -323,7 +326,7 @@ class TorchScriptEmbedder(_TorchModuleEmbedder):
     def _batches(self) -> bool:
         try:
             two = self._probe(2)
-        except Exception:
+        except Exception:  # noqa: BLE001 - any failure of the probe means: one face per call
             return False
         return tuple(two.shape) == (2, self.dim)
 
@@ -551,7 +554,7 @@ def _opset_for_onnx2torch(model):
         return model
     try:
         lowered = importlib.import_module("onnx.version_converter").convert_version(model, ONNX2TORCH_OPSET)
-    except Exception as exc:
+    except Exception as exc:  # noqa: BLE001 - onnx's converter raises anything; converting as is is the fallback
         log.info("opset %d could not be lowered to %d for onnx2torch (%s); converting as is", opset, ONNX2TORCH_OPSET, exc)
         return model
     log.info("opset %d lowered to %d for onnx2torch", opset, ONNX2TORCH_OPSET)
@@ -574,9 +577,8 @@ def _without_needless_allowzero(model):
         if node.op_type != "Reshape" or len(node.input) < 2 or node.input[1] not in constants:
             continue
         for attr in node.attribute:
-            if attr.name == "allowzero" and attr.i == 1:
-                if not (numpy_helper.to_array(constants[node.input[1]]) == 0).any():
-                    attr.i = 0
+            if attr.name == "allowzero" and attr.i == 1 and not (numpy_helper.to_array(constants[node.input[1]]) == 0).any():
+                attr.i = 0
     return model
 
 

@@ -295,7 +295,7 @@ def dlib_add(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """
     if a.shape == b.shape:
         return a + b
-    shape = [max(x, y) for x, y in zip(a.shape, b.shape)]
+    shape = [max(x, y) for x, y in zip(a.shape, b.shape, strict=True)]
 
     def grow(t: torch.Tensor) -> torch.Tensor:
         # F.pad takes (W, H, C) pairs from the last dimension backwards; zeros at the end.
@@ -306,6 +306,9 @@ def dlib_add(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 class Affine(nn.Module):
     """dlib's affine_ in conv mode: x·γ + β per channel (a frozen batch norm)."""
+
+    gamma: torch.Tensor  # buffers, registered in __init__
+    beta: torch.Tensor
 
     def __init__(self, gamma: np.ndarray, beta: np.ndarray) -> None:
         super().__init__()
@@ -345,6 +348,7 @@ def _conv(layer: Layer) -> nn.Conv2d:
     )
     with torch.no_grad():
         conv.weight.copy_(torch.from_numpy(weight))
+        assert conv.bias is not None  # nn.Conv2d has one unless bias=False
         conv.bias.copy_(torch.from_numpy(bias))
     return conv
 
@@ -400,6 +404,8 @@ class DlibResNetTorch(nn.Module):
     normalisation, (pixel − mean) / 256, itself.
     """
 
+    mean: torch.Tensor  # a buffer, registered in __init__
+
     def __init__(self, network: DlibNetwork) -> None:
         super().__init__()
         stem, units, head = group_layers(network.layers)
@@ -422,7 +428,7 @@ class DlibResNetTorch(nn.Module):
                 self.fc.bias.copy_(torch.from_numpy(fc["bias"]))
 
     @classmethod
-    def from_dat(cls, path: Path | str) -> "DlibResNetTorch":
+    def from_dat(cls, path: Path | str) -> DlibResNetTorch:
         return cls(read_network(path))
 
     def normalize(self, rgb: torch.Tensor) -> torch.Tensor:
@@ -460,7 +466,7 @@ class DlibResNetTorchEmbedder(NormalisedEmbeddings):
         model = DlibResNetTorch.from_dat(weights or weight_path(WEIGHTS))
         # Channels-last: the HWC chips are channels-last already, and mixing layouts costs ~2×
         # at batch 1 on the CPU; on CUDA it is the layout fp16 tensor cores want.
-        model = model.eval().requires_grad_(False).to(self._device, memory_format=torch.channels_last)
+        model = model.eval().requires_grad_(False).to(self._device, memory_format=torch.channels_last)  # type: ignore[call-overload]  # torch's stubs omit memory_format
         self._model = model
 
     @property

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator
+from typing import Any
 
 import msgpack
 import numpy as np
@@ -40,7 +41,7 @@ def store_templates(gallery: Gallery, space: str, user_id: str, tenant: str, pho
                     samples: np.ndarray) -> int:
     """Replace the user's templates in `space`: the mean, and every sample."""
     samples = np.asarray(samples, dtype=np.float32)
-    common = {"user_id": user_id, "tenant": tenant or "default", "phone_suffix": phone_suffix or None,
+    common: dict[str, Any] = {"user_id": user_id, "tenant": tenant or "default", "phone_suffix": phone_suffix or None,
               "enrolled_at_ms": int(time.time() * 1000)}
     gallery.ensure_collection(space, samples.shape[1])
     gallery.delete_user(space, user_id)

@@ -21,7 +21,7 @@ from facepay.runtime import metrics
 from facepay.runtime.stage import Emit
 from facepay.signing import sign
 from facepay.vocabulary import Decision, EnrollmentStatus
-from services.recognizer.policy import RuleInForce, Verdict
+from services.recognizer.policy import RuleInForce, Verdict, resolved
 from services.recognizer.state import SessionState, decided_key, session_key
 
 log = logging.getLogger(__name__)
@@ -53,8 +53,8 @@ class DecisionEvents:
             "score": round(verdict.score, 4),
             "threshold": round(rule.threshold, 4),
             "threshold_source": rule.threshold_source,
-            "margin": round(float(rule.policy.margin), 4),
-            "min_agreeing_frames": int(rule.policy.min_agreeing_frames),
+            "margin": round(resolved(rule.policy.margin, "margin"), 4),
+            "min_agreeing_frames": resolved(rule.policy.min_agreeing_frames, "min_agreeing_frames"),
             "template_space": rule.space_id,
             "reasons": verdict.reasons,
             "rule": verdict.rule,

@@ -47,7 +47,7 @@ class FailureLimiter:
             pipe.get(self._key(kind, subject, "backoff"))
         answers = pipe.execute()
         now = self.clock()
-        for (kind, _), hard_locked, backoff_until in zip(subjects, answers[::2], answers[1::2]):
+        for (kind, _), hard_locked, backoff_until in zip(subjects, answers[::2], answers[1::2], strict=True):
             if hard_locked or (backoff_until is not None and now < float(backoff_until)):
                 return kind
         return None

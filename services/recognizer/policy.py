@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass, field
+from typing import Any, TypeVar
 
 import numpy as np
 
@@ -18,6 +19,15 @@ from facepay.vocabulary import POSE_REASONS, Reason
 
 FIRST_SHIPPED_MARGIN = 0.02
 FIRST_SHIPPED_MIN_AGREEING_FRAMES = 3
+
+_T = TypeVar("_T")
+
+
+def resolved(value: _T | None, setting: str) -> _T:
+    """A policy setting that the template space fills in (`SessionPolicy.for_space`)."""
+    if value is None:
+        raise ValueError(f"policy.{setting} is unset: the policy was not resolved for a template space (for_space)")
+    return value
 
 
 @dataclass(frozen=True)
@@ -79,10 +89,7 @@ def blink_seen(ears: list[float], policy: SessionPolicy) -> bool:
         return False
     closed = series <= policy.blink_closed_ratio * open_level
     opened = series >= policy.blink_open_ratio * open_level
-    for i in np.flatnonzero(closed):
-        if opened[:i].any() and opened[i + 1 :].any():
-            return True
-    return False
+    return any(opened[:i].any() and opened[i + 1 :].any() for i in np.flatnonzero(closed))
 
 
 def decide(
@@ -94,7 +101,7 @@ def decide(
 ) -> Verdict | None:
     """A verdict once the rules allow one, else None (wait for more frames)."""
     tally = count_session(results, policy, threshold, expected_frames, timed_out)
-    base = {"frames_seen": len(tally.results), "frames_eligible": len(tally.eligible), "votes": dict(tally.votes)}
+    base: dict[str, Any] = {"frames_seen": len(tally.results), "frames_eligible": len(tally.eligible), "votes": dict(tally.votes)}
     live = (tally.blinked or not policy.require_blink) and tally.passive_ok
     if tally.agreed and not tally.face_changed and live and (tally.complete or policy.decide_early):
         scores = [r.top_score for r in tally.eligible if r.top_user == tally.winner and r.top_score >= threshold]
@@ -139,7 +146,7 @@ def count_session(
     votes = Counter(r.top_user for r in eligible if _votes_for(r, r.top_user, threshold, policy))
     winner, agreeing = votes.most_common(1)[0] if votes else ("", 0)
     disagreeing = sum(votes.values()) - agreeing
-    agreed = (agreeing >= policy.min_agreeing_frames
+    agreed = (agreeing >= resolved(policy.min_agreeing_frames, "min_agreeing_frames")
               and disagreeing <= policy.max_disagreeing_ratio * sum(votes.values()))
     track, face_changed = face_track(results, winner, threshold, policy)
     # Liveness is judged on the matched face only: another face's blink proves nothing about it.
@@ -192,7 +199,7 @@ def same_person_level(threshold: float) -> float:
 
 def _votes_for(r: FrameResult, user: str, threshold: float, policy: SessionPolicy) -> bool:
     return (bool(user) and r.eligible and r.top_user == user and r.top_score >= threshold
-            and r.top_score - r.second_score >= policy.margin)
+            and r.top_score - r.second_score >= resolved(policy.margin, "margin"))
 
 
 def _unit(vector: list[float]) -> np.ndarray:

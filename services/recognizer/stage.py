@@ -13,6 +13,7 @@ templates (`enrollment.py`), and the signed events (`events.py`).
 from __future__ import annotations
 
 import logging
+from typing import TypeGuard
 
 import numpy as np
 
@@ -158,7 +159,7 @@ class RecognizerStage(Stage):
                 self.sessions.forget(key)
 
     # ---- frames ----------------------------------------------------------------------------
-    def _to_embed(self, message: Message) -> bool:
+    def _to_embed(self, message: Message) -> TypeGuard[PosedMsg]:
         """Every face that may vote; and, in payment sessions, faces rejected for pose, so that
         the rule can tell whether their eyes are the matched face's."""
         if not isinstance(message, PosedMsg):
@@ -172,7 +173,7 @@ class RecognizerStage(Stage):
         template = self.embedder.chip_template
         chips = [decode_trusted(m.chips[template]) for m in faces]
         vectors = self.embedder.embed(chips)
-        return {id(m): v for m, v in zip(faces, vectors)}
+        return {id(m): v for m, v in zip(faces, vectors, strict=True)}
 
     def _frame_result(self, message: Message, vector: np.ndarray | None) -> FrameResult:
         ref = message.ref
@@ -241,7 +242,7 @@ class RecognizerStage(Stage):
             return Verdict(False, [Reason.LOCKED_OUT], Reason.LOCKED_OUT, score=verdict.score,
                            frames_seen=verdict.frames_seen, frames_eligible=verdict.frames_eligible,
                            votes=verdict.votes)
-        candidate = max(verdict.votes, key=verdict.votes.get) if verdict.votes else ""
+        candidate = max(verdict.votes, key=verdict.votes.__getitem__) if verdict.votes else ""
         self.limits.record(session_key(ref), ref.camera_id, verdict.rule, verdict.approve, verdict.user_id or candidate)
         return verdict
 

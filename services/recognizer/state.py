@@ -22,7 +22,7 @@ from facepay import sessions
 from facepay.config import Settings
 from facepay.messages import FrameRef
 from facepay.runtime.partitions import Partitions
-from facepay.sessions import decided_key  # noqa: F401  (the recognizer's stage imports it from here)
+from facepay.sessions import decided_key
 from services.recognizer.policy import FrameResult
 
 STATE_TTL_S = 24 * 3600
@@ -66,7 +66,7 @@ class SessionStore:
         pipe = self.redis.pipeline(transaction=False)
         for key in keys:
             pipe.exists(self.decided_key(key))
-        return dict(zip(keys, (bool(x) for x in pipe.execute())))
+        return dict(zip(keys, (bool(x) for x in pipe.execute()), strict=True))
 
     def record(
         self, ref: FrameRef, result: FrameResult | None = None, frame_count: int | None = None,
