@@ -17,6 +17,12 @@ How a session's entries are gathered (the streams are the staging area; nothing 
   decision afterwards; a crash in between archives nothing twice (archive() is idempotent).
 - Archive down → `StageBacklog`: the runtime holds the decision pending and retries; the tap
   entries stay pending; lag grows; nothing is lost.
+- A tenant with no key in the archive keys file (a configuration error for that tenant alone) →
+  its decision is deferred (`EntryDeferred`): left pending, uncounted, tried again once idle
+  (claim_idle_ms), while other tenants' decisions are archived; its tap entries stay pending
+  (kept from trimming). Loud: an error naming the tenant, facepay_archive_held_sessions_total,
+  the decisions group's pending count. The keys file is reread when it changes, so adding the
+  key (a Secret updated in place) is enough: the session is archived at its next try.
 - A store's chain refusing appends (tampered, unreadable) → the session is quarantined: sealed
   in its place outside the chain, with a signed note, chained once the chain is restored. Not
   held: one store's broken chain must not stall every store, nor keep frames in Redis for days.
@@ -82,7 +88,7 @@ from facepay.runtime import metrics
 from facepay.runtime.envelope import Unauthenticated, image_digest, open_entry, origin_problem
 from facepay.runtime.partitions import Partitions, per_partition
 from facepay.runtime.redis_conn import connect
-from facepay.runtime.stage import Emit, Stage, StageBacklog
+from facepay.runtime.stage import Emit, EntryDeferred, Stage, StageBacklog
 from facepay.vocabulary import Purpose
 
 log = logging.getLogger(__name__)
@@ -359,6 +365,7 @@ class ArchiverStage(Stage):
         event = self._event(decision)
         if self.redis.get(self._keys(key)[1]) == b"archived":  # a redelivered decision
             return
+        self._defer_without_tenant_key(key, self._tenant(decision, event))
         gathered = self._gather(key)
         missing = self._missing(event, gathered)
         if missing:  # perhaps read by a replica that died before filing them: take them over
@@ -374,6 +381,20 @@ class ArchiverStage(Stage):
         metrics.ARCHIVED.labels("missing_frames" if missing else "complete").inc()
         log.info("session archived", extra={"session_id": key, "frames": len(session.frames), "entries": released,
                                             "missing_frames": missing})
+
+    @staticmethod
+    def _tenant(decision: DecisionMsg, event: dict) -> str:
+        return event.get("tenant_id") or decision.ref.tenant_id or "default"
+
+    def _defer_without_tenant_key(self, key: str, tenant: str, why: str = "") -> None:
+        """A tenant missing from the archive keys holds its own sessions, never the others'."""
+        if not why and self.store.has_key_for(tenant):
+            return
+        metrics.ARCHIVE_HELD.labels(tenant).inc()
+        log.error("no archive key for the tenant: its sessions are held (pending, frames kept) until its key is added "
+                  "to FACEPAY_ARCHIVE_KEYS_FILE; other tenants are archived meanwhile",
+                  extra={"session_id": key, "tenant": tenant, "error": why or f"tenant {tenant!r} not in the keys file"})
+        raise EntryDeferred(f"no archive key for tenant {tenant!r}; session {key} held")
 
     @staticmethod
     def _event(decision: DecisionMsg) -> dict:
@@ -450,7 +471,7 @@ class ArchiverStage(Stage):
                   for seq in sorted(set(gathered.frames) | set(scores))]
         first_ms = min((f.received_ms for f in frames if f.received_ms), default=int(event.get("first_frame_ms") or 0))
         return ArchivedSession(
-            session_id=ref.session_id, tenant=event.get("tenant_id") or ref.tenant_id or "default",
+            session_id=ref.session_id, tenant=self._tenant(decision, event),
             store=ref.store_id, camera=ref.camera_id, first_frame_ms=first_ms,
             decided_ms=int(event.get("decided_at_ms") or 0),
             decision=SignedDecision(decision.payload, decision.signature, decision.key_id),
@@ -499,7 +520,9 @@ class ArchiverStage(Stage):
             self._quarantine(session, key, exc)
         except ArchiveUnavailable as exc:
             raise StageBacklog(f"archive unavailable; session {key} held: {exc}") from exc
-        except (ArchiveAccessDenied, ArchiveKeyError) as exc:
+        except ArchiveKeyError as exc:  # its tenant's key, in the keys file: that tenant's alone
+            self._defer_without_tenant_key(key, session.tenant, str(exc))
+        except ArchiveAccessDenied as exc:
             # Waiting will not fix these, but releasing would lose the session: hold, loudly.
             log.error("archive refuses the session; held until an operator acts", extra={"session_id": key, "error": str(exc)})
             raise StageBacklog(f"archive refuses session {key}: {exc}") from exc
