@@ -104,6 +104,7 @@ TAPS: dict[str, tuple[str, frozenset[str]]] = {
     "embeddings": ("recognizer", frozenset({"embedding"})),
 }
 READ_COUNT = 200
+HELD_LOG_EVERY_S = 60.0
 
 # Index one tap entry under its session, unless the session is archived already (a late frame:
 # acknowledge it). KEYS (one slot: the session's partition): staged set, archived marker, open
@@ -186,6 +187,7 @@ class ArchiverStage(Stage):
         self._taps = {stream: tap for tap in TAPS for stream in self.partitions.streams(tap)}
         self._claim_cursor = dict.fromkeys(self._taps, "0-0")
         self._sweeper: threading.Thread | None = None
+        self._held_logged: dict[str, tuple[float, int]] = {}  # tenant without a key → (last logged, tries since)
 
     # ---- lifecycle -------------------------------------------------------------------------
     def start(self) -> None:
@@ -238,6 +240,7 @@ class ArchiverStage(Stage):
 
     def _sweep(self) -> None:
         try:
+            self._ensure_bucket()  # the first turn may come before the first session made the bucket
             report = self.store.sweep(self.settings.archive_retention_days)
         except Exception:  # the next turn retries; the archive stays as it was
             log.exception("archive retention sweep failed")
@@ -391,9 +394,15 @@ class ArchiverStage(Stage):
         if not why and self.store.has_key_for(tenant):
             return
         metrics.ARCHIVE_HELD.labels(tenant).inc()
-        log.error("no archive key for the tenant: its sessions are held (pending, frames kept) until its key is added "
-                  "to FACEPAY_ARCHIVE_KEYS_FILE; other tenants are archived meanwhile",
-                  extra={"session_id": key, "tenant": tenant, "error": why or f"tenant {tenant!r} not in the keys file"})
+        last, tries = self._held_logged.get(tenant, (0.0, 0))
+        if time.monotonic() - last < HELD_LOG_EVERY_S:  # every held session retries: one error per tenant a minute
+            self._held_logged[tenant] = (last, tries + 1)
+        else:
+            self._held_logged[tenant] = (time.monotonic(), 0)
+            log.error("no archive key for the tenant: its sessions are held (pending, frames kept) until its key is added "
+                      "to FACEPAY_ARCHIVE_KEYS_FILE; other tenants are archived meanwhile",
+                      extra={"session_id": key, "tenant": tenant, "held_tries_since_last_report": tries,
+                             "error": why or f"tenant {tenant!r} not in the keys file"})
         raise EntryDeferred(f"no archive key for tenant {tenant!r}; session {key} held")
 
     @staticmethod
