@@ -318,15 +318,20 @@ class ArchiverStage(Stage):
         """Entries a dead replica read but may not have indexed: take them over and index them
         (indexing twice is harmless). A bounded number per tick, resuming where the last stopped;
         or every idle entry (a decision is missing frames)."""
-        for stream in self._taps:
-            while True:
-                cursor, claimed, _ = self.redis.xautoclaim(stream, GROUP, self.consumer, self.settings.claim_idle_ms,
-                                                           self._claim_cursor[stream], count=READ_COUNT)
+        streams = list(self._taps)
+        while streams:  # one pipelined round over every partition of every tap (a round trip per node)
+            pipe = self.redis.pipeline(transaction=False)
+            for stream in streams:
+                pipe.xautoclaim(stream, GROUP, self.consumer, self.settings.claim_idle_ms, self._claim_cursor[stream],
+                                count=READ_COUNT)
+            unfinished = []
+            for stream, (cursor, claimed, *_) in zip(streams, pipe.execute(), strict=True):
                 self._claim_cursor[stream] = _text(cursor)
                 if claimed:
                     self._index([(stream, eid, fields) for eid, fields in claimed if fields])
-                if not full_pass or self._claim_cursor[stream] == "0-0":
-                    break
+                if full_pass and self._claim_cursor[stream] != "0-0":
+                    unfinished.append(stream)
+            streams = unfinished
 
     def _release_orphans(self) -> None:
         """Sessions no decision came for (every frame refused by the recognizer, an enrollment
