@@ -293,15 +293,6 @@ def test_the_admin_clients_error_does_not_print_the_password(valkey):
     assert password not in str(error.value) and "operator:***@" in str(error.value)
 
 
-def test_a_cluster_url_with_several_hosts_is_redacted_whole():
-    """A worker prints its (redacted) Redis URL at start: a cluster's names several host:port."""
-    from facepay.redaction import redact, redact_url
-
-    url = f"redis+cluster://archiver:{SECRET}@127.0.0.1:7001,127.0.0.1:7002,127.0.0.1:7003/0"
-    assert redact_url(url) == "redis+cluster://archiver:***@127.0.0.1:7001,127.0.0.1:7002,127.0.0.1:7003/0"
-    assert SECRET not in redact(f"cannot reach {url} nor rediss+cluster://u:{SECRET}@h:1,h:2")
-
-
 def test_redis_errors_in_logs_are_redacted():
     from facepay.redaction import redact
 
