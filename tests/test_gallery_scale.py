@@ -204,3 +204,13 @@ def test_only_transient_failures_are_retried() -> None:
 
     assert is_transient(answer(503)) and is_transient(answer(502)) and is_transient(ConnectionError())
     assert not is_transient(answer(400)) and not is_transient(answer(404)) and not is_transient(ValueError())
+
+
+def test_a_build_left_unfinished_is_removed_on_the_next_open(tmp_path: Path, rng) -> None:
+    with EdgeGallery(tmp_path, tuning=SMALL_INDEX) as g:
+        g.ensure_collection(MODEL, DIM)
+        g.upsert(MODEL, templates(rng, 10))
+    (tmp_path / "faces__dlib-resnet-v1@123").mkdir()  # the owner stopped while a copy was being built
+    with EdgeGallery(tmp_path) as g:
+        assert g.count(MODEL) == 10
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["faces__dlib-resnet-v1"]

@@ -56,7 +56,7 @@ class RecognizerStage(Stage):
         self.embedder = load_embedder(self.settings.recognizer_model, self.settings.device)
         # The vectors' space: the recognizer and the landmarks its chips were aligned with.
         self.space_id = template_space(self.embedder.model_id, self.settings.landmarks_model)
-        self.gallery = self.gallery or open_gallery(self.settings.gallery_url)
+        self.gallery = self.gallery or open_gallery(self.settings.gallery_url, tuning=self.settings.qdrant)
         self.gallery.ensure_collection(self.space_id, self.embedder.dim)
         client = connect(self.settings.redis_url)
         self.sessions = SessionStore(client, self.settings)
