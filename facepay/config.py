@@ -98,7 +98,9 @@ class QdrantTuning:
     oversampling: float = 2.0  # quantized candidates per wanted hit, rescored with the originals
     vectors_on_disk: bool = True  # original float vectors memory-mapped (page cache), not pinned
     payload_on_disk: bool = True
-    upsert_batch: int = 1024  # points per upsert request (server)
+    # Points per write: qdrant-edge holds the GIL while it applies one (a 10k batch froze the
+    # process for 2.2 s on the busy machine, 1,024 for 0.1 s); also the server's request size.
+    upsert_batch: int = 256
     # Qdrant server only: the collection's layout on a cluster and how a lost node is waited for.
     shard_number: int = 1
     replication_factor: int = 1

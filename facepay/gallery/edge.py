@@ -284,9 +284,12 @@ class EdgeGallery:
         s = self._require(model_id)
         # Lists convert faster than numpy arrays into qdrant-edge points (measured 2x).
         points = [qe.Point(pid, vec.tolist(), payload) for pid, vec, payload in point_ids_for(model_id, templates, s.dim)]
-        if points:
+        # qdrant-edge holds the GIL while it applies an update: bounded chunks let searches in
+        # between during a bulk enrollment (each chunk is idempotent, so a retry is safe).
+        batch = self._tuning.upsert_batch
+        for start in range(0, len(points), batch):
             with s.lock:
-                s.write(qe.UpdateOperation.upsert_points(points))
+                s.write(qe.UpdateOperation.upsert_points(points[start : start + batch]))
 
     def delete_user(self, model_id: str, user_id: str) -> int:
         s = self._get(model_id)
