@@ -92,8 +92,40 @@ def test_the_index_is_built_without_stalling_searches(tmp_path: Path, rng) -> No
         build_s = time.perf_counter() - started
         done.set()
         searcher.join()
-        assert len(gaps) > 10 and max(gaps) < 0.5, (build_s, max(gaps))
+        # Relative to the build, as the machine may be busy: in-process, the build froze searches for all of it.
+        assert len(gaps) > 10 and max(gaps) < build_s / 4, (build_s, max(gaps))
         assert g.count(MODEL) == 2000
+
+
+def test_a_bulk_enrollment_does_not_stall_searches(tmp_path: Path, rng) -> None:
+    """qdrant-edge holds the GIL while it applies one update: a 10k-point write froze every
+    other thread for seconds; the gallery writes in chunks of qdrant.upsert_batch."""
+    with EdgeGallery(tmp_path, tuning=QdrantTuning(upsert_batch=256)) as g:
+        g.ensure_collection(MODEL, DIM)
+        seed = templates(rng, 100)
+        g.upsert(MODEL, seed)
+        bulk = templates(rng, 20_000, start=1000, tenant="t2")
+        gaps: list[float] = []
+        done = threading.Event()
+
+        def search_meanwhile() -> None:
+            last = time.perf_counter()
+            while not done.is_set():
+                assert g.search(MODEL, seed[7].vector, tenant="t1")[0].user_id == "u7"
+                now = time.perf_counter()
+                gaps.append(now - last)
+                last = now
+
+        searcher = threading.Thread(target=search_meanwhile)
+        searcher.start()
+        started = time.perf_counter()
+        g.upsert(MODEL, bulk)
+        write_s = time.perf_counter() - started
+        done.set()
+        searcher.join()
+        assert g.count(MODEL) == 20_100
+        # Relative to the write, as the machine may be busy: one update froze searches for all of it.
+        assert len(gaps) > 20 and max(gaps) < write_s / 4, (write_s, max(gaps))
 
 
 def test_writes_made_during_a_build_are_kept(tmp_path: Path, rng, monkeypatch: pytest.MonkeyPatch) -> None:
