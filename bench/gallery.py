@@ -31,6 +31,7 @@ import dataclasses
 import os
 import resource
 import statistics
+import subprocess
 import sys
 import tempfile
 import threading
@@ -128,6 +129,28 @@ def pct(times: list[float]) -> str:
     return f"p50 {statistics.median(times):7.2f} ms  p99 {p99:7.2f} ms  max {times[-1]:7.1f} ms  ({len(times)} searches)"
 
 
+FRESH = """
+import sys, numpy as np
+sys.path.insert(0, {root!r})
+from facepay.config import load_settings
+from facepay.gallery import open_gallery
+g = open_gallery({url!r}, tuning=load_settings().qdrant)
+rng = np.random.default_rng(0)
+for i in range(200):
+    g.search({model!r}, rng.standard_normal({dim}).astype(np.float32), limit=2, tenant=None if i % 2 else "t7")
+status = dict(line.split(":", 1) for line in open("/proc/self/status").read().splitlines() if ":" in line)
+print(int(status["VmRSS"].split()[0]) // 1024)
+g.close()
+"""
+
+
+def fresh_process_rss(url: str, dim: int) -> int:
+    """RSS (MB) of a new process that opens the gallery and searches 200 times: a restarted
+    recognizer's memory for the gallery, without this bench's load-time heap."""
+    code = FRESH.format(root=str(Path(__file__).resolve().parents[1]), url=url, model=MODEL, dim=dim)
+    return int(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()[-1])
+
+
 class Background:
     """Searches from another thread (as payments would run) while the main thread works."""
 
@@ -223,11 +246,12 @@ def run(backend: str, url: str, n: int, dim: int, queries: int, efs: list[int], 
         say(f"    index build {time.perf_counter() - started:7.1f} s (child process, peak RSS {child_peak:.0f} MB)")
         say(f"    searches during the build (tenant):   {pct(meanwhile.times)}")
         gallery.close()
+        fresh = fresh_process_rss(url, dim)
         started = time.perf_counter()
         gallery = open_gallery(url, tuning=tuning)
         gallery.count(MODEL)
         say(f"    open the built gallery {time.perf_counter() - started:5.1f} s (also the swap's pause)   "
-            f"RSS {rss_mb()[0]:.0f} MB")
+            f"RSS {rss_mb()[0]:.0f} MB; a fresh process with it open: {fresh} MB")
     qs = make_queries(model, seed, n, queries, rng)
     started = time.perf_counter()
     truth = exact_best(model, seed, n, qs)
