@@ -76,6 +76,9 @@ _CONFIG_FILE = "edge_config.json"  # written by qdrant-edge at EdgeShard.create
 _SCROLL_PAGE = 1024
 _OVERFETCH = 8  # points fetched per wanted user on the first try
 _BUILD_TIMEOUT_S = 6 * 3600  # a build child that runs longer is killed and the build fails
+# Flush after this many written points: a flush holds the GIL for time proportional to what is
+# unflushed (200k points: 0.37 s; 2,048: 15 ms), and the build's copy starts with one.
+_FLUSH_EVERY_POINTS = 8192
 
 
 class ShardBusyError(GalleryError):
@@ -112,7 +115,7 @@ class _Shard:
     """One model's open shard. ``lock`` serialises writes; ``readers`` counts searches running on
     ``shard`` so a swap closes the old shard only after they finish."""
 
-    __slots__ = ("shard", "dim", "lock", "build_lock", "readers", "reading", "pending", "directory")
+    __slots__ = ("shard", "dim", "lock", "build_lock", "readers", "reading", "pending", "directory", "unflushed")
 
     def __init__(self, shard: qe.EdgeShard, dim: int, directory: Path) -> None:
         self.shard = shard
@@ -123,12 +126,17 @@ class _Shard:
         self.readers = threading.Condition()
         self.reading: dict[int, int] = {}  # id(EdgeShard) -> reads running on it (under ``readers``)
         self.pending: list[qe.UpdateOperation] | None = None  # writes made while a copy is built
+        self.unflushed = 0  # points written since the last flush
 
-    def write(self, op: qe.UpdateOperation) -> None:
+    def write(self, op: qe.UpdateOperation, points: int = 1) -> None:
         """Apply a write (caller holds ``lock``); remembered for the copy being built, if any."""
         self.shard.update(op)
         if self.pending is not None:
             self.pending.append(op)
+        self.unflushed += points
+        if self.unflushed >= _FLUSH_EVERY_POINTS:
+            self.shard.flush()
+            self.unflushed = 0
 
 
 class _Reading:
@@ -289,7 +297,8 @@ class EdgeGallery:
         batch = self._tuning.upsert_batch
         for start in range(0, len(points), batch):
             with s.lock:
-                s.write(qe.UpdateOperation.upsert_points(points[start : start + batch]))
+                chunk = points[start : start + batch]
+                s.write(qe.UpdateOperation.upsert_points(chunk), len(chunk))
 
     def delete_user(self, model_id: str, user_id: str) -> int:
         s = self._get(model_id)
@@ -373,6 +382,7 @@ class EdgeGallery:
             build_dir = self._root / f"{name}@{generation}"
             with s.lock:  # no write between the flush and the copy
                 s.shard.flush()
+                s.unflushed = 0
                 shutil.copytree(s.directory, build_dir, ignore=shutil.ignore_patterns("*.lock"))
                 s.pending = []
             try:
