@@ -81,6 +81,38 @@ class PoseLimits:
 
 
 @dataclass(frozen=True)
+class QdrantTuning:
+    """How the gallery's Qdrant collections are built and searched (both backends: the embedded
+    engine and a Qdrant server). Chosen by `bench/gallery.py` at 1 M templates (README "Measured").
+    Index and storage fields apply when a collection is created; search fields on every search."""
+
+    hnsw_m: int = 16  # graph links per point: recall vs memory and build time
+    hnsw_ef_construct: int = 64  # build-time candidate list: recall vs build time
+    hnsw_ef: int = 256  # search-time candidate list: recall vs latency (1 M: README "Measured")
+    # A filter matching fewer vectors than this (KB of vectors) is scanned exactly, not walked on
+    # the graph: there is no graph per tenant (payload_m 0), and on the global graph a 2 %
+    # filter found nothing at 1 M (README "Measured"). 40,000 KB ≈ 80,000 templates of 128 floats.
+    full_scan_threshold_kb: int = 40_000
+    # A segment gets its HNSW index once its vectors pass this (KB); below, it is scanned.
+    indexing_threshold_kb: int = 10_000
+    indexing_threads: int = 1  # HNSW build threads: one, so the other core keeps serving payments
+    quantization: str = "int8"  # int8 (scalar, kept in RAM; originals on disk, rescored) | none
+    oversampling: float = 2.0  # quantized candidates per wanted hit, rescored with the originals
+    vectors_on_disk: bool = True  # original float vectors memory-mapped (page cache), not pinned
+    payload_on_disk: bool = True
+    # Points per write: qdrant-edge holds the GIL while it applies one (a 10k batch froze the
+    # process for 2.2 s on the busy machine, 1,024 for 0.1 s); also the server's request size.
+    upsert_batch: int = 256
+    # Qdrant server only: the collection's layout on a cluster and how a lost node is waited for.
+    shard_number: int = 1
+    replication_factor: int = 1
+    write_consistency_factor: int = 1  # replicas that must acknowledge a write (≤ replication_factor)
+    retries: int = 3  # extra attempts of a request that met a connection error or timeout
+    retry_backoff_s: float = 0.5  # first wait between attempts, doubling
+    timeout_s: float = 5.0  # per request
+
+
+@dataclass(frozen=True)
 class Settings:
     redis_url: str = "redis://127.0.0.1:6379/0"  # redis://user@host:port/db, or rediss:// for TLS
     # The Redis user's password, read from a file (a mounted secret) rather than put in the URL,
@@ -216,6 +248,7 @@ class Settings:
     policy: SessionPolicy = field(default_factory=SessionPolicy)
     pose: PoseLimits = field(default_factory=PoseLimits)
     limits: FailureLimits = field(default_factory=FailureLimits)
+    qdrant: QdrantTuning = field(default_factory=QdrantTuning)
 
     def __post_init__(self) -> None:
         validate(self)  # also on replace(): a Settings that exists is a valid one
@@ -444,10 +477,17 @@ BOUNDS: dict[str, Bounds] = {
     "policy.max_disagreeing_ratio": RATIO, "policy.blink_closed_ratio": RATIO, "policy.blink_open_ratio": RATIO,
     "policy.min_passive_liveness": RATIO, "policy.session_timeout_s": POSITIVE,
     "limits.max_consecutive": at_least(1), "limits.first_delay_s": POSITIVE, "limits.hard_limit": at_least(1),
+    "qdrant.hnsw_m": Bounds(4, 128), "qdrant.hnsw_ef_construct": Bounds(4, 4096), "qdrant.hnsw_ef": Bounds(1, 4096),
+    "qdrant.full_scan_threshold_kb": at_least(1),
+    "qdrant.indexing_threshold_kb": at_least(1), "qdrant.indexing_threads": Bounds(0, 64),
+    "qdrant.oversampling": Bounds(1.0, 16.0), "qdrant.upsert_batch": Bounds(1, 100_000),
+    "qdrant.shard_number": Bounds(1, 1024), "qdrant.replication_factor": Bounds(1, 16),
+    "qdrant.write_consistency_factor": Bounds(1, 16), "qdrant.retries": Bounds(0, 20),
+    "qdrant.retry_backoff_s": Bounds(0.0, 60.0), "qdrant.timeout_s": POSITIVE,
     "pose.max_abs_yaw": DEGREES, "pose.max_abs_pitch": DEGREES, "pose.max_abs_roll": DEGREES,
 }
 
-CHOICES: dict[str, tuple[str, ...]] = {"log_format": ("json", "text")}
+CHOICES: dict[str, tuple[str, ...]] = {"log_format": ("json", "text"), "qdrant.quantization": ("int8", "none")}
 
 
 def _port_of(address: str) -> str | None:
@@ -464,6 +504,8 @@ RULES: list[tuple[str, typing.Callable[[Settings], str | None]]] = [
      f"must be below policy.blink_open_ratio ({s.policy.blink_open_ratio}), got {s.policy.blink_closed_ratio}"),
     ("limits.hard_limit", lambda s: None if s.limits.hard_limit >= s.limits.max_consecutive else
      f"must be ≥ limits.max_consecutive ({s.limits.max_consecutive}), got {s.limits.hard_limit}"),
+    ("qdrant.write_consistency_factor", lambda s: None if s.qdrant.write_consistency_factor <= s.qdrant.replication_factor
+     else f"must be ≤ qdrant.replication_factor ({s.qdrant.replication_factor}), got {s.qdrant.write_consistency_factor}"),
 ]
 
 

@@ -143,21 +143,31 @@ def consume(client: redis.Redis, stream: str, group: str, consumer: str, keys: M
     at `start`: "$" (only new decisions) by default, "0" to replay the retained history (with
     max_age_s=None). Without `seen`, ids are remembered in this process only."""
     seen = seen if seen is not None else SeenEvents()
+    _create_group(client, stream, group, start)
+    while True:
+        for _, items in client.xreadgroup(group, consumer, {stream: ">"}, count=32, block=block_ms) or []:
+            yield from _verified(client, stream, group, items, keys, store_id, max_age_s, seen)
+
+
+def _create_group(client: redis.Redis, stream: str, group: str, start: str) -> None:
     try:
         client.xgroup_create(stream, group, id=start, mkstream=True)
     except redis.ResponseError as exc:
         if "BUSYGROUP" not in str(exc):
             raise
-    while True:
-        for _, items in client.xreadgroup(group, consumer, {stream: ">"}, count=32, block=block_ms) or []:
-            for entry_id, fields in items:
-                try:
-                    event = verify_entry(fields, keys, store_id, max_age_s, seen)
-                except SignatureError as refused:
-                    log.warning("decision entry refused", extra={"entry": _text(entry_id), "error": str(refused)})
-                    client.xack(stream, group, entry_id)
-                    continue
-                yield entry_id, event
+
+
+def _verified(client: redis.Redis, stream: str | bytes, group: str, items: list, keys: Mapping[str, str],
+              store_id: str, max_age_s: float | None, seen: SeenEvents) -> Iterator[tuple[bytes, dict]]:
+    """The entries a backend may act on; the others are logged and acknowledged, never fatal."""
+    for entry_id, fields in items:
+        try:
+            event = verify_entry(fields, keys, store_id, max_age_s, seen)
+        except SignatureError as refused:
+            log.warning("decision entry refused", extra={"entry": _text(entry_id), "error": str(refused)})
+            client.xack(stream, group, entry_id)
+            continue
+        yield entry_id, event
 
 
 # With partitions, resuming after an entry id restarts every partition this much earlier: ids of
@@ -224,11 +234,7 @@ def consume_partitions(client: redis.Redis, partitions: Partitions, group: str, 
     seen = seen if seen is not None else SeenEvents()
     streams = partitions.streams("decisions")
     for stream in streams:
-        try:
-            client.xgroup_create(stream, group, id=start, mkstream=True)
-        except redis.ResponseError as exc:
-            if "BUSYGROUP" not in str(exc):
-                raise
+        _create_group(client, stream, group, start)
     turn = 0
     while stop is None or not stop.is_set():
         pipe = client.pipeline(transaction=False)
@@ -240,13 +246,7 @@ def consume_partitions(client: redis.Redis, partitions: Partitions, group: str, 
             replies = client.xreadgroup(group, consumer, {streams[turn]: ">"}, count=32,
                                         block=min(block_ms, PARTITION_BLOCK_MS)) or []
         for stream, items in replies:
-            for entry_id, fields in items:
-                try:
-                    event = verify_entry(fields, keys, store_id, max_age_s, seen)
-                except SignatureError as refused:
-                    log.warning("decision entry refused", extra={"entry": _text(entry_id), "error": str(refused)})
-                    client.xack(stream, group, entry_id)
-                    continue
+            for entry_id, event in _verified(client, stream, group, items, keys, store_id, max_age_s, seen):
                 yield _text(stream), entry_id, event
 
 

@@ -6,7 +6,7 @@ import re
 from urllib.parse import urlsplit, urlunsplit
 
 # scheme://[user]:password@ — the password part, up to the last '@' before the host.
-_URL_CREDENTIALS = re.compile(r"(?P<head>\b(?:rediss?|unix|https?|amqps?)://[^:/@\s]*:)(?P<password>[^@\s]+)(?P<at>@)")
+_URL_CREDENTIALS = re.compile(r"(?P<head>\b(?:rediss?(?:\+cluster)?|unix|https?|amqps?)://[^:/@\s]*:)(?P<password>[^@\s]+)(?P<at>@)")
 
 
 def redact_url(url: str) -> str:
@@ -18,8 +18,8 @@ def redact_url(url: str) -> str:
     if not parts.password:
         return url
     user = parts.username or ""
-    host = parts.hostname or ""
-    netloc = f"{user}:***@{host}" + (f":{parts.port}" if parts.port else "")
+    hosts = parts.netloc.rpartition("@")[2]  # as written: one host:port, or a cluster's list of them
+    netloc = f"{user}:***@{hosts}"
     return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
 
 

@@ -483,3 +483,13 @@ def test_tls_end_to_end_connect_runtime_rq_and_subscriber(tls_redis, tmp_path):
     job = Queue("facepay-tls", connection=redis.Redis.from_url(operator_url)).enqueue("os.getpid", result_ttl=60)
     [result] = run_jobs(operator_url, "facepay-tls", [job], inline_workers=1, timeout_s=120)
     assert isinstance(result, int)
+
+
+def test_a_cluster_url_is_redacted_with_every_node_kept():
+    """A worker on a cluster logs where it connects before it has connected: that line must not
+    crash on a cluster's list of nodes nor show the password."""
+    from facepay.redaction import redact, redact_url
+
+    url = f"redis+cluster://pose:{SECRET}@127.0.0.1:7001,127.0.0.1:7002,127.0.0.1:7003/0"
+    assert redact_url(url) == "redis+cluster://pose:***@127.0.0.1:7001,127.0.0.1:7002,127.0.0.1:7003/0"
+    assert SECRET not in redact(f"cannot reach {url}") and SECRET not in redact(f"cannot reach {url.replace('redis+', 'rediss+')}")

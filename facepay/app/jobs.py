@@ -7,6 +7,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
+from typing import Any
 
 from rq.job import Job
 
@@ -35,7 +36,7 @@ def rq_worker_environ(redis_url: str, rq_url: str | None = None) -> dict[str, st
 
 def run_jobs(redis_url: str, queue_name: str, jobs: list[Job], inline_workers: int = 1,
              progress: Callable[[int, int], None] | None = None, timeout_s: float | None = None,
-             worker_env: dict[str, str] | None = None, rq_url: str | None = None) -> list[dict]:
+             worker_env: dict[str, str] | None = None, rq_url: str | None = None) -> list[Any]:
     """Wait for `jobs`; with inline_workers > 0 start that many `rq worker --burst` processes
     here (they exit when the queue is empty), else rely on the operator's own rq workers.
     Secrets reach the workers through their own environment (`worker_env`, and the Redis URL
@@ -60,13 +61,13 @@ def run_jobs(redis_url: str, queue_name: str, jobs: list[Job], inline_workers: i
     return [_outcome(j) for j in jobs]
 
 
-def _outcome(job: Job) -> dict:
-    """What a finished job returned, or why it failed."""
+def _outcome(job: Job) -> Any:
+    """What a finished job returned (facepay's own jobs return a dict), or why it failed."""
     if job.get_status() == "finished":
         value = job.return_value()
-        if isinstance(value, dict):
+        if value is not None:
             return value
-        return {"job": job.id, "status": "failed", "error": f"returned {type(value).__name__}, not a dict"}
+        return {"job": job.id, "status": "failed", "error": "finished without a recorded result"}
     result = job.latest_result()
     error = result.exc_string if result is not None else "no result recorded"
     return {"job": job.id, "status": "failed", "error": str(error)[-300:]}

@@ -285,8 +285,8 @@ def _gallery_users(settings: Settings, spaces: set[str], tenants: set[str]) -> s
     from facepay.gallery import open_gallery
 
     try:
-        gallery = open_gallery(settings.gallery_url)
-    except Exception:  # the cause "user deleted" is then not offered
+        gallery = open_gallery(settings.gallery_url, tuning=settings.qdrant)
+    except Exception:
         log.warning("replay gallery not readable for the report", exc_info=True)
         return None
     try:

@@ -16,6 +16,8 @@ from __future__ import annotations
 import os
 from typing import TYPE_CHECKING, Any
 
+from facepay.config import QdrantTuning
+
 from .base import (
     KINDS,
     Gallery,
@@ -29,13 +31,14 @@ from .base import (
 
 if TYPE_CHECKING:
     from .edge import EdgeGallery, ShardBusyError
-    from .qdrant_server import QdrantGallery
+    from .qdrant_server import GalleryUnavailableError, QdrantGallery
 
 __all__ = [
     "KINDS",
     "EdgeGallery",
     "Gallery",
     "GalleryError",
+    "GalleryUnavailableError",
     "Hit",
     "QdrantGallery",
     "ShardBusyError",
@@ -47,7 +50,10 @@ __all__ = [
     "wait_until_reachable",
 ]
 
-_LAZY = {"EdgeGallery": ".edge", "ShardBusyError": ".edge", "QdrantGallery": ".qdrant_server"}
+_LAZY = {
+    "EdgeGallery": ".edge", "ShardBusyError": ".edge", "QdrantGallery": ".qdrant_server",
+    "GalleryUnavailableError": ".qdrant_server",
+}
 
 
 def __getattr__(name: str) -> Any:
@@ -74,14 +80,14 @@ def wait_until_reachable(gallery: Gallery, within_s: float) -> None:
         wait(within_s)
 
 
-def open_gallery(url: str) -> Gallery:
+def open_gallery(url: str, tuning: QdrantTuning | None = None) -> Gallery:
     """The gallery a URL names (see the module docstring); ValueError on anything else."""
     if not isinstance(url, str) or not url:
         raise ValueError(f"gallery URL must be a non-empty string, got {url!r}")
     if url.startswith("edge://"):
         from .edge import EdgeGallery
 
-        return EdgeGallery(_after(url, "edge://"))
+        return EdgeGallery(_after(url, "edge://"), tuning=tuning)
     if url == ":memory:":
         from .qdrant_server import QdrantGallery
 
@@ -94,7 +100,7 @@ def open_gallery(url: str) -> Gallery:
     if url.startswith(("http://", "https://")):
         from .qdrant_server import QdrantGallery
 
-        return QdrantGallery(url=url, api_key=os.environ.get("QDRANT_API_KEY") or None)
+        return QdrantGallery(url=url, api_key=os.environ.get("QDRANT_API_KEY") or None, tuning=tuning)
     raise ValueError(
         f"unsupported gallery URL {url!r}: use edge:///dir, qdrant+local:///dir, :memory:, http://… or https://…"
     )

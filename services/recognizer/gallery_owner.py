@@ -54,7 +54,7 @@ class GalleryOwner:
     def open(cls, settings: Settings, client: redis.Redis, space_id: str, dim: int, model_threshold: float,
              defaults: RecognizerDefaults, gallery: Gallery | None = None) -> GalleryOwner:
         """Open (or take) the gallery and make sure this space's collection exists."""
-        gallery = gallery or open_gallery(settings.gallery_url)
+        gallery = gallery or open_gallery(settings.gallery_url, tuning=settings.qdrant)
         wait_until_reachable(gallery, settings.startup_wait_s)  # a Qdrant server may start after us
         gallery.ensure_collection(space_id, dim)
         calibrated = thresholds.CalibratedThreshold(client, settings, space_id, model_threshold,
