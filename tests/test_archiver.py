@@ -17,6 +17,7 @@ from prometheus_client import REGISTRY
 
 from facepay import keys as component_keys
 from facepay.archive import ArchiveKeys, ArchiveSettings, ArchiveStore, EmbeddedS3
+from facepay.archive.keys import TenantKeys
 from facepay.config import Settings
 from facepay.messages import (
     FIELD,
@@ -76,11 +77,11 @@ class Upstream:
         self.redis.xadd(key, {**seal({FIELD: body}, key, self.signers[as_]), **(extra or {})})
 
     def session(self, session_id: str, images: list[bytes], approve: bool = True, store: str = STORE,
-                phone_suffix: str = "", embeddings: bool = False) -> None:
+                phone_suffix: str = "", embeddings: bool = False, tenant: str = TENANT) -> None:
         """`embeddings`: the recognizer also writes each face's embedding (archive_keep_embeddings)."""
         refs = []
         for seq, image in enumerate(images):
-            ref = FrameRef(session_id, store, CAMERA, seq, int(time.time() * 1000) - 50, tenant_id=TENANT,
+            ref = FrameRef(session_id, store, CAMERA, seq, int(time.time() * 1000) - 50, tenant_id=tenant,
                            phone_suffix=phone_suffix, received_ms=int(time.time() * 1000))
             ref = attest(ref, self.signers["gateway"], image)
             refs.append(ref)
@@ -98,13 +99,13 @@ class Upstream:
             if embeddings:
                 self._xadd("embeddings", EmbeddingMsg(ref=ref, vector=embedding_of(seq), space="dlib-resnet-v1+dlib68").encode(),
                            "recognizer")
-        end = attest(FrameRef(session_id, store, CAMERA, 0, 0, tenant_id=TENANT, received_ms=int(time.time() * 1000)),
+        end = attest(FrameRef(session_id, store, CAMERA, 0, 0, tenant_id=tenant, received_ms=int(time.time() * 1000)),
                      self.signers["gateway"])
         self._xadd("frames", SessionEndMsg(ref=end, frame_count=len(images)).encode(), "gateway")
         self.decide(refs[0], len(images), approve)
 
     def decide(self, ref: FrameRef, frames: int, approve: bool) -> None:
-        event = {"session_id": ref.session_id, "store_id": ref.store_id, "camera_id": CAMERA, "tenant_id": TENANT,
+        event = {"session_id": ref.session_id, "store_id": ref.store_id, "camera_id": CAMERA, "tenant_id": ref.tenant_id,
                  "decision": "approve" if approve else "decline", "user_id": "alice" if approve else "",
                  "score": 0.71, "threshold": 0.6, "rule": "voted", "model_ids": {"detector": "mtcnn-v1", "recognizer": "dlib-resnet-v1"},
                  "first_frame_ms": ref.received_ms, "decided_at_ms": int(time.time() * 1000), "frames_seen": frames,
@@ -173,9 +174,9 @@ class RunningArchiver:
         self.thread.join(30)
 
 
-def archived_ids(settings: Settings, store: str = STORE) -> set[str]:
+def archived_ids(settings: Settings, store: str = STORE, tenant: str = TENANT) -> set[str]:
     now = datetime.now(UTC)
-    refs = reader(settings).list_sessions(TENANT, store, now - timedelta(hours=1), now + timedelta(hours=1))
+    refs = reader(settings).list_sessions(tenant, store, now - timedelta(hours=1), now + timedelta(hours=1))
     return {r.session_id for r in refs}
 
 
@@ -435,3 +436,37 @@ def test_the_recognizer_hands_each_faces_embedding_to_the_archiver_only_when_con
     assert [m.ref.sequence for m in handed] == [0, 1, 2], "every face the recognizer embedded, pose-rejected ones too"
     assert all(isinstance(m, EmbeddingMsg) and len(m.vector) == stage.embedder.dim for m in handed)
     assert handed[0].space == stage.gallery_owner.space_id
+
+
+def test_a_tenant_without_an_archive_key_waits_alone_and_is_archived_once_its_key_is_added(setup, photos, caplog):
+    """A configuration error for one tenant: its sessions stay pending (an error naming it, a
+    metric, the group's pending count), their frames kept from trimming; other tenants' sessions
+    are archived meanwhile; once its key is in the keys file, its sessions are archived."""
+    upstream, client = Upstream(setup), connect(setup.redis_url)
+    with RunningArchiver(setup):
+        upstream.session("t-new", photos[:3], tenant="newco")
+        upstream.session("t-acme1", photos[:3])
+        upstream.session("t-acme2", photos[:3])
+        wait_until(lambda: {"t-acme1", "t-acme2"} <= archived_ids(setup), what="the other tenant's sessions archived")
+        # Tried again and again (once idle for claim_idle_ms), never dead-lettered.
+        wait_until(lambda: (REGISTRY.get_sample_value("facepay_archive_held_sessions_total", {"tenant": "newco"}) or 0) >= 4,
+                   what="newco's session held, and retried")
+        assert archived_ids(setup, tenant="newco") == set()
+        assert any(r.levelname == "ERROR" and getattr(r, "tenant", "") == "newco" for r in caplog.records)
+        assert pending(setup, "decisions") == 1 and pending(setup, "frames") == 4  # 3 frames + end
+        assert client.xlen(setup.key("dead")) == 0
+        for stream in ("frames", "faces", "aligned", "posed"):  # the safe trim keeps them: no retention, bound 1
+            client.eval(_TRIM_SAFELY, 1, setup.key(stream), int(time.time() * 1000), 1, "0")
+        assert client.xlen(setup.key("frames")) >= 4
+
+        keys_file = Path(setup.archive_keys_file)  # the operator adds the tenant's key (the Secret updated)
+        keys = ArchiveKeys.from_file(keys_file)
+        ArchiveKeys(keys.signing_key, {**keys.tenants, "newco": TenantKeys("k1", {"k1": bytes(range(32))})}).write(keys_file)
+        wait_until(lambda: "t-new" in archived_ids(setup, tenant="newco"), what="newco's session archived once its key is added")
+        wait_until(lambda: all(pending(setup, s) == 0 for s in ("frames", "faces", "aligned", "posed", "decisions")),
+                   what="every entry acknowledged")
+    now = datetime.now(UTC)
+    store = reader(setup)
+    (ref,) = store.list_sessions("newco", STORE, now - timedelta(hours=1), now + timedelta(hours=1))
+    assert [f.image for f in store.read(ref.key).frames] == photos[:3]
+    assert store.verify("newco", STORE, now - timedelta(hours=1), now + timedelta(hours=1)).ok

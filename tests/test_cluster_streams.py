@@ -320,9 +320,12 @@ def test_every_component_user_may_use_the_partitioned_names_of_its_keys():
     assert "+cluster|slots" in redis_acl.user_line("keda", "fp", "x") and "+asking" in redis_acl.user_line("keda", "fp", "x")
 
 
-def test_the_archiver_refuses_partitioned_streams_with_a_clear_error():
-    with pytest.raises(ValueError, match="archiver does not run on partitioned streams"):
-        create_stage("archiver", Settings(stream_partitions=4))
+def test_the_archiver_taps_every_partition_and_may_use_its_partitioned_index_keys():
+    """It used to refuse partitioned streams; it archives on a cluster (tests/test_cluster_archive.py)."""
+    stage = create_stage("archiver", Settings(stream_partitions=4, namespace="fp"))
+    assert sorted(s for s in stage._taps if s.endswith(":frames")) == [f"fp:{{p0{p}}}:frames" for p in range(4)]
+    archiver = " ".join(redis_acl.rules("archiver", "fp"))
+    assert "~fp:{p*}:archiver:*" in archiver and "~fp:archiver:*" in archiver, "partitioned index, global turns"
 
 
 def test_decision_subscribers_read_every_partition_and_resume_missing_nothing(cluster):

@@ -19,7 +19,7 @@ from facepay.config import Settings
 from facepay.messages import FIELD, FrameMsg, FrameRef, Rejection, SessionEndMsg, decode
 from facepay.runtime.embedded import EmbeddedValkey, free_port
 from facepay.runtime.envelope import seal
-from facepay.runtime.stage import Emit, PipeStage, Stage, StageContractError
+from facepay.runtime.stage import Emit, EntryDeferred, PipeStage, Stage, StageContractError
 from facepay.runtime.worker import StreamWorker
 from tests.e2e import wait_until
 
@@ -135,6 +135,42 @@ def test_an_entry_that_keeps_failing_is_dead_lettered_with_its_error(valkey, set
     _, dead = client.xrange(settings.key("dead"))[0]
     assert dead[b"reason"] == b"max_deliveries" and b"boom" in dead[b"error"]
     assert pending(client, settings) == 0
+
+
+class Waiting(Upper):
+    """Defers the frames of sessions it is not ready for (as the archiver defers a tenant whose
+    archive key is missing)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ready: set[str] = set()
+        self.deferred = 0
+
+    def handle(self, batch):
+        for m in batch:
+            if m.ref.session_id not in self.ready:
+                self.deferred += 1
+                raise EntryDeferred(f"not ready for session {m.ref.session_id}")
+        return super().handle(batch)
+
+
+def test_an_entry_the_stage_defers_stays_pending_uncounted_while_the_others_go_on(valkey, settings):
+    client = redis.Redis.from_url(valkey.url)
+    stage = Waiting()
+    stage.ready.add("now")
+    worker = StreamWorker(stage, settings, consumer="c1")
+    push(client, settings, frame("now", 0), frame("later", 0), frame("now", 1))
+    run_until(worker, lambda: len(outputs(client, settings)) == 2)
+    assert [m.ref.session_id for m in outputs(client, settings)] == ["now", "now"]
+    # Tried again and again (once idle for claim_idle_ms), more often than max_deliveries: never
+    # counted as a failure, never dead-lettered, still pending.
+    run_until(worker, lambda: stage.deferred >= settings.max_deliveries + 3)
+    assert pending(client, settings) == 1
+    assert client.xlen(settings.key("dead")) == 0
+    assert not any(f.endswith(b":failures") for f in client.hgetall(settings.key("errors", "upper")))
+    stage.ready.add("later")  # what it waited for (its tenant's key) has come
+    run_until(worker, lambda: len(outputs(client, settings)) == 3)
+    assert pending(client, settings) == 0 and client.xlen(settings.key("dead")) == 0
 
 
 def test_entries_of_a_dead_consumer_are_reclaimed_by_a_live_one(valkey, settings):

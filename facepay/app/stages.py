@@ -5,7 +5,6 @@ from __future__ import annotations
 import importlib
 
 from facepay.config import Settings
-from facepay.runtime.partitions import Partitions
 from facepay.runtime.stage import Stage
 
 STAGES = {
@@ -20,10 +19,5 @@ STAGES = {
 def create_stage(name: str, settings: Settings) -> Stage:
     if name not in STAGES:
         raise ValueError(f"unknown stage {name!r}; choose one of {', '.join(STAGES)}")
-    if name == "archiver" and Partitions.of(settings).tagged:
-        # It reads the per-frame streams by their plain names, and its per-session index scripts
-        # span keys of several slots: with partitions it would archive sessions without frames.
-        raise ValueError("the archiver does not run on partitioned streams yet (stream_partitions > 1 or a "
-                         "redis+cluster:// URL): run the pipeline without it (README: Scaling out)")
     module, cls = STAGES[name].split(":")
     return getattr(importlib.import_module(module), cls)(settings)

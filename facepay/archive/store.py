@@ -34,6 +34,7 @@ from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 
 import boto3
+import yaml
 from botocore.config import Config
 from botocore.exceptions import ClientError, HTTPClientError
 from botocore.exceptions import ConnectionError as BotoConnectionError
@@ -169,6 +170,7 @@ class ArchiveStore:
         self.settings = settings
         self.clock = clock  # seconds; stamps chain entries and erasure notes
         self.keys = keys
+        self._keys_read = self._keys_file_stamp()  # when the keys file was read (reread when it changes)
         self.bucket = settings.bucket
         self.prefix = settings.prefix
         # Short timeouts and few retries: an outage must surface fast as ArchiveUnavailable so the
@@ -189,6 +191,40 @@ class ArchiveStore:
         if settings.keys_file is None:
             raise ValueError("FACEPAY_ARCHIVE_KEYS_FILE is not set: the archive needs tenant KEKs and a signing key")
         return cls(settings, ArchiveKeys.from_file(settings.keys_file, settings.signing_key_hex))
+
+    # --- tenant keys ------------------------------------------------------------------------
+    def has_key_for(self, tenant: str) -> bool:
+        """Whether sessions of `tenant` can be sealed. A tenant missing from the keys is a
+        configuration error the operator fixes by adding its key to the file (a Secret updated
+        in place): the file is read again first when it changed since it was read."""
+        if tenant not in self.keys.tenants:
+            self._reread_tenant_keys()
+        return tenant in self.keys.tenants
+
+    def _keys_file_stamp(self) -> tuple[int, int] | None:
+        path = self.settings.keys_file
+        try:
+            info = path.stat() if path is not None else None
+        except OSError:
+            return None
+        return (info.st_mtime_ns, info.st_ino) if info is not None else None
+
+    def _reread_tenant_keys(self) -> None:
+        """Adopt the tenants' keys of a changed keys file; the signing key in force stays (a
+        new signing key is a rotation, made with a restart). A file that does not load (half
+        written, malformed) is reported and the keys in force kept."""
+        stamp = self._keys_file_stamp()
+        if stamp is None or stamp == self._keys_read or self.settings.keys_file is None:
+            return
+        try:
+            fresh = ArchiveKeys.from_file(self.settings.keys_file, self.settings.signing_key_hex)
+        except (OSError, ValueError, KeyError, TypeError, yaml.YAMLError) as exc:  # ArchiveKeyError is a ValueError
+            log.warning("archive keys file changed but does not load; the keys in force are kept",
+                        extra={"error": str(exc)[:300]})
+            return
+        self._keys_read = stamp
+        self.keys = ArchiveKeys(self.keys.signing_key, fresh.tenants)
+        log.info("archive keys file reread", extra={"tenants": sorted(fresh.tenants)})
 
     # --- S3 primitives: every call maps transport failures to ArchiveUnavailable -----------
     def _s3(self, operation: str, **kwargs: object) -> dict:

@@ -11,6 +11,8 @@ MESSAGES_OUT = Counter("facepay_messages_out_total", "Stream entries written", [
 MESSAGES_FAILED = Counter("facepay_messages_failed_total", "Entries whose processing raised", ["stage"])
 DEAD_LETTERS = Counter("facepay_dead_letters_total", "Entries moved to the dead-letter stream", ["stage", "reason"])
 UNAUTHENTICATED = Counter("facepay_unauthenticated_total", "Entries refused: signature or frame origin does not verify", ["stage"])
+DEFERRED = Counter("facepay_deferred_total", "Entries a stage left pending for now for a reason of their own "
+                   "(e.g. a tenant without an archive key); retried, never counted as failures", ["stage"])
 RECLAIMED = Counter("facepay_reclaimed_total", "Pending entries taken over from idle consumers", ["stage"])
 BACKPRESSURE = Counter(
     "facepay_redis_backpressure_total", "Waits because Redis refused for now (oom, readonly, loading, masterdown, unavailable)",
@@ -40,6 +42,9 @@ ARCHIVED = Counter("facepay_archive_sessions_total", "Sessions the archiver arch
 ARCHIVE_QUARANTINED = Counter(
     "facepay_archive_quarantined_sessions_total", "Sessions kept outside their store's hash chain because the chain refuses "
     "appends (tampered or unreadable); alert on any increase", ["tenant", "store"])
+ARCHIVE_HELD = Counter(
+    "facepay_archive_held_sessions_total", "Tries to archive a decided session held back because its tenant has no key in "
+    "the archive keys file (retried until the key is added; alert on any increase)", ["tenant"])
 ARCHIVE_LEFT_OUT = Counter("facepay_archive_entries_left_out_total", "Entries not archived: they did not verify", ["stream"])
 
 

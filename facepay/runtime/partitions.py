@@ -24,7 +24,9 @@ from facepay.runtime.redis_conn import is_cluster_url
 # Streams whose entries belong to one session, hence to its partition.
 PARTITIONED_STREAMS = frozenset({"frames", "faces", "aligned", "posed", "embeddings", "decisions", "enrollments"})
 # Other per-session (or per-partition) keys, by their first name part.
-PARTITIONED_KEYS = frozenset({"session", "decided", "sessions", "gateway-session", "quarantine", "errors"})
+# "archiver": its per-session index (staged, archived) and each partition's open sessions; its
+# global turns (sweep-turn, drain-turn) keep the plain name, which the ACL pattern also allows.
+PARTITIONED_KEYS = frozenset({"session", "decided", "sessions", "gateway-session", "quarantine", "errors", "archiver"})
 _TAG = re.compile(r"\{p(\d+)\}")
 
 

@@ -37,6 +37,16 @@ class StageBacklog(RuntimeError):
     refusal. Never counted as a failure, never dead-lettered; the group's lag shows it."""
 
 
+class EntryDeferred(RuntimeError):
+    """This message cannot be processed for now, for a reason of its own, while the rest of the
+    input can (the archive has no key for its tenant yet): the runtime leaves its entry pending —
+    not acknowledged, not counted as a failure, never dead-lettered — and goes on with the others.
+    It is tried again once idle for claim_idle_ms (reclaimed like a dead consumer's entry).
+    Raised for a batch of several, the batch is retried one entry at a time, so only the
+    deferred ones stay behind: `process` must be safe to run again on the others (idempotent).
+    The stage says why, loudly (log, metric): the group's pending count shows how many wait."""
+
+
 class StageContractError(RuntimeError):
     """A stage broke its contract with the runtime (a programming error, not bad input)."""
 

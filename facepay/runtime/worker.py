@@ -21,6 +21,9 @@ Failures are counted per entry, not deliveries: entries reclaimed from a dead co
 processed one at a time, so a poison entry that kills its process is found alone and its
 healthy batch mates never pay for it.
 
+A stage may defer one entry for a reason of its own (`EntryDeferred`: the archive has no key
+for its tenant yet): it stays pending, uncounted, and is tried again once idle; the others go on.
+
 Redis refusing for now (full, read-only replica, loading, unreachable) is back-pressure: the
 worker holds what it has in hand and retries with a bounded backoff; nothing is failed for it.
 Trimming (retention, length bound) never passes the first entry a consumer group has not read
@@ -65,7 +68,7 @@ from facepay.runtime.redis_conn import (
     replicated,
     reset_connections,
 )
-from facepay.runtime.stage import Emit, Stage, StageBacklog, StageContractError
+from facepay.runtime.stage import Emit, EntryDeferred, Stage, StageBacklog, StageContractError
 from facepay.runtime.startup import wait_for
 from facepay.vocabulary import Purpose
 
@@ -320,9 +323,10 @@ class StreamWorker:
         except Exception as exc:
             if backpressure_kind(exc) or isinstance(exc, StageBacklog):
                 raise  # stopping while held back: the batch stays pending, nothing failed
-            # Find the entry that fails: retry one by one, so the rest of the batch goes on.
+            # Find the entry that fails (or is deferred): retry one by one, so the rest of the
+            # batch goes on.
             if len(good) == 1:
-                self._record_failure(*good[0])
+                self._failed_or_deferred(*good[0], exc)
                 return
             for pair in good:
                 self._handle_one(*pair)
@@ -359,9 +363,25 @@ class StreamWorker:
         except Exception as exc:
             if backpressure_kind(exc) or isinstance(exc, StageBacklog):
                 raise
-            self._record_failure(entry, message)
+            self._failed_or_deferred(entry, message, exc)
             return
         self._commit([entry], emits, erase=_not_kept([(entry, message)]))
+
+    def _failed_or_deferred(self, entry: Entry, message: Message, exc: Exception) -> None:
+        if isinstance(exc, EntryDeferred):
+            self._defer(entry, message, exc)
+        else:
+            self._record_failure(entry, message)
+
+    def _defer(self, entry: Entry, message: Message, deferred: EntryDeferred) -> None:
+        """The stage cannot process this entry for now, for a reason of its own (EntryDeferred):
+        it stays pending, unacknowledged and uncounted, and is reclaimed once idle. Its "being
+        processed alone" mark goes, or the next reclaim would count a crash against it."""
+        metrics.DEFERRED.labels(self.group).inc()
+        log.debug("entry deferred by the stage", extra={"stage": self.group, "entry": entry.id.decode(),
+                                                        "session_id": message.ref.session_id, "error": str(deferred)[:300]})
+        errors, alone = self._errors_key(entry), self._failure_fields(entry.id)[2]
+        self._until_accepted(lambda: self.redis.hdel(errors, alone), "defer", holding=[entry])
 
     def _record_failure(self, entry: Entry, message: Message) -> None:
         """Count a failed attempt and keep its error; the entry stays pending (retried after

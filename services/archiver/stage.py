@@ -17,6 +17,12 @@ How a session's entries are gathered (the streams are the staging area; nothing 
   decision afterwards; a crash in between archives nothing twice (archive() is idempotent).
 - Archive down → `StageBacklog`: the runtime holds the decision pending and retries; the tap
   entries stay pending; lag grows; nothing is lost.
+- A tenant with no key in the archive keys file (a configuration error for that tenant alone) →
+  its decision is deferred (`EntryDeferred`): left pending, uncounted, tried again once idle
+  (claim_idle_ms), while other tenants' decisions are archived; its tap entries stay pending
+  (kept from trimming). Loud: an error naming the tenant, facepay_archive_held_sessions_total,
+  the decisions group's pending count. The keys file is reread when it changes, so adding the
+  key (a Secret updated in place) is enough: the session is archived at its next try.
 - A store's chain refusing appends (tampered, unreadable) → the session is quarantined: sealed
   in its place outside the chain, with a signed note, chained once the chain is restored. Not
   held: one store's broken chain must not stall every store, nor keep frames in Redis for days.
@@ -24,6 +30,12 @@ How a session's entries are gathered (the streams are the staging area; nothing 
 Why not let the recognizer carry everything: its messages hold chips, not the frame as received,
 and the per-stage outputs (boxes, landmarks, pose) are gone by then; copying them into Redis
 staging would double Redis memory for every open session. Why not stage in S3: ~4 PUTs per frame.
+
+Partitioned streams (`stream_partitions > 1`, a Redis/Valkey Cluster): the archiver reads every
+partition of each tap, and a session's index keys (staged set, archived marker) and its
+partition's open-sessions set carry the session's partition hash tag, like its stream entries:
+the index and release scripts touch one hash slot. The retention and drain turns are global
+single-key SET NX.
 
 Any number of replicas: the index lives in Redis, and any consumer may acknowledge any pending
 entry of the group, so the replica that reads the decision need not be the one that read the
@@ -74,8 +86,9 @@ from facepay.messages import (
 )
 from facepay.runtime import metrics
 from facepay.runtime.envelope import Unauthenticated, image_digest, open_entry, origin_problem
+from facepay.runtime.partitions import Partitions, per_partition
 from facepay.runtime.redis_conn import connect
-from facepay.runtime.stage import Emit, Stage, StageBacklog
+from facepay.runtime.stage import Emit, EntryDeferred, Stage, StageBacklog
 from facepay.vocabulary import Purpose
 
 log = logging.getLogger(__name__)
@@ -91,9 +104,11 @@ TAPS: dict[str, tuple[str, frozenset[str]]] = {
     "embeddings": ("recognizer", frozenset({"embedding"})),
 }
 READ_COUNT = 200
+HELD_LOG_EVERY_S = 60.0
 
 # Index one tap entry under its session, unless the session is archived already (a late frame:
-# acknowledge it). KEYS: staged set, archived marker, open sessions (zset), tap stream.
+# acknowledge it). KEYS (one slot: the session's partition): staged set, archived marker, open
+# sessions of the partition (zset), tap stream.
 # ARGV: group, entry id, member, session key, now (ms).
 _INDEX = """
 if redis.call('EXISTS', KEYS[2]) == 1 then
@@ -106,7 +121,8 @@ return 1
 """
 
 # The session is archived (or abandoned): mark it, acknowledge every indexed entry, drop the
-# index. KEYS: staged set, archived marker, open sessions, frames, faces, aligned, posed, embeddings.
+# index. KEYS (the session's partition): staged set, archived marker, open sessions, frames,
+# faces, aligned, posed, embeddings.
 # ARGV: group, marker ttl (s), session key, marker ("archived" | "released").
 _RELEASE = """
 redis.call('SET', KEYS[2], ARGV[4], 'EX', ARGV[2])
@@ -132,6 +148,10 @@ class Gathered:
 
 def session_key(store_id: str, session_id: str) -> str:
     return f"{store_id}/{session_id}"
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
 
 
 def _point(p: list[float]) -> tuple[float, float]:
@@ -162,8 +182,12 @@ class ArchiverStage(Stage):
         self._given_store = store  # else start() opens FACEPAY_ARCHIVE_URL's
         self._bucket_ready = False
         self._held_since: dict[str, float] = {}  # decision → when it was first held for missing frames
-        self._claim_cursor = dict.fromkeys(TAPS, "0-0")
+        self.partitions = Partitions.of(settings)
+        # every partition of every tap: stream name → its tap
+        self._taps = {stream: tap for tap in TAPS for stream in self.partitions.streams(tap)}
+        self._claim_cursor = dict.fromkeys(self._taps, "0-0")
         self._sweeper: threading.Thread | None = None
+        self._held_logged: dict[str, tuple[float, int]] = {}  # tenant without a key → (last logged, tries since)
 
     # ---- lifecycle -------------------------------------------------------------------------
     def start(self) -> None:
@@ -178,8 +202,8 @@ class ArchiverStage(Stage):
         # The replica's stable name (the pod's, FACEPAY_CONSUMER): a restarted replica is the same
         # consumer of the taps, not one more dead one in the groups.
         self.consumer = os.environ.get("FACEPAY_CONSUMER") or f"{socket.gethostname()}-{os.getpid()}"
-        for tap in TAPS:
-            self._ensure_group(self._stream(tap))
+        for stream in self._taps:
+            self._ensure_group(stream)
 
     def refuse(self, message: Message, trusted: TrustedKeys) -> str:
         """The recognizer signed the entry (checked by the runtime); the session's ref must still
@@ -216,6 +240,7 @@ class ArchiverStage(Stage):
 
     def _sweep(self) -> None:
         try:
+            self._ensure_bucket()  # the first turn may come before the first session made the bucket
             report = self.store.sweep(self.settings.archive_retention_days)
         except Exception:  # the next turn retries; the archive stays as it was
             log.exception("archive retention sweep failed")
@@ -224,12 +249,16 @@ class ArchiverStage(Stage):
                                                    "deleted_entries": report.deleted_entries, "cutoff_ms": report.cutoff_ms})
 
     # ---- keys ------------------------------------------------------------------------------
-    def _stream(self, tap: str) -> str:
-        return self.settings.key(tap)
+    def _stream(self, tap: str, key: str) -> str:
+        """Tap `tap`'s stream in session `key`'s partition."""
+        return self.partitions.stream(tap, key)
 
     def _keys(self, key: str) -> list[str]:
-        s = self.settings
-        return [s.key(GROUP, "staged", key), s.key(GROUP, "archived", key), s.key(GROUP, "open")]
+        """The session's index keys, in its partition's slot: staged set, archived marker, and
+        the partition's open sessions."""
+        p = self.partitions
+        return [p.session_key(key, GROUP, "staged", key), p.session_key(key, GROUP, "archived", key),
+                p.session_key(key, GROUP, "open")]
 
     def _ensure_group(self, stream: str) -> None:
         try:
@@ -240,10 +269,17 @@ class ArchiverStage(Stage):
 
     # ---- indexing the taps -----------------------------------------------------------------
     def _index_taps(self) -> None:
-        """Read every tap entry not yet delivered to the group and index it under its session."""
+        """Read every tap entry not yet delivered to the group and index it under its session:
+        a round over every partition of every tap (one read per stream, pipelined: on a cluster
+        a read cannot span slots), until a round brings nothing."""
+        streams = list(self._taps)
+        count = per_partition(READ_COUNT, self.partitions.count)
         while True:
-            reply = self.redis.xreadgroup(GROUP, self.consumer, {self._stream(t): ">" for t in TAPS}, count=READ_COUNT)
-            entries = [(stream.decode(), eid, fields) for stream, items in (reply or []) for eid, fields in items]
+            pipe = self.redis.pipeline(transaction=False)
+            for stream in streams:
+                pipe.xreadgroup(GROUP, self.consumer, {stream: ">"}, count=count)
+            entries = [(_text(stream), eid, fields) for reply in pipe.execute()
+                       for stream, items in (reply or []) for eid, fields in items]
             if not entries:
                 return
             self._index(entries)
@@ -252,15 +288,22 @@ class ArchiverStage(Stage):
         now_ms = int(time.time() * 1000)
         pipe = self.redis.pipeline(transaction=False)
         for stream, entry_id, fields in entries:
-            tap = stream.rsplit(":", 1)[-1]
+            tap = self._taps[stream]
             ref = self._ref_of(fields)
             if ref is None or ref.purpose == Purpose.ENROLL:  # not a payment session's: nothing to keep
                 pipe.xack(stream, GROUP, entry_id)
                 continue
             key = session_key(ref.store_id, ref.session_id)
+            if self._stream(tap, key) != stream:  # no stage writes there: not gathered, not kept
+                log.error("tap entry outside its session's partition: left out of the archive",
+                          extra={"session_id": key, "stream": stream, "entry": entry_id.decode()})
+                metrics.ARCHIVE_LEFT_OUT.labels(tap).inc()
+                pipe.xack(stream, GROUP, entry_id)
+                continue
             member = f"{tap}|{entry_id.decode()}"
-            # Plain EVAL (no SCRIPT LOAD, which the components' Redis ACL users may not run).
-            pipe.eval(_INDEX, 4, *self._keys(key), stream, GROUP, entry_id, member, key, now_ms)
+            # Plain EVAL (no SCRIPT LOAD, which the components' Redis ACL users may not run), as a
+            # raw command: a cluster pipeline has no eval() but routes EVAL by its keys' slot.
+            pipe.execute_command("EVAL", _INDEX, 4, *self._keys(key), stream, GROUP, entry_id, member, key, now_ms)
         pipe.execute()
 
     @staticmethod
@@ -275,16 +318,20 @@ class ArchiverStage(Stage):
         """Entries a dead replica read but may not have indexed: take them over and index them
         (indexing twice is harmless). A bounded number per tick, resuming where the last stopped;
         or every idle entry (a decision is missing frames)."""
-        for tap in TAPS:
-            stream = self._stream(tap)
-            while True:
-                cursor, claimed, _ = self.redis.xautoclaim(stream, GROUP, self.consumer, self.settings.claim_idle_ms,
-                                                           self._claim_cursor[tap], count=READ_COUNT)
-                self._claim_cursor[tap] = cursor.decode() if isinstance(cursor, bytes) else cursor
+        streams = list(self._taps)
+        while streams:  # one pipelined round over every partition of every tap (a round trip per node)
+            pipe = self.redis.pipeline(transaction=False)
+            for stream in streams:
+                pipe.xautoclaim(stream, GROUP, self.consumer, self.settings.claim_idle_ms, self._claim_cursor[stream],
+                                count=READ_COUNT)
+            unfinished = []
+            for stream, (cursor, claimed, *_) in zip(streams, pipe.execute(), strict=True):
+                self._claim_cursor[stream] = _text(cursor)
                 if claimed:
                     self._index([(stream, eid, fields) for eid, fields in claimed if fields])
-                if not full_pass or self._claim_cursor[tap] == "0-0":
-                    break
+                if full_pass and self._claim_cursor[stream] != "0-0":
+                    unfinished.append(stream)
+            streams = unfinished
 
     def _release_orphans(self) -> None:
         """Sessions no decision came for (every frame refused by the recognizer, an enrollment
@@ -293,26 +340,30 @@ class ArchiverStage(Stage):
         cutoff_ms = int(time.time() * 1000) - self.settings.archive_orphan_after_s * 1000
         if self._oldest_waiting_decision_ms() < cutoff_ms:
             return
-        for key in self.redis.zrangebyscore(self.settings.key(GROUP, "open"), "-inf", cutoff_ms, start=0, num=100):
-            key = key.decode()
-            released = self._release(key, "released")
-            metrics.ARCHIVED.labels("released_undecided").inc()
-            log.warning("session never decided: its entries are released unarchived", extra={"session_id": key, "entries": released})
+        for open_sessions in self.partitions.all(GROUP, "open"):
+            for found in self.redis.zrangebyscore(open_sessions, "-inf", cutoff_ms, start=0, num=100):
+                key = _text(found)
+                released = self._release(key, "released")
+                metrics.ARCHIVED.labels("released_undecided").inc()
+                log.warning("session never decided: its entries are released unarchived",
+                            extra={"session_id": key, "entries": released})
 
     def _oldest_waiting_decision_ms(self) -> int:
-        """Redis time (ms) of the oldest decision not yet archived; 'infinity' if none waits."""
-        stream = self.settings.key(self.input)
-        for group in self.redis.xinfo_groups(stream):
-            if group["name"] in (GROUP, GROUP.encode()):
-                if group.get("pending"):
-                    return int(self.redis.xpending(stream, GROUP)["min"].split(b"-")[0])
-                if group.get("lag"):
-                    return 0
-        return 2**63
+        """Redis time (ms) of the oldest decision not yet archived, in any partition; 'infinity'
+        if none waits."""
+        oldest = 2**63
+        for stream in self.partitions.streams(self.input):
+            for group in self.redis.xinfo_groups(stream):
+                if group["name"] in (GROUP, GROUP.encode()):
+                    if group.get("pending"):
+                        oldest = min(oldest, int(self.redis.xpending(stream, GROUP)["min"].split(b"-")[0]))
+                    elif group.get("lag"):
+                        return 0
+        return oldest
 
     def _release(self, key: str, marker: str) -> int:
         ttl = max(self.settings.archive_orphan_after_s, self.settings.max_frame_age_s, 3600)
-        streams = [self._stream(t) for t in TAPS]
+        streams = [self._stream(t, key) for t in TAPS]
         return int(self.redis.eval(_RELEASE, 3 + len(streams), *self._keys(key), *streams, GROUP, ttl, key, marker))
 
     # ---- archiving one decided session -----------------------------------------------------
@@ -322,6 +373,7 @@ class ArchiverStage(Stage):
         event = self._event(decision)
         if self.redis.get(self._keys(key)[1]) == b"archived":  # a redelivered decision
             return
+        self._defer_without_tenant_key(key, self._tenant(decision, event))
         gathered = self._gather(key)
         missing = self._missing(event, gathered)
         if missing:  # perhaps read by a replica that died before filing them: take them over
@@ -337,6 +389,26 @@ class ArchiverStage(Stage):
         metrics.ARCHIVED.labels("missing_frames" if missing else "complete").inc()
         log.info("session archived", extra={"session_id": key, "frames": len(session.frames), "entries": released,
                                             "missing_frames": missing})
+
+    @staticmethod
+    def _tenant(decision: DecisionMsg, event: dict) -> str:
+        return event.get("tenant_id") or decision.ref.tenant_id or "default"
+
+    def _defer_without_tenant_key(self, key: str, tenant: str, why: str = "") -> None:
+        """A tenant missing from the archive keys holds its own sessions, never the others'."""
+        if not why and self.store.has_key_for(tenant):
+            return
+        metrics.ARCHIVE_HELD.labels(tenant).inc()
+        last, tries = self._held_logged.get(tenant, (0.0, 0))
+        if time.monotonic() - last < HELD_LOG_EVERY_S:  # every held session retries: one error per tenant a minute
+            self._held_logged[tenant] = (last, tries + 1)
+        else:
+            self._held_logged[tenant] = (time.monotonic(), 0)
+            log.error("no archive key for the tenant: its sessions are held (pending, frames kept) until its key is added "
+                      "to FACEPAY_ARCHIVE_KEYS_FILE; other tenants are archived meanwhile",
+                      extra={"session_id": key, "tenant": tenant, "held_tries_since_last_report": tries,
+                             "error": why or f"tenant {tenant!r} not in the keys file"})
+        raise EntryDeferred(f"no archive key for tenant {tenant!r}; session {key} held")
 
     @staticmethod
     def _event(decision: DecisionMsg) -> dict:
@@ -370,7 +442,7 @@ class ArchiverStage(Stage):
         pipe = self.redis.pipeline(transaction=False)
         for member in members:
             tap, _, entry_id = member.partition("|")
-            pipe.xrange(self._stream(tap), entry_id, entry_id)
+            pipe.xrange(self._stream(tap, key), entry_id, entry_id)
         gathered = Gathered()
         for member, found in zip(members, pipe.execute(), strict=True):
             tap = member.partition("|")[0]
@@ -378,7 +450,7 @@ class ArchiverStage(Stage):
                 log.error("indexed entry missing from its stream", extra={"session_id": key, "entry": member})
                 continue
             try:
-                message = self._verified(tap, found[0][1])
+                message = self._verified(tap, self._stream(tap, key), found[0][1])
             except (Unauthenticated, MalformedMessage) as refused:
                 metrics.ARCHIVE_LEFT_OUT.labels(tap).inc()
                 log.error("entry left out of the archive: it does not verify",
@@ -393,9 +465,9 @@ class ArchiverStage(Stage):
             gathered.frames[message.ref.sequence].setdefault(tap, message)  # at-least-once: keep the first
         return gathered
 
-    def _verified(self, tap: str, fields: dict[bytes, bytes]) -> Message:
+    def _verified(self, tap: str, stream: str, fields: dict[bytes, bytes]) -> Message:
         signer, types = TAPS[tap]
-        _, body = open_entry(fields, self._stream(tap), self.trusted, {signer})
+        _, body = open_entry(fields, stream, self.trusted, {signer})
         message = decode(body)
         if message.TYPE not in types:
             raise Unauthenticated(f"{signer!r} may not write {message.TYPE!r} messages to {tap}")
@@ -413,7 +485,7 @@ class ArchiverStage(Stage):
                   for seq in sorted(set(gathered.frames) | set(scores))]
         first_ms = min((f.received_ms for f in frames if f.received_ms), default=int(event.get("first_frame_ms") or 0))
         return ArchivedSession(
-            session_id=ref.session_id, tenant=event.get("tenant_id") or ref.tenant_id or "default",
+            session_id=ref.session_id, tenant=self._tenant(decision, event),
             store=ref.store_id, camera=ref.camera_id, first_frame_ms=first_ms,
             decided_ms=int(event.get("decided_at_ms") or 0),
             decision=SignedDecision(decision.payload, decision.signature, decision.key_id),
@@ -462,7 +534,9 @@ class ArchiverStage(Stage):
             self._quarantine(session, key, exc)
         except ArchiveUnavailable as exc:
             raise StageBacklog(f"archive unavailable; session {key} held: {exc}") from exc
-        except (ArchiveAccessDenied, ArchiveKeyError) as exc:
+        except ArchiveKeyError as exc:  # its tenant's key, in the keys file: that tenant's alone
+            self._defer_without_tenant_key(key, session.tenant, str(exc))
+        except ArchiveAccessDenied as exc:
             # Waiting will not fix these, but releasing would lose the session: hold, loudly.
             log.error("archive refuses the session; held until an operator acts", extra={"session_id": key, "error": str(exc)})
             raise StageBacklog(f"archive refuses session {key}: {exc}") from exc
