@@ -30,6 +30,7 @@ demo: setup
 lint: $(VENV)/.installed
 	$(PY) -m facepay contract build
 	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
 	$(PY) -m mypy
 
 test: setup lint deploy-tools

@@ -57,31 +57,68 @@ class MiniS3(EmbeddedS3):
     def _args(self) -> list[str]:
         master, master_grpc, volume, volume_grpc, filer, filer_grpc, s3_grpc, admin, admin_grpc = self._ports
         return [
-            str(weed_binary()), "mini", f"-dir={self.data_dir / 'store'}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
-            f"-master.port={master}", f"-master.port.grpc={master_grpc}", "-master.telemetry=false",
-            f"-volume.port={volume}", f"-volume.port.grpc={volume_grpc}", f"-filer.port={filer}", f"-filer.port.grpc={filer_grpc}",
-            f"-filer.localSocket={self.data_dir / 'filer.sock'}", f"-s3.port={self.s3_port}", f"-s3.port.grpc={s3_grpc}",
-            f"-s3.config={self.config_file}", f"-s3.localSocket={self.data_dir / 's3.sock'}",
-            "-s3.port.iceberg=0", "-s3.port.lance=0", "-webdav=false", "-admin.ui=false",
-            f"-admin.port={admin}", f"-admin.port.grpc={admin_grpc}",
+            str(weed_binary()),
+            "mini",
+            f"-dir={self.data_dir / 'store'}",
+            "-ip=127.0.0.1",
+            "-ip.bind=127.0.0.1",
+            f"-master.port={master}",
+            f"-master.port.grpc={master_grpc}",
+            "-master.telemetry=false",
+            f"-volume.port={volume}",
+            f"-volume.port.grpc={volume_grpc}",
+            f"-filer.port={filer}",
+            f"-filer.port.grpc={filer_grpc}",
+            f"-filer.localSocket={self.data_dir / 'filer.sock'}",
+            f"-s3.port={self.s3_port}",
+            f"-s3.port.grpc={s3_grpc}",
+            f"-s3.config={self.config_file}",
+            f"-s3.localSocket={self.data_dir / 's3.sock'}",
+            "-s3.port.iceberg=0",
+            "-s3.port.lance=0",
+            "-webdav=false",
+            "-admin.ui=false",
+            f"-admin.port={admin}",
+            f"-admin.port.grpc={admin_grpc}",
         ]
 
 
 def session(store: str, index: int, frames: int, frame_bytes: int) -> ArchivedSession:
     session_id = uuid.uuid4().hex
     decided_ms = int((T0 + timedelta(seconds=index)).timestamp() * 1000)
-    event = sign({"session": session_id, "store": store, "decision": "approve", "user_id": f"user-{index % 50}"}, "bench-key", "k1")
+    event = sign(
+        {"session": session_id, "store": store, "decision": "approve", "user_id": f"user-{index % 50}"},
+        "bench-key",
+        "k1",
+    )
     return ArchivedSession(
-        session_id=session_id, tenant="acme", store=store, camera="cam-1", first_frame_ms=decided_ms - 2000,
-        decided_ms=decided_ms, decision=SignedDecision(event[b"payload"], event[b"sig"].decode(), "k1"),
+        session_id=session_id,
+        tenant="acme",
+        store=store,
+        camera="cam-1",
+        first_frame_ms=decided_ms - 2000,
+        decided_ms=decided_ms,
+        decision=SignedDecision(event[b"payload"], event[b"sig"].decode(), "k1"),
         models={"detector": "mtcnn", "aligner": "facemesh", "recognizer": "dlib-resnet-v1+facemesh"},
-        threshold=0.943, policy={"min_agreeing_frames": 3},
+        threshold=0.943,
+        policy={"min_agreeing_frames": 3},
         frames=[
             ArchivedFrame(
-                index=i, received_ms=decided_ms - 2000 + 100 * i, image=os.urandom(frame_bytes), image_format="jpeg",
-                face_box=(1.0, 2.0, 3.0, 4.0), face_points=[(1.0, 2.0)] * 5, detector_score=0.99,
-                landmarks=[(1.0, 2.0)] * 68, eye_aspect_ratio=0.27, liveness={"antispoof": 0.9},
-                pitch=1.0, yaw=2.0, roll=3.0, eligible=True, top_k=[Candidate("user-1", 0.97), Candidate("user-2", 0.4)],
+                index=i,
+                received_ms=decided_ms - 2000 + 100 * i,
+                image=os.urandom(frame_bytes),
+                image_format="jpeg",
+                face_box=(1.0, 2.0, 3.0, 4.0),
+                face_points=[(1.0, 2.0)] * 5,
+                detector_score=0.99,
+                landmarks=[(1.0, 2.0)] * 68,
+                eye_aspect_ratio=0.27,
+                liveness={"antispoof": 0.9},
+                pitch=1.0,
+                yaw=2.0,
+                roll=3.0,
+                eligible=True,
+                top_k=[Candidate("user-1", 0.97), Candidate("user-2", 0.4)],
             )
             for i in range(frames)
         ],
@@ -121,13 +158,21 @@ def run(args: argparse.Namespace) -> None:
         time.sleep(5)
         idle_before = cpu_seconds(pid)
         time.sleep(10)
-        print(f"weed {'mini' if args.mini else 'server'}: started, RSS {rss_mb(pid):.0f} MB, idle CPU {(cpu_seconds(pid) - idle_before) / 10 * 100:.1f} %")
+        print(
+            f"weed {'mini' if args.mini else 'server'}: started, RSS {rss_mb(pid):.0f} MB, idle CPU {(cpu_seconds(pid) - idle_before) / 10 * 100:.1f} %"
+        )
         keys = ArchiveKeys.generate(["acme"])
-        archive = ArchiveStore(ArchiveSettings.from_url(f"{s3.url}/facepay-archive"), keys,
-                               access_key_id=s3.credentials.access_key_id, secret_access_key=s3.credentials.secret_access_key)
+        archive = ArchiveStore(
+            ArchiveSettings.from_url(f"{s3.url}/facepay-archive"),
+            keys,
+            access_key_id=s3.credentials.access_key_id,
+            secret_access_key=s3.credentials.secret_access_key,
+        )
         archive.ensure_bucket()
         payload_mb = args.frames * args.frame_kb / 1024
-        print(f"session: {args.frames} frames x {args.frame_kb} KB = {payload_mb:.2f} MB; {args.sessions} sessions per run")
+        print(
+            f"session: {args.frames} frames x {args.frame_kb} KB = {payload_mb:.2f} MB; {args.sessions} sessions per run"
+        )
 
         sessions = [session("store-1", i, args.frames, args.frame_kb * 1024) for i in range(args.sessions)]
         keys_written: list[str] = []
@@ -149,11 +194,13 @@ def run(args: argparse.Namespace) -> None:
                         t = time.perf_counter()
                         archive.archive(s)
                         latencies.append(time.perf_counter() - t)
+
                 threads = [threading.Thread(target=writer, args=(w,)) for w in range(args.threads)]
                 for th in threads:
                     th.start()
                 for th in threads:
                     th.join()
+
             return action
 
         count = args.sessions // args.threads * args.threads
@@ -175,7 +222,9 @@ def run(args: argparse.Namespace) -> None:
         timed("verify (chain + every session's hashes)", args.sessions, verify, pid, payload_mb)
         race = archive.verify("acme", "store-race", T0 - timedelta(hours=1), T0 + timedelta(hours=2))
         assert race.ok and race.checked_sessions == count, race.problems
-        print(f"weed RSS after the runs: {rss_mb(pid):.0f} MB; data dir {sum(f.stat().st_size for f in Path(tmp).rglob('*') if f.is_file()) / 2**20:.0f} MB")
+        print(
+            f"weed RSS after the runs: {rss_mb(pid):.0f} MB; data dir {sum(f.stat().st_size for f in Path(tmp).rglob('*') if f.is_file()) / 2**20:.0f} MB"
+        )
 
 
 if __name__ == "__main__":

@@ -40,15 +40,23 @@ from facepay.runtime.worker import StreamWorker
 
 
 def settings_for(keys_dir: Path, url: str, component: str, partitions: int) -> Settings:
-    return Settings(key_file=str(keys_dir / f"{component}.key"), trusted_keys_file=str(keys_dir / "trusted.yaml"),
-                    redis_url=url, namespace="bench", stream_partitions=partitions, batch_size=32, batch_wait_ms=5,
-                    claim_idle_ms=30_000)
+    return Settings(
+        key_file=str(keys_dir / f"{component}.key"),
+        trusted_keys_file=str(keys_dir / "trusted.yaml"),
+        redis_url=url,
+        namespace="bench",
+        stream_partitions=partitions,
+        batch_size=32,
+        batch_wait_ms=5,
+        claim_idle_ms=30_000,
+    )
 
 
 def run_worker(keys_dir: Path, url: str, stage: str, partitions: int, frames: int, stop) -> None:
     settings = settings_for(keys_dir, url, stage, partitions)
-    worker = StreamWorker(Relay() if stage == "relay" else Decide(settings, frames), settings,
-                          consumer=f"{stage}-{uuid.uuid4().hex[:4]}")
+    worker = StreamWorker(
+        Relay() if stage == "relay" else Decide(settings, frames), settings, consumer=f"{stage}-{uuid.uuid4().hex[:4]}"
+    )
     while not stop.is_set():
         worker.run_once()
 
@@ -83,8 +91,9 @@ def server_cpu_s(servers: list[EmbeddedValkey]) -> dict[int, float]:
 def measure(primaries: int, args: argparse.Namespace, keys_dir: Path, workdir: Path) -> dict:
     """On a cluster of `primaries`, or (0) on one plain server with one partition: today's setup."""
     if primaries:
-        server = EmbeddedValkeyCluster(workdir / f"cluster-{primaries}", primaries=primaries, namespace="bench",
-                                       appendfsync=args.appendfsync)
+        server = EmbeddedValkeyCluster(
+            workdir / f"cluster-{primaries}", primaries=primaries, namespace="bench", appendfsync=args.appendfsync
+        )
     else:
         server = EmbeddedValkey(workdir / "plain", namespace="bench", extra_args=["--appendfsync", args.appendfsync])
     partitions = args.partitions if primaries else 1
@@ -94,8 +103,10 @@ def measure(primaries: int, args: argparse.Namespace, keys_dir: Path, workdir: P
         context = multiprocessing.get_context("spawn")
         stop = context.Event()
         stages = ["relay"] * args.relays + ["decide"] * args.deciders
-        workers = [context.Process(target=run_worker, args=(keys_dir, url, stage, partitions, args.frames, stop))
-                   for stage in stages]
+        workers = [
+            context.Process(target=run_worker, args=(keys_dir, url, stage, partitions, args.frames, stop))
+            for stage in stages
+        ]
         for worker in workers:
             worker.start()
         client, layout = connect(url), Partitions.of(settings_for(keys_dir, url, "source", partitions))
@@ -117,12 +128,17 @@ def measure(primaries: int, args: argparse.Namespace, keys_dir: Path, workdir: P
         total_frames = args.sessions * args.frames
         per_node = {port: cpu_after[port] - cpu_before[port] for port in cpu_after}
         busiest = max(per_node.values())
-        return {"setup": f"cluster of {primaries}" if primaries else "one server (today)", "partitions": partitions, "sessions": args.sessions,
-                "frames": total_frames, "seconds": round(elapsed, 2),
-                "frames_per_s": round(total_frames / elapsed, 1),
-                "server_cpu_ms_per_frame": round(1000 * sum(per_node.values()) / total_frames, 3),
-                "busiest_primary_cpu_share": round(busiest / max(sum(per_node.values()), 1e-9), 2),
-                "frames_per_s_if_one_core_per_primary": round(total_frames / max(busiest, 1e-9), 0)}
+        return {
+            "setup": f"cluster of {primaries}" if primaries else "one server (today)",
+            "partitions": partitions,
+            "sessions": args.sessions,
+            "frames": total_frames,
+            "seconds": round(elapsed, 2),
+            "frames_per_s": round(total_frames / elapsed, 1),
+            "server_cpu_ms_per_frame": round(1000 * sum(per_node.values()) / total_frames, 3),
+            "busiest_primary_cpu_share": round(busiest / max(sum(per_node.values()), 1e-9), 2),
+            "frames_per_s_if_one_core_per_primary": round(total_frames / max(busiest, 1e-9), 0),
+        }
 
 
 def main() -> None:
@@ -141,9 +157,11 @@ def main() -> None:
     for result in results:
         print(json.dumps(result))
     _, one, three = results
-    print(f"3 primaries vs 1: end to end {three['frames_per_s'] / one['frames_per_s']:.2f}x frames/s on this machine; "
-          f"server capacity with a core per primary {three['frames_per_s_if_one_core_per_primary'] / one['frames_per_s_if_one_core_per_primary']:.2f}x "
-          f"(busiest primary does {three['busiest_primary_cpu_share']:.0%} of the servers' work)")
+    print(
+        f"3 primaries vs 1: end to end {three['frames_per_s'] / one['frames_per_s']:.2f}x frames/s on this machine; "
+        f"server capacity with a core per primary {three['frames_per_s_if_one_core_per_primary'] / one['frames_per_s_if_one_core_per_primary']:.2f}x "
+        f"(busiest primary does {three['busiest_primary_cpu_share']:.0%} of the servers' work)"
+    )
 
 
 if __name__ == "__main__":

@@ -55,20 +55,37 @@ def main(argv: list[str] | None = None) -> int:
         seconds = time.perf_counter() - start
         vecs = [r.embedding if isinstance(r, EmbeddedFace) else None for r in results]
         vectors[name] = vecs
-        scores = np.array([float(vecs[index[a]] @ vecs[index[b]]) if vecs[index[a]] is not None
-                           and vecs[index[b]] is not None else -np.inf for a, b, _ in pairs])
+        scores = np.array(
+            [
+                float(vecs[index[a]] @ vecs[index[b]])
+                if vecs[index[a]] is not None and vecs[index[b]] is not None
+                else -np.inf
+                for a, b, _ in pairs
+            ]
+        )
         truth = np.array([s for *_, s in pairs])
         best = max(((scores >= t) == truth).mean() for t in np.unique(scores[np.isfinite(scores)]))
         genuine, impostor = scores[truth & np.isfinite(scores)], scores[~truth & np.isfinite(scores)]
-        print(f"{name:<16} {embedder.detector.model_id}: {len(images)} images in {seconds:.0f} s; "
-              f"no usable face {sum(v is None for v in vecs)}; best accuracy {100 * best:.2f} % "
-              f"({len(same)} + {len(different)} pairs); genuine median {np.median(genuine):.4f}, "
-              f"impostor 99th pct {np.percentile(impostor, 99):.4f}", flush=True)
+        print(
+            f"{name:<16} {embedder.detector.model_id}: {len(images)} images in {seconds:.0f} s; "
+            f"no usable face {sum(v is None for v in vecs)}; best accuracy {100 * best:.2f} % "
+            f"({len(same)} + {len(different)} pairs); genuine median {np.median(genuine):.4f}, "
+            f"impostor 99th pct {np.percentile(impostor, 99):.4f}",
+            flush=True,
+        )
     first, *others = args.detectors.split(",")
     for name in others:
-        cos = np.array([float(a @ b) for a, b in zip(vectors[first], vectors[name], strict=True) if a is not None and b is not None])
-        print(f"same photo, {first} vs {name}: embedding cosine median {np.median(cos):.4f}, "
-              f"5th pct {np.percentile(cos, 5):.4f}, min {cos.min():.4f} ({len(cos)} photos)")
+        cos = np.array(
+            [
+                float(a @ b)
+                for a, b in zip(vectors[first], vectors[name], strict=True)
+                if a is not None and b is not None
+            ]
+        )
+        print(
+            f"same photo, {first} vs {name}: embedding cosine median {np.median(cos):.4f}, "
+            f"5th pct {np.percentile(cos, 5):.4f}, min {cos.min():.4f} ({len(cos)} photos)"
+        )
     return 0
 
 

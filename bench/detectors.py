@@ -88,8 +88,10 @@ def main(argv: list[str] | None = None) -> int:
     kiosk = [_inset_crop(im, box, KIOSK_INSET) for im, box in zip(identity, reference, strict=True) if box is not None]
 
     # Faces a payer could be (at least the pipeline's 40 px) in the group photos, as MTCNN finds them.
-    multi_reference = [[f.box for f in faces_ if f.score >= mtcnn.payer_min_score and f.box[2] - f.box[0] >= 40]
-                       for faces_ in _detect_all(mtcnn, multi)]
+    multi_reference = [
+        [f.box for f in faces_ if f.score >= mtcnn.payer_min_score and f.box[2] - f.box[0] >= 40]
+        for faces_ in _detect_all(mtcnn, multi)
+    ]
     rows = []
     for name in args.detectors.split(","):
         detector = load_detector(name)
@@ -106,8 +108,11 @@ def main(argv: list[str] | None = None) -> int:
             return [[f for f in faces_ if f.score >= bar] for faces_ in found]  # noqa: B023 - used in this iteration
 
         identity_misses = [r["path"] for r, f in zip(identity_rows, confident(found_identity), strict=True) if not f]
-        multi_short = {r["path"]: int(r["faces"]) - len(f) for r, f in zip(counted, confident(found_multi), strict=True)
-                       if len(f) < int(r["faces"])}
+        multi_short = {
+            r["path"]: int(r["faces"]) - len(f)
+            for r, f in zip(counted, confident(found_multi), strict=True)
+            if len(f) < int(r["faces"])
+        }
         false_pos = sum(len(f) for f in confident(found_negative))
         lfw_misses = []
         for r, im, f in zip(lfw_rows, lfw_images, confident(found_lfw), strict=True):
@@ -116,7 +121,9 @@ def main(argv: list[str] | None = None) -> int:
                 lfw_misses.append(r["path"])
         kiosk_misses = sum(1 for f in confident(found_kiosk) if not f)
         sized_misses = sum(
-            1 for ref_faces, f in zip(multi_reference, confident(found_multi), strict=True) for ref in ref_faces
+            1
+            for ref_faces, f in zip(multi_reference, confident(found_multi), strict=True)
+            for ref in ref_faces
             if not any(_iou(ref, x.box) >= 0.3 for x in f)
         )
         ious, widths, heights, shifts = [], [], [], []
@@ -132,8 +139,20 @@ def main(argv: list[str] | None = None) -> int:
             shifts.append(((ref[1] + ref[3]) / 2 - (best.box[1] + best.box[3]) / 2) / bh)
         scores_found = [max(x.score for x in f) for f in found_identity if f]
         scores_neg = [x.score for f in found_negative for x in f]
-        rows.append((name, detector.model_id, detector.licence, len(identity_misses), sum(multi_short.values()),
-                     false_pos, len(lfw_misses), kiosk_misses, seconds, sized_misses))
+        rows.append(
+            (
+                name,
+                detector.model_id,
+                detector.licence,
+                len(identity_misses),
+                sum(multi_short.values()),
+                false_pos,
+                len(lfw_misses),
+                kiosk_misses,
+                seconds,
+                sized_misses,
+            )
+        )
         print(f"\n{name} ({detector.model_id}; payer score ≥ {bar}) {seconds:.1f} s for all sets")
         print(f"  identity misses {len(identity_misses)}/{len(identity)} {identity_misses}")
         print(f"  multi-face shortfall {sum(multi_short.values())} {multi_short}")
@@ -143,17 +162,23 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  kiosk misses {kiosk_misses}/{len(kiosk)}")
         print(f"  identity best score: min {min(scores_found):.3f}, 5th pct {np.percentile(scores_found, 5):.3f}")
         if ious:
-            print(f"  vs MTCNN box: IoU median {np.median(ious):.3f} (min {min(ious):.3f}); MTCNN/this "
-                  f"width {np.median(widths):.3f}, height {np.median(heights):.3f}, centre shift "
-                  f"{np.median(shifts):+.3f} of this height")
+            print(
+                f"  vs MTCNN box: IoU median {np.median(ious):.3f} (min {min(ious):.3f}); MTCNN/this "
+                f"width {np.median(widths):.3f}, height {np.median(heights):.3f}, centre shift "
+                f"{np.median(shifts):+.3f} of this height"
+            )
         sys.stdout.flush()
 
-    print(f"\n{'detector':<16} {'identity':>8} {'multi':>6} {'multi≥40':>8} {'neg FP':>6} {'LFW':>5} {'kiosk':>6}  licence")
+    print(
+        f"\n{'detector':<16} {'identity':>8} {'multi':>6} {'multi≥40':>8} {'neg FP':>6} {'LFW':>5} {'kiosk':>6}  licence"
+    )
     for name, _, licence, ident, mult, fp, lfw_m, kio, _, sized in rows:
         print(f"{name:<16} {ident:>8} {mult:>6} {sized:>8} {fp:>6} {lfw_m:>5} {kio:>6}  {licence}")
-    print(f"(misses out of: identity {len(identity)} photos, multi {sum(int(r['faces']) for r in counted)} "
-          f"counted faces (multi≥40: {sum(map(len, multi_reference))} MTCNN faces at least 40 px wide), "
-          f"negatives {len(negatives)} photos, LFW {len(lfw_images)} photos, kiosk {len(kiosk)} crops)")
+    print(
+        f"(misses out of: identity {len(identity)} photos, multi {sum(int(r['faces']) for r in counted)} "
+        f"counted faces (multi≥40: {sum(map(len, multi_reference))} MTCNN faces at least 40 px wide), "
+        f"negatives {len(negatives)} photos, LFW {len(lfw_images)} photos, kiosk {len(kiosk)} crops)"
+    )
     return 0
 
 

@@ -38,7 +38,7 @@ def camera_frame(photo: bytes, width: int = 640, height: int = 480) -> bytes:
     resized = cv2.resize(image, (int(image.shape[1] * scale), int(image.shape[0] * scale)))
     canvas = np.zeros((height, width, 3), np.uint8)
     top, left = (height - resized.shape[0]) // 2, (width - resized.shape[1]) // 2
-    canvas[top:top + resized.shape[0], left:left + resized.shape[1]] = resized
+    canvas[top : top + resized.shape[0], left : left + resized.shape[1]] = resized
     return cv2.imencode(".jpg", canvas, [cv2.IMWRITE_JPEG_QUALITY, 85])[1].tobytes()
 
 
@@ -65,8 +65,9 @@ def main() -> None:
             base_memory = client.info("memory")["used_memory"]
             cam, sessions = camera(pipeline, "cam-1"), [new_session() for _ in range(args.sessions)]
             for i, session in enumerate(sessions):
-                cam.stream_session(session, [frames[(i * args.session_frames + j) % len(frames)]
-                                             for j in range(args.session_frames)])
+                cam.stream_session(
+                    session, [frames[(i * args.session_frames + j) % len(frames)] for j in range(args.session_frames)]
+                )
             wait_decisions(pipeline, sessions)
             wait_until_drained(pipeline)
             total_frames = args.sessions * args.session_frames
@@ -86,12 +87,16 @@ def main() -> None:
             for kind, sizes in sorted(others.items()):
                 print(f"  keys {kind + ':*':<22} {len(sizes):>5} keys  {sum(sizes) / 1024:>9.1f} KiB")
             used = client.info("memory")["used_memory"] - base_memory
-            print(f"used_memory growth over the run: {used / 1024 / 1024:.1f} MiB = {used / total_frames / 1024:.1f} KiB/frame")
+            print(
+                f"used_memory growth over the run: {used / 1024 / 1024:.1f} MiB = {used / total_frames / 1024:.1f} KiB/frame"
+            )
             for name, proc in sorted(pipeline.processes.items()):
                 peak, now = peak_rss_mib(proc.pid)
                 print(f"  process {name:<14} peak RSS {peak:>7.0f} MiB  now {now:>7.0f} MiB")
             if pipeline.valkey:
-                valkey_pid = getattr(pipeline.valkey, "pid", None) or getattr(getattr(pipeline.valkey, "process", None), "pid", None)
+                valkey_pid = getattr(pipeline.valkey, "pid", None) or getattr(
+                    getattr(pipeline.valkey, "process", None), "pid", None
+                )
                 if valkey_pid:
                     peak, now = peak_rss_mib(valkey_pid)
                     print(f"  process {'valkey':<14} peak RSS {peak:>7.0f} MiB  now {now:>7.0f} MiB")

@@ -51,8 +51,19 @@ SUFFIXES = 10_000
 BATCH = 10_000
 # Eigenvalues of the covariance of 2,499 LFW dlib-resnet-v1 embeddings at these ranks (0-based);
 # interpolated log-linearly between them; beyond rank 72 the variance is nil.
-FACE_SPECTRUM = ((0, 0.016), (1, 0.012), (2, 0.009), (4, 0.0069), (8, 0.0045), (16, 0.0027), (24, 0.002),
-                 (32, 0.0016), (48, 0.00091), (64, 0.00051), (72, 1e-7))
+FACE_SPECTRUM = (
+    (0, 0.016),
+    (1, 0.012),
+    (2, 0.009),
+    (4, 0.0069),
+    (8, 0.0045),
+    (16, 0.0027),
+    (24, 0.002),
+    (32, 0.0016),
+    (48, 0.00091),
+    (64, 0.00051),
+    (72, 1e-7),
+)
 FACE_MEAN_NORM = 0.913
 SAME_PERSON_VARIANCE = 0.2  # same-person spread / between-person spread (LFW: 0.18² / 0.41²)
 
@@ -126,7 +137,9 @@ def pct(times: list[float]) -> str:
         return "no searches"
     times = sorted(times)
     p99 = times[min(len(times) - 1, round(0.99 * (len(times) - 1)))]
-    return f"p50 {statistics.median(times):7.2f} ms  p99 {p99:7.2f} ms  max {times[-1]:7.1f} ms  ({len(times)} searches)"
+    return (
+        f"p50 {statistics.median(times):7.2f} ms  p99 {p99:7.2f} ms  max {times[-1]:7.1f} ms  ({len(times)} searches)"
+    )
 
 
 FRESH = """
@@ -148,7 +161,9 @@ def fresh_process_rss(url: str, dim: int) -> int:
     """RSS (MB) of a new process that opens the gallery and searches 200 times: a restarted
     recognizer's memory for the gallery, without this bench's load-time heap."""
     code = FRESH.format(root=str(Path(__file__).resolve().parents[1]), url=url, model=MODEL, dim=dim)
-    return int(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()[-1])
+    return int(
+        subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()[-1]
+    )
 
 
 class Background:
@@ -221,17 +236,25 @@ def load(gallery, model: VectorModel, seed: int, n: int, start: int = 0) -> None
     for s in range(start, start + n, BATCH):
         k = min(start + n, s + BATCH) - s
         vectors = model.batch(seed, s, k)
-        gallery.upsert(MODEL, [Template(f"u{s + j}", vectors[j], tenant=tenant_of(s + j), phone_suffix=suffix_of(s + j))
-                               for j in range(k)])
+        gallery.upsert(
+            MODEL,
+            [
+                Template(f"u{s + j}", vectors[j], tenant=tenant_of(s + j), phone_suffix=suffix_of(s + j))
+                for j in range(k)
+            ],
+        )
 
 
-def run(backend: str, url: str, n: int, dim: int, queries: int, efs: list[int], model: VectorModel,
-        tuning: QdrantTuning) -> None:
+def run(
+    backend: str, url: str, n: int, dim: int, queries: int, efs: list[int], model: VectorModel, tuning: QdrantTuning
+) -> None:
     seed = n
     rng = np.random.default_rng(seed)
     say = lambda line: print(line, flush=True)  # noqa: E731
-    say(f"{backend}  {n:,} x {dim}  (m {tuning.hnsw_m}, ef_construct {tuning.hnsw_ef_construct}, "
-        f"quantization {tuning.quantization}, oversampling {tuning.oversampling}, indexing threads {tuning.indexing_threads})")
+    say(
+        f"{backend}  {n:,} x {dim}  (m {tuning.hnsw_m}, ef_construct {tuning.hnsw_ef_construct}, "
+        f"quantization {tuning.quantization}, oversampling {tuning.oversampling}, indexing threads {tuning.indexing_threads})"
+    )
     gallery = open_gallery(url, tuning=tuning)
     gallery.ensure_collection(MODEL, dim)
     started = time.perf_counter()
@@ -250,8 +273,10 @@ def run(backend: str, url: str, n: int, dim: int, queries: int, efs: list[int], 
         started = time.perf_counter()
         gallery = open_gallery(url, tuning=tuning)
         gallery.count(MODEL)
-        say(f"    open the built gallery {time.perf_counter() - started:5.1f} s (also the swap's pause)   "
-            f"RSS {rss_mb()[0]:.0f} MB; a fresh process with it open: {fresh} MB")
+        say(
+            f"    open the built gallery {time.perf_counter() - started:5.1f} s (also the swap's pause)   "
+            f"RSS {rss_mb()[0]:.0f} MB; a fresh process with it open: {fresh} MB"
+        )
     qs = make_queries(model, seed, n, queries, rng)
     started = time.perf_counter()
     truth = exact_best(model, seed, n, qs)
@@ -290,7 +315,9 @@ def main() -> None:
     parser.add_argument("--sizes", default="10000,100000")
     parser.add_argument("--dim", type=int, default=128)
     parser.add_argument("--queries", type=int, default=200)
-    parser.add_argument("--backends", default="edge,local", help="edge (qdrant-edge-py), local (qdrant-client local mode)")
+    parser.add_argument(
+        "--backends", default="edge,local", help="edge (qdrant-edge-py), local (qdrant-client local mode)"
+    )
     parser.add_argument("--ef", default="", help="hnsw_ef values to sweep (default: the setting)")
     parser.add_argument("--vectors", choices=("faces", "random"), default="faces")
     parser.add_argument("--real", help="an embedding cache (.npz) to fit the vectors to and mix in")
@@ -303,8 +330,11 @@ def main() -> None:
     else:
         model = VectorModel.faces(args.dim, rng) if args.vectors == "faces" else VectorModel.random(args.dim)
     dim = model.mean.shape[0]
-    print(f"vectors: {'fitted to ' + args.real if args.real else args.vectors}; "
-          f"load average {' '.join(f'{x:.1f}' for x in os.getloadavg())}", flush=True)
+    print(
+        f"vectors: {'fitted to ' + args.real if args.real else args.vectors}; "
+        f"load average {' '.join(f'{x:.1f}' for x in os.getloadavg())}",
+        flush=True,
+    )
     backends = args.backends.split(",")
     for n in (int(s) for s in args.sizes.split(",")):
         if "edge" in backends:

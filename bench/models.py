@@ -110,8 +110,12 @@ def core_cases(device: torch.device, notes: list[str]) -> tuple[list[Case], Inpu
     landmarks = DlibLandmarks68(device="cpu")
     lm = landmarks.predict([frame], [box])[0]
     inputs = Inputs(
-        frame, box, np.asarray(face.points5, dtype=np.float32), lm,
-        dlib_face_chip(frame, lm), align_face(frame, five_points_from_68(lm)),
+        frame,
+        box,
+        np.asarray(face.points5, dtype=np.float32),
+        lm,
+        dlib_face_chip(frame, lm),
+        align_face(frame, five_points_from_68(lm)),
     )
     size = (frame.shape[1], frame.shape[0])
     notes.append(
@@ -120,21 +124,44 @@ def core_cases(device: torch.device, notes: list[str]) -> tuple[list[Case], Inpu
     )
 
     cases = [
-        Case("MTCNN detector, 640×480 frame", mtcnn.model_id, "image",
-             lambda n: mtcnn.detect([frame] * n), str(mtcnn.device)),
+        Case(
+            "MTCNN detector, 640×480 frame",
+            mtcnn.model_id,
+            "image",
+            lambda n: mtcnn.detect([frame] * n),
+            str(mtcnn.device),
+        ),
         *detector_cases(device, frame, notes),
-        Case("dlib 68-point landmarks", landmarks.model_id, "face",
-             lambda n: landmarks.predict([frame] * n, [box] * n)),
-        Case("head pose (solvePnP, 68 pts)", "headpose-solvepnp", "face",
-             lambda n: [head_pose(lm, size) for _ in range(n)]),
+        Case(
+            "dlib 68-point landmarks", landmarks.model_id, "face", lambda n: landmarks.predict([frame] * n, [box] * n)
+        ),
+        Case(
+            "head pose (solvePnP, 68 pts)",
+            "headpose-solvepnp",
+            "face",
+            lambda n: [head_pose(lm, size) for _ in range(n)],
+        ),
     ]
     torch_resnet = DlibResNetTorchEmbedder(device=device)
-    cases.append(Case("dlib ResNet, torch port", torch_resnet.model_id + " (torch)", "face",
-                      lambda n: torch_resnet.embed([inputs.chip150] * n), str(torch_resnet.device)))
+    cases.append(
+        Case(
+            "dlib ResNet, torch port",
+            torch_resnet.model_id + " (torch)",
+            "face",
+            lambda n: torch_resnet.embed([inputs.chip150] * n),
+            str(torch_resnet.device),
+        )
+    )
     if device.type == "cpu":
         dlib_resnet = DlibResNetEmbedder(device="cpu")
-        cases.append(Case("dlib ResNet, dlib-bin (reference)", dlib_resnet.model_id + " (dlib)", "face",
-                          lambda n: dlib_resnet.embed([inputs.chip150] * n)))
+        cases.append(
+            Case(
+                "dlib ResNet, dlib-bin (reference)",
+                dlib_resnet.model_id + " (dlib)",
+                "face",
+                lambda n: dlib_resnet.embed([inputs.chip150] * n),
+            )
+        )
     else:
         notes.append("dlib-bin ResNet: CPU only, not run on " + str(device))
     return cases, inputs
@@ -145,15 +172,26 @@ def detector_cases(device: torch.device, frame: np.ndarray, notes: list[str]) ->
     from services.detector.detectors import load_detector
 
     cases = []
-    for name, label in (("scrfd-500m", "SCRFD-500M detector @320"), ("scrfd-500m@640", "SCRFD-500M detector @640"),
-                        ("blazeface", "BlazeFace front (128) detector"), ("blazeface-back", "BlazeFace back (256) detector")):
+    for name, label in (
+        ("scrfd-500m", "SCRFD-500M detector @320"),
+        ("scrfd-500m@640", "SCRFD-500M detector @640"),
+        ("blazeface", "BlazeFace front (128) detector"),
+        ("blazeface-back", "BlazeFace back (256) detector"),
+    ):
         try:
             detector = load_detector(name, device)
         except Exception as exc:  # noqa: BLE001 - whatever stops a model loading is noted in the report
             notes.append(f"{label}: not benchmarked, does not load ({type(exc).__name__}: {exc})")
             continue
-        cases.append(Case(label + ", 640×480", detector.model_id, "image",
-                          (lambda d: lambda n: d.detect([frame] * n))(detector), str(detector.device)))
+        cases.append(
+            Case(
+                label + ", 640×480",
+                detector.model_id,
+                "image",
+                (lambda d: lambda n: d.detect([frame] * n))(detector),
+                str(detector.device),
+            )
+        )
     return cases
 
 
@@ -166,16 +204,26 @@ def optional_cases(device: torch.device, inputs: Inputs, notes: list[str]) -> li
         from services.aligner.facemesh import FaceMesh
 
         m = FaceMesh(device=device)
-        return Case("MediaPipe FaceMesh (2 passes)", m.model_id, "face",
-                    lambda n: m.predict([frame] * n, [box] * n, [points5] * n), str(m.device))
+        return Case(
+            "MediaPipe FaceMesh (2 passes)",
+            m.model_id,
+            "face",
+            lambda n: m.predict([frame] * n, [box] * n, [points5] * n),
+            str(m.device),
+        )
 
     def age_gender(which: str) -> Callable[[], Case]:
         def build() -> Case:
             from services.aligner.attributes import AgeGender
 
             m = AgeGender(device=device, model=which)
-            return Case(f"age/gender, {which}", m.model_id, "face",
-                        lambda n: m.predict([frame] * n, [box] * n, [points5] * n), str(m.device))
+            return Case(
+                f"age/gender, {which}",
+                m.model_id,
+                "face",
+                lambda n: m.predict([frame] * n, [box] * n, [points5] * n),
+                str(m.device),
+            )
 
         return build
 
@@ -183,15 +231,19 @@ def optional_cases(device: torch.device, inputs: Inputs, notes: list[str]) -> li
         from services.aligner.liveness import PassiveLiveness
 
         m = PassiveLiveness(device=device)
-        return Case("passive liveness (antispoof+livenessnet)", m.model_id, "face",
-                    lambda n: m.predict([frame] * n, [box] * n, [points5] * n), str(m.device))
+        return Case(
+            "passive liveness (antispoof+livenessnet)",
+            m.model_id,
+            "face",
+            lambda n: m.predict([frame] * n, [box] * n, [points5] * n),
+            str(m.device),
+        )
 
     def faceres() -> Case:
         from services.recognizer.faceres import FaceResEmbedder
 
         m = FaceResEmbedder(device=device)
-        return Case("FaceRes embedder (1024-d)", m.model_id, "face",
-                    lambda n: m.embed([chip150] * n), str(m.device))
+        return Case("FaceRes embedder (1024-d)", m.model_id, "face", lambda n: m.embed([chip150] * n), str(m.device))
 
     cases: list[Case] = []
     for label, build in (
@@ -243,13 +295,14 @@ class OtherLoad:
         return max(0.0, others) / ((time.perf_counter() - self.wall) * (os.cpu_count() or 1))
 
 
-
 def set_threads(n: int) -> None:
     torch.set_num_threads(n)
     cv2.setNumThreads(n)
 
 
-def time_case(case: Case, batch: int, warmup: int, repeats: int, budget_s: float, sync: Callable[[], None]) -> tuple[float, int]:
+def time_case(
+    case: Case, batch: int, warmup: int, repeats: int, budget_s: float, sync: Callable[[], None]
+) -> tuple[float, int]:
     """(median ms per face, calls timed)."""
     for _ in range(warmup):
         case.run(batch)
@@ -301,7 +354,9 @@ def main(argv: list[str] | None = None) -> int:
                 try:
                     ms, _ = time_case(case, batch, args.warmup, args.repeats, args.budget, sync)
                 except Exception as exc:  # noqa: BLE001 - a wrapper still being written: note it, go on
-                    failed[case.name] = f"{case.name}: failed at threads={threads}, batch={batch} ({type(exc).__name__}: {exc})"
+                    failed[case.name] = (
+                        f"{case.name}: failed at threads={threads}, batch={batch} ({type(exc).__name__}: {exc})"
+                    )
                     continue
                 results[(case.name, threads, batch)] = ms
                 print(f"  {case.name:<40} threads={threads} batch={batch:<2} {ms:9.2f} ms", file=sys.stderr, flush=True)
@@ -309,16 +364,25 @@ def main(argv: list[str] | None = None) -> int:
     other_share = others.share()
 
     print(f"device  {device_name(device)}")
-    print(f"torch   {torch.__version__}; OpenCV {cv2.__version__}; thread settings (torch and OpenCV): "
-          f"1 and {default_threads} (torch's default here)")
-    print(f"timing  median of up to {args.repeats} calls after {args.warmup} warm-up calls, ms per face "
-          f"(per image for the detector); batch 16 = 16 copies in one call")
+    print(
+        f"torch   {torch.__version__}; OpenCV {cv2.__version__}; thread settings (torch and OpenCV): "
+        f"1 and {default_threads} (torch's default here)"
+    )
+    print(
+        f"timing  median of up to {args.repeats} calls after {args.warmup} warm-up calls, ms per face "
+        f"(per image for the detector); batch 16 = 16 copies in one call"
+    )
     if other_share is None:
         print("load    other processes' CPU use not measurable on this OS")
     else:
-        print(f"load    other processes used {100 * other_share:.0f}% of the machine's CPU time during the run"
-              + (" -- busy: they shared the cores (2 threads suffer most); read the numbers as upper bounds"
-                 if other_share > 0.10 else " (quiet)"))
+        print(
+            f"load    other processes used {100 * other_share:.0f}% of the machine's CPU time during the run"
+            + (
+                " -- busy: they shared the cores (2 threads suffer most); read the numbers as upper bounds"
+                if other_share > 0.10
+                else " (quiet)"
+            )
+        )
     print()
     head = f"{'model':<40} {'id':<34} {'dev':<5}"
     sub = f"{'':<40} {'':<34} {'':<5}"

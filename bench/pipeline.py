@@ -31,7 +31,11 @@ from facepay.config import SessionPolicy
 from tests.e2e import camera, enroll, new_session, start_pipeline
 
 # The real-face data as the tests find it (FACEPAY_TEST_DATA, default ../shared/data).
-DATA = Path(os.environ.get("FACEPAY_TEST_DATA", Path(__file__).resolve().parents[2] / "shared" / "data")) / "faces" / "identities"
+DATA = (
+    Path(os.environ.get("FACEPAY_TEST_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
+    / "faces"
+    / "identities"
+)
 
 
 def sample_frames() -> tuple[list[bytes], bytes]:
@@ -58,9 +62,13 @@ def run_pipeline(frames: list[bytes], enroll_image: bytes, total: int, per_sessi
             def play(camera_id: str, mine: list[str]) -> None:
                 cam = camera(pipeline, camera_id)
                 for i, session in enumerate(mine):
-                    cam.stream_session(session, [frames[(i * per_session + j) % len(frames)] for j in range(per_session)])
+                    cam.stream_session(
+                        session, [frames[(i * per_session + j) % len(frames)] for j in range(per_session)]
+                    )
 
-            threads = [threading.Thread(target=play, args=(c, sessions[k::2])) for k, c in enumerate(("cam-1", "cam-2"))]
+            threads = [
+                threading.Thread(target=play, args=(c, sessions[k::2])) for k, c in enumerate(("cam-1", "cam-2"))
+            ]
             [t.start() for t in threads]
             [t.join() for t in threads]
             events = wait_decisions(pipeline, sessions)
@@ -73,9 +81,13 @@ def run_pipeline(frames: list[bytes], enroll_image: bytes, total: int, per_sessi
                 cam.stream_session(session, [frames[(i + j) % len(frames)] for j in range(per_session)])
                 event = wait_decisions(pipeline, [session])[0]
                 quiet.append((event["decided_at_ms"] - event["first_frame_ms"]) / 1000)
-            return {"frames_per_s": len(sessions) * per_session / (finished - started),
-                    "p50_s": statistics.median(flood), "p99_s": percentile(flood, 0.99),
-                    "quiet_p50_s": statistics.median(quiet), "quiet_p99_s": percentile(sorted(quiet), 0.99)}
+            return {
+                "frames_per_s": len(sessions) * per_session / (finished - started),
+                "p50_s": statistics.median(flood),
+                "p99_s": percentile(flood, 0.99),
+                "quiet_p50_s": statistics.median(quiet),
+                "quiet_p99_s": percentile(sorted(quiet), 0.99),
+            }
         finally:
             pipeline.stop()
 
@@ -154,10 +166,14 @@ def report(detector: str, frames: list[bytes], enroll_image: bytes, args: argpar
     piped = run_pipeline(frames, enroll_image, args.frames, args.session_frames, detector)
     alone = run_in_process(frames, args.frames, detector)
     print(f"--- detector {detector}")
-    print(f"pipeline (gateway + 4 worker processes, embedded Valkey): {piped['frames_per_s']:.1f} frames/s; "
-          f"first frame → decision under that flood p50 {piped['p50_s']:.2f} s, p99 {piped['p99_s']:.2f} s")
-    print(f"one session at a time ({args.session_frames} frames, 10 sessions): first frame → decision "
-          f"p50 {piped['quiet_p50_s']:.2f} s, p99 {piped['quiet_p99_s']:.2f} s")
+    print(
+        f"pipeline (gateway + 4 worker processes, embedded Valkey): {piped['frames_per_s']:.1f} frames/s; "
+        f"first frame → decision under that flood p50 {piped['p50_s']:.2f} s, p99 {piped['p99_s']:.2f} s"
+    )
+    print(
+        f"one session at a time ({args.session_frames} frames, 10 sessions): first frame → decision "
+        f"p50 {piped['quiet_p50_s']:.2f} s, p99 {piped['quiet_p99_s']:.2f} s"
+    )
     print(f"same stages and models, one process, batch 1 loop:       {alone['frames_per_s']:.1f} frames/s")
     print(f"ratio pipeline / in-process: {piped['frames_per_s'] / alone['frames_per_s']:.2f}")
 

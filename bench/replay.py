@@ -47,9 +47,14 @@ def main() -> None:
             def play(camera_id: str, mine: list[str]) -> None:
                 cam = camera(pipeline, camera_id)
                 for i, session in enumerate(mine):
-                    cam.stream_session(session, [frames[(i * args.session_frames + j) % len(frames)] for j in range(args.session_frames)])
+                    cam.stream_session(
+                        session,
+                        [frames[(i * args.session_frames + j) % len(frames)] for j in range(args.session_frames)],
+                    )
 
-            threads = [threading.Thread(target=play, args=(c, sessions[k::2])) for k, c in enumerate(("cam-1", "cam-2"))]
+            threads = [
+                threading.Thread(target=play, args=(c, sessions[k::2])) for k, c in enumerate(("cam-1", "cam-2"))
+            ]
             [t.start() for t in threads]
             [t.join() for t in threads]
             events = wait_decisions(pipeline, sessions)
@@ -57,21 +62,29 @@ def main() -> None:
             archive = archive_of(pipeline)
             since = datetime.now(UTC) - timedelta(hours=1)
             deadline = time.monotonic() + 600
-            while len(archive.list_sessions("demo", "store-1", since, datetime.now(UTC) + timedelta(minutes=1))) < len(sessions):
+            while len(archive.list_sessions("demo", "store-1", since, datetime.now(UTC) + timedelta(minutes=1))) < len(
+                sessions
+            ):
                 if time.monotonic() > deadline:
                     raise TimeoutError("the archiver did not archive every session")
                 time.sleep(0.5)
             import os
 
             os.environ.update(pipeline.archive_env())
-            report = run_replay(pipeline.settings, archive, ReplayOptions(
-                start=since, end=datetime.now(UTC) + timedelta(minutes=1), store="store-1", out=Path(tmp) / "replay"))
+            report = run_replay(
+                pipeline.settings,
+                archive,
+                ReplayOptions(
+                    start=since, end=datetime.now(UTC) + timedelta(minutes=1), store="store-1", out=Path(tmp) / "replay"
+                ),
+            )
         finally:
             pipeline.stop()
     total = len(sessions) * args.session_frames
     replay = report["replay"]
     result = {
-        "frames": total, "sessions": len(sessions),
+        "frames": total,
+        "sessions": len(sessions),
         "live_frames_per_s": round(total / live_s, 2),
         "replay_frames_per_s": round(replay["frames"] / replay["replay_s"], 2),
         "replay_worker_start_s": replay["workers_ready_s"],

@@ -276,8 +276,16 @@ class SettingsError(ValueError):
 # ---------------------------------------------------------------- loading
 
 # FACEPAY_* variables that are not settings: process plumbing, caches, test data.
-NON_SETTING_ENV = frozenset({"FACEPAY_CONFIG", "FACEPAY_CONSUMER", "FACEPAY_MODEL_CACHE", "FACEPAY_TEST_DATA",
-                             "FACEPAY_TFJS_ORACLE_CACHE", "FACEPAY_ARCHIVE_SIGNING_KEY"})
+NON_SETTING_ENV = frozenset(
+    {
+        "FACEPAY_CONFIG",
+        "FACEPAY_CONSUMER",
+        "FACEPAY_MODEL_CACHE",
+        "FACEPAY_TEST_DATA",
+        "FACEPAY_TFJS_ORACLE_CACHE",
+        "FACEPAY_ARCHIVE_SIGNING_KEY",
+    }
+)
 
 
 def sections() -> dict[str, type]:
@@ -301,8 +309,12 @@ def load_settings(env: dict[str, str] | None = None) -> Settings:
         values["redis_url"] = env["REDIS_URL"]
     _overlay_env(values, env)
     nested, hints = sections(), typing.get_type_hints(Settings)
-    settings = Settings(**{name: _build_section(name, nested[name], value) if name in nested
-                           else _coerce(name, hints[name], value) for name, value in values.items()})
+    settings = Settings(
+        **{
+            name: _build_section(name, nested[name], value) if name in nested else _coerce(name, hints[name], value)
+            for name, value in values.items()
+        }
+    )
     return settings.replace(redis_url=_effective_redis_url(settings))
 
 
@@ -316,10 +328,15 @@ def _effective_redis_url(settings: Settings) -> str:
         host = netloc.rpartition("@")[2]
         user = unquote(parts.username or "")
         netloc = f"{quote(user, safe='')}:{quote(password, safe='')}@{host}"
-    tls = {"ssl_ca_certs": settings.redis_tls_ca_file, "ssl_certfile": settings.redis_tls_cert_file,
-           "ssl_keyfile": settings.redis_tls_key_file}
+    tls = {
+        "ssl_ca_certs": settings.redis_tls_ca_file,
+        "ssl_certfile": settings.redis_tls_cert_file,
+        "ssl_keyfile": settings.redis_tls_key_file,
+    }
     if any(tls.values()) and not parts.scheme.startswith("rediss"):
-        raise SettingsError("FACEPAY_REDIS_TLS_* files are set but FACEPAY_REDIS_URL is not rediss:// (or rediss+cluster://)")
+        raise SettingsError(
+            "FACEPAY_REDIS_TLS_* files are set but FACEPAY_REDIS_URL is not rediss:// (or rediss+cluster://)"
+        )
     query = [(k, v) for k, v in query if k not in tls or not tls[k]] + [(k, v) for k, v in tls.items() if v]
     return urlunsplit((parts.scheme, netloc, parts.path, urlencode(query), parts.fragment))
 
@@ -341,8 +358,10 @@ def _reject_unknown_keys(values: dict[str, Any]) -> None:
         if section is None:
             continue
         if not isinstance(section, dict):
-            raise SettingsError(f"setting {name!r} is a section: expected a mapping of "
-                                f"{', '.join(f.name for f in fields(cls))}, got {section!r}")
+            raise SettingsError(
+                f"setting {name!r} is a section: expected a mapping of "
+                f"{', '.join(f.name for f in fields(cls))}, got {section!r}"
+            )
         section_known = [f.name for f in fields(cls)]
         for key in section:
             if key not in section_known:
@@ -354,7 +373,8 @@ def setting_variables() -> dict[str, tuple[str, str | None]]:
 
     The one mapping from environment to settings (deploy manifests are checked against it)."""
     variables: dict[str, tuple[str, str | None]] = {
-        f"FACEPAY_{f.name.upper()}": (f.name, None) for f in fields(Settings) if f.name not in sections()}
+        f"FACEPAY_{f.name.upper()}": (f.name, None) for f in fields(Settings) if f.name not in sections()
+    }
     for name, cls in sections().items():
         variables.update({f"FACEPAY_{name.upper()}_{f.name.upper()}": (name, f.name) for f in fields(cls)})
     return variables
@@ -454,37 +474,80 @@ DEGREES = Bounds(0.0, 180.0)
 
 # Every numeric setting, by its dotted name (tests/test_config.py checks that none is missing).
 BOUNDS: dict[str, Bounds] = {
-    "batch_size": at_least(1), "batch_wait_ms": at_least(0), "claim_idle_ms": at_least(1),
-    "max_deliveries": at_least(1), "stream_retention_s": at_least(1), "image_retention_s": at_least(1),
-    "stream_maxlen": at_least(1), "stream_partitions": Bounds(low=1, high=1024),
-    "redis_wait_replicas": at_least(0), "redis_wait_timeout_ms": at_least(1),
-    "max_image_bytes": at_least(1), "max_image_pixels": at_least(1), "min_face_px": at_least(1),
-    "enroll_min_face_px": at_least(1), "enroll_min_sharpness": at_least(0), "enroll_min_antispoof": RATIO,
-    "metrics_port": PORT, "gateway_threads": at_least(1), "worker_threads": at_least(1),
-    "max_frame_age_s": at_least(1), "admin_max_age_s": at_least(1),
-    "archive_retention_days": at_least(1), "archive_gather_grace_s": Bounds(low=0),
-    "archive_orphan_after_s": at_least(60), "archive_sweep_every_s": at_least(1),
+    "batch_size": at_least(1),
+    "batch_wait_ms": at_least(0),
+    "claim_idle_ms": at_least(1),
+    "max_deliveries": at_least(1),
+    "stream_retention_s": at_least(1),
+    "image_retention_s": at_least(1),
+    "stream_maxlen": at_least(1),
+    "stream_partitions": Bounds(low=1, high=1024),
+    "redis_wait_replicas": at_least(0),
+    "redis_wait_timeout_ms": at_least(1),
+    "max_image_bytes": at_least(1),
+    "max_image_pixels": at_least(1),
+    "min_face_px": at_least(1),
+    "enroll_min_face_px": at_least(1),
+    "enroll_min_sharpness": at_least(0),
+    "enroll_min_antispoof": RATIO,
+    "metrics_port": PORT,
+    "gateway_threads": at_least(1),
+    "worker_threads": at_least(1),
+    "max_frame_age_s": at_least(1),
+    "admin_max_age_s": at_least(1),
+    "archive_retention_days": at_least(1),
+    "archive_gather_grace_s": Bounds(low=0),
+    "archive_orphan_after_s": at_least(60),
+    "archive_sweep_every_s": at_least(1),
     "archive_quarantine_retry_s": at_least(1),
-    "grpc_max_message_bytes": at_least(0), "grpc_max_calls_per_camera": at_least(1),
-    "grpc_max_calls_per_backend": at_least(1), "grpc_max_calls_per_peer": at_least(1),
-    "grpc_health_reserved_calls": at_least(1), "grpc_idle_timeout_s": POSITIVE,
-    "grpc_max_connection_age_s": Bounds(low=0), "grpc_drain_s": Bounds(low=0), "grpc_stop_grace_s": Bounds(low=0),
+    "grpc_max_message_bytes": at_least(0),
+    "grpc_max_calls_per_camera": at_least(1),
+    "grpc_max_calls_per_backend": at_least(1),
+    "grpc_max_calls_per_peer": at_least(1),
+    "grpc_health_reserved_calls": at_least(1),
+    "grpc_idle_timeout_s": POSITIVE,
+    "grpc_max_connection_age_s": Bounds(low=0),
+    "grpc_drain_s": Bounds(low=0),
+    "grpc_stop_grace_s": Bounds(low=0),
     # The idle read blocks 1 s (worker.BLOCK_MS): a worker beats at least that often when healthy.
-    "health_port": PORT, "health_stale_s": Bounds(low=2.0), "startup_wait_s": Bounds(low=0),
-    "camera_max_fps": POSITIVE, "camera_burst": at_least(1), "queue_max_lag": at_least(0), "queue_max_memory_ratio": RATIO,
-    "queue_max_memory_bytes": at_least(0), "session_max_frames": at_least(1), "session_max_duration_s": POSITIVE,
-    "policy.threshold": COSINE, "policy.margin": Bounds(0.0, 2.0), "policy.min_agreeing_frames": at_least(1),
-    "policy.max_disagreeing_ratio": RATIO, "policy.blink_closed_ratio": RATIO, "policy.blink_open_ratio": RATIO,
-    "policy.min_passive_liveness": RATIO, "policy.session_timeout_s": POSITIVE,
-    "limits.max_consecutive": at_least(1), "limits.first_delay_s": POSITIVE, "limits.hard_limit": at_least(1),
-    "qdrant.hnsw_m": Bounds(4, 128), "qdrant.hnsw_ef_construct": Bounds(4, 4096), "qdrant.hnsw_ef": Bounds(1, 4096),
+    "health_port": PORT,
+    "health_stale_s": Bounds(low=2.0),
+    "startup_wait_s": Bounds(low=0),
+    "camera_max_fps": POSITIVE,
+    "camera_burst": at_least(1),
+    "queue_max_lag": at_least(0),
+    "queue_max_memory_ratio": RATIO,
+    "queue_max_memory_bytes": at_least(0),
+    "session_max_frames": at_least(1),
+    "session_max_duration_s": POSITIVE,
+    "policy.threshold": COSINE,
+    "policy.margin": Bounds(0.0, 2.0),
+    "policy.min_agreeing_frames": at_least(1),
+    "policy.max_disagreeing_ratio": RATIO,
+    "policy.blink_closed_ratio": RATIO,
+    "policy.blink_open_ratio": RATIO,
+    "policy.min_passive_liveness": RATIO,
+    "policy.session_timeout_s": POSITIVE,
+    "limits.max_consecutive": at_least(1),
+    "limits.first_delay_s": POSITIVE,
+    "limits.hard_limit": at_least(1),
+    "qdrant.hnsw_m": Bounds(4, 128),
+    "qdrant.hnsw_ef_construct": Bounds(4, 4096),
+    "qdrant.hnsw_ef": Bounds(1, 4096),
     "qdrant.full_scan_threshold_kb": at_least(1),
-    "qdrant.indexing_threshold_kb": at_least(1), "qdrant.indexing_threads": Bounds(0, 64),
-    "qdrant.oversampling": Bounds(1.0, 16.0), "qdrant.upsert_batch": Bounds(1, 100_000),
-    "qdrant.shard_number": Bounds(1, 1024), "qdrant.replication_factor": Bounds(1, 16),
-    "qdrant.write_consistency_factor": Bounds(1, 16), "qdrant.retries": Bounds(0, 20),
-    "qdrant.retry_backoff_s": Bounds(0.0, 60.0), "qdrant.timeout_s": POSITIVE,
-    "pose.max_abs_yaw": DEGREES, "pose.max_abs_pitch": DEGREES, "pose.max_abs_roll": DEGREES,
+    "qdrant.indexing_threshold_kb": at_least(1),
+    "qdrant.indexing_threads": Bounds(0, 64),
+    "qdrant.oversampling": Bounds(1.0, 16.0),
+    "qdrant.upsert_batch": Bounds(1, 100_000),
+    "qdrant.shard_number": Bounds(1, 1024),
+    "qdrant.replication_factor": Bounds(1, 16),
+    "qdrant.write_consistency_factor": Bounds(1, 16),
+    "qdrant.retries": Bounds(0, 20),
+    "qdrant.retry_backoff_s": Bounds(0.0, 60.0),
+    "qdrant.timeout_s": POSITIVE,
+    "pose.max_abs_yaw": DEGREES,
+    "pose.max_abs_pitch": DEGREES,
+    "pose.max_abs_roll": DEGREES,
 }
 
 CHOICES: dict[str, tuple[str, ...]] = {"log_format": ("json", "text"), "qdrant.quantization": ("int8", "none")}
@@ -500,12 +563,30 @@ def _port_of(address: str) -> str | None:
 # Rules across settings and on the form of text settings: (setting named in the error, check → problem or None).
 RULES: list[tuple[str, typing.Callable[[Settings], str | None]]] = [
     ("grpc_address", lambda s: _port_of(s.grpc_address)),
-    ("policy.blink_closed_ratio", lambda s: None if s.policy.blink_closed_ratio < s.policy.blink_open_ratio else
-     f"must be below policy.blink_open_ratio ({s.policy.blink_open_ratio}), got {s.policy.blink_closed_ratio}"),
-    ("limits.hard_limit", lambda s: None if s.limits.hard_limit >= s.limits.max_consecutive else
-     f"must be ≥ limits.max_consecutive ({s.limits.max_consecutive}), got {s.limits.hard_limit}"),
-    ("qdrant.write_consistency_factor", lambda s: None if s.qdrant.write_consistency_factor <= s.qdrant.replication_factor
-     else f"must be ≤ qdrant.replication_factor ({s.qdrant.replication_factor}), got {s.qdrant.write_consistency_factor}"),
+    (
+        "policy.blink_closed_ratio",
+        lambda s: (
+            None
+            if s.policy.blink_closed_ratio < s.policy.blink_open_ratio
+            else f"must be below policy.blink_open_ratio ({s.policy.blink_open_ratio}), got {s.policy.blink_closed_ratio}"
+        ),
+    ),
+    (
+        "limits.hard_limit",
+        lambda s: (
+            None
+            if s.limits.hard_limit >= s.limits.max_consecutive
+            else f"must be ≥ limits.max_consecutive ({s.limits.max_consecutive}), got {s.limits.hard_limit}"
+        ),
+    ),
+    (
+        "qdrant.write_consistency_factor",
+        lambda s: (
+            None
+            if s.qdrant.write_consistency_factor <= s.qdrant.replication_factor
+            else f"must be ≤ qdrant.replication_factor ({s.qdrant.replication_factor}), got {s.qdrant.write_consistency_factor}"
+        ),
+    ),
 ]
 
 

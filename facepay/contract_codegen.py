@@ -24,8 +24,12 @@ def compile_proto(proto_root: Path, out_root: Path) -> Path:
 
     proto_file = proto_root / PROTO_RELATIVE
     args = [
-        "protoc", f"-I{proto_root}", f"--python_out={out_root}", f"--grpc_python_out={out_root}",
-        f"--pyi_out={out_root}", str(proto_file),
+        "protoc",
+        f"-I{proto_root}",
+        f"--python_out={out_root}",
+        f"--grpc_python_out={out_root}",
+        f"--pyi_out={out_root}",
+        str(proto_file),
     ]
     if protoc.main(args) != 0:
         raise RuntimeError(f"protoc failed on {proto_file}")

@@ -41,19 +41,32 @@ def to_proto(entry_id: bytes | str, fields: Mapping[bytes, bytes]) -> pb.Decisio
     event = json.loads(payload)
     return pb.DecisionEvent(
         entry_id=entry_id.decode() if isinstance(entry_id, bytes) else entry_id,
-        session_id=event["session_id"], store_id=event["store_id"], camera_id=event["camera_id"],
+        session_id=event["session_id"],
+        store_id=event["store_id"],
+        camera_id=event["camera_id"],
         decision=pb.APPROVE if event["decision"] == Decision.APPROVE else pb.DECLINE,
-        user_id=event["user_id"], score=event["score"], threshold=event["threshold"],
-        reasons=event["reasons"], model_ids=event["model_ids"], first_frame_ms=event["first_frame_ms"],
-        decided_at_ms=event["decided_at_ms"], frames_seen=event["frames_seen"],
-        frames_eligible=event["frames_eligible"], payload=payload,
-        signature=fields[b"sig"].decode(), key_id=fields[b"kid"].decode(),
+        user_id=event["user_id"],
+        score=event["score"],
+        threshold=event["threshold"],
+        reasons=event["reasons"],
+        model_ids=event["model_ids"],
+        first_frame_ms=event["first_frame_ms"],
+        decided_at_ms=event["decided_at_ms"],
+        frames_seen=event["frames_seen"],
+        frames_eligible=event["frames_eligible"],
+        payload=payload,
+        signature=fields[b"sig"].decode(),
+        key_id=fields[b"kid"].decode(),
     )
 
 
 def verify_event(
-    event: pb.DecisionEvent, keys: Mapping[str, str], store_id: str, max_age_s: float | None = MAX_EVENT_AGE_S,
-    seen: SeenEvents | None = None, now_ms: int | None = None,
+    event: pb.DecisionEvent,
+    keys: Mapping[str, str],
+    store_id: str,
+    max_age_s: float | None = MAX_EVENT_AGE_S,
+    seen: SeenEvents | None = None,
+    now_ms: int | None = None,
 ) -> dict:
     """The signed fields of a DecisionEvent of `store_id`, or SignatureError if anything was
     altered, EventRefused if it is another store's, older than `max_age_s`, or (with `seen`)
@@ -62,8 +75,12 @@ def verify_event(
 
 
 def verify_entry(
-    fields: Mapping[bytes, bytes], keys: Mapping[str, str], store_id: str, max_age_s: float | None = MAX_EVENT_AGE_S,
-    seen: SeenEvents | None = None, now_ms: int | None = None,
+    fields: Mapping[bytes, bytes],
+    keys: Mapping[str, str],
+    store_id: str,
+    max_age_s: float | None = MAX_EVENT_AGE_S,
+    seen: SeenEvents | None = None,
+    now_ms: int | None = None,
 ) -> dict:
     """The same checks on a raw `{ns}:decisions` stream entry; SignatureError if it is not one."""
     try:
@@ -74,8 +91,14 @@ def verify_entry(
 
 
 def verify_payload(
-    payload: bytes, signature: str, key_id: str, keys: Mapping[str, str], store_id: str,
-    max_age_s: float | None = MAX_EVENT_AGE_S, seen: SeenEvents | None = None, now_ms: int | None = None,
+    payload: bytes,
+    signature: str,
+    key_id: str,
+    keys: Mapping[str, str],
+    store_id: str,
+    max_age_s: float | None = MAX_EVENT_AGE_S,
+    seen: SeenEvents | None = None,
+    now_ms: int | None = None,
 ) -> dict:
     try:
         event = verify(payload, signature, key_id, keys)
@@ -112,8 +135,9 @@ class SeenEvents:
     (the maximum age plus the clock skew): an older replay is refused by its age.
     """
 
-    def __init__(self, client: redis.Redis | None = None, key: str = "facepay-backend:seen",
-                 max_in_memory: int = 100_000) -> None:
+    def __init__(
+        self, client: redis.Redis | None = None, key: str = "facepay-backend:seen", max_in_memory: int = 100_000
+    ) -> None:
         self.client, self.key, self.max_in_memory = client, key, max_in_memory
         self._ids: OrderedDict[str, float] = OrderedDict()
 
@@ -132,9 +156,18 @@ class SeenEvents:
         return True
 
 
-def consume(client: redis.Redis, stream: str, group: str, consumer: str, keys: Mapping[str, str], store_id: str,
-            seen: SeenEvents | None = None, max_age_s: float | None = MAX_EVENT_AGE_S, block_ms: int = 1000,
-            start: str = "$") -> Iterator[tuple[bytes, dict]]:
+def consume(
+    client: redis.Redis,
+    stream: str,
+    group: str,
+    consumer: str,
+    keys: Mapping[str, str],
+    store_id: str,
+    seen: SeenEvents | None = None,
+    max_age_s: float | None = MAX_EVENT_AGE_S,
+    block_ms: int = 1000,
+    start: str = "$",
+) -> Iterator[tuple[bytes, dict]]:
     """A payment backend reading its store's decisions with its own consumer group.
 
     Yields (entry id, verified event) once per event id; acknowledge each after handling it.
@@ -157,8 +190,16 @@ def _create_group(client: redis.Redis, stream: str, group: str, start: str) -> N
             raise
 
 
-def _verified(client: redis.Redis, stream: str | bytes, group: str, items: list, keys: Mapping[str, str],
-              store_id: str, max_age_s: float | None, seen: SeenEvents) -> Iterator[tuple[bytes, dict]]:
+def _verified(
+    client: redis.Redis,
+    stream: str | bytes,
+    group: str,
+    items: list,
+    keys: Mapping[str, str],
+    store_id: str,
+    max_age_s: float | None,
+    seen: SeenEvents,
+) -> Iterator[tuple[bytes, dict]]:
     """The entries a backend may act on; the others are logged and acknowledged, never fatal."""
     for entry_id, fields in items:
         try:
@@ -213,8 +254,9 @@ class DecisionReader:
             if not reply and block_ms:
                 self._turn = (self._turn + 1) % len(self.streams)
                 stream = self.streams[self._turn]
-                reply = self.client.xread({stream: self.cursors[stream]}, block=min(block_ms, PARTITION_BLOCK_MS),
-                                          count=count)
+                reply = self.client.xread(
+                    {stream: self.cursors[stream]}, block=min(block_ms, PARTITION_BLOCK_MS), count=count
+                )
         found = []
         for stream, items in reply or []:
             for entry_id, fields in items:
@@ -223,10 +265,19 @@ class DecisionReader:
         return sorted(found, key=lambda item: tuple(int(x) for x in _text(item[0]).split("-")))
 
 
-def consume_partitions(client: redis.Redis, partitions: Partitions, group: str, consumer: str,
-                       keys: Mapping[str, str], store_id: str, seen: SeenEvents | None = None,
-                       max_age_s: float | None = MAX_EVENT_AGE_S, block_ms: int = 1000,
-                       start: str = "$", stop: threading.Event | None = None) -> Iterator[tuple[str, bytes, dict]]:
+def consume_partitions(
+    client: redis.Redis,
+    partitions: Partitions,
+    group: str,
+    consumer: str,
+    keys: Mapping[str, str],
+    store_id: str,
+    seen: SeenEvents | None = None,
+    max_age_s: float | None = MAX_EVENT_AGE_S,
+    block_ms: int = 1000,
+    start: str = "$",
+    stop: threading.Event | None = None,
+) -> Iterator[tuple[str, bytes, dict]]:
     """`consume` over every partition of the decisions stream: yields (stream, entry id, verified
     event); acknowledge each with XACK on that stream. The group exists on each partition, so
     a backend's replicas share the partitions without an event going to two of them. Returns
@@ -243,8 +294,12 @@ def consume_partitions(client: redis.Redis, partitions: Partitions, group: str, 
         replies = [r for reply in pipe.execute() for r in (reply or [])]
         if not replies and block_ms:
             turn = (turn + 1) % len(streams)
-            replies = client.xreadgroup(group, consumer, {streams[turn]: ">"}, count=32,
-                                        block=min(block_ms, PARTITION_BLOCK_MS)) or []
+            replies = (
+                client.xreadgroup(
+                    group, consumer, {streams[turn]: ">"}, count=32, block=min(block_ms, PARTITION_BLOCK_MS)
+                )
+                or []
+            )
         for stream, items in replies:
             for entry_id, event in _verified(client, stream, group, items, keys, store_id, max_age_s, seen):
                 yield _text(stream), entry_id, event

@@ -26,15 +26,22 @@ def server_credentials(settings: Settings) -> grpc.ServerCredentials | None:
     """TLS credentials for the gateway, or None when no certificate is configured."""
     if not (settings.grpc_tls_cert_file or settings.grpc_tls_key_file):
         if settings.grpc_tls_client_ca_file or settings.grpc_tls_require_client_cert:
-            raise ValueError("client certificates need server TLS: set FACEPAY_GRPC_TLS_CERT_FILE and FACEPAY_GRPC_TLS_KEY_FILE")
+            raise ValueError(
+                "client certificates need server TLS: set FACEPAY_GRPC_TLS_CERT_FILE and FACEPAY_GRPC_TLS_KEY_FILE"
+            )
         return None
     if not (settings.grpc_tls_cert_file and settings.grpc_tls_key_file):
         raise ValueError("gRPC TLS needs both FACEPAY_GRPC_TLS_CERT_FILE and FACEPAY_GRPC_TLS_KEY_FILE")
     if settings.grpc_tls_require_client_cert and not settings.grpc_tls_client_ca_file:
-        raise ValueError("FACEPAY_GRPC_TLS_REQUIRE_CLIENT_CERT needs FACEPAY_GRPC_TLS_CLIENT_CA_FILE (the CA of the cameras)")
+        raise ValueError(
+            "FACEPAY_GRPC_TLS_REQUIRE_CLIENT_CERT needs FACEPAY_GRPC_TLS_CLIENT_CA_FILE (the CA of the cameras)"
+        )
     pair = (_read(settings.grpc_tls_key_file), _read(settings.grpc_tls_cert_file))
-    return grpc.ssl_server_credentials([pair], root_certificates=_read(settings.grpc_tls_client_ca_file),
-                                       require_client_auth=settings.grpc_tls_require_client_cert)
+    return grpc.ssl_server_credentials(
+        [pair],
+        root_certificates=_read(settings.grpc_tls_client_ca_file),
+        require_client_auth=settings.grpc_tls_require_client_cert,
+    )
 
 
 def is_loopback(address: str) -> bool:
@@ -64,8 +71,11 @@ class ClientTLS:
         return cls(settings.grpc_tls_ca_file, settings.grpc_tls_client_cert_file, settings.grpc_tls_client_key_file)
 
     def credentials(self) -> grpc.ChannelCredentials:
-        return grpc.ssl_channel_credentials(root_certificates=_read(self.ca_file), private_key=_read(self.key_file),
-                                            certificate_chain=_read(self.cert_file))
+        return grpc.ssl_channel_credentials(
+            root_certificates=_read(self.ca_file),
+            private_key=_read(self.key_file),
+            certificate_chain=_read(self.cert_file),
+        )
 
     def channel(self, target: str, options: list | None = None) -> grpc.Channel:
         return grpc.secure_channel(target, self.credentials(), options=options)
@@ -77,7 +87,9 @@ def client_channel(target: str, tls: ClientTLS | None, options: list | None = No
     return tls.channel(target, options) if tls else grpc.insecure_channel(target, options=options)
 
 
-def make_local_certificates(directory: Path, hosts: tuple[str, ...] = ("localhost", "127.0.0.1", "::1")) -> tuple[Path, Path, Path]:
+def make_local_certificates(
+    directory: Path, hosts: tuple[str, ...] = ("localhost", "127.0.0.1", "::1")
+) -> tuple[Path, Path, Path]:
     """A throw-away CA and a gateway certificate for `hosts` (the demo and the tests run TLS
     too); returns (ca certificate, server certificate, server key), the key written 0600."""
     import datetime
@@ -94,10 +106,16 @@ def make_local_certificates(directory: Path, hosts: tuple[str, ...] = ("localhos
     ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "facepay local CA")])
 
     def certificate(subject: x509.Name, key, ca: bool) -> x509.CertificateBuilder:
-        return (x509.CertificateBuilder().subject_name(subject).issuer_name(ca_name).public_key(key.public_key())
-                .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(minutes=5))
-                .not_valid_after(now + datetime.timedelta(days=30))
-                .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True))
+        return (
+            x509.CertificateBuilder()
+            .subject_name(subject)
+            .issuer_name(ca_name)
+            .public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(minutes=5))
+            .not_valid_after(now + datetime.timedelta(days=30))
+            .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
+        )
 
     names: list[x509.GeneralName] = []
     for host in hosts:
@@ -106,13 +124,19 @@ def make_local_certificates(directory: Path, hosts: tuple[str, ...] = ("localhos
         except ValueError:
             names.append(x509.DNSName(host))
     ca = certificate(ca_name, ca_key, ca=True).sign(ca_key, hashes.SHA256())
-    server = (certificate(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "facepay gateway")]), server_key, ca=False)
-              .add_extension(x509.SubjectAlternativeName(names), critical=False)
-              .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
-              .sign(ca_key, hashes.SHA256()))
+    server = (
+        certificate(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "facepay gateway")]), server_key, ca=False)
+        .add_extension(x509.SubjectAlternativeName(names), critical=False)
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+        .sign(ca_key, hashes.SHA256())
+    )
     paths = directory / "ca.crt", directory / "gateway.crt", directory / "gateway.key"
     paths[0].write_bytes(ca.public_bytes(serialization.Encoding.PEM))
     paths[1].write_bytes(server.public_bytes(serialization.Encoding.PEM))
-    write_private(paths[2], server_key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                                     serialization.NoEncryption()).decode())
+    write_private(
+        paths[2],
+        server_key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        ).decode(),
+    )
     return paths

@@ -16,8 +16,9 @@ class ImageError(ValueError):
     """The bytes are not an image facepay accepts; the message says why."""
 
 
-def decode_image(data: bytes, max_bytes: int = 8 << 20, max_pixels: int = 4096 * 4096,
-                 declared: tuple[int, int] | None = None) -> np.ndarray:
+def decode_image(
+    data: bytes, max_bytes: int = 8 << 20, max_pixels: int = 4096 * 4096, declared: tuple[int, int] | None = None
+) -> np.ndarray:
     """JPEG/PNG bytes → RGB uint8 array, checked before the pixels are decoded."""
     if not data:
         raise ImageError("empty image")

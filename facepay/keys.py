@@ -94,7 +94,9 @@ def load_signer(path: str, setting: str = "FACEPAY_KEY_FILE") -> Signer:
         raise KeyFileError(f"{setting} is not set: this process needs its private key file to sign; {HOW_TO}")
     try:
         record = yaml.safe_load(Path(path).read_text())
-        return Signer(str(record["component"]), Ed25519PrivateKey.from_private_bytes(bytes.fromhex(record["private_key"])))
+        return Signer(
+            str(record["component"]), Ed25519PrivateKey.from_private_bytes(bytes.fromhex(record["private_key"]))
+        )
     except FileNotFoundError:
         raise KeyFileError(f"{setting}={path}: no such file; {HOW_TO}") from None
     except (OSError, ValueError, KeyError, TypeError, yaml.YAMLError) as exc:

@@ -169,8 +169,8 @@ class EmbeddingMsg(Message):
 
 
 _TYPES: dict[str, type[Message]] = {
-    cls.TYPE: cls for cls in (FrameMsg, SessionEndMsg, FaceMsg, AlignedMsg, PosedMsg, Rejection, AdminMsg, DecisionMsg,
-                              EmbeddingMsg)
+    cls.TYPE: cls
+    for cls in (FrameMsg, SessionEndMsg, FaceMsg, AlignedMsg, PosedMsg, Rejection, AdminMsg, DecisionMsg, EmbeddingMsg)
 }
 
 

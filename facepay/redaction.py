@@ -6,7 +6,9 @@ import re
 from urllib.parse import urlsplit, urlunsplit
 
 # scheme://[user]:password@ — the password part, up to the last '@' before the host.
-_URL_CREDENTIALS = re.compile(r"(?P<head>\b(?:rediss?(?:\+cluster)?|unix|https?|amqps?)://[^:/@\s]*:)(?P<password>[^@\s]+)(?P<at>@)")
+_URL_CREDENTIALS = re.compile(
+    r"(?P<head>\b(?:rediss?(?:\+cluster)?|unix|https?|amqps?)://[^:/@\s]*:)(?P<password>[^@\s]+)(?P<at>@)"
+)
 
 
 def redact_url(url: str) -> str:

@@ -36,7 +36,9 @@ ADMIN = "admin"  # the embedded server's owner (supervisor, tests): never handed
 _CONNECTION = "+ping +hello +auth +select +client|setname +client|getname +client|id +client|info +info +multi +exec +discard +readonly +acl|whoami"
 # A cluster client learns the slots and the commands' key positions, follows ASK redirections;
 # WAIT: a write acknowledged to a camera is on `redis_wait_replicas` replicas (keyless).
-_CONNECTION += " +cluster|slots +cluster|shards +cluster|nodes +cluster|info +cluster|myid +command +asking +readwrite +wait"
+_CONNECTION += (
+    " +cluster|slots +cluster|shards +cluster|nodes +cluster|info +cluster|myid +command +asking +readwrite +wait"
+)
 _READ_STREAM = "+xread +xrange +xrevrange +xlen +xinfo"
 # A consumer group's reader: XREADGROUP/XACK/XAUTOCLAIM are write commands on the stream.
 _CONSUME = "+xreadgroup +xack +xgroup|create +xgroup|createconsumer +xautoclaim +xclaim +xpending +xinfo +xlen"
@@ -118,25 +120,31 @@ def rules(component: str, ns: str) -> list[str]:
     if component == "archiver":
         return _archiver_rules(ns)
     if component == "gateway":
-        return [f"({_keys(ns, 'frames')} +xadd +xinfo +xlen)",
-                f"({_keys(ns, 'decisions', 'enrollments', prefix='%R~')} {_READ_STREAM})",
-                # whether a session is already decided (a point of sale's retry is refused)
-                f"({_keys(ns, 'decided:*', prefix='%R~')} +exists +get)",
-                # per-session frame and duration caps (services/gateway/guard.py)
-                f"({_keys(ns, 'gateway-session:*')} +hsetnx +hincrby +hget +expire)"]
+        return [
+            f"({_keys(ns, 'frames')} +xadd +xinfo +xlen)",
+            f"({_keys(ns, 'decisions', 'enrollments', prefix='%R~')} {_READ_STREAM})",
+            # whether a session is already decided (a point of sale's retry is refused)
+            f"({_keys(ns, 'decided:*', prefix='%R~')} +exists +get)",
+            # per-session frame and duration caps (services/gateway/guard.py)
+            f"({_keys(ns, 'gateway-session:*')} +hsetnx +hincrby +hget +expire)",
+        ]
     if component == "operator":  # CLI and rq jobs acting for an operator
-        return [f"({_keys(ns, 'posed')} +xadd)",  # admin commands (authenticated by the operator's key)
-                f"({_keys(ns, 'admin-replies', 'decisions', 'dead', prefix='%R~')} {_READ_STREAM})",
-                f"({_keys(ns, 'thresholds')} +hset +hget +hgetall)",
-                f"(%R~{ns}:faces:* +get)",  # re-index reads the kept chips
-                # rq's own keys and pub/sub channel; no dangerous or scripting commands
-                "(~rq:* &rq:* +@read +@write +@list +@hash +@set +@sortedset +@string +@stream +@keyspace +@pubsub "
-                "+@transaction -@dangerous)",
-                "+scan"]
+        return [
+            f"({_keys(ns, 'posed')} +xadd)",  # admin commands (authenticated by the operator's key)
+            f"({_keys(ns, 'admin-replies', 'decisions', 'dead', prefix='%R~')} {_READ_STREAM})",
+            f"({_keys(ns, 'thresholds')} +hset +hget +hgetall)",
+            f"(%R~{ns}:faces:* +get)",  # re-index reads the kept chips
+            # rq's own keys and pub/sub channel; no dangerous or scripting commands
+            "(~rq:* &rq:* +@read +@write +@list +@hash +@set +@sortedset +@string +@stream +@keyspace +@pubsub "
+            "+@transaction -@dangerous)",
+            "+scan",
+        ]
     if component == "backend":  # payment backends: decisions only
-        return [f"({_keys(ns, 'decisions')} {_CONSUME} {_READ_STREAM})",
-                # facepay.decisions.SeenEvents shared through Redis: event ids acted on (SET NX EX)
-                "(~facepay-backend:seen:* +set)"]
+        return [
+            f"({_keys(ns, 'decisions')} {_CONSUME} {_READ_STREAM})",
+            # facepay.decisions.SeenEvents shared through Redis: event ids acted on (SET NX EX)
+            "(~facepay-backend:seen:* +set)",
+        ]
     if component == "keda":  # the autoscaler: lag and pending, never the entries
         return [f"(%R~{ns}:* +xinfo|groups +xinfo|stream +xinfo|consumers +xpending +xlen)"]
     raise ValueError(f"unknown component {component!r}; known: {', '.join(COMPONENTS)}")
@@ -148,8 +156,19 @@ def password_hash(password: str) -> str:
 
 def user_line(component: str, ns: str, password: str) -> str:
     """`user …` line of an ACL file: the password only as its SHA-256."""
-    return " ".join(["user", component, "reset", "on", f"#{password_hash(password)}", "resetchannels", "-@all",
-                     _CONNECTION, *rules(component, ns)])
+    return " ".join(
+        [
+            "user",
+            component,
+            "reset",
+            "on",
+            f"#{password_hash(password)}",
+            "resetchannels",
+            "-@all",
+            _CONNECTION,
+            *rules(component, ns),
+        ]
+    )
 
 
 def acl_file_text(ns: str, passwords: dict[str, str]) -> str:
@@ -162,7 +181,7 @@ def acl_file_text(ns: str, passwords: dict[str, str]) -> str:
 
 def setuser_commands(ns: str, passwords: dict[str, str]) -> list[str]:
     """`ACL SETUSER` lines for a managed Redis (run them as its administrator)."""
-    return ["ACL SETUSER " + user_line(c, ns, p)[len("user "):] for c, p in passwords.items() if c != ADMIN]
+    return ["ACL SETUSER " + user_line(c, ns, p)[len("user ") :] for c, p in passwords.items() if c != ADMIN]
 
 
 def load_or_create_passwords(directory: Path, components: tuple[str, ...]) -> dict[str, str]:

@@ -31,16 +31,19 @@ def _key(settings: Settings) -> str:
 
 def _signed_bytes(settings: Settings, model_id: str, record: dict) -> bytes:
     # Bound to the namespace and the template space: a record cannot be moved to another.
-    return b"facepay.threshold.v1\x00" + canonical_json({"namespace": settings.namespace, "model_id": model_id,
-                                                         "record": record})
+    return b"facepay.threshold.v1\x00" + canonical_json(
+        {"namespace": settings.namespace, "model_id": model_id, "record": record}
+    )
 
 
 def store(client: redis.Redis, settings: Settings, model_id: str, threshold: float, signer: Signer, **evidence) -> None:
-    record = json.loads(json.dumps({"threshold": float(threshold), "stored_at_ms": int(time.time() * 1000), **evidence},
-                                   default=float))
+    record = json.loads(
+        json.dumps({"threshold": float(threshold), "stored_at_ms": int(time.time() * 1000), **evidence}, default=float)
+    )
     signature = signer.sign(_signed_bytes(settings, model_id, record)).hex()
-    client.hset(_key(settings), model_id, json.dumps({"record": record, "signer": signer.component,
-                                                      "signature": signature}))
+    client.hset(
+        _key(settings), model_id, json.dumps({"record": record, "signer": signer.component, "signature": signature})
+    )
 
 
 def load(client: redis.Redis, settings: Settings, model_id: str, trusted: TrustedKeys) -> dict | None:
@@ -51,7 +54,9 @@ def load(client: redis.Redis, settings: Settings, model_id: str, trusted: Truste
     try:
         stored = json.loads(raw)
         record, signature = stored["record"], bytes.fromhex(stored["signature"])
-        valid = stored["signer"] == SIGNER and trusted.verify(SIGNER, _signed_bytes(settings, model_id, record), signature)
+        valid = stored["signer"] == SIGNER and trusted.verify(
+            SIGNER, _signed_bytes(settings, model_id, record), signature
+        )
         float(record["threshold"]), int(record["stored_at_ms"])
     except (ValueError, KeyError, TypeError, AttributeError):
         valid = False
@@ -85,8 +90,16 @@ class CalibratedThreshold:
     """What a recognizer uses: the setting, else the newest verified record it has seen (never
     an older one), else the model default."""
 
-    def __init__(self, client: redis.Redis, settings: Settings, model_id: str, model_default: float,
-                 trusted: TrustedKeys, default_margin: float = 0.02, default_min_agreeing_frames: int = 3) -> None:
+    def __init__(
+        self,
+        client: redis.Redis,
+        settings: Settings,
+        model_id: str,
+        model_default: float,
+        trusted: TrustedKeys,
+        default_margin: float = 0.02,
+        default_min_agreeing_frames: int = 3,
+    ) -> None:
         self.redis, self.settings, self.model_id = client, settings, model_id
         self.model_default, self.trusted = model_default, trusted
         self.default_margin, self.default_min_agreeing_frames = default_margin, default_min_agreeing_frames
@@ -98,7 +111,9 @@ class CalibratedThreshold:
         threshold, source = self.current()
         policy, record = self.settings.policy, self.latest or {}
         margin, margin_source = _pick(policy.margin, record.get("margin"), self.default_margin)
-        k, k_source = _pick(policy.min_agreeing_frames, record.get("min_agreeing_frames"), self.default_min_agreeing_frames)
+        k, k_source = _pick(
+            policy.min_agreeing_frames, record.get("min_agreeing_frames"), self.default_min_agreeing_frames
+        )
         return SpaceRule(float(threshold), float(margin), int(k), source, margin_source, k_source)
 
     def current(self) -> tuple[float, str]:
@@ -115,7 +130,8 @@ class CalibratedThreshold:
         return self.model_default, "model default"
 
 
-def effective(client: redis.Redis, settings: Settings, model_id: str, model_default: float,
-              trusted: TrustedKeys) -> tuple[float, str]:
+def effective(
+    client: redis.Redis, settings: Settings, model_id: str, model_default: float, trusted: TrustedKeys
+) -> tuple[float, str]:
     """(threshold, where it came from) for a one-off reader: the setting, the calibration, or the model default."""
     return CalibratedThreshold(client, settings, model_id, model_default, trusted).current()

@@ -23,30 +23,48 @@ from facepay.runtime.redis_conn import connect
 STORES = {"store-1": ["cam-1", "cam-2"], "store-2": ["cam-3"]}
 
 
-def start_pipeline(workdir: Path, policy: SessionPolicy, redis_url: str | None = None,
-                   replicas: dict[str, int] | None = None, **overrides) -> Pipeline:
+def start_pipeline(
+    workdir: Path,
+    policy: SessionPolicy,
+    redis_url: str | None = None,
+    replicas: dict[str, int] | None = None,
+    **overrides,
+) -> Pipeline:
     # Tests stream many declined sessions from one camera: the failure limits get their own test.
     overrides.setdefault("limits", FailureLimits(max_consecutive=10_000, hard_limit=100_000))
     overrides.setdefault("namespace", f"e2e{uuid.uuid4().hex[:6]}")
     valkey = overrides.pop("valkey", None)  # a server or local cluster of the test's (tests/test_cluster*.py)
     archive = overrides.pop("archive", True)
-    settings = Settings(policy=policy, claim_idle_ms=2000, batch_size=8, batch_wait_ms=30, log_format="json", **overrides)
+    settings = Settings(
+        policy=policy, claim_idle_ms=2000, batch_size=8, batch_wait_ms=30, log_format="json", **overrides
+    )
     if redis_url:
         settings = settings.replace(redis_url=redis_url)
-    return Pipeline(settings, workdir, demo_access(STORES), replicas=replicas, embedded=redis_url is None,
-                    valkey=valkey, archive=archive).start()
+    return Pipeline(
+        settings,
+        workdir,
+        demo_access(STORES),
+        replicas=replicas,
+        embedded=redis_url is None,
+        valkey=valkey,
+        archive=archive,
+    ).start()
 
 
 def enroll(pipeline: Pipeline, user: str, images: list[bytes], tenant: str = "demo", **metadata) -> pb.EnrollResponse:
     with pipeline.channel() as channel:
         return rpc.FaceGatewayStub(channel).Enroll(
             pb.EnrollRequest(user_id=user, tenant_id=tenant, images=images, metadata=metadata),
-            metadata=(("authorization", f"Bearer {pipeline.settings.operator_token}"),), timeout=300)
+            metadata=(("authorization", f"Bearer {pipeline.settings.operator_token}"),),
+            timeout=300,
+        )
 
 
 def camera(pipeline: Pipeline, camera_id: str) -> CameraClient:
     store = pipeline.access["cameras"][camera_id]["store"]
-    return CameraClient(pipeline.address, camera_id, pipeline.access["cameras"][camera_id]["token"], store, tls=pipeline.tls)
+    return CameraClient(
+        pipeline.address, camera_id, pipeline.access["cameras"][camera_id]["token"], store, tls=pipeline.tls
+    )
 
 
 class Backend:
@@ -59,7 +77,8 @@ class Backend:
         self._channel = pipeline.channel()
         token = pipeline.access["stores"][store]["backend_token"]
         self._call = rpc.FaceGatewayStub(self._channel).SubscribeDecisions(
-            pb.SubscribeRequest(store_id=store, after_entry_id="0-0"), metadata=(("authorization", f"Bearer {token}"),))
+            pb.SubscribeRequest(store_id=store, after_entry_id="0-0"), metadata=(("authorization", f"Bearer {token}"),)
+        )
         self._keys = {pipeline.settings.signing_key_id: pipeline.settings.signing_key}
         self._store, self._seen = store, SeenEvents()
         threading.Thread(target=self._listen, daemon=True).start()
@@ -82,8 +101,10 @@ class Backend:
             decided = {e.session_id: e for e in self.events if e.session_id in session_ids}
         missing = [s for s in session_ids if s not in decided]
         if missing:
-            raise TimeoutError(f"no decision within {timeout_s:g} s for {len(missing)} of {len(session_ids)} "
-                               f"sessions: {', '.join(missing)}")
+            raise TimeoutError(
+                f"no decision within {timeout_s:g} s for {len(missing)} of {len(session_ids)} "
+                f"sessions: {', '.join(missing)}"
+            )
         return decided
 
     def close(self) -> None:

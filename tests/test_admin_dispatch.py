@@ -40,7 +40,6 @@ def test_bad_arguments_to_a_known_command_are_reported_as_such():
     assert reply["ok"] is False and "unknown command" not in reply["error"] and "user" in reply["error"]
 
 
-
 def test_operator_commands_depend_on_the_gallery_owner_not_on_the_stage():
     """admin.py and stage.py used to import each other (admin for its type hints); commands now
     act on `admin.Operated` (the gallery owner and the failure limits), so the imports go one way."""

@@ -69,8 +69,9 @@ def test_the_model_is_a_registry_file_pinned_by_sha256_and_marked_non_commercial
 
 
 def test_models_list_names_the_non_commercial_weights():
-    done = subprocess.run([sys.executable, "-m", "facepay", "models", "list"], cwd=REPO, capture_output=True,
-                          text=True, timeout=120)
+    done = subprocess.run(
+        [sys.executable, "-m", "facepay", "models", "list"], cwd=REPO, capture_output=True, text=True, timeout=120
+    )
     assert done.returncode == 0, done.stderr[-2000:]
     lines = {line.split()[0]: line for line in done.stdout.splitlines() if line.strip()}
     assert "NON-COMMERCIAL" in lines["w600k_mbf.onnx"]
@@ -126,8 +127,9 @@ def test_chips_follow_the_arcface_template_and_the_template_matters(offline, chi
         return float(sims[same].mean() - sims[other].mean())
 
     right = genuine_minus_impostor([c for _, c, _, _ in chips_of])
-    wrong = genuine_minus_impostor([cv2.resize(dlib_chip(crop, lm), (112, 112), interpolation=cv2.INTER_AREA)
-                                    for _, _, lm, crop in chips_of])
+    wrong = genuine_minus_impostor(
+        [cv2.resize(dlib_chip(crop, lm), (112, 112), interpolation=cv2.INTER_AREA) for _, _, lm, crop in chips_of]
+    )
     print(f"genuine - impostor mean cosine: arcface112 {right:.3f}, dlib150 resized {wrong:.3f}")
     assert right > 0.4 and right > wrong + 0.1
 
@@ -162,22 +164,37 @@ def test_the_recognizer_warns_at_start_and_uses_the_space_s_signed_margin_and_k(
 
     keys.generate(tmp_path / "keys")
     with EmbeddedValkey(tmp_path / "vk") as server:
-        settings = Settings(redis_url=server.url, namespace=f"a{uuid.uuid4().hex[:6]}", signing_key=SIGNING_KEY,
-                            gallery_url=f"edge://{tmp_path}/gallery", recognizer_model=MODEL, device="cpu",
-                            trusted_keys_file=str(tmp_path / "keys" / "trusted.yaml"),
-                            key_file=str(tmp_path / "keys" / "recognizer.key"),
-                            policy=SessionPolicy(session_timeout_s=0.2))
+        settings = Settings(
+            redis_url=server.url,
+            namespace=f"a{uuid.uuid4().hex[:6]}",
+            signing_key=SIGNING_KEY,
+            gallery_url=f"edge://{tmp_path}/gallery",
+            recognizer_model=MODEL,
+            device="cpu",
+            trusted_keys_file=str(tmp_path / "keys" / "trusted.yaml"),
+            key_file=str(tmp_path / "keys" / "recognizer.key"),
+            policy=SessionPolicy(session_timeout_s=0.2),
+        )
         client = redis.Redis.from_url(server.url)
-        thresholds.store(client, settings, f"{MODEL}+facemesh", 0.41, keys.load_signer(str(tmp_path / "keys" / "operator.key")),
-                         margin=0.07, min_agreeing_frames=2, mode="sessions")
+        thresholds.store(
+            client,
+            settings,
+            f"{MODEL}+facemesh",
+            0.41,
+            keys.load_signer(str(tmp_path / "keys" / "operator.key")),
+            margin=0.07,
+            min_agreeing_frames=2,
+            mode="sessions",
+        )
         stage = RecognizerStage(settings)
         with caplog.at_level(logging.WARNING, logger="services.recognizer.stage"):
             stage.start()
         try:
             assert any("NON-COMMERCIAL" in r.getMessage() and r.levelno == logging.WARNING for r in caplog.records)
             assert (stage.threshold, stage.policy.margin, stage.policy.min_agreeing_frames) == (0.41, 0.07, 2)
-            SessionStore(client, settings).record(FrameRef("s1", "store-1", "cam-1", 0, 0),
-                                                  result=FrameResult(0, reason="no_face"))
+            SessionStore(client, settings).record(
+                FrameRef("s1", "store-1", "cam-1", 0, 0), result=FrameResult(0, reason="no_face")
+            )
             worker = StreamWorker(stage, settings, consumer="r1")
             while not client.xlen(settings.key("decisions")):
                 worker.run_once()
@@ -206,8 +223,10 @@ def test_the_pipeline_with_arcface_approves_enrolled_people_and_declines_strange
             signed = json.loads(event.payload)
             assert signed["model_ids"]["recognizer"] == MODEL and signed["non_commercial_models"] == [MODEL]
             assert signed["template_space"] == f"{MODEL}+facemesh"
-            assert (signed["margin"], signed["min_agreeing_frames"]) == (RECOGNIZERS[MODEL].margin,
-                                                                         RECOGNIZERS[MODEL].min_agreeing_frames)
+            assert (signed["margin"], signed["min_agreeing_frames"]) == (
+                RECOGNIZERS[MODEL].margin,
+                RECOGNIZERS[MODEL].min_agreeing_frames,
+            )
     finally:
         pipeline.stop()
 
@@ -224,8 +243,10 @@ def test_with_arcface_a_live_selfie_video_is_approved_and_a_replayed_still_decli
     pipeline = start_pipeline(tmp_path, FULL_POLICY, recognizer_model=MODEL)
     try:
         clip = faces.path("video/selfie_blink.mp4")
-        assert enroll(pipeline, "selfie-user", list(video_frames(clip, max_frames=3, every=8))).status == \
-            pb.EnrollResponse.ENROLLED
+        assert (
+            enroll(pipeline, "selfie-user", list(video_frames(clip, max_frames=3, every=8))).status
+            == pb.EnrollResponse.ENROLLED
+        )
         backend, cam = Backend(pipeline, "store-1"), camera(pipeline, "cam-1")
         live, replay = new_session(), new_session()
         cam.stream_session(live, video_frames(clip, max_frames=90, every=2, start=30))

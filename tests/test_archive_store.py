@@ -55,7 +55,9 @@ def photos(request: pytest.FixtureRequest) -> list[bytes]:
         from skimage import data
 
         image = cv2.cvtColor(data.astronaut(), cv2.COLOR_RGB2BGR)
-        return [cv2.imencode(".jpg", image, [cv2.IMWRITE_JPEG_QUALITY, quality])[1].tobytes() for quality in (70, 80, 90)]
+        return [
+            cv2.imencode(".jpg", image, [cv2.IMWRITE_JPEG_QUALITY, quality])[1].tobytes() for quality in (70, 80, 90)
+        ]
 
 
 @pytest.fixture
@@ -66,8 +68,12 @@ def keys() -> ArchiveKeys:
 def make_store(s3: EmbeddedS3, keys: ArchiveKeys, prefix: str | None = None, **settings: object) -> ArchiveStore:
     """One bucket, as an install has; each test archives under its own prefix."""
     url = f"{s3.url}/facepay-archive/{prefix or 'test-' + uuid.uuid4().hex[:12]}"
-    store = ArchiveStore(ArchiveSettings.from_url(url, **settings), keys,
-                         access_key_id=s3.credentials.access_key_id, secret_access_key=s3.credentials.secret_access_key)
+    store = ArchiveStore(
+        ArchiveSettings.from_url(url, **settings),
+        keys,
+        access_key_id=s3.credentials.access_key_id,
+        secret_access_key=s3.credentials.secret_access_key,
+    )
     store.ensure_bucket()
     return store
 
@@ -77,28 +83,61 @@ def archive(s3: EmbeddedS3, keys: ArchiveKeys) -> ArchiveStore:
     return make_store(s3, keys)
 
 
-def session_at(decided: datetime, photos: list[bytes], *, tenant: str = "acme", store: str = "store-1",
-               user: str | None = "alice", frames: int = 4) -> ArchivedSession:
+def session_at(
+    decided: datetime,
+    photos: list[bytes],
+    *,
+    tenant: str = "acme",
+    store: str = "store-1",
+    user: str | None = "alice",
+    frames: int = 4,
+) -> ArchivedSession:
     session_id = uuid.uuid4().hex
     decided_ms = int(decided.timestamp() * 1000)
-    event = {"session": session_id, "store": store, "tenant": tenant, "decision": "approve" if user else "decline",
-             "user_id": user, "score": 0.97, "threshold": 0.943, "decided_ms": decided_ms}
+    event = {
+        "session": session_id,
+        "store": store,
+        "tenant": tenant,
+        "decision": "approve" if user else "decline",
+        "user_id": user,
+        "score": 0.97,
+        "threshold": 0.943,
+        "decided_ms": decided_ms,
+    }
     entry = sign(event, DECISION_KEY, "k1")
     archived_frames = [
         ArchivedFrame(
-            index=i, received_ms=decided_ms - 1000 + i * 100, image=photos[i % len(photos)], image_format="jpeg",
-            face_box=(10.0, 20.0, 110.0, 140.0), face_points=[(40.0, 60.0)] * 5, detector_score=0.99,
-            landmarks=[(float(i), float(i + 1))] * 68, eye_aspect_ratio=0.27, liveness={"antispoof": 0.91},
-            pitch=1.5, yaw=-3.0, roll=0.5, eligible=True,
-            top_k=[Candidate("alice", 0.97), Candidate("bob", 0.41)], embedding=[0.1] * 128,
+            index=i,
+            received_ms=decided_ms - 1000 + i * 100,
+            image=photos[i % len(photos)],
+            image_format="jpeg",
+            face_box=(10.0, 20.0, 110.0, 140.0),
+            face_points=[(40.0, 60.0)] * 5,
+            detector_score=0.99,
+            landmarks=[(float(i), float(i + 1))] * 68,
+            eye_aspect_ratio=0.27,
+            liveness={"antispoof": 0.91},
+            pitch=1.5,
+            yaw=-3.0,
+            roll=0.5,
+            eligible=True,
+            top_k=[Candidate("alice", 0.97), Candidate("bob", 0.41)],
+            embedding=[0.1] * 128,
         )
         for i in range(frames)
     ]
     return ArchivedSession(
-        session_id=session_id, tenant=tenant, store=store, camera="cam-1", first_frame_ms=decided_ms - 1000,
-        decided_ms=decided_ms, decision=SignedDecision(entry[b"payload"], entry[b"sig"].decode(), "k1"),
+        session_id=session_id,
+        tenant=tenant,
+        store=store,
+        camera="cam-1",
+        first_frame_ms=decided_ms - 1000,
+        decided_ms=decided_ms,
+        decision=SignedDecision(entry[b"payload"], entry[b"sig"].decode(), "k1"),
         models={"detector": "mtcnn@facenet-pytorch-2.6.0", "recognizer": "dlib-resnet-v1+facemesh"},
-        threshold=0.943, policy={"min_agreeing_frames": 3, "require_blink": True}, frames=archived_frames,
+        threshold=0.943,
+        policy={"min_agreeing_frames": 3, "require_blink": True},
+        frames=archived_frames,
     )
 
 
@@ -133,8 +172,11 @@ def test_embedded_s3_listens_on_loopback_with_generated_credentials_and_refuses_
 
 def listening_addresses(pid: int) -> set[str]:
     """host:port of every TCP socket the process listens on (from /proc)."""
-    inodes = {os.readlink(f"/proc/{pid}/fd/{fd}")[8:-1] for fd in os.listdir(f"/proc/{pid}/fd")
-              if os.readlink(f"/proc/{pid}/fd/{fd}").startswith("socket:[")}
+    inodes = {
+        os.readlink(f"/proc/{pid}/fd/{fd}")[8:-1]
+        for fd in os.listdir(f"/proc/{pid}/fd")
+        if os.readlink(f"/proc/{pid}/fd/{fd}").startswith("socket:[")
+    }
     found = set()
     for table in ("/proc/net/tcp", "/proc/net/tcp6"):
         for line in Path(table).read_text().splitlines()[1:]:
@@ -142,7 +184,11 @@ def listening_addresses(pid: int) -> set[str]:
             if fields[3] == "0A" and fields[9] in inodes:  # 0A = LISTEN
                 host_hex, port_hex = fields[1].split(":")
                 raw = bytes.fromhex(host_hex)
-                host = ".".join(str(b) for b in raw[::-1]) if len(raw) == 4 else ("::1" if raw == bytes(15) + b"\x01" else raw.hex())
+                host = (
+                    ".".join(str(b) for b in raw[::-1])
+                    if len(raw) == 4
+                    else ("::1" if raw == bytes(15) + b"\x01" else raw.hex())
+                )
                 found.add(f"{host}:{int(port_hex, 16)}")
     return found
 
@@ -153,7 +199,9 @@ def test_every_port_of_the_embedded_server_is_on_loopback(s3: EmbeddedS3) -> Non
     assert {a.rsplit(":", 1)[0] for a in addresses} == {"127.0.0.1"}, addresses
 
 
-def test_the_filer_and_volume_http_ports_refuse_requests_without_a_token(s3: EmbeddedS3, archive: ArchiveStore, photos: list[bytes]) -> None:
+def test_the_filer_and_volume_http_ports_refuse_requests_without_a_token(
+    s3: EmbeddedS3, archive: ArchiveStore, photos: list[bytes]
+) -> None:
     """Only the S3 gateway (signed requests) is a way in: weed's filer and volume HTTP APIs
     would otherwise let any local process read or write every object."""
     import urllib.error
@@ -164,7 +212,9 @@ def test_the_filer_and_volume_http_ports_refuse_requests_without_a_token(s3: Emb
     attempts = [
         urllib.request.Request(f"http://127.0.0.1:{filer}/buckets/{archive.bucket}/{receipt.key}"),
         urllib.request.Request(f"http://127.0.0.1:{filer}/buckets/{archive.bucket}/"),
-        urllib.request.Request(f"http://127.0.0.1:{filer}/buckets/{archive.bucket}/planted.fpa", data=b"x", method="PUT"),
+        urllib.request.Request(
+            f"http://127.0.0.1:{filer}/buckets/{archive.bucket}/planted.fpa", data=b"x", method="PUT"
+        ),
         urllib.request.Request(f"http://127.0.0.1:{filer}/buckets/{archive.bucket}/{receipt.key}", method="DELETE"),
         urllib.request.Request(f"http://127.0.0.1:{volume}/1,01637037d6", data=b"x", method="PUT"),
     ]
@@ -176,8 +226,12 @@ def test_the_filer_and_volume_http_ports_refuse_requests_without_a_token(s3: Emb
 
 
 def test_wrong_secret_is_refused_with_a_clear_error(s3: EmbeddedS3, keys: ArchiveKeys, photos: list[bytes]) -> None:
-    store = ArchiveStore(ArchiveSettings.from_url(f"{s3.url}/facepay-archive"), keys,
-                         access_key_id=s3.credentials.access_key_id, secret_access_key="not-the-secret")
+    store = ArchiveStore(
+        ArchiveSettings.from_url(f"{s3.url}/facepay-archive"),
+        keys,
+        access_key_id=s3.credentials.access_key_id,
+        secret_access_key="not-the-secret",
+    )
     with pytest.raises(ArchiveAccessDenied, match="AWS_SECRET_ACCESS_KEY") as refused:
         store.archive(session_at(T0, photos))
     assert not refused.value.retryable
@@ -209,12 +263,17 @@ def test_a_session_reads_back_decrypted_as_it_was_archived(archive: ArchiveStore
     session = session_at(T0, photos)
     receipt = archive.archive(session)
     assert receipt.seq == 1 and not receipt.already_archived
-    assert receipt.key.endswith(f"sessions/acme/store-1/{T0:%Y/%m/%d/%H}/{int(T0.timestamp() * 1000):013d}-{session.session_id}.fpa")
+    assert receipt.key.endswith(
+        f"sessions/acme/store-1/{T0:%Y/%m/%d/%H}/{int(T0.timestamp() * 1000):013d}-{session.session_id}.fpa"
+    )
 
     back = archive.read(receipt.key)
     assert back.frames[0].image == photos[0]
     assert [f.top_k for f in back.frames] == [f.top_k for f in session.frames]
-    assert back.frames[2].landmarks == session.frames[2].landmarks and back.frames[2].face_box == session.frames[2].face_box
+    assert (
+        back.frames[2].landmarks == session.frames[2].landmarks
+        and back.frames[2].face_box == session.frames[2].face_box
+    )
     assert back.decision == session.decision and back.user_id == "alice"
     assert (back.models, back.threshold, back.policy) == (session.models, session.threshold, session.policy)
     assert all(f.embedding is None for f in back.frames), "embeddings are dropped unless configured"
@@ -226,7 +285,9 @@ def test_embeddings_are_kept_only_when_configured(s3: EmbeddedS3, keys: ArchiveK
     assert archive.read(receipt.key).frames[0].embedding == [0.1] * 128
 
 
-def test_frames_are_encrypted_at_rest_and_need_the_tenant_key(s3: EmbeddedS3, archive: ArchiveStore, photos: list[bytes]) -> None:
+def test_frames_are_encrypted_at_rest_and_need_the_tenant_key(
+    s3: EmbeddedS3, archive: ArchiveStore, photos: list[bytes]
+) -> None:
     receipt = archive.archive(session_at(T0, photos))
     stored = raw_get(archive, receipt.key)
     assert photos[0][200:264] not in stored, "no frame bytes in the clear"
@@ -243,17 +304,27 @@ def test_archiving_the_same_session_twice_stores_and_chains_it_once(archive: Arc
     session = session_at(T0, photos)
     first = archive.archive(session)
     again = archive.archive(session)
-    assert again.already_archived and (again.key, again.seq, again.content_sha256) == (first.key, first.seq, first.content_sha256)
+    assert again.already_archived and (again.key, again.seq, again.content_sha256) == (
+        first.key,
+        first.seq,
+        first.content_sha256,
+    )
     assert archive.verify("acme", "store-1", T0 - timedelta(hours=1), T0 + timedelta(hours=1)).ok
 
 
-def test_listing_a_store_and_time_range_returns_only_those_sessions_in_decision_order(archive: ArchiveStore, photos: list[bytes]) -> None:
+def test_listing_a_store_and_time_range_returns_only_those_sessions_in_decision_order(
+    archive: ArchiveStore, photos: list[bytes]
+) -> None:
     archived = fill(archive, photos, 12)  # 09:00, 09:07, … 10:17
     fill(archive, photos, 3, store="store-2")
     fill(archive, photos, 2, tenant="globex", store="store-9")
 
     refs = archive.list_sessions("acme", "store-1", T0 + timedelta(minutes=30), T0 + timedelta(minutes=70))
-    expected = [s.session_id for s, _ in archived if T0 + timedelta(minutes=30) <= datetime.fromtimestamp(s.decided_ms / 1000, UTC) < T0 + timedelta(minutes=70)]
+    expected = [
+        s.session_id
+        for s, _ in archived
+        if T0 + timedelta(minutes=30) <= datetime.fromtimestamp(s.decided_ms / 1000, UTC) < T0 + timedelta(minutes=70)
+    ]
     assert [r.session_id for r in refs] == expected and len(expected) == 5
     assert archive.tenants() == ["acme", "globex"]
     assert archive.stores("acme") == ["store-1", "store-2"]
@@ -306,7 +377,9 @@ def test_verify_detects_the_last_sessions_cut_off_the_chain(archive: ArchiveStor
     assert "truncated" in archive.verify("acme", "store-1", *window()).kinds()
 
 
-def test_cutting_the_chain_head_and_tail_stops_the_archiver_instead_of_chaining_on(archive: ArchiveStore, photos: list[bytes]) -> None:
+def test_cutting_the_chain_head_and_tail_stops_the_archiver_instead_of_chaining_on(
+    archive: ArchiveStore, photos: list[bytes]
+) -> None:
     """Deleting the head with the newest entries and sessions would let the next append
     continue from the cut, hiding it for good; the archiver refuses and verify says why."""
     archived = fill(archive, photos, 6)
@@ -333,7 +406,9 @@ def test_a_forged_chain_head_stops_the_archiver(archive: ArchiveStore, photos: l
     assert "bad_signature" in archive.verify("acme", "store-1", *window()).kinds()
 
 
-def test_an_unreadable_chain_tip_stops_the_archiver_for_that_store_as_tampering(archive: ArchiveStore, photos: list[bytes]) -> None:
+def test_an_unreadable_chain_tip_stops_the_archiver_for_that_store_as_tampering(
+    archive: ArchiveStore, photos: list[bytes]
+) -> None:
     """An entry that does not parse is tampering too: refused as ArchiveTampered (the archiver
     quarantines the session), never a crash that would end the decision in dead letters."""
     archived = fill(archive, photos, 2)
@@ -346,7 +421,8 @@ def test_an_unreadable_chain_tip_stops_the_archiver_for_that_store_as_tampering(
 
 
 def test_a_session_quarantined_beside_a_tampered_chain_is_reported_and_chained_once_the_chain_is_restored(
-        archive: ArchiveStore, photos: list[bytes]) -> None:
+    archive: ArchiveStore, photos: list[bytes]
+) -> None:
     fill(archive, photos, 2)
     head_key = f"{archive._chain('acme', 'store-1')}head.json"
     genuine_head = raw_get(archive, head_key)
@@ -433,12 +509,18 @@ def test_a_chain_entry_forged_without_the_archive_key_is_caught(archive: Archive
     assert archived
 
 
-def test_a_session_slipped_into_the_bucket_is_reported_unchained(s3: EmbeddedS3, archive: ArchiveStore, photos: list[bytes]) -> None:
+def test_a_session_slipped_into_the_bucket_is_reported_unchained(
+    s3: EmbeddedS3, archive: ArchiveStore, photos: list[bytes]
+) -> None:
     fill(archive, photos, 3)
     forged = session_at(T0 + timedelta(minutes=3), photos)
     from facepay.archive.container import seal_session
 
-    raw_put(archive, archive.session_key("acme", "store-1", forged.decided_ms, forged.session_id), seal_session(forged, archive.keys).to_bytes())
+    raw_put(
+        archive,
+        archive.session_key("acme", "store-1", forged.decided_ms, forged.session_id),
+        seal_session(forged, archive.keys).to_bytes(),
+    )
 
     report = archive.verify("acme", "store-1", *window())
     assert [(p.kind, p.session_id) for p in report.problems] == [("unchained", forged.session_id)]
@@ -453,13 +535,17 @@ def archive_as_it_happens(archive: ArchiveStore, session: ArchivedSession, lag: 
 def test_verify_of_a_range_reads_only_around_it(archive: ArchiveStore, photos: list[bytes]) -> None:
     for i in range(30):  # 3.5 hours of sessions
         archive_as_it_happens(archive, session_at(T0 + timedelta(minutes=7 * i), photos, frames=1))
-    report = archive.verify("acme", "store-1", T0 + timedelta(hours=2), T0 + timedelta(hours=2, minutes=30), max_lag=timedelta(minutes=5))
+    report = archive.verify(
+        "acme", "store-1", T0 + timedelta(hours=2), T0 + timedelta(hours=2, minutes=30), max_lag=timedelta(minutes=5)
+    )
     assert report.ok, report.problems
     assert report.checked_sessions == 4
     assert report.checked_entries < 10
 
 
-def test_a_session_archived_long_after_its_decision_is_verified_through_its_marker(archive: ArchiveStore, photos: list[bytes]) -> None:
+def test_a_session_archived_long_after_its_decision_is_verified_through_its_marker(
+    archive: ArchiveStore, photos: list[bytes]
+) -> None:
     late = session_at(T0, photos)
     for i in range(6):
         archive_as_it_happens(archive, session_at(T0 + timedelta(minutes=10 * i + 1), photos, frames=1))
@@ -482,7 +568,9 @@ def test_a_session_archived_long_after_its_decision_is_verified_through_its_mark
 # --- concurrency -----------------------------------------------------------------------------------
 
 
-def test_two_replicas_appending_at_once_do_not_fork_the_chain(s3: EmbeddedS3, keys: ArchiveKeys, photos: list[bytes]) -> None:
+def test_two_replicas_appending_at_once_do_not_fork_the_chain(
+    s3: EmbeddedS3, keys: ArchiveKeys, photos: list[bytes]
+) -> None:
     prefix = "test-" + uuid.uuid4().hex[:12]
     replicas = [make_store(s3, keys, prefix=prefix) for _ in range(2)]
     sessions = [session_at(T0 + timedelta(seconds=5 * i), photos, frames=1) for i in range(40)]
@@ -513,7 +601,9 @@ def test_two_replicas_appending_at_once_do_not_fork_the_chain(s3: EmbeddedS3, ke
 # --- retention -------------------------------------------------------------------------------------------
 
 
-def test_the_retention_sweep_deletes_old_sessions_and_the_chain_still_verifies(archive: ArchiveStore, photos: list[bytes]) -> None:
+def test_the_retention_sweep_deletes_old_sessions_and_the_chain_still_verifies(
+    archive: ArchiveStore, photos: list[bytes]
+) -> None:
     old = [archive.archive(session_at(T0 - timedelta(days=100, minutes=-i), photos)) for i in range(3)]
     recent = [archive.archive(session_at(T0 - timedelta(days=10, minutes=-i), photos)) for i in range(3)]
 
@@ -550,7 +640,9 @@ def test_a_session_removed_by_hand_is_not_mistaken_for_expiry(archive: ArchiveSt
 # --- erasure ---------------------------------------------------------------------------------------------
 
 
-def test_erasing_a_user_removes_their_frames_and_keeps_the_audit_trail(archive: ArchiveStore, photos: list[bytes]) -> None:
+def test_erasing_a_user_removes_their_frames_and_keeps_the_audit_trail(
+    archive: ArchiveStore, photos: list[bytes]
+) -> None:
     alice = [archive.archive(session_at(T0 + timedelta(minutes=i), photos, user="alice")) for i in range(2)]
     bob = archive.archive(session_at(T0 + timedelta(minutes=5), photos, user="bob"))
     declined = archive.archive(session_at(T0 + timedelta(minutes=6), photos, user=None))
@@ -582,7 +674,8 @@ def test_frames_removed_without_a_signed_erasure_note_are_caught(archive: Archiv
 
 
 def test_while_the_object_store_is_down_writes_fail_retryably_and_succeed_after_restart(
-        s3: EmbeddedS3, archive: ArchiveStore, photos: list[bytes]) -> None:
+    s3: EmbeddedS3, archive: ArchiveStore, photos: list[bytes]
+) -> None:
     before = archive.archive(session_at(T0, photos))
     s3.kill()
     try:
@@ -591,7 +684,9 @@ def test_while_the_object_store_is_down_writes_fail_retryably_and_succeed_after_
         with pytest.raises(ArchiveUnavailable) as down:
             archive.archive(pending)
         assert down.value.retryable
-        assert time.monotonic() - started < 30, "an outage surfaces quickly, so the archiver falls behind instead of hanging"
+        assert time.monotonic() - started < 30, (
+            "an outage surfaces quickly, so the archiver falls behind instead of hanging"
+        )
     finally:
         s3.start()
 
@@ -601,10 +696,14 @@ def test_while_the_object_store_is_down_writes_fail_retryably_and_succeed_after_
     assert archive.verify("acme", "store-1", *window()).ok
 
 
-def test_an_archive_killed_and_restarted_mid_stream_loses_no_session(s3: EmbeddedS3, archive: ArchiveStore, photos: list[bytes]) -> None:
+def test_an_archive_killed_and_restarted_mid_stream_loses_no_session(
+    s3: EmbeddedS3, archive: ArchiveStore, photos: list[bytes]
+) -> None:
     sessions = [session_at(T0 + timedelta(minutes=i), photos, frames=2) for i in range(30)]
     receipts: list = []
-    archiver = threading.Thread(target=lambda: receipts.extend(_retry(lambda s=s: archive.archive(s)) for s in sessions))
+    archiver = threading.Thread(
+        target=lambda: receipts.extend(_retry(lambda s=s: archive.archive(s)) for s in sessions)
+    )
     archiver.start()
     _wait_until(lambda: len(receipts) >= 8)
     s3.kill()
@@ -619,13 +718,17 @@ def test_an_archive_killed_and_restarted_mid_stream_loses_no_session(s3: Embedde
     assert report.ok and report.checked_sessions == 30, report.problems
 
 
-def test_a_session_stored_but_not_chained_by_a_dead_archiver_is_chained_on_redelivery(archive: ArchiveStore, photos: list[bytes]) -> None:
+def test_a_session_stored_but_not_chained_by_a_dead_archiver_is_chained_on_redelivery(
+    archive: ArchiveStore, photos: list[bytes]
+) -> None:
     from facepay.archive.container import seal_session
 
     archive.archive(session_at(T0, photos))
     orphan = session_at(T0 + timedelta(minutes=1), photos)
     stored = seal_session(orphan, archive.keys)
-    archive._put_if_absent(archive.session_key("acme", "store-1", orphan.decided_ms, orphan.session_id), stored.to_bytes())
+    archive._put_if_absent(
+        archive.session_key("acme", "store-1", orphan.decided_ms, orphan.session_id), stored.to_bytes()
+    )
     assert archive.verify("acme", "store-1", *window()).kinds() == {"unchained"}
 
     receipt = archive.archive(orphan)  # the redelivered session
@@ -633,11 +736,15 @@ def test_a_session_stored_but_not_chained_by_a_dead_archiver_is_chained_on_redel
     assert archive.verify("acme", "store-1", *window()).ok
 
 
-def test_a_chained_session_whose_marker_was_lost_is_not_chained_twice(archive: ArchiveStore, photos: list[bytes]) -> None:
+def test_a_chained_session_whose_marker_was_lost_is_not_chained_twice(
+    archive: ArchiveStore, photos: list[bytes]
+) -> None:
     """An archiver whose chain append succeeded but whose reply was lost (server killed) retries."""
     session = session_at(T0, photos)
     first = archive.archive(session)
-    archive.client.delete_object(Bucket=archive.bucket, Key=f"{archive._chain('acme', 'store-1')}archived/{session.session_id}.json")
+    archive.client.delete_object(
+        Bucket=archive.bucket, Key=f"{archive._chain('acme', 'store-1')}archived/{session.session_id}.json"
+    )
 
     again = archive.archive(session)
     assert again.already_archived and again.seq == first.seq
@@ -663,8 +770,9 @@ def _retry(action, timeout_s: float = 60.0):
             time.sleep(0.2)
 
 
-def test_credentials_come_from_the_environment_or_a_credentials_file(s3: EmbeddedS3, keys: ArchiveKeys, photos: list[bytes],
-                                                                     monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+def test_credentials_come_from_the_environment_or_a_credentials_file(
+    s3: EmbeddedS3, keys: ArchiveKeys, photos: list[bytes], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
     url = f"{s3.url}/facepay-archive/test-{uuid.uuid4().hex[:12]}"
     for name in ("AWS_PROFILE", "AWS_SHARED_CREDENTIALS_FILE", "AWS_CONFIG_FILE"):
         monkeypatch.delenv(name, raising=False)
@@ -673,17 +781,29 @@ def test_credentials_come_from_the_environment_or_a_credentials_file(s3: Embedde
     assert ArchiveStore(ArchiveSettings.from_url(url), keys).archive(session_at(T0, photos)).seq == 1
 
     credentials = tmp_path / "credentials"
-    credentials.write_text(f"[default]\naws_access_key_id = {s3.credentials.access_key_id}\n"
-                           f"aws_secret_access_key = {s3.credentials.secret_access_key}\n")
+    credentials.write_text(
+        f"[default]\naws_access_key_id = {s3.credentials.access_key_id}\n"
+        f"aws_secret_access_key = {s3.credentials.secret_access_key}\n"
+    )
     monkeypatch.delenv("AWS_ACCESS_KEY_ID")
     monkeypatch.delenv("AWS_SECRET_ACCESS_KEY")
     monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(credentials))
-    assert ArchiveStore(ArchiveSettings.from_url(url), keys).archive(session_at(T0 + timedelta(minutes=1), photos)).seq == 2
+    assert (
+        ArchiveStore(ArchiveSettings.from_url(url), keys).archive(session_at(T0 + timedelta(minutes=1), photos)).seq
+        == 2
+    )
 
 
 def test_settings_come_from_the_environment_without_credentials_in_the_url(tmp_path: Path) -> None:
-    settings = ArchiveSettings.from_env({"FACEPAY_ARCHIVE_URL": "http://127.0.0.1:8333/audit/prod", "FACEPAY_ARCHIVE_KEYS_FILE": "/k"})
-    assert (settings.endpoint_url, settings.bucket, settings.prefix, settings.retention_days) == ("http://127.0.0.1:8333", "audit", "prod/", 90)
+    settings = ArchiveSettings.from_env(
+        {"FACEPAY_ARCHIVE_URL": "http://127.0.0.1:8333/audit/prod", "FACEPAY_ARCHIVE_KEYS_FILE": "/k"}
+    )
+    assert (settings.endpoint_url, settings.bucket, settings.prefix, settings.retention_days) == (
+        "http://127.0.0.1:8333",
+        "audit",
+        "prod/",
+        90,
+    )
     assert ArchiveSettings.from_url("s3://audit").endpoint_url is None
     with pytest.raises(ValueError, match="credentials"):
         ArchiveSettings.from_url("http://key:secret@127.0.0.1:8333/audit")
@@ -710,8 +830,9 @@ def test_a_keys_file_readable_by_its_own_group_only_is_accepted_as_kubernetes_mo
             ArchiveKeys.from_file(keys_file)
 
 
-def test_each_store_reads_the_credentials_the_environment_has_when_it_is_made(s3: EmbeddedS3, keys: ArchiveKeys, photos: list[bytes],
-                                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+def test_each_store_reads_the_credentials_the_environment_has_when_it_is_made(
+    s3: EmbeddedS3, keys: ArchiveKeys, photos: list[bytes], monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Not the first ones a process ever saw (boto3's default session caches them)."""
     url = f"{s3.url}/facepay-archive/test-{uuid.uuid4().hex[:12]}"
     for name in ("AWS_PROFILE", "AWS_SHARED_CREDENTIALS_FILE", "AWS_CONFIG_FILE"):
@@ -730,9 +851,15 @@ def test_two_archivers_making_a_new_bucket_at_once_both_go_on(s3: EmbeddedS3, ke
     from botocore.exceptions import ClientError
 
     bucket = f"race-{uuid.uuid4().hex[:10]}"
-    a, b = (ArchiveStore(ArchiveSettings.from_url(f"{s3.url}/{bucket}"), keys,
-                         access_key_id=s3.credentials.access_key_id,
-                         secret_access_key=s3.credentials.secret_access_key) for _ in range(2))
+    a, b = (
+        ArchiveStore(
+            ArchiveSettings.from_url(f"{s3.url}/{bucket}"),
+            keys,
+            access_key_id=s3.credentials.access_key_id,
+            secret_access_key=s3.credentials.secret_access_key,
+        )
+        for _ in range(2)
+    )
     with pytest.raises(ClientError) as missing:
         a.client.head_bucket(Bucket=bucket)
 

@@ -76,13 +76,29 @@ class Upstream:
         key = self.settings.key(stream)
         self.redis.xadd(key, {**seal({FIELD: body}, key, self.signers[as_]), **(extra or {})})
 
-    def session(self, session_id: str, images: list[bytes], approve: bool = True, store: str = STORE,
-                phone_suffix: str = "", embeddings: bool = False, tenant: str = TENANT) -> None:
+    def session(
+        self,
+        session_id: str,
+        images: list[bytes],
+        approve: bool = True,
+        store: str = STORE,
+        phone_suffix: str = "",
+        embeddings: bool = False,
+        tenant: str = TENANT,
+    ) -> None:
         """`embeddings`: the recognizer also writes each face's embedding (archive_keep_embeddings)."""
         refs = []
         for seq, image in enumerate(images):
-            ref = FrameRef(session_id, store, CAMERA, seq, int(time.time() * 1000) - 50, tenant_id=tenant,
-                           phone_suffix=phone_suffix, received_ms=int(time.time() * 1000))
+            ref = FrameRef(
+                session_id,
+                store,
+                CAMERA,
+                seq,
+                int(time.time() * 1000) - 50,
+                tenant_id=tenant,
+                phone_suffix=phone_suffix,
+                received_ms=int(time.time() * 1000),
+            )
             ref = attest(ref, self.signers["gateway"], image)
             refs.append(ref)
             self._xadd("frames", FrameMsg(ref=ref, image=image).encode(), "gateway")
@@ -90,34 +106,81 @@ class Upstream:
                 for stream, stage in (("faces", "detector"), ("aligned", "aligner"), ("posed", "pose")):
                     self._xadd(stream, Rejection(ref=ref, stage="detector", reason="no_face").encode(), stage)
                 continue
-            self._xadd("faces", FaceMsg(ref=ref, crop=b"crop", box=(1, 2, 30, 40), points5=[[5.0, 6.0]] * 5,
-                                        frame_box=(10, 20, 110, 140), frame_size=(640, 480), score=0.99,
-                                        faces_in_frame=2).encode(), "detector")
-            self._xadd("aligned", AlignedMsg(ref=ref, landmarks=[[1.0, 2.0]] * 68, ear=(0.3, 0.32), antispoof=0.8,
-                                             liveness=0.7, det_score=0.99).encode(), "aligner")
+            self._xadd(
+                "faces",
+                FaceMsg(
+                    ref=ref,
+                    crop=b"crop",
+                    box=(1, 2, 30, 40),
+                    points5=[[5.0, 6.0]] * 5,
+                    frame_box=(10, 20, 110, 140),
+                    frame_size=(640, 480),
+                    score=0.99,
+                    faces_in_frame=2,
+                ).encode(),
+                "detector",
+            )
+            self._xadd(
+                "aligned",
+                AlignedMsg(
+                    ref=ref, landmarks=[[1.0, 2.0]] * 68, ear=(0.3, 0.32), antispoof=0.8, liveness=0.7, det_score=0.99
+                ).encode(),
+                "aligner",
+            )
             self._xadd("posed", PosedMsg(ref=ref, pitch=1.5, yaw=-3.0, roll=0.5, eligible=True).encode(), "pose")
             if embeddings:
-                self._xadd("embeddings", EmbeddingMsg(ref=ref, vector=embedding_of(seq), space="dlib-resnet-v1+dlib68").encode(),
-                           "recognizer")
-        end = attest(FrameRef(session_id, store, CAMERA, 0, 0, tenant_id=tenant, received_ms=int(time.time() * 1000)),
-                     self.signers["gateway"])
+                self._xadd(
+                    "embeddings",
+                    EmbeddingMsg(ref=ref, vector=embedding_of(seq), space="dlib-resnet-v1+dlib68").encode(),
+                    "recognizer",
+                )
+        end = attest(
+            FrameRef(session_id, store, CAMERA, 0, 0, tenant_id=tenant, received_ms=int(time.time() * 1000)),
+            self.signers["gateway"],
+        )
         self._xadd("frames", SessionEndMsg(ref=end, frame_count=len(images)).encode(), "gateway")
         self.decide(refs[0], len(images), approve)
 
     def decide(self, ref: FrameRef, frames: int, approve: bool) -> None:
-        event = {"session_id": ref.session_id, "store_id": ref.store_id, "camera_id": CAMERA, "tenant_id": ref.tenant_id,
-                 "decision": "approve" if approve else "decline", "user_id": "alice" if approve else "",
-                 "score": 0.71, "threshold": 0.6, "rule": "voted", "model_ids": {"detector": "mtcnn-v1", "recognizer": "dlib-resnet-v1"},
-                 "first_frame_ms": ref.received_ms, "decided_at_ms": int(time.time() * 1000), "frames_seen": frames,
-                 "frames_eligible": frames - 1, "reasons": []}
+        event = {
+            "session_id": ref.session_id,
+            "store_id": ref.store_id,
+            "camera_id": CAMERA,
+            "tenant_id": ref.tenant_id,
+            "decision": "approve" if approve else "decline",
+            "user_id": "alice" if approve else "",
+            "score": 0.71,
+            "threshold": 0.6,
+            "rule": "voted",
+            "model_ids": {"detector": "mtcnn-v1", "recognizer": "dlib-resnet-v1"},
+            "first_frame_ms": ref.received_ms,
+            "decided_at_ms": int(time.time() * 1000),
+            "frames_seen": frames,
+            "frames_eligible": frames - 1,
+            "reasons": [],
+        }
         signed = sign(event, HMAC_KEY, "k1")
-        scores = [{"sequence": i, "top_user": "alice", "top_score": 0.7 + i / 100, "second_score": 0.2, "reason": ""}
-                  for i in range(frames)]
-        message = DecisionMsg(ref=ref, payload=signed[b"payload"], signature=signed[b"sig"].decode(), key_id="k1",
-                              frames=scores, policy={"min_agreeing_frames": 3, "require_blink": True})
+        scores = [
+            {"sequence": i, "top_user": "alice", "top_score": 0.7 + i / 100, "second_score": 0.2, "reason": ""}
+            for i in range(frames)
+        ]
+        message = DecisionMsg(
+            ref=ref,
+            payload=signed[b"payload"],
+            signature=signed[b"sig"].decode(),
+            key_id="k1",
+            frames=scores,
+            policy={"min_agreeing_frames": 3, "require_blink": True},
+        )
         key = self.settings.key("decisions")
-        self.redis.xadd(key, {**seal({FIELD: message.encode()}, key, self.signers["recognizer"]), **signed,
-                              b"store": ref.store_id.encode()})
+        self.redis.xadd(
+            key,
+            {
+                **seal({FIELD: message.encode()}, key, self.signers["recognizer"]),
+                **signed,
+                b"store": ref.store_id.encode(),
+            },
+        )
 
 
 @pytest.fixture(scope="module")
@@ -139,9 +202,17 @@ def setup(valkey, s3, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     ArchiveKeys.generate([TENANT, "default"]).write(keys_file)
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", s3.credentials.access_key_id)
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", s3.credentials.secret_access_key)
-    settings = Settings(redis_url=valkey.url, namespace=f"arc{uuid.uuid4().hex[:6]}", claim_idle_ms=1000,
-                        batch_size=8, batch_wait_ms=20, archive_url=f"{s3.url}/facepay-archive/t{uuid.uuid4().hex[:8]}",
-                        archive_keys_file=str(keys_file), archive_gather_grace_s=2.0, **keysets.signing_as("archiver"))
+    settings = Settings(
+        redis_url=valkey.url,
+        namespace=f"arc{uuid.uuid4().hex[:6]}",
+        claim_idle_ms=1000,
+        batch_size=8,
+        batch_wait_ms=20,
+        archive_url=f"{s3.url}/facepay-archive/t{uuid.uuid4().hex[:8]}",
+        archive_keys_file=str(keys_file),
+        archive_gather_grace_s=2.0,
+        **keysets.signing_as("archiver"),
+    )
     return settings
 
 
@@ -204,8 +275,10 @@ def test_a_decided_session_is_archived_once_with_its_frames_as_received_and_ever
     with RunningArchiver(setup):
         upstream.session("s-1", images, phone_suffix="1234")
         wait_until(lambda: "s-1" in archived_ids(setup), what="session archived")
-        wait_until(lambda: all(pending(setup, s) == 0 for s in ("frames", "faces", "aligned", "posed", "decisions")),
-                   what="every entry acknowledged")
+        wait_until(
+            lambda: all(pending(setup, s) == 0 for s in ("frames", "faces", "aligned", "posed", "decisions")),
+            what="every entry acknowledged",
+        )
     store = reader(setup)
     now = datetime.now(UTC)
     (ref,) = store.list_sessions(TENANT, STORE, now - timedelta(hours=1), now + timedelta(hours=1))
@@ -271,9 +344,13 @@ def test_an_archive_outage_makes_the_archiver_fall_behind_and_loses_no_session(s
             assert client.xlen(setup.key("frames")) >= 6 * 4
         finally:
             s3.restart()
-        wait_until(lambda: set(sessions) <= archived_ids(setup), timeout_s=120, what="every session archived after the outage")
-        wait_until(lambda: all(pending(setup, s) == 0 for s in ("frames", "faces", "aligned", "posed", "decisions")),
-                   what="every entry acknowledged")
+        wait_until(
+            lambda: set(sessions) <= archived_ids(setup), timeout_s=120, what="every session archived after the outage"
+        )
+        wait_until(
+            lambda: all(pending(setup, s) == 0 for s in ("frames", "faces", "aligned", "posed", "decisions")),
+            what="every entry acknowledged",
+        )
     now = datetime.now(UTC)
     store = reader(setup)
     report = store.verify(TENANT, STORE, now - timedelta(hours=1), now + timedelta(hours=1))
@@ -306,8 +383,10 @@ def test_two_archiver_replicas_archive_every_session_once(setup, photos):
         for session_id in sessions:
             upstream.session(session_id, photos[:3])
         wait_until(lambda: set(sessions) <= archived_ids(setup), what="every session archived")
-        wait_until(lambda: all(pending(setup, s) == 0 for s in ("frames", "faces", "aligned", "posed", "decisions")),
-                   what="every entry acknowledged")
+        wait_until(
+            lambda: all(pending(setup, s) == 0 for s in ("frames", "faces", "aligned", "posed", "decisions")),
+            what="every entry acknowledged",
+        )
     now = datetime.now(UTC)
     store = reader(setup)
     refs = store.list_sessions(TENANT, STORE, now - timedelta(hours=1), now + timedelta(hours=1))
@@ -352,27 +431,41 @@ def test_a_tampered_chain_of_one_store_holds_back_neither_the_other_stores_nor_i
     with RunningArchiver(settings):
         upstream.session("q-a1", photos[:3], store="store-a")
         upstream.session("q-b1", photos[:3], store="store-b")
-        wait_until(lambda: "q-a1" in archived_ids(setup, "store-a") and "q-b1" in archived_ids(setup, "store-b"),
-                   what="both stores archived")
+        wait_until(
+            lambda: "q-a1" in archived_ids(setup, "store-a") and "q-b1" in archived_ids(setup, "store-b"),
+            what="both stores archived",
+        )
         head_key = f"{archive._chain(TENANT, 'store-a')}head.json"
         genuine_head = archive.client.get_object(Bucket=archive.bucket, Key=head_key)["Body"].read()
-        archive.client.put_object(Bucket=archive.bucket, Key=head_key, Body=genuine_head.replace(b'"seq":1', b'"seq":7'))
+        archive.client.put_object(
+            Bucket=archive.bucket, Key=head_key, Body=genuine_head.replace(b'"seq":1', b'"seq":7')
+        )
 
         upstream.session("q-a2", photos[:3], store="store-a")
         for i in range(3):
             upstream.session(f"q-b{i + 2}", photos[:3], store="store-b")
         wait_until(lambda: {"q-b2", "q-b3", "q-b4"} <= archived_ids(setup, "store-b"), what="store B archived on")
-        wait_until(lambda: all(pending(setup, s) == 0 for s in ("frames", "faces", "aligned", "posed", "decisions")),
-                   what="nothing held in Redis, A's session included")
+        wait_until(
+            lambda: all(pending(setup, s) == 0 for s in ("frames", "faces", "aligned", "posed", "decisions")),
+            what="nothing held in Redis, A's session included",
+        )
         # Loud: an error naming the store, a metric to alert on, and verify (below).
-        assert any(r.levelname == "ERROR" and "quarantined" in r.getMessage() and getattr(r, "store", "") == "store-a"
-                   for r in caplog.records)
-        assert REGISTRY.get_sample_value("facepay_archive_quarantined_sessions_total",
-                                         {"tenant": TENANT, "store": "store-a"}) >= 1
+        assert any(
+            r.levelname == "ERROR" and "quarantined" in r.getMessage() and getattr(r, "store", "") == "store-a"
+            for r in caplog.records
+        )
+        assert (
+            REGISTRY.get_sample_value(
+                "facepay_archive_quarantined_sessions_total", {"tenant": TENANT, "store": "store-a"}
+            )
+            >= 1
+        )
         report = verify(setup, "store-a")
         assert {"bad_signature", "quarantined"} <= report.kinds()
         assert [p.session_id for p in report.problems if p.kind == "quarantined"] == ["q-a2"]
-        assert [f.image for f in archive.read(archive.session_key(TENANT, "store-a", *_decided("q-a2", archive))).frames] == photos[:3]
+        assert [
+            f.image for f in archive.read(archive.session_key(TENANT, "store-a", *_decided("q-a2", archive))).frames
+        ] == photos[:3]
         assert verify(setup, "store-b").ok
 
         archive.client.put_object(Bucket=archive.bucket, Key=head_key, Body=genuine_head)  # restored by the operator
@@ -382,8 +475,11 @@ def test_a_tampered_chain_of_one_store_holds_back_neither_the_other_stores_nor_i
 
 def _decided(session_id: str, archive: ArchiveStore) -> tuple[int, str]:
     now = datetime.now(UTC)
-    (ref,) = [r for r in archive.list_sessions(TENANT, "store-a", now - timedelta(hours=1), now + timedelta(hours=1))
-              if r.session_id == session_id]
+    (ref,) = [
+        r
+        for r in archive.list_sessions(TENANT, "store-a", now - timedelta(hours=1), now + timedelta(hours=1))
+        if r.session_id == session_id
+    ]
     return ref.decided_ms, session_id
 
 
@@ -397,7 +493,10 @@ def test_embeddings_reach_the_archive_when_configured_and_only_then(setup, photo
         wait_until(lambda: "e-not-kept" in archived_ids(setup), what="session archived")
         wait_until(lambda: pending(setup, "embeddings") == 0, what="the embeddings acknowledged, not held")
     now = datetime.now(UTC)
-    sessions = {r.session_id: archive.read(r.key) for r in archive.list_sessions(TENANT, STORE, now - timedelta(hours=1), now + timedelta(hours=1))}
+    sessions = {
+        r.session_id: archive.read(r.key)
+        for r in archive.list_sessions(TENANT, STORE, now - timedelta(hours=1), now + timedelta(hours=1))
+    }
     kept = sessions["e-kept"].frames
     assert [f.embedding for f in kept[:2]] == [pytest.approx(embedding_of(0)), pytest.approx(embedding_of(1))]
     assert kept[2].embedding is None, "the frame with no face has none"
@@ -412,17 +511,30 @@ def test_the_recognizer_hands_each_faces_embedding_to_the_archiver_only_when_con
 
     from services.recognizer.stage import RecognizerStage
 
-    settings = Settings(redis_url=valkey.url, namespace=f"rec{uuid.uuid4().hex[:6]}", signing_key="11" * 32,
-                        gallery_url=f"edge://{tmp_path}/gallery", archive_keep_embeddings=True, **keysets.signing_as("recognizer"))
+    settings = Settings(
+        redis_url=valkey.url,
+        namespace=f"rec{uuid.uuid4().hex[:6]}",
+        signing_key="11" * 32,
+        gallery_url=f"edge://{tmp_path}/gallery",
+        archive_keep_embeddings=True,
+        **keysets.signing_as("recognizer"),
+    )
     stage = RecognizerStage(settings)
     stage.start()
     chip = cv2.imencode(".png", cv2.resize(astronaut[30:230, 150:350], (150, 150)))[1].tobytes()
 
     def session(session_id: str) -> list:
         now = int(time.time() * 1000)
-        posed = [PosedMsg(ref=FrameRef(session_id, STORE, CAMERA, seq, now, tenant_id=TENANT, received_ms=now),
-                          chips={stage.embedder.chip_template: chip}, ear=(0.3, 0.3), eligible=seq != 1,
-                          reason="" if seq != 1 else "pose_yaw") for seq in range(3)]
+        posed = [
+            PosedMsg(
+                ref=FrameRef(session_id, STORE, CAMERA, seq, now, tenant_id=TENANT, received_ms=now),
+                chips={stage.embedder.chip_template: chip},
+                ear=(0.3, 0.3),
+                eligible=seq != 1,
+                reason="" if seq != 1 else "pose_yaw",
+            )
+            for seq in range(3)
+        ]
         emits = stage.process(posed)
         assert all(b"embedding" not in e.payload[FIELD] for e in emits if e.stream == "decisions")
         return [decode(e.payload) for e in emits if e.stream == "embeddings"]
@@ -449,8 +561,10 @@ def test_a_tenant_without_an_archive_key_waits_alone_and_is_archived_once_its_ke
         upstream.session("t-acme2", photos[:3])
         wait_until(lambda: {"t-acme1", "t-acme2"} <= archived_ids(setup), what="the other tenant's sessions archived")
         # Tried again and again (once idle for claim_idle_ms), never dead-lettered.
-        wait_until(lambda: (REGISTRY.get_sample_value("facepay_archive_held_sessions_total", {"tenant": "newco"}) or 0) >= 4,
-                   what="newco's session held, and retried")
+        wait_until(
+            lambda: (REGISTRY.get_sample_value("facepay_archive_held_sessions_total", {"tenant": "newco"}) or 0) >= 4,
+            what="newco's session held, and retried",
+        )
         assert archived_ids(setup, tenant="newco") == set()
         assert any(r.levelname == "ERROR" and getattr(r, "tenant", "") == "newco" for r in caplog.records)
         assert pending(setup, "decisions") == 1 and pending(setup, "frames") == 4  # 3 frames + end
@@ -461,10 +575,17 @@ def test_a_tenant_without_an_archive_key_waits_alone_and_is_archived_once_its_ke
 
         keys_file = Path(setup.archive_keys_file)  # the operator adds the tenant's key (the Secret updated)
         keys = ArchiveKeys.from_file(keys_file)
-        ArchiveKeys(keys.signing_key, {**keys.tenants, "newco": TenantKeys("k1", {"k1": bytes(range(32))})}).write(keys_file)
-        wait_until(lambda: "t-new" in archived_ids(setup, tenant="newco"), what="newco's session archived once its key is added")
-        wait_until(lambda: all(pending(setup, s) == 0 for s in ("frames", "faces", "aligned", "posed", "decisions")),
-                   what="every entry acknowledged")
+        ArchiveKeys(keys.signing_key, {**keys.tenants, "newco": TenantKeys("k1", {"k1": bytes(range(32))})}).write(
+            keys_file
+        )
+        wait_until(
+            lambda: "t-new" in archived_ids(setup, tenant="newco"),
+            what="newco's session archived once its key is added",
+        )
+        wait_until(
+            lambda: all(pending(setup, s) == 0 for s in ("frames", "faces", "aligned", "posed", "decisions")),
+            what="every entry acknowledged",
+        )
     now = datetime.now(UTC)
     store = reader(setup)
     (ref,) = store.list_sessions("newco", STORE, now - timedelta(hours=1), now + timedelta(hours=1))

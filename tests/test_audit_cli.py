@@ -38,17 +38,32 @@ def archive(s3, tmp_path: Path):
     keys_file = tmp_path / "archive-keys.yaml"
     ArchiveKeys.generate(["acme"]).write(keys_file)
     url = f"{s3.url}/facepay-archive/cli-{uuid.uuid4().hex[:8]}"
-    store = ArchiveStore(ArchiveSettings.from_url(url), ArchiveKeys.from_file(keys_file),
-                         access_key_id=s3.credentials.access_key_id, secret_access_key=s3.credentials.secret_access_key)
+    store = ArchiveStore(
+        ArchiveSettings.from_url(url),
+        ArchiveKeys.from_file(keys_file),
+        access_key_id=s3.credentials.access_key_id,
+        secret_access_key=s3.credentials.secret_access_key,
+    )
     store.ensure_bucket()
-    env = {**os.environ, "FACEPAY_ARCHIVE_URL": url, "FACEPAY_ARCHIVE_KEYS_FILE": str(keys_file),
-           "AWS_ACCESS_KEY_ID": s3.credentials.access_key_id, "AWS_SECRET_ACCESS_KEY": s3.credentials.secret_access_key}
+    env = {
+        **os.environ,
+        "FACEPAY_ARCHIVE_URL": url,
+        "FACEPAY_ARCHIVE_KEYS_FILE": str(keys_file),
+        "AWS_ACCESS_KEY_ID": s3.credentials.access_key_id,
+        "AWS_SECRET_ACCESS_KEY": s3.credentials.secret_access_key,
+    }
     return store, env
 
 
 def facepay(env: dict, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "facepay", "audit", *args], env=env, cwd=ROOT,
-                          capture_output=True, text=True, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-m", "facepay", "audit", *args],
+        env=env,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
 
 
 def test_list_shows_the_sessions_of_a_store_in_a_range_and_verify_passes_an_untouched_archive(archive, photos):

@@ -85,14 +85,24 @@ def export_onnx(model: nn.Module, path, dynamo: bool = True) -> None:
         warnings.simplefilter("ignore")
         if dynamo:  # torch's current exporter; it writes the weights to path + ".data"
             torch.onnx.export(
-                model, (x,), str(path), dynamo=True, opset_version=18,
-                input_names=["input"], output_names=["embedding"],
+                model,
+                (x,),
+                str(path),
+                dynamo=True,
+                opset_version=18,
+                input_names=["input"],
+                output_names=["embedding"],
                 dynamic_shapes={"x": {0: torch.export.Dim("batch")}},
             )
         else:  # the TorchScript-based exporter: one self-contained file
             torch.onnx.export(
-                model, (x,), str(path), dynamo=False, opset_version=17,
-                input_names=["input"], output_names=["embedding"],
+                model,
+                (x,),
+                str(path),
+                dynamo=False,
+                opset_version=17,
+                input_names=["input"],
+                output_names=["embedding"],
                 dynamic_axes={"input": {0: "batch"}, "embedding": {0: "batch"}},
             )
 
@@ -158,8 +168,10 @@ def test_raw_output_is_the_model_output(models):
 def test_input_convention_is_configurable(models):
     spec = InputSpec(mean=(123.7, 116.3, 103.5), std=58.0, channels="BGR")
     batch = chips(4)
-    for emb in (OnnxEmbedder(models["onnx_a"], device="cpu", input_spec=spec),
-                TorchScriptEmbedder(models["ts_a"], device="cpu", input_spec=spec)):
+    for emb in (
+        OnnxEmbedder(models["onnx_a"], device="cpu", input_spec=spec),
+        TorchScriptEmbedder(models["ts_a"], device="cpu", input_spec=spec),
+    ):
         assert emb.input_spec == spec
         np.testing.assert_allclose(emb.embed(batch), reference(models["a"], batch, spec), atol=1e-5)
     with pytest.raises(ValueError):
@@ -335,8 +347,15 @@ def test_wrong_chips_and_wrong_graphs_are_refused(models, tmp_path):
     wrong = tmp_path / "facenet160.onnx"
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        torch.onnx.export(TinyArcFace(), (torch.zeros(1, 3, 160, 160),), str(wrong), dynamo=False,
-                          input_names=["input"], output_names=["embedding"], dynamic_axes={"input": {0: "b"}})
+        torch.onnx.export(
+            TinyArcFace(),
+            (torch.zeros(1, 3, 160, 160),),
+            str(wrong),
+            dynamo=False,
+            input_names=["input"],
+            output_names=["embedding"],
+            dynamic_axes={"input": {0: "b"}},
+        )
     with pytest.raises(ByoModelError, match=r"112"):
         OnnxEmbedder(wrong, device="cpu")
 
@@ -345,8 +364,14 @@ def test_fixed_batch_graph_runs_one_chip_at_a_time(models, tmp_path):
     path = tmp_path / "fixed.onnx"
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        torch.onnx.export(models["a"], (torch.zeros(1, 3, 112, 112),), str(path), dynamo=False,
-                          input_names=["input"], output_names=["embedding"])
+        torch.onnx.export(
+            models["a"],
+            (torch.zeros(1, 3, 112, 112),),
+            str(path),
+            dynamo=False,
+            input_names=["input"],
+            output_names=["embedding"],
+        )
     emb = OnnxEmbedder(path, device="cpu")
     assert emb.max_batch == 1 and emb.dim == DIM
     batch = chips(3)
@@ -367,8 +392,15 @@ def test_self_normalising_graph_takes_raw_pixels(models, tmp_path):
     path = tmp_path / "mxnet_style.onnx"
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        torch.onnx.export(Normalising(models["a"]).eval(), (torch.zeros(2, 3, 112, 112),), str(path), dynamo=False,
-                          input_names=["data"], output_names=["fc1"], dynamic_axes={"data": {0: "b"}, "fc1": {0: "b"}})
+        torch.onnx.export(
+            Normalising(models["a"]).eval(),
+            (torch.zeros(2, 3, 112, 112),),
+            str(path),
+            dynamo=False,
+            input_names=["data"],
+            output_names=["fc1"],
+            dynamic_axes={"data": {0: "b"}, "fc1": {0: "b"}},
+        )
     emb = OnnxEmbedder(path, device="cpu")
     assert emb.backend == "onnx2torch"  # opset 20 (the exporter's default), lowered to 17 for it
     assert emb.input_spec.mean == (0.0, 0.0, 0.0) and emb.input_spec.std == (1.0, 1.0, 1.0)
@@ -384,8 +416,12 @@ class IResNetStyle(nn.Module):
         torch.manual_seed(3)
         self.conv1, self.bn1, self.prelu = nn.Conv2d(3, 8, 3, 1, 1, bias=False), nn.BatchNorm2d(8), nn.PReLU(8)
         self.block = nn.Sequential(
-            nn.BatchNorm2d(8), nn.Conv2d(8, 8, 3, 1, 1, bias=False), nn.BatchNorm2d(8), nn.PReLU(8),
-            nn.Conv2d(8, 8, 3, 2, 1, bias=False), nn.BatchNorm2d(8),
+            nn.BatchNorm2d(8),
+            nn.Conv2d(8, 8, 3, 1, 1, bias=False),
+            nn.BatchNorm2d(8),
+            nn.PReLU(8),
+            nn.Conv2d(8, 8, 3, 2, 1, bias=False),
+            nn.BatchNorm2d(8),
         )
         self.down = nn.Sequential(nn.Conv2d(8, 8, 1, 2, bias=False), nn.BatchNorm2d(8))
         self.bn2, self.dropout = nn.BatchNorm2d(8), nn.Dropout(0.4)
@@ -410,9 +446,17 @@ def test_insightface_style_export(tmp_path):
     path = tmp_path / "w600k_mini.onnx"
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        torch.onnx.export(model, (torch.zeros(2, 3, 112, 112),), str(path), dynamo=False, opset_version=11,
-                          keep_initializers_as_inputs=True, input_names=["data"], output_names=["fc1"],
-                          dynamic_axes={"data": {0: "b"}, "fc1": {0: "b"}})
+        torch.onnx.export(
+            model,
+            (torch.zeros(2, 3, 112, 112),),
+            str(path),
+            dynamo=False,
+            opset_version=11,
+            keep_initializers_as_inputs=True,
+            input_names=["data"],
+            output_names=["fc1"],
+            dynamic_axes={"data": {0: "b"}, "fc1": {0: "b"}},
+        )
     emb = load_byo(f"onnx:{path}", device="cpu")
     assert emb.backend == "onnx2torch" and emb.dim == DIM and emb.input_spec == InputSpec()
     batch = chips(16)

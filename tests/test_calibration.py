@@ -30,9 +30,19 @@ def test_an_embedding_cache_reads_back_what_was_saved(tmp_path, most_central):
     # most_central is None outside labelled mode; the cache is read without pickle (it may come from disk).
     from pathlib import Path
 
-    embedded = Embedded([Path("a/1.jpg"), Path("b/2.jpg")], ["a", "b"], np.eye(2, dtype=np.float32),
-                        np.array([True, True]), ["", ""], ["", ""], np.array([80, 90]), np.array([5.0, 6.0]),
-                        1.5, "setup", most_central)
+    embedded = Embedded(
+        [Path("a/1.jpg"), Path("b/2.jpg")],
+        ["a", "b"],
+        np.eye(2, dtype=np.float32),
+        np.array([True, True]),
+        ["", ""],
+        ["", ""],
+        np.array([80, 90]),
+        np.array([5.0, 6.0]),
+        1.5,
+        "setup",
+        most_central,
+    )
     embedded.save(tmp_path / "cache.npz")
     loaded = Embedded.load(tmp_path / "cache.npz")
     assert loaded.labels == ["a", "b"] and loaded.setup == "setup"
@@ -77,8 +87,13 @@ def test_too_few_impostors_is_reported_not_measured():
     assert row["measurable"] is False and "only 10 impostor pairs" in row["reason"]
     ok = tar_at_far(scores, 0.1)  # 1 of 10 impostors may pass: S just above the 2nd highest (0.70)
     assert ok["measurable"] and 0.70 < ok["threshold"] < 0.71 and ok["tar"] == 0.75
-    assert ok["far"] == {"value": 0.1, "errors": 1, "trials": 10, "subjects": 5,
-                         "upper80": pytest.approx(clopper_pearson_upper(1, 10))}
+    assert ok["far"] == {
+        "value": 0.1,
+        "errors": 1,
+        "trials": 10,
+        "subjects": 5,
+        "upper80": pytest.approx(clopper_pearson_upper(1, 10)),
+    }
 
 
 def test_threshold_choice_uses_the_upper_bound_when_the_pairs_allow_it():
@@ -106,8 +121,14 @@ def test_pair_scores_count_every_pair_once_and_failures_as_rejects():
     assert len(scores.genuine) == 2 and np.isneginf(scores.genuine).sum() == 1  # b's pair lost its face
     assert len(scores.impostor) == 2 * 1 + 2 * 1 + 1 * 1  # a–b (b's usable one), a–c, b–c
     assert scores.genuine_subjects == 2 and scores.impostor_subjects == 3
-    ident = identification(x, ["a", "a", "b", "b", "c"], ["1", "2", "1", "2", "1"], np.ones(5, bool),
-                           enrolled_ids={"a", "b"}, thresholds={"t": 0.5})
+    ident = identification(
+        x,
+        ["a", "a", "b", "b", "c"],
+        ["1", "2", "1", "2", "1"],
+        np.ones(5, bool),
+        enrolled_ids={"a", "b"},
+        thresholds={"t": 0.5},
+    )
     assert ident["rank1"]["value"] == 1.0 and ident["non_mated_probes"] == 1
     assert ident["at_thresholds"]["t"]["fpir"]["errors"] == 0
     assert ident["fnir_at_fpir"][0]["measurable"] is False
@@ -133,8 +154,11 @@ def test_offline_embedder_scores_what_the_pipeline_scores(faces, face_embedder):
 
     paths = [ps[0] for ps in faces.identities().values()][:4]
     messages = [FrameMsg(ref=FrameRef("s", "store", "cam", i, 0), image=p.read_bytes()) for i, p in enumerate(paths)]
-    for stage in (DetectorStage(face_embedder.settings), AlignerStage(face_embedder.settings),
-                  PoseStage(face_embedder.settings)):
+    for stage in (
+        DetectorStage(face_embedder.settings),
+        AlignerStage(face_embedder.settings),
+        PoseStage(face_embedder.settings),
+    ):
         stage.start()
         messages = [decode(e.payload) for e in stage.process(messages)]
     assert all(isinstance(m, PosedMsg) for m in messages)

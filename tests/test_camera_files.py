@@ -26,8 +26,15 @@ def write_video(path, fourcc: str, frames: int = 12) -> None:
     writer.release()
 
 
-@pytest.mark.parametrize("name, fourcc, renamed", [("clip.webm", "VP80", None), ("clip.mkv", "FFV1", None),
-                                                   ("clip.avi", "MJPG", None), ("clip.mp4", "mp4v", "recording")])
+@pytest.mark.parametrize(
+    "name, fourcc, renamed",
+    [
+        ("clip.webm", "VP80", None),
+        ("clip.mkv", "FFV1", None),
+        ("clip.avi", "MJPG", None),
+        ("clip.mp4", "mp4v", "recording"),
+    ],
+)
 def test_a_video_in_any_container_opencv_decodes_becomes_its_frames(tmp_path, name, fourcc, renamed):
     write_video(tmp_path / name, fourcc, frames=12)
     if renamed:  # what it is, not what it is called
@@ -71,8 +78,9 @@ def test_a_photo_is_turned_upright_by_its_exif_orientation(tmp_path):
 
 def test_a_folder_is_its_photos_in_name_order_whatever_their_suffix(tmp_path):
     for i, name in enumerate(["b.webp", "a.png", "c.JPEG"]):
-        cv2.imwrite(str(tmp_path / name), picture(i)) if not name.endswith("JPEG") else \
-            (tmp_path / name).write_bytes(cv2.imencode(".jpg", picture(i))[1].tobytes())
+        cv2.imwrite(str(tmp_path / name), picture(i)) if not name.endswith("JPEG") else (tmp_path / name).write_bytes(
+            cv2.imencode(".jpg", picture(i))[1].tobytes()
+        )
     (tmp_path / ".DS_Store").write_bytes(b"\0\1")
     assert [p.name for p, _ in photos_in(tmp_path)] == ["a.png", "b.webp", "c.JPEG"]
     assert len(frames_from_path(tmp_path)) == 3

@@ -92,18 +92,34 @@ class Decide(Stage):
             pipe.hlen(seen)
             pipe.expire(seen, 3600)
             if pipe.execute()[1] >= FRAMES:
-                emits.append(Emit("decisions", decision(message.ref).encode(), once_key=f"decided:{session}",
-                                  partition_key=session))
+                emits.append(
+                    Emit(
+                        "decisions",
+                        decision(message.ref).encode(),
+                        once_key=f"decided:{session}",
+                        partition_key=session,
+                    )
+                )
         return emits
 
 
 def decision(ref: FrameRef) -> DecisionMsg:
-    event = {"session_id": ref.session_id, "store_id": ref.store_id, "tenant_id": ref.tenant_id, "decision": "approve",
-             "user_id": "alice", "threshold": 0.6, "first_frame_ms": ref.received_ms,
-             "decided_at_ms": int(time.time() * 1000), "frames_seen": FRAMES}
+    event = {
+        "session_id": ref.session_id,
+        "store_id": ref.store_id,
+        "tenant_id": ref.tenant_id,
+        "decision": "approve",
+        "user_id": "alice",
+        "threshold": 0.6,
+        "first_frame_ms": ref.received_ms,
+        "decided_at_ms": int(time.time() * 1000),
+        "frames_seen": FRAMES,
+    }
     signed = sign(event, "cluster-archive-decision-key", "k1")
     scores = [{"sequence": i, "top_user": "alice", "top_score": 0.7} for i in range(FRAMES)]
-    return DecisionMsg(ref=ref, payload=signed[b"payload"], signature=signed[b"sig"].decode(), key_id="k1", frames=scores)
+    return DecisionMsg(
+        ref=ref, payload=signed[b"payload"], signature=signed[b"sig"].decode(), key_id="k1", frames=scores
+    )
 
 
 @pytest.fixture(scope="module")
@@ -130,9 +146,17 @@ def archive_settings(s3, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> dic
 def settings_as(cluster: EmbeddedValkeyCluster, component: str, redis_user: str | None = None, **values) -> Settings:
     """`component`'s keys; the admin Redis user unless `redis_user` (a component's ACL user)."""
     url = cluster.url_for(redis_user) if redis_user else cluster.url
-    return Settings(redis_url=url, namespace=cluster.namespace, stream_partitions=PARTITIONS, batch_size=8,
-                    batch_wait_ms=10, claim_idle_ms=1000, archive_gather_grace_s=5.0, **keysets.signing_as(component),
-                    **values)
+    return Settings(
+        redis_url=url,
+        namespace=cluster.namespace,
+        stream_partitions=PARTITIONS,
+        batch_size=8,
+        batch_wait_ms=10,
+        claim_idle_ms=1000,
+        archive_gather_grace_s=5.0,
+        **keysets.signing_as(component),
+        **values,
+    )
 
 
 class Running:
@@ -169,8 +193,16 @@ def send_sessions(cluster: EmbeddedValkeyCluster, count: int, images: list[bytes
     for session_id in sessions:
         now = int(time.time() * 1000)
         messages: list[Message] = [
-            FrameMsg(ref=attest(FrameRef(session_id, STORE, "cam-1", seq, now - 50, tenant_id=TENANT, received_ms=now),
-                                gateway, images[seq]), image=images[seq]) for seq in range(FRAMES)]
+            FrameMsg(
+                ref=attest(
+                    FrameRef(session_id, STORE, "cam-1", seq, now - 50, tenant_id=TENANT, received_ms=now),
+                    gateway,
+                    images[seq],
+                ),
+                image=images[seq],
+            )
+            for seq in range(FRAMES)
+        ]
         end = attest(FrameRef(session_id, STORE, "cam-1", 0, 0, tenant_id=TENANT, received_ms=now), gateway)
         messages.append(SessionEndMsg(ref=end, frame_count=FRAMES))
         for message in messages:
@@ -203,8 +235,11 @@ def test_sessions_on_a_cluster_are_archived_with_their_frames_from_every_partiti
     images = [f"jpeg-{i}".encode() for i in range(FRAMES)]
     stages = [Detector(), Aligner(), Pose()]
     workers = [StreamWorker(s, settings_as(cluster, s.name), consumer=f"{s.name}-0") for s in stages]
-    workers.append(StreamWorker(Decide(settings_as(cluster, "recognizer")), settings_as(cluster, "recognizer"),
-                                consumer="recognizer-0"))
+    workers.append(
+        StreamWorker(
+            Decide(settings_as(cluster, "recognizer")), settings_as(cluster, "recognizer"), consumer="recognizer-0"
+        )
+    )
     archiver = settings_as(cluster, "archiver", redis_user="archiver", **archive_settings)
     workers.append(StreamWorker(ArchiverStage(archiver), archiver, consumer="archiver-0"))
     with Running(workers):
@@ -216,5 +251,9 @@ def test_sessions_on_a_cluster_are_archived_with_their_frames_from_every_partiti
     used = {Partitions("fpa", PARTITIONS, tagged=True).index(f"{STORE}/{s}") for s in sessions}
     assert len(used) > 2, "sessions spread over the partitions"
     client = connect(cluster.url)
-    assert not any(client.exists(Partitions("fpa", PARTITIONS, tagged=True).session_key(f"{STORE}/{s}", "archiver", "staged", f"{STORE}/{s}"))
-                   for s in sessions), "the per-session index is gone"
+    assert not any(
+        client.exists(
+            Partitions("fpa", PARTITIONS, tagged=True).session_key(f"{STORE}/{s}", "archiver", "staged", f"{STORE}/{s}")
+        )
+        for s in sessions
+    ), "the per-session index is gone"

@@ -27,19 +27,34 @@ def test_the_pipeline_on_a_cluster_approves_the_enrolled_and_declines_a_stranger
     people = faces.identities()
     name, paths = next((n, p) for n, p in sorted(people.items()) if len(p) >= 2)
     stranger = next(p[0] for n, p in sorted(people.items()) if n != name)
-    with EmbeddedValkeyCluster(tmp_path / "cluster", primaries=3, replicas_per_primary=1, namespace=NAMESPACE) as cluster:
-        pipeline = start_pipeline(tmp_path / "pipeline", SessionPolicy(require_blink=False), valkey=cluster,
-                                  namespace=NAMESPACE, stream_partitions=4, redis_wait_replicas=1)
+    with EmbeddedValkeyCluster(
+        tmp_path / "cluster", primaries=3, replicas_per_primary=1, namespace=NAMESPACE
+    ) as cluster:
+        pipeline = start_pipeline(
+            tmp_path / "pipeline",
+            SessionPolicy(require_blink=False),
+            valkey=cluster,
+            namespace=NAMESPACE,
+            stream_partitions=4,
+            redis_wait_replicas=1,
+        )
         try:
             assert pipeline.settings.redis_url.startswith("redis+cluster://")
             assert enroll(pipeline, name, [paths[0].read_bytes()]).status == pb.EnrollResponse.ENROLLED
             backend = Backend(pipeline, "store-1")
             cam = camera(pipeline, "cam-1")
             payer, other = new_session(), new_session()
-            cam.stream_session(payer, [paths[0].read_bytes()] * 3)  # the plumbing, not accuracy (tests/test_pipeline.py)
+            cam.stream_session(
+                payer, [paths[0].read_bytes()] * 3
+            )  # the plumbing, not accuracy (tests/test_pipeline.py)
             cam.stream_session(other, [stranger.read_bytes()] * 3)
             decided = backend.wait_for([payer, other], timeout_s=240)
-            assert decided[payer].decision == pb.APPROVE and decided[payer].user_id == name, (decided[payer].reasons, decided[payer].score, decided[payer].threshold, name)
+            assert decided[payer].decision == pb.APPROVE and decided[payer].user_id == name, (
+                decided[payer].reasons,
+                decided[payer].score,
+                decided[payer].threshold,
+                name,
+            )
             assert decided[other].decision == pb.DECLINE
             assert sorted(e.session_id for e in backend.events) == sorted([payer, other]), "each decided once"
             backend.close()
@@ -64,9 +79,12 @@ def archive_of(pipeline) -> ArchiveStore:
     """The archive as an auditor reads it: the archiver's keys and credentials."""
     env = pipeline.archive_env()
     keys_file = Path(env["FACEPAY_ARCHIVE_KEYS_FILE"])
-    return ArchiveStore(ArchiveSettings.from_url(pipeline.settings.archive_url, keys_file=keys_file),
-                        ArchiveKeys.from_file(keys_file), access_key_id=env["AWS_ACCESS_KEY_ID"],
-                        secret_access_key=env["AWS_SECRET_ACCESS_KEY"])
+    return ArchiveStore(
+        ArchiveSettings.from_url(pipeline.settings.archive_url, keys_file=keys_file),
+        ArchiveKeys.from_file(keys_file),
+        access_key_id=env["AWS_ACCESS_KEY_ID"],
+        secret_access_key=env["AWS_SECRET_ACCESS_KEY"],
+    )
 
 
 def sessions_in(archive: ArchiveStore) -> list:

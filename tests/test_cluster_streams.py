@@ -53,19 +53,32 @@ def keyset(tmp_path_factory):
 
 
 def settings_for(keyset, cluster: EmbeddedValkeyCluster, component: str, **values) -> Settings:
-    return Settings(key_file=str(keyset / f"{component}.key"), trusted_keys_file=str(keyset / "trusted.yaml"),
-                    redis_url=cluster.url, namespace=cluster.namespace, stream_partitions=PARTITIONS, batch_size=8,
-                    batch_wait_ms=10, claim_idle_ms=1000, **values)
+    return Settings(
+        key_file=str(keyset / f"{component}.key"),
+        trusted_keys_file=str(keyset / "trusted.yaml"),
+        redis_url=cluster.url,
+        namespace=cluster.namespace,
+        stream_partitions=PARTITIONS,
+        batch_size=8,
+        batch_wait_ms=10,
+        claim_idle_ms=1000,
+        **values,
+    )
 
 
 class Workers:
     """The toy stages' workers, each looping in a thread as `facepay worker` would."""
 
     def __init__(self, keyset, cluster: EmbeddedValkeyCluster, **values) -> None:
-        self.workers = [StreamWorker(Relay(), settings_for(keyset, cluster, "relay", **values), consumer="relay-0"),
-                        StreamWorker(Relay(), settings_for(keyset, cluster, "relay", **values), consumer="relay-1"),
-                        StreamWorker(Decide(settings_for(keyset, cluster, "decide"), FRAMES),
-                                     settings_for(keyset, cluster, "decide", **values), consumer="decide-0")]
+        self.workers = [
+            StreamWorker(Relay(), settings_for(keyset, cluster, "relay", **values), consumer="relay-0"),
+            StreamWorker(Relay(), settings_for(keyset, cluster, "relay", **values), consumer="relay-1"),
+            StreamWorker(
+                Decide(settings_for(keyset, cluster, "decide"), FRAMES),
+                settings_for(keyset, cluster, "decide", **values),
+                consumer="decide-0",
+            ),
+        ]
         self.errors: list[BaseException] = []
         self.threads = [threading.Thread(target=self._loop, args=(w,), daemon=True) for w in self.workers]
 
@@ -136,8 +149,11 @@ def decisions(client, partitions: Partitions) -> list[dict]:
 
 
 def assert_decided_once(client, partitions: Partitions, sessions: list[str], timeout_s: float = 60.0) -> None:
-    wait_until(lambda: {d["session_id"] for d in decisions(client, partitions)} >= set(sessions), timeout_s,
-               "every session decided")
+    wait_until(
+        lambda: {d["session_id"] for d in decisions(client, partitions)} >= set(sessions),
+        timeout_s,
+        "every session decided",
+    )
     counts: dict[str, int] = {}
     for decision in decisions(client, partitions):
         counts[decision["session_id"]] = counts.get(decision["session_id"], 0) + 1
@@ -147,8 +163,9 @@ def assert_decided_once(client, partitions: Partitions, sessions: list[str], tim
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
-    with EmbeddedValkeyCluster(tmp_path_factory.mktemp("cluster"), primaries=3, replicas_per_primary=1,
-                               namespace="fpc") as started:
+    with EmbeddedValkeyCluster(
+        tmp_path_factory.mktemp("cluster"), primaries=3, replicas_per_primary=1, namespace="fpc"
+    ) as started:
         yield started
 
 
@@ -156,8 +173,12 @@ def test_a_session_keys_share_one_slot_and_partitions_spread_over_the_primaries(
     partitions = Partitions("fpc", PARTITIONS, tagged=True)
     session = "store-1/pos-42"
     same_slot = {partitions.stream(name, session) for name in ("frames", "faces", "aligned", "posed", "decisions")}
-    same_slot |= {partitions.session_key(session, "session", session), partitions.session_key(session, "decided", session),
-                  partitions.session_key(session, "sessions", "open"), partitions.session_key(session, "gateway-session", session)}
+    same_slot |= {
+        partitions.session_key(session, "session", session),
+        partitions.session_key(session, "decided", session),
+        partitions.session_key(session, "sessions", "open"),
+        partitions.session_key(session, "gateway-session", session),
+    }
     client = cluster.cluster_client()
     assert is_cluster(client)
     assert len({client.keyslot(key) for key in same_slot}) == 1
@@ -210,8 +231,9 @@ def test_a_slot_migrating_during_traffic_changes_nothing(cluster, keyset):
 
 @pytest.mark.slow
 def test_a_primary_killed_and_its_replica_promoted_loses_no_acknowledged_frame(tmp_path, keyset):
-    with EmbeddedValkeyCluster(tmp_path / "cluster", primaries=3, replicas_per_primary=1, namespace="fpc",
-                               node_timeout_ms=1000) as cluster:
+    with EmbeddedValkeyCluster(
+        tmp_path / "cluster", primaries=3, replicas_per_primary=1, namespace="fpc", node_timeout_ms=1000
+    ) as cluster:
         # Every acknowledgement (the source's frames, the workers' commits) waits for a replica.
         source = Source(keyset, cluster, redis_wait_replicas=1)
         victim_stream = source.partitions.streams("frames")[0]
@@ -230,7 +252,7 @@ def test_a_primary_killed_and_its_replica_promoted_loses_no_acknowledged_frame(t
         with Workers(keyset, cluster, redis_wait_replicas=1, redis_wait_timeout_ms=500) as workers:
             sessions = source.sessions(24, during=kill_and_promote)
             assert_decided_once(connect(cluster.url), source.partitions, sessions, timeout_s=90)
-        (_, promoted), = killed
+        ((_, promoted),) = killed
         assert cluster.primary_of(victim_stream).port == promoted
         assert sum(len(s) for s in source.acknowledged.values()) == len(sessions) * FRAMES
         assert not workers.errors
@@ -247,8 +269,9 @@ def migrate_slot(cluster: EmbeddedValkeyCluster, slot: int) -> None:
     src.execute_command("CLUSTER SETSLOT", slot, "MIGRATING", target_id)
     password = cluster.passwords["admin"]
     while keys_left := src.execute_command("CLUSTER GETKEYSINSLOT", slot, 100):
-        src.execute_command("MIGRATE", "127.0.0.1", target.port, "", 0, 5000, "AUTH2", "admin", password,
-                            "KEYS", *keys_left)
+        src.execute_command(
+            "MIGRATE", "127.0.0.1", target.port, "", 0, 5000, "AUTH2", "admin", password, "KEYS", *keys_left
+        )
     for node in (target, source, *[n for n in cluster.live() if n not in (source, target)]):
         with contextlib.suppress(redis.ResponseError):  # a replica: it learns from its primary
             cluster.client(node).execute_command("CLUSTER SETSLOT", slot, "NODE", target_id)
@@ -277,8 +300,9 @@ def test_a_backend_group_spanning_the_partitions_gets_each_decision_once(cluster
 
     def replica(name: str) -> None:
         reader = connect(cluster.url)
-        for stream, entry_id, event in consume_partitions(reader, layout, group, name, {key_id: key}, "store-1",
-                                                          max_age_s=None, block_ms=100, stop=stop):
+        for stream, entry_id, event in consume_partitions(
+            reader, layout, group, name, {key_id: key}, "store-1", max_age_s=None, block_ms=100, stop=stop
+        ):
             got.append(event["session_id"])
             reader.xack(stream, group, entry_id)
 
@@ -287,11 +311,18 @@ def test_a_backend_group_spanning_the_partitions_gets_each_decision_once(cluster
         thread.start()
     sessions = [f"d-{uuid.uuid4().hex[:8]}" for _ in range(40)]
     try:
-        wait_until(lambda: all(has_group(client, s, group) for s in layout.streams("decisions")), 10,
-                   "the group on every partition")
+        wait_until(
+            lambda: all(has_group(client, s, group) for s in layout.streams("decisions")),
+            10,
+            "the group on every partition",
+        )
         for session in sessions:
-            event = {"session_id": session, "store_id": "store-1", "event_id": f"fpc:store-1/{session}",
-                     "decided_at_ms": int(time.time() * 1000)}
+            event = {
+                "session_id": session,
+                "store_id": "store-1",
+                "event_id": f"fpc:store-1/{session}",
+                "decided_at_ms": int(time.time() * 1000),
+            }
             client.xadd(layout.stream("decisions", f"store-1/{session}"), sign(event, key, key_id))
         wait_until(lambda: len(got) >= len(sessions), 30, "every decision consumed")
     finally:
@@ -317,7 +348,9 @@ def test_every_component_user_may_use_the_partitioned_names_of_its_keys():
     recognizer = " ".join(redis_acl.rules("recognizer", "fp"))
     assert "~fp:{p*}:session:*" in recognizer and "~fp:{p*}:sessions:open" in recognizer
     assert "~fp:{p*}:thresholds" not in recognizer, "global keys are not partitioned"
-    assert "+cluster|slots" in redis_acl.user_line("keda", "fp", "x") and "+asking" in redis_acl.user_line("keda", "fp", "x")
+    assert "+cluster|slots" in redis_acl.user_line("keda", "fp", "x") and "+asking" in redis_acl.user_line(
+        "keda", "fp", "x"
+    )
 
 
 def test_the_archiver_taps_every_partition_and_may_use_its_partitioned_index_keys():
@@ -354,8 +387,9 @@ def test_decision_subscribers_read_every_partition_and_resume_missing_nothing(cl
     later = write(20)
     resumed = DecisionReader(client, layout, after=first[-1][0].decode())
     again: list[bytes] = []
-    wait_until(lambda: read_into(again, resumed) or {t for _, t in later} <= set(again), 10,
-               "every decision after the cursor")
+    wait_until(
+        lambda: read_into(again, resumed) or {t for _, t in later} <= set(again), 10, "every decision after the cursor"
+    )
     assert len(again) == len(set(again)), "no entry twice within one subscription"
 
 
@@ -365,9 +399,14 @@ def test_erasing_a_user_reaches_every_partition_of_a_cluster(cluster):
     client, layout = cluster.cluster_client(), Partitions.of(settings)
     for i in range(6):  # enrollments spread over partitions (and primaries)
         session = f"/enroll-{uuid.uuid4().hex[:6]}"
-        client.hset(layout.session_key(session, "session", session), "meta",
-                    msgpack.packb({"purpose": "enroll", "user_id": "alice" if i % 2 else "bob"}))
-        client.xadd(layout.stream("enrollments", session), {b"m": msgpack.packb({"user_id": "alice" if i % 2 else "bob"})})
+        client.hset(
+            layout.session_key(session, "session", session),
+            "meta",
+            msgpack.packb({"purpose": "enroll", "user_id": "alice" if i % 2 else "bob"}),
+        )
+        client.xadd(
+            layout.stream("enrollments", session), {b"m": msgpack.packb({"user_id": "alice" if i % 2 else "bob"})}
+        )
     erased = erase_user_traces(client, settings, "alice")
     assert erased["enrollment_sessions"] == 3 and erased["enrollment_results"] == 3
     left = sum(client.xlen(s) for s in layout.streams("enrollments"))

@@ -18,8 +18,12 @@ def from_yaml(tmp_path, text: str, **env: str) -> Settings:
 
 
 def test_yaml_and_env_values_reach_every_level(tmp_path):
-    settings = from_yaml(tmp_path, "batch_size: 4\npolicy:\n  min_agreeing_frames: 2\n  threshold: 0.6\n",
-                         FACEPAY_POSE_MAX_ABS_YAW="30", FACEPAY_POLICY_REQUIRE_BLINK="false")
+    settings = from_yaml(
+        tmp_path,
+        "batch_size: 4\npolicy:\n  min_agreeing_frames: 2\n  threshold: 0.6\n",
+        FACEPAY_POSE_MAX_ABS_YAW="30",
+        FACEPAY_POLICY_REQUIRE_BLINK="false",
+    )
     assert settings.batch_size == 4 and settings.policy.min_agreeing_frames == 2 and settings.policy.threshold == 0.6
     assert settings.pose.max_abs_yaw == 30.0 and settings.policy.require_blink is False
 
@@ -53,27 +57,33 @@ def test_an_unknown_top_level_facepay_variable_is_warned_about_not_fatal(caplog)
     assert "FACEPAY_TEST_DATA" not in caplog.text
 
 
-@pytest.mark.parametrize("variable, value, message", [
-    ("FACEPAY_POLICY_THRESHOLD", "1.5", r"policy\.threshold.*\[-1, 1\]"),
-    ("FACEPAY_POLICY_MIN_AGREEING_FRAMES", "0", r"policy\.min_agreeing_frames.*≥ 1"),
-    ("FACEPAY_POLICY_MAX_DISAGREEING_RATIO", "1.2", r"policy\.max_disagreeing_ratio.*\[0, 1\]"),
-    ("FACEPAY_POLICY_SESSION_TIMEOUT_S", "0", r"policy\.session_timeout_s.*> 0"),
-    ("FACEPAY_LIMITS_MAX_CONSECUTIVE", "0", r"limits\.max_consecutive.*≥ 1"),
-    ("FACEPAY_METRICS_PORT", "70000", r"metrics_port.*0\.\.65535"),
-    ("FACEPAY_GRPC_ADDRESS", "127.0.0.1:99999", r"grpc_address.*port.*0\.\.65535"),
-    ("FACEPAY_BATCH_SIZE", "0", r"batch_size.*≥ 1"),
-    ("FACEPAY_LOG_FORMAT", "xml", r"log_format.*json.*text"),
-])
+@pytest.mark.parametrize(
+    "variable, value, message",
+    [
+        ("FACEPAY_POLICY_THRESHOLD", "1.5", r"policy\.threshold.*\[-1, 1\]"),
+        ("FACEPAY_POLICY_MIN_AGREEING_FRAMES", "0", r"policy\.min_agreeing_frames.*≥ 1"),
+        ("FACEPAY_POLICY_MAX_DISAGREEING_RATIO", "1.2", r"policy\.max_disagreeing_ratio.*\[0, 1\]"),
+        ("FACEPAY_POLICY_SESSION_TIMEOUT_S", "0", r"policy\.session_timeout_s.*> 0"),
+        ("FACEPAY_LIMITS_MAX_CONSECUTIVE", "0", r"limits\.max_consecutive.*≥ 1"),
+        ("FACEPAY_METRICS_PORT", "70000", r"metrics_port.*0\.\.65535"),
+        ("FACEPAY_GRPC_ADDRESS", "127.0.0.1:99999", r"grpc_address.*port.*0\.\.65535"),
+        ("FACEPAY_BATCH_SIZE", "0", r"batch_size.*≥ 1"),
+        ("FACEPAY_LOG_FORMAT", "xml", r"log_format.*json.*text"),
+    ],
+)
 def test_out_of_range_values_are_errors_naming_the_setting(variable, value, message):
     with pytest.raises(SettingsError, match=message):
         load_settings({variable: value})
 
 
-@pytest.mark.parametrize("variable, value, message", [
-    ("FACEPAY_BATCH_SIZE", "sixteen", r"batch_size.*integer.*'sixteen'"),
-    ("FACEPAY_POLICY_REQUIRE_BLINK", "maybe", r"policy\.require_blink.*true or false.*'maybe'"),
-    ("FACEPAY_POLICY_MARGIN", "a bit", r"policy\.margin.*number"),
-])
+@pytest.mark.parametrize(
+    "variable, value, message",
+    [
+        ("FACEPAY_BATCH_SIZE", "sixteen", r"batch_size.*integer.*'sixteen'"),
+        ("FACEPAY_POLICY_REQUIRE_BLINK", "maybe", r"policy\.require_blink.*true or false.*'maybe'"),
+        ("FACEPAY_POLICY_MARGIN", "a bit", r"policy\.margin.*number"),
+    ],
+)
 def test_values_that_are_not_of_the_settings_type_are_errors_naming_it(variable, value, message):
     with pytest.raises(SettingsError, match=message):
         load_settings({variable: value})
@@ -127,7 +137,12 @@ def test_the_cli_reports_a_configuration_error_in_one_line(tmp_path):
 
     config = tmp_path / "facepay.yaml"
     config.write_text("policy:\n  min_agreing_frames: 2\n")
-    done = subprocess.run([sys.executable, "-m", "facepay", "config", "show"], capture_output=True, text=True,
-                          env={**os.environ, "FACEPAY_CONFIG": str(config)}, timeout=120)
+    done = subprocess.run(
+        [sys.executable, "-m", "facepay", "config", "show"],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "FACEPAY_CONFIG": str(config)},
+        timeout=120,
+    )
     assert done.returncode == 2 and "Traceback" not in done.stderr
     assert "policy.min_agreing_frames" in done.stderr and "min_agreeing_frames" in done.stderr

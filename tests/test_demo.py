@@ -13,8 +13,13 @@ pytestmark = pytest.mark.slow
 
 def test_the_demo_runs_on_the_built_in_face_and_leaves_no_process_behind(tmp_path):
     env = {**os.environ, "FACEPAY_TEST_DATA": str(tmp_path / "no-data-here")}
-    done = subprocess.run([sys.executable, "-m", "facepay", "demo", "--workdir", str(tmp_path / "demo")],
-                          env=env, capture_output=True, text=True, timeout=600)
+    done = subprocess.run(
+        [sys.executable, "-m", "facepay", "demo", "--workdir", str(tmp_path / "demo")],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     out = done.stdout
     assert "blink-liveness rule is relaxed" in out, "the demo says which rule it relaxes"
@@ -45,9 +50,24 @@ def test_the_demo_on_ones_own_photos_and_webm_video_runs_every_rule_and_says_why
         writer.write(still)
     writer.release()
     env = {**os.environ, "FACEPAY_TEST_DATA": str(tmp_path / "no-data-here")}
-    done = subprocess.run([sys.executable, "-m", "facepay", "demo", "--workdir", str(tmp_path / "demo"),
-                           "--enroll", str(people), "--camera", str(tmp_path / "me.webm")],
-                          env=env, capture_output=True, text=True, timeout=600)
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "facepay",
+            "demo",
+            "--workdir",
+            str(tmp_path / "demo"),
+            "--enroll",
+            str(people),
+            "--camera",
+            str(tmp_path / "me.webm"),
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     out = done.stdout
     assert "relaxed" not in out, "nothing relaxed without --relax-liveness"

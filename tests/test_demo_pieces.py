@@ -16,8 +16,9 @@ from facepay.contract import pb
 
 
 def args(enroll=None, camera=None, relax_liveness=False) -> argparse.Namespace:
-    return argparse.Namespace(enroll=enroll and str(enroll), camera=camera and [str(c) for c in camera],
-                              relax_liveness=relax_liveness)
+    return argparse.Namespace(
+        enroll=enroll and str(enroll), camera=camera and [str(c) for c in camera], relax_liveness=relax_liveness
+    )
 
 
 def own_data(tmp_path):
@@ -60,9 +61,14 @@ def test_a_person_folder_without_photos_is_a_clear_error(tmp_path):
 
 
 def test_a_rejected_enrollment_says_why_for_each_photo():
-    reply = pb.EnrollResponse(user_id="alice", status=pb.EnrollResponse.REJECTED, images=[
-        pb.ImageVerdict(index=0, accepted=False, reason=pb.POSE_ROLL, detail="pose_roll"),
-        pb.ImageVerdict(index=1, accepted=False, reason=pb.FACE_TOO_SMALL, detail="face_too_small")])
+    reply = pb.EnrollResponse(
+        user_id="alice",
+        status=pb.EnrollResponse.REJECTED,
+        images=[
+            pb.ImageVerdict(index=0, accepted=False, reason=pb.POSE_ROLL, detail="pose_roll"),
+            pb.ImageVerdict(index=1, accepted=False, reason=pb.FACE_TOO_SMALL, detail="face_too_small"),
+        ],
+    )
     lines = enrollment_report("alice", ["IMG_1.jpg", "IMG_2.jpg"], reply, seconds=1.2)
     assert lines[0].startswith("enroll alice") and "REJECTED" in lines[0] and "0/2 images accepted" in lines[0]
     assert "IMG_1.jpg" in lines[1] and "pose_roll" in lines[1]
@@ -70,18 +76,26 @@ def test_a_rejected_enrollment_says_why_for_each_photo():
 
 
 def test_an_accepted_enrollment_is_one_line_and_a_duplicate_names_the_other_user():
-    ok = pb.EnrollResponse(user_id="a", status=pb.EnrollResponse.ENROLLED,
-                           images=[pb.ImageVerdict(index=0, accepted=True)])
+    ok = pb.EnrollResponse(
+        user_id="a", status=pb.EnrollResponse.ENROLLED, images=[pb.ImageVerdict(index=0, accepted=True)]
+    )
     assert len(enrollment_report("a", ["1.jpg"], ok, seconds=0.5)) == 1
-    duplicate = pb.EnrollResponse(user_id="b", status=pb.EnrollResponse.DUPLICATE, duplicate_of="a",
-                                  duplicate_score=0.97, images=[pb.ImageVerdict(index=0, accepted=True)])
+    duplicate = pb.EnrollResponse(
+        user_id="b",
+        status=pb.EnrollResponse.DUPLICATE,
+        duplicate_of="a",
+        duplicate_score=0.97,
+        images=[pb.ImageVerdict(index=0, accepted=True)],
+    )
     assert "already enrolled as a" in enrollment_report("b", ["1.jpg"], duplicate, seconds=0.5)[0]
 
 
 def test_the_rules_of_a_session_are_named_and_a_relaxed_one_says_so():
     assert describe_rules(SessionPolicy()) == "rules: 2 agreeing frames, margin 0.02, blink"  # dlib's defaults
-    assert describe_rules(SessionPolicy(margin=0.05, min_agreeing_frames=3)) == "rules: 3 agreeing frames, margin 0.05, blink"
+    assert (
+        describe_rules(SessionPolicy(margin=0.05, min_agreeing_frames=3))
+        == "rules: 3 agreeing frames, margin 0.05, blink"
+    )
     assert describe_rules(SessionPolicy(), "arcface-mbf-w600k") == "rules: 1 agreeing frames, margin 0.15, blink"
-    assert describe_rules(SessionPolicy(require_blink=False)) == \
-        "rules: 2 agreeing frames, margin 0.02, blink RELAXED"
+    assert describe_rules(SessionPolicy(require_blink=False)) == "rules: 2 agreeing frames, margin 0.02, blink RELAXED"
     assert describe_rules(SessionPolicy(min_passive_liveness=0.5)).endswith("blink, anti-spoof ≥ 0.5")

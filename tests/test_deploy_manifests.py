@@ -45,20 +45,33 @@ pytestmark = pytest.mark.skipif(KUBECTL is None, reason="no kubectl: `make deplo
 
 
 def kustomize(directory: Path) -> list[dict]:
-    out = subprocess.run([KUBECTL, "kustomize", "--load-restrictor", "LoadRestrictionsNone", str(directory)],
-                         capture_output=True, text=True, timeout=60)
+    out = subprocess.run(
+        [KUBECTL, "kustomize", "--load-restrictor", "LoadRestrictionsNone", str(directory)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert out.returncode == 0, out.stderr
     return [d for d in yaml.safe_load_all(out.stdout) if d]
 
 
-def kustomize_with(tmp: Path, resources: list[str], components: list[str] = (), patches: list[dict] = (),
-                   replacements: list[str] = ()) -> list[dict]:
+def kustomize_with(
+    tmp: Path, resources: list[str], components: list[str] = (), patches: list[dict] = (), replacements: list[str] = ()
+) -> list[dict]:
     """An overlay made on the spot (as a user's own overlay would be) over the repository's."""
     relative = lambda p: os.path.relpath(K8S / p, tmp)  # noqa: E731 (kustomize refuses absolute paths)
-    (tmp / "kustomization.yaml").write_text(yaml.safe_dump({
-        "apiVersion": "kustomize.config.k8s.io/v1beta1", "kind": "Kustomization",
-        "resources": [relative(r) for r in resources], "components": [relative(c) for c in components],
-        "patches": list(patches), "replacements": [{"path": relative(r)} for r in replacements]}))
+    (tmp / "kustomization.yaml").write_text(
+        yaml.safe_dump(
+            {
+                "apiVersion": "kustomize.config.k8s.io/v1beta1",
+                "kind": "Kustomization",
+                "resources": [relative(r) for r in resources],
+                "components": [relative(c) for c in components],
+                "patches": list(patches),
+                "replacements": [{"path": relative(r)} for r in replacements],
+            }
+        )
+    )
     return kustomize(tmp)
 
 
@@ -72,13 +85,16 @@ def embedded_gallery() -> tuple[dict, ...]:
     import tempfile
 
     with tempfile.TemporaryDirectory() as tmp:
-        return tuple(kustomize_with(Path(tmp), ["overlays/cpu"], ["components/embedded-gallery", "components/camera-mtls"]))
+        return tuple(
+            kustomize_with(Path(tmp), ["overlays/cpu"], ["components/embedded-gallery", "components/camera-mtls"])
+        )
 
 
 def jobs() -> list[dict]:
     """The on-demand Job templates, with the ConfigMap they read (from the cpu overlay)."""
-    return [yaml.safe_load(p.read_text()) for p in sorted((K8S / "jobs").glob("*.yaml"))] + \
-        [of_kind(rendered("cpu"), "ConfigMap")["facepay-config"]]
+    return [yaml.safe_load(p.read_text()) for p in sorted((K8S / "jobs").glob("*.yaml"))] + [
+        of_kind(rendered("cpu"), "ConfigMap")["facepay-config"]
+    ]
 
 
 def renderings() -> dict[str, tuple[dict, ...]]:
@@ -141,8 +157,11 @@ def _closed(schema: dict) -> dict:
 
     def close(node):
         if isinstance(node, dict):
-            if "properties" in node and "additionalProperties" not in node \
-                    and not node.get("x-kubernetes-preserve-unknown-fields"):
+            if (
+                "properties" in node
+                and "additionalProperties" not in node
+                and not node.get("x-kubernetes-preserve-unknown-fields")
+            ):
                 node["additionalProperties"] = False
             for value in node.values():
                 close(value)
@@ -160,8 +179,9 @@ def keda_schemas() -> dict[str, dict]:
     for path in (K8S / "schemas" / "keda").glob("*.yaml"):
         crd = yaml.safe_load(path.read_text())
         for version in crd["spec"]["versions"]:
-            schemas[f"{crd['spec']['group']}/{version['name']}/{crd['spec']['names']['kind']}"] = \
-                _closed(version["schema"]["openAPIV3Schema"])
+            schemas[f"{crd['spec']['group']}/{version['name']}/{crd['spec']['names']['kind']}"] = _closed(
+                version["schema"]["openAPIV3Schema"]
+            )
     return schemas
 
 
@@ -174,8 +194,10 @@ def test_keda_objects_validate_against_the_vendored_crd_schemas():
         assert len(keda) == 6, name  # five ScaledObjects and their TriggerAuthentication
         for doc in keda:
             schema = keda_schemas()[f"{doc['apiVersion']}/{doc['kind']}"]
-            errors = [f"{'/'.join(map(str, e.absolute_path))}: {e.message}"
-                      for e in jsonschema.Draft7Validator(schema).iter_errors(doc)]
+            errors = [
+                f"{'/'.join(map(str, e.absolute_path))}: {e.message}"
+                for e in jsonschema.Draft7Validator(schema).iter_errors(doc)
+            ]
             assert not errors, f"{name}: {doc['kind']}/{doc['metadata']['name']}: {errors}"
 
 
@@ -196,8 +218,13 @@ def checkov() -> str | None:
 def test_checkov_passes_every_overlay_and_job_with_each_skip_justified(tmp_path):
     for name, docs in {**renderings(), "jobs": jobs()}.items():
         (tmp_path / f"{name}.yaml").write_text(yaml.safe_dump_all(docs))
-    out = subprocess.run([checkov(), "-d", str(tmp_path), "--config-file", str(K8S / "checkov.yaml")],
-                         capture_output=True, text=True, timeout=300, env={**os.environ, "BC_SKIP_MAPPING": "TRUE"})
+    out = subprocess.run(
+        [checkov(), "-d", str(tmp_path), "--config-file", str(K8S / "checkov.yaml")],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "BC_SKIP_MAPPING": "TRUE"},
+    )
     assert out.returncode == 0, out.stdout[-6000:] + out.stderr[-2000:]
     config = (K8S / "checkov.yaml").read_text()
     for check in yaml.safe_load(config)["skip-check"]:  # each skip has a comment right above it
@@ -223,10 +250,12 @@ def test_the_settings_the_manifests_set_load_and_validate():
     """The literal values, as facepay reads them at start-up (file paths checked by the next test)."""
     for name, docs in renderings().items():
         for component, container, _ in facepay_containers(docs):
-            env = {k: v for k, v in env_of(container, docs).items() if v is not None
-                   and not k.endswith("_FILE")}
+            env = {k: v for k, v in env_of(container, docs).items() if v is not None and not k.endswith("_FILE")}
             settings = load_settings(env)
-            assert settings.device == ("cuda" if name == "gpu" and component in GPU_STAGES else "cpu"), (name, component)
+            assert settings.device == ("cuda" if name == "gpu" and component in GPU_STAGES else "cpu"), (
+                name,
+                component,
+            )
 
 
 def test_every_file_a_setting_names_is_mounted_in_that_container():
@@ -280,7 +309,7 @@ def _check_streams(docs, namespace: str) -> None:
     scaled = of_kind(docs, "ScaledObject")
     assert set(scaled) == {f"facepay-{s}" for s in STAGES}
     for stage in STAGES:
-        trigger, = scaled[f"facepay-{stage}"]["spec"]["triggers"]
+        (trigger,) = scaled[f"facepay-{stage}"]["spec"]["triggers"]
         cls = _stage_class(stage)
         assert trigger["type"] == "redis-streams"
         assert trigger["metadata"]["stream"] == settings.key(cls.input), stage
@@ -295,8 +324,10 @@ def test_keda_reads_the_stream_and_group_each_stage_consumes():
 
 def test_the_stream_names_follow_the_namespace_setting(tmp_path):
     """One source of truth: change FACEPAY_NAMESPACE, and KEDA watches the new streams."""
-    patch = {"target": {"kind": "ConfigMap", "name": "facepay-config"},
-             "patch": '[{"op": "replace", "path": "/data/FACEPAY_NAMESPACE", "value": "shop7"}]'}
+    patch = {
+        "target": {"kind": "ConfigMap", "name": "facepay-config"},
+        "patch": '[{"op": "replace", "path": "/data/FACEPAY_NAMESPACE", "value": "shop7"}]',
+    }
     docs = kustomize_with(tmp_path, ["overlays/cpu"], patches=[patch], replacements=["base/stream-names.yaml"])
     _check_streams(docs, "shop7")
 
@@ -311,12 +342,14 @@ def test_no_replicas_on_autoscaled_deployments_and_keda_authenticates_with_passw
         targets += [h["spec"]["scaleTargetRef"]["name"] for h in of_kind(docs, "HorizontalPodAutoscaler").values()]
         assert {n for n in deployments if n.startswith("facepay-")} <= set(targets), name
         for target in targets:
-            assert "replicas" not in deployments[target]["spec"], f"{name}: {target} has replicas: (fights the autoscaler)"
+            assert "replicas" not in deployments[target]["spec"], (
+                f"{name}: {target} has replicas: (fights the autoscaler)"
+            )
         for scaled in of_kind(docs, "ScaledObject").values():
             spec = scaled["spec"]
             assert spec["fallback"]["replicas"] >= 1 and spec["pollingInterval"] and spec["cooldownPeriod"]
             assert spec["triggers"][0]["authenticationRef"]["name"] == "facepay-keda-redis"
-        auth, = of_kind(docs, "TriggerAuthentication").values()
+        (auth,) = of_kind(docs, "TriggerAuthentication").values()
         parameters = {r["parameter"]: r["name"] for r in auth["spec"]["secretTargetRef"]}
         assert {"address", "username", "password", "tls", "ca"} <= set(parameters)
         assert set(parameters.values()) == {"facepay-keda"}
@@ -333,8 +366,11 @@ def test_the_gpu_overlay_gives_the_torch_stages_a_gpu_and_only_them():
         if wants_gpu:
             assert spec["nodeSelector"] and any(t["key"] == "nvidia.com/gpu" for t in spec["tolerations"])
     for overlay in ("cpu", "dev"):
-        assert not [d for d in of_kind(rendered(overlay), "Deployment").values()
-                    if "nvidia.com/gpu" in d["spec"]["template"]["spec"]["containers"][0]["resources"]["limits"]]
+        assert not [
+            d
+            for d in of_kind(rendered(overlay), "Deployment").values()
+            if "nvidia.com/gpu" in d["spec"]["template"]["spec"]["containers"][0]["resources"]["limits"]
+        ]
 
 
 def test_every_pod_is_locked_down_probed_limited_and_covered_by_a_disruption_budget():
@@ -346,12 +382,17 @@ def test_every_pod_is_locked_down_probed_limited_and_covered_by_a_disruption_bud
                 continue
             where = f"{name}: {doc['kind']}/{doc['metadata'].get('name') or doc['metadata'].get('generateName')}"
             assert spec["automountServiceAccountToken"] is False, where
-            assert spec["securityContext"]["runAsNonRoot"] and spec["securityContext"]["seccompProfile"]["type"] == "RuntimeDefault", where
+            assert (
+                spec["securityContext"]["runAsNonRoot"]
+                and spec["securityContext"]["seccompProfile"]["type"] == "RuntimeDefault"
+            ), where
             for container in spec["containers"]:
                 context = container["securityContext"]
                 assert context["readOnlyRootFilesystem"] and context["allowPrivilegeEscalation"] is False, where
                 assert context["capabilities"]["drop"] == ["ALL"], where
-                assert {"cpu", "memory"} <= set(container["resources"]["requests"]) & set(container["resources"]["limits"]), where
+                assert {"cpu", "memory"} <= set(container["resources"]["requests"]) & set(
+                    container["resources"]["limits"]
+                ), where
                 if "facepay" in container["image"]:
                     assert spec["securityContext"]["runAsUser"] == 10001, where  # the image's uid
                     writable = {m["mountPath"] for m in container["volumeMounts"] if not m.get("readOnly")}
@@ -366,11 +407,17 @@ def test_every_pod_is_locked_down_probed_limited_and_covered_by_a_disruption_bud
 
 
 def test_each_component_gets_only_its_own_secrets():
-    allowed = {c: {f"facepay-{c}"} for c in COMPONENTS} | {"gateway": {"facepay-gateway", "facepay-gateway-tls", "facepay-camera-ca"}}
+    allowed = {c: {f"facepay-{c}"} for c in COMPONENTS} | {
+        "gateway": {"facepay-gateway", "facepay-gateway-tls", "facepay-camera-ca"}
+    }
     for name, docs in renderings().items():
         for component, container, spec in facepay_containers(docs):
             used = {v["secret"]["secretName"] for v in spec.get("volumes", []) if "secret" in v}
-            used |= {v["valueFrom"]["secretKeyRef"]["name"] for v in container.get("env", []) if "secretKeyRef" in v.get("valueFrom", {})}
+            used |= {
+                v["valueFrom"]["secretKeyRef"]["name"]
+                for v in container.get("env", [])
+                if "secretKeyRef" in v.get("valueFrom", {})
+            }
             used |= {s["secretRef"]["name"] for s in container.get("envFrom", []) if "secretRef" in s}
             assert used <= allowed[component], f"{name}: {component} reads {used - allowed[component]}"
             env = env_of(container, docs)
@@ -378,8 +425,12 @@ def test_each_component_gets_only_its_own_secrets():
             assert "FACEPAY_OPERATOR_KEY_FILE" not in env, f"{name}: {component} holds the operator key"
             assert env["FACEPAY_KEY_FILE"].startswith("/etc/facepay/secrets/"), component
     # the operator's key: only in the on-demand admin Job
-    holders = [d["metadata"]["generateName"] for d in jobs() for _, c, _ in facepay_containers([d])
-               if "FACEPAY_OPERATOR_KEY_FILE" in {e["name"] for e in c.get("env", [])}]
+    holders = [
+        d["metadata"]["generateName"]
+        for d in jobs()
+        for _, c, _ in facepay_containers([d])
+        if "FACEPAY_OPERATOR_KEY_FILE" in {e["name"] for e in c.get("env", [])}
+    ]
     assert holders == ["facepay-admin-"]
 
 
@@ -388,8 +439,12 @@ def test_only_the_gateway_is_reachable_and_only_the_recognizer_reaches_qdrant():
         policies = of_kind(docs, "NetworkPolicy")
         deny = policies["default-deny"]["spec"]
         assert deny["podSelector"] == {} and set(deny["policyTypes"]) == {"Ingress", "Egress"}
-        open_ingress = [p for p in policies.values() if "Ingress" in p["spec"]["policyTypes"]
-                        and any("from" not in rule for rule in p["spec"].get("ingress", []))]
+        open_ingress = [
+            p
+            for p in policies.values()
+            if "Ingress" in p["spec"]["policyTypes"]
+            and any("from" not in rule for rule in p["spec"].get("ingress", []))
+        ]
         assert [p["metadata"]["name"] for p in open_ingress] == ["facepay-gateway-ingress"], name
         pods = {d["metadata"]["name"]: d["spec"]["template"]["metadata"]["labels"] for d in docs if pod_spec(d)}
         qdrant_clients = [n for n, labels in pods.items() if labels.get("facepay.io/gallery-client") == "true"]
@@ -423,12 +478,33 @@ def test_the_dev_valkey_starts_as_its_manifest_says_with_the_acl_file_facepay_wr
     data.mkdir()
     passwords = redis_acl.load_or_create_passwords(tmp_path / "credentials", redis_acl.COMPONENTS)
     acl_file = tmp_path / "users.acl"
-    subprocess.run([sys.executable, "-m", "facepay", "redis", "acl", "--namespace", "fp", "--out", str(tmp_path / "credentials"),
-                    "--acl-file", str(acl_file)], capture_output=True, check=True)
-    swap = {"valkey-server": _bundled_binary(), "6379": str(port), "/data": str(data), "/etc/valkey/users.acl": str(acl_file)}
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "facepay",
+            "redis",
+            "acl",
+            "--namespace",
+            "fp",
+            "--out",
+            str(tmp_path / "credentials"),
+            "--acl-file",
+            str(acl_file),
+        ],
+        capture_output=True,
+        check=True,
+    )
+    swap = {
+        "valkey-server": _bundled_binary(),
+        "6379": str(port),
+        "/data": str(data),
+        "/etc/valkey/users.acl": str(acl_file),
+    }
     args = [swap.get(a, a) for a in container["args"]] + ["--bind", "127.0.0.1"]  # loopback here
     server = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
+
         def client(user: str) -> redis.Redis:
             return redis.Redis.from_url(redis_acl.component_url(f"redis://127.0.0.1:{port}/0", user, passwords[user]))
 
@@ -489,12 +565,21 @@ class Pod:
         for variable, value in env_of(self.container, rendered("dev")).items():
             if value is None:
                 ref = next(e["valueFrom"] for e in self.container["env"] if e["name"] == variable)
-                value = secrets[ref["secretKeyRef"]["name"]][ref["secretKeyRef"]["key"]] if "secretKeyRef" in ref else f"{name}-0"
+                value = (
+                    secrets[ref["secretKeyRef"]["name"]][ref["secretKeyRef"]["key"]]
+                    if "secretKeyRef" in ref
+                    else f"{name}-0"
+                )
             for mount_path, folder in self.paths.items():
                 if value.startswith(mount_path + "/"):
-                    value = str(folder) + value[len(mount_path):]
+                    value = str(folder) + value[len(mount_path) :]
                     break
-            if variable in ("FACEPAY_GRPC_ADDRESS", "FACEPAY_GRPC_HEALTH_ADDRESS", "FACEPAY_METRICS_PORT", "FACEPAY_HEALTH_PORT"):
+            if variable in (
+                "FACEPAY_GRPC_ADDRESS",
+                "FACEPAY_GRPC_HEALTH_ADDRESS",
+                "FACEPAY_METRICS_PORT",
+                "FACEPAY_HEALTH_PORT",
+            ):
                 self.ports[variable] = free_port()
                 value = f"127.0.0.1:{self.ports[variable]}" if "ADDRESS" in variable else str(self.ports[variable])
             self.env[variable] = value
@@ -502,9 +587,13 @@ class Pod:
 
     def start(self) -> subprocess.Popen:
         base = {k: os.environ[k] for k in ("PATH", "LANG", "FACEPAY_MODEL_CACHE") if k in os.environ}
-        self.process = subprocess.Popen([sys.executable, "-m", "facepay", *self.container["args"]], cwd=self.paths["/var/lib/facepay"],
-                                        env={**base, "HOME": str(self.paths["/var/lib/facepay"]), "PYTHONPATH": str(ROOT), **self.env},
-                                        stdout=subprocess.DEVNULL, stderr=open(self.root / "stderr", "w"))  # noqa: SIM115 - the child writes it
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "facepay", *self.container["args"]],
+            cwd=self.paths["/var/lib/facepay"],
+            env={**base, "HOME": str(self.paths["/var/lib/facepay"]), "PYTHONPATH": str(ROOT), **self.env},
+            stdout=subprocess.DEVNULL,
+            stderr=open(self.root / "stderr", "w"),  # noqa: SIM115 - the child writes it
+        )
         return self.process
 
     def stderr(self) -> str:
@@ -528,13 +617,23 @@ def test_the_gateway_and_a_worker_start_with_exactly_what_their_manifests_give_t
     trusted = keys.generate(tmp_path / "keys").read_text()
     ca, cert, key = make_local_certificates(tmp_path / "tls")
     with EmbeddedValkey(tmp_path / "valkey", namespace="fp") as valkey:
-        secrets = {f"facepay-{c}": {"ed25519.key": (tmp_path / "keys" / f"{c}.key").read_text(),
-                                    "redis-password": valkey.passwords[c],
-                                    "redis-url": f"redis://{c}@127.0.0.1:{valkey.port}/0"} for c in ("pose", "gateway")}
-        secrets["facepay-gateway"] |= {"cameras.yaml": yaml.safe_dump(demo_access({"store-1": ["cam-1"]})), "operator-token": "t" * 32}
+        secrets = {
+            f"facepay-{c}": {
+                "ed25519.key": (tmp_path / "keys" / f"{c}.key").read_text(),
+                "redis-password": valkey.passwords[c],
+                "redis-url": f"redis://{c}@127.0.0.1:{valkey.port}/0",
+            }
+            for c in ("pose", "gateway")
+        }
+        secrets["facepay-gateway"] |= {
+            "cameras.yaml": yaml.safe_dump(demo_access({"store-1": ["cam-1"]})),
+            "operator-token": "t" * 32,
+        }
         secrets["facepay-gateway-tls"] = {"tls.crt": cert.read_text(), "tls.key": key.read_text()}
-        pods = [Pod(name, tmp_path, secrets, {"facepay-trusted-keys": {"trusted.yaml": trusted}})
-                for name in ("facepay-pose", "facepay-gateway")]
+        pods = [
+            Pod(name, tmp_path, secrets, {"facepay-trusted-keys": {"trusted.yaml": trusted}})
+            for name in ("facepay-pose", "facepay-gateway")
+        ]
         for pod in pods:
             pod.start()
         pose, gateway = pods
@@ -545,20 +644,26 @@ def test_the_gateway_and_a_worker_start_with_exactly_what_their_manifests_give_t
                 assert pod.process.poll() is None, pod.stderr()
                 return check()
 
-            wait_until(lambda: up(pose, lambda: admin.sismember("fp:workers:ready", "facepay-pose-0")), 120, "pose registered")
+            wait_until(
+                lambda: up(pose, lambda: admin.sismember("fp:workers:ready", "facepay-pose-0")), 120, "pose registered"
+            )
             if "FACEPAY_HEALTH_PORT" in setting_variables():  # once the worker health endpoint is merged
                 import urllib.error
                 import urllib.request
 
                 def answers(path: str) -> int:
                     try:
-                        return urllib.request.urlopen(f"http://127.0.0.1:{pose.ports['FACEPAY_HEALTH_PORT']}{path}", timeout=2).status
+                        return urllib.request.urlopen(
+                            f"http://127.0.0.1:{pose.ports['FACEPAY_HEALTH_PORT']}{path}", timeout=2
+                        ).status
                     except urllib.error.HTTPError as exc:
                         return exc.code
                     except OSError:
                         return 0
 
-                wait_until(lambda: answers(WORKER_PROBE_PATHS["readinessProbe"]) == 200, 60, "pose ready on its probe path")
+                wait_until(
+                    lambda: answers(WORKER_PROBE_PATHS["readinessProbe"]) == 200, 60, "pose ready on its probe path"
+                )
                 assert answers(WORKER_PROBE_PATHS["livenessProbe"]) == 200
 
             def serving(address: str, credentials=None) -> bool:

@@ -22,11 +22,19 @@ def gateway(tmp_path_factory):
     """A real gateway on a real Valkey: all a payment backend talks to."""
     access = demo_access({"store-1": ["cam-1"]})
     with EmbeddedValkey(tmp_path_factory.mktemp("vk")) as valkey:
-        settings = Settings(redis_url=valkey.url, namespace=f"h{uuid.uuid4().hex[:6]}",
-                            grpc_address=f"127.0.0.1:{free_port()}", **signing_as("gateway"))
+        settings = Settings(
+            redis_url=valkey.url,
+            namespace=f"h{uuid.uuid4().hex[:6]}",
+            grpc_address=f"127.0.0.1:{free_port()}",
+            **signing_as("gateway"),
+        )
         server = serve(settings, CameraRegistry.from_dict(access))
-        yield types.SimpleNamespace(address=settings.grpc_address, access=access, settings=settings,
-                                    channel=lambda: grpc.insecure_channel(settings.grpc_address))
+        yield types.SimpleNamespace(
+            address=settings.grpc_address,
+            access=access,
+            settings=settings,
+            channel=lambda: grpc.insecure_channel(settings.grpc_address),
+        )
         server.stop(0)
 
 

@@ -57,9 +57,17 @@ def test_a_folder_tree_enrolls_as_rq_jobs_and_users_can_be_listed(pipeline, peop
         (tree / name).mkdir(parents=True)
         (tree / name / paths[0].name).symlink_to(paths[0])
     seen = []
-    results = enroll_tree(pipeline.settings.redis_url, tree, pipeline.address, pipeline.settings.operator_token,
-                          "demo", inline_workers=2, progress=lambda done, total: seen.append((done, total)), timeout_s=300,
-                          tls=pipeline.tls)
+    results = enroll_tree(
+        pipeline.settings.redis_url,
+        tree,
+        pipeline.address,
+        pipeline.settings.operator_token,
+        "demo",
+        inline_workers=2,
+        progress=lambda done, total: seen.append((done, total)),
+        timeout_s=300,
+        tls=pipeline.tls,
+    )
     assert {r["user_id"]: r["status"] for r in results} == dict.fromkeys(chosen, "enrolled")
     assert seen[-1] == (3, 3)
     assert not tokens_in_job_data(pipeline), "rq job data (in Redis) carries no operator token"
@@ -140,8 +148,12 @@ def test_users_commands_say_when_no_recognizer_answers(tmp_path):
     from facepay.app.admin import AdminError
 
     keys.generate(tmp_path)
-    settings = Settings(redis_url="redis://127.0.0.1:6379/0", namespace="nobody-home",
-                        operator_key_file=str(tmp_path / "operator.key"), trusted_keys_file=str(tmp_path / "trusted.yaml"))
+    settings = Settings(
+        redis_url="redis://127.0.0.1:6379/0",
+        namespace="nobody-home",
+        operator_key_file=str(tmp_path / "operator.key"),
+        trusted_keys_file=str(tmp_path / "trusted.yaml"),
+    )
     try:
         redis.Redis(port=6379, socket_connect_timeout=1).ping()
     except redis.ConnectionError:
@@ -192,7 +204,9 @@ def test_a_gallery_moves_to_arcface_without_anyone_enrolling_again(pipeline, fac
     assert enroll(pipeline, name, [paths[0].read_bytes(), paths[1].read_bytes()]).status == pb.EnrollResponse.ENROLLED
     kept = FaceSources(redis.Redis.from_url(pipeline.settings.redis_url), pipeline.settings).load(name)
     assert len(kept["chips"]) == 2 and all({"arcface112", "dlib150"} <= set(c) for c in kept["chips"])
-    results = {r["user_id"]: r for r in reindex(pipeline.settings, "arcface-mbf-w600k", inline_workers=1, timeout_s=300)}
+    results = {
+        r["user_id"]: r for r in reindex(pipeline.settings, "arcface-mbf-w600k", inline_workers=1, timeout_s=300)
+    }
     assert results[name]["status"] == "reindexed" and results[name]["samples"] == 2
     assert results[name]["space"] == "arcface-mbf-w600k+facemesh"
     assert name in call(pipeline.settings, "list_users", space="arcface-mbf-w600k+facemesh")["users"]

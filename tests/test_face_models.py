@@ -266,8 +266,7 @@ def test_eye_aspect_ratio(astronaut_landmarks: np.ndarray, identity_faces: dict[
     open_ear = eye_aspect_ratio(astronaut_landmarks)
     closed_ear = eye_aspect_ratio(_close_eyes(astronaut_landmarks))
     print(
-        f"\n[ear] astronaut open {np.round(open_ear, 3).tolist()}, "
-        f"synthetic closed {np.round(closed_ear, 3).tolist()}"
+        f"\n[ear] astronaut open {np.round(open_ear, 3).tolist()}, synthetic closed {np.round(closed_ear, 3).tolist()}"
     )
     assert all(c < 0.05 < 0.15 < o for c, o in zip(closed_ear, open_ear, strict=True))
     ears = np.array([np.mean(eye_aspect_ratio(f.landmarks)) for f in identity_faces.values() if f is not None])
@@ -394,8 +393,7 @@ def test_head_pose_on_real_faces(
         return f"pitch {p.pitch:+.1f} yaw {p.yaw:+.1f} roll {p.roll:+.1f}"
 
     print(
-        f"\n[pose] astronaut {fmt(pose)} → gate {gate.check(pose)}; "
-        f"mirrored {fmt(m_pose)}; turned 10° cw {fmt(t_pose)}"
+        f"\n[pose] astronaut {fmt(pose)} → gate {gate.check(pose)}; mirrored {fmt(m_pose)}; turned 10° cw {fmt(t_pose)}"
     )
     assert gate.check(pose) is None
     assert abs(m_pose.yaw + pose.yaw) < 3 and abs(m_pose.roll + pose.roll) < 3
@@ -480,7 +478,11 @@ def test_the_numpy_dlib_chip_gives_the_descriptors_of_dlibs_own_chip(faces):
     from services.aligner.landmarks import DlibLandmarks68, dlib_face_chip
     from services.recognizer.embedder import load_embedder
 
-    detector, landmarks, embedder = _dlib.get_frontal_face_detector(), DlibLandmarks68(), load_embedder("dlib-resnet-v1", "cpu")
+    detector, landmarks, embedder = (
+        _dlib.get_frontal_face_detector(),
+        DlibLandmarks68(),
+        load_embedder("dlib-resnet-v1", "cpu"),
+    )
     cosines = []
     for paths in list(faces.identities().values())[:10]:
         image = read_rgb(paths[0])

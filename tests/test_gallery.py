@@ -344,8 +344,18 @@ def test_collection_names_are_sanitised_and_never_collide() -> None:
 def test_point_ids_are_deterministic_uuids() -> None:
     pid = point_id(MODEL, "alice", "mean", 0)
     assert pid == point_id(MODEL, "alice", "mean", 0)
-    assert len({pid, point_id(MODEL, "alice", "sample", 0), point_id(MODEL, "alice", "mean", 1),
-                point_id("other", "alice", "mean", 0), point_id(MODEL, "bob", "mean", 0)}) == 5
+    assert (
+        len(
+            {
+                pid,
+                point_id(MODEL, "alice", "sample", 0),
+                point_id(MODEL, "alice", "mean", 1),
+                point_id("other", "alice", "mean", 0),
+                point_id(MODEL, "bob", "mean", 0),
+            }
+        )
+        == 5
+    )
 
 
 def test_open_gallery_dispatches_on_the_url(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

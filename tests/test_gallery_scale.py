@@ -39,8 +39,13 @@ def rng() -> np.random.Generator:
 
 
 def test_qdrant_settings_are_bounded_and_read_from_the_environment() -> None:
-    settings = load_settings({"FACEPAY_QDRANT_HNSW_M": "24", "FACEPAY_QDRANT_REPLICATION_FACTOR": "3",
-                              "FACEPAY_QDRANT_WRITE_CONSISTENCY_FACTOR": "2"})
+    settings = load_settings(
+        {
+            "FACEPAY_QDRANT_HNSW_M": "24",
+            "FACEPAY_QDRANT_REPLICATION_FACTOR": "3",
+            "FACEPAY_QDRANT_WRITE_CONSISTENCY_FACTOR": "2",
+        }
+    )
     assert settings.qdrant.hnsw_m == 24 and settings.qdrant.replication_factor == 3
     with pytest.raises(SettingsError, match=r"qdrant\.hnsw_m"):
         Settings(qdrant=QdrantTuning(hnsw_m=2))
@@ -215,9 +220,11 @@ def test_a_node_that_drops_connections_is_retried_a_bounded_number_of_times() ->
             conn.close()  # the request arrives, the node goes away before answering
 
     threading.Thread(target=drop_every_connection, daemon=True).start()
-    g = QdrantGallery(url=f"http://127.0.0.1:{listener.getsockname()[1]}",
-                      tuning=QdrantTuning(retries=3, retry_backoff_s=0.01, timeout_s=2),
-                      check_compatibility=False)  # no version request of its own on connecting
+    g = QdrantGallery(
+        url=f"http://127.0.0.1:{listener.getsockname()[1]}",
+        tuning=QdrantTuning(retries=3, retry_backoff_s=0.01, timeout_s=2),
+        check_compatibility=False,
+    )  # no version request of its own on connecting
     try:
         with pytest.raises(GalleryUnavailableError, match="after 4 attempts"):
             g.count(MODEL)

@@ -34,6 +34,7 @@ def jpeg(width: int = 64, height: int = 48) -> bytes:
 
 def png_claiming(width: int, height: int) -> bytes:
     """A PNG whose header declares an absurd size (a decompression bomb's first bytes)."""
+
     def chunk(kind: bytes, data: bytes) -> bytes:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
 
@@ -47,9 +48,13 @@ def gateway(tmp_path_factory):
     key_dir = tmp_path_factory.mktemp("keys")
     keys.generate(key_dir)
     with EmbeddedValkey(tmp_path_factory.mktemp("vk")) as valkey:
-        settings = Settings(redis_url=valkey.url, namespace=f"gw{uuid.uuid4().hex[:6]}",
-                            grpc_address=f"127.0.0.1:{free_port()}", key_file=str(key_dir / "gateway.key"),
-                            trusted_keys_file=str(key_dir / "trusted.yaml"))
+        settings = Settings(
+            redis_url=valkey.url,
+            namespace=f"gw{uuid.uuid4().hex[:6]}",
+            grpc_address=f"127.0.0.1:{free_port()}",
+            key_file=str(key_dir / "gateway.key"),
+            trusted_keys_file=str(key_dir / "trusted.yaml"),
+        )
         server = serve(settings, CameraRegistry.from_dict(access))
         yield settings, access, valkey
         server.stop(0)
@@ -64,8 +69,14 @@ def creds(access, camera: str, token: str | None = None):
 
 
 def frame(store="store-1", camera="cam-1", session="s-1", seq=0, image=None, **kw) -> pb.Frame:
-    return pb.Frame(camera_id=camera, store_id=store, session_id=session, sequence=seq,
-                    image=jpeg() if image is None else image, **kw)
+    return pb.Frame(
+        camera_id=camera,
+        store_id=store,
+        session_id=session,
+        sequence=seq,
+        image=jpeg() if image is None else image,
+        **kw,
+    )
 
 
 def queued(settings) -> list:
@@ -79,13 +90,16 @@ def status_of(call) -> grpc.StatusCode:
     return err.value.code()
 
 
-@pytest.mark.parametrize("image, declared, why", [
-    (b"\xff\xd8\xff\xe0 this is not really a jpeg", {}, "corrupt"),
-    (b"", {}, "empty"),
-    (png_claiming(100_000, 100_000), {}, "outside"),
-    (None, {"width": 100_000, "height": 3}, "declared size"),
-    (b"GIF89a" + b"\x00" * 64, {}, "corrupt"),
-])
+@pytest.mark.parametrize(
+    "image, declared, why",
+    [
+        (b"\xff\xd8\xff\xe0 this is not really a jpeg", {}, "corrupt"),
+        (b"", {}, "empty"),
+        (png_claiming(100_000, 100_000), {}, "outside"),
+        (None, {"width": 100_000, "height": 3}, "declared size"),
+        (b"GIF89a" + b"\x00" * 64, {}, "corrupt"),
+    ],
+)
 def test_bad_images_are_invalid_argument_with_a_reason(gateway, image, declared, why):
     settings, access, _ = gateway
     stub = stub_for(settings)
@@ -98,8 +112,14 @@ def test_bad_images_are_invalid_argument_with_a_reason(gateway, image, declared,
 def test_unknown_camera_and_wrong_token_are_unauthenticated(gateway):
     settings, access, _ = gateway
     stub = stub_for(settings)
-    assert status_of(lambda: stub.SubmitFrame(frame(), metadata=creds(access, "cam-1", "wrong"))) == grpc.StatusCode.UNAUTHENTICATED
-    assert status_of(lambda: stub.SubmitFrame(frame(), metadata=(("x-camera-id", "cam-9"),))) == grpc.StatusCode.UNAUTHENTICATED
+    assert (
+        status_of(lambda: stub.SubmitFrame(frame(), metadata=creds(access, "cam-1", "wrong")))
+        == grpc.StatusCode.UNAUTHENTICATED
+    )
+    assert (
+        status_of(lambda: stub.SubmitFrame(frame(), metadata=(("x-camera-id", "cam-9"),)))
+        == grpc.StatusCode.UNAUTHENTICATED
+    )
 
 
 def test_a_camera_cannot_submit_for_another_store(gateway):
@@ -120,8 +140,13 @@ def test_a_bad_frame_in_a_stream_gets_its_own_ack_and_the_stream_goes_on(gateway
         pb.CameraMessage(end=pb.SessionEnd(camera_id="cam-1", store_id="store-1", session_id=session, frame_count=4)),
     ]
     acks = list(stub_for(settings).StreamFrames(iter(messages), metadata=creds(access, "cam-1")))
-    assert [a.code for a in acks] == [0, grpc.StatusCode.INVALID_ARGUMENT.value[0],
-                                      grpc.StatusCode.PERMISSION_DENIED.value[0], 0, 0]
+    assert [a.code for a in acks] == [
+        0,
+        grpc.StatusCode.INVALID_ARGUMENT.value[0],
+        grpc.StatusCode.PERMISSION_DENIED.value[0],
+        0,
+        0,
+    ]
     mine = [m for m in queued(settings) if m.ref.session_id == session]
     assert [m.ref.sequence for m in mine] == [0, 3, -1], "only the good frames and the end marker are queued"
 
@@ -141,7 +166,9 @@ def test_an_acknowledged_frame_survives_a_server_crash(gateway):
     valkey.kill()
     valkey.start()
     assert any(m.ref.session_id == "durable" for m in queued(settings))
-    assert ack.entry_id in [e.decode() for e, _ in redis.Redis.from_url(settings.redis_url).xrange(settings.key("frames"))]
+    assert ack.entry_id in [
+        e.decode() for e, _ in redis.Redis.from_url(settings.redis_url).xrange(settings.key("frames"))
+    ]
 
 
 def test_with_the_server_down_frames_are_refused_unavailable_then_accepted_again(gateway):
@@ -164,8 +191,11 @@ def test_health_and_reflection_are_served(gateway):
     channel = grpc.insecure_channel(settings.grpc_address)
     health = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service="facepay.v1.FaceGateway"))
     assert health.status == health_pb2.HealthCheckResponse.SERVING
-    reply = next(reflection_pb2_grpc.ServerReflectionStub(channel).ServerReflectionInfo(
-        iter([reflection_pb2.ServerReflectionRequest(list_services="")])))
+    reply = next(
+        reflection_pb2_grpc.ServerReflectionStub(channel).ServerReflectionInfo(
+            iter([reflection_pb2.ServerReflectionRequest(list_services="")])
+        )
+    )
     assert "facepay.v1.FaceGateway" in [s.name for s in reply.list_services_response.service]
 
 
@@ -177,8 +207,10 @@ def test_a_camera_without_a_token_is_a_configuration_error():
 def test_subscribing_from_a_malformed_entry_id_is_invalid_argument(gateway):
     settings, access, _ = gateway
     token = access["stores"]["store-1"]["backend_token"]
-    call = stub_for(settings).SubscribeDecisions(pb.SubscribeRequest(store_id="store-1", after_entry_id="yesterday"),
-                                                 metadata=(("authorization", f"Bearer {token}"),))
+    call = stub_for(settings).SubscribeDecisions(
+        pb.SubscribeRequest(store_id="store-1", after_entry_id="yesterday"),
+        metadata=(("authorization", f"Bearer {token}"),),
+    )
     assert status_of(lambda: next(call)) == grpc.StatusCode.INVALID_ARGUMENT
 
 
@@ -191,8 +223,9 @@ def test_queued_frames_are_signed_and_their_origin_attested_with_the_image_diges
     settings, access, _ = gateway
     image = jpeg(80, 60)
     ack = stub_for(settings).SubmitFrame(frame(session="s-signed", image=image), metadata=creds(access, "cam-1"))
-    (_, fields), = redis.Redis.from_url(settings.redis_url).xrange(settings.key("frames"), min=ack.entry_id,
-                                                                   max=ack.entry_id)
+    ((_, fields),) = redis.Redis.from_url(settings.redis_url).xrange(
+        settings.key("frames"), min=ack.entry_id, max=ack.entry_id
+    )
     trusted = keys.load_trusted(settings.trusted_keys_file)
     signer, body = open_entry(fields, settings.key("frames"), trusted, {"gateway"})
     message = decode(body)
@@ -203,15 +236,18 @@ def test_queued_frames_are_signed_and_their_origin_attested_with_the_image_diges
 # ---- Kubernetes: drain on SIGTERM, connections retired after a maximum age (issue 13) ---------
 def health_at(address: str, service: str = "") -> int:
     with grpc.insecure_channel(address) as channel:
-        return health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=service), timeout=5).status
+        return (
+            health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=service), timeout=5).status
+        )
 
 
 def refused_as_unavailable(settings, access) -> bool:
     """A new call, on a new connection, is refused."""
     with grpc.insecure_channel(settings.grpc_address) as channel:
         try:
-            rpc.FaceGatewayStub(channel).SubmitFrame(frame(session=f"n-{uuid.uuid4().hex[:6]}"),
-                                                     metadata=creds(access, "cam-1"), timeout=2)
+            rpc.FaceGatewayStub(channel).SubmitFrame(
+                frame(session=f"n-{uuid.uuid4().hex[:6]}"), metadata=creds(access, "cam-1"), timeout=2
+            )
         except grpc.RpcError as error:
             return error.code() == grpc.StatusCode.UNAVAILABLE
     return False
@@ -219,8 +255,12 @@ def refused_as_unavailable(settings, access) -> bool:
 
 def gateway_for_deploy(gateway, **overrides):
     settings, access, _ = gateway
-    settings = settings.replace(namespace=f"gw{uuid.uuid4().hex[:6]}", grpc_address=f"127.0.0.1:{free_port()}",
-                                grpc_health_address=f"127.0.0.1:{free_port()}", **overrides)
+    settings = settings.replace(
+        namespace=f"gw{uuid.uuid4().hex[:6]}",
+        grpc_address=f"127.0.0.1:{free_port()}",
+        grpc_health_address=f"127.0.0.1:{free_port()}",
+        **overrides,
+    )
     return settings, serve(settings, CameraRegistry.from_dict(access))
 
 
@@ -233,7 +273,9 @@ def test_on_sigterm_health_says_not_serving_at_once_calls_in_flight_finish_and_n
         yield pb.CameraMessage(frame=frame(session=session, seq=0))
         release.wait(30)
         yield pb.CameraMessage(frame=frame(session=session, seq=1))
-        yield pb.CameraMessage(end=pb.SessionEnd(camera_id="cam-1", store_id="store-1", session_id=session, frame_count=2))
+        yield pb.CameraMessage(
+            end=pb.SessionEnd(camera_id="cam-1", store_id="store-1", session_id=session, frame_count=2)
+        )
 
     channel = grpc.insecure_channel(settings.grpc_address)
     try:
@@ -242,10 +284,12 @@ def test_on_sigterm_health_says_not_serving_at_once_calls_in_flight_finish_and_n
         stopped = server.drain()  # what SIGTERM does
         assert health_at(settings.grpc_address) == health_pb2.HealthCheckResponse.NOT_SERVING
         assert health_at(settings.grpc_health_address) == health_pb2.HealthCheckResponse.NOT_SERVING
-        assert health_at(settings.grpc_health_address, "liveness") == health_pb2.HealthCheckResponse.SERVING, \
+        assert health_at(settings.grpc_health_address, "liveness") == health_pb2.HealthCheckResponse.SERVING, (
             "a liveness probe does not restart a gateway finishing its calls"
-        assert rpc.FaceGatewayStub(channel).SubmitFrame(frame(session=f"d-{uuid.uuid4().hex[:6]}"), timeout=5,
-                                                        metadata=creds(access, "cam-1")), "served while draining"
+        )
+        assert rpc.FaceGatewayStub(channel).SubmitFrame(
+            frame(session=f"d-{uuid.uuid4().hex[:6]}"), timeout=5, metadata=creds(access, "cam-1")
+        ), "served while draining"
         wait_until(lambda: refused_as_unavailable(settings, access), 20, "new calls refused once the drain is over")
         assert not stopped.is_set(), "the call in flight holds the stop"
         release.set()
@@ -265,8 +309,9 @@ def test_connections_are_retired_after_their_maximum_age_and_clients_carry_on_ov
     try:
         stub = rpc.FaceGatewayStub(channel)
         token = access["stores"]["store-1"]["backend_token"]
-        subscription = stub.SubscribeDecisions(pb.SubscribeRequest(store_id="store-1"),
-                                               metadata=(("authorization", f"Bearer {token}"),))
+        subscription = stub.SubscribeDecisions(
+            pb.SubscribeRequest(store_id="store-1"), metadata=(("authorization", f"Bearer {token}"),)
+        )
         wait_until(subscription.done, 20, "a long-lived stream ended by its connection's age (plus grace)")
         assert subscription.code() == grpc.StatusCode.UNAVAILABLE, "a status the backend resubscribes on"
         assert stub.SubmitFrame(frame(session=f"a-{uuid.uuid4().hex[:6]}"), metadata=creds(access, "cam-1"), timeout=10)

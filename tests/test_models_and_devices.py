@@ -33,11 +33,16 @@ def test_fp16_only_on_cuda():
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
 def test_a_worker_told_to_use_cuda_without_it_fails_at_start_up(tmp_path):
-    env = {"FACEPAY_DEVICE": "cuda", "REDIS_URL": "redis://127.0.0.1:1/0", "PATH": "/usr/bin:/bin",
-           "FACEPAY_MODEL_CACHE": str(cache.cache_dir()),
-           **{f"FACEPAY_{name.upper()}": path for name, path in signing_as("detector").items()}}
-    done = subprocess.run([sys.executable, "-m", "facepay", "worker", "detector"], env=env,
-                          capture_output=True, text=True, timeout=120)
+    env = {
+        "FACEPAY_DEVICE": "cuda",
+        "REDIS_URL": "redis://127.0.0.1:1/0",
+        "PATH": "/usr/bin:/bin",
+        "FACEPAY_MODEL_CACHE": str(cache.cache_dir()),
+        **{f"FACEPAY_{name.upper()}": path for name, path in signing_as("detector").items()},
+    }
+    done = subprocess.run(
+        [sys.executable, "-m", "facepay", "worker", "detector"], env=env, capture_output=True, text=True, timeout=120
+    )
     assert done.returncode != 0
     assert "no CUDA device" in done.stderr
 

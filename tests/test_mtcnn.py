@@ -52,9 +52,7 @@ def _inset_crop(image: np.ndarray, box: tuple[float, float, float, float], inset
     return np.ascontiguousarray(image[round(y1 + dy) : round(y2 - dy), round(x1 + dx) : round(x2 - dx)])
 
 
-def test_every_identity_image_has_a_face(
-    identity_faces: dict[str, list[DetectedFace]], record_property
-) -> None:
+def test_every_identity_image_has_a_face(identity_faces: dict[str, list[DetectedFace]], record_property) -> None:
     missed = [path for path, found in identity_faces.items() if not found]
     summary = f"identity images with a face: {len(identity_faces) - len(missed)}/{len(identity_faces)}"
     record_property("identity_images_with_a_face", summary)

@@ -21,7 +21,16 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 _LEFTOVERS = shutil.ignore_patterns(
-    ".git", ".venv", "var", "build", "dist", "*.egg-info", "__pycache__", ".v1-*", ".pytest_cache", "node_modules",
+    ".git",
+    ".venv",
+    "var",
+    "build",
+    "dist",
+    "*.egg-info",
+    "__pycache__",
+    ".v1-*",
+    ".pytest_cache",
+    "node_modules",
 )
 
 
@@ -38,8 +47,21 @@ def wheel(tmp_path_factory) -> Path:
     shutil.copytree(REPO, source, ignore=_not_sources)
     out = tmp_path_factory.mktemp("wheel")
     subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "--quiet", "-w", str(out), str(source)],
-        check=True, capture_output=True, text=True,
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--no-deps",
+            "--no-build-isolation",
+            "--quiet",
+            "-w",
+            str(out),
+            str(source),
+        ],
+        check=True,
+        capture_output=True,
+        text=True,
     )
     (built,) = out.glob("facepay-*.whl")
     return built
@@ -60,8 +82,9 @@ def installed(wheel, tmp_path_factory) -> Path:
 
 def _run(installed: Path, *args: str, cwd: Path) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME")}
-    return subprocess.run([str(installed / args[0]), *args[1:]], cwd=cwd, env=env, capture_output=True, text=True,
-                          timeout=300)
+    return subprocess.run(
+        [str(installed / args[0]), *args[1:]], cwd=cwd, env=env, capture_output=True, text=True, timeout=300
+    )
 
 
 def _tree(folder: Path) -> set[str]:
@@ -94,7 +117,9 @@ def test_the_installed_wheel_runs_outside_the_source_tree_without_writing_into_i
     assert contract.stdout.strip() == str(package / "v1")
 
     imports = _run(
-        installed, "python", "-c",
+        installed,
+        "python",
+        "-c",
         "import facepay.contract as c, services.pose.stage as s;"
         "print(c.__file__); print(s.__file__); print(c.PROTO_FILE); print(c.pb.DESCRIPTOR.package)",
         cwd=tmp_path,

@@ -66,8 +66,10 @@ def assert_photo_outcomes(expected, decisions):
             strangers_approved += person is None
             approved_right += person is not None and event.user_id == person
     people = sum(p is not None for p in expected.values())
-    print(f"\nphoto sessions: {approved_right}/{people} enrolled approved with the right id; "
-          f"{wrong} wrong-user approvals; {strangers_approved} strangers approved")
+    print(
+        f"\nphoto sessions: {approved_right}/{people} enrolled approved with the right id; "
+        f"{wrong} wrong-user approvals; {strangers_approved} strangers approved"
+    )
     assert wrong == 0 and strangers_approved == 0
     assert approved_right >= 0.8 * people
 
@@ -79,8 +81,18 @@ def test_enrolled_people_are_approved_and_strangers_declined(faces, tmp_path):
         assert_photo_outcomes(expected, decisions)
         event = next(iter(decisions.values()))
         signed = json.loads(event.payload)
-        assert {"session_id", "store_id", "camera_id", "decision", "user_id", "score", "threshold",
-                "model_ids", "reasons", "decided_at_ms"} <= set(signed)
+        assert {
+            "session_id",
+            "store_id",
+            "camera_id",
+            "decision",
+            "user_id",
+            "score",
+            "threshold",
+            "model_ids",
+            "reasons",
+            "decided_at_ms",
+        } <= set(signed)
         assert not any(k in json.dumps(signed) for k in ("embedding", "chip", "image")), "no biometric data in events"
     finally:
         pipeline.stop()
@@ -153,8 +165,12 @@ def test_cameras_of_two_stores_at_once_and_each_backend_sees_only_its_store(face
         # Point-of-sale transaction ids are unique per store only: the same id at two stores is
         # two sessions, each decided for its own store.
         same = new_session()
-        twins = [threading.Thread(target=lambda c=c: camera(pipeline, c).stream_session(same, [people[0][1][0].read_bytes()] * 3))
-                 for c in ("cam-1", "cam-3")]
+        twins = [
+            threading.Thread(
+                target=lambda c=c: camera(pipeline, c).stream_session(same, [people[0][1][0].read_bytes()] * 3)
+            )
+            for c in ("cam-1", "cam-3")
+        ]
         [t.start() for t in twins]
         [t.join() for t in twins]
         for backend in backends.values():
@@ -186,10 +202,17 @@ def assert_metrics_exported(pipeline) -> None:
     import urllib.request
 
     def scrape(name: str) -> str:
-        return urllib.request.urlopen(f"http://127.0.0.1:{pipeline.metrics_ports[name]}/metrics", timeout=5).read().decode()
+        return (
+            urllib.request.urlopen(f"http://127.0.0.1:{pipeline.metrics_ports[name]}/metrics", timeout=5)
+            .read()
+            .decode()
+        )
 
-    wait_until(lambda: 'facepay_group_lag{stage="detector"' in scrape("detector-0"), timeout_s=30,
-               what="the detector's first refresh of its group gauges")
+    wait_until(
+        lambda: 'facepay_group_lag{stage="detector"' in scrape("detector-0"),
+        timeout_s=30,
+        what="the detector's first refresh of its group gauges",
+    )
     detector = scrape("detector-0")
     assert 'facepay_group_lag{stage="detector"' in detector and 'facepay_group_pending{stage="detector"' in detector
     assert 'facepay_messages_in_total{stage="detector"}' in detector
@@ -241,7 +264,8 @@ def test_a_worker_killed_mid_stream_loses_nothing_and_decides_each_session_once(
     pipeline = start_pipeline(tmp_path, PHOTO_POLICY, replicas={"detector": 2})
     try:
         sessions, decisions = sessions_through_a_crash(
-            pipeline, faces, lambda: kill_while_busy(pipeline, "detector-0", "detector", "frames"))
+            pipeline, faces, lambda: kill_while_busy(pipeline, "detector-0", "detector", "frames")
+        )
         assert set(decisions) == set(sessions), "the entries the killed worker held were reclaimed"
         assert not any("timeout" in e.reasons for e in decisions.values()), "no frame went missing"
         wait_until_drained(pipeline)  # no redelivery left that could decide a session again

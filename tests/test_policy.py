@@ -82,7 +82,8 @@ def test_blink_needs_open_closed_open_relative_to_the_sessions_own_eyes():
 def test_agreeing_frames_that_fail_only_the_passive_anti_spoof_rule_are_declined_as_spoofs():
     """Blink not required, anti-spoof required: the only failed rule is the passive one."""
     passive_only = SessionPolicy(margin=0.05, min_agreeing_frames=3, require_blink=False, min_passive_liveness=0.5)
-    frames = [FrameResult(i, top_user="alice", top_score=0.96, second_score=0.5, ear=OPEN, antispoof=0.1)
-              for i in range(4)]
+    frames = [
+        FrameResult(i, top_user="alice", top_score=0.96, second_score=0.5, ear=OPEN, antispoof=0.1) for i in range(4)
+    ]
     verdict = decide(frames, passive_only, THRESHOLD, expected_frames=4)
     assert not verdict.approve and verdict.reasons == ["spoof_suspected"]

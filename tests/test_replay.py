@@ -41,9 +41,12 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def archive_of(pipeline) -> ArchiveStore:
     settings = ArchiveSettings.from_url(pipeline.settings.archive_url)
-    return ArchiveStore(settings, ArchiveKeys.from_file(Path(pipeline.archive_keys_file)),
-                        access_key_id=pipeline.s3.credentials.access_key_id,
-                        secret_access_key=pipeline.s3.credentials.secret_access_key)
+    return ArchiveStore(
+        settings,
+        ArchiveKeys.from_file(Path(pipeline.archive_keys_file)),
+        access_key_id=pipeline.s3.credentials.access_key_id,
+        secret_access_key=pipeline.s3.credentials.secret_access_key,
+    )
 
 
 def production_state(pipeline, client: redis.Redis) -> dict:
@@ -53,8 +56,11 @@ def production_state(pipeline, client: redis.Redis) -> dict:
         groups[stream] = sorted(g["name"] for g in client.xinfo_groups(pipeline.settings.key(stream)))
     # Failure counters and lockouts of cameras and users (live approvals on another camera
     # leave them as they are); the per-session "counted" marks are checked apart.
-    limits = {k: client.dump(k) for k in client.scan_iter(match=pipeline.settings.key("limits", "*"))
-              if b":limits:session:" not in k}
+    limits = {
+        k: client.dump(k)
+        for k in client.scan_iter(match=pipeline.settings.key("limits", "*"))
+        if b":limits:session:" not in k
+    }
     users = call(pipeline.settings, "list_users", tenant="demo")
     return {"groups": groups, "limits": limits, "users": users}
 
@@ -107,13 +113,23 @@ def production(faces, tmp_path_factory):
 
 def archived_sessions(archive: ArchiveStore) -> set[str]:
     now = datetime.now(UTC)
-    return {r.session_id for r in archive.list_sessions("demo", "store-1", now - timedelta(hours=1), now + timedelta(hours=1))}
+    return {
+        r.session_id
+        for r in archive.list_sessions("demo", "store-1", now - timedelta(hours=1), now + timedelta(hours=1))
+    }
 
 
 @pytest.mark.slow
-def test_a_replay_beside_live_traffic_decides_as_the_original_and_leaves_production_untouched(production, tmp_path, monkeypatch):
-    pipeline, backend, people, sessions, originals = (production.pipeline, production.backend, production.people,
-                                                      production.sessions, production.originals)
+def test_a_replay_beside_live_traffic_decides_as_the_original_and_leaves_production_untouched(
+    production, tmp_path, monkeypatch
+):
+    pipeline, backend, people, sessions, originals = (
+        production.pipeline,
+        production.backend,
+        production.people,
+        production.sessions,
+        production.originals,
+    )
     archive = archive_of(pipeline)
     now = datetime.now(UTC)
     assert archive.verify("demo", "store-1", now - timedelta(hours=1), now + timedelta(hours=1)).ok
@@ -136,8 +152,13 @@ def test_a_replay_beside_live_traffic_decides_as_the_original_and_leaves_product
     thread = threading.Thread(target=traffic, daemon=True)
     thread.start()
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", pipeline.s3.credentials.access_key_id)
-    options = ReplayOptions(start=now - timedelta(hours=1), end=datetime.now(UTC) + timedelta(minutes=1),
-                            store="store-1", camera="cam-1", out=tmp_path / "replay")
+    options = ReplayOptions(
+        start=now - timedelta(hours=1),
+        end=datetime.now(UTC) + timedelta(minutes=1),
+        store="store-1",
+        camera="cam-1",
+        out=tmp_path / "replay",
+    )
     report = run_replay(pipeline.settings, archive, options)
     stop_live.set()
     thread.join(120)
@@ -168,7 +189,9 @@ def test_a_replay_beside_live_traffic_decides_as_the_original_and_leaves_product
 
 
 @pytest.mark.slow
-def test_users_delete_erases_the_frames_of_the_sessions_that_approved_the_user_and_keeps_what_the_readme_says(production):
+def test_users_delete_erases_the_frames_of_the_sessions_that_approved_the_user_and_keeps_what_the_readme_says(
+    production,
+):
     """`facepay users delete` as an operator runs it (the real CLI, the operator's Redis user
     and key, the archive's keys): the gallery forgets the user; every archived session that
     approved them loses its frames and data key, keeps its signed decision, and still verifies;
@@ -190,10 +213,19 @@ def test_users_delete_erases_the_frames_of_the_sessions_that_approved_the_user_a
     approving = {s for s, session in before.items() if session.user_id == name}
     assert approving and any(c.user_id == name for f in before[glimpse].frames for c in f.top_k)
 
-    env = {**pipeline.process_env("operator"), **pipeline.archive_env(),
-           "FACEPAY_OPERATOR_KEY_FILE": str(pipeline.keys_dir / "operator.key")}
-    deleted = subprocess.run([sys.executable, "-m", "facepay", "users", "delete", name], env=env, cwd=ROOT,
-                             capture_output=True, text=True, timeout=120)
+    env = {
+        **pipeline.process_env("operator"),
+        **pipeline.archive_env(),
+        "FACEPAY_OPERATOR_KEY_FILE": str(pipeline.keys_dir / "operator.key"),
+    }
+    deleted = subprocess.run(
+        [sys.executable, "-m", "facepay", "users", "delete", name],
+        env=env,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert deleted.returncode == 0, deleted.stderr
     assert json.loads(deleted.stdout)["archive"] == {"erased_sessions": len(approving)}
 
@@ -203,8 +235,12 @@ def test_users_delete_erases_the_frames_of_the_sessions_that_approved_the_user_a
         assert now_.decision == was.decision and now_.models == was.models, "the signed decision and models stay"
         if ref.session_id in approving:
             assert now_.frames == [], f"{ref.session_id} approved {name}: its frames are erased"
-            stored = SealedSession.from_bytes(archive.client.get_object(Bucket=archive.bucket, Key=ref.key)["Body"].read())
-            assert stored.key is None and all(slot.sealed is None for slot in stored.frames), "ciphertexts and data key gone"
+            stored = SealedSession.from_bytes(
+                archive.client.get_object(Bucket=archive.bucket, Key=ref.key)["Body"].read()
+            )
+            assert stored.key is None and all(slot.sealed is None for slot in stored.frames), (
+                "ciphertexts and data key gone"
+            )
             assert stored.erased
         else:
             assert now_.frames == was.frames, f"{ref.session_id} did not approve {name}: untouched"
@@ -220,47 +256,102 @@ def json_session(fields: dict) -> str:
 
 
 # ---- the causes of a difference (no pipeline needed) ------------------------------------------
-def archived(user: str | None, threshold: float = 0.6, models: dict | None = None, images: bool = True,
-             candidates: tuple[str, ...] = ("alice",), rule: dict | None = None) -> ArchivedSession:
-    event = {"session_id": "s", "store_id": "st", "decision": "approve" if user else "decline", "user_id": user or "",
-             "threshold": threshold, "rule": "voted" if user else "no_match", **(rule or {})}
+def archived(
+    user: str | None,
+    threshold: float = 0.6,
+    models: dict | None = None,
+    images: bool = True,
+    candidates: tuple[str, ...] = ("alice",),
+    rule: dict | None = None,
+) -> ArchivedSession:
+    event = {
+        "session_id": "s",
+        "store_id": "st",
+        "decision": "approve" if user else "decline",
+        "user_id": user or "",
+        "threshold": threshold,
+        "rule": "voted" if user else "no_match",
+        **(rule or {}),
+    }
     signed = sign(event, "k", "k1")
-    frames = [ArchivedFrame(i, 0, b"\xff\xd8jpeg" if images else b"", "jpeg", top_k=[Candidate(c, 0.7) for c in candidates])
-              for i in range(3)]
-    return ArchivedSession("s", "t", "st", "c", 0, 0, SignedDecision(signed[b"payload"], signed[b"sig"].decode(), "k1"),
-                           models or {"recognizer": "dlib-resnet-v1"}, threshold, {}, frames)
+    frames = [
+        ArchivedFrame(i, 0, b"\xff\xd8jpeg" if images else b"", "jpeg", top_k=[Candidate(c, 0.7) for c in candidates])
+        for i in range(3)
+    ]
+    return ArchivedSession(
+        "s",
+        "t",
+        "st",
+        "c",
+        0,
+        0,
+        SignedDecision(signed[b"payload"], signed[b"sig"].decode(), "k1"),
+        models or {"recognizer": "dlib-resnet-v1"},
+        threshold,
+        {},
+        frames,
+    )
 
 
 def replayed_event(user: str | None, threshold: float = 0.6, recognizer: str = "dlib-resnet-v1") -> dict:
-    return {"decision": "approve" if user else "decline", "user_id": user or "", "threshold": threshold,
-            "model_ids": {"recognizer": recognizer}}
+    return {
+        "decision": "approve" if user else "decline",
+        "user_id": user or "",
+        "threshold": threshold,
+        "model_ids": {"recognizer": recognizer},
+    }
 
 
 def test_each_cause_of_a_difference_is_named():
     assert explain(archived("alice"), replayed_event(None, 0.8), [], {"alice"}) == ["threshold changed: 0.6 → 0.8"]
     assert explain(archived("alice"), replayed_event(None, recognizer="faceres-hse-v1"), [], {"alice"}) == [
-        "model changed: recognizer dlib-resnet-v1 → faceres-hse-v1"]
+        "model changed: recognizer dlib-resnet-v1 → faceres-hse-v1"
+    ]
     assert explain(archived("alice"), replayed_event(None), [], set()) == ["user deleted since: alice"]
     assert explain(archived(None, candidates=()), replayed_event("bob"), [{"top_user": "bob"}], {"bob"}) == [
-        "user enrolled since: bob"]
+        "user enrolled since: bob"
+    ]
     assert explain(archived("alice", images=False), replayed_event(None), [], {"alice"}) == [
-        "frame missing (erased, or never reached the archiver)"]
+        "frame missing (erased, or never reached the archiver)"
+    ]
     assert explain(archived("alice"), None, [], {"alice"}) == ["not decided in the replay"]
-    assert explain(archived("alice", rule={"margin": 0.02, "min_agreeing_frames": 3}),
-                   {**replayed_event(None), "margin": 0.05, "min_agreeing_frames": 3}, [], {"alice"}) == [
-        "session rule changed: margin 0.02 → 0.05"]
+    assert explain(
+        archived("alice", rule={"margin": 0.02, "min_agreeing_frames": 3}),
+        {**replayed_event(None), "margin": 0.05, "min_agreeing_frames": 3},
+        [],
+        {"alice"},
+    ) == ["session rule changed: margin 0.02 → 0.05"]
 
 
 def test_the_html_report_shows_each_frames_scores_the_rule_and_the_cause():
     from facepay.app.replay import render_html, session_report
 
     original = archived("alice")
-    original = dataclasses.replace(original, frames=[dataclasses.replace(f, second_score=0.41) for f in original.frames])
-    message = DecisionMsg(ref=FrameRef("s", "st", "c", 0, 0), frames=[
-        {"sequence": i, "top_user": "alice", "top_score": 0.5, "second_score": 0.3, "reason": ""} for i in range(3)])
+    original = dataclasses.replace(
+        original, frames=[dataclasses.replace(f, second_score=0.41) for f in original.frames]
+    )
+    message = DecisionMsg(
+        ref=FrameRef("s", "st", "c", 0, 0),
+        frames=[
+            {"sequence": i, "top_user": "alice", "top_score": 0.5, "second_score": 0.3, "reason": ""} for i in range(3)
+        ],
+    )
     report = session_report(original, ({**replayed_event(None, 0.8), "rule": "unknown_face"}, message), {"alice"})
-    html = render_html({"replay": {"namespace": "fp-replay-x", "sessions": 1, "frames": 3, "model": "m", "threshold": 0.8,
-                                   "from": "a", "to": "b"}, "sessions": [dataclasses.asdict(report)], "differences": 1})
+    html = render_html(
+        {
+            "replay": {
+                "namespace": "fp-replay-x",
+                "sessions": 1,
+                "frames": 3,
+                "model": "m",
+                "threshold": 0.8,
+                "from": "a",
+                "to": "b",
+            },
+            "sessions": [dataclasses.asdict(report)],
+            "differences": 1,
+        }
+    )
     assert "alice 0.700 (2nd 0.410) → alice 0.500 (2nd 0.300)" in html
     assert "rule voted" in html and "rule unknown_face" in html and "threshold changed: 0.6 → 0.8" in html
 
@@ -279,14 +370,25 @@ def test_the_replay_namespace_is_isolated_and_accepts_old_frames_there_only(tmp_
     gallery = tmp_path / "gallery"
     (gallery / "faces__m").mkdir(parents=True)
     (gallery / "faces__m" / "segment").write_bytes(b"vectors")
-    production_keys, replay_keys = component_keys.generate(tmp_path / "prod"), component_keys.generate(tmp_path / "replay")
-    production = Settings(namespace="fp", gallery_url=f"edge://{gallery}", key_file=str(tmp_path / "prod" / "gateway.key"),
-                          trusted_keys_file=str(production_keys), signing_key="prod-secret", signing_key_id="k1")
+    production_keys, replay_keys = (
+        component_keys.generate(tmp_path / "prod"),
+        component_keys.generate(tmp_path / "replay"),
+    )
+    production = Settings(
+        namespace="fp",
+        gallery_url=f"edge://{gallery}",
+        key_file=str(tmp_path / "prod" / "gateway.key"),
+        trusted_keys_file=str(production_keys),
+        signing_key="prod-secret",
+        signing_key_id="k1",
+    )
     options = ReplayOptions(start=datetime.now(UTC) - timedelta(days=2), end=datetime.now(UTC))
     replay = replay_settings(production, tmp_path / "work", [archived("alice", threshold=0.77)], options)
 
     assert replay.namespace.startswith("fp-replay-") and replay.signing_key_id.startswith("replay-")
-    assert replay.signing_key == "" and replay.key_file == "" and replay.trusted_keys_file == ""  # fresh keys, never production's
+    assert (
+        replay.signing_key == "" and replay.key_file == "" and replay.trusted_keys_file == ""
+    )  # fresh keys, never production's
     assert replay.gallery_url == f"edge://{tmp_path / 'work' / 'gallery'}"
     assert (tmp_path / "work" / "gallery" / "faces__m" / "segment").read_bytes() == b"vectors"
     assert replay.limits.max_consecutive >= 10**9 and replay.policy.threshold == 0.77
@@ -315,8 +417,12 @@ def test_the_replay_reinjects_frames_as_they_were_received(tmp_path):
     from facepay.runtime.envelope import open_entry, origin_problem
 
     session = archived("alice")
-    frames = [dataclasses.replace(f, received_ms=1_700_000_000_000 + f.index, captured_ms=1_699_999_999_900 + f.index,
-                                  phone_suffix="1234") for f in session.frames]
+    frames = [
+        dataclasses.replace(
+            f, received_ms=1_700_000_000_000 + f.index, captured_ms=1_699_999_999_900 + f.index, phone_suffix="1234"
+        )
+        for f in session.frames
+    ]
     session = dataclasses.replace(session, frames=frames)
     run = ReplayRun(Settings(namespace="fp-replay-t"), tmp_path)
     run.pipeline.valkey.start()
@@ -329,7 +435,8 @@ def test_the_replay_reinjects_frames_as_they_were_received(tmp_path):
         run.pipeline.valkey.stop()
     injected = [m for m in messages if isinstance(m, FrameMsg)]
     assert [(m.ref.captured_ms, m.ref.received_ms, m.ref.phone_suffix) for m in injected] == [
-        (f.captured_ms, f.received_ms, "1234") for f in frames]
+        (f.captured_ms, f.received_ms, "1234") for f in frames
+    ]
     assert all(origin_problem(m.ref, run.trusted, 20 * 365 * 86400) == "" for m in injected)
     assert isinstance(messages[-1], SessionEndMsg) and messages[-1].frame_count == 3
 
@@ -343,8 +450,14 @@ def test_replay_refuses_bad_options_with_a_clear_error_before_starting_anything(
     env = {k: v for k, v in os.environ.items() if not k.startswith("FACEPAY_ARCHIVE")}
 
     def replay(*args: str) -> subprocess.CompletedProcess:
-        return subprocess.run([sys.executable, "-m", "facepay", "replay", *args], env=env, cwd=root,
-                              capture_output=True, text=True, timeout=60)
+        return subprocess.run(
+            [sys.executable, "-m", "facepay", "replay", *args],
+            env=env,
+            cwd=root,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
 
     assert "is not a time" in replay("--from", "yesterday").stderr
     bad = replay("--from", "1h", "--threshold", "5")

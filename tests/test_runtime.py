@@ -64,8 +64,15 @@ def settings_with_keys(keyset, component: str = "upper", **values) -> Settings:
 
 @pytest.fixture
 def settings(valkey, keyset) -> Settings:
-    return settings_with_keys(keyset, redis_url=valkey.url, namespace=f"t{uuid.uuid4().hex[:8]}", batch_size=8,
-                              batch_wait_ms=50, claim_idle_ms=300, max_deliveries=2)
+    return settings_with_keys(
+        keyset,
+        redis_url=valkey.url,
+        namespace=f"t{uuid.uuid4().hex[:8]}",
+        batch_size=8,
+        batch_wait_ms=50,
+        claim_idle_ms=300,
+        max_deliveries=2,
+    )
 
 
 def push(client: redis.Redis, settings: Settings, *messages, signer: str = "source", to: str = "in") -> list[bytes]:
@@ -73,7 +80,9 @@ def push(client: redis.Redis, settings: Settings, *messages, signer: str = "sour
     the signer's key is the one next to `settings.trusted_keys_file`."""
     key = keys.load_signer(str(Path(settings.trusted_keys_file).parent / f"{signer}.key"))
     stream = settings.key(to)
-    return [client.xadd(stream, seal({FIELD: m if isinstance(m, bytes) else m.encode()}, stream, key)) for m in messages]
+    return [
+        client.xadd(stream, seal({FIELD: m if isinstance(m, bytes) else m.encode()}, stream, key)) for m in messages
+    ]
 
 
 def outputs(client: redis.Redis, settings: Settings) -> list:
@@ -191,11 +200,15 @@ def test_once_emits_are_written_once_even_when_redelivered(valkey, settings):
         accepts_from = Upper.accepts_from
 
         def process(self, batch):
-            return [Emit("decisions", {b"session": m.ref.session_id.encode()}, once_key=f"decided:{m.ref.session_id}")
-                    for m in batch]
+            return [
+                Emit("decisions", {b"session": m.ref.session_id.encode()}, once_key=f"decided:{m.ref.session_id}")
+                for m in batch
+            ]
 
     client = redis.Redis.from_url(valkey.url)
-    worker = StreamWorker(Decide(), settings.replace(key_file=settings.key_file.replace("upper", "decide")), consumer="c1")
+    worker = StreamWorker(
+        Decide(), settings.replace(key_file=settings.key_file.replace("upper", "decide")), consumer="c1"
+    )
     push(client, settings, frame("s1", 0), frame("s1", 1), frame("s2", 0), frame("s1", 0))
     run_until(worker, lambda: client.xlen(settings.key("decisions")) >= 2)
     for _ in range(3):
@@ -206,7 +219,9 @@ def test_once_emits_are_written_once_even_when_redelivered(valkey, settings):
 
 def test_the_worker_waits_out_a_server_restart_and_loses_nothing(tmp_path, keyset):
     with EmbeddedValkey(tmp_path / "vk") as server:
-        settings = settings_with_keys(keyset, redis_url=server.url, namespace="restart", batch_size=4, claim_idle_ms=500)
+        settings = settings_with_keys(
+            keyset, redis_url=server.url, namespace="restart", batch_size=4, claim_idle_ms=500
+        )
         client = redis.Redis.from_url(server.url)
         worker = StreamWorker(Upper(), settings, consumer="c1")
         push(client, settings, *[frame("s", i) for i in range(4)])
@@ -239,10 +254,14 @@ def test_entries_not_signed_by_the_expected_upstream_are_dead_lettered_unauthent
     # A genuine entry written again is authentic: replays are the recognizer's to refuse.
     replayed = client.xadd(stream, genuine)
     source_key = keys.load_signer(str(Path(settings.trusted_keys_file).parent / "source.key"))
-    copied_from_elsewhere = client.xadd(stream, seal({FIELD: frame("s", 3).encode()}, settings.key("other"), source_key))
+    copied_from_elsewhere = client.xadd(
+        stream, seal({FIELD: frame("s", 3).encode()}, settings.key("other"), source_key)
+    )
     refused = [unsigned, wrong_signer, tampered, copied_from_elsewhere]
     before = metrics.UNAUTHENTICATED.labels("upper")._value.get()
-    run_until(worker, lambda: set(refused) <= set(dead_reasons(client, settings)) and len(outputs(client, settings)) == 2)
+    run_until(
+        worker, lambda: set(refused) <= set(dead_reasons(client, settings)) and len(outputs(client, settings)) == 2
+    )
     assert {dead_reasons(client, settings)[e] for e in refused} == {b"unauthenticated"}
     assert [m.image for m in outputs(client, settings)] == [b"PAID", b"PAID"], "only genuine bodies reach the stage"
     assert replayed not in dead_reasons(client, settings)
@@ -257,7 +276,7 @@ def test_what_a_worker_writes_is_signed_with_its_own_key(valkey, settings):
     worker = StreamWorker(Upper(), settings, consumer="c1")
     push(client, settings, frame("s", 0))
     run_until(worker, lambda: len(outputs(client, settings)) == 1)
-    (_, fields), = client.xrange(settings.key("out"))
+    ((_, fields),) = client.xrange(settings.key("out"))
     signer, body = open_entry(fields, settings.key("out"), keys.load_trusted(settings.trusted_keys_file), {"upper"})
     assert signer == "upper" and decode(body).image == b"X"
 
@@ -281,8 +300,9 @@ def test_a_once_key_outlives_the_frame_age_bound(valkey, settings):
         def process(self, batch):
             return [Emit("decisions", {b"session": b"s"}, once_key="decided:s") for _ in batch]
 
-    short = settings.replace(key_file=settings.key_file.replace("upper", "decide"), stream_retention_s=60,
-                             max_frame_age_s=7200)
+    short = settings.replace(
+        key_file=settings.key_file.replace("upper", "decide"), stream_retention_s=60, max_frame_age_s=7200
+    )
     client = redis.Redis.from_url(valkey.url)
     worker = StreamWorker(Decide(), short, consumer="c1")
     push(client, short, frame("s", 0))
@@ -302,11 +322,16 @@ class Miscounting(PipeStage):
         return [FrameMsg(ref=batch[0].ref, image=b"r") for _ in range(self.results_per_batch(len(batch)))]
 
 
-@pytest.mark.parametrize("results_per_batch, returned", [(lambda n: n - 1, "2 results for 3"),
-                                                         (lambda n: n + 1, "4 results for 3")])
+@pytest.mark.parametrize(
+    "results_per_batch, returned", [(lambda n: n - 1, "2 results for 3"), (lambda n: n + 1, "4 results for 3")]
+)
 def test_a_stage_returning_other_than_one_result_per_input_fails_naming_the_stage(results_per_batch, returned):
-    batch = [frame("s", 0), Rejection(ref=frame("s", 1).ref, stage="detector", reason="no_face"), frame("s", 2),
-             frame("s", 3)]
+    batch = [
+        frame("s", 0),
+        Rejection(ref=frame("s", 1).ref, stage="detector", reason="no_face"),
+        frame("s", 2),
+        frame("s", 3),
+    ]
     with pytest.raises(StageContractError) as failure:
         Miscounting(results_per_batch).process(batch)
     assert "miscounting" in str(failure.value) and returned in str(failure.value)
@@ -324,7 +349,7 @@ def test_an_entry_reclaimed_from_a_dead_consumer_is_verified_before_it_is_proces
     dead = settings.key("dead")
     run_until(worker, lambda: client.xlen(dead) == 1 or outputs(client, settings))
     assert outputs(client, settings) == [], "the reclaimed forgery was processed"
-    (_, letter), = client.xrange(dead)
+    ((_, letter),) = client.xrange(dead)
     assert letter[b"reason"] == b"unauthenticated"
     assert pending(client, settings) == 0
 

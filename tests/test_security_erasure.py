@@ -52,8 +52,15 @@ def valkey(tmp_path_factory):
 
 @pytest.fixture
 def settings(valkey) -> Settings:
-    return Settings(redis_url=valkey.url, namespace=f"er{uuid.uuid4().hex[:8]}", batch_size=8, batch_wait_ms=20,
-                    claim_idle_ms=200, max_deliveries=1, **signing_as("detector"))
+    return Settings(
+        redis_url=valkey.url,
+        namespace=f"er{uuid.uuid4().hex[:8]}",
+        batch_size=8,
+        batch_wait_ms=20,
+        claim_idle_ms=200,
+        max_deliveries=1,
+        **signing_as("detector"),
+    )
 
 
 def from_gateway(client: redis.Redis, settings: Settings, *messages) -> list[bytes]:
@@ -141,7 +148,10 @@ def test_a_deleted_user_leaves_no_biometric_data_in_redis(faces, tmp_path):
     try:
         client = redis.Redis.from_url(pipeline.settings.redis_url)
         s = pipeline.settings
-        assert enroll(pipeline, name, [photos[0].read_bytes(), photos[1].read_bytes()]).status == pb.EnrollResponse.ENROLLED
+        assert (
+            enroll(pipeline, name, [photos[0].read_bytes(), photos[1].read_bytes()]).status
+            == pb.EnrollResponse.ENROLLED
+        )
         backend = Backend(pipeline, "store-1")
         session = new_session()
         cam = camera(pipeline, "cam-1")
@@ -155,12 +165,16 @@ def test_a_deleted_user_leaves_no_biometric_data_in_redis(faces, tmp_path):
             return list(client.scan_iter(match=s.key("session", "*")))
 
         _wait(lambda: not session_hashes(), 30, "session state (embeddings, chips, names) erased once decided")
-        decline_log = [json.loads(line) for line in (tmp_path / "recognizer-0.log").read_text().splitlines()
-                       if line.startswith("{")]
+        decline_log = [
+            json.loads(line)
+            for line in (tmp_path / "recognizer-0.log").read_text().splitlines()
+            if line.startswith("{")
+        ]
         decisions = [e for e in decline_log if e.get("msg") == "decision" and e.get("session_id") == session]
         assert decisions and name not in json.dumps(decisions), "a decline's log line names no user"
 
         photo_chunk = photos[0].read_bytes()[2000:2048]
+
         def aof_files() -> list[Path]:
             return [p for p in (pipeline.workdir / "valkey").rglob("*") if p.is_file() and ".aof" in p.name]
 
@@ -169,13 +183,20 @@ def test_a_deleted_user_leaves_no_biometric_data_in_redis(faces, tmp_path):
 
         operator = s.replace(redis_url=pipeline.valkey.url_for("operator"))  # as `facepay users delete` runs
         call(operator, "delete_user", user_id=name)
-        _wait(lambda: client.info("persistence")["aof_rewrites"] > rewrites_before
-              and not client.info("persistence")["aof_rewrite_in_progress"], 30, "the AOF is rewritten after an erasure")
+        _wait(
+            lambda: (
+                client.info("persistence")["aof_rewrites"] > rewrites_before
+                and not client.info("persistence")["aof_rewrite_in_progress"]
+            ),
+            30,
+            "the AOF is rewritten after an erasure",
+        )
         assert not any(photo_chunk in p.read_bytes() for p in aof_files()), "the erased photo left the server's files"
         streams = _all_stream_bytes(client, s)
         for stream in ("frames", "faces", "aligned", "posed"):
-            assert all(decode(f[FIELD]).ref.purpose != "enroll" for _, f in client.xrange(s.key(stream))), \
+            assert all(decode(f[FIELD]).ref.purpose != "enroll" for _, f in client.xrange(s.key(stream))), (
                 f"an enrollment photo or chip is still in {stream}"
+            )
         assert name.encode() not in streams["enrollments"], "the enrollment results naming the user are erased"
         assert name.encode() not in streams["dead"]
         assert not client.exists(s.key("faces", name))
@@ -192,7 +213,9 @@ def test_face_images_leave_the_stage_streams_after_the_image_retention(valkey, s
     week of decision history: a payer's face is not stored for longer than it is useful."""
     client = redis.Redis.from_url(valkey.url)
     settings = settings.replace(image_retention_s=1)
-    from_gateway(client, settings, *[FrameMsg(ref=FrameRef("pay", "store", "cam", i, 0), image=b"face") for i in range(5)])
+    from_gateway(
+        client, settings, *[FrameMsg(ref=FrameRef("pay", "store", "cam", i, 0), image=b"face") for i in range(5)]
+    )
     worker = StreamWorker(Passthrough(), settings, consumer="c1")
     run_until(worker, lambda: client.xlen(settings.key("faces")) == 5)
     time.sleep(1.1)

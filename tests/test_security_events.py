@@ -30,16 +30,37 @@ KEY_ID, KEY = "k1", "22" * 32
 KEYS = {KEY_ID: KEY}
 
 
-def signed_entry(store: str, session: str, *, decided_at_ms: int | None = None, stream_store: str | None = None,
-                 decision: str = "approve") -> dict[bytes, bytes]:
+def signed_entry(
+    store: str,
+    session: str,
+    *,
+    decided_at_ms: int | None = None,
+    stream_store: str | None = None,
+    decision: str = "approve",
+) -> dict[bytes, bytes]:
     """A decision entry as the recognizer writes it; `stream_store` forges the unsigned field."""
     now = int(time.time() * 1000) if decided_at_ms is None else decided_at_ms
-    event = {"schema": "facepay.decision.v1", "event_id": f"fp:{store}/{session}", "session_id": session,
-             "store_id": store, "camera_id": "cam-1", "tenant_id": "demo", "decision": decision,
-             "user_id": "alice" if decision == "approve" else "", "score": 0.97, "threshold": 0.943,
-             "threshold_source": "default", "template_space": "t", "reasons": ["matched"], "rule": "matched",
-             "model_ids": {}, "first_frame_ms": now - 500, "decided_at_ms": now, "frames_seen": 5,
-             "frames_eligible": 5}
+    event = {
+        "schema": "facepay.decision.v1",
+        "event_id": f"fp:{store}/{session}",
+        "session_id": session,
+        "store_id": store,
+        "camera_id": "cam-1",
+        "tenant_id": "demo",
+        "decision": decision,
+        "user_id": "alice" if decision == "approve" else "",
+        "score": 0.97,
+        "threshold": 0.943,
+        "threshold_source": "default",
+        "template_space": "t",
+        "reasons": ["matched"],
+        "rule": "matched",
+        "model_ids": {},
+        "first_frame_ms": now - 500,
+        "decided_at_ms": now,
+        "frames_seen": 5,
+        "frames_eligible": 5,
+    }
     fields = sign(event, KEY, KEY_ID)
     fields[b"store"] = (stream_store or store).encode()
     return fields
@@ -110,8 +131,7 @@ def test_consume_yields_each_of_its_stores_events_once_and_skips_the_rest(valkey
     client.xadd(stream, signed_entry("store-1", "s-last", decision="decline"))
 
     got = []
-    for entry_id, event in consume(client, stream, "backend", "b1", KEYS, store_id="store-1", start="0",
-                                   block_ms=100):
+    for entry_id, event in consume(client, stream, "backend", "b1", KEYS, store_id="store-1", start="0", block_ms=100):
         got.append(event["session_id"])
         client.xack(stream, "backend", entry_id)
         if event["session_id"] == "s-last":
@@ -126,8 +146,12 @@ def test_consume_yields_each_of_its_stores_events_once_and_skips_the_rest(valkey
 @pytest.fixture(scope="module")
 def gateway(valkey):
     access = demo_access({"store-1": ["cam-1"], "store-2": ["cam-2"]})
-    settings = Settings(redis_url=valkey.url, namespace=f"ev{uuid.uuid4().hex[:6]}",
-                        grpc_address=f"127.0.0.1:{free_port()}", **signing_as("gateway"))
+    settings = Settings(
+        redis_url=valkey.url,
+        namespace=f"ev{uuid.uuid4().hex[:6]}",
+        grpc_address=f"127.0.0.1:{free_port()}",
+        **signing_as("gateway"),
+    )
     server = serve(settings, CameraRegistry.from_dict(access))
     yield settings, access
     server.stop(0)
@@ -138,7 +162,8 @@ def subscribe(settings, access, store: str, until_session: str, timeout_s: float
     channel = grpc.insecure_channel(settings.grpc_address)
     token = access["stores"][store]["backend_token"]
     call = rpc.FaceGatewayStub(channel).SubscribeDecisions(
-        pb.SubscribeRequest(store_id=store, after_entry_id="0-0"), metadata=(("authorization", f"Bearer {token}"),))
+        pb.SubscribeRequest(store_id=store, after_entry_id="0-0"), metadata=(("authorization", f"Bearer {token}"),)
+    )
     received: list[pb.DecisionEvent] = []
     timer = threading.Timer(timeout_s, call.cancel)
     timer.start()

@@ -36,8 +36,11 @@ CAMERA_METHODS = ("SubmitFrame", "EndSession")
 
 
 def jpeg(width: int = 64, height: int = 48, noise: bool = False) -> bytes:
-    pixels = np.random.default_rng().integers(0, 255, (height, width, 3), np.uint8) if noise \
+    pixels = (
+        np.random.default_rng().integers(0, 255, (height, width, 3), np.uint8)
+        if noise
         else np.full((height, width, 3), 128, np.uint8)
+    )
     buf = io.BytesIO()
     Image.fromarray(pixels).save(buf, "JPEG", quality=95)
     return buf.getvalue()
@@ -54,16 +57,24 @@ class Gateway:
 
     def __init__(self, valkey: EmbeddedValkey, tls=None, **overrides) -> None:
         self.access = demo_access({"store-1": ["cam-1", "cam-3"], "store-2": ["cam-2"]})
-        self.settings = Settings(redis_url=valkey.url, namespace=f"sg{uuid.uuid4().hex[:6]}",
-                                 grpc_address=f"127.0.0.1:{free_port()}", operator_token="op-token",
-                                 **(signing_as("gateway") | overrides))
+        self.settings = Settings(
+            redis_url=valkey.url,
+            namespace=f"sg{uuid.uuid4().hex[:6]}",
+            grpc_address=f"127.0.0.1:{free_port()}",
+            operator_token="op-token",
+            **(signing_as("gateway") | overrides),
+        )
         self.server = serve(self.settings, CameraRegistry.from_dict(self.access))
         self.tls = tls
         self.redis = redis.Redis.from_url(valkey.url)
         self.channels: list[grpc.Channel] = []
 
     def channel(self) -> grpc.Channel:
-        channel = self.tls.channel(self.settings.grpc_address) if self.tls else grpc.insecure_channel(self.settings.grpc_address)
+        channel = (
+            self.tls.channel(self.settings.grpc_address)
+            if self.tls
+            else grpc.insecure_channel(self.settings.grpc_address)
+        )
         self.channels.append(channel)
         return channel
 
@@ -78,13 +89,24 @@ class Gateway:
 
     def camera(self, camera: str) -> CameraClient:
         store = self.access["cameras"][camera]["store"]
-        return CameraClient(self.settings.grpc_address, camera, self.access["cameras"][camera]["token"], store, tls=self.tls)
+        return CameraClient(
+            self.settings.grpc_address, camera, self.access["cameras"][camera]["token"], store, tls=self.tls
+        )
 
     def submit(self, camera="cam-1", session="s-1", seq=0, image=None, **kw) -> pb.FrameAck:
         store = self.access["cameras"][camera]["store"]
         return self.stub().SubmitFrame(
-            pb.Frame(camera_id=camera, store_id=store, session_id=session, sequence=seq,
-                     image=jpeg() if image is None else image, **kw), metadata=self.creds(camera), timeout=10)
+            pb.Frame(
+                camera_id=camera,
+                store_id=store,
+                session_id=session,
+                sequence=seq,
+                image=jpeg() if image is None else image,
+                **kw,
+            ),
+            metadata=self.creds(camera),
+            timeout=10,
+        )
 
     def close(self) -> None:
         for channel in self.channels:
@@ -136,8 +158,9 @@ class HangingCalls:
 
     def open(self, method: str, count: int, metadata: tuple = ()) -> None:
         for _ in range(count):
-            multicallable = self.channel.stream_unary(f"/facepay.v1.FaceGateway/{method}",
-                                                      request_serializer=lambda b: b, response_deserializer=lambda b: b)
+            multicallable = self.channel.stream_unary(
+                f"/facepay.v1.FaceGateway/{method}", request_serializer=lambda b: b, response_deserializer=lambda b: b
+            )
             self.calls.append(multicallable.future(self._never(), metadata=metadata))
 
     def ended(self) -> list[grpc.Future]:
@@ -186,6 +209,7 @@ def _ends_within(call, seconds: float) -> bool:
 
 # ---- item 3: pre-auth denial of service ---------------------------------------------------
 
+
 @pytest.mark.parametrize("who", ["anonymous", "a stolen camera token"])
 def test_130_calls_that_never_send_a_body_do_not_starve_cameras_backends_or_health(gateway_with, hanging, who):
     gateway = gateway_with()
@@ -199,7 +223,9 @@ def test_130_calls_that_never_send_a_body_do_not_starve_cameras_backends_or_heal
     assert backend_is_served(gateway, "store-2"), "a payment backend is served"
     assert health_of(gateway) == health_pb2.HealthCheckResponse.SERVING
     refused = [c for c in attacker.ended() if c.exception()]
-    assert len(refused) >= 130 - gateway.settings.grpc_max_calls_per_camera, "the attacker's extra calls are refused at once"
+    assert len(refused) >= 130 - gateway.settings.grpc_max_calls_per_camera, (
+        "the attacker's extra calls are refused at once"
+    )
     expected = grpc.StatusCode.UNAUTHENTICATED if who == "anonymous" else grpc.StatusCode.RESOURCE_EXHAUSTED
     assert {c.exception().code() for c in refused} == {expected}
 
@@ -227,8 +253,9 @@ def test_silent_health_checks_cannot_hold_the_probes_reserve(gateway_with, hangi
     gateway = gateway_with()
     silent = hanging(gateway.channel())
     for _ in range(gateway.settings.grpc_health_reserved_calls):
-        multicallable = silent.channel.stream_unary("/grpc.health.v1.Health/Check", request_serializer=lambda b: b,
-                                                    response_deserializer=lambda b: b)
+        multicallable = silent.channel.stream_unary(
+            "/grpc.health.v1.Health/Check", request_serializer=lambda b: b, response_deserializer=lambda b: b
+        )
         silent.calls.append(multicallable.future(silent._never()))
     wait_until(lambda: len(silent.ended()) == len(silent.calls), timeout_s=6, what="every silent health check ended")
     assert health_of(gateway) == health_pb2.HealthCheckResponse.SERVING
@@ -256,8 +283,12 @@ def _silent_stream(release: threading.Event) -> Iterator[pb.CameraMessage]:
 
 def test_health_is_answered_when_every_slot_is_taken(gateway_with):
     gateway = gateway_with(gateway_threads=4, grpc_max_calls_per_backend=8)
-    subscriptions = [gateway.stub().SubscribeDecisions(pb.SubscribeRequest(store_id="store-1"),
-                                                       metadata=gateway.backend_creds("store-1")) for _ in range(4)]
+    subscriptions = [
+        gateway.stub().SubscribeDecisions(
+            pb.SubscribeRequest(store_id="store-1"), metadata=gateway.backend_creds("store-1")
+        )
+        for _ in range(4)
+    ]
     try:
         time.sleep(1.0)
         assert not any(s.done() for s in subscriptions), "four long-lived subscriptions fill the four slots"
@@ -273,10 +304,20 @@ def test_a_separate_health_port_answers_plaintext_probes_while_the_gateway_speak
     """Kubernetes' gRPC probe speaks no TLS: the health-only port carries no secret."""
     files = _certificates(tmp_path)
     health_address = f"127.0.0.1:{free_port()}"
-    gateway = Gateway(valkey, tls=ClientTLS(ca_file=files["ca.crt"]), grpc_tls_cert_file=files["server.crt"],
-                      grpc_tls_key_file=files["server.key"], grpc_health_address=health_address, gateway_threads=2)
-    subscriptions = [gateway.stub().SubscribeDecisions(pb.SubscribeRequest(store_id="store-1"),
-                                                       metadata=gateway.backend_creds("store-1")) for _ in range(2)]
+    gateway = Gateway(
+        valkey,
+        tls=ClientTLS(ca_file=files["ca.crt"]),
+        grpc_tls_cert_file=files["server.crt"],
+        grpc_tls_key_file=files["server.key"],
+        grpc_health_address=health_address,
+        gateway_threads=2,
+    )
+    subscriptions = [
+        gateway.stub().SubscribeDecisions(
+            pb.SubscribeRequest(store_id="store-1"), metadata=gateway.backend_creds("store-1")
+        )
+        for _ in range(2)
+    ]
     try:
         probe = health_pb2_grpc.HealthStub(grpc.insecure_channel(health_address))
         assert probe.Check(health_pb2.HealthCheckRequest(), timeout=5).status == health_pb2.HealthCheckResponse.SERVING
@@ -301,6 +342,7 @@ def test_a_message_larger_than_the_image_limit_is_refused_before_it_is_handled(g
 
 # ---- item 5: TLS ----------------------------------------------------------------------------
 
+
 def _certificates(tmp_path) -> dict[str, str]:
     """A CA, a server certificate for 127.0.0.1/localhost and a camera's client certificate."""
     from cryptography import x509
@@ -311,10 +353,16 @@ def _certificates(tmp_path) -> dict[str, str]:
     now = datetime.datetime.now(datetime.UTC)
 
     def issue(name: str, key, issuer_name, issuer_key, ca: bool, usage=None, sans=None):
-        builder = (x509.CertificateBuilder().subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)]))
-                   .issuer_name(issuer_name).public_key(key.public_key()).serial_number(x509.random_serial_number())
-                   .not_valid_before(now - datetime.timedelta(minutes=5)).not_valid_after(now + datetime.timedelta(days=1))
-                   .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True))
+        builder = (
+            x509.CertificateBuilder()
+            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)]))
+            .issuer_name(issuer_name)
+            .public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(minutes=5))
+            .not_valid_after(now + datetime.timedelta(days=1))
+            .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
+        )
         if usage:
             builder = builder.add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
         if sans:
@@ -323,21 +371,30 @@ def _certificates(tmp_path) -> dict[str, str]:
 
     def write(name: str, cert, key) -> None:
         (tmp_path / f"{name}.crt").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-        (tmp_path / f"{name}.key").write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                                                 serialization.NoEncryption()))
+        (tmp_path / f"{name}.key").write_bytes(
+            key.private_bytes(
+                serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+            )
+        )
 
     ca_key = ec.generate_private_key(ec.SECP256R1())
     ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "facepay test CA")])
     ca = issue("facepay test CA", ca_key, ca_name, ca_key, ca=True)
     server_key, camera_key = ec.generate_private_key(ec.SECP256R1()), ec.generate_private_key(ec.SECP256R1())
-    server = issue("gateway", server_key, ca_name, ca_key, ca=False, usage=ExtendedKeyUsageOID.SERVER_AUTH,
-                   sans=[x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))])
+    server = issue(
+        "gateway",
+        server_key,
+        ca_name,
+        ca_key,
+        ca=False,
+        usage=ExtendedKeyUsageOID.SERVER_AUTH,
+        sans=[x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))],
+    )
     camera = issue("cam-1", camera_key, ca_name, ca_key, ca=False, usage=ExtendedKeyUsageOID.CLIENT_AUTH)
     write("ca", ca, ca_key)
     write("server", server, server_key)
     write("cam-1", camera, camera_key)
-    return {name: str(tmp_path / name) for name in
-            ("ca.crt", "server.crt", "server.key", "cam-1.crt", "cam-1.key")}
+    return {name: str(tmp_path / name) for name in ("ca.crt", "server.crt", "server.key", "cam-1.crt", "cam-1.key")}
 
 
 def test_over_tls_cameras_are_served_and_plaintext_is_refused(valkey, tmp_path):
@@ -359,9 +416,14 @@ def test_over_tls_cameras_are_served_and_plaintext_is_refused(valkey, tmp_path):
 
 def test_required_client_certificates_keep_out_a_caller_without_one(valkey, tmp_path):
     files = _certificates(tmp_path)
-    gateway = Gateway(valkey, tls=ClientTLS(ca_file=files["ca.crt"], cert_file=files["cam-1.crt"], key_file=files["cam-1.key"]),
-                      grpc_tls_cert_file=files["server.crt"], grpc_tls_key_file=files["server.key"],
-                      grpc_tls_client_ca_file=files["ca.crt"], grpc_tls_require_client_cert=True)
+    gateway = Gateway(
+        valkey,
+        tls=ClientTLS(ca_file=files["ca.crt"], cert_file=files["cam-1.crt"], key_file=files["cam-1.key"]),
+        grpc_tls_cert_file=files["server.crt"],
+        grpc_tls_key_file=files["server.key"],
+        grpc_tls_client_ca_file=files["ca.crt"],
+        grpc_tls_require_client_cert=True,
+    )
     try:
         assert gateway.submit(camera="cam-1").code == 0, "a camera with its certificate is served"
         no_cert = rpc.FaceGatewayStub(ClientTLS(ca_file=files["ca.crt"]).channel(gateway.settings.grpc_address))
@@ -383,6 +445,7 @@ def test_a_network_address_without_tls_is_refused_unless_plaintext_is_allowed(va
 
 
 # ---- item 6: per-camera rate and back-pressure from the queue ------------------------------
+
 
 def test_a_camera_over_its_frame_rate_is_refused_and_the_client_backs_off(gateway_with):
     gateway = gateway_with(camera_max_fps=4.0, camera_burst=3)
@@ -429,8 +492,11 @@ def test_frames_are_refused_before_redis_memory_runs_out(gateway_with):
     used = gateway.redis.info("memory")["used_memory"]
     gateway.redis.config_set("maxmemory", used + (4 << 20))
     try:
-        error = wait_until(lambda: _refusal(lambda: gateway.submit(session="big", seq=0, image=jpeg(320, 240, noise=True))),
-                           what="a refusal for memory", timeout_s=30)
+        error = wait_until(
+            lambda: _refusal(lambda: gateway.submit(session="big", seq=0, image=jpeg(320, 240, noise=True))),
+            what="a refusal for memory",
+            timeout_s=30,
+        )
         assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "memory" in error.details(), error.details()
     finally:
         gateway.redis.config_set("maxmemory", 0)
@@ -447,14 +513,18 @@ def _refusal(call: Callable[[], object]) -> grpc.RpcError | None:
 
 # ---- item 4 (gateway half): OOM, READONLY, LOADING are back-pressure, never UNKNOWN ---------
 
+
 def test_redis_out_of_memory_is_resource_exhausted_not_unknown(gateway_with):
     gateway = gateway_with(queue_max_memory_ratio=0.0)  # our own guard off: Redis itself refuses
     used = gateway.redis.info("memory")["used_memory"]
     gateway.redis.config_set("maxmemory-policy", "noeviction")
     gateway.redis.config_set("maxmemory", used + (2 << 20))
     try:
-        error = wait_until(lambda: _refusal(lambda: gateway.submit(session="oom", seq=0, image=jpeg(320, 240, noise=True))),
-                           what="a refusal once Redis is full", timeout_s=30)
+        error = wait_until(
+            lambda: _refusal(lambda: gateway.submit(session="oom", seq=0, image=jpeg(320, 240, noise=True))),
+            what="a refusal once Redis is full",
+            timeout_s=30,
+        )
         assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, (error.code(), error.details())
     finally:
         gateway.redis.config_set("maxmemory", 0)
@@ -480,6 +550,7 @@ def test_a_read_only_replica_after_failover_is_unavailable_and_the_camera_retrie
 
 # ---- item 13: sessions, fields, the stage-side decoder, metrics, secret files -------------
 
+
 def test_a_frame_for_a_decided_session_is_refused_with_a_clear_status(gateway_with):
     gateway = gateway_with()
     session = f"pos-{uuid.uuid4().hex[:6]}"
@@ -488,7 +559,9 @@ def test_a_frame_for_a_decided_session_is_refused_with_a_clear_status(gateway_wi
     error = status_of(lambda: gateway.submit(session=session, seq=1))
     assert error.code() == grpc.StatusCode.FAILED_PRECONDITION and "already decided" in error.details()
     end = pb.CameraMessage(end=pb.SessionEnd(camera_id="cam-1", store_id="store-1", session_id=session, frame_count=2))
-    retry = pb.CameraMessage(frame=pb.Frame(camera_id="cam-1", store_id="store-1", session_id=session, sequence=0, image=jpeg()))
+    retry = pb.CameraMessage(
+        frame=pb.Frame(camera_id="cam-1", store_id="store-1", session_id=session, sequence=0, image=jpeg())
+    )
     acks = list(gateway.stub().StreamFrames(iter([retry, end]), metadata=gateway.creds("cam-1")))
     assert acks[0].code == grpc.StatusCode.FAILED_PRECONDITION.value[0] and "already decided" in acks[0].message
     assert acks[1].code == 0, "the end marker after an early decision is the camera's normal last word"
@@ -507,11 +580,14 @@ def test_a_session_is_capped_in_frames_and_in_duration(gateway_with):
     assert error.code() == grpc.StatusCode.FAILED_PRECONDITION and "longer than" in error.details()
 
 
-@pytest.mark.parametrize("fields, why", [
-    ({"phone_suffix": "12ab"}, "phone_suffix"),
-    ({"phone_suffix": "1" * 40}, "phone_suffix"),
-    ({"seq": 10**12}, "sequence"),
-])
+@pytest.mark.parametrize(
+    "fields, why",
+    [
+        ({"phone_suffix": "12ab"}, "phone_suffix"),
+        ({"phone_suffix": "1" * 40}, "phone_suffix"),
+        ({"seq": 10**12}, "sequence"),
+    ],
+)
 def test_frame_fields_are_validated(gateway_with, fields, why):
     gateway = gateway_with()
     error = status_of(lambda: gateway.submit(session="fields", **fields))

@@ -44,8 +44,15 @@ def photo_of_victim(seq: int) -> FrameResult:
 
 def stranger(seq: int, ear: float, reason: str = "") -> FrameResult:
     """The gallery's nearest user for a stranger is the victim, far below the threshold."""
-    return FrameResult(seq, reason=reason, top_user="" if reason else "victim", top_score=-1.0 if reason else 0.85,
-                       second_score=-1.0 if reason else 0.5, ear=ear, embedding=STRANGER)
+    return FrameResult(
+        seq,
+        reason=reason,
+        top_user="" if reason else "victim",
+        top_score=-1.0 if reason else 0.85,
+        second_score=-1.0 if reason else 0.5,
+        ear=ear,
+        embedding=STRANGER,
+    )
 
 
 def stranger_blinking(first_seq: int, n: int = 6, reason: str = "") -> list[FrameResult]:
@@ -54,8 +61,10 @@ def stranger_blinking(first_seq: int, n: int = 6, reason: str = "") -> list[Fram
 
 def never_approved_frame_by_frame(frames: list[FrameResult], policy: SessionPolicy = POLICY) -> bool:
     """As the recognizer sees it: the rule runs after every frame (early decisions on)."""
-    return not any((v := decide(frames[: i + 1], policy, THRESHOLD, expected_frames=None)) and v.approve
-                   for i in range(len(frames)))
+    return not any(
+        (v := decide(frames[: i + 1], policy, THRESHOLD, expected_frames=None)) and v.approve
+        for i in range(len(frames))
+    )
 
 
 def test_a_victims_photo_then_a_stranger_blinking_is_not_approved():
@@ -86,8 +95,9 @@ def test_a_face_that_changes_mid_session_is_never_approved_even_without_the_blin
 
 def test_the_payers_own_blink_counts_though_the_closed_eye_frame_scores_below_the_threshold():
     frames = [photo_of_victim(i) for i in range(3)]
-    frames.append(FrameResult(3, top_user="victim", top_score=0.85, second_score=0.5, ear=CLOSED,
-                              embedding=VICTIM_EYES_CLOSED))
+    frames.append(
+        FrameResult(3, top_user="victim", top_score=0.85, second_score=0.5, ear=CLOSED, embedding=VICTIM_EYES_CLOSED)
+    )
     frames.append(photo_of_victim(4))
     verdict = decide(frames, POLICY, THRESHOLD, expected_frames=None)
     assert verdict and verdict.approve and verdict.user_id == "victim"

@@ -65,11 +65,22 @@ def forged_session(pipeline, victim: str, session: str) -> list[bytes]:
     kept = msgpack.unpackb(client.get(pipeline.settings.key("faces", victim)))
     chips = kept["chips"][0]
     now = int(time.time() * 1000)
-    ref = dict(session_id=session, store_id="store-1", camera_id="cam-1", captured_ms=now, tenant_id="demo",
-               received_ms=now)
+    ref = dict(
+        session_id=session, store_id="store-1", camera_id="cam-1", captured_ms=now, tenant_id="demo", received_ms=now
+    )
     ears = [(0.3, 0.3), (0.3, 0.3), (0.1, 0.1), (0.3, 0.3), (0.3, 0.3)]
-    messages = [PosedMsg(ref=FrameRef(sequence=i, **ref), chips=chips, ear=ear, eligible=True,
-                         models={"detector": "mtcnn"}, sharpness=100.0, face_px=200.0) for i, ear in enumerate(ears)]
+    messages = [
+        PosedMsg(
+            ref=FrameRef(sequence=i, **ref),
+            chips=chips,
+            ear=ear,
+            eligible=True,
+            models={"detector": "mtcnn"},
+            sharpness=100.0,
+            face_px=200.0,
+        )
+        for i, ear in enumerate(ears)
+    ]
     messages.append(SessionEndMsg(ref=FrameRef(sequence=-1, **ref), frame_count=len(ears)))
     return [client.xadd(pipeline.settings.key("posed"), {FIELD: m.encode()}) for m in messages]
 
@@ -81,19 +92,26 @@ def test_forged_stage_messages_with_a_victims_chips_do_not_mint_an_approval(pipe
     try:
         wait_until(lambda: dead_lettered(pipeline, forged) or session in {e.session_id for e in backend.events}, 120)
         decided = backend.events
-        assert not [e for e in decided if e.session_id == session and e.decision == pb.APPROVE], \
+        assert not [e for e in decided if e.session_id == session and e.decision == pb.APPROVE], (
             f"a Redis writer minted an approval for {victim}"
+        )
         assert dead_lettered(pipeline, forged), "every forged entry is dead-lettered as unauthenticated"
-        assert not client_of(pipeline).exists(pipeline.settings.key("session", f"store-1/{session}")), \
+        assert not client_of(pipeline).exists(pipeline.settings.key("session", f"store-1/{session}")), (
             "a forged entry never reaches the recognizer"
+        )
     finally:
         backend.close()
 
 
 def forged_admin(pipeline, command: str, **args) -> tuple[bytes, str]:
     request_id = uuid.uuid4().hex
-    ref = FrameRef(session_id=f"admin-{request_id}", store_id="", camera_id="admin", sequence=0,
-                   captured_ms=int(time.time() * 1000))
+    ref = FrameRef(
+        session_id=f"admin-{request_id}",
+        store_id="",
+        camera_id="admin",
+        sequence=0,
+        captured_ms=int(time.time() * 1000),
+    )
     message = AdminMsg(ref=ref, command=command, args=args, request_id=request_id)
     return client_of(pipeline).xadd(pipeline.settings.key("posed"), {FIELD: message.encode()}), request_id
 
@@ -109,10 +127,19 @@ def test_forged_admin_commands_delete_nothing_store_nothing_and_unlock_nothing(p
     client_of(pipeline).set(settings.key("limits", "camera", "cam-locked", "locked"), 100)  # a hard lock
     space = call(settings, "show_user", user_id=victim)["model_id"]
     dim = 128 if space.startswith("dlib") else 1024
-    attacks = [forged_admin(pipeline, "delete_user", user_id=victim),
-               forged_admin(pipeline, "store_templates", space=space, user_id="mallory", tenant="demo",
-                            phone_suffix="", samples=[[1.0] + [0.0] * (dim - 1)]),
-               forged_admin(pipeline, "reset_lockout", kind="camera", subject="cam-locked")]
+    attacks = [
+        forged_admin(pipeline, "delete_user", user_id=victim),
+        forged_admin(
+            pipeline,
+            "store_templates",
+            space=space,
+            user_id="mallory",
+            tenant="demo",
+            phone_suffix="",
+            samples=[[1.0] + [0.0] * (dim - 1)],
+        ),
+        forged_admin(pipeline, "reset_lockout", kind="camera", subject="cam-locked"),
+    ]
     entries = [entry for entry, _ in attacks]
     wait_until(lambda: dead_lettered(pipeline, entries) or all(replied(pipeline, r) for _, r in attacks), 60)
     assert call(settings, "show_user", user_id=victim)["enrolled"], "a forged delete_user erased the victim"
@@ -157,13 +184,17 @@ def test_a_stage_key_cannot_retarget_a_genuine_frame_or_make_one_up(pipeline, vi
     posed = pipeline.settings.key("posed")
     original = decode(posed_entries_of(pipeline, genuine[0])[0][FIELD])
     session = new_session()
-    retargeted = [dataclasses.replace(original.ref, session_id=session),
-                  dataclasses.replace(original.ref, store_id="store-2"),
-                  dataclasses.replace(original.ref, purpose="enroll", user_id="mallory"),
-                  dataclasses.replace(original.ref, session_id=session, origin_sig="")]
+    retargeted = [
+        dataclasses.replace(original.ref, session_id=session),
+        dataclasses.replace(original.ref, store_id="store-2"),
+        dataclasses.replace(original.ref, purpose="enroll", user_id="mallory"),
+        dataclasses.replace(original.ref, session_id=session, origin_sig=""),
+    ]
     client = client_of(pipeline)
-    entries = [client.xadd(posed, seal({FIELD: dataclasses.replace(original, ref=ref).encode()}, posed, pose_key))
-               for ref in retargeted]
+    entries = [
+        client.xadd(posed, seal({FIELD: dataclasses.replace(original, ref=ref).encode()}, posed, pose_key))
+        for ref in retargeted
+    ]
     wait_until(lambda: dead_lettered(pipeline, entries), 60)
     dead = {f[b"entry"]: f[b"error"] for _, f in client.xrange(pipeline.settings.key("dead"))}
     assert all(b"not attested by the gateway" in dead[e] for e in entries)
@@ -175,8 +206,9 @@ def test_genuine_entries_replayed_decide_nothing_twice(pipeline, genuine):
     posed = pipeline.settings.key("posed")
     replayed = [client.xadd(posed, fields) for fields in posed_entries_of(pipeline, session)]
     assert replayed
-    wait_until(lambda: client.xpending(posed, "recognizer")["pending"] == 0 and
-               client.xinfo_groups(posed)[0]["lag"] == 0, 60)
+    wait_until(
+        lambda: client.xpending(posed, "recognizer")["pending"] == 0 and client.xinfo_groups(posed)[0]["lag"] == 0, 60
+    )
     decisions = [f for _, f in client.xrange(pipeline.settings.key("decisions")) if session.encode() in f[b"payload"]]
     assert len(decisions) == 1, "the decided key outlives any frame young enough to be accepted"
 
@@ -186,7 +218,9 @@ def signed_operator_command(pipeline, command: str, issued_at_ms: int, request_i
     from facepay.keys import load_signer
     from facepay.runtime.envelope import seal
 
-    ref = FrameRef(session_id=f"admin-{request_id}", store_id="", camera_id="admin", sequence=0, captured_ms=issued_at_ms)
+    ref = FrameRef(
+        session_id=f"admin-{request_id}", store_id="", camera_id="admin", sequence=0, captured_ms=issued_at_ms
+    )
     message = AdminMsg(ref=ref, command=command, args=args, request_id=request_id, issued_at_ms=issued_at_ms)
     posed = pipeline.settings.key("posed")
     return seal({FIELD: message.encode()}, posed, load_signer(pipeline.settings.operator_key_file))
@@ -216,8 +250,9 @@ def test_each_process_holds_only_its_own_private_key(pipeline):
     import stat
 
     for name, process in pipeline.processes.items():
-        environ = dict(line.split("=", 1) for line in
-                       Path(f"/proc/{process.pid}/environ").read_text().split("\0") if "=" in line)
+        environ = dict(
+            line.split("=", 1) for line in Path(f"/proc/{process.pid}/environ").read_text().split("\0") if "=" in line
+        )
         component = name if name == "gateway" else name.rsplit("-", 1)[0]
         assert environ["FACEPAY_KEY_FILE"] == str(pipeline.keys_dir / f"{component}.key")
         assert not environ.get("FACEPAY_OPERATOR_KEY_FILE"), f"{name} must not hold the operator's key"
@@ -242,8 +277,15 @@ def gateway_ref(keyset, image: bytes | None, received_ms: int | None = None) -> 
     from facepay.runtime.envelope import attest
 
     now = int(time.time() * 1000)
-    ref = FrameRef(session_id="s1", store_id="store-1", camera_id="cam-1", sequence=0, captured_ms=now,
-                   tenant_id="demo", received_ms=now if received_ms is None else received_ms)
+    ref = FrameRef(
+        session_id="s1",
+        store_id="store-1",
+        camera_id="cam-1",
+        sequence=0,
+        captured_ms=now,
+        tenant_id="demo",
+        received_ms=now if received_ms is None else received_ms,
+    )
     return attest(ref, load_signer(str(keyset / "gateway.key")), image)
 
 
@@ -273,8 +315,9 @@ def test_the_detector_refuses_an_image_other_than_the_one_the_gateway_attested(k
     ref = gateway_ref(keyset, b"the camera's image")
     assert detector.refuse(FrameMsg(ref=ref, image=b"the camera's image"), trusted) == ""
     assert "digest" in detector.refuse(FrameMsg(ref=ref, image=b"another image"), trusted)
-    assert "not attested" in detector.refuse(FrameMsg(ref=dataclasses.replace(ref, session_id="s2"),
-                                                      image=b"the camera's image"), trusted)
+    assert "not attested" in detector.refuse(
+        FrameMsg(ref=dataclasses.replace(ref, session_id="s2"), image=b"the camera's image"), trusted
+    )
 
 
 def test_facepay_keys_generate_writes_private_keys_0600_and_the_trusted_file(tmp_path):
@@ -287,8 +330,12 @@ def test_facepay_keys_generate_writes_private_keys_0600_and_the_trusted_file(tmp
 
     from facepay.keys import COMPONENTS
 
-    done = subprocess.run([sys.executable, "-m", "facepay", "keys", "generate", "--out", str(tmp_path / "k")],
-                          capture_output=True, text=True, timeout=60)
+    done = subprocess.run(
+        [sys.executable, "-m", "facepay", "keys", "generate", "--out", str(tmp_path / "k")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert done.returncode == 0, done.stderr
     assert set(yaml.safe_load((tmp_path / "k" / "trusted.yaml").read_text())) == set(COMPONENTS)
     for component in COMPONENTS:
@@ -303,10 +350,17 @@ def test_a_process_without_its_key_file_fails_at_start_up_naming_facepay_keys_ge
 
     cameras = tmp_path / "cameras.yaml"
     cameras.write_text("stores: {}\ncameras: {}\n")
-    env = {**os.environ, "FACEPAY_KEY_FILE": "", "FACEPAY_TRUSTED_KEYS_FILE": str(keyset / "trusted.yaml"),
-           "FACEPAY_CAMERAS_FILE": str(cameras), "FACEPAY_GRPC_ADDRESS": "127.0.0.1:0", "REDIS_URL": "redis://127.0.0.1:1/0"}
-    done = subprocess.run([sys.executable, "-m", "facepay", *command], env=env, capture_output=True, text=True,
-                          timeout=120)
+    env = {
+        **os.environ,
+        "FACEPAY_KEY_FILE": "",
+        "FACEPAY_TRUSTED_KEYS_FILE": str(keyset / "trusted.yaml"),
+        "FACEPAY_CAMERAS_FILE": str(cameras),
+        "FACEPAY_GRPC_ADDRESS": "127.0.0.1:0",
+        "REDIS_URL": "redis://127.0.0.1:1/0",
+    }
+    done = subprocess.run(
+        [sys.executable, "-m", "facepay", *command], env=env, capture_output=True, text=True, timeout=120
+    )
     assert done.returncode != 0
     assert "FACEPAY_KEY_FILE is not set" in done.stderr and "facepay keys generate" in done.stderr
     assert "Traceback" not in done.stderr
@@ -323,8 +377,12 @@ def test_the_cli_believes_only_replies_the_recognizer_signed(keyset, tmp_path):
     from facepay.runtime.envelope import seal
 
     with EmbeddedValkey(tmp_path / "vk") as server:
-        settings = Settings(redis_url=server.url, namespace="cli", operator_key_file=str(keyset / "operator.key"),
-                            trusted_keys_file=str(keyset / "trusted.yaml"))
+        settings = Settings(
+            redis_url=server.url,
+            namespace="cli",
+            operator_key_file=str(keyset / "operator.key"),
+            trusted_keys_file=str(keyset / "trusted.yaml"),
+        )
         client = redis.Redis.from_url(server.url)
         pose_key = load_signer(str(keyset / "pose.key"))
         stop = threading.Event()

@@ -32,11 +32,30 @@ from tests.keysets import signing_as
 from tests.test_runtime import push
 
 NS = "fp"
-STAGE_STREAMS = {"detector": ("frames", "faces"), "aligner": ("faces", "aligned"), "pose": ("aligned", "posed"),
-                 "recognizer": ("posed", "decisions")}
-UPSTREAM = {"detector": "gateway", "aligner": "detector", "pose": "aligner", "recognizer": "pose"}  # who signs its input
-DANGEROUS = [("FLUSHALL",), ("CONFIG", "GET", "*"), ("KEYS", "*"), ("DEBUG", "SLEEP", "0"), ("SCRIPT", "FLUSH"),
-             ("ACL", "LIST"), ("SHUTDOWN", "NOSAVE"), ("MONITOR",), ("FLUSHDB",), ("MODULE", "LIST")]
+STAGE_STREAMS = {
+    "detector": ("frames", "faces"),
+    "aligner": ("faces", "aligned"),
+    "pose": ("aligned", "posed"),
+    "recognizer": ("posed", "decisions"),
+}
+UPSTREAM = {
+    "detector": "gateway",
+    "aligner": "detector",
+    "pose": "aligner",
+    "recognizer": "pose",
+}  # who signs its input
+DANGEROUS = [
+    ("FLUSHALL",),
+    ("CONFIG", "GET", "*"),
+    ("KEYS", "*"),
+    ("DEBUG", "SLEEP", "0"),
+    ("SCRIPT", "FLUSH"),
+    ("ACL", "LIST"),
+    ("SHUTDOWN", "NOSAVE"),
+    ("MONITOR",),
+    ("FLUSHDB",),
+    ("MODULE", "LIST"),
+]
 
 
 @pytest.fixture(scope="module")
@@ -58,7 +77,9 @@ def test_a_client_without_credentials_is_refused(valkey):
     import socket
 
     with socket.create_connection(("127.0.0.1", valkey.port), timeout=5) as raw:  # a bare RESP client
-        raw.sendall(f"*5\r\n$4\r\nXADD\r\n${len(NS) + 6}\r\n{NS}:posed\r\n$1\r\n*\r\n$1\r\nm\r\n$6\r\nforged\r\n".encode())
+        raw.sendall(
+            f"*5\r\n$4\r\nXADD\r\n${len(NS) + 6}\r\n{NS}:posed\r\n$1\r\n*\r\n$1\r\nm\r\n$6\r\nforged\r\n".encode()
+        )
         assert raw.recv(200).startswith(b"-NOAUTH")
     with pytest.raises(redis.AuthenticationError):
         redis.Redis(host="127.0.0.1", port=valkey.port).xadd(f"{NS}:posed", {FIELD: b"forged"})
@@ -82,19 +103,21 @@ def test_every_component_has_its_own_user_and_credentials_are_private_files(valk
 # ---- each component's keys and commands ---------------------------------------------------
 def test_a_stage_cannot_write_another_components_stream_or_read_its_jobs(valkey):
     detector, gateway = as_user(valkey, "detector"), as_user(valkey, "gateway")
-    for forged in (lambda: detector.xadd(f"{NS}:posed", {FIELD: b"forged"}),       # the recognizer's input
-                   lambda: detector.xadd(f"{NS}:frames", {FIELD: b"forged"}),      # its own input: gateway only
-                   lambda: gateway.xadd(f"{NS}:posed", {FIELD: b"forged"}),
-                   lambda: gateway.xadd(f"{NS}:decisions", {b"payload": b"{}"}),
-                   lambda: detector.xreadgroup("recognizer", "x", {f"{NS}:posed": ">"}),
-                   lambda: detector.get(f"{NS}:faces:alice"),                      # kept enrollment chips
-                   lambda: detector.hgetall(f"{NS}:session:store/s1"),
-                   lambda: as_user(valkey, "pose").set(f"{NS}:decided:store/s1", "x"),
-                   lambda: as_user(valkey, "backend").xadd(f"{NS}:decisions", {b"payload": b"{}"}),
-                   lambda: as_user(valkey, "backend").xrange(f"{NS}:frames"),
-                   lambda: as_user(valkey, "recognizer").xadd(f"{NS}:frames", {FIELD: b"forged"}),
-                   lambda: as_user(valkey, "operator").xadd(f"{NS}:decisions", {b"payload": b"{}"}),
-                   lambda: detector.get("elsewhere:key")):
+    for forged in (
+        lambda: detector.xadd(f"{NS}:posed", {FIELD: b"forged"}),  # the recognizer's input
+        lambda: detector.xadd(f"{NS}:frames", {FIELD: b"forged"}),  # its own input: gateway only
+        lambda: gateway.xadd(f"{NS}:posed", {FIELD: b"forged"}),
+        lambda: gateway.xadd(f"{NS}:decisions", {b"payload": b"{}"}),
+        lambda: detector.xreadgroup("recognizer", "x", {f"{NS}:posed": ">"}),
+        lambda: detector.get(f"{NS}:faces:alice"),  # kept enrollment chips
+        lambda: detector.hgetall(f"{NS}:session:store/s1"),
+        lambda: as_user(valkey, "pose").set(f"{NS}:decided:store/s1", "x"),
+        lambda: as_user(valkey, "backend").xadd(f"{NS}:decisions", {b"payload": b"{}"}),
+        lambda: as_user(valkey, "backend").xrange(f"{NS}:frames"),
+        lambda: as_user(valkey, "recognizer").xadd(f"{NS}:frames", {FIELD: b"forged"}),
+        lambda: as_user(valkey, "operator").xadd(f"{NS}:decisions", {b"payload": b"{}"}),
+        lambda: detector.get("elsewhere:key"),
+    ):
         with pytest.raises(redis.exceptions.NoPermissionError):
             forged()
 
@@ -107,11 +130,13 @@ def test_embeddings_for_the_archive_go_from_the_recognizer_to_the_archiver_only(
     archiver = as_user(valkey, "archiver")
     archiver.xgroup_create(stream, "archiver", id="0")
     assert archiver.xreadgroup("archiver", "a1", {stream: ">"})[0][1][0][1] == {FIELD: b"embedding"}
-    for refused in (lambda: as_user(valkey, "backend").xrange(stream),
-                    lambda: as_user(valkey, "gateway").xrange(stream),
-                    lambda: as_user(valkey, "pose").xadd(stream, {FIELD: b"forged"}),
-                    lambda: archiver.xadd(stream, {FIELD: b"forged"}),
-                    lambda: as_user(valkey, "operator").xrange(stream)):
+    for refused in (
+        lambda: as_user(valkey, "backend").xrange(stream),
+        lambda: as_user(valkey, "gateway").xrange(stream),
+        lambda: as_user(valkey, "pose").xadd(stream, {FIELD: b"forged"}),
+        lambda: archiver.xadd(stream, {FIELD: b"forged"}),
+        lambda: as_user(valkey, "operator").xrange(stream),
+    ):
         with pytest.raises(redis.exceptions.NoPermissionError):
             refused()
 
@@ -140,8 +165,11 @@ def test_keda_reads_lag_and_pending_only(valkey):
     keda = as_user(valkey, "keda")
     assert any(g["name"] == b"detector" for g in keda.xinfo_groups(f"{NS}:frames"))
     assert keda.xpending(f"{NS}:frames", "detector") is not None
-    for refused in (lambda: keda.xrange(f"{NS}:frames"), lambda: keda.xadd(f"{NS}:frames", {FIELD: b"x"}),
-                    lambda: keda.xreadgroup("detector", "keda", {f"{NS}:frames": ">"})):
+    for refused in (
+        lambda: keda.xrange(f"{NS}:frames"),
+        lambda: keda.xadd(f"{NS}:frames", {FIELD: b"x"}),
+        lambda: keda.xreadgroup("detector", "keda", {f"{NS}:frames": ">"}),
+    ):
         with pytest.raises(redis.exceptions.NoPermissionError):
             refused()
 
@@ -159,14 +187,34 @@ class Passthrough(PipeStage):
 def test_the_runtime_runs_each_stage_under_its_own_user(valkey, component):
     """Group creation, batched reads, commit, dead letters, reclaim, gauges and trimming."""
     source, target = STAGE_STREAMS[component]
-    stage = type(f"{component.title()}Stage", (Passthrough,), {"name": component, "input": source, "output": target,
-                                                               "accepts_from": {"frame": frozenset({UPSTREAM[component]})}})()
-    settings = Settings(redis_url=valkey.url_for(component), namespace=NS, batch_size=4, batch_wait_ms=20,
-                        claim_idle_ms=200, max_deliveries=1, **signing_as(component))
+    stage = type(
+        f"{component.title()}Stage",
+        (Passthrough,),
+        {
+            "name": component,
+            "input": source,
+            "output": target,
+            "accepts_from": {"frame": frozenset({UPSTREAM[component]})},
+        },
+    )()
+    settings = Settings(
+        redis_url=valkey.url_for(component),
+        namespace=NS,
+        batch_size=4,
+        batch_wait_ms=20,
+        claim_idle_ms=200,
+        max_deliveries=1,
+        **signing_as(component),
+    )
     admin = redis.Redis.from_url(valkey.url)
     session = uuid.uuid4().hex
-    push(admin, settings, *[frame(session, i, image) for i, image in enumerate([b"a", b"boom", b"c"])],
-         signer=UPSTREAM[component], to=source)
+    push(
+        admin,
+        settings,
+        *[frame(session, i, image) for i, image in enumerate([b"a", b"boom", b"c"])],
+        signer=UPSTREAM[component],
+        to=source,
+    )
     worker = StreamWorker(stage, settings, consumer=f"{component}-0")
     worker._last_gauges = worker._last_trim = 0.0
     deadline = time.monotonic() + 15
@@ -225,8 +273,13 @@ def test_credentials_survive_a_restart(tmp_path):
 # ---- managed Redis: the ACL lines ---------------------------------------------------------
 def test_facepay_redis_acl_prints_lines_a_real_server_accepts(tmp_path):
     out = tmp_path / "creds"
-    printed = subprocess.run([sys.executable, "-m", "facepay", "redis", "acl", "--namespace", "shop", "--out", str(out)],
-                             capture_output=True, text=True, check=True, env={**os.environ, "FACEPAY_LOG_FORMAT": "text"})
+    printed = subprocess.run(
+        [sys.executable, "-m", "facepay", "redis", "acl", "--namespace", "shop", "--out", str(out)],
+        capture_output=True,
+        text=True,
+        check=True,
+        env={**os.environ, "FACEPAY_LOG_FORMAT": "text"},
+    )
     lines = [line for line in printed.stdout.splitlines() if line.startswith("ACL SETUSER")]
     assert {line.split()[2] for line in lines} >= set(COMPONENTS)
     passwords = {p.stem: p.read_text().strip() for p in out.glob("*.password")}
@@ -238,7 +291,9 @@ def test_facepay_redis_acl_prints_lines_a_real_server_accepts(tmp_path):
             import shlex
 
             admin.execute_command(*shlex.split(line))
-        gateway = redis.Redis.from_url(component_url(f"redis://127.0.0.1:{server.port}/0", "gateway", passwords["gateway"]))
+        gateway = redis.Redis.from_url(
+            component_url(f"redis://127.0.0.1:{server.port}/0", "gateway", passwords["gateway"])
+        )
         gateway.xadd("shop:frames", {FIELD: b"x"})
         with pytest.raises(redis.exceptions.NoPermissionError):
             gateway.xadd("shop:posed", {FIELD: b"x"})
@@ -248,8 +303,24 @@ def test_facepay_redis_acl_writes_an_acl_file_a_server_can_start_with(tmp_path):
     """For a Valkey/Redis started with `aclfile` (the Kubernetes dev overlay's): the same users,
     `default` off, only password hashes, 0600."""
     out, acl_file = tmp_path / "creds", tmp_path / "users.acl"
-    subprocess.run([sys.executable, "-m", "facepay", "redis", "acl", "--namespace", "shop", "--out", str(out),
-                    "--acl-file", str(acl_file)], capture_output=True, text=True, check=True)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "facepay",
+            "redis",
+            "acl",
+            "--namespace",
+            "shop",
+            "--out",
+            str(out),
+            "--acl-file",
+            str(acl_file),
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     passwords = {c: (out / f"{c}.password").read_text().strip() for c in COMPONENTS}
     text = acl_file.read_text()
     assert (acl_file.stat().st_mode & 0o777) == 0o600
@@ -264,10 +335,15 @@ SECRET = "s3cr3t-pa55word"
 
 
 def test_config_show_redacts_redis_credentials(tmp_path):
-    env = {**os.environ, "REDIS_URL": f"redis://operator:{SECRET}@redis.internal:6379/0",
-           "FACEPAY_SIGNING_KEY": "ab" * 32, "FACEPAY_OPERATOR_TOKEN": "op-token-123"}
-    shown = subprocess.run([sys.executable, "-m", "facepay", "config", "show"], capture_output=True, text=True,
-                           check=True, env=env).stdout
+    env = {
+        **os.environ,
+        "REDIS_URL": f"redis://operator:{SECRET}@redis.internal:6379/0",
+        "FACEPAY_SIGNING_KEY": "ab" * 32,
+        "FACEPAY_OPERATOR_TOKEN": "op-token-123",
+    }
+    shown = subprocess.run(
+        [sys.executable, "-m", "facepay", "config", "show"], capture_output=True, text=True, check=True, env=env
+    ).stdout
     assert SECRET not in shown and "ab" * 32 not in shown and "op-token-123" not in shown
     assert "redis://operator:***@redis.internal:6379/0" in shown
 
@@ -275,8 +351,9 @@ def test_config_show_redacts_redis_credentials(tmp_path):
 def test_a_password_file_is_read_and_never_shown(tmp_path):
     password_file = tmp_path / "operator.password"
     password_file.write_text(SECRET + "\n")
-    settings = load_settings({"REDIS_URL": "redis://operator@redis.internal:6379/0",
-                              "FACEPAY_REDIS_PASSWORD_FILE": str(password_file)})
+    settings = load_settings(
+        {"REDIS_URL": "redis://operator@redis.internal:6379/0", "FACEPAY_REDIS_PASSWORD_FILE": str(password_file)}
+    )
     assert redis.connection.parse_url(settings.redis_url)["password"] == SECRET
     assert SECRET not in json.dumps(settings.as_dict())
 
@@ -288,8 +365,16 @@ def test_the_admin_clients_error_does_not_print_the_password(valkey):
     password = redis.connection.parse_url(url)["password"]
     with pytest.raises(AdminError) as error:
         operator = signing_as("operator")
-        call(Settings(redis_url=url, namespace=NS, operator_key_file=operator["key_file"],
-                      trusted_keys_file=operator["trusted_keys_file"]), "list_users", timeout_s=0.5)  # no recognizer runs here
+        call(
+            Settings(
+                redis_url=url,
+                namespace=NS,
+                operator_key_file=operator["key_file"],
+                trusted_keys_file=operator["trusted_keys_file"],
+            ),
+            "list_users",
+            timeout_s=0.5,
+        )  # no recognizer runs here
     assert password not in str(error.value) and "operator:***@" in str(error.value)
 
 
@@ -356,17 +441,24 @@ def test_the_supervisor_gives_each_process_only_its_own_credentials(tmp_path):
     pipeline.valkey.start()
     try:
         pipeline.settings = pipeline.settings.replace(redis_url=pipeline.valkey.url)
-        for name, component in [("gateway", "gateway"), ("detector-0", "detector"), ("aligner-0", "aligner"),
-                                ("pose-1", "pose"), ("recognizer-0", "recognizer")]:
+        for name, component in [
+            ("gateway", "gateway"),
+            ("detector-0", "detector"),
+            ("aligner-0", "aligner"),
+            ("pose-1", "pose"),
+            ("recognizer-0", "recognizer"),
+        ]:
             env = pipeline.process_env(name)
             settings_seen = load_settings(env)
             client = redis.Redis.from_url(settings_seen.redis_url)
             assert client.acl_whoami() == component
             every_password = [p.read_text().strip() for p in pipeline.valkey.credentials_dir.glob("*.password")]
-            assert not any(pw and pw in value for pw in every_password for value in env.values()), \
+            assert not any(pw and pw in value for pw in every_password for value in env.values()), (
                 "passwords travel in files, not in the environment"
-            assert ("FACEPAY_SIGNING_KEY" in env and env["FACEPAY_SIGNING_KEY"] == "cd" * 32) == (component == "recognizer"), \
-                "the decision signing key goes to the signer only"
+            )
+            assert ("FACEPAY_SIGNING_KEY" in env and env["FACEPAY_SIGNING_KEY"] == "cd" * 32) == (
+                component == "recognizer"
+            ), "the decision signing key goes to the signer only"
     finally:
         pipeline.valkey.stop()
 
@@ -382,31 +474,53 @@ def _self_signed(directory: Path) -> dict[str, Path]:
 
     def write_key(name: str, key) -> Path:
         path = directory / name
-        path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                           serialization.NoEncryption()))
+        path.write_bytes(
+            key.private_bytes(
+                serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+            )
+        )
         path.chmod(0o600)
         return path
 
     now = datetime.datetime.now(datetime.UTC)
     ca_key = ec.generate_private_key(ec.SECP256R1())
     ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "facepay test CA")])
-    ca = (x509.CertificateBuilder().subject_name(ca_name).issuer_name(ca_name).public_key(ca_key.public_key())
-          .serial_number(x509.random_serial_number()).not_valid_before(now).not_valid_after(now + datetime.timedelta(days=1))
-          .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True).sign(ca_key, hashes.SHA256()))
+    ca = (
+        x509.CertificateBuilder()
+        .subject_name(ca_name)
+        .issuer_name(ca_name)
+        .public_key(ca_key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now)
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(ca_key, hashes.SHA256())
+    )
 
     def issue(cn: str, san: list) -> tuple:
         key = ec.generate_private_key(ec.SECP256R1())
-        cert = (x509.CertificateBuilder().subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)]))
-                .issuer_name(ca_name).public_key(key.public_key()).serial_number(x509.random_serial_number())
-                .not_valid_before(now).not_valid_after(now + datetime.timedelta(days=1))
-                .add_extension(x509.SubjectAlternativeName(san), critical=False).sign(ca_key, hashes.SHA256()))
+        cert = (
+            x509.CertificateBuilder()
+            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)]))
+            .issuer_name(ca_name)
+            .public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now)
+            .not_valid_after(now + datetime.timedelta(days=1))
+            .add_extension(x509.SubjectAlternativeName(san), critical=False)
+            .sign(ca_key, hashes.SHA256())
+        )
         return key, cert
 
     import ipaddress
 
     server_key, server_cert = issue("127.0.0.1", [x509.IPAddress(ipaddress.ip_address("127.0.0.1"))])
     client_key, client_cert = issue("facepay-client", [x509.DNSName("facepay-client")])
-    paths = {"ca": directory / "ca.pem", "server_cert": directory / "server.pem", "client_cert": directory / "client.pem"}
+    paths = {
+        "ca": directory / "ca.pem",
+        "server_cert": directory / "server.pem",
+        "client_cert": directory / "client.pem",
+    }
     paths["ca"].write_bytes(ca.public_bytes(serialization.Encoding.PEM))
     paths["server_cert"].write_bytes(server_cert.public_bytes(serialization.Encoding.PEM))
     paths["client_cert"].write_bytes(client_cert.public_bytes(serialization.Encoding.PEM))
@@ -425,8 +539,12 @@ def tls_redis(tmp_path_factory):
     directory = tmp_path_factory.mktemp("tls")
     certs = _self_signed(directory)
 
-    server = EmbeddedValkey(directory / "data", namespace=NS, binary=binary,
-                            tls={"ca": certs["ca"], "cert": certs["server_cert"], "key": certs["server_key"]})
+    server = EmbeddedValkey(
+        directory / "data",
+        namespace=NS,
+        binary=binary,
+        tls={"ca": certs["ca"], "cert": certs["server_cert"], "key": certs["server_key"]},
+    )
     server.start()
     yield server, certs
     server.stop()
@@ -438,11 +556,16 @@ def test_tls_end_to_end_connect_runtime_rq_and_subscriber(tls_redis, tmp_path):
     password_file = tmp_path / "detector.password"
     password_file.write_text(redis.connection.parse_url(server.url_for("detector"))["password"])
     password_file.chmod(0o600)
-    settings = load_settings({"REDIS_URL": f"rediss://detector@127.0.0.1:{server.port}/0", "FACEPAY_NAMESPACE": NS,
-                              "FACEPAY_REDIS_PASSWORD_FILE": str(password_file),
-                              "FACEPAY_REDIS_TLS_CA_FILE": str(certs["ca"]),
-                              "FACEPAY_REDIS_TLS_CERT_FILE": str(certs["client_cert"]),
-                              "FACEPAY_REDIS_TLS_KEY_FILE": str(certs["client_key"])})
+    settings = load_settings(
+        {
+            "REDIS_URL": f"rediss://detector@127.0.0.1:{server.port}/0",
+            "FACEPAY_NAMESPACE": NS,
+            "FACEPAY_REDIS_PASSWORD_FILE": str(password_file),
+            "FACEPAY_REDIS_TLS_CA_FILE": str(certs["ca"]),
+            "FACEPAY_REDIS_TLS_CERT_FILE": str(certs["client_cert"]),
+            "FACEPAY_REDIS_TLS_KEY_FILE": str(certs["client_key"]),
+        }
+    )
     from facepay.runtime.redis_conn import connect
 
     assert connect(settings.redis_url).acl_whoami() == "detector"
@@ -455,8 +578,11 @@ def test_tls_end_to_end_connect_runtime_rq_and_subscriber(tls_redis, tmp_path):
     session = uuid.uuid4().hex
     settings = settings.replace(batch_wait_ms=10, **signing_as("detector"))
     push(admin, settings, frame(session, 0), signer="gateway", to="frames")
-    stage = type("D", (Passthrough,), {"name": "detector", "input": "frames", "output": "faces",
-                                       "accepts_from": {"frame": frozenset({"gateway"})}})()
+    stage = type(
+        "D",
+        (Passthrough,),
+        {"name": "detector", "input": "frames", "output": "faces", "accepts_from": {"frame": frozenset({"gateway"})}},
+    )()
     worker = StreamWorker(stage, settings, consumer="tls-0")
     deadline = time.monotonic() + 15
     while not any(session.encode() in f[FIELD] for _, f in admin.xrange(f"{NS}:faces")):
@@ -470,8 +596,9 @@ def test_tls_end_to_end_connect_runtime_rq_and_subscriber(tls_redis, tmp_path):
     session = uuid.uuid4().hex
     admin.xadd(f"{NS}:decisions", signed_entry("s1", session))  # as the recognizer signs it
     backend = redis.Redis.from_url(server.url_for("backend"))
-    _, event = next(consume(backend, f"{NS}:decisions", "backend-s1", "b-0", KEYS, "s1", start="0",
-                            seen=SeenEvents(backend)))  # replicas share the ids they acted on, under the backend user
+    _, event = next(
+        consume(backend, f"{NS}:decisions", "backend-s1", "b-0", KEYS, "s1", start="0", seen=SeenEvents(backend))
+    )  # replicas share the ids they acted on, under the backend user
     assert event["session_id"] == session
 
     # rq under TLS, as the operator
@@ -492,4 +619,6 @@ def test_a_cluster_url_is_redacted_with_every_node_kept():
 
     url = f"redis+cluster://pose:{SECRET}@127.0.0.1:7001,127.0.0.1:7002,127.0.0.1:7003/0"
     assert redact_url(url) == "redis+cluster://pose:***@127.0.0.1:7001,127.0.0.1:7002,127.0.0.1:7003/0"
-    assert SECRET not in redact(f"cannot reach {url}") and SECRET not in redact(f"cannot reach {url.replace('redis+', 'rediss+')}")
+    assert SECRET not in redact(f"cannot reach {url}") and SECRET not in redact(
+        f"cannot reach {url.replace('redis+', 'rediss+')}"
+    )

@@ -62,8 +62,12 @@ def running(worker: StreamWorker) -> Iterator[list[BaseException]]:
         thread.join(15)
 
 
-def wait_for(condition: Callable[[], bool], crashed: list[BaseException] | None = None, timeout_s: float = 20.0,
-             what: str = "condition") -> None:
+def wait_for(
+    condition: Callable[[], bool],
+    crashed: list[BaseException] | None = None,
+    timeout_s: float = 20.0,
+    what: str = "condition",
+) -> None:
     deadline = time.monotonic() + timeout_s
     while not condition():
         assert not crashed, f"the worker crashed: {crashed[0]!r}"
@@ -110,8 +114,15 @@ def read_all(client: redis.Redis, stream: str, group: str) -> list[bytes]:
 # ---- item 4: a full / read-only / loading Redis is back-pressure -------------------------------
 def test_a_full_redis_is_back_pressure_the_worker_waits_then_processes_every_entry_once(tmp_path, keyset):
     with EmbeddedValkey(tmp_path / "vk") as server:
-        settings = settings_with_keys(keyset, redis_url=server.url, namespace="oom", batch_size=4, batch_wait_ms=10,
-                            claim_idle_ms=300, max_deliveries=2)
+        settings = settings_with_keys(
+            keyset,
+            redis_url=server.url,
+            namespace="oom",
+            batch_size=4,
+            batch_wait_ms=10,
+            claim_idle_ms=300,
+            max_deliveries=2,
+        )
         client = redis.Redis.from_url(server.url)
         push(client, settings, *[frame("s", i, b"ab%d" % i) for i in range(12)])
         client.xgroup_create(settings.key("in"), "upper", id="0")  # a running stage has its group
@@ -122,7 +133,9 @@ def test_a_full_redis_is_back_pressure_the_worker_waits_then_processes_every_ent
         waits_before = backpressure_waits("upper", "oom")
         worker = StreamWorker(Upper(), settings, consumer="c1")
         with running(worker) as crashed:
-            wait_for(lambda: backpressure_waits("upper", "oom") >= waits_before + 3, crashed, what="back-pressure waits")
+            wait_for(
+                lambda: backpressure_waits("upper", "oom") >= waits_before + 3, crashed, what="back-pressure waits"
+            )
             assert pending(client, settings) == 4, "a batch is in hand"
             assert client.xlen(settings.key("out")) == 0, "nothing could be written"
             client.config_set("maxmemory", 0)  # the operator makes room
@@ -135,13 +148,23 @@ def test_a_full_redis_is_back_pressure_the_worker_waits_then_processes_every_ent
 
 def test_while_redis_is_full_an_idle_replica_does_not_take_over_the_batch_another_holds(tmp_path, keyset):
     with EmbeddedValkey(tmp_path / "vk") as server:
-        settings = settings_with_keys(keyset, redis_url=server.url, namespace="oom2", batch_size=8, batch_wait_ms=10,
-                            claim_idle_ms=300, max_deliveries=2)
+        settings = settings_with_keys(
+            keyset,
+            redis_url=server.url,
+            namespace="oom2",
+            batch_size=8,
+            batch_wait_ms=10,
+            claim_idle_ms=300,
+            max_deliveries=2,
+        )
         client = redis.Redis.from_url(server.url)
         push(client, settings, *[frame("s", i) for i in range(8)])
         client.xgroup_create(settings.key("in"), "upper", id="0")  # a running stage has its group
         client.config_set("maxmemory", client.info("memory")["used_memory"] - 1)
-        holder, idle = StreamWorker(Upper(), settings, consumer="holder"), StreamWorker(Upper(), settings, consumer="idle")
+        holder, idle = (
+            StreamWorker(Upper(), settings, consumer="holder"),
+            StreamWorker(Upper(), settings, consumer="idle"),
+        )
         with running(holder) as crashed:
             wait_for(lambda: pending(client, settings) == 8, crashed, what="batch in hand")
             with running(idle) as crashed_too:
@@ -157,8 +180,9 @@ def test_while_redis_is_full_an_idle_replica_does_not_take_over_the_batch_anothe
 
 def run_upper_worker(url: str, namespace: str, keyset: str) -> None:
     """Entry point of a worker subprocess (run() installs signal handlers: main thread only)."""
-    settings = settings_with_keys(Path(keyset), redis_url=url, namespace=namespace, batch_size=4, batch_wait_ms=10,
-                                  claim_idle_ms=300)
+    settings = settings_with_keys(
+        Path(keyset), redis_url=url, namespace=namespace, batch_size=4, batch_wait_ms=10, claim_idle_ms=300
+    )
     StreamWorker(Upper(), settings, consumer="sub").run()
 
 
@@ -184,8 +208,15 @@ def test_a_worker_starting_while_redis_is_full_waits_instead_of_exiting(tmp_path
 
 def test_a_read_only_replica_is_back_pressure_until_it_is_promoted(tmp_path, keyset):
     with EmbeddedValkey(tmp_path / "primary") as primary, EmbeddedValkey(tmp_path / "replica") as replica:
-        settings = settings_with_keys(keyset, redis_url=replica.url, namespace="ro", batch_size=4, batch_wait_ms=10,
-                            claim_idle_ms=300, max_deliveries=2)
+        settings = settings_with_keys(
+            keyset,
+            redis_url=replica.url,
+            namespace="ro",
+            batch_size=4,
+            batch_wait_ms=10,
+            claim_idle_ms=300,
+            max_deliveries=2,
+        )
         on_primary, on_replica = redis.Redis.from_url(primary.url), redis.Redis.from_url(replica.url)
         replica.replicate(primary)
         push(on_primary, settings, *[frame("s", i) for i in range(10)])
@@ -193,8 +224,11 @@ def test_a_read_only_replica_is_back_pressure_until_it_is_promoted(tmp_path, key
         waits_before = backpressure_waits("upper", "readonly")
         worker = StreamWorker(Upper(), settings, consumer="c1")  # pointed at a node that is a replica now
         with running(worker) as crashed:
-            wait_for(lambda: backpressure_waits("upper", "readonly") >= waits_before + 3, crashed,
-                     what="READONLY back-pressure")
+            wait_for(
+                lambda: backpressure_waits("upper", "readonly") >= waits_before + 3,
+                crashed,
+                what="READONLY back-pressure",
+            )
             replica.replicate(None)  # failover: the replica is promoted
             wait_for(lambda: len(outputs(on_replica, settings)) >= 10, crashed, what="all outputs")
             time.sleep(1.0)
@@ -218,8 +252,15 @@ class Gated(Upper):
 
 def test_a_primary_demoted_while_a_batch_is_in_hand_holds_it_and_commits_it_once_promoted_again(tmp_path, keyset):
     with EmbeddedValkey(tmp_path / "a") as node_a, EmbeddedValkey(tmp_path / "b") as node_b:
-        settings = settings_with_keys(keyset, redis_url=node_a.url, namespace="failover", batch_size=8, batch_wait_ms=10,
-                            claim_idle_ms=300, max_deliveries=1)
+        settings = settings_with_keys(
+            keyset,
+            redis_url=node_a.url,
+            namespace="failover",
+            batch_size=8,
+            batch_wait_ms=10,
+            claim_idle_ms=300,
+            max_deliveries=1,
+        )
         a, b = redis.Redis.from_url(node_a.url), redis.Redis.from_url(node_b.url)
         node_b.replicate(node_a)
         push(a, settings, *[frame("s", i) for i in range(8)])
@@ -227,15 +268,25 @@ def test_a_primary_demoted_while_a_batch_is_in_hand_holds_it_and_commits_it_once
         worker = StreamWorker(stage, settings, consumer="c1")
         with running(worker) as crashed:
             wait_for(stage.inside.is_set, crashed, what="batch in hand")
-            wait_for(lambda: b.xlen(settings.key("out")) == 0 and a.info("replication")["master_repl_offset"]
-                     == b.info("replication")["master_repl_offset"], what="b caught up with a")
-            node_b.replicate(None)            # failover to b, then a rejoins as b's replica:
-            node_a.replicate(node_b)          # the worker's node now refuses writes (READONLY)
+            wait_for(
+                lambda: (
+                    b.xlen(settings.key("out")) == 0
+                    and a.info("replication")["master_repl_offset"] == b.info("replication")["master_repl_offset"]
+                ),
+                what="b caught up with a",
+            )
+            node_b.replicate(None)  # failover to b, then a rejoins as b's replica:
+            node_a.replicate(node_b)  # the worker's node now refuses writes (READONLY)
             wait_for(lambda: a.info("replication")["master_link_status"] == "up", what="a replicating b")
             waits_before = backpressure_waits("upper", "readonly") + backpressure_waits("upper", "loading")
             stage.gate.set()
-            wait_for(lambda: backpressure_waits("upper", "readonly") + backpressure_waits("upper", "loading")
-                     >= waits_before + 3, crashed, what="back-pressure on commit")
+            wait_for(
+                lambda: (
+                    backpressure_waits("upper", "readonly") + backpressure_waits("upper", "loading") >= waits_before + 3
+                ),
+                crashed,
+                what="back-pressure on commit",
+            )
             node_a.replicate(None)  # a is promoted again
             wait_for(lambda: len(outputs(a, settings)) >= 8, crashed, what="all outputs")
             time.sleep(1.0)
@@ -250,22 +301,55 @@ def test_a_server_loading_its_data_after_a_restart_is_waited_out(tmp_path, keyse
 
     data_dir = tmp_path / "vk"
     with EmbeddedValkey(data_dir) as server:
-        settings = settings_with_keys(keyset, redis_url=server.url, namespace="loading", batch_size=4, batch_wait_ms=10,
-                            claim_idle_ms=300, max_deliveries=1)
+        settings = settings_with_keys(
+            keyset,
+            redis_url=server.url,
+            namespace="loading",
+            batch_size=4,
+            batch_wait_ms=10,
+            claim_idle_ms=300,
+            max_deliveries=1,
+        )
         client = redis.Redis.from_url(server.url)
         push(client, settings, *[frame("s", i) for i in range(6)])
         client.mset({f"filler:{i}": b"x" for i in range(5000)})  # what makes loading take a while
         client.bgrewriteaof()  # the data now loads from an RDB base, which key-load-delay slows down
-        wait_for(lambda: client.info("persistence")["aof_rewrite_in_progress"] == 0
-                 and client.info("persistence")["aof_rewrite_scheduled"] == 0, what="AOF rewrite")
+        wait_for(
+            lambda: (
+                client.info("persistence")["aof_rewrite_in_progress"] == 0
+                and client.info("persistence")["aof_rewrite_scheduled"] == 0
+            ),
+            what="AOF rewrite",
+        )
         server.kill()
         # Restart by hand (EmbeddedValkey.start waits for the end of loading): each key takes 1 ms.
-        slow = subprocess.Popen([str(get_binary_path()), "--port", str(server.port), "--bind", "127.0.0.1",
-                                 "--dir", str(data_dir.resolve()), "--appendonly", "yes", "--save", "",
-                                 "--key-load-delay", "1000", "--loading-process-events-interval-bytes", "1024",
-                                 "--logfile", "valkey.log", "--aclfile", str((data_dir / "users.acl").resolve())],
-                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        slow = subprocess.Popen(
+            [
+                str(get_binary_path()),
+                "--port",
+                str(server.port),
+                "--bind",
+                "127.0.0.1",
+                "--dir",
+                str(data_dir.resolve()),
+                "--appendonly",
+                "yes",
+                "--save",
+                "",
+                "--key-load-delay",
+                "1000",
+                "--loading-process-events-interval-bytes",
+                "1024",
+                "--logfile",
+                "valkey.log",
+                "--aclfile",
+                str((data_dir / "users.acl").resolve()),
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
         try:
+
             def loading() -> bool:
                 try:
                     client.get("probe")  # PING is answered while loading; data commands are refused
@@ -280,8 +364,12 @@ def test_a_server_loading_its_data_after_a_restart_is_waited_out(tmp_path, keyse
             worker = StreamWorker(Upper(), settings, consumer="c1")
             with running(worker) as crashed:
                 wait_for(lambda: backpressure_waits("upper", "loading") > waits_before, crashed, what="LOADING seen")
-                wait_for(lambda: not loading() and len(outputs(client, settings)) >= 6, crashed, timeout_s=60,
-                         what="all outputs")
+                wait_for(
+                    lambda: not loading() and len(outputs(client, settings)) >= 6,
+                    crashed,
+                    timeout_s=60,
+                    what="all outputs",
+                )
             assert not crashed
             assert sequences(client, settings) == list(range(6))
             assert dead_letters(client, settings) == []
@@ -294,8 +382,16 @@ def test_a_server_loading_its_data_after_a_restart_is_waited_out(tmp_path, keyse
 def test_frames_queued_past_the_length_bound_are_all_delivered_when_no_stage_read_them_yet(tmp_path):
     access = demo_access({"store-1": ["cam-1"]})
     with EmbeddedValkey(tmp_path / "vk") as valkey:
-        settings = Settings(redis_url=valkey.url, namespace="trim", grpc_address=f"127.0.0.1:{free_port()}",
-                            stream_maxlen=50, batch_size=32, batch_wait_ms=10, camera_burst=500, **signing_as("gateway"))
+        settings = Settings(
+            redis_url=valkey.url,
+            namespace="trim",
+            grpc_address=f"127.0.0.1:{free_port()}",
+            stream_maxlen=50,
+            batch_size=32,
+            batch_wait_ms=10,
+            camera_burst=500,
+            **signing_as("gateway"),
+        )
         server = serve(settings, CameraRegistry.from_dict(access))
         try:
             stub = rpc.FaceGatewayStub(grpc.insecure_channel(settings.grpc_address))
@@ -303,8 +399,12 @@ def test_frames_queued_past_the_length_bound_are_all_delivered_when_no_stage_rea
             from tests.test_gateway import jpeg
 
             image = jpeg()
-            messages = [pb.CameraMessage(frame=pb.Frame(camera_id="cam-1", store_id="store-1", session_id="s",
-                                                         sequence=i, image=image)) for i in range(500)]
+            messages = [
+                pb.CameraMessage(
+                    frame=pb.Frame(camera_id="cam-1", store_id="store-1", session_id="s", sequence=i, image=image)
+                )
+                for i in range(500)
+            ]
             acks = list(stub.StreamFrames(iter(messages), metadata=metadata))
             assert [a.code for a in acks] == [0] * 500, "every frame accepted (the camera may send them at once)"
         finally:
@@ -340,8 +440,15 @@ class Fanout(Stage):
 def test_a_workers_outputs_are_not_trimmed_before_the_next_group_reads_them(tmp_path):
     keys.generate(tmp_path / "keys", ("source", "fanout"))
     with EmbeddedValkey(tmp_path / "vk") as server:
-        settings = settings_with_keys(tmp_path / "keys", "fanout", redis_url=server.url, namespace="outs",
-                                      stream_maxlen=50, batch_size=10, batch_wait_ms=10)
+        settings = settings_with_keys(
+            tmp_path / "keys",
+            "fanout",
+            redis_url=server.url,
+            namespace="outs",
+            stream_maxlen=50,
+            batch_size=10,
+            batch_wait_ms=10,
+        )
         client = redis.Redis.from_url(server.url)
         client.xgroup_create(settings.key("out"), "next", id="0", mkstream=True)  # the next stage, not reading yet
         push(client, settings, *[frame("s", i) for i in range(50)])
@@ -355,8 +462,9 @@ def test_a_workers_outputs_are_not_trimmed_before_the_next_group_reads_them(tmp_
 
 def test_retention_trimming_keeps_what_a_slower_group_has_not_read_or_acknowledged(tmp_path, keyset):
     with EmbeddedValkey(tmp_path / "vk") as server:
-        settings = settings_with_keys(keyset, redis_url=server.url, namespace="ret", stream_retention_s=1, batch_size=8,
-                                      batch_wait_ms=10)
+        settings = settings_with_keys(
+            keyset, redis_url=server.url, namespace="ret", stream_retention_s=1, batch_size=8, batch_wait_ms=10
+        )
         client = redis.Redis.from_url(server.url)
         stream = settings.key("in")
         client.xgroup_create(stream, "audit", id="0", mkstream=True)  # another group, slower
@@ -379,14 +487,21 @@ class Decide(Stage):
     name, input, accepts_from = "decide", "in", Upper.accepts_from
 
     def process(self, batch):
-        return [Emit("decisions", {b"session": m.ref.session_id.encode(), b"store": b"store-1"},
-                     once_key=f"decided:{m.ref.session_id}") for m in batch]
+        return [
+            Emit(
+                "decisions",
+                {b"session": m.ref.session_id.encode(), b"store": b"store-1"},
+                once_key=f"decided:{m.ref.session_id}",
+            )
+            for m in batch
+        ]
 
 
 def test_decisions_a_backend_has_not_read_are_not_trimmed(tmp_path, keyset):
     with EmbeddedValkey(tmp_path / "vk") as server:
-        settings = settings_with_keys(keyset, "decide", redis_url=server.url, namespace="dec", stream_maxlen=20,
-                                      batch_size=16, batch_wait_ms=10)
+        settings = settings_with_keys(
+            keyset, "decide", redis_url=server.url, namespace="dec", stream_maxlen=20, batch_size=16, batch_wait_ms=10
+        )
         client = redis.Redis.from_url(server.url)
         client.xgroup_create(settings.key("decisions"), "backend-store-1", id="$", mkstream=True)  # as consume() does
         push(client, settings, *[frame(f"s{i}", 0) for i in range(200)])
@@ -411,8 +526,15 @@ class CrashOnPoison(PipeStage):
 
 def run_crashing_worker(url: str, namespace: str, keyset: str) -> None:
     """Entry point of the worker subprocess."""
-    settings = settings_with_keys(Path(keyset), redis_url=url, namespace=namespace, batch_size=8, batch_wait_ms=200,
-                                  claim_idle_ms=300, max_deliveries=2)
+    settings = settings_with_keys(
+        Path(keyset),
+        redis_url=url,
+        namespace=namespace,
+        batch_size=8,
+        batch_wait_ms=200,
+        claim_idle_ms=300,
+        max_deliveries=2,
+    )
     StreamWorker(CrashOnPoison(), settings).run()
 
 
@@ -434,7 +556,8 @@ def test_a_poison_entry_that_crashes_its_worker_is_dead_lettered_alone_and_its_b
                 while worker.poll() is None and not settled():
                     assert time.monotonic() < deadline, (
                         f"after {crashes} crashes: outputs {sequences(client, settings)}, "
-                        f"dead letters {[(d[b'entry'], d[b'reason']) for d in dead_letters(client, settings)]}")
+                        f"dead letters {[(d[b'entry'], d[b'reason']) for d in dead_letters(client, settings)]}"
+                    )
                     time.sleep(0.05)
                 if worker.poll() is None:
                     break
@@ -457,8 +580,10 @@ def test_entries_reclaimed_from_a_dead_consumer_are_authenticated_like_any_other
     with EmbeddedValkey(tmp_path / "vk") as server:
         settings = settings_with_keys(keyset, redis_url=server.url, namespace="reclaim", claim_idle_ms=300)
         client = redis.Redis.from_url(server.url)
-        forged = [client.xadd(settings.key("in"), {FIELD: frame("s", 0, b"unsigned").encode()}),
-                  *push(client, settings, frame("s", 1, b"intruder"), signer="intruder")]
+        forged = [
+            client.xadd(settings.key("in"), {FIELD: frame("s", 0, b"unsigned").encode()}),
+            *push(client, settings, frame("s", 1, b"intruder"), signer="intruder"),
+        ]
         push(client, settings, frame("s", 2, b"genuine"))
         dead = StreamWorker(Upper(), settings, consumer="dead")
         dead._ensure_group_once()
@@ -466,4 +591,6 @@ def test_entries_reclaimed_from_a_dead_consumer_are_authenticated_like_any_other
         live = StreamWorker(Upper(), settings, consumer="live")
         run_until(live, lambda: pending(client, settings) == 0)
         assert [m.image for m in outputs(client, settings)] == [b"GENUINE"], "only the genuine entry reaches the stage"
-        assert {d[b"entry"]: d[b"reason"] for d in dead_letters(client, settings)} == dict.fromkeys(forged, b"unauthenticated")
+        assert {d[b"entry"]: d[b"reason"] for d in dead_letters(client, settings)} == dict.fromkeys(
+            forged, b"unauthenticated"
+        )

@@ -39,9 +39,14 @@ def valkey(tmp_path_factory):
 
 @pytest.fixture
 def recognizer(valkey, tmp_path):
-    settings = Settings(redis_url=valkey.url, namespace=f"t{uuid.uuid4().hex[:8]}", signing_key=SIGNING_KEY,
-                        gallery_url=f"edge://{tmp_path}/gallery", policy=SessionPolicy(session_timeout_s=0.2),
-                        **signing_as("recognizer"))
+    settings = Settings(
+        redis_url=valkey.url,
+        namespace=f"t{uuid.uuid4().hex[:8]}",
+        signing_key=SIGNING_KEY,
+        gallery_url=f"edge://{tmp_path}/gallery",
+        policy=SessionPolicy(session_timeout_s=0.2),
+        **signing_as("recognizer"),
+    )
     stage = RecognizerStage(settings)
     stage.start()
     yield settings, StreamWorker(stage, settings, consumer="r1")
@@ -58,8 +63,10 @@ def open_session(settings: Settings, session_id: str) -> str:
 
 
 def decisions(client: redis.Redis, settings: Settings) -> dict[str, dict]:
-    events = [verify(f[b"payload"], f[b"sig"].decode(), f[b"kid"].decode(), {"k1": SIGNING_KEY})
-              for _, f in client.xrange(settings.key("decisions"))]
+    events = [
+        verify(f[b"payload"], f[b"sig"].decode(), f[b"kid"].decode(), {"k1": SIGNING_KEY})
+        for _, f in client.xrange(settings.key("decisions"))
+    ]
     return {e["session_id"]: e for e in events}
 
 

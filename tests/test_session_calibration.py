@@ -56,8 +56,17 @@ def toy_set(twin_cosine: float = 0.8, failed_photo: bool = False) -> Embedded:
     if failed_photo:
         usable[5] = False  # p0's last photo: in its genuine session
     vectors = np.where(usable[:, None], np.array(rows, np.float32), 0).astype(np.float32)
-    return Embedded([Path(f"{lab}/{i:02d}.jpg") for i, lab in enumerate(labels)], labels, vectors, usable,
-                    ["" if u else "no_face" for u in usable], [""] * n, np.full(n, 100.0), np.full(n, 50.0), 0.0)
+    return Embedded(
+        [Path(f"{lab}/{i:02d}.jpg") for i, lab in enumerate(labels)],
+        labels,
+        vectors,
+        usable,
+        ["" if u else "no_face" for u in usable],
+        [""] * n,
+        np.full(n, 100.0),
+        np.full(n, 50.0),
+        0.0,
+    )
 
 
 def test_sessions_are_built_from_other_photos_and_strangers_are_never_in_their_gallery():
@@ -96,8 +105,13 @@ def test_a_frame_without_a_face_counts_against_k():
 
 
 def test_the_chosen_policy_approves_no_stranger_and_the_fewest_declines():
-    report = calibrate_sessions(toy_set(twin_cosine=0.8), "toy", SessionDesign(enrol=3, frames=3, folds=8),
-                                margins=(0.0, 0.05), thresholds=[0.5, 0.7, 0.85, 0.88, 0.9, 0.999])
+    report = calibrate_sessions(
+        toy_set(twin_cosine=0.8),
+        "toy",
+        SessionDesign(enrol=3, frames=3, folds=8),
+        margins=(0.0, 0.05),
+        thresholds=[0.5, 0.7, 0.85, 0.88, 0.9, 0.999],
+    )
     chosen = report.chosen
     assert chosen is not None and chosen.far.errors == 0 and chosen.frr.errors == 0
     assert chosen.k == 3 and chosen.margin == 0.05 and chosen.threshold in (0.85, 0.88, 0.9)
@@ -114,8 +128,15 @@ def test_a_session_record_sets_threshold_margin_and_k_each_overridable_by_a_sett
         rule = thresholds.CalibratedThreshold(client, settings, "m+lm", 0.9, trusted, 0.02, 3).current_rule()
         assert (rule.threshold, rule.margin, rule.min_agreeing_frames) == (0.9, 0.02, 3)
         assert rule.margin_source == "model default"
-        thresholds.store(client, settings, "m+lm", 0.4, keys.load_signer(str(tmp_path / "keys" / "operator.key")),
-                         margin=0.06, min_agreeing_frames=2)
+        thresholds.store(
+            client,
+            settings,
+            "m+lm",
+            0.4,
+            keys.load_signer(str(tmp_path / "keys" / "operator.key")),
+            margin=0.06,
+            min_agreeing_frames=2,
+        )
         rule = thresholds.CalibratedThreshold(client, settings, "m+lm", 0.9, trusted, 0.02, 3).current_rule()
         assert (rule.threshold, rule.margin, rule.min_agreeing_frames) == (0.4, 0.06, 2)
         assert {rule.threshold_source, rule.margin_source, rule.min_agreeing_frames_source} == {"calibrated"}
@@ -129,14 +150,39 @@ def test_facepay_calibrate_sessions_on_real_faces_reports_and_stores_the_policy(
     started = time.monotonic()
     with EmbeddedValkey(tmp_path / "vk") as server:
         keys.generate(tmp_path / "keys")
-        env = {**os.environ, "REDIS_URL": server.url, "FACEPAY_NAMESPACE": "scal", "FACEPAY_DEVICE": "cpu",
-               "FACEPAY_RECOGNIZER_MODEL": "arcface-mbf-w600k",
-               "FACEPAY_OPERATOR_KEY_FILE": str(tmp_path / "keys" / "operator.key"),
-               "FACEPAY_TRUSTED_KEYS_FILE": str(tmp_path / "keys" / "trusted.yaml")}
+        env = {
+            **os.environ,
+            "REDIS_URL": server.url,
+            "FACEPAY_NAMESPACE": "scal",
+            "FACEPAY_DEVICE": "cpu",
+            "FACEPAY_RECOGNIZER_MODEL": "arcface-mbf-w600k",
+            "FACEPAY_OPERATOR_KEY_FILE": str(tmp_path / "keys" / "operator.key"),
+            "FACEPAY_TRUSTED_KEYS_FILE": str(tmp_path / "keys" / "trusted.yaml"),
+        }
         out = tmp_path / "report"
-        done = subprocess.run([sys.executable, "-m", "facepay", "calibrate", "--sessions", "--data", str(faces.root),
-                               "--enrol", "2", "--frames", "2", "--folds", "3", "--out", str(out)],
-                              env=env, capture_output=True, text=True, timeout=900)
+        done = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "facepay",
+                "calibrate",
+                "--sessions",
+                "--data",
+                str(faces.root),
+                "--enrol",
+                "2",
+                "--frames",
+                "2",
+                "--folds",
+                "3",
+                "--out",
+                str(out),
+            ],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=900,
+        )
         assert done.returncode == 0, done.stderr[-2000:]
         assert "NON-COMMERCIAL" in done.stdout
         report = json.loads((out / "sessions.json").read_text())
@@ -146,9 +192,14 @@ def test_facepay_calibrate_sessions_on_real_faces_reports_and_stores_the_policy(
         client = redis.Redis.from_url(server.url)
         trusted = keys.load_trusted(str(tmp_path / "keys" / "trusted.yaml"))
         settings = Settings(redis_url=server.url, namespace="scal")
-        rule = thresholds.CalibratedThreshold(client, settings, "arcface-mbf-w600k+facemesh", 0.5, trusted).current_rule()
+        rule = thresholds.CalibratedThreshold(
+            client, settings, "arcface-mbf-w600k+facemesh", 0.5, trusted
+        ).current_rule()
         assert (rule.threshold, rule.margin, rule.min_agreeing_frames) == (
-            chosen["threshold"], chosen["margin"], chosen["min_agreeing_frames"])
+            chosen["threshold"],
+            chosen["margin"],
+            chosen["min_agreeing_frames"],
+        )
     print(f"real session calibration on faces/: {time.monotonic() - started:.0f} s")
 
 

@@ -29,4 +29,3 @@ def test_an_altered_signature_or_unknown_key_fails_verification():
         verify(entry[b"payload"], ("0" if signature[0] != "0" else "1") + signature[1:], "k1", KEYS)
     with pytest.raises(SignatureError):
         verify(entry[b"payload"], signature, "k2", KEYS)
-

@@ -12,8 +12,10 @@ from services.pose.stage import PoseStage
 
 
 def frames_of(paths, purpose="pay") -> list[FrameMsg]:
-    return [FrameMsg(ref=FrameRef("s", "store", "cam", i, 0, purpose=purpose), image=p.read_bytes())
-            for i, p in enumerate(paths)]
+    return [
+        FrameMsg(ref=FrameRef("s", "store", "cam", i, 0, purpose=purpose), image=p.read_bytes())
+        for i, p in enumerate(paths)
+    ]
 
 
 def decoded(stage, batch):

@@ -61,10 +61,20 @@ def test_the_stages_that_run_models_are_the_ones_whose_device_is_checked():
 
 def worker_process(stage: str, **env: str) -> subprocess.Popen:
     """`facepay worker <stage>` as a pod runs it, with Redis on a port nothing listens on."""
-    env = {**os.environ, "FACEPAY_REDIS_URL": closed_redis_url(), "FACEPAY_LOG_FORMAT": "text", **env,
-           **{f"FACEPAY_{k.upper()}": v for k, v in signing_as(stage).items()}}
-    return subprocess.Popen([sys.executable, "-m", "facepay", "worker", stage], env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+    env = {
+        **os.environ,
+        "FACEPAY_REDIS_URL": closed_redis_url(),
+        "FACEPAY_LOG_FORMAT": "text",
+        **env,
+        **{f"FACEPAY_{k.upper()}": v for k, v in signing_as(stage).items()},
+    }
+    return subprocess.Popen(
+        [sys.executable, "-m", "facepay", "worker", stage],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 @no_cuda
@@ -80,7 +90,10 @@ def test_a_worker_pod_that_cannot_start_exits_with_one_line_saying_why():
     assert "Traceback" not in gpu_errors and "waiting for redis" not in gpu_errors
     assert redis_never_comes.returncode == 1
     assert "waiting for redis at redis://127.0.0.1:" in redis_errors
-    assert "facepay worker pose: redis at redis://127.0.0.1:" in redis_errors and "did not answer within 1 s" in redis_errors
+    assert (
+        "facepay worker pose: redis at redis://127.0.0.1:" in redis_errors
+        and "did not answer within 1 s" in redis_errors
+    )
     assert "Traceback" not in redis_errors
 
 
@@ -89,10 +102,14 @@ def test_a_worker_started_before_redis_waits_for_it_then_becomes_ready(tmp_path,
     settings = settings_with_keys(keyset, redis_url=server.url, namespace="early", health_port=port)
     try:
         with caplog.at_level(logging.INFO), running(StreamWorker(Upper(), settings, consumer="c1")) as worker:
-            wait_until(lambda: any("waiting for redis at redis://" in r.getMessage() for r in caplog.records), 20,
-                       "a log line saying what it waits for")
-            assert (probe(port, "/startupz"), probe(port, "/livez"), probe(port, "/readyz")) == (503, 503, 503), \
+            wait_until(
+                lambda: any("waiting for redis at redis://" in r.getMessage() for r in caplog.records),
+                20,
+                "a log line saying what it waits for",
+            )
+            assert (probe(port, "/startupz"), probe(port, "/livez"), probe(port, "/readyz")) == (503, 503, 503), (
                 "not started: the startup probe holds (and the liveness probe waits for it)"
+            )
             server.start()
             wait_until(lambda: probe(port, "/readyz") == 200, 30, "ready once redis answers")
             assert worker.is_alive()
@@ -103,8 +120,11 @@ def test_a_worker_started_before_redis_waits_for_it_then_becomes_ready(tmp_path,
 def test_redis_that_never_comes_is_a_clear_error_after_the_bound(keyset):
     settings = settings_with_keys(keyset, redis_url=closed_redis_url(), startup_wait_s=1)
     started = time.monotonic()
-    with pytest.raises(DependencyUnavailable, match=r"redis at redis://127\.0\.0\.1:\d+/0 did not answer within 1 s "
-                                                    r"\(FACEPAY_STARTUP_WAIT_S\)"):
+    with pytest.raises(
+        DependencyUnavailable,
+        match=r"redis at redis://127\.0\.0\.1:\d+/0 did not answer within 1 s "
+        r"\(FACEPAY_STARTUP_WAIT_S\)",
+    ):
         StreamWorker(Upper(), settings).run()
     assert 1 <= time.monotonic() - started < 5
 
@@ -130,9 +150,15 @@ def test_a_recognizer_started_before_its_redis_becomes_ready_once_redis_is_up(tm
     server, port = EmbeddedValkey(tmp_path / "vk"), free_port()
     from services.recognizer.stage import RecognizerStage
 
-    settings = Settings(redis_url=server.url, namespace=f"r{uuid.uuid4().hex[:6]}", signing_key="11" * 32,
-                        gallery_url=f"edge://{tmp_path}/gallery", device="cpu", health_port=port,
-                        **signing_as("recognizer"))
+    settings = Settings(
+        redis_url=server.url,
+        namespace=f"r{uuid.uuid4().hex[:6]}",
+        signing_key="11" * 32,
+        gallery_url=f"edge://{tmp_path}/gallery",
+        device="cpu",
+        health_port=port,
+        **signing_as("recognizer"),
+    )
     try:
         with running(StreamWorker(RecognizerStage(settings), settings, consumer="r1")):
             wait_until(lambda: probe(port, "/startupz") == 503, 20, "probes answer while it waits")

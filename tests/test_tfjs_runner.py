@@ -31,7 +31,14 @@ MODELS = ["facemesh", "iris", "antispoof", "liveness", "gear", "age", "gender", 
 ORACLE_SRC = REPO / "tools" / "tfjs_oracle"
 NAMED_FEMALE = {"angelina_jolie", "kate_siegel", "rose_leslie"}
 NAMED_MALE = {
-    "alex_lacamoire", "biden", "kit_harington", "lin_manuel_miranda", "obama", "paul_rudd", "shea_whigham", "tom_cruise"
+    "alex_lacamoire",
+    "biden",
+    "kit_harington",
+    "lin_manuel_miranda",
+    "obama",
+    "paul_rudd",
+    "shea_whigham",
+    "tom_cruise",
 }
 USED_68 = list(range(36, 48)) + [30, 8, 48, 54]  # the points facepay uses: eyes, nose tip, chin, mouth corners
 
@@ -88,9 +95,7 @@ def run_oracle(
         done = subprocess.run(args, capture_output=True, text=True, timeout=300)
         assert done.returncode == 0, done.stderr[-2000:]
         manifest = json.loads(Path(f"{tmp}/out/outputs.json").read_text())
-        return {
-            m["name"]: np.fromfile(f"{tmp}/out/{m['file']}", dtype="<f4").reshape(m["shape"]) for m in manifest
-        }
+        return {m["name"]: np.fromfile(f"{tmp}/out/{m['file']}", dtype="<f4").reshape(m["shape"]) for m in manifest}
 
 
 def registered(model: str) -> Path:
@@ -249,13 +254,35 @@ def _synthetic_model(folder: Path) -> Path:
     x_dims = [{"size": str(d)} for d in (-1, 9, 9, 4)]
     nodes = [const(n, v) for n, v, _ in weights] + [
         {"name": "x", "op": "Placeholder", "attr": {"dtype": float_t, "shape": {"shape": {"dim": x_dims}}}},
-        node("dw", "FusedDepthwiseConv2dNative", ["x", "dw_filter", "dw_bias"], padding=_attr_s("SAME"),
-             strides=_ints([1, 2, 2, 1]), dilations=_ints([1, 1, 1, 1]), fused_ops=_strs(["BiasAdd", "Relu6"]),
-             num_args={"i": "1"}, **nhwc),
-        node("conv", "Conv2D", ["dw", "conv_filter"], padding=_attr_s("SAME"), strides=_ints([1, 1, 1, 1]),
-             dilations=_ints([1, 2, 2, 1]), **nhwc),
-        node("pool", "AvgPool", ["conv"], padding=_attr_s("SAME"), ksize=_ints([1, 2, 2, 1]),
-             strides=_ints([1, 2, 2, 1]), **nhwc),
+        node(
+            "dw",
+            "FusedDepthwiseConv2dNative",
+            ["x", "dw_filter", "dw_bias"],
+            padding=_attr_s("SAME"),
+            strides=_ints([1, 2, 2, 1]),
+            dilations=_ints([1, 1, 1, 1]),
+            fused_ops=_strs(["BiasAdd", "Relu6"]),
+            num_args={"i": "1"},
+            **nhwc,
+        ),
+        node(
+            "conv",
+            "Conv2D",
+            ["dw", "conv_filter"],
+            padding=_attr_s("SAME"),
+            strides=_ints([1, 1, 1, 1]),
+            dilations=_ints([1, 2, 2, 1]),
+            **nhwc,
+        ),
+        node(
+            "pool",
+            "AvgPool",
+            ["conv"],
+            padding=_attr_s("SAME"),
+            ksize=_ints([1, 2, 2, 1]),
+            strides=_ints([1, 2, 2, 1]),
+            **nhwc,
+        ),
         node("sq", "Square", ["pool"]),
         node("sum", "Sum", ["sq", "axes12"], keep_dims={"b": True}, Tidx=int_t),
         node("sum_eps", "AddV2", ["sum", "eps"]),
@@ -269,11 +296,28 @@ def _synthetic_model(folder: Path) -> Path:
         node("expand", "ExpandDims", ["mean", "one"], Tdim=int_t),
         node("squeeze", "Squeeze", ["expand"], squeeze_dims=_ints([1])),
         node("mm", "MatMul", ["squeeze", "mm_w"], transpose_a={"b": False}, transpose_b={"b": False}),
-        node("fmm", "_FusedMatMul", ["squeeze", "fmm_w", "fmm_b"], transpose_a={"b": False}, transpose_b={"b": False},
-             fused_ops=_strs(["BiasAdd", "Relu"]), num_args={"i": "1"}, epsilon={"f": 0.0}),
+        node(
+            "fmm",
+            "_FusedMatMul",
+            ["squeeze", "fmm_w", "fmm_b"],
+            transpose_a={"b": False},
+            transpose_b={"b": False},
+            fused_ops=_strs(["BiasAdd", "Relu"]),
+            num_args={"i": "1"},
+            epsilon={"f": 0.0},
+        ),
         node("cat", "ConcatV2", ["mm", "fmm", "minus1"], N={"i": "2"}, Tidx=int_t),
-        node("slice", "StridedSlice", ["cat", "ss_begin", "ss_end", "ss_strides"], Index=int_t, begin_mask={"i": "1"},
-             end_mask={"i": "1"}, ellipsis_mask={"i": "0"}, new_axis_mask={"i": "0"}, shrink_axis_mask={"i": "0"}),
+        node(
+            "slice",
+            "StridedSlice",
+            ["cat", "ss_begin", "ss_end", "ss_strides"],
+            Index=int_t,
+            begin_mask={"i": "1"},
+            end_mask={"i": "1"},
+            ellipsis_mask={"i": "0"},
+            new_axis_mask={"i": "0"},
+            shrink_axis_mask={"i": "0"},
+        ),
         node("div", "RealDiv", ["slice", "three"]),
         node("tanh", "Tanh", ["div"]),
         node("softmax", "Softmax", ["tanh"]),
@@ -383,9 +427,12 @@ def test_facemesh_agrees_with_dlib_landmarks(faces: FaceData, mtcnn, facemesh) -
     iod = np.linalg.norm(ref[:, 36] - ref[:, 45], axis=1)
     dist = np.linalg.norm(pred - ref, axis=2) / iod[:, None]
     nme_used, nme_all = dist[:, USED_68].mean(axis=1), dist.mean(axis=1)
-    five = np.linalg.norm(
-        np.stack([five_points_from_68(p) for p in pred]) - np.stack([five_points_from_68(r) for r in ref]), axis=2
-    ) / iod[:, None]
+    five = (
+        np.linalg.norm(
+            np.stack([five_points_from_68(p) for p in pred]) - np.stack([five_points_from_68(r) for r in ref]), axis=2
+        )
+        / iod[:, None]
+    )
     yaw_diff = []
     for (image, _, r), p in zip(items, pred, strict=True):
         size = (image.shape[1], image.shape[0])
@@ -439,7 +486,9 @@ def test_facemesh_eye_aspect_ratio_follows_dlib_on_video(faces: FaceData, faceme
                 boxes.append((2 * r.left(), 2 * r.top(), 2 * r.right(), 2 * r.bottom()))
         index += 1
     assert len(frames) >= 50
-    ear_dlib = np.array([np.mean(eye_aspect_ratio(landmarker.predict([f], [b])[0])) for f, b in zip(frames, boxes, strict=True)])
+    ear_dlib = np.array(
+        [np.mean(eye_aspect_ratio(landmarker.predict([f], [b])[0])) for f, b in zip(frames, boxes, strict=True)]
+    )
     ear_mesh = np.array([np.mean(eye_aspect_ratio(mesh_to_68(r.mesh))) for r in facemesh.predict(frames, boxes)])
     corr = float(np.corrcoef(ear_dlib, ear_mesh)[0, 1])
     open_d, open_m = np.percentile(ear_dlib, 90), np.percentile(ear_mesh, 90)
@@ -544,9 +593,7 @@ def test_faceres_embedder_verification(faces: FaceData, identity_faces) -> None:
     assert (embedder.model_id, embedder.dim, embedder.chip_template) == ("faceres-hse-v1", 1024, "dlib150")
     # The aligner's dlib150 chip, as the pipeline makes it: dlib's 68 points on the MTCNN box.
     paths = list(identity_faces)
-    chips = [
-        dlib_face_chip(img, landmarker.predict([img], [face.box])[0]) for _, img, face in identity_faces.values()
-    ]
+    chips = [dlib_face_chip(img, landmarker.predict([img], [face.box])[0]) for _, img, face in identity_faces.values()]
     ours = embedder.embed(chips)
     assert ours.shape == (len(chips), 1024) and np.allclose(np.linalg.norm(ours, axis=1), 1.0, atol=1e-5)
     assert embedder.embed([]).shape == (0, 1024)

@@ -20,11 +20,15 @@ def proto_names(enum_descriptor) -> set[str]:
     return {v.name.lower() for v in enum_descriptor.values if v.number != 0}
 
 
-@pytest.mark.parametrize(("python", "proto"), [
-    (Reason, pb.DESCRIPTOR.enum_types_by_name["Reason"]),
-    (Decision, pb.DESCRIPTOR.enum_types_by_name["Decision"]),
-    (EnrollmentStatus, pb.EnrollResponse.DESCRIPTOR.enum_types_by_name["Status"]),
-], ids=["Reason", "Decision", "EnrollResponse.Status"])
+@pytest.mark.parametrize(
+    ("python", "proto"),
+    [
+        (Reason, pb.DESCRIPTOR.enum_types_by_name["Reason"]),
+        (Decision, pb.DESCRIPTOR.enum_types_by_name["Decision"]),
+        (EnrollmentStatus, pb.EnrollResponse.DESCRIPTOR.enum_types_by_name["Status"]),
+    ],
+    ids=["Reason", "Decision", "EnrollResponse.Status"],
+)
 def test_the_python_vocabulary_equals_the_proto_enum(python, proto):
     assert {member.value for member in python} == proto_names(proto)
     assert all(member.name.lower() == member.value for member in python), "a member is named as its code"
@@ -37,8 +41,9 @@ def test_every_reason_converts_to_the_proto_value_and_back():
 
 def test_a_member_travels_as_its_bare_string():
     """Wire compatibility: events signed, messages encoded and strings read back are unchanged."""
-    assert json.dumps({"decision": Decision.APPROVE, "reasons": [Reason.NO_FACE]}) == \
-        json.dumps({"decision": "approve", "reasons": ["no_face"]})
+    assert json.dumps({"decision": Decision.APPROVE, "reasons": [Reason.NO_FACE]}) == json.dumps(
+        {"decision": "approve", "reasons": ["no_face"]}
+    )
     assert msgpack.packb({"purpose": Purpose.ENROLL}) == msgpack.packb({"purpose": "enroll"})
     assert msgpack.unpackb(msgpack.packb(Reason.TIMEOUT)) == Reason.TIMEOUT
     assert f"{Reason.LOCKED_OUT}" == "locked_out"

@@ -53,5 +53,7 @@ def call(settings: Settings, command: str, timeout_s: float = 30.0, **args: str)
                     if not result.pop("ok"):
                         raise AdminError(result["error"])
                     return result
-    raise AdminError(f"no recognizer answered within {timeout_s:.0f} s (is `facepay worker recognizer` running "
-                     f"against {redact_url(settings.redis_url)}, namespace {settings.namespace}?)")
+    raise AdminError(
+        f"no recognizer answered within {timeout_s:.0f} s (is `facepay worker recognizer` running "
+        f"against {redact_url(settings.redis_url)}, namespace {settings.namespace}?)"
+    )

@@ -33,8 +33,10 @@ def parse_time(text: str, now: datetime | None = None) -> datetime:
     try:
         moment = datetime.fromisoformat(text)
     except ValueError:
-        raise AuditError(f"{text!r} is not a time: use ISO 8601 (2026-11-29T06:00, UTC unless an offset is given) "
-                         "or a time before now like 24h, 7d, 30m (ago)") from None
+        raise AuditError(
+            f"{text!r} is not a time: use ISO 8601 (2026-11-29T06:00, UTC unless an offset is given) "
+            "or a time before now like 24h, 7d, 30m (ago)"
+        ) from None
     return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
 
 
@@ -49,7 +51,9 @@ def time_range(start: str | None, end: str | None) -> tuple[datetime, datetime]:
 
 def open_archive(settings: Settings) -> ArchiveStore:
     if not settings.archive_url:
-        raise AuditError("FACEPAY_ARCHIVE_URL is not set: which archive? (s3://bucket[/prefix] or http(s)://host:port/bucket)")
+        raise AuditError(
+            "FACEPAY_ARCHIVE_URL is not set: which archive? (s3://bucket[/prefix] or http(s)://host:port/bucket)"
+        )
     if not settings.archive_keys_file:
         raise AuditError("FACEPAY_ARCHIVE_KEYS_FILE is not set: verifying needs the archive signing key")
     return ArchiveStore.from_settings(ArchiveSettings.from_facepay(settings))
@@ -77,20 +81,31 @@ class ListedSession:
     key: str
 
 
-def list_sessions(archive: ArchiveStore, start: datetime, end: datetime, store: str | None = None,
-                  tenant: str | None = None) -> list[ListedSession]:
+def list_sessions(
+    archive: ArchiveStore, start: datetime, end: datetime, store: str | None = None, tenant: str | None = None
+) -> list[ListedSession]:
     listed = []
     for tenant_id, store_id in stores_of(archive, store, tenant):
         for ref in archive.list_sessions(tenant_id, store_id, start, end):
             event = json.loads(archive.read_header(ref.key)["decision"]["payload"])
-            listed.append(ListedSession(tenant_id, store_id, ref.session_id,
-                                        datetime.fromtimestamp(ref.decided_ms / 1000, UTC).isoformat(timespec="milliseconds"),
-                                        event.get("decision", ""), event.get("user_id", ""), event.get("rule", ""), ref.key))
+            listed.append(
+                ListedSession(
+                    tenant_id,
+                    store_id,
+                    ref.session_id,
+                    datetime.fromtimestamp(ref.decided_ms / 1000, UTC).isoformat(timespec="milliseconds"),
+                    event.get("decision", ""),
+                    event.get("user_id", ""),
+                    event.get("rule", ""),
+                    ref.key,
+                )
+            )
     return listed
 
 
-def verify(archive: ArchiveStore, start: datetime, end: datetime, store: str | None = None,
-           tenant: str | None = None) -> list[VerifyReport]:
+def verify(
+    archive: ArchiveStore, start: datetime, end: datetime, store: str | None = None, tenant: str | None = None
+) -> list[VerifyReport]:
     return [archive.verify(t, s, start, end) for t, s in stores_of(archive, store, tenant)]
 
 
@@ -102,19 +117,28 @@ def format_verify(reports: list[VerifyReport]) -> str:
     lines = []
     for r in reports:
         status = "OK" if r.ok else f"{len(r.problems)} PROBLEM(S)"
-        lines.append(f"{r.tenant}/{r.store}: {status} — {r.checked_sessions} sessions, {r.checked_entries} chain entries, "
-                     f"{r.expired} expired, {r.erased} erased")
+        lines.append(
+            f"{r.tenant}/{r.store}: {status} — {r.checked_sessions} sessions, {r.checked_entries} chain entries, "
+            f"{r.expired} expired, {r.erased} erased"
+        )
         lines += [_problem_line(p) for p in r.problems]
     return "\n".join(lines) if lines else "no archived stores in this range"
 
 
 def _problem_line(problem: Problem) -> str:
-    where = [f"{what} {value}" for what, value in (("seq", problem.seq), ("session", problem.session_id)) if value is not None]
+    where = [
+        f"{what} {value}"
+        for what, value in (("seq", problem.seq), ("session", problem.session_id))
+        if value is not None
+    ]
     return f"  {problem.kind}: {' '.join(where) + ': ' if where else ''}{problem.detail}"
 
 
 def format_list(sessions: list[ListedSession]) -> str:
-    rows = [f"{s.decided_at}  {s.tenant}/{s.store}  {s.session_id}  {s.decision:<7}  {s.user_id or '-'}  {s.rule}" for s in sessions]
+    rows = [
+        f"{s.decided_at}  {s.tenant}/{s.store}  {s.session_id}  {s.decision:<7}  {s.user_id or '-'}  {s.rule}"
+        for s in sessions
+    ]
     return "\n".join(rows) if rows else "no archived sessions in this range"
 
 

@@ -89,8 +89,13 @@ class Rate:
         return cls(int(errors), int(trials), int(subjects), clopper_pearson_upper(int(errors), int(trials), confidence))
 
     def to_dict(self) -> dict[str, Any]:
-        return {"value": _num(self.value), "errors": self.errors, "trials": self.trials,
-                "subjects": self.subjects, "upper80": _num(self.upper)}
+        return {
+            "value": _num(self.value),
+            "errors": self.errors,
+            "trials": self.trials,
+            "subjects": self.subjects,
+            "upper80": _num(self.upper),
+        }
 
 
 def _num(x: float) -> float | None:
@@ -193,8 +198,15 @@ def tar_at_far(scores: ScoreSet, target: float, confidence: float = CONFIDENCE) 
     k = math.floor(target * len(scores.impostor) + 1e-9)
     s = threshold_for_errors(scores.impostor, k)
     far, frr = scores.far(s, confidence), scores.frr(s, confidence)
-    return {"target_far": target, "measurable": True, "threshold": s, "tar": _num(1 - frr.value),
-            "far": far.to_dict(), "frr": frr.to_dict(), "far_upper_within_target": far.upper <= target}
+    return {
+        "target_far": target,
+        "measurable": True,
+        "threshold": s,
+        "tar": _num(1 - frr.value),
+        "far": far.to_dict(),
+        "frr": frr.to_dict(),
+        "far_upper_within_target": far.upper <= target,
+    }
 
 
 @dataclass(frozen=True)
@@ -208,10 +220,16 @@ class ThresholdChoice:
     note: str
 
     def to_dict(self) -> dict[str, Any]:
-        return {"threshold": self.threshold, "target_far": self.target_far,
-                "effective_target_far": self.effective_target_far, "basis": self.basis,
-                "far": self.far.to_dict(), "frr": self.frr.to_dict(), "tar": _num(1 - self.frr.value),
-                "note": self.note}
+        return {
+            "threshold": self.threshold,
+            "target_far": self.target_far,
+            "effective_target_far": self.effective_target_far,
+            "basis": self.basis,
+            "far": self.far.to_dict(),
+            "frr": self.frr.to_dict(),
+            "tar": _num(1 - self.frr.value),
+            "note": self.note,
+        }
 
 
 def choose_threshold(scores: ScoreSet, target_far: float = 1e-5, confidence: float = CONFIDENCE) -> ThresholdChoice:
@@ -225,19 +243,25 @@ def choose_threshold(scores: ScoreSet, target_far: float = 1e-5, confidence: flo
     k = max_errors_within(n, target_far, confidence)
     if k is not None:
         basis, effective = "upper_bound", target_far
-        note = (f"smallest S whose {confidence:.0%} upper bound on FAR is <= {target_far:g} "
-                f"(at most {k} of {n} impostor pairs at or above it)")
+        note = (
+            f"smallest S whose {confidence:.0%} upper bound on FAR is <= {target_far:g} "
+            f"(at most {k} of {n} impostor pairs at or above it)"
+        )
     elif not not_measurable(n, target_far):
         k = math.floor(target_far * n + 1e-9)
         basis, effective = "point_estimate", target_far
-        note = (f"{n} impostor pairs cannot bound FAR at {target_far:g} with {confidence:.0%} confidence "
-                f"(needs >= {trials_for(target_far, confidence)} error-free pairs): smallest S whose measured "
-                f"FAR <= {target_far:g}")
+        note = (
+            f"{n} impostor pairs cannot bound FAR at {target_far:g} with {confidence:.0%} confidence "
+            f"(needs >= {trials_for(target_far, confidence)} error-free pairs): smallest S whose measured "
+            f"FAR <= {target_far:g}"
+        )
     else:
         k = 0
         basis, effective = "lowest_measurable", (1.0 / n if n else 1.0)
-        note = (f"{not_measurable(n, target_far)}; chose the lowest measurable: just above the highest impostor "
-                f"score (FAR 0/{n}, {confidence:.0%} upper bound {clopper_pearson_upper(0, n, confidence):.2e})")
+        note = (
+            f"{not_measurable(n, target_far)}; chose the lowest measurable: just above the highest impostor "
+            f"score (FAR 0/{n}, {confidence:.0%} upper bound {clopper_pearson_upper(0, n, confidence):.2e})"
+        )
     s = threshold_for_errors(imp, k)
     return ThresholdChoice(s, target_far, effective, basis, scores.far(s, confidence), scores.frr(s, confidence), note)
 
@@ -264,14 +288,24 @@ def pair_scores(embeddings: np.ndarray, labels: Sequence[str], usable: np.ndarra
     impostor = sims[iu[imp_mask], ju[imp_mask]]
     _ids, counts = np.unique(labels_arr, return_counts=True)
     usable_ids = np.unique(labels_arr[usable])
-    return ScoreSet(genuine.astype(np.float64), impostor.astype(np.float64),
-                    genuine_subjects=int((counts >= 2).sum()),
-                    impostor_subjects=len(usable_ids) if len(usable_ids) >= 2 else 0)
+    return ScoreSet(
+        genuine.astype(np.float64),
+        impostor.astype(np.float64),
+        genuine_subjects=int((counts >= 2).sum()),
+        impostor_subjects=len(usable_ids) if len(usable_ids) >= 2 else 0,
+    )
 
 
-def identification(embeddings: np.ndarray, labels: Sequence[str] | np.ndarray, names: Sequence[str], usable: np.ndarray,
-                   enrolled_ids: set[str] | None = None, thresholds: dict[str, float] | None = None,
-                   fpir_targets: Sequence[float] = FPIR_TARGETS, confidence: float = CONFIDENCE) -> dict[str, Any]:
+def identification(
+    embeddings: np.ndarray,
+    labels: Sequence[str] | np.ndarray,
+    names: Sequence[str],
+    usable: np.ndarray,
+    enrolled_ids: set[str] | None = None,
+    thresholds: dict[str, float] | None = None,
+    fpir_targets: Sequence[float] = FPIR_TARGETS,
+    confidence: float = CONFIDENCE,
+) -> dict[str, Any]:
     """1:N with one enrolled image per identity: its first usable image by name.
 
     Mated probes: the other images of enrolled identities (a probe without a usable face is a
@@ -310,16 +344,27 @@ def identification(embeddings: np.ndarray, labels: Sequence[str] | np.ndarray, n
     def at(t: float) -> dict[str, Any]:
         fnir = Rate.of(int((m_score < t).sum()), len(mated), subj_m, confidence)
         fpir = Rate.of(false_accepts(n_sorted, t), len(nonmated), subj_n, confidence)
-        return {"threshold": t, "fnir": fnir.to_dict(), "fpir": fpir.to_dict(),
-                "rank1_within_threshold": _num(1 - fnir.value)}
+        return {
+            "threshold": t,
+            "fnir": fnir.to_dict(),
+            "fpir": fpir.to_dict(),
+            "rank1_within_threshold": _num(1 - fnir.value),
+        }
 
     out: dict[str, Any] = {
         "gallery_size": len(g_rows),
         "not_enrolled_no_usable_face": sorted(wanted - set(gallery)),
-        "mated_probes": len(mated), "mated_probes_without_face": int((~usable[mated]).sum()),
-        "non_mated_probes": len(nonmated), "non_mated_probes_without_face": int(len(strangers) - len(nonmated)),
-        "rank1": {"value": _num(1 - miss.value), "hits": miss.trials - miss.errors, "trials": miss.trials,
-                  "subjects": subj_m, "miss_upper80": _num(miss.upper)},
+        "mated_probes": len(mated),
+        "mated_probes_without_face": int((~usable[mated]).sum()),
+        "non_mated_probes": len(nonmated),
+        "non_mated_probes_without_face": int(len(strangers) - len(nonmated)),
+        "rank1": {
+            "value": _num(1 - miss.value),
+            "hits": miss.trials - miss.errors,
+            "trials": miss.trials,
+            "subjects": subj_m,
+            "miss_upper80": _num(miss.upper),
+        },
     }
     if thresholds:
         out["at_thresholds"] = {name: at(t) for name, t in thresholds.items()}
@@ -328,16 +373,25 @@ def identification(embeddings: np.ndarray, labels: Sequence[str] | np.ndarray, n
         for target in fpir_targets:
             reason = not_measurable(len(nonmated), target)
             if reason:
-                out["fnir_at_fpir"].append({"target_fpir": target, "measurable": False,
-                                            "reason": reason.replace("impostor pairs", "non-mated probes")})
+                out["fnir_at_fpir"].append(
+                    {
+                        "target_fpir": target,
+                        "measurable": False,
+                        "reason": reason.replace("impostor pairs", "non-mated probes"),
+                    }
+                )
             else:
                 t = threshold_for_errors(n_sorted, math.floor(target * len(nonmated) + 1e-9))
                 out["fnir_at_fpir"].append({"target_fpir": target, "measurable": True, **at(t)})
     return out
 
 
-def pairs_file_figures(pairs: list[tuple[int | None, int | None, bool]], embeddings: np.ndarray,
-                       thresholds: dict[str, float], confidence: float = CONFIDENCE) -> dict[str, Any]:
+def pairs_file_figures(
+    pairs: list[tuple[int | None, int | None, bool]],
+    embeddings: np.ndarray,
+    thresholds: dict[str, float],
+    confidence: float = CONFIDENCE,
+) -> dict[str, Any]:
     """Figures on a fixed pairs list (LFW-style pairs.csv), comparable with others' reports.
 
     Accuracy counts a pair with an image without a usable face as a wrong answer, same person
@@ -362,17 +416,28 @@ def pairs_file_figures(pairs: list[tuple[int | None, int | None, bool]], embeddi
     acc = correct(cands) / len(pairs)
     best = int(acc.argmax())
     out: dict[str, Any] = {
-        "pairs_same": int(same.sum()), "pairs_different": int((~same).sum()),
+        "pairs_same": int(same.sum()),
+        "pairs_different": int((~same).sum()),
         "pairs_with_unusable_image": int((~ok).sum()),
-        "best_accuracy": float(acc[best]), "best_accuracy_threshold": float(cands[best]),
-        "at": {name: {"threshold": t, "accuracy": float(correct(t) / len(pairs)),
-                      "far": sc.far(t, confidence).to_dict(), "frr": sc.frr(t, confidence).to_dict()}
-               for name, t in thresholds.items()},
+        "best_accuracy": float(acc[best]),
+        "best_accuracy_threshold": float(cands[best]),
+        "at": {
+            name: {
+                "threshold": t,
+                "accuracy": float(correct(t) / len(pairs)),
+                "far": sc.far(t, confidence).to_dict(),
+                "frr": sc.frr(t, confidence).to_dict(),
+            }
+            for name, t in thresholds.items()
+        },
         "tar_at_far": [tar_at_far(sc, t, confidence) for t in (1e-2, 1e-3)],
     }
     t0 = threshold_for_errors(sc.impostor, 0)
-    out["tar_at_far_zero"] = {"threshold": t0, "tar": _num(1 - sc.frr(t0, confidence).value),
-                              "far": sc.far(t0, confidence).to_dict()}
+    out["tar_at_far_zero"] = {
+        "threshold": t0,
+        "tar": _num(1 - sc.frr(t0, confidence).value),
+        "far": sc.far(t0, confidence).to_dict(),
+    }
     return out
 
 
@@ -388,12 +453,20 @@ def labelled_images(data_dir: Path) -> list[tuple[Path, str]]:
         with open(manifest, newline="") as fh:
             rows = list(csv.DictReader(fh))
         if rows and {"path", "identity"} <= set(rows[0]):
-            items = [(data_dir / r["path"], r["identity"]) for r in rows
-                     if r.get("kind", "identity") in ("identity", None, "") and r["identity"]]
+            items = [
+                (data_dir / r["path"], r["identity"])
+                for r in rows
+                if r.get("kind", "identity") in ("identity", None, "") and r["identity"]
+            ]
             return sorted(items, key=lambda t: (t[1], str(t[0])))
     root = data_dir / "identities" if (data_dir / "identities").is_dir() else data_dir
-    items = [(p, d.name) for d in sorted(root.iterdir()) if d.is_dir()
-             for p in sorted(d.iterdir()) if p.suffix.lower() in IMAGE_SUFFIXES]
+    items = [
+        (p, d.name)
+        for d in sorted(root.iterdir())
+        if d.is_dir()
+        for p in sorted(d.iterdir())
+        if p.suffix.lower() in IMAGE_SUFFIXES
+    ]
     return sorted(items, key=lambda t: (t[1], str(t[0])))
 
 
@@ -403,8 +476,14 @@ def read_pairs(data_dir: Path, index: dict[Path, int]) -> list[tuple[int | None,
     if not path.exists():
         return None
     with open(path, newline="") as fh:
-        return [(index.get((Path(data_dir) / r["img1"]).resolve()), index.get((Path(data_dir) / r["img2"]).resolve()),
-                 r["same"].strip() in ("1", "true", "True")) for r in csv.DictReader(fh)]
+        return [
+            (
+                index.get((Path(data_dir) / r["img1"]).resolve()),
+                index.get((Path(data_dir) / r["img2"]).resolve()),
+                r["same"].strip() in ("1", "true", "True"),
+            )
+            for r in csv.DictReader(fh)
+        ]
 
 
 @dataclass
@@ -426,9 +505,17 @@ class Embedded:
     def save(self, path: Path) -> None:
         # most_central only when there is one: None would be stored as a pickled object, which load refuses.
         arrays: dict[str, Any] = dict(
-            paths=np.array([str(p) for p in self.paths]), labels=np.array(self.labels), vectors=self.vectors,
-            usable=self.usable, reasons=np.array(self.reasons), pose_reasons=np.array(self.pose_reasons),
-            face_px=self.face_px, sharpness=self.sharpness, seconds=self.seconds, setup=self.setup)
+            paths=np.array([str(p) for p in self.paths]),
+            labels=np.array(self.labels),
+            vectors=self.vectors,
+            usable=self.usable,
+            reasons=np.array(self.reasons),
+            pose_reasons=np.array(self.pose_reasons),
+            face_px=self.face_px,
+            sharpness=self.sharpness,
+            seconds=self.seconds,
+            setup=self.setup,
+        )
         if self.most_central is not None:
             arrays["most_central"] = self.most_central
         np.savez_compressed(path, **arrays)
@@ -436,14 +523,24 @@ class Embedded:
     @classmethod
     def load(cls, path: Path) -> Embedded:
         z = np.load(path, allow_pickle=False)
-        return cls([Path(p) for p in z["paths"]], [str(x) for x in z["labels"]], z["vectors"], z["usable"],
-                   [str(x) for x in z["reasons"]], [str(x) for x in z["pose_reasons"]], z["face_px"],
-                   z["sharpness"], float(z["seconds"]), str(z["setup"]),
-                   z["most_central"] if "most_central" in z.files else None)
+        return cls(
+            [Path(p) for p in z["paths"]],
+            [str(x) for x in z["labels"]],
+            z["vectors"],
+            z["usable"],
+            [str(x) for x in z["reasons"]],
+            [str(x) for x in z["pose_reasons"]],
+            z["face_px"],
+            z["sharpness"],
+            float(z["seconds"]),
+            str(z["setup"]),
+            z["most_central"] if "most_central" in z.files else None,
+        )
 
 
-def embed_dataset(items: list[tuple[Path, str]], embedder, batch: int = 32,
-                  progress: Callable[[int, int], None] | None = None) -> Embedded:
+def embed_dataset(
+    items: list[tuple[Path, str]], embedder, batch: int = 32, progress: Callable[[int, int], None] | None = None
+) -> Embedded:
     """Run `embedder.embed_images` over the files in batches (an unreadable file is a failure)."""
     from facepay.app.offline import Rejected
     from facepay.images import ImageError, decode_image
@@ -453,7 +550,7 @@ def embed_dataset(items: list[tuple[Path, str]], embedder, batch: int = 32,
     start = time.perf_counter()
     for b in range(0, len(items), batch):
         chunk: list[Any] = []
-        for path, _ in items[b:b + batch]:
+        for path, _ in items[b : b + batch]:
             try:
                 chunk.append(decode_image(Path(path).read_bytes(), settings.max_image_bytes, settings.max_image_pixels))
             except (ImageError, OSError) as exc:
@@ -469,18 +566,23 @@ def embed_dataset(items: list[tuple[Path, str]], embedder, batch: int = 32,
     for k in np.flatnonzero(ok):
         vectors[k] = results[k].embedding
     return Embedded(
-        paths=[p for p, _ in items], labels=[lab for _, lab in items], vectors=vectors, usable=ok,
+        paths=[p for p, _ in items],
+        labels=[lab for _, lab in items],
+        vectors=vectors,
+        usable=ok,
         reasons=[r.reason if isinstance(r, Rejected) else "" for r in results],
         pose_reasons=["" if isinstance(r, Rejected) else r.pose_reason for r in results],
         face_px=np.array([np.nan if isinstance(r, Rejected) else r.face_px for r in results]),
         sharpness=np.array([np.nan if isinstance(r, Rejected) else r.sharpness for r in results]),
-        seconds=seconds, setup=getattr(embedder, "setup", ""),
+        seconds=seconds,
+        setup=getattr(embedder, "setup", ""),
         most_central=np.array([bool(getattr(r, "most_central", False)) for r in results]),
     )
 
 
-def embedded_dataset(data_dir: Path | str, embedder, cache: Path | str | None = None,
-                     progress: Callable[[int, int], None] | None = None) -> Embedded:
+def embedded_dataset(
+    data_dir: Path | str, embedder, cache: Path | str | None = None, progress: Callable[[int, int], None] | None = None
+) -> Embedded:
     """The labelled images of `data_dir` through `embedder`; `cache` (.npz) is reused when it
     holds the same files and the same setup (models and options), else (re)written."""
     data_dir = Path(data_dir)
@@ -511,14 +613,28 @@ class CalibrationReport:
     files: dict[str, str] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"model_id": self.model_id, "threshold": self.threshold, "target_far": self.target_far,
-                **self.figures, "files": self.files}
+        return {
+            "model_id": self.model_id,
+            "threshold": self.threshold,
+            "target_far": self.target_far,
+            **self.figures,
+            "files": self.files,
+        }
 
 
-def calibrate(data_dir: Path | str, out_dir: Path | str, target_far: float = 1e-5, embedder=None, *,
-              confidence: float = CONFIDENCE, seed: int = SPLIT_SEED, apply_pose_gate: bool = False,
-              default_threshold: float | None = None, progress: Callable[[int, int], None] | None = None,
-              cache: Path | str | None = None) -> CalibrationReport:
+def calibrate(
+    data_dir: Path | str,
+    out_dir: Path | str,
+    target_far: float = 1e-5,
+    embedder=None,
+    *,
+    confidence: float = CONFIDENCE,
+    seed: int = SPLIT_SEED,
+    apply_pose_gate: bool = False,
+    default_threshold: float | None = None,
+    progress: Callable[[int, int], None] | None = None,
+    cache: Path | str | None = None,
+) -> CalibrationReport:
     """Embed every identity image of `data_dir`, measure, choose the threshold, write the report.
 
     `embedder`: a `facepay.app.offline.FaceEmbedder`; when None, one is built from the environment's
@@ -575,32 +691,44 @@ def calibrate(data_dir: Path | str, out_dir: Path | str, target_far: float = 1e-
         "data_dir": str(data_dir),
         "models": getattr(embedder, "model_ids", {"recognizer": model_id}),
         "confidence": confidence,
-        "images": len(items), "subjects": n_ids,
+        "images": len(items),
+        "subjects": n_ids,
         "subjects_with_2plus_images": int(sum(1 for i in ids if data.labels.count(i) >= 2)),
-        "images_without_usable_face": int((~data.usable).sum()), "failure_reasons": failures,
+        "images_without_usable_face": int((~data.usable).sum()),
+        "failure_reasons": failures,
         "labelled_mode": bool(getattr(embedder, "labelled", False)),
         "most_central_face_taken": int(np.sum(data.most_central)) if data.most_central is not None else 0,
-        "pose_gate_applied": apply_pose_gate, "usable_faces_failing_pose_gate": pose_failures,
+        "pose_gate_applied": apply_pose_gate,
+        "usable_faces_failing_pose_gate": pose_failures,
         "embedding_seconds": round(data.seconds, 1),
         "seconds_per_image": round(data.seconds / len(items), 4),
-        "genuine_pairs": len(scores.genuine), "genuine_subjects": scores.genuine_subjects,
-        "impostor_pairs": len(scores.impostor), "impostor_subjects": scores.impostor_subjects,
+        "genuine_pairs": len(scores.genuine),
+        "genuine_subjects": scores.genuine_subjects,
+        "impostor_pairs": len(scores.impostor),
+        "impostor_subjects": scores.impostor_subjects,
         "genuine_pairs_failed_to_acquire": int(np.isneginf(scores.genuine).sum()),
         "score_range": {"genuine": _range(scores.genuine), "impostor": _range(scores.impostor)},
         "eer": {"value": eer_value, "threshold": eer_t},
         "chosen": choice.to_dict(),
         "tar_at_far": [tar_at_far(scores, t, confidence) for t in TAR_TARGETS],
-        "at_thresholds": {k: {"threshold": t, "far": scores.far(t, confidence).to_dict(),
-                              "frr": scores.frr(t, confidence).to_dict()} for k, t in thresholds.items()},
-        "identification_closed_set": identification(data.vectors, labels, names, usable, None, thresholds,
-                                                    confidence=confidence),
-        "identification_open_set": {"seed": seed, "enrolled_identities": len(enrolled),
-                                    "non_enrolled_identities": len(ids) - len(enrolled),
-                                    **identification(data.vectors, labels, names, usable, enrolled,
-                                                     thresholds, confidence=confidence)},
-        "caveat": ("All-pairs comparisons share images and people, so they are not independent trials: "
-                   "the Clopper-Pearson bounds are optimistic (ISO/IEC 19795-1; FIDO bounds at 80 %). "
-                   "Confirm on people not used to choose the threshold."),
+        "at_thresholds": {
+            k: {"threshold": t, "far": scores.far(t, confidence).to_dict(), "frr": scores.frr(t, confidence).to_dict()}
+            for k, t in thresholds.items()
+        },
+        "identification_closed_set": identification(
+            data.vectors, labels, names, usable, None, thresholds, confidence=confidence
+        ),
+        "identification_open_set": {
+            "seed": seed,
+            "enrolled_identities": len(enrolled),
+            "non_enrolled_identities": len(ids) - len(enrolled),
+            **identification(data.vectors, labels, names, usable, enrolled, thresholds, confidence=confidence),
+        },
+        "caveat": (
+            "All-pairs comparisons share images and people, so they are not independent trials: "
+            "the Clopper-Pearson bounds are optimistic (ISO/IEC 19795-1; FIDO bounds at 80 %). "
+            "Confirm on people not used to choose the threshold."
+        ),
     }
     index = {p.resolve(): i for i, p in enumerate(data.paths) if usable[i]}
     pairs = read_pairs(data_dir, index)
@@ -608,8 +736,11 @@ def calibrate(data_dir: Path | str, out_dir: Path | str, target_far: float = 1e-
         figures["pairs_csv"] = pairs_file_figures(pairs, data.vectors, thresholds, confidence)
 
     report = CalibrationReport(model_id=model_id, threshold=choice.threshold, target_far=target_far, figures=figures)
-    report.files = {"json": str(out_dir / "report.json"), "markdown": str(out_dir / "report.md"),
-                    **plot_curves(scores, choice, eer_t, out_dir)}
+    report.files = {
+        "json": str(out_dir / "report.json"),
+        "markdown": str(out_dir / "report.md"),
+        **plot_curves(scores, choice, eer_t, out_dir),
+    }
     (out_dir / "report.json").write_text(json.dumps(report.to_dict(), indent=2, default=_json_default))
     (out_dir / "report.md").write_text(render_markdown(report))
     return report
@@ -652,8 +783,13 @@ def plot_curves(scores: ScoreSet, choice: ThresholdChoice, eer_threshold: float,
 
     fig, ax = plt.subplots(figsize=(6, 5))
     ax.plot(np.maximum(far, floor_far), np.maximum(frr, floor_frr), lw=1.5)
-    ax.plot([max(c_far, floor_far)], [max(c_frr, floor_frr)], "o", color="C3",
-            label=f"chosen S={choice.threshold:.4f} ({choice.basis})")
+    ax.plot(
+        [max(c_far, floor_far)],
+        [max(c_frr, floor_frr)],
+        "o",
+        color="C3",
+        label=f"chosen S={choice.threshold:.4f} ({choice.basis})",
+    )
     ax.plot([max(e_far[0], floor_far)], [max(e_frr[0], floor_frr)], "s", color="C2", label=f"EER S={eer_threshold:.4f}")
     ax.axvline(choice.far.upper, color="C3", ls=":", lw=1, label=f"FAR 80% upper bound {choice.far.upper:.1e}")
     ax.set_xscale("log")
@@ -719,39 +855,63 @@ def render_markdown(report: CalibrationReport) -> str:
     ]
     for row in f["tar_at_far"]:
         if row["measurable"]:
-            lines.append(f"| {row['target_far']:g} | {row['threshold']:.4f} | {row['tar']:.2%} | "
-                         f"{row['far']['value']:.2e} ({row['far']['upper80']:.2e}) |")
+            lines.append(
+                f"| {row['target_far']:g} | {row['threshold']:.4f} | {row['tar']:.2%} | "
+                f"{row['far']['value']:.2e} ({row['far']['upper80']:.2e}) |"
+            )
         else:
             lines.append(f"| {row['target_far']:g} | – | – | {row['reason']} |")
-    for key, title in (("identification_closed_set", "1:N, every identity enrolled (closed set)"),
-                       ("identification_open_set", "1:N open set (half the identities enrolled, seeded)")):
+    for key, title in (
+        ("identification_closed_set", "1:N, every identity enrolled (closed set)"),
+        ("identification_open_set", "1:N open set (half the identities enrolled, seeded)"),
+    ):
         ident = f[key]
-        lines += ["", f"## {title}", "",
-                  f"- gallery {ident['gallery_size']}, {ident['mated_probes']} mated probes, "
-                  f"{ident['non_mated_probes']} non-mated probes",
-                  f"- rank-1 {ident['rank1']['value']:.2%} ({ident['rank1']['hits']}/{ident['rank1']['trials']})"]
+        lines += [
+            "",
+            f"## {title}",
+            "",
+            f"- gallery {ident['gallery_size']}, {ident['mated_probes']} mated probes, "
+            f"{ident['non_mated_probes']} non-mated probes",
+            f"- rank-1 {ident['rank1']['value']:.2%} ({ident['rank1']['hits']}/{ident['rank1']['trials']})",
+        ]
         for name, a in ident.get("at_thresholds", {}).items():
             fpir = f", FPIR {_pct(a['fpir'])}" if ident["non_mated_probes"] else ""
-            lines.append(f"- {name} S = {a['threshold']:.4f}: rank-1 within threshold "
-                         f"{a['rank1_within_threshold']:.2%}{fpir}")
+            lines.append(
+                f"- {name} S = {a['threshold']:.4f}: rank-1 within threshold {a['rank1_within_threshold']:.2%}{fpir}"
+            )
         for row in ident.get("fnir_at_fpir", []):
             if row["measurable"]:
-                lines.append(f"- FNIR at FPIR {row['target_fpir']:g}: {row['fnir']['value']:.2%} "
-                             f"(S = {row['threshold']:.4f})")
+                lines.append(
+                    f"- FNIR at FPIR {row['target_fpir']:g}: {row['fnir']['value']:.2%} (S = {row['threshold']:.4f})"
+                )
             else:
                 lines.append(f"- FNIR at FPIR {row['target_fpir']:g}: {row['reason']}")
     if "pairs_csv" in f:
         p = f["pairs_csv"]
-        lines += ["", "## pairs.csv", "",
-                  f"- {p['pairs_same']} same / {p['pairs_different']} different; best accuracy "
-                  f"{p['best_accuracy']:.2%} at S = {p['best_accuracy_threshold']:.4f}"]
+        lines += [
+            "",
+            "## pairs.csv",
+            "",
+            f"- {p['pairs_same']} same / {p['pairs_different']} different; best accuracy "
+            f"{p['best_accuracy']:.2%} at S = {p['best_accuracy_threshold']:.4f}",
+        ]
         for name, a in p["at"].items():
-            lines.append(f"- {name} S = {a['threshold']:.4f}: accuracy {a['accuracy']:.2%}, "
-                         f"FAR {a['far']['value']:.2%}, FRR {a['frr']['value']:.2%}")
+            lines.append(
+                f"- {name} S = {a['threshold']:.4f}: accuracy {a['accuracy']:.2%}, "
+                f"FAR {a['far']['value']:.2%}, FRR {a['frr']['value']:.2%}"
+            )
         for row in p["tar_at_far"]:
-            lines.append(f"- TAR at FAR ≤ {row['target_far']:g}: "
-                         + (f"{row['tar']:.2%}" if row["measurable"] else row["reason"]))
+            lines.append(
+                f"- TAR at FAR ≤ {row['target_far']:g}: "
+                + (f"{row['tar']:.2%}" if row["measurable"] else row["reason"])
+            )
         lines.append(f"- TAR at FAR 0: {p['tar_at_far_zero']['tar']:.2%}")
-    lines += ["", f"Embedding: {f['embedding_seconds']} s, {f['seconds_per_image'] * 1000:.0f} ms per image "
-              "(detector + landmarks + pose + embedder).", "", f"_{f['caveat']}_", ""]
+    lines += [
+        "",
+        f"Embedding: {f['embedding_seconds']} s, {f['seconds_per_image'] * 1000:.0f} ms per image "
+        "(detector + landmarks + pose + embedder).",
+        "",
+        f"_{f['caveat']}_",
+        "",
+    ]
     return "\n".join(lines)

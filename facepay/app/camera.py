@@ -53,8 +53,9 @@ def photos_in(folder: str | Path) -> list[tuple[Path, bytes]]:
         photo = read_photo(path)
         if photo is None:
             what = "a video" if _is_video(path) else "neither a photo nor a video OpenCV can decode"
-            raise UnreadableMedia(f"{path} in a folder of photos is {what}; a folder holds photos "
-                                  f"(give a video as its own path)")
+            raise UnreadableMedia(
+                f"{path} in a folder of photos is {what}; a folder holds photos (give a video as its own path)"
+            )
         photos.append((path, photo))
     return photos
 
@@ -127,20 +128,32 @@ class CameraClient:
         self.camera_id, self.store_id = camera_id, store_id
         self.metadata = (("x-camera-id", camera_id), ("authorization", f"Bearer {token}"))
 
-    def stream_session(self, session_id: str, frames: Iterable[bytes], fps: float = 0.0,
-                       phone_suffix: str = "") -> list[pb.FrameAck]:
+    def stream_session(
+        self, session_id: str, frames: Iterable[bytes], fps: float = 0.0, phone_suffix: str = ""
+    ) -> list[pb.FrameAck]:
         """Send a session's frames then its end marker on one stream; returns every ack."""
         frames = list(frames)
 
         def messages() -> Iterator[pb.CameraMessage]:
             for seq, image in enumerate(frames):
-                yield pb.CameraMessage(frame=pb.Frame(
-                    camera_id=self.camera_id, store_id=self.store_id, session_id=session_id,
-                    capture_time_ms=int(time.time() * 1000), sequence=seq, image=image, phone_suffix=phone_suffix))
+                yield pb.CameraMessage(
+                    frame=pb.Frame(
+                        camera_id=self.camera_id,
+                        store_id=self.store_id,
+                        session_id=session_id,
+                        capture_time_ms=int(time.time() * 1000),
+                        sequence=seq,
+                        image=image,
+                        phone_suffix=phone_suffix,
+                    )
+                )
                 if fps:
                     time.sleep(1.0 / fps)
-            yield pb.CameraMessage(end=pb.SessionEnd(camera_id=self.camera_id, store_id=self.store_id,
-                                                     session_id=session_id, frame_count=len(frames)))
+            yield pb.CameraMessage(
+                end=pb.SessionEnd(
+                    camera_id=self.camera_id, store_id=self.store_id, session_id=session_id, frame_count=len(frames)
+                )
+            )
 
         acks: dict[int, pb.FrameAck] = {}
         try:
@@ -150,12 +163,19 @@ class CameraClient:
             if err.code() not in RETRYABLE:
                 raise
         unacked = grpc.StatusCode.UNAVAILABLE.value[0]
-        return [self._retry(acks.get(seq) or pb.FrameAck(session_id=session_id, sequence=seq, code=unacked),
-                            frames, session_id, phone_suffix)
-                for seq in [*range(len(frames)), -1]]
+        return [
+            self._retry(
+                acks.get(seq) or pb.FrameAck(session_id=session_id, sequence=seq, code=unacked),
+                frames,
+                session_id,
+                phone_suffix,
+            )
+            for seq in [*range(len(frames)), -1]
+        ]
 
-    def _retry(self, ack: pb.FrameAck, frames: list[bytes], session_id: str, phone_suffix: str,
-               give_up_after_s: float = 60.0) -> pb.FrameAck:
+    def _retry(
+        self, ack: pb.FrameAck, frames: list[bytes], session_id: str, phone_suffix: str, give_up_after_s: float = 60.0
+    ) -> pb.FrameAck:
         """A frame refused as UNAVAILABLE (queue down, failover) or RESOURCE_EXHAUSTED (over the
         camera's rate, queue full) was not stored: send it again, backing off."""
         delay, deadline = 0.25, time.monotonic() + give_up_after_s
@@ -164,18 +184,36 @@ class CameraClient:
             delay = min(delay * 2, 2.0)
             try:
                 if ack.sequence < 0:
-                    ack = self.stub.EndSession(pb.SessionEnd(camera_id=self.camera_id, store_id=self.store_id,
-                                                             session_id=session_id, frame_count=len(frames)),
-                                               metadata=self.metadata, timeout=30)
+                    ack = self.stub.EndSession(
+                        pb.SessionEnd(
+                            camera_id=self.camera_id,
+                            store_id=self.store_id,
+                            session_id=session_id,
+                            frame_count=len(frames),
+                        ),
+                        metadata=self.metadata,
+                        timeout=30,
+                    )
                 else:
-                    ack = self.stub.SubmitFrame(pb.Frame(
-                        camera_id=self.camera_id, store_id=self.store_id, session_id=session_id,
-                        capture_time_ms=int(time.time() * 1000), sequence=ack.sequence,
-                        image=frames[ack.sequence], phone_suffix=phone_suffix), metadata=self.metadata, timeout=30)
+                    ack = self.stub.SubmitFrame(
+                        pb.Frame(
+                            camera_id=self.camera_id,
+                            store_id=self.store_id,
+                            session_id=session_id,
+                            capture_time_ms=int(time.time() * 1000),
+                            sequence=ack.sequence,
+                            image=frames[ack.sequence],
+                            phone_suffix=phone_suffix,
+                        ),
+                        metadata=self.metadata,
+                        timeout=30,
+                    )
             except grpc.RpcError as err:
                 if err.code() not in RETRYABLE:
                     raise
-                ack = pb.FrameAck(session_id=session_id, sequence=ack.sequence, code=err.code().value[0], message=err.details())
+                ack = pb.FrameAck(
+                    session_id=session_id, sequence=ack.sequence, code=err.code().value[0], message=err.details()
+                )
         return ack
 
     def close(self) -> None:

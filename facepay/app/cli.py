@@ -22,12 +22,22 @@ def main(argv: list[str] | None = None) -> None:
     sub = parser.add_subparsers(dest="command", required=True)
 
     demo = sub.add_parser("demo", help="run the whole pipeline on embedded defaults and pay with sample faces")
-    demo.add_argument("--enroll", help="folder with one sub-folder of photos per person (default: the test data, else a built-in face)")
-    demo.add_argument("--camera", action="append", help="folder of photos or a video file to play as one session (repeatable)")
+    demo.add_argument(
+        "--enroll",
+        help="folder with one sub-folder of photos per person (default: the test data, else a built-in face)",
+    )
+    demo.add_argument(
+        "--camera", action="append", help="folder of photos or a video file to play as one session (repeatable)"
+    )
     demo.add_argument("--workdir", default="var/demo", help="where Valkey, the gallery and logs live")
-    demo.add_argument("--keep-running", action="store_true", help="after the scripted sessions, keep serving until Ctrl-C")
-    demo.add_argument("--relax-liveness", action="store_true",
-                      help="with your own --camera files: switch the blink rule off (a still photo cannot blink); every rule runs otherwise")
+    demo.add_argument(
+        "--keep-running", action="store_true", help="after the scripted sessions, keep serving until Ctrl-C"
+    )
+    demo.add_argument(
+        "--relax-liveness",
+        action="store_true",
+        help="with your own --camera files: switch the blink rule off (a still photo cannot blink); every rule runs otherwise",
+    )
 
     sub.add_parser("gateway", help="serve the gRPC gateway")
     worker = sub.add_parser("worker", help="run one stage worker")
@@ -36,32 +46,53 @@ def main(argv: list[str] | None = None) -> None:
     models = sub.add_parser("models", help="pretrained weights in the model cache")
     models.add_argument("action", choices=["fetch", "list", "verify"])
 
-    enroll = sub.add_parser("enroll", help="enroll a user from photos, or a folder tree (one folder per user) as rq jobs")
+    enroll = sub.add_parser(
+        "enroll", help="enroll a user from photos, or a folder tree (one folder per user) as rq jobs"
+    )
     who = enroll.add_mutually_exclusive_group(required=True)
     who.add_argument("--user", help="user id (with --images)")
     who.add_argument("--tree", help="folder with one sub-folder of photos per user, named by user id")
     enroll.add_argument("--images", help="folder of photos of --user")
     enroll.add_argument("--tenant", default="default")
     enroll.add_argument("--phone-suffix", default="")
-    enroll.add_argument("--workers", type=int, default=1, help="rq workers to run here for --tree (0: external `rq worker facepay-enroll`)")
+    enroll.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        help="rq workers to run here for --tree (0: external `rq worker facepay-enroll`)",
+    )
 
-    calibrate = sub.add_parser("calibrate", help="FAR/FRR over a labelled folder tree; store the threshold for a target FAR")
-    calibrate.add_argument("--data", required=True, help="folder with identities/<person>/<photos> (or <person>/<photos>)")
+    calibrate = sub.add_parser(
+        "calibrate", help="FAR/FRR over a labelled folder tree; store the threshold for a target FAR"
+    )
+    calibrate.add_argument(
+        "--data", required=True, help="folder with identities/<person>/<photos> (or <person>/<photos>)"
+    )
     calibrate.add_argument("--target-far", type=float, default=1e-5)
     calibrate.add_argument("--out", default="var/calibration", help="report.json, report.md, det.png, roc.png")
     calibrate.add_argument("--no-store", action="store_true", help="report only; do not store the threshold in Redis")
-    calibrate.add_argument("--sessions", action="store_true",
-                           help="session mode: run the real session rule over enrolled/genuine/stranger photo sessions, "
-                                "choose threshold x margin x k, store that policy for the template space")
-    calibrate.add_argument("--enrol", type=int, default=3, help="--sessions: photos per enrolled person (mean template)")
+    calibrate.add_argument(
+        "--sessions",
+        action="store_true",
+        help="session mode: run the real session rule over enrolled/genuine/stranger photo sessions, "
+        "choose threshold x margin x k, store that policy for the template space",
+    )
+    calibrate.add_argument(
+        "--enrol", type=int, default=3, help="--sessions: photos per enrolled person (mean template)"
+    )
     calibrate.add_argument("--frames", type=int, default=3, help="--sessions: photos per session")
-    calibrate.add_argument("--folds", type=int, default=5, help="--sessions: stranger folds (each person left out once)")
-    calibrate.add_argument("--cache", help="embedding cache (.npz; biometric data: keep it private), reused for the same "
-                                           "files and models")
+    calibrate.add_argument(
+        "--folds", type=int, default=5, help="--sessions: stranger folds (each person left out once)"
+    )
+    calibrate.add_argument(
+        "--cache", help="embedding cache (.npz; biometric data: keep it private), reused for the same files and models"
+    )
 
     reindex = sub.add_parser("reindex", help="re-embed every enrolled user under another recognizer model (rq jobs)")
     reindex.add_argument("--model", required=True, help="e.g. faceres-hse-v1, onnx:/path/model.onnx")
-    reindex.add_argument("--workers", type=int, default=1, help="rq workers to run here (0: external `rq worker facepay-reindex`)")
+    reindex.add_argument(
+        "--workers", type=int, default=1, help="rq workers to run here (0: external `rq worker facepay-reindex`)"
+    )
 
     users = sub.add_parser("users", help="enrolled users (answered by the recognizer that owns the gallery)")
     users.add_argument("action", choices=["list", "show", "delete"])
@@ -81,24 +112,38 @@ def main(argv: list[str] | None = None) -> None:
     redis_cmd = sub.add_parser("redis", help="Redis/Valkey set-up for a managed server")
     redis_cmd.add_argument("action", choices=["acl"], help="print ACL SETUSER lines, one user per component")
     redis_cmd.add_argument("--namespace", help="key prefix (default: FACEPAY_NAMESPACE)")
-    redis_cmd.add_argument("--out", default="var/redis-credentials",
-                           help="folder for the generated <component>.password files (0600; kept if present)")
-    redis_cmd.add_argument("--acl-file", help="also write an ACL file (0600; `user default off` and the same users) "
-                                              "for a Valkey/Redis started with `aclfile`, as the Kubernetes dev overlay's")
+    redis_cmd.add_argument(
+        "--out",
+        default="var/redis-credentials",
+        help="folder for the generated <component>.password files (0600; kept if present)",
+    )
+    redis_cmd.add_argument(
+        "--acl-file",
+        help="also write an ACL file (0600; `user default off` and the same users) "
+        "for a Valkey/Redis started with `aclfile`, as the Kubernetes dev overlay's",
+    )
 
-    audit = sub.add_parser("audit", help="the audit archive: list archived sessions, verify the stores' hash chains, "
-                                         "sweep by retention, erase a user's frames")
+    audit = sub.add_parser(
+        "audit",
+        help="the audit archive: list archived sessions, verify the stores' hash chains, "
+        "sweep by retention, erase a user's frames",
+    )
     audit.add_argument("action", choices=["list", "verify", "sweep", "erase"])
     audit.add_argument("--user", help="erase: the user whose approved sessions lose their frames")
     audit.add_argument("--retention-days", type=int, help="sweep: override FACEPAY_ARCHIVE_RETENTION_DAYS")
     audit.add_argument("--store", help="one store (default: every store in the archive)")
     audit.add_argument("--tenant", help="one tenant (default: every tenant)")
-    audit.add_argument("--from", dest="start", help="ISO 8601 (UTC) or how long ago: 24h, 7d, 30m (default: 24 h before --to)")
+    audit.add_argument(
+        "--from", dest="start", help="ISO 8601 (UTC) or how long ago: 24h, 7d, 30m (default: 24 h before --to)"
+    )
     audit.add_argument("--to", dest="end", help="ISO 8601 (UTC) or relative (default: now)")
     audit.add_argument("--json", action="store_true", help="machine-readable output")
 
-    replay = sub.add_parser("replay", help="run archived sessions again through the real stages in an isolated namespace; "
-                                           "report what is decided today and why it differs")
+    replay = sub.add_parser(
+        "replay",
+        help="run archived sessions again through the real stages in an isolated namespace; "
+        "report what is decided today and why it differs",
+    )
     replay.add_argument("--from", dest="start", required=True, help="ISO 8601 (UTC) or how long ago: 24h, 7d")
     replay.add_argument("--to", dest="end", help="ISO 8601 (UTC) or how long ago (default: now)")
     replay.add_argument("--store")
@@ -198,8 +243,17 @@ def _cmd_models(args) -> int:
     if args.action == "fetch":
         cache.fetch(progress=lambda line: print(line, flush=True))
     # The use column says, before anything else, which weights must not run in a commercial deployment.
-    rows = [(w.name, cache.status(w.name), f"{w.size / 1e6:.1f} MB",
-             "NON-COMMERCIAL" if w.non_commercial else "commercial-ok", w.package, w.licence) for w in WEIGHTS.values()]
+    rows = [
+        (
+            w.name,
+            cache.status(w.name),
+            f"{w.size / 1e6:.1f} MB",
+            "NON-COMMERCIAL" if w.non_commercial else "commercial-ok",
+            w.package,
+            w.licence,
+        )
+        for w in WEIGHTS.values()
+    ]
     for row in rows:
         print("  ".join(str(c) for c in row))
     return 0 if all(r[1] == "ok" for r in rows) or args.action == "list" else 1
@@ -219,11 +273,21 @@ def _cmd_enroll(args) -> int:
         images = [p.read_bytes() for p in photos_in(args.images)]
         if not images:
             raise SystemExit(f"no JPEG or PNG photos in {args.images}")
-        results = [enroll_images(target, settings.operator_token, args.user, args.tenant, images, args.phone_suffix, tls=tls)]
+        results = [
+            enroll_images(target, settings.operator_token, args.user, args.tenant, images, args.phone_suffix, tls=tls)
+        ]
     else:
         with progress_bar("enrolling", "user") as progress:
-            results = enroll_tree(queue_url(settings), args.tree, target, settings.operator_token, args.tenant,
-                                  inline_workers=args.workers, progress=progress, tls=tls)
+            results = enroll_tree(
+                queue_url(settings),
+                args.tree,
+                target,
+                settings.operator_token,
+                args.tenant,
+                inline_workers=args.workers,
+                progress=progress,
+                tls=tls,
+            )
     for result in results:
         print(json.dumps(result))
     return 0 if all(r["status"] == EnrollmentStatus.ENROLLED for r in results) else 1
@@ -245,15 +309,31 @@ def _cmd_calibrate(args) -> int:
     if args.sessions:
         return _calibrate_sessions(args, settings, None if args.no_store else signer)
     with progress_bar("embedding", "image") as progress:
-        report = calibrate(args.data, args.out, args.target_far, FaceEmbedder(settings, labelled=True), progress=progress,
-                           cache=args.cache)
+        report = calibrate(
+            args.data,
+            args.out,
+            args.target_far,
+            FaceEmbedder(settings, labelled=True),
+            progress=progress,
+            cache=args.cache,
+        )
     print((Path(args.out) / "report.md").read_text())
     space = template_space(report.model_id, settings.landmarks_model)
     if not args.no_store:
-        thresholds.store(connect(settings.redis_url), settings, space, report.threshold, signer,
-                         target_far=args.target_far, data=str(args.data), report=str(Path(args.out).resolve()))
-        print(f"stored threshold {report.threshold!r} for {space} in {redact_url(settings.redis_url)} (namespace {settings.namespace}); "
-              "recognizers pick it up within a minute")
+        thresholds.store(
+            connect(settings.redis_url),
+            settings,
+            space,
+            report.threshold,
+            signer,
+            target_far=args.target_far,
+            data=str(args.data),
+            report=str(Path(args.out).resolve()),
+        )
+        print(
+            f"stored threshold {report.threshold!r} for {space} in {redact_url(settings.redis_url)} (namespace {settings.namespace}); "
+            "recognizers pick it up within a minute"
+        )
     return 0
 
 
@@ -284,13 +364,27 @@ def _calibrate_sessions(args, settings, signer) -> int:
         print("no policy approves no stranger session: nothing stored")
         return 1
     if signer is not None:
-        thresholds.store(connect(settings.redis_url), settings, space, chosen.threshold, signer,
-                         margin=chosen.margin, min_agreeing_frames=chosen.k, mode="sessions",
-                         session_frr=chosen.frr.value, session_frr_upper80=chosen.frr.upper,
-                         session_far=chosen.far.value, session_far_upper80=chosen.far.upper,
-                         design=dataclasses.asdict(design), data=str(args.data), report=str(Path(args.out).resolve()))
-        print(f"stored threshold {chosen.threshold!r}, margin {chosen.margin!r}, k {chosen.k} for {space} in "
-              f"{settings.redis_url} (namespace {settings.namespace}); recognizers pick it up within a minute")
+        thresholds.store(
+            connect(settings.redis_url),
+            settings,
+            space,
+            chosen.threshold,
+            signer,
+            margin=chosen.margin,
+            min_agreeing_frames=chosen.k,
+            mode="sessions",
+            session_frr=chosen.frr.value,
+            session_frr_upper80=chosen.frr.upper,
+            session_far=chosen.far.value,
+            session_far_upper80=chosen.far.upper,
+            design=dataclasses.asdict(design),
+            data=str(args.data),
+            report=str(Path(args.out).resolve()),
+        )
+        print(
+            f"stored threshold {chosen.threshold!r}, margin {chosen.margin!r}, k {chosen.k} for {space} in "
+            f"{settings.redis_url} (namespace {settings.namespace}); recognizers pick it up within a minute"
+        )
     return 0
 
 
@@ -329,8 +423,10 @@ def _erase_from_archive(settings, user_id: str, tenant: str) -> dict:
     try:
         erased = audit.erase_user(audit.open_archive(settings), user_id, tenant or None)
     except (audit.AuditError, ArchiveError) as exc:
-        print(f"facepay users delete: the archive was NOT erased: {exc}; run `facepay audit erase --user {user_id}`",
-              file=sys.stderr)
+        print(
+            f"facepay users delete: the archive was NOT erased: {exc}; run `facepay audit erase --user {user_id}`",
+            file=sys.stderr,
+        )
         return {"erased_sessions": None, "error": str(exc)}
     return {"erased_sessions": len(erased)}
 
@@ -348,8 +444,10 @@ def _cmd_keys(args) -> int:
 
     trusted = generate(args.out)
     print(f"wrote {', '.join(f'{c}.key' for c in COMPONENTS)} (mode 0600) and {trusted.name} in {args.out}")
-    print("give each process only its own key: FACEPAY_KEY_FILE=<component>.key, FACEPAY_TRUSTED_KEYS_FILE="
-          f"{trusted}; the CLI and rq workers: FACEPAY_OPERATOR_KEY_FILE=operator.key")
+    print(
+        "give each process only its own key: FACEPAY_KEY_FILE=<component>.key, FACEPAY_TRUSTED_KEYS_FILE="
+        f"{trusted}; the CLI and rq workers: FACEPAY_OPERATOR_KEY_FILE=operator.key"
+    )
     return 0
 
 
@@ -416,14 +514,17 @@ def _cmd_replay(args) -> int:
             raise audit.AuditError(f"--threshold must be a cosine in [-1, 1], got {args.threshold}")
         settings = load_settings()
         archive = audit.open_archive(settings)
-        options = ReplayOptions(start, end, args.store, args.tenant, args.camera, args.session, args.model,
-                                args.threshold, Path(args.out))
+        options = ReplayOptions(
+            start, end, args.store, args.tenant, args.camera, args.session, args.model, args.threshold, Path(args.out)
+        )
         report = run_replay(settings, archive, options)
     except audit.AuditError as exc:
         print(f"facepay replay: {exc}", file=sys.stderr)
         return 2
-    print(f"{report['replay']['sessions']} sessions replayed, {report['differences']} difference(s); "
-          f"report: {Path(args.out) / 'report.html'}")
+    print(
+        f"{report['replay']['sessions']} sessions replayed, {report['differences']} difference(s); "
+        f"report: {Path(args.out) / 'report.html'}"
+    )
     return 1 if report["differences"] else 0
 
 

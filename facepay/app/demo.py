@@ -78,18 +78,25 @@ def _script_from_own_data(args) -> Script:
 def _script_from_test_data() -> Script:
     """Enroll from photos and the selfie clip's first second; pay with what the camera sees later."""
     selfie = DATA / "video" / "selfie_blink.mp4"
-    people = {p.name: sorted(p.iterdir()) for p in sorted((DATA / "identities").iterdir()) if len(list(p.iterdir())) >= 3}
+    people = {
+        p.name: sorted(p.iterdir()) for p in sorted((DATA / "identities").iterdir()) if len(list(p.iterdir())) >= 3
+    }
     chosen = list(people)[:3]
     script = Script()
-    script.enroll["selfie-user"] = [(f"{selfie.name} frame {8 * i}", frame)
-                                    for i, frame in enumerate(video_frames(selfie, max_frames=3, every=8))]
+    script.enroll["selfie-user"] = [
+        (f"{selfie.name} frame {8 * i}", frame) for i, frame in enumerate(video_frames(selfie, max_frames=3, every=8))
+    ]
     for name in chosen:
         script.enroll[name] = [(p.name, p.read_bytes()) for p in people[name][:2]]
     live = list(video_frames(selfie, max_frames=90, every=2, start=30))
     script.sessions += [
         Session("selfie video (blinks)", live, "approve selfie-user"),
         Session("one still frame replayed (photo attack)", [live[5]] * 30, "decline no_liveness"),
-        Session(f"photos of {chosen[0]} (a photo cannot blink)", [p.read_bytes() for p in people[chosen[0]][2:]] * 3, "decline no_liveness"),
+        Session(
+            f"photos of {chosen[0]} (a photo cannot blink)",
+            [p.read_bytes() for p in people[chosen[0]][2:]] * 3,
+            "decline no_liveness",
+        ),
         Session("a stranger", [p.read_bytes() for p in people[list(people)[-1]]] * 2, "decline unknown_face"),
         Session("a dog", [(DATA / "negatives" / "dog.jpg").read_bytes()] * 3, "decline no_face"),
     ]
@@ -129,8 +136,10 @@ def recognizer_notice(model: str) -> str:
     if known is None:
         return f"recognizer: {model} (licence: as its owner states)"
     if known.non_commercial:
-        return (f"NOTE: recognizer {model} is for NON-COMMERCIAL research only ({known.licence}); "
-                "set FACEPAY_RECOGNIZER_MODEL=dlib-resnet-v1 (CC0) for commercial use")
+        return (
+            f"NOTE: recognizer {model} is for NON-COMMERCIAL research only ({known.licence}); "
+            "set FACEPAY_RECOGNIZER_MODEL=dlib-resnet-v1 (CC0) for commercial use"
+        )
     return f"recognizer: {model} ({known.licence})"
 
 
@@ -148,8 +157,10 @@ def run_demo(args) -> int:
     settings = load_settings()
     if script.relax_liveness:
         settings = settings.replace(policy=dataclasses.replace(settings.policy, require_blink=False))
-        say(f"note: the blink-liveness rule is relaxed for this demo ({script.relaxed_why}): "
-            f"a replayed still frame would be approved")
+        say(
+            f"note: the blink-liveness rule is relaxed for this demo ({script.relaxed_why}): "
+            f"a replayed still frame would be approved"
+        )
     say(recognizer_notice(settings.recognizer_model))
     access = demo_access({"store-1": ["cam-1"], "store-2": ["cam-2"]})
     say(f"starting embedded Valkey and SeaweedFS, gateway, 4 workers and the archiver (logs in {workdir}) …")
@@ -178,7 +189,9 @@ def _enroll_all(pipeline: Pipeline, script: Script) -> None:
         for user, photos in script.enroll.items():
             started = time.monotonic()
             images = [data for _, data in photos]
-            reply = stub.Enroll(pb.EnrollRequest(user_id=user, tenant_id="demo", images=images), metadata=metadata, timeout=300)
+            reply = stub.Enroll(
+                pb.EnrollRequest(user_id=user, tenant_id="demo", images=images), metadata=metadata, timeout=300
+            )
             for line in enrollment_report(user, [name for name, _ in photos], reply, time.monotonic() - started):
                 say(line)
 
@@ -221,8 +234,11 @@ def describe_rules(policy: SessionPolicy, recognizer_model: str = "dlib-resnet-v
     session calibration)."""
     defaults = recognizer_defaults(recognizer_model, default_threshold=0.0)
     policy = policy.for_space(defaults.margin, defaults.min_agreeing_frames)
-    rules = [f"{policy.min_agreeing_frames} agreeing frames", f"margin {policy.margin:g}",
-             "blink" if policy.require_blink else "blink RELAXED"]
+    rules = [
+        f"{policy.min_agreeing_frames} agreeing frames",
+        f"margin {policy.margin:g}",
+        "blink" if policy.require_blink else "blink RELAXED",
+    ]
     if policy.min_passive_liveness is not None:
         rules.append(f"anti-spoof ≥ {policy.min_passive_liveness:g}")
     return "rules: " + ", ".join(rules)
@@ -237,7 +253,8 @@ def _pay_all(pipeline: Pipeline, script: Script) -> None:
     channel = pipeline.channel()
     backend_token = pipeline.access["stores"][store]["backend_token"]
     subscription = rpc.FaceGatewayStub(channel).SubscribeDecisions(
-        pb.SubscribeRequest(store_id=store), metadata=(("authorization", f"Bearer {backend_token}"),))
+        pb.SubscribeRequest(store_id=store), metadata=(("authorization", f"Bearer {backend_token}"),)
+    )
 
     def backend() -> None:
         keys, seen = {pipeline.settings.signing_key_id: pipeline.settings.signing_key}, SeenEvents()
@@ -252,7 +269,9 @@ def _pay_all(pipeline: Pipeline, script: Script) -> None:
 
     threading.Thread(target=backend, daemon=True).start()
     time.sleep(0.5)
-    camera = CameraClient(pipeline.address, "cam-1", pipeline.access["cameras"]["cam-1"]["token"], store, tls=pipeline.tls)
+    camera = CameraClient(
+        pipeline.address, "cam-1", pipeline.access["cameras"]["cam-1"]["token"], store, tls=pipeline.tls
+    )
     for i, session in enumerate(script.sessions):
         session_id = f"pos-{i + 1:03d}"
         started = time.monotonic()
@@ -265,10 +284,16 @@ def _pay_all(pipeline: Pipeline, script: Script) -> None:
             say(f"{session_id} {session.name}: no decision within 120 s")
             continue
         verdict = pb.Decision.Name(event.decision)
-        who = f"user={event.user_id} score={event.score:.3f}" if event.decision == pb.APPROVE else f"reason={','.join(event.reasons)}"
+        who = (
+            f"user={event.user_id} score={event.score:.3f}"
+            if event.decision == pb.APPROVE
+            else f"reason={','.join(event.reasons)}"
+        )
         expected = f"; expected {session.expect}" if session.expect else ""
-        say(f"{session_id} {session.name:<45} {len(session.frames):>3} frames → {verdict} {who} "
-            f"(decided on {event.frames_seen} frames, signed {event.key_id}, {took:.1f}s{expected}) [{rules}]")
+        say(
+            f"{session_id} {session.name:<45} {len(session.frames):>3} frames → {verdict} {who} "
+            f"(decided on {event.frames_seen} frames, signed {event.key_id}, {took:.1f}s{expected}) [{rules}]"
+        )
         if Reason.NO_LIVENESS in event.reasons and pipeline.settings.policy.require_blink and not session.expect:
             say("    no blink was seen: blink while recording, or run with --relax-liveness to test identity alone")
     subscription.cancel()
@@ -285,10 +310,12 @@ def _show_archive(pipeline: Pipeline, session_ids: list[str], store: str = "stor
     if not pipeline.s3 or not pipeline.s3.credentials:  # credentials: once the embedded S3 has started
         return
     credentials = pipeline.s3.credentials
-    archive = ArchiveStore(ArchiveSettings.from_url(pipeline.settings.archive_url),
-                           ArchiveKeys.from_file(Path(pipeline.archive_keys_file)),
-                           access_key_id=credentials.access_key_id,
-                           secret_access_key=credentials.secret_access_key)
+    archive = ArchiveStore(
+        ArchiveSettings.from_url(pipeline.settings.archive_url),
+        ArchiveKeys.from_file(Path(pipeline.archive_keys_file)),
+        access_key_id=credentials.access_key_id,
+        secret_access_key=credentials.secret_access_key,
+    )
     archive.ensure_bucket()  # the archiver makes it with its first session, which may still be on its way
     start, deadline = datetime.now(UTC) - timedelta(hours=1), time.monotonic() + 30
     archived: set[str] = set()
@@ -299,5 +326,7 @@ def _show_archive(pipeline: Pipeline, session_ids: list[str], store: str = "stor
             break
         time.sleep(0.5)
     report = archive.verify(tenant, store, start, datetime.now(UTC) + timedelta(minutes=1))
-    say(f"audit archive: {len(archived)} of {len(session_ids)} sessions archived at {pipeline.settings.archive_url} "
-        f"(frames encrypted; hash chain {'verified' if report.ok else 'PROBLEMS: ' + ', '.join(sorted(report.kinds()))})")
+    say(
+        f"audit archive: {len(archived)} of {len(session_ids)} sessions archived at {pipeline.settings.archive_url} "
+        f"(frames encrypted; hash chain {'verified' if report.ok else 'PROBLEMS: ' + ', '.join(sorted(report.kinds()))})"
+    )

@@ -30,14 +30,24 @@ def photos_in(folder: Path) -> list[Path]:
     return sorted(p for p in Path(folder).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
 
 
-def enroll_images(target: str, operator_token: str, user_id: str, tenant: str, images: list[bytes],
-                  phone_suffix: str = "", timeout_s: float = 300, tls: ClientTLS | None = None) -> dict:
+def enroll_images(
+    target: str,
+    operator_token: str,
+    user_id: str,
+    tenant: str,
+    images: list[bytes],
+    phone_suffix: str = "",
+    timeout_s: float = 300,
+    tls: ClientTLS | None = None,
+) -> dict:
     """One Enroll call; returns a plain summary (status, accepted count, reasons per photo)."""
     metadata = {"phone_suffix": phone_suffix} if phone_suffix else {}
     with client_channel(target, tls) as channel:
         reply = rpc.FaceGatewayStub(channel).Enroll(
             pb.EnrollRequest(user_id=user_id, tenant_id=tenant, images=images, metadata=metadata),
-            metadata=(("authorization", f"Bearer {operator_token}"),), timeout=timeout_s)
+            metadata=(("authorization", f"Bearer {operator_token}"),),
+            timeout=timeout_s,
+        )
     return {
         "user_id": reply.user_id,
         "status": pb.EnrollResponse.Status.Name(reply.status).lower(),
@@ -49,28 +59,56 @@ def enroll_images(target: str, operator_token: str, user_id: str, tenant: str, i
     }
 
 
-def enroll_person_job(target: str, user_id: str, tenant: str, paths: list[str], phone_suffix: str = "",
-                      tls: ClientTLS | None = None) -> dict:
+def enroll_person_job(
+    target: str, user_id: str, tenant: str, paths: list[str], phone_suffix: str = "", tls: ClientTLS | None = None
+) -> dict:
     """The rq job: one person's folder. The operator token is the rq worker's own setting:
     job data lives in Redis, where anyone who can read it would find the token (tls names
     certificate files, never their contents)."""
     operator_token = load_settings().operator_token
     if not operator_token:
         raise RuntimeError("FACEPAY_OPERATOR_TOKEN is not set in this rq worker's environment")
-    return enroll_images(target, operator_token, user_id, tenant, [Path(p).read_bytes() for p in paths], phone_suffix,
-                         tls=tls)
+    return enroll_images(
+        target, operator_token, user_id, tenant, [Path(p).read_bytes() for p in paths], phone_suffix, tls=tls
+    )
 
 
-def enroll_tree(redis_url: str, root: Path, target: str, operator_token: str, tenant: str,
-                inline_workers: int = 1, progress: Callable[[int, int], None] | None = None,
-                timeout_s: float | None = None, tls: ClientTLS | None = None) -> list[dict]:
+def enroll_tree(
+    redis_url: str,
+    root: Path,
+    target: str,
+    operator_token: str,
+    tenant: str,
+    inline_workers: int = 1,
+    progress: Callable[[int, int], None] | None = None,
+    timeout_s: float | None = None,
+    tls: ClientTLS | None = None,
+) -> list[dict]:
     """One rq job per person folder (see `facepay.app.jobs.run_jobs` for the workers)."""
     import redis
     from rq import Queue
 
     queue = Queue(QUEUE, connection=redis.Redis.from_url(redis_url))
     people = [d for d in sorted(Path(root).iterdir()) if d.is_dir() and photos_in(d)]
-    jobs = [queue.enqueue(enroll_person_job, target, d.name, tenant, [str(p) for p in photos_in(d)],
-                          tls=tls, job_timeout=600, result_ttl=86400) for d in people]
-    return run_jobs(redis_url, QUEUE, jobs, inline_workers, progress, timeout_s,
-                    worker_env={"FACEPAY_OPERATOR_TOKEN": operator_token})
+    jobs = [
+        queue.enqueue(
+            enroll_person_job,
+            target,
+            d.name,
+            tenant,
+            [str(p) for p in photos_in(d)],
+            tls=tls,
+            job_timeout=600,
+            result_ttl=86400,
+        )
+        for d in people
+    ]
+    return run_jobs(
+        redis_url,
+        QUEUE,
+        jobs,
+        inline_workers,
+        progress,
+        timeout_s,
+        worker_env={"FACEPAY_OPERATOR_TOKEN": operator_token},
+    )

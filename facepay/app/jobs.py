@@ -19,8 +19,10 @@ def queue_url(settings) -> str:
     Redis Cluster support: its transactions and scripts span keys of many slots)."""
     url = settings.jobs_redis_url or settings.redis_url
     if is_cluster_url(url):
-        raise ValueError("rq jobs need a standalone Redis and FACEPAY_REDIS_URL names a cluster: set "
-                         "FACEPAY_JOBS_REDIS_URL to a standalone Redis/Valkey for the job queue")
+        raise ValueError(
+            "rq jobs need a standalone Redis and FACEPAY_REDIS_URL names a cluster: set "
+            "FACEPAY_JOBS_REDIS_URL to a standalone Redis/Valkey for the job queue"
+        )
     return url
 
 
@@ -29,21 +31,41 @@ def rq_worker_environ(redis_url: str, rq_url: str | None = None) -> dict[str, st
     on the command line, which every user of the machine can read (ps, /proc/*/cmdline). The
     jobs read their Redis settings from the same variables (no credentials in job data).
     `rq_url`: the queue's own Redis when it is not the pipeline's (a cluster)."""
-    return {**os.environ, "RQ_REDIS_URL": rq_url or redis_url, "REDIS_URL": redis_url, "FACEPAY_REDIS_URL": redis_url,
-            "FACEPAY_REDIS_PASSWORD_FILE": "", "FACEPAY_REDIS_TLS_CA_FILE": "", "FACEPAY_REDIS_TLS_CERT_FILE": "",
-            "FACEPAY_REDIS_TLS_KEY_FILE": ""}  # already folded into redis_url
+    return {
+        **os.environ,
+        "RQ_REDIS_URL": rq_url or redis_url,
+        "REDIS_URL": redis_url,
+        "FACEPAY_REDIS_URL": redis_url,
+        "FACEPAY_REDIS_PASSWORD_FILE": "",
+        "FACEPAY_REDIS_TLS_CA_FILE": "",
+        "FACEPAY_REDIS_TLS_CERT_FILE": "",
+        "FACEPAY_REDIS_TLS_KEY_FILE": "",
+    }  # already folded into redis_url
 
 
-def run_jobs(redis_url: str, queue_name: str, jobs: list[Job], inline_workers: int = 1,
-             progress: Callable[[int, int], None] | None = None, timeout_s: float | None = None,
-             worker_env: dict[str, str] | None = None, rq_url: str | None = None) -> list[Any]:
+def run_jobs(
+    redis_url: str,
+    queue_name: str,
+    jobs: list[Job],
+    inline_workers: int = 1,
+    progress: Callable[[int, int], None] | None = None,
+    timeout_s: float | None = None,
+    worker_env: dict[str, str] | None = None,
+    rq_url: str | None = None,
+) -> list[Any]:
     """Wait for `jobs`; with inline_workers > 0 start that many `rq worker --burst` processes
     here (they exit when the queue is empty), else rely on the operator's own rq workers.
     Secrets reach the workers through their own environment (`worker_env`, and the Redis URL
     with its password), never through job data or a command line."""
     env = {**rq_worker_environ(redis_url, rq_url), **(worker_env or {})}
-    workers = [subprocess.Popen([sys.executable, "-m", "rq.cli", "worker", "--burst", "--quiet", queue_name],
-                                env=env, stdout=subprocess.DEVNULL) for _ in range(inline_workers)]
+    workers = [
+        subprocess.Popen(
+            [sys.executable, "-m", "rq.cli", "worker", "--burst", "--quiet", queue_name],
+            env=env,
+            stdout=subprocess.DEVNULL,
+        )
+        for _ in range(inline_workers)
+    ]
     deadline = None if timeout_s is None else time.monotonic() + timeout_s
     try:
         while True:

@@ -77,13 +77,20 @@ class FaceEmbedder:
     @property
     def setup(self) -> str:
         """What decides the vectors, beyond the model ids (the embedding cache's key)."""
-        return (f"{self.model_ids}|min_face_px={self.settings.min_face_px}|enrolling={self.enrolling}"
-                f"|labelled={self.labelled}")
+        return (
+            f"{self.model_ids}|min_face_px={self.settings.min_face_px}|enrolling={self.enrolling}"
+            f"|labelled={self.labelled}"
+        )
 
     @property
     def model_ids(self) -> dict[str, str]:
-        return {"detector": self.detector.model_id, "landmarks": self.landmarks.model_id,
-                "pose": "pnp-68", "recognizer": self.embedder.model_id, "chip": self.embedder.chip_template}
+        return {
+            "detector": self.detector.model_id,
+            "landmarks": self.landmarks.model_id,
+            "pose": "pnp-68",
+            "recognizer": self.embedder.model_id,
+            "chip": self.embedder.chip_template,
+        }
 
     def embed_image(self, rgb: np.ndarray) -> EmbeddedFace | Rejected:
         return self.embed_images([rgb])[0]
@@ -110,7 +117,9 @@ class FaceEmbedder:
         landmarks = self.landmarks.predict(crops, boxes, points5) if crops else []
         chips = [aligned_chips(crop, lm) for crop, lm in zip(crops, landmarks, strict=True)]
         vectors = self.embedder.embed([c[self.embedder.chip_template] for c in chips])
-        for (i, payer, central, n_faces), crop, lm, face_chips, vector in zip(found, crops, landmarks, chips, vectors, strict=True):
+        for (i, payer, central, n_faces), crop, lm, face_chips, vector in zip(
+            found, crops, landmarks, chips, vectors, strict=True
+        ):
             pose = head_pose(lm, (crop.shape[1], crop.shape[0]))
             x1, y1, x2, y2 = (float(v) for v in payer.box)
             out[i] = EmbeddedFace(
@@ -129,6 +138,5 @@ class FaceEmbedder:
 
 def _most_central(faces: list[DetectedFace], w: int, h: int, rule: PayerRule) -> tuple[DetectedFace | None, str]:
     confident = [f for f in faces if f.score >= rule.min_score]
-    face = min(confident, key=lambda f: ((f.box[0] + f.box[2] - w) ** 2 + (f.box[1] + f.box[3] - h) ** 2))
+    face = min(confident, key=lambda f: (f.box[0] + f.box[2] - w) ** 2 + (f.box[1] + f.box[3] - h) ** 2)
     return (face, "") if face.box[2] - face.box[0] >= rule.min_face_px else (None, Reason.FACE_TOO_SMALL)
-

@@ -38,21 +38,54 @@ def reindex_user_job(namespace: str, landmarks_model: str, device: str, model: s
     if not chips:
         return {"user_id": user_id, "status": f"no {embedder.chip_template} chips kept"}
     space = template_space(embedder.model_id, landmarks_model)
-    call(settings, "store_templates", space=space, user_id=user_id, tenant=source["tenant"],
-         phone_suffix=source["phone_suffix"], samples=embedder.embed(chips).tolist())
+    call(
+        settings,
+        "store_templates",
+        space=space,
+        user_id=user_id,
+        tenant=source["tenant"],
+        phone_suffix=source["phone_suffix"],
+        samples=embedder.embed(chips).tolist(),
+    )
     return {"user_id": user_id, "status": "reindexed", "space": space, "samples": len(chips)}
 
 
-def reindex(settings: Settings, model: str, inline_workers: int = 1,
-            progress: Callable[[int, int], None] | None = None, timeout_s: float | None = None) -> list[dict]:
+def reindex(
+    settings: Settings,
+    model: str,
+    inline_workers: int = 1,
+    progress: Callable[[int, int], None] | None = None,
+    timeout_s: float | None = None,
+) -> list[dict]:
     import redis
     from rq import Queue
 
     users = sorted(FaceSources(connect(settings.redis_url), settings).users())
     queue = Queue(QUEUE, connection=redis.Redis.from_url(queue_url(settings)))
-    jobs = [queue.enqueue(reindex_user_job, settings.namespace, settings.landmarks_model,
-                          settings.device, model, user, job_timeout=600, result_ttl=86400) for user in users]
-    key_files = {"FACEPAY_OPERATOR_KEY_FILE": settings.operator_key_file,
-                 "FACEPAY_TRUSTED_KEYS_FILE": settings.trusted_keys_file}
-    return run_jobs(settings.redis_url, QUEUE, jobs, inline_workers, progress, timeout_s, worker_env=key_files,
-                    rq_url=queue_url(settings))
+    jobs = [
+        queue.enqueue(
+            reindex_user_job,
+            settings.namespace,
+            settings.landmarks_model,
+            settings.device,
+            model,
+            user,
+            job_timeout=600,
+            result_ttl=86400,
+        )
+        for user in users
+    ]
+    key_files = {
+        "FACEPAY_OPERATOR_KEY_FILE": settings.operator_key_file,
+        "FACEPAY_TRUSTED_KEYS_FILE": settings.trusted_keys_file,
+    }
+    return run_jobs(
+        settings.redis_url,
+        QUEUE,
+        jobs,
+        inline_workers,
+        progress,
+        timeout_s,
+        worker_env=key_files,
+        rq_url=queue_url(settings),
+    )

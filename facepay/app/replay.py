@@ -98,7 +98,9 @@ def select_sessions(archive: ArchiveStore, options: ReplayOptions) -> list[Archi
 
 
 # ---- the isolated namespace ----------------------------------------------------------------
-def replay_settings(production: Settings, workdir: Path, sessions: list[ArchivedSession], options: ReplayOptions) -> Settings:
+def replay_settings(
+    production: Settings, workdir: Path, sessions: list[ArchivedSession], options: ReplayOptions
+) -> Settings:
     replay_id = uuid.uuid4().hex[:8]
     latest = max(sessions, key=lambda s: s.decided_ms) if sessions else None
     policy = production.policy
@@ -111,11 +113,19 @@ def replay_settings(production: Settings, workdir: Path, sessions: list[Archived
         namespace=f"{production.namespace}-replay-{replay_id}",
         gallery_url=_gallery_view(production.gallery_url, workdir / "gallery"),
         recognizer_model=options.model or production.recognizer_model,
-        policy=policy, limits=FailureLimits(max_consecutive=NO_LIMIT, hard_limit=NO_LIMIT),
+        policy=policy,
+        limits=FailureLimits(max_consecutive=NO_LIMIT, hard_limit=NO_LIMIT),
         max_frame_age_s=REPLAY_MAX_FRAME_AGE_S,
-        signing_key="", signing_key_id=f"replay-{replay_id}",  # Pipeline makes a fresh key
-        key_file="", trusted_keys_file="", operator_key_file="", operator_token="",
-        archive_url="", archive_keys_file="", cameras_file="", metrics_port=0,
+        signing_key="",
+        signing_key_id=f"replay-{replay_id}",  # Pipeline makes a fresh key
+        key_file="",
+        trusted_keys_file="",
+        operator_key_file="",
+        operator_token="",
+        archive_url="",
+        archive_keys_file="",
+        cameras_file="",
+        metrics_port=0,
     )
 
 
@@ -123,7 +133,7 @@ def _gallery_view(url: str, copy_to: Path) -> str:
     """A read-only view: embedded galleries are copied (the copy is discarded)."""
     for scheme in ("edge://", "qdrant+local://"):
         if url.startswith(scheme):
-            source = Path(url[len(scheme):])
+            source = Path(url[len(scheme) :])
             if source.exists():
                 shutil.copytree(source, copy_to, ignore=shutil.ignore_patterns("*.lock", ".lock"))
             return f"{scheme}{copy_to}"
@@ -144,8 +154,15 @@ class ReplayRun:
     def __init__(self, settings: Settings, workdir: Path, replicas: dict[str, int] | None = None) -> None:
         # Its own embedded Valkey: production's Redis is not even connected to (no memory, no
         # ACL user, no key of the replay there); the namespace names the replay in logs too.
-        self.pipeline = Pipeline(settings, workdir, access={"stores": {}, "cameras": {}}, replicas=replicas,
-                                 embedded=True, archive=False, gateway=False)
+        self.pipeline = Pipeline(
+            settings,
+            workdir,
+            access={"stores": {}, "cameras": {}},
+            replicas=replicas,
+            embedded=True,
+            archive=False,
+            gateway=False,
+        )
         self.settings = self.pipeline.settings
         self.gateway = component_keys.load_signer(str(self.pipeline.keys_dir / "gateway.key"))
         self.trusted = component_keys.load_trusted(self.settings.trusted_keys_file)
@@ -168,21 +185,42 @@ class ReplayRun:
         frames = [f for f in session.frames if f.image]
         for frame in frames:
             # As received: the camera's capture time, the phone suffix the search was filtered by.
-            ref = FrameRef(session.session_id, session.store, session.camera, frame.index, frame.captured_ms or frame.received_ms,
-                           tenant_id=session.tenant, phone_suffix=frame.phone_suffix,
-                           trace_id=f"replay-{uuid.uuid4().hex[:8]}", received_ms=frame.received_ms)
+            ref = FrameRef(
+                session.session_id,
+                session.store,
+                session.camera,
+                frame.index,
+                frame.captured_ms or frame.received_ms,
+                tenant_id=session.tenant,
+                phone_suffix=frame.phone_suffix,
+                trace_id=f"replay-{uuid.uuid4().hex[:8]}",
+                received_ms=frame.received_ms,
+            )
             message = FrameMsg(ref=attest(ref, self.gateway, frame.image), image=frame.image)
             self.client.xadd(stream, seal({FIELD: message.encode()}, stream, self.gateway))
-        end = attest(FrameRef(session.session_id, session.store, session.camera, -1, 0, tenant_id=session.tenant,
-                              received_ms=max((f.received_ms for f in frames), default=0)), self.gateway)
-        self.client.xadd(stream, seal({FIELD: SessionEndMsg(ref=end, frame_count=len(frames)).encode()}, stream, self.gateway))
+        end = attest(
+            FrameRef(
+                session.session_id,
+                session.store,
+                session.camera,
+                -1,
+                0,
+                tenant_id=session.tenant,
+                received_ms=max((f.received_ms for f in frames), default=0),
+            ),
+            self.gateway,
+        )
+        self.client.xadd(
+            stream, seal({FIELD: SessionEndMsg(ref=end, frame_count=len(frames)).encode()}, stream, self.gateway)
+        )
 
     def decisions(self) -> dict[tuple[str, str], tuple[dict, DecisionMsg]]:
         """(store, session) → (the verified event, the recognizer's message) of every decision so far."""
         keys = {self.settings.signing_key_id: self.settings.signing_key}
         found = {}
-        for stream, fields in ((s, f) for s in Partitions.of(self.settings).streams("decisions")
-                               for _, f in self.client.xrange(s)):
+        for stream, fields in (
+            (s, f) for s in Partitions.of(self.settings).streams("decisions") for _, f in self.client.xrange(s)
+        ):
             _, body = open_entry(fields, stream, self.trusted, {"recognizer"})
             message = decode(body)
             if not isinstance(message, DecisionMsg):
@@ -202,8 +240,9 @@ class ReplayRun:
 
 
 # ---- explaining ---------------------------------------------------------------------------
-def explain(session: ArchivedSession, replayed: dict | None, replayed_frames: list[dict],
-            gallery_users: set[str] | None) -> list[str]:
+def explain(
+    session: ArchivedSession, replayed: dict | None, replayed_frames: list[dict], gallery_users: set[str] | None
+) -> list[str]:
     """The causes of a difference between the archived decision and the replayed one."""
     original = session.decision.fields
     causes = []
@@ -219,8 +258,11 @@ def explain(session: ArchivedSession, replayed: dict | None, replayed_frames: li
         causes.append(f"threshold changed: {original.get('threshold')} → {replayed.get('threshold')}")
     # The replay runs every session under one rule (the latest archived one's): a session decided
     # under an earlier margin or k is explained by it.
-    rule = [f"{k} {original[k]} → {replayed[k]}" for k in ("margin", "min_agreeing_frames")
-            if k in original and k in replayed and original[k] != replayed[k]]
+    rule = [
+        f"{k} {original[k]} → {replayed[k]}"
+        for k in ("margin", "min_agreeing_frames")
+        if k in original and k in replayed and original[k] != replayed[k]
+    ]
     if rule:
         causes.append("session rule changed: " + ", ".join(rule))
     before, now = original.get("user_id") or "", replayed.get("user_id") or ""
@@ -241,7 +283,10 @@ def explain(session: ArchivedSession, replayed: dict | None, replayed_frames: li
 def differs(original: dict, replayed: dict | None) -> bool:
     if replayed is None:
         return True
-    return (original.get("decision"), original.get("user_id") or "") != (replayed.get("decision"), replayed.get("user_id") or "")
+    return (original.get("decision"), original.get("user_id") or "") != (
+        replayed.get("decision"),
+        replayed.get("user_id") or "",
+    )
 
 
 def _thumbnail(image: bytes, height: int = 96) -> str:
@@ -253,29 +298,47 @@ def _thumbnail(image: bytes, height: int = 96) -> str:
         return ""
     scale = height / decoded.shape[0]
     small = cv2.resize(decoded, (max(1, int(decoded.shape[1] * scale)), height), interpolation=cv2.INTER_AREA)
-    return "data:image/jpeg;base64," + base64.b64encode(cv2.imencode(".jpg", small, [cv2.IMWRITE_JPEG_QUALITY, 80])[1].tobytes()).decode()
+    return (
+        "data:image/jpeg;base64,"
+        + base64.b64encode(cv2.imencode(".jpg", small, [cv2.IMWRITE_JPEG_QUALITY, 80])[1].tobytes()).decode()
+    )
 
 
-def session_report(session: ArchivedSession, replayed: tuple[dict, DecisionMsg] | None,
-                   gallery_users: set[str] | None) -> SessionReport:
+def session_report(
+    session: ArchivedSession, replayed: tuple[dict, DecisionMsg] | None, gallery_users: set[str] | None
+) -> SessionReport:
     event, message = replayed if replayed else (None, None)
     replayed_frames = {f["sequence"]: f for f in (message.frames if message else [])}
     frames = []
     for frame in session.frames:
         now = replayed_frames.get(frame.index, {})
-        frames.append({
-            "index": frame.index, "image": "present" if frame.image else "missing",
-            "original_top": [{"user_id": c.user_id, "score": c.score} for c in frame.top_k],
-            "original_second": frame.second_score,
-            "original_rejection": frame.rejection,
-            "replayed_top": [{"user_id": now["top_user"], "score": now["top_score"]}] if now.get("top_user") else [],
-            "replayed_second": now.get("second_score"),
-            "replayed_rejection": now.get("reason") or None,
-            "thumbnail": _thumbnail(frame.image),
-        })
+        frames.append(
+            {
+                "index": frame.index,
+                "image": "present" if frame.image else "missing",
+                "original_top": [{"user_id": c.user_id, "score": c.score} for c in frame.top_k],
+                "original_second": frame.second_score,
+                "original_rejection": frame.rejection,
+                "replayed_top": [{"user_id": now["top_user"], "score": now["top_score"]}]
+                if now.get("top_user")
+                else [],
+                "replayed_second": now.get("second_score"),
+                "replayed_rejection": now.get("reason") or None,
+                "thumbnail": _thumbnail(frame.image),
+            }
+        )
     original = session.decision.fields
-    report = SessionReport(session.session_id, session.tenant, session.store, session.camera, session.decided_ms,
-                           original, event, frames, differs(original, event))
+    report = SessionReport(
+        session.session_id,
+        session.tenant,
+        session.store,
+        session.camera,
+        session.decided_ms,
+        original,
+        event,
+        frames,
+        differs(original, event),
+    )
     if report.differs:
         report.causes = explain(session, event, list(replayed_frames.values()), gallery_users)
     return report
@@ -299,8 +362,9 @@ def _gallery_users(settings: Settings, spaces: set[str], tenants: set[str]) -> s
 
 
 # ---- the whole command ----------------------------------------------------------------------
-def run_replay(production: Settings, archive: ArchiveStore, options: ReplayOptions,
-               replicas: dict[str, int] | None = None) -> dict:
+def run_replay(
+    production: Settings, archive: ArchiveStore, options: ReplayOptions, replicas: dict[str, int] | None = None
+) -> dict:
     """Replay the chosen sessions; write report.json and report.html into options.out; return the report."""
     started = time.monotonic()
     sessions = select_sessions(archive, options)
@@ -329,10 +393,18 @@ def run_replay(production: Settings, archive: ArchiveStore, options: ReplayOptio
     shutil.rmtree(workdir / "gallery", ignore_errors=True)
     reports = [session_report(s, found.get((s.store, s.session_id)), users) for s in sessions]
     report = {
-        "replay": {"namespace": run.settings.namespace, "key_id": run.settings.signing_key_id,
-                   "from": options.start.isoformat(), "to": options.end.isoformat(), "store": options.store,
-                   "camera": options.camera, "session": options.session, "model": run.settings.recognizer_model,
-                   "threshold": run.settings.policy.threshold, **timings},
+        "replay": {
+            "namespace": run.settings.namespace,
+            "key_id": run.settings.signing_key_id,
+            "from": options.start.isoformat(),
+            "to": options.end.isoformat(),
+            "store": options.store,
+            "camera": options.camera,
+            "session": options.session,
+            "model": run.settings.recognizer_model,
+            "threshold": run.settings.policy.threshold,
+            **timings,
+        },
         "sessions": [asdict(r) for r in reports],
         "differences": sum(r.differs for r in reports),
     }
@@ -350,8 +422,10 @@ def _without_thumbnails(report: dict) -> dict:
 
 
 def _verdict(e: dict) -> str:
-    return (f"{e.get('decision', 'none')} {e.get('user_id') or ''} ({e.get('score', '')} vs {e.get('threshold', '')}, "
-            f"rule {e.get('rule', '')})")
+    return (
+        f"{e.get('decision', 'none')} {e.get('user_id') or ''} ({e.get('score', '')} vs {e.get('threshold', '')}, "
+        f"rule {e.get('rule', '')})"
+    )
 
 
 def render_html(report: dict) -> str:
@@ -361,17 +435,19 @@ def render_html(report: dict) -> str:
     for s in report["sessions"]:
         o, r = s["original"], s["replayed"] or {}
         frames = "".join(
-            f'<figure>{_picture(f)}<figcaption>#{f["index"]} '
-            f'{esc(_scores(f["original_top"], f.get("original_second"), f["original_rejection"]))} → '
-            f'{esc(_scores(f["replayed_top"], f.get("replayed_second"), f["replayed_rejection"]))}</figcaption></figure>'
-            for f in s["frames"])
+            f"<figure>{_picture(f)}<figcaption>#{f['index']} "
+            f"{esc(_scores(f['original_top'], f.get('original_second'), f['original_rejection']))} → "
+            f"{esc(_scores(f['replayed_top'], f.get('replayed_second'), f['replayed_rejection']))}</figcaption></figure>"
+            for f in s["frames"]
+        )
         rows.append(
             f'<section class="{"diff" if s["differs"] else "same"}"><h2>{esc(s["store"])} / {esc(s["session_id"])} '
-            f'<small>camera {esc(s["camera"])}</small></h2>'
+            f"<small>camera {esc(s['camera'])}</small></h2>"
             f"<table><tr><th>original</th><td>{esc(_verdict(o))}</td></tr>"
             f"<tr><th>replayed</th><td>{esc(_verdict(r)) if r else 'not decided'}</td></tr>"
             + (f"<tr><th>causes</th><td>{esc('; '.join(s['causes']))}</td></tr>" if s["differs"] else "")
-            + f'</table><div class="frames">{frames}</div></section>')
+            + f'</table><div class="frames">{frames}</div></section>'
+        )
     return f"""<!doctype html><meta charset="utf-8"><title>facepay replay</title>
 <style>body{{font-family:sans-serif;margin:2em}} section{{border-left:6px solid #4a4;padding:0 1em;margin:1em 0}}
 section.diff{{border-color:#c33}} figure{{display:inline-block;margin:4px;font-size:11px;max-width:160px}}
@@ -380,7 +456,7 @@ th{{text-align:left;padding-right:1em}}</style>
 <p>{meta["sessions"]} sessions, {meta["frames"]} frames, {report["differences"]} difference(s);
 model {esc(str(meta["model"]))}, threshold {esc(str(meta["threshold"]))}; {esc(meta["from"])} → {esc(meta["to"])}.
 Frame captions: original top user and score (second-best score: the margin rule) → replayed.</p>
-{''.join(rows)}"""
+{"".join(rows)}"""
 
 
 def _picture(frame: dict) -> str:

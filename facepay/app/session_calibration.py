@@ -110,8 +110,12 @@ def build_sessions(data: Embedded, design: SessionDesign = SessionDesign()) -> S
     enrolment = {p: rows for p, rows in enrolment.items() if rows}
     people = sorted(by_person)
     rng = np.random.default_rng(design.seed)
-    fold_of = {p: int(f) for p, f in zip([people[i] for i in rng.permutation(len(people))],
-                                         np.arange(len(people)) % design.folds, strict=True)}
+    fold_of = {
+        p: int(f)
+        for p, f in zip(
+            [people[i] for i in rng.permutation(len(people))], np.arange(len(people)) % design.folds, strict=True
+        )
+    }
 
     def gallery(without_fold: int) -> Gallery:
         users = [p for p in people if p in enrolment and fold_of[p] != without_fold]
@@ -124,12 +128,14 @@ def build_sessions(data: Embedded, design: SessionDesign = SessionDesign()) -> S
         if len(rows) >= design.enrol + design.frames and person in enrolment:
             rest = [r for r in rows if r not in enrolment[person]]
             sessions += [PhotoSession(person, tuple(chunk), True, -1) for chunk in _chunks(rest, design.frames)]
-        sessions += [PhotoSession(person, tuple(chunk), False, fold_of[person]) for chunk in _chunks(rows, design.frames)]
+        sessions += [
+            PhotoSession(person, tuple(chunk), False, fold_of[person]) for chunk in _chunks(rows, design.frames)
+        ]
     return SessionSet(design, galleries, sessions, enrolment)
 
 
 def _chunks(rows: list[int], size: int) -> list[list[int]]:
-    return [rows[i:i + size] for i in range(0, len(rows) - size + 1, size)]
+    return [rows[i : i + size] for i in range(0, len(rows) - size + 1, size)]
 
 
 def frame_results(data: Embedded, sessions: SessionSet) -> None:
@@ -150,14 +156,19 @@ def frame_results(data: Embedded, sessions: SessionSet) -> None:
                 continue
             top, second = order[i, 0], (order[i, 1] if scores.shape[1] > 1 else None)
             sessions.frames[(g, row)] = FrameResult(
-                sequence=0, reason=reason, top_user=gal.users[top], top_score=float(scores[i, top]),
+                sequence=0,
+                reason=reason,
+                top_user=gal.users[top],
+                top_score=float(scores[i, top]),
                 second_score=float(scores[i, second]) if second is not None else -1.0,
-                embedding=data.vectors[row].astype(float).tolist())
+                embedding=data.vectors[row].astype(float).tolist(),
+            )
 
 
 def session_frames(sessions: SessionSet, session: PhotoSession) -> list[FrameResult]:
-    return [dataclasses.replace(sessions.frames[(session.gallery, row)], sequence=i)
-            for i, row in enumerate(session.rows)]
+    return [
+        dataclasses.replace(sessions.frames[(session.gallery, row)], sequence=i) for i, row in enumerate(session.rows)
+    ]
 
 
 @dataclass(frozen=True)
@@ -171,9 +182,15 @@ class GridPoint:
     declines: dict[str, int]  # genuine sessions' decline reasons
 
     def to_dict(self) -> dict[str, Any]:
-        return {"threshold": self.threshold, "margin": self.margin, "min_agreeing_frames": self.k,
-                "session_frr": self.frr.to_dict(), "session_far": self.far.to_dict(),
-                "genuine_approved_as_someone_else": self.wrong_user, "genuine_decline_reasons": self.declines}
+        return {
+            "threshold": self.threshold,
+            "margin": self.margin,
+            "min_agreeing_frames": self.k,
+            "session_frr": self.frr.to_dict(),
+            "session_far": self.far.to_dict(),
+            "genuine_approved_as_someone_else": self.wrong_user,
+            "genuine_decline_reasons": self.declines,
+        }
 
 
 def session_policy(margin: float, k: int, base: SessionPolicy | None = None) -> SessionPolicy:
@@ -181,8 +198,14 @@ def session_policy(margin: float, k: int, base: SessionPolicy | None = None) -> 
     return dataclasses.replace(base or SessionPolicy(), margin=margin, min_agreeing_frames=k, require_blink=False)
 
 
-def evaluate(sessions: SessionSet, threshold: float, margin: float, k: int,
-             base: SessionPolicy | None = None, confidence: float = CONFIDENCE) -> GridPoint:
+def evaluate(
+    sessions: SessionSet,
+    threshold: float,
+    margin: float,
+    k: int,
+    base: SessionPolicy | None = None,
+    confidence: float = CONFIDENCE,
+) -> GridPoint:
     """Run the session rule over every session at one grid point."""
     policy = session_policy(margin, k, base)
     m = sessions.design.frames
@@ -202,10 +225,14 @@ def evaluate(sessions: SessionSet, threshold: float, margin: float, k: int,
             accepted += 1
     genuine, strangers = sessions.genuine, sessions.strangers
     return GridPoint(
-        threshold, margin, k,
+        threshold,
+        margin,
+        k,
         Rate.of(rejected, len(genuine), len({s.subject for s in genuine}), confidence),
         Rate.of(accepted, len(strangers), len({s.subject for s in strangers}), confidence),
-        wrong, declines)
+        wrong,
+        declines,
+    )
 
 
 def threshold_grid(sessions: SessionSet, steps: int = 41) -> list[float]:
@@ -221,9 +248,14 @@ def threshold_grid(sessions: SessionSet, steps: int = 41) -> list[float]:
     return sorted({round(float(t), 4) for t in np.linspace(lo, hi, steps)})
 
 
-def grid_search(sessions: SessionSet, thresholds: Sequence[float], margins: Sequence[float] = DEFAULT_MARGINS,
-                ks: Sequence[int] | None = None, base: SessionPolicy | None = None,
-                confidence: float = CONFIDENCE) -> list[GridPoint]:
+def grid_search(
+    sessions: SessionSet,
+    thresholds: Sequence[float],
+    margins: Sequence[float] = DEFAULT_MARGINS,
+    ks: Sequence[int] | None = None,
+    base: SessionPolicy | None = None,
+    confidence: float = CONFIDENCE,
+) -> list[GridPoint]:
     ks = ks or list(range(1, sessions.design.frames + 1))
     return [evaluate(sessions, t, m, k, base, confidence) for k in ks for m in margins for t in thresholds]
 
@@ -251,21 +283,33 @@ class SessionReport:
     figures: dict[str, Any]
 
     def to_dict(self) -> dict[str, Any]:
-        return {"model_id": self.model_id, "design": dataclasses.asdict(self.design),
-                "chosen": self.chosen.to_dict() if self.chosen else None, **self.figures}
+        return {
+            "model_id": self.model_id,
+            "design": dataclasses.asdict(self.design),
+            "chosen": self.chosen.to_dict() if self.chosen else None,
+            **self.figures,
+        }
 
 
-def calibrate_sessions(data: Embedded, model_id: str, design: SessionDesign = SessionDesign(),
-                       margins: Sequence[float] = DEFAULT_MARGINS, thresholds: Sequence[float] | None = None,
-                       base: SessionPolicy | None = None, at: Sequence[tuple[float, float, int]] = (),
-                       confidence: float = CONFIDENCE) -> SessionReport:
+def calibrate_sessions(
+    data: Embedded,
+    model_id: str,
+    design: SessionDesign = SessionDesign(),
+    margins: Sequence[float] = DEFAULT_MARGINS,
+    thresholds: Sequence[float] | None = None,
+    base: SessionPolicy | None = None,
+    at: Sequence[tuple[float, float, int]] = (),
+    confidence: float = CONFIDENCE,
+) -> SessionReport:
     """Build the sessions, run the rule over the grid, choose; `at`: (threshold, margin, k)
     points reported as well (e.g. the shipped default)."""
     sessions = build_sessions(data, design)
     if not sessions.genuine or not sessions.strangers:
-        raise ValueError(f"need genuine and stranger sessions: {len(sessions.genuine)} genuine, "
-                         f"{len(sessions.strangers)} stranger sessions with enrol={design.enrol}, "
-                         f"frames={design.frames} (people need {design.enrol + design.frames}+ photos)")
+        raise ValueError(
+            f"need genuine and stranger sessions: {len(sessions.genuine)} genuine, "
+            f"{len(sessions.strangers)} stranger sessions with enrol={design.enrol}, "
+            f"frames={design.frames} (people need {design.enrol + design.frames}+ photos)"
+        )
     frame_results(data, sessions)
     grid = thresholds if thresholds is not None else threshold_grid(sessions)
     points = grid_search(sessions, grid, margins, None, base, confidence)
@@ -273,7 +317,8 @@ def calibrate_sessions(data: Embedded, model_id: str, design: SessionDesign = Se
     usable = data.usable & ~np.array([bool(r) and design.apply_pose_gate for r in data.pose_reasons])
     pairs = pair_scores(data.vectors, data.labels, data.usable)
     figures: dict[str, Any] = {
-        "images": len(data.labels), "people": len(set(data.labels)),
+        "images": len(data.labels),
+        "people": len(set(data.labels)),
         "images_without_usable_face": int((~data.usable).sum()),
         "images_refused_by_pose_gate": int((data.usable & ~usable).sum()),
         "gallery_size_genuine": len(sessions.galleries[-1].users),
@@ -286,11 +331,16 @@ def calibrate_sessions(data: Embedded, model_id: str, design: SessionDesign = Se
         "meets_target": bool(chosen and chosen.frr.value <= TARGET_FRR),
         "best_per_k": [p.to_dict() for p in _best_per_k(points)],
         "at": [evaluate(sessions, t, m, k, base, confidence).to_dict() for t, m, k in at],
-        "pairs_all": {"genuine": len(pairs.genuine), "impostor": len(pairs.impostor),
-                      "tar_at_far": [tar_at_far(pairs, t, confidence) for t in (1e-3, 1e-4)]},
-        "notes": ["photos of a person stand in for the frames of a video session (harder: taken years apart)",
-                  "blink cannot be judged on photos: the rule runs with require_blink off",
-                  f"stranger sessions: each person left out of the gallery once ({design.folds} folds)"],
+        "pairs_all": {
+            "genuine": len(pairs.genuine),
+            "impostor": len(pairs.impostor),
+            "tar_at_far": [tar_at_far(pairs, t, confidence) for t in (1e-3, 1e-4)],
+        },
+        "notes": [
+            "photos of a person stand in for the frames of a video session (harder: taken years apart)",
+            "blink cannot be judged on photos: the rule runs with require_blink off",
+            f"stranger sessions: each person left out of the gallery once ({design.folds} folds)",
+        ],
     }
     return SessionReport(model_id, design, chosen, figures)
 
@@ -322,24 +372,39 @@ def render_markdown(report: SessionReport) -> str:
     if c is None:
         lines.append("**No grid point approves no stranger.** Nothing chosen.")
     else:
-        lines += [f"## Chosen: threshold {c.threshold:.4f}, margin {c.margin:g}, k {c.k}", "",
-                  f"- session FRR {_rate(c.frr)}", f"- session FAR {_rate(c.far)}",
-                  f"- genuine decline reasons: {c.declines or 'none'}",
-                  f"- target (FRR ≤ {TARGET_FRR:.0%}, no stranger approved): "
-                  f"{'met' if f['meets_target'] else 'NOT met'}", ""]
-    lines += ["## Best per k", "", "| k | threshold | margin | session FRR (80 % upper) | session FAR (80 % upper) |",
-              "|---|---|---|---|---|"]
+        lines += [
+            f"## Chosen: threshold {c.threshold:.4f}, margin {c.margin:g}, k {c.k}",
+            "",
+            f"- session FRR {_rate(c.frr)}",
+            f"- session FAR {_rate(c.far)}",
+            f"- genuine decline reasons: {c.declines or 'none'}",
+            f"- target (FRR ≤ {TARGET_FRR:.0%}, no stranger approved): {'met' if f['meets_target'] else 'NOT met'}",
+            "",
+        ]
+    lines += [
+        "## Best per k",
+        "",
+        "| k | threshold | margin | session FRR (80 % upper) | session FAR (80 % upper) |",
+        "|---|---|---|---|---|",
+    ]
     for p in f["best_per_k"]:
         lines.append(_row(p))
     if f["at"]:
-        lines += ["", "## At given policies", "",
-                  "| k | threshold | margin | session FRR (80 % upper) | session FAR (80 % upper) |", "|---|---|---|---|---|"]
+        lines += [
+            "",
+            "## At given policies",
+            "",
+            "| k | threshold | margin | session FRR (80 % upper) | session FAR (80 % upper) |",
+            "|---|---|---|---|---|",
+        ]
         lines += [_row(p) for p in f["at"]]
     pa = f["pairs_all"]
     lines += ["", f"## Pairs ({pa['genuine']:,} genuine, {pa['impostor']:,} impostor, all pairs)", ""]
     for row in pa["tar_at_far"]:
-        lines.append(f"- TAR at FAR ≤ {row['target_far']:g}: " +
-                     (f"{row['tar']:.2%} (S = {row['threshold']:.4f})" if row["measurable"] else row["reason"]))
+        lines.append(
+            f"- TAR at FAR ≤ {row['target_far']:g}: "
+            + (f"{row['tar']:.2%} (S = {row['threshold']:.4f})" if row["measurable"] else row["reason"])
+        )
     lines += ["", *[f"_{n}_" for n in f["notes"]], ""]
     return "\n".join(lines)
 
@@ -350,9 +415,11 @@ def _rate(r: Rate) -> str:
 
 def _row(p: dict[str, Any]) -> str:
     frr, far = p["session_frr"], p["session_far"]
-    return (f"| {p['min_agreeing_frames']} | {p['threshold']:.4f} | {p['margin']:g} | "
-            f"{frr['value']:.2%} = {frr['errors']}/{frr['trials']} ({frr['upper80']:.2%}) | "
-            f"{far['value']:.2%} = {far['errors']}/{far['trials']} ({far['upper80']:.2%}) |")
+    return (
+        f"| {p['min_agreeing_frames']} | {p['threshold']:.4f} | {p['margin']:g} | "
+        f"{frr['value']:.2%} = {frr['errors']}/{frr['trials']} ({frr['upper80']:.2%}) | "
+        f"{far['value']:.2%} = {far['errors']}/{far['trials']} ({far['upper80']:.2%}) |"
+    )
 
 
 def write_report(report: SessionReport, out_dir: Path | str) -> dict[str, str]:

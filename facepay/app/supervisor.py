@@ -61,19 +61,26 @@ def demo_access(stores: dict[str, list[str]], tenant: str = "demo") -> dict:
     }
 
 
-def component_secrets(env: dict[str, str], component: str, valkey: EmbeddedValkey | EmbeddedValkeyCluster | None,
-                      keys_dir: Path) -> dict[str, str]:
+def component_secrets(
+    env: dict[str, str], component: str, valkey: EmbeddedValkey | EmbeddedValkeyCluster | None, keys_dir: Path
+) -> dict[str, str]:
     """Only what `component` needs: its own message-signing key and everyone's public keys (the
     operator's key stays with the supervisor, which acts as the operator), its own Redis user on
     the embedded server (the password in a 0600 file, not in the environment), and the decision
     signing key for the signer only."""
     env = dict(env)
-    env.update(FACEPAY_KEY_FILE=str(keys_dir / f"{component}.key"),
-               FACEPAY_TRUSTED_KEYS_FILE=str(keys_dir / keys.TRUSTED_FILE), FACEPAY_OPERATOR_KEY_FILE="")
+    env.update(
+        FACEPAY_KEY_FILE=str(keys_dir / f"{component}.key"),
+        FACEPAY_TRUSTED_KEYS_FILE=str(keys_dir / keys.TRUSTED_FILE),
+        FACEPAY_OPERATOR_KEY_FILE="",
+    )
     if valkey is not None:
         url = redis_acl.component_url(valkey.url_for(component), component)  # the user, no password
-        env.update(REDIS_URL=url, FACEPAY_REDIS_URL=url,
-                   FACEPAY_REDIS_PASSWORD_FILE=str(valkey.credentials_dir / f"{component}.password"))
+        env.update(
+            REDIS_URL=url,
+            FACEPAY_REDIS_URL=url,
+            FACEPAY_REDIS_PASSWORD_FILE=str(valkey.credentials_dir / f"{component}.password"),
+        )
     if component != "recognizer":
         env.pop("FACEPAY_SIGNING_KEY", None)
     return env
@@ -83,9 +90,17 @@ ARCHIVE_BUCKET = "facepay-archive"
 
 
 class Pipeline:
-    def __init__(self, settings: Settings, workdir: Path, access: dict, replicas: dict[str, int] | None = None,
-                 embedded: bool = True, archive: bool = True, gateway: bool = True,
-                 valkey: EmbeddedValkey | EmbeddedValkeyCluster | None = None) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        workdir: Path,
+        access: dict,
+        replicas: dict[str, int] | None = None,
+        embedded: bool = True,
+        archive: bool = True,
+        gateway: bool = True,
+        valkey: EmbeddedValkey | EmbeddedValkeyCluster | None = None,
+    ) -> None:
         """`valkey`: a server (or local cluster) of the caller's to run on, with its ACL users;
         started if it is not running, left running at stop()."""
         self.workdir = Path(workdir)
@@ -93,7 +108,9 @@ class Pipeline:
         self.access = access
         self.replicas = dict.fromkeys(STAGES, 1) | (replicas or {})
         self._owns_valkey = valkey is None
-        self.valkey = valkey or (EmbeddedValkey(self.workdir / "valkey", namespace=settings.namespace) if embedded else None)
+        self.valkey = valkey or (
+            EmbeddedValkey(self.workdir / "valkey", namespace=settings.namespace) if embedded else None
+        )
         self.gateway = gateway  # False: workers only, fed by the caller (a replay)
         # The audit archive: the settings' own, else the embedded SeaweedFS; archive=False runs
         # without an archiver (nothing is then held back for it).
@@ -114,9 +131,13 @@ class Pipeline:
             grpc_address=f"127.0.0.1:{free_port()}",
             signing_key=settings.signing_key or secrets.token_hex(32),
             operator_token=settings.operator_token or secrets.token_hex(16),
-            key_file="", trusted_keys_file=str(trusted_file), operator_key_file=str(self.keys_dir / "operator.key"),
+            key_file="",
+            trusted_keys_file=str(trusted_file),
+            operator_key_file=str(self.keys_dir / "operator.key"),
             archive_keys_file="",  # the archiver's alone: archive_env()
-            gallery_url=settings.gallery_url if "://./" not in settings.gallery_url else f"edge://{self.workdir / 'gallery'}",
+            gallery_url=settings.gallery_url
+            if "://./" not in settings.gallery_url
+            else f"edge://{self.workdir / 'gallery'}",
         )
         self.settings = with_local_tls(self.settings, self.workdir / "tls")
         self.processes: dict[str, subprocess.Popen] = {}
@@ -162,8 +183,12 @@ class Pipeline:
         self.metrics_ports.setdefault(name, free_port())
         # The archive's keys and credentials reach the archiver only, even if this shell has them.
         inherited = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "FACEPAY_ARCHIVE_"))}
-        env = {**inherited, **settings_to_env(self.settings), "FACEPAY_CONSUMER": name,
-               "FACEPAY_METRICS_PORT": str(self.metrics_ports[name])}
+        env = {
+            **inherited,
+            **settings_to_env(self.settings),
+            "FACEPAY_CONSUMER": name,
+            "FACEPAY_METRICS_PORT": str(self.metrics_ports[name]),
+        }
         component = name.rsplit("-", 1)[0]
         env = component_secrets(env, component, self.valkey, self.keys_dir)
         if component == "archiver":
@@ -174,7 +199,10 @@ class Pipeline:
         env = self.process_env(name)
         with open(self.workdir / f"{name}.log", "ab") as log_file:
             self.processes[name] = subprocess.Popen(
-                [sys.executable, "-m", "facepay", *args], env=env, stdout=log_file, stderr=subprocess.STDOUT,
+                [sys.executable, "-m", "facepay", *args],
+                env=env,
+                stdout=log_file,
+                stderr=subprocess.STDOUT,
                 start_new_session=True,  # signals go to the supervisor, which stops children in order
             )
 
@@ -183,8 +211,10 @@ class Pipeline:
         env = {k: v for k, v in os.environ.items() if k.startswith(("AWS_", "FACEPAY_ARCHIVE_SIGNING_KEY"))}
         env["FACEPAY_ARCHIVE_KEYS_FILE"] = self.archive_keys_file
         if self.s3 and self.s3.credentials:
-            env |= {"AWS_ACCESS_KEY_ID": self.s3.credentials.access_key_id,
-                    "AWS_SECRET_ACCESS_KEY": self.s3.credentials.secret_access_key}
+            env |= {
+                "AWS_ACCESS_KEY_ID": self.s3.credentials.access_key_id,
+                "AWS_SECRET_ACCESS_KEY": self.s3.credentials.secret_access_key,
+            }
         return env
 
     def _wait_healthy(self, timeout_s: float) -> None:
@@ -204,7 +234,10 @@ class Pipeline:
             while time.monotonic() < deadline:
                 self._check_alive()
                 try:
-                    serving = stub.Check(health_pb2.HealthCheckRequest(), timeout=1).status == health_pb2.HealthCheckResponse.SERVING
+                    serving = (
+                        stub.Check(health_pb2.HealthCheckRequest(), timeout=1).status
+                        == health_pb2.HealthCheckResponse.SERVING
+                    )
                 except grpc.RpcError:
                     serving = False
                 if serving and self._workers_ready(client):

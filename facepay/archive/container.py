@@ -68,10 +68,14 @@ class SealedSession:
 
     def content_sha256(self) -> str:
         """Digest of the parts as recorded (see module doc)."""
-        digest = msgpack.packb([
-            "facepay-archive/content", _sha256(self.header_bytes), self.key_sha256,
-            [[f.index, f.sha256] for f in self.frames],
-        ])
+        digest = msgpack.packb(
+            [
+                "facepay-archive/content",
+                _sha256(self.header_bytes),
+                self.key_sha256,
+                [[f.index, f.sha256] for f in self.frames],
+            ]
+        )
         return _sha256(digest)
 
     def integrity_problems(self, keys: ArchiveKeys) -> list[str]:
@@ -91,31 +95,39 @@ class SealedSession:
         if not self.erasure:
             return False
         note = json.loads(self.erasure["note"])
-        return keys.signature_ok(self.erasure["note"], self.erasure["sig"]) and note.get("session_id") == self.session_id
+        return (
+            keys.signature_ok(self.erasure["note"], self.erasure["sig"]) and note.get("session_id") == self.session_id
+        )
 
     @property
     def erased(self) -> bool:
         return self.erasure is not None
 
     def to_bytes(self) -> bytes:
-        return MAGIC + msgpack.packb({
-            "header": self.header_bytes, "key": self.key, "key_sha256": self.key_sha256,
-            "frames": [{"index": f.index, "sha256": f.sha256, "sealed": f.sealed} for f in self.frames],
-            "erasure": self.erasure,
-        })
+        return MAGIC + msgpack.packb(
+            {
+                "header": self.header_bytes,
+                "key": self.key,
+                "key_sha256": self.key_sha256,
+                "frames": [{"index": f.index, "sha256": f.sha256, "sealed": f.sealed} for f in self.frames],
+                "erasure": self.erasure,
+            }
+        )
 
     @classmethod
     def from_bytes(cls, data: bytes) -> SealedSession:
         if not data.startswith(MAGIC):
             raise RecordError("not a facepay archive record (bad magic)")
         try:
-            body = msgpack.unpackb(data[len(MAGIC):])
+            body = msgpack.unpackb(data[len(MAGIC) :])
             frames = [FrameSlot(f["index"], f["sha256"], f["sealed"]) for f in body["frames"]]
             sealed = cls(body["header"], body["key"], body["key_sha256"], frames, body.get("erasure"))
         except (ValueError, KeyError, TypeError, msgpack.UnpackException) as exc:
             raise RecordError(f"unreadable archive record: {exc}") from exc
         if sealed.header.get("schema_version") != RECORD_SCHEMA_VERSION:
-            raise RecordError(f"archive record schema {sealed.header.get('schema_version')} is not {RECORD_SCHEMA_VERSION}")
+            raise RecordError(
+                f"archive record schema {sealed.header.get('schema_version')} is not {RECORD_SCHEMA_VERSION}"
+            )
         return sealed
 
     def erase(self, keys: ArchiveKeys, reason: str, erased_ms: int) -> None:
@@ -123,7 +135,9 @@ class SealedSession:
         for slot in self.frames:
             slot.sealed = None
         self.key = None
-        note = json.dumps({"session_id": self.session_id, "reason": reason, "erased_ms": erased_ms}, sort_keys=True).encode()
+        note = json.dumps(
+            {"session_id": self.session_id, "reason": reason, "erased_ms": erased_ms}, sort_keys=True
+        ).encode()
         self.erasure = {"note": note, "sig": keys.sign(note)}
 
 
@@ -149,7 +163,10 @@ def open_session(sealed: SealedSession, keys: ArchiveKeys) -> ArchivedSession:
         return ArchivedSession.from_header(header, [])
     data_key = keys.unwrap_data_key(header["tenant"], header["session_id"], sealed.key["kek_id"], sealed.key["wrapped"])
     frames = [
-        ArchivedFrame.from_wire(msgpack.unpackb(open_sealed(data_key, slot.sealed, _frame_aad(header["session_id"], slot.index))))
-        for slot in sealed.frames if slot.sealed is not None
+        ArchivedFrame.from_wire(
+            msgpack.unpackb(open_sealed(data_key, slot.sealed, _frame_aad(header["session_id"], slot.index)))
+        )
+        for slot in sealed.frames
+        if slot.sealed is not None
     ]
     return ArchivedSession.from_header(header, frames)

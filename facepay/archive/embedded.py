@@ -62,11 +62,13 @@ def _load_or_create_credentials(path: Path) -> S3Credentials:
         return S3Credentials(identity["accessKey"], identity["secretKey"])
     creds = S3Credentials("FP" + secrets.token_hex(9).upper(), secrets.token_urlsafe(30))
     config = {
-        "identities": [{
-            "name": "facepay-archive",
-            "credentials": [{"accessKey": creds.access_key_id, "secretKey": creds.secret_access_key}],
-            "actions": ["Admin", "Read", "Write", "List", "Tagging"],
-        }]
+        "identities": [
+            {
+                "name": "facepay-archive",
+                "credentials": [{"accessKey": creds.access_key_id, "secretKey": creds.secret_access_key}],
+                "actions": ["Admin", "Read", "Write", "List", "Tagging"],
+            }
+        ]
     }
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(fd, "w") as fh:
@@ -115,19 +117,35 @@ class EmbeddedS3:
         master, master_grpc, volume, volume_grpc, filer, filer_grpc, s3_grpc = self._ports
         store = self.data_dir / "store"
         return [
-            str(weed_binary()), "server", f"-dir={store}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
-            f"-master.port={master}", f"-master.port.grpc={master_grpc}", "-master.telemetry=false",
+            str(weed_binary()),
+            "server",
+            f"-dir={store}",
+            "-ip=127.0.0.1",
+            "-ip.bind=127.0.0.1",
+            f"-master.port={master}",
+            f"-master.port.grpc={master_grpc}",
+            "-master.telemetry=false",
             # A lone master: a restart need not wait 10 s for a Raft election nobody else joins.
             "-master.electionTimeout=1s",
             # Volumes of 256 MB, as many as the disk holds (0 = free space / volume size): weed's
             # defaults (30 GB volumes, at most 8) suit a cluster, not one machine's archive.
-            "-master.volumeSizeLimitMB=256", "-volume.max=0",
+            "-master.volumeSizeLimitMB=256",
+            "-volume.max=0",
             # One volume server: no peer needs the default 10 s notice before it leaves.
-            f"-volume.port={volume}", f"-volume.port.grpc={volume_grpc}", "-volume.preStopSeconds=1",
-            "-filer", f"-filer.port={filer}", f"-filer.port.grpc={filer_grpc}",
+            f"-volume.port={volume}",
+            f"-volume.port.grpc={volume_grpc}",
+            "-volume.preStopSeconds=1",
+            "-filer",
+            f"-filer.port={filer}",
+            f"-filer.port.grpc={filer_grpc}",
             f"-filer.localSocket={self.data_dir / 'filer.sock'}",
-            "-s3", f"-s3.port={self.s3_port}", f"-s3.port.grpc={s3_grpc}", f"-s3.config={self.config_file}",
-            f"-s3.localSocket={self.data_dir / 's3.sock'}", "-s3.port.iceberg=0", "-s3.port.lance=0",
+            "-s3",
+            f"-s3.port={self.s3_port}",
+            f"-s3.port.grpc={s3_grpc}",
+            f"-s3.config={self.config_file}",
+            f"-s3.localSocket={self.data_dir / 's3.sock'}",
+            "-s3.port.iceberg=0",
+            "-s3.port.lance=0",
         ]
 
     def start(self, timeout_s: float = 60.0) -> EmbeddedS3:
@@ -138,8 +156,14 @@ class EmbeddedS3:
         with open(self.data_dir / "weed.log", "ab") as logfile:
             # Its own process group: Ctrl-C in a terminal reaches the supervisor, which stops it.
             # cwd: weed reads security.toml from its working directory first.
-            self.process = subprocess.Popen(self._args(), stdout=logfile, stderr=subprocess.STDOUT, start_new_session=True,
-                                            cwd=self.data_dir, env={**os.environ, "GOMEMLIMIT": self.memory_limit})
+            self.process = subprocess.Popen(
+                self._args(),
+                stdout=logfile,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+                cwd=self.data_dir,
+                env={**os.environ, "GOMEMLIMIT": self.memory_limit},
+            )
         try:
             self._wait_ready(timeout_s)
             self._configure_storage()
@@ -163,7 +187,9 @@ class EmbeddedS3:
             except OSError:
                 pass
             time.sleep(0.1)
-        raise TimeoutError(f"weed's S3 gateway did not answer on {self.url} within {timeout_s}s; see {self.data_dir}/weed.log")
+        raise TimeoutError(
+            f"weed's S3 gateway did not answer on {self.url} within {timeout_s}s; see {self.data_dir}/weed.log"
+        )
 
     def _configure_storage(self) -> None:
         """Every bucket: fsync each object before the S3 gateway answers 200 (weed's default is
@@ -172,11 +198,21 @@ class EmbeddedS3:
         master, master_grpc, _, _, filer, filer_grpc, _ = self._ports[:7]
         command = "fs.configure -locationPrefix=/buckets/ -fsync=true -volumeGrowthCount=1 -apply\n"
         result = subprocess.run(
-            [str(weed_binary()), "shell", f"-master=127.0.0.1:{master}.{master_grpc}", f"-filer=127.0.0.1:{filer}.{filer_grpc}"],
-            input=command, capture_output=True, text=True, timeout=60,
+            [
+                str(weed_binary()),
+                "shell",
+                f"-master=127.0.0.1:{master}.{master_grpc}",
+                f"-filer=127.0.0.1:{filer}.{filer_grpc}",
+            ],
+            input=command,
+            capture_output=True,
+            text=True,
+            timeout=60,
         )
         if result.returncode != 0 or '"fsync":  true' not in result.stdout:
-            raise RuntimeError(f"could not turn on fsync in the embedded SeaweedFS: {result.stderr.strip() or result.stdout[-500:]}")
+            raise RuntimeError(
+                f"could not turn on fsync in the embedded SeaweedFS: {result.stderr.strip() or result.stdout[-500:]}"
+            )
 
     def kill(self) -> None:
         """SIGKILL, as a crash would."""

@@ -77,7 +77,9 @@ class ArchiveKeys:
                 raise ArchiveKeyError(f"tenant {tenant}: current KEK {spec['current']!r} is not among its keys")
             tenants[tenant] = TenantKeys(spec["current"], keys)
         if not data.get("signing_key"):
-            raise ArchiveKeyError("no archive signing key (signing_key in the keys file, or FACEPAY_ARCHIVE_SIGNING_KEY)")
+            raise ArchiveKeyError(
+                "no archive signing key (signing_key in the keys file, or FACEPAY_ARCHIVE_SIGNING_KEY)"
+            )
         return cls(_key_from_hex(str(data["signing_key"]), "archive signing key"), tenants)
 
     @classmethod
@@ -96,7 +98,10 @@ class ArchiveKeys:
     def write(self, path: Path) -> None:
         data = {
             "signing_key": self.signing_key.hex(),
-            "tenants": {t: {"current": k.current, "keys": {kid: v.hex() for kid, v in k.keys.items()}} for t, k in self.tenants.items()},
+            "tenants": {
+                t: {"current": k.current, "keys": {kid: v.hex() for kid, v in k.keys.items()}}
+                for t, k in self.tenants.items()
+            },
         }
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "w") as fh:

@@ -104,11 +104,22 @@ class ArchivedSession:
     def header(self) -> dict[str, Any]:
         """Everything but the frames: stored in the clear, covered by the content hash."""
         return {
-            "schema_version": self.schema_version, "session_id": self.session_id, "tenant": self.tenant,
-            "store": self.store, "camera": self.camera, "first_frame_ms": self.first_frame_ms,
+            "schema_version": self.schema_version,
+            "session_id": self.session_id,
+            "tenant": self.tenant,
+            "store": self.store,
+            "camera": self.camera,
+            "first_frame_ms": self.first_frame_ms,
             "decided_ms": self.decided_ms,
-            "decision": {"payload": self.decision.payload, "signature": self.decision.signature, "key_id": self.decision.key_id},
-            "models": self.models, "threshold": self.threshold, "policy": self.policy, "frame_count": self.frame_count,
+            "decision": {
+                "payload": self.decision.payload,
+                "signature": self.decision.signature,
+                "key_id": self.decision.key_id,
+            },
+            "models": self.models,
+            "threshold": self.threshold,
+            "policy": self.policy,
+            "frame_count": self.frame_count,
         }
 
     @classmethod

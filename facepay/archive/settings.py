@@ -42,7 +42,9 @@ class ArchiveSettings:
     def from_url(cls, url: str, **overrides: object) -> ArchiveSettings:
         parts = urlsplit(url)
         if parts.username or parts.password:
-            raise ArchiveConfigError("FACEPAY_ARCHIVE_URL must not carry credentials; use AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY")
+            raise ArchiveConfigError(
+                "FACEPAY_ARCHIVE_URL must not carry credentials; use AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY"
+            )
         path = parts.path.strip("/")
         if parts.scheme == "s3":
             bucket, prefix, endpoint = parts.netloc, path, None
@@ -50,7 +52,9 @@ class ArchiveSettings:
             bucket, _, prefix = path.partition("/")
             endpoint = f"{parts.scheme}://{parts.netloc}"
         else:
-            raise ArchiveConfigError(f"FACEPAY_ARCHIVE_URL {url!r}: expected s3://bucket[/prefix] or http(s)://host:port/bucket[/prefix]")
+            raise ArchiveConfigError(
+                f"FACEPAY_ARCHIVE_URL {url!r}: expected s3://bucket[/prefix] or http(s)://host:port/bucket[/prefix]"
+            )
         if not bucket:
             raise ArchiveConfigError(f"FACEPAY_ARCHIVE_URL {url!r} names no bucket")
         return cls(bucket=bucket, prefix=f"{prefix}/" if prefix else "", endpoint_url=endpoint, **overrides)  # type: ignore[arg-type]
@@ -76,8 +80,10 @@ class ArchiveSettings:
         `FACEPAY_ARCHIVE_SIGNING_KEY` (a secret, kept out of Settings and `config show`)."""
         env = dict(os.environ if env is None else env)
         return cls.from_url(
-            settings.archive_url, region=env.get("AWS_REGION") or env.get("AWS_DEFAULT_REGION") or "us-east-1",
+            settings.archive_url,
+            region=env.get("AWS_REGION") or env.get("AWS_DEFAULT_REGION") or "us-east-1",
             keys_file=Path(settings.archive_keys_file) if settings.archive_keys_file else None,
             signing_key_hex=env.get("FACEPAY_ARCHIVE_SIGNING_KEY") or None,
-            retention_days=settings.archive_retention_days, keep_embeddings=settings.archive_keep_embeddings,
+            retention_days=settings.archive_retention_days,
+            keep_embeddings=settings.archive_keep_embeddings,
         )

@@ -94,7 +94,7 @@ def _hour(ms: int) -> datetime:
 
 def _floor(parts: list[int]) -> datetime:
     """Start of the year / month / day / hour named by parts."""
-    year, month, day, hour = (parts + [1, 1, 0][len(parts) - 1:])[:4] if len(parts) < 4 else parts
+    year, month, day, hour = (parts + [1, 1, 0][len(parts) - 1 :])[:4] if len(parts) < 4 else parts
     return datetime(year, month, day, hour, tzinfo=UTC)
 
 
@@ -165,8 +165,15 @@ def _unavailable(exc: Exception) -> ArchiveUnavailable:
 
 
 class ArchiveStore:
-    def __init__(self, settings: ArchiveSettings, keys: ArchiveKeys, *, access_key_id: str | None = None,
-                 secret_access_key: str | None = None, clock: Callable[[], float] = time.time) -> None:
+    def __init__(
+        self,
+        settings: ArchiveSettings,
+        keys: ArchiveKeys,
+        *,
+        access_key_id: str | None = None,
+        secret_access_key: str | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
         self.settings = settings
         self.clock = clock  # seconds; stamps chain entries and erasure notes
         self.keys = keys
@@ -176,14 +183,21 @@ class ArchiveStore:
         # Short timeouts and few retries: an outage must surface fast as ArchiveUnavailable so the
         # archiver leaves the session pending (lag) instead of blocking a batch for minutes.
         config = Config(
-            s3={"addressing_style": "path"}, retries={"mode": "standard", "max_attempts": 2},
-            connect_timeout=2, read_timeout=15, max_pool_connections=16,
+            s3={"addressing_style": "path"},
+            retries={"mode": "standard", "max_attempts": 2},
+            connect_timeout=2,
+            read_timeout=15,
+            max_pool_connections=16,
         )
         # A session of its own: boto3's default session keeps the first credentials it found for
         # the life of the process, so a store made after a rotation would sign with the old ones.
         self.client = boto3.session.Session().client(
-            "s3", endpoint_url=settings.endpoint_url, region_name=settings.region, config=config,
-            aws_access_key_id=access_key_id, aws_secret_access_key=secret_access_key,
+            "s3",
+            endpoint_url=settings.endpoint_url,
+            region_name=settings.region,
+            config=config,
+            aws_access_key_id=access_key_id,
+            aws_secret_access_key=secret_access_key,
         )
 
     @classmethod
@@ -219,8 +233,10 @@ class ArchiveStore:
         try:
             fresh = ArchiveKeys.from_file(self.settings.keys_file, self.settings.signing_key_hex)
         except (OSError, ValueError, KeyError, TypeError, yaml.YAMLError) as exc:  # ArchiveKeyError is a ValueError
-            log.warning("archive keys file changed but does not load; the keys in force are kept",
-                        extra={"error": str(exc)[:300]})
+            log.warning(
+                "archive keys file changed but does not load; the keys in force are kept",
+                extra={"error": str(exc)[:300]},
+            )
             return
         self._keys_read = stamp
         self.keys = ArchiveKeys(self.keys.signing_key, fresh.tenants)
@@ -242,7 +258,9 @@ class ArchiveStore:
                     f"the archive refused {operation} on bucket {self.bucket!r} ({code}): check AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY and the bucket policy"
                 ) from exc
             if code == "NoSuchBucket":
-                raise ArchiveAccessDenied(f"archive bucket {self.bucket!r} does not exist (FACEPAY_ARCHIVE_URL)") from exc
+                raise ArchiveAccessDenied(
+                    f"archive bucket {self.bucket!r} does not exist (FACEPAY_ARCHIVE_URL)"
+                ) from exc
             raise
 
     def ensure_bucket(self) -> None:
@@ -303,7 +321,7 @@ class ArchiveStore:
         names, kwargs = [], {"Prefix": prefix, "Delimiter": "/"}
         while True:
             page = self._s3("list_objects_v2", **kwargs)
-            names += [p["Prefix"][len(prefix):].rstrip("/") for p in page.get("CommonPrefixes", [])]
+            names += [p["Prefix"][len(prefix) :].rstrip("/") for p in page.get("CommonPrefixes", [])]
             if not page.get("IsTruncated"):
                 return names
             kwargs["ContinuationToken"] = page["NextContinuationToken"]
@@ -354,8 +372,17 @@ class ArchiveStore:
             session = replace(session, frames=[replace(f, embedding=None) for f in session.frames])
         return seal_session(session, self.keys)
 
-    def _link(self, tenant: str, store: str, session_id: str, key: str, decided_ms: int, user: str | None,
-              sealed: SealedSession, stored_before: bool) -> ArchiveReceipt:
+    def _link(
+        self,
+        tenant: str,
+        store: str,
+        session_id: str,
+        key: str,
+        decided_ms: int,
+        user: str | None,
+        sealed: SealedSession,
+        stored_before: bool,
+    ) -> ArchiveReceipt:
         """Chain a stored session once: unless an earlier attempt got that far."""
         if stored_before:
             marker = self._get(self._marker_key(tenant, store, session_id))
@@ -363,13 +390,21 @@ class ArchiveStore:
                 return ArchiveReceipt(key, json.loads(marker[0])["seq"], sealed.content_sha256(), already_archived=True)
             chained = self._find_entry(tenant, store, session_id, self._stored_ms(key))
             if chained is not None:  # the entry was written, its acknowledgement lost
-                self._s3("put_object", Key=self._marker_key(tenant, store, session_id), Body=json.dumps({"seq": chained.seq}).encode())
+                self._s3(
+                    "put_object",
+                    Key=self._marker_key(tenant, store, session_id),
+                    Body=json.dumps({"seq": chained.seq}).encode(),
+                )
                 self._advance_head(tenant, store, chained)
                 return ArchiveReceipt(key, chained.seq, chained.content_sha256, already_archived=True)
         if user:
-            self._s3("put_object", Key=self._user_index_key(tenant, user, session_id), Body=json.dumps({"key": key}).encode())
+            self._s3(
+                "put_object", Key=self._user_index_key(tenant, user, session_id), Body=json.dumps({"key": key}).encode()
+            )
         entry = self._append(tenant, store, session_id, key, decided_ms, sealed.content_sha256(), user)
-        self._s3("put_object", Key=self._marker_key(tenant, store, session_id), Body=json.dumps({"seq": entry.seq}).encode())
+        self._s3(
+            "put_object", Key=self._marker_key(tenant, store, session_id), Body=json.dumps({"seq": entry.seq}).encode()
+        )
         self._advance_head(tenant, store, entry)
         return ArchiveReceipt(key, entry.seq, entry.content_sha256)
 
@@ -388,9 +423,20 @@ class ArchiveStore:
         sealed = self._read_sealed(key)
         user = self._user_digest(tenant, session.user_id) if session.user_id else None
         if user:  # erasure finds it like any other session
-            self._s3("put_object", Key=self._user_index_key(tenant, user, session.session_id), Body=json.dumps({"key": key}).encode())
-        note = {"key": key, "session_id": session.session_id, "decided_ms": session.decided_ms, "user": user,
-                "content_sha256": sealed.content_sha256(), "reason": reason, "quarantined_ms": int(self.clock() * 1000)}
+            self._s3(
+                "put_object",
+                Key=self._user_index_key(tenant, user, session.session_id),
+                Body=json.dumps({"key": key}).encode(),
+            )
+        note = {
+            "key": key,
+            "session_id": session.session_id,
+            "decided_ms": session.decided_ms,
+            "user": user,
+            "content_sha256": sealed.content_sha256(),
+            "reason": reason,
+            "quarantined_ms": int(self.clock() * 1000),
+        }
         marker = self._quarantine_key(tenant, store, session.decided_ms, session.session_id)
         self._s3("put_object", Key=marker, Body=signed_document(note, self.keys))
         return marker
@@ -414,7 +460,7 @@ class ArchiveStore:
         order per store; returns their session ids. A store still refusing keeps its sessions."""
         chained, refusing = [], set()
         base = f"{self.prefix}quarantine/"
-        stores = {tuple(k[len(base):].split("/")[:2]) for k in self._list(base)}
+        stores = {tuple(k[len(base) :].split("/")[:2]) for k in self._list(base)}
         for tenant, store in sorted(stores):
             for note in self.quarantined(tenant, store):
                 if (tenant, store) in refusing or "problem" in note:
@@ -422,13 +468,17 @@ class ArchiveStore:
                 try:
                     sealed = self._read_sealed(note["key"])
                 except (KeyError, RecordError) as exc:  # removed or altered meanwhile: verify says so
-                    log.error("quarantined session unreadable; left for verify", extra={"key": note["key"], "error": str(exc)})
+                    log.error(
+                        "quarantined session unreadable; left for verify", extra={"key": note["key"], "error": str(exc)}
+                    )
                     continue
                 if sealed.content_sha256() != note["content_sha256"]:
                     log.error("quarantined session altered; not chained", extra={"key": note["key"]})
                     continue
                 try:
-                    self._link(tenant, store, note["session_id"], note["key"], note["decided_ms"], note["user"], sealed, True)
+                    self._link(
+                        tenant, store, note["session_id"], note["key"], note["decided_ms"], note["user"], sealed, True
+                    )
                 except ArchiveTampered:
                     refusing.add((tenant, store))
                     continue
@@ -436,20 +486,24 @@ class ArchiveStore:
                 chained.append(note["session_id"])
         return chained
 
-    def _append(self, tenant: str, store: str, session_id: str, key: str, decided_ms: int, content: str, user: str | None) -> ChainEntry:
+    def _append(
+        self, tenant: str, store: str, session_id: str, key: str, decided_ms: int, content: str, user: str | None
+    ) -> ChainEntry:
         for _ in range(MAX_APPEND_ATTEMPTS):
             tip_seq, tip_hash, tip_ms = self._tip(tenant, store)
             chained_ms = max(int(self.clock() * 1000), tip_ms)
             entry = ChainEntry(tip_seq + 1, tip_hash, session_id, key, decided_ms, content, user, chained_ms)
             if self._put_if_absent(self._entry_key(tenant, store, entry.seq), entry.to_bytes(self.keys)):
                 return entry
-        raise ArchiveContention(f"could not append to the chain of {tenant}/{store} after {MAX_APPEND_ATTEMPTS} attempts")
+        raise ArchiveContention(
+            f"could not append to the chain of {tenant}/{store} after {MAX_APPEND_ATTEMPTS} attempts"
+        )
 
     def _find_entry(self, tenant: str, store: str, session_id: str, stored_ms: int) -> ChainEntry | None:
         """The session's entry, looked for among entries chained since its object was stored
         (rare path: an archiver died, or lost a reply, between chaining a session and marking it)."""
         seqs = self._entry_seqs(tenant, store)
-        for seq in seqs[self._first_index(tenant, store, seqs, stored_ms - SKEW_MS):]:
+        for seq in seqs[self._first_index(tenant, store, seqs, stored_ms - SKEW_MS) :]:
             entry = self._entry_or_tampered(self._entry_key(tenant, store, seq))
             if entry.session_id == session_id:
                 return entry
@@ -481,9 +535,13 @@ class ArchiveStore:
             raise ArchiveTampered(f"the chain head of {tenant}/{store} has a bad signature; not appending (run verify)")
         if head is None:
             if next(self._list(f"{self._chain(tenant, store)}entries/"), None) is not None:
-                raise ArchiveTampered(f"the chain of {tenant}/{store} has entries but no head; not appending (run verify)")
+                raise ArchiveTampered(
+                    f"the chain of {tenant}/{store} has entries but no head; not appending (run verify)"
+                )
             genesis = signed_document({"seq": 0, "hash": GENESIS, "chained_ms": 0}, self.keys)
-            self._put_if_absent(f"{self._chain(tenant, store)}head.json", genesis)  # another replica may win: same content
+            self._put_if_absent(
+                f"{self._chain(tenant, store)}head.json", genesis
+            )  # another replica may win: same content
             head = {"seq": 0, "hash": GENESIS, "chained_ms": 0}
         seq, hash_, chained_ms = head["seq"], head["hash"], head["chained_ms"]
         after = self._entry_key(tenant, store, seq) if seq else None
@@ -592,7 +650,9 @@ class ArchiveStore:
         return open_session(self._read_sealed(key), self.keys)
 
     # --- verification -------------------------------------------------------------------------------
-    def verify(self, tenant: str, store: str, start: datetime, end: datetime, max_lag: timedelta = DEFAULT_MAX_LAG) -> VerifyReport:
+    def verify(
+        self, tenant: str, store: str, start: datetime, end: datetime, max_lag: timedelta = DEFAULT_MAX_LAG
+    ) -> VerifyReport:
         """Check the chain around [start, end) and every session decided in it.
 
         Walks the entries chained from `start` to `end + max_lag` (a session is chained after
@@ -612,7 +672,9 @@ class ArchiveStore:
         if retention:
             seqs = [s for s in seqs if s >= retention["first_seq"]]
         self._check_head(tenant, store, seqs, report)
-        entries = self._walk(tenant, store, seqs, start_ms - SKEW_MS, end_ms + int(max_lag.total_seconds() * 1000), retention, report)
+        entries = self._walk(
+            tenant, store, seqs, start_ms - SKEW_MS, end_ms + int(max_lag.total_seconds() * 1000), retention, report
+        )
         by_content = {e.content_sha256: e for e in entries}
         for entry in entries:
             if start_ms <= entry.decided_ms < end_ms:
@@ -634,11 +696,19 @@ class ArchiveStore:
                 continue
             keys.add(note["key"])
             since = datetime.fromtimestamp(note["quarantined_ms"] / 1000, UTC).isoformat(timespec="seconds")
-            report.problems.append(Problem("quarantined", None, note["session_id"],
-                                           f"{note['key']} held outside the chain since {since}: {note['reason']}"))
+            report.problems.append(
+                Problem(
+                    "quarantined",
+                    None,
+                    note["session_id"],
+                    f"{note['key']} held outside the chain since {since}: {note['reason']}",
+                )
+            )
             found = self._get(note["key"])
             if found is None:
-                report.problems.append(Problem("removed", None, note["session_id"], f"quarantined {note['key']} is missing"))
+                report.problems.append(
+                    Problem("removed", None, note["session_id"], f"quarantined {note['key']} is missing")
+                )
                 continue
             try:
                 sealed = SealedSession.from_bytes(found[0])
@@ -646,7 +716,14 @@ class ArchiveStore:
                 report.problems.append(Problem("altered", None, note["session_id"], str(exc)))
                 continue
             if sealed.content_sha256() != note["content_sha256"]:
-                report.problems.append(Problem("altered", None, note["session_id"], f"{note['key']}: content hash does not match its quarantine note"))
+                report.problems.append(
+                    Problem(
+                        "altered",
+                        None,
+                        note["session_id"],
+                        f"{note['key']}: content hash does not match its quarantine note",
+                    )
+                )
             for problem in sealed.integrity_problems(self.keys):
                 report.problems.append(Problem("altered", None, note["session_id"], problem))
         return keys
@@ -658,7 +735,14 @@ class ArchiveStore:
         elif head is None and seqs:
             report.problems.append(Problem("head_missing", None, None, "the chain has entries but no signed head"))
         elif head and head["seq"] > (seqs[-1] if seqs else 0):
-            report.problems.append(Problem("truncated", head["seq"], None, f"chain ends at {seqs[-1] if seqs else 0}, its signed head is at {head['seq']}"))
+            report.problems.append(
+                Problem(
+                    "truncated",
+                    head["seq"],
+                    None,
+                    f"chain ends at {seqs[-1] if seqs else 0}, its signed head is at {head['seq']}",
+                )
+            )
 
     def _retention(self, tenant: str, store: str, report: VerifyReport | None = None) -> dict | None:
         found = self._get(f"{self._chain(tenant, store)}retention.json")
@@ -668,7 +752,9 @@ class ArchiveStore:
             return open_signed_document(found[0], self.keys)
         except (ChainSignatureError, ValueError, KeyError):
             if report is not None:
-                report.problems.append(Problem("bad_signature", None, None, "retention checkpoint signature does not match"))
+                report.problems.append(
+                    Problem("bad_signature", None, None, "retention checkpoint signature does not match")
+                )
             return None
 
     def _first_index(self, tenant: str, store: str, seqs: list[int], from_ms: int) -> int:
@@ -686,15 +772,25 @@ class ArchiveStore:
                 high = mid
         return max(0, low - 1)
 
-    def _walk(self, tenant: str, store: str, seqs: list[int], from_ms: int, to_ms: int,
-              retention: dict | None, report: VerifyReport) -> list[ChainEntry]:
+    def _walk(
+        self,
+        tenant: str,
+        store: str,
+        seqs: list[int],
+        from_ms: int,
+        to_ms: int,
+        retention: dict | None,
+        report: VerifyReport,
+    ) -> list[ChainEntry]:
         """The entries chained in [from_ms, to_ms] (and the one before), position and link checked."""
         if not seqs:
             return []
         first = self._first_index(tenant, store, seqs, from_ms)
         chain_start = retention["first_seq"] if retention else 1
         if first == 0 and seqs[0] != chain_start:
-            report.problems.append(Problem("removed", chain_start, None, f"chain entries {chain_start}..{seqs[0] - 1} are missing"))
+            report.problems.append(
+                Problem("removed", chain_start, None, f"chain entries {chain_start}..{seqs[0] - 1} are missing")
+            )
         if retention and seqs[first] == retention["first_seq"]:
             previous_hash: str | None = retention["prev"]
         elif seqs[first] == 1:
@@ -704,7 +800,9 @@ class ArchiveStore:
         expected_seq, entries = seqs[first], []
         for seq in seqs[first:]:
             if seq != expected_seq:
-                report.problems.append(Problem("removed", expected_seq, None, f"chain entries {expected_seq}..{seq - 1} are missing"))
+                report.problems.append(
+                    Problem("removed", expected_seq, None, f"chain entries {expected_seq}..{seq - 1} are missing")
+                )
                 previous_hash = None
             expected_seq = seq + 1
             try:
@@ -717,15 +815,26 @@ class ArchiveStore:
                 break
             report.checked_entries += 1
             if entry.seq != seq:
-                report.problems.append(Problem("reordered", seq, entry.session_id, f"entry stored at {seq} says it is {entry.seq}"))
+                report.problems.append(
+                    Problem("reordered", seq, entry.session_id, f"entry stored at {seq} says it is {entry.seq}")
+                )
             elif previous_hash is not None and entry.prev != previous_hash:
-                report.problems.append(Problem("reordered", seq, entry.session_id, f"entry {seq} does not follow entry {seq - 1}"))
+                report.problems.append(
+                    Problem("reordered", seq, entry.session_id, f"entry {seq} does not follow entry {seq - 1}")
+                )
             previous_hash = entry.hash
             entries.append(entry)
         return entries
 
-    def _check_late_session(self, tenant: str, store: str, ref: SessionRef, by_content: dict[str, ChainEntry],
-                            retention: dict | None, report: VerifyReport) -> None:
+    def _check_late_session(
+        self,
+        tenant: str,
+        store: str,
+        ref: SessionRef,
+        by_content: dict[str, ChainEntry],
+        retention: dict | None,
+        report: VerifyReport,
+    ) -> None:
         """A session of the range chained after the walked window: found by its marker, its
         entry checked against both neighbours."""
         marker = self._get(self._marker_key(tenant, store, ref.session_id))
@@ -744,12 +853,25 @@ class ArchiveStore:
             return
         report.checked_entries += 1
         first_kept = retention["first_seq"] if retention else 1
-        linked_before = entry.prev == previous_hash if (before or seq == 1) else seq == first_kept and entry.prev == (retention or {}).get("prev")
-        if entry.seq != seq or entry.key != ref.key or not linked_before or (next_entry and next_entry.prev != entry.hash):
-            report.problems.append(Problem("reordered", seq, ref.session_id, f"entry {seq} is not linked where its marker says"))
+        linked_before = (
+            entry.prev == previous_hash
+            if (before or seq == 1)
+            else seq == first_kept and entry.prev == (retention or {}).get("prev")
+        )
+        if (
+            entry.seq != seq
+            or entry.key != ref.key
+            or not linked_before
+            or (next_entry and next_entry.prev != entry.hash)
+        ):
+            report.problems.append(
+                Problem("reordered", seq, ref.session_id, f"entry {seq} is not linked where its marker says")
+            )
         self._check_session(entry, by_content, retention, report)
 
-    def _check_session(self, entry: ChainEntry, by_content: dict[str, ChainEntry], retention: dict | None, report: VerifyReport) -> None:
+    def _check_session(
+        self, entry: ChainEntry, by_content: dict[str, ChainEntry], retention: dict | None, report: VerifyReport
+    ) -> None:
         found = self._get(entry.key)
         if found is None:
             if retention and entry.decided_ms < retention["cutoff_ms"]:
@@ -767,9 +889,23 @@ class ArchiveStore:
         if content != entry.content_sha256:
             elsewhere = by_content.get(content)
             if elsewhere is not None:
-                report.problems.append(Problem("reordered", entry.seq, entry.session_id, f"{entry.key} holds session {elsewhere.session_id} (entry {elsewhere.seq})"))
+                report.problems.append(
+                    Problem(
+                        "reordered",
+                        entry.seq,
+                        entry.session_id,
+                        f"{entry.key} holds session {elsewhere.session_id} (entry {elsewhere.seq})",
+                    )
+                )
             else:
-                report.problems.append(Problem("altered", entry.seq, entry.session_id, f"{entry.key}: content hash does not match its chain entry"))
+                report.problems.append(
+                    Problem(
+                        "altered",
+                        entry.seq,
+                        entry.session_id,
+                        f"{entry.key}: content hash does not match its chain entry",
+                    )
+                )
             return
         for problem in sealed.integrity_problems(self.keys):
             report.problems.append(Problem("altered", entry.seq, entry.session_id, problem))
@@ -782,7 +918,9 @@ class ArchiveStore:
         days = self.settings.retention_days if retention_days is None else retention_days
         cutoff_ms = _ms((now or datetime.now(UTC)) - timedelta(days=days))
         report = SweepReport(cutoff_ms)
-        stores = {(t, s) for t in self._children(f"{self.prefix}chains/") for s in self._children(f"{self.prefix}chains/{t}/")}
+        stores = {
+            (t, s) for t in self._children(f"{self.prefix}chains/") for s in self._children(f"{self.prefix}chains/{t}/")
+        }
         stores |= {(t, s) for t in self.tenants() for s in self.stores(t)}
         for tenant, store in sorted(stores):
             self._sweep_store(tenant, store, cutoff_ms, report)
@@ -802,7 +940,9 @@ class ArchiveStore:
             "prev": expired[-1].hash if expired else previous["prev"],
             "cutoff_ms": cutoff_ms,
         }
-        self._s3("put_object", Key=f"{self._chain(tenant, store)}retention.json", Body=signed_document(checkpoint, self.keys))
+        self._s3(
+            "put_object", Key=f"{self._chain(tenant, store)}retention.json", Body=signed_document(checkpoint, self.keys)
+        )
         for key in doomed:  # chained or not: an archiver that died between writes leaves orphans
             self._delete(key)
             ref = self._ref(key)

@@ -51,7 +51,9 @@ __all__ = [
 ]
 
 _LAZY = {
-    "EdgeGallery": ".edge", "ShardBusyError": ".edge", "QdrantGallery": ".qdrant_server",
+    "EdgeGallery": ".edge",
+    "ShardBusyError": ".edge",
+    "QdrantGallery": ".qdrant_server",
     "GalleryUnavailableError": ".qdrant_server",
 }
 

@@ -162,7 +162,6 @@ def as_vector(vector: np.ndarray, dim: int, what: str = "vector") -> np.ndarray:
     return arr
 
 
-
 def _check_template(t: Template) -> None:
     if not isinstance(t, Template):
         raise TypeError(f"expected Template, got {type(t).__name__}")

@@ -187,16 +187,22 @@ def _edge_config(dim: int, tuning: QdrantTuning, max_search_threads: int | None)
         else None
     )
     vectors = qe.EdgeVectorParams(
-        size=dim, distance=qe.Distance.Cosine, quantization_config=quantization,
+        size=dim,
+        distance=qe.Distance.Cosine,
+        quantization_config=quantization,
         memory=qe.Memory.Cold if tuning.vectors_on_disk else qe.Memory.Cached,
     )
     hnsw = qe.HnswIndexConfig(
-        m=tuning.hnsw_m, ef_construct=tuning.hnsw_ef_construct, full_scan_threshold=tuning.full_scan_threshold_kb,
+        m=tuning.hnsw_m,
+        ef_construct=tuning.hnsw_ef_construct,
+        full_scan_threshold=tuning.full_scan_threshold_kb,
         max_indexing_threads=tuning.indexing_threads,
         payload_m=0,  # no extra graph per keyword value: small filters are scanned (full_scan_threshold)
     )
     return qe.EdgeConfig(
-        vectors=vectors, hnsw_config=hnsw, max_search_threads=max_search_threads,
+        vectors=vectors,
+        hnsw_config=hnsw,
+        max_search_threads=max_search_threads,
         optimizers=qe.EdgeOptimizersConfig(indexing_threshold=tuning.indexing_threshold_kb),
         payload_memory=qe.Memory.Cold if tuning.payload_on_disk else qe.Memory.Cached,
     )
@@ -230,7 +236,9 @@ class EdgeGallery:
 
     def _config(self, dim: int | None) -> qe.EdgeConfig | None:
         if dim is None:  # load as persisted (index and storage settings are fixed at creation)
-            return None if self._max_search_threads is None else qe.EdgeConfig(max_search_threads=self._max_search_threads)
+            return (
+                None if self._max_search_threads is None else qe.EdgeConfig(max_search_threads=self._max_search_threads)
+            )
         return _edge_config(dim, self._tuning, self._max_search_threads)
 
     def _get(self, model_id: str, create_dim: int | None = None) -> _Shard | None:
@@ -254,7 +262,9 @@ class EdgeGallery:
                 if exists:
                     shard = qe.EdgeShard.load(str(shard_dir), self._config(None))
                 else:
-                    shard = qe.EdgeShard.create(str(shard_dir), _edge_config(dim, self._tuning, self._max_search_threads))
+                    shard = qe.EdgeShard.create(
+                        str(shard_dir), _edge_config(dim, self._tuning, self._max_search_threads)
+                    )
             except Exception as exc:  # qdrant-edge raises bare Exception
                 if "WouldBlock" in str(exc) or "lock" in str(exc).lower():
                     raise ShardBusyError(
@@ -265,7 +275,9 @@ class EdgeGallery:
                 present = set(shard.info().payload_schema)
                 for field in INDEXED_FIELDS:
                     if field not in present:
-                        params = qe.KeywordIndexParams(is_tenant=True) if field == "tenant" else qe.PayloadSchemaType.Keyword
+                        params = (
+                            qe.KeywordIndexParams(is_tenant=True) if field == "tenant" else qe.PayloadSchemaType.Keyword
+                        )
                         shard.update(qe.UpdateOperation.create_field_index(field, params))
             except BaseException:
                 shard.close()
@@ -296,7 +308,9 @@ class EdgeGallery:
     def upsert(self, model_id: str, templates: list[Template]) -> None:
         s = self._require(model_id)
         # Lists convert faster than numpy arrays into qdrant-edge points (measured 2x).
-        points = [qe.Point(pid, vec.tolist(), payload) for pid, vec, payload in point_ids_for(model_id, templates, s.dim)]
+        points = [
+            qe.Point(pid, vec.tolist(), payload) for pid, vec, payload in point_ids_for(model_id, templates, s.dim)
+        ]
         # qdrant-edge holds the GIL while it applies an update: bounded chunks let searches in
         # between during a bulk enrollment (each chunk is idempotent, so a retry is safe).
         batch = self._tuning.upsert_batch
@@ -336,8 +350,14 @@ class EdgeGallery:
         while True:
             with _Reading(s) as shard:
                 points = shard.query(
-                    qe.QueryRequest(limit=fetch, query=query, filter=flt, with_payload=["user_id", "tenant"],
-                                    with_vector=False, params=self._search_params)
+                    qe.QueryRequest(
+                        limit=fetch,
+                        query=query,
+                        filter=flt,
+                        with_payload=["user_id", "tenant"],
+                        with_vector=False,
+                        params=self._search_params,
+                    )
                 )
             hits = dedupe_hits((p.score, p.payload or {}) for p in points)
             if len(hits) >= limit or len(points) < fetch:
@@ -353,7 +373,9 @@ class EdgeGallery:
         while True:
             with _Reading(s) as shard:
                 records, offset = shard.scroll(
-                    qe.ScrollRequest(offset=offset, limit=_SCROLL_PAGE, filter=flt, with_payload=True, with_vector=False)
+                    qe.ScrollRequest(
+                        offset=offset, limit=_SCROLL_PAGE, filter=flt, with_payload=True, with_vector=False
+                    )
                 )
             yield from (dict(r.payload) for r in records if r.payload)
             if offset is None:
@@ -462,11 +484,19 @@ class EdgeGallery:
 
 def _build_in_child(shard_dir: Path) -> bool:
     """Optimise the shard copy in ``shard_dir`` in a child process (`facepay.gallery.edge_build`)."""
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(Path(__file__).resolve().parents[2]), os.environ.get("PYTHONPATH")])))
+    env = dict(
+        os.environ,
+        PYTHONPATH=os.pathsep.join(
+            filter(None, [str(Path(__file__).resolve().parents[2]), os.environ.get("PYTHONPATH")])
+        ),
+    )
     try:
         done = subprocess.run(
             [sys.executable, "-m", "facepay.gallery.edge_build", str(shard_dir)],
-            capture_output=True, text=True, timeout=_BUILD_TIMEOUT_S, env=env,
+            capture_output=True,
+            text=True,
+            timeout=_BUILD_TIMEOUT_S,
+            env=env,
         )
     except subprocess.TimeoutExpired as exc:
         raise GalleryError(f"index build of {shard_dir} took over {_BUILD_TIMEOUT_S} s and was stopped") from exc

@@ -119,8 +119,12 @@ class QdrantGallery:
         if timeout is None and not self._local:
             timeout = max(1, round(self._tuning.timeout_s))
         self._client = QdrantClient(
-            url=url, path=None if path is None else str(path), location=location,
-            api_key=api_key, timeout=timeout, **client_kwargs,
+            url=url,
+            path=None if path is None else str(path),
+            location=location,
+            api_key=api_key,
+            timeout=timeout,
+            **client_kwargs,
         )
         self._url = url
         self._search_params = search_params(self._tuning)
@@ -144,7 +148,9 @@ class QdrantGallery:
                         f"Qdrant at {self._where} did not answer {what} after {attempts} attempts over "
                         f"{time.monotonic() - started:.1f} s (qdrant.retries={self._tuning.retries}): {exc!r}"
                     ) from exc
-                log.warning("Qdrant %s failed (attempt %d of %d), retrying in %.2f s: %r", what, attempt, attempts, wait, exc)
+                log.warning(
+                    "Qdrant %s failed (attempt %d of %d), retrying in %.2f s: %r", what, attempt, attempts, wait, exc
+                )
                 time.sleep(wait)  # backoff between attempts at a server that is away
                 wait *= 2
         raise AssertionError("unreachable")
@@ -170,7 +176,9 @@ class QdrantGallery:
         name = collection_name(model_id)
         dim = self._dim_of_existing(name)
         if dim is None:
-            raise UnknownModelError(f"no gallery collection {name!r} for model {model_id!r}; call ensure_collection first")
+            raise UnknownModelError(
+                f"no gallery collection {name!r} for model {model_id!r}; call ensure_collection first"
+            )
         return name, dim
 
     def ensure_collection(self, model_id: str, dim: int) -> None:
@@ -180,16 +188,18 @@ class QdrantGallery:
             existing = self._dim_of_existing(name)
             if existing is None:
                 try:
-                    self._call("create_collection", self._client.create_collection, **collection_config(name, dim, self._tuning))
+                    self._call(
+                        "create_collection",
+                        self._client.create_collection,
+                        **collection_config(name, dim, self._tuning),
+                    )
                 except Exception:
                     # Another process may have created it between the check and the create.
                     if not self._call("collection_exists", self._client.collection_exists, name):
                         raise
                 existing = self._dim_of_existing(name)
             if existing != dim:
-                raise ValueError(
-                    f"collection {name!r} for model {model_id!r} holds {existing}-d vectors, not {dim}-d"
-                )
+                raise ValueError(f"collection {name!r} for model {model_id!r} holds {existing}-d vectors, not {dim}-d")
             self._ensure_payload_indexes(name)
 
     def _ensure_payload_indexes(self, name: str) -> None:
@@ -206,8 +216,14 @@ class QdrantGallery:
                     if field == "tenant"
                     else qm.PayloadSchemaType.KEYWORD
                 )
-                self._call("create_payload_index", self._client.create_payload_index, name,
-                           field_name=field, field_schema=schema, wait=True)
+                self._call(
+                    "create_payload_index",
+                    self._client.create_payload_index,
+                    name,
+                    field_name=field,
+                    field_schema=schema,
+                    wait=True,
+                )
 
     # -- writes -----------------------------------------------------------------------------
 
@@ -269,7 +285,14 @@ class QdrantGallery:
         offset = None
         while True:
             records, offset = self._call(
-                "scroll", self._client.scroll, name, scroll_filter=flt, limit=_SCROLL_PAGE, offset=offset, with_payload=True, with_vectors=False,
+                "scroll",
+                self._client.scroll,
+                name,
+                scroll_filter=flt,
+                limit=_SCROLL_PAGE,
+                offset=offset,
+                with_payload=True,
+                with_vectors=False,
             )
             yield from (dict(r.payload) for r in records if r.payload)
             if offset is None:
@@ -297,13 +320,21 @@ class QdrantGallery:
         if self._local:
             yield
             return
-        self._call("update_collection", self._client.update_collection, name,
-                   optimizers_config=qm.OptimizersConfigDiff(indexing_threshold=0))
+        self._call(
+            "update_collection",
+            self._client.update_collection,
+            name,
+            optimizers_config=qm.OptimizersConfigDiff(indexing_threshold=0),
+        )
         try:
             yield
         finally:
-            self._call("update_collection", self._client.update_collection, name,
-                       optimizers_config=qm.OptimizersConfigDiff(indexing_threshold=self._tuning.indexing_threshold_kb))
+            self._call(
+                "update_collection",
+                self._client.update_collection,
+                name,
+                optimizers_config=qm.OptimizersConfigDiff(indexing_threshold=self._tuning.indexing_threshold_kb),
+            )
 
     # -- lifecycle --------------------------------------------------------------------------
 
@@ -316,7 +347,13 @@ class QdrantGallery:
         from facepay.redaction import redact_url
         from facepay.runtime.startup import wait_for
 
-        wait_for(f"qdrant at {redact_url(self._url or '')}", self._client.get_collections, _server_unreachable, within_s, on_wait)
+        wait_for(
+            f"qdrant at {redact_url(self._url or '')}",
+            self._client.get_collections,
+            _server_unreachable,
+            within_s,
+            on_wait,
+        )
 
     def close(self) -> None:
         if not self._closed:
@@ -335,10 +372,14 @@ def _server_unreachable(exc: BaseException) -> bool:
     if isinstance(exc, ResponseHandlingException):
         return True
     return isinstance(exc, UnexpectedResponse) and exc.status_code in (502, 503, 504)
+
+
 def collection_config(name: str, dim: int, tuning: QdrantTuning) -> dict[str, Any]:
     """`QdrantClient.create_collection` arguments of a gallery collection (see the module docstring)."""
     quantization = (
-        qm.ScalarQuantization(scalar=qm.ScalarQuantizationConfig(type=qm.ScalarType.INT8, quantile=0.99, always_ram=True))
+        qm.ScalarQuantization(
+            scalar=qm.ScalarQuantizationConfig(type=qm.ScalarType.INT8, quantile=0.99, always_ram=True)
+        )
         if tuning.quantization == "int8"
         else None
     )
@@ -350,8 +391,11 @@ def collection_config(name: str, dim: int, tuning: QdrantTuning) -> dict[str, An
         "write_consistency_factor": tuning.write_consistency_factor,
         "on_disk_payload": tuning.payload_on_disk,
         "hnsw_config": qm.HnswConfigDiff(
-            m=tuning.hnsw_m, ef_construct=tuning.hnsw_ef_construct, full_scan_threshold=tuning.full_scan_threshold_kb,
-            max_indexing_threads=tuning.indexing_threads, payload_m=0,
+            m=tuning.hnsw_m,
+            ef_construct=tuning.hnsw_ef_construct,
+            full_scan_threshold=tuning.full_scan_threshold_kb,
+            max_indexing_threads=tuning.indexing_threads,
+            payload_m=0,
         ),
         "quantization_config": quantization,
         "optimizers_config": qm.OptimizersConfigDiff(indexing_threshold=tuning.indexing_threshold_kb),

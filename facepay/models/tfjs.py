@@ -203,10 +203,12 @@ def _activation(name: str, node: Mapping[str, Any]) -> Callable[[Tensor, Tensor 
         alpha = _attr(node, "leakyrelu_alpha", 0.2)
         return lambda y, a: F.leaky_relu(y, alpha)
     if name == "Prelu":
+
         def prelu(y: Tensor, alpha: Tensor | None) -> Tensor:
             if alpha is None:
                 raise TfjsFormatError(f"{node['name']}: Prelu without its alpha")
             return _prelu(y, alpha)
+
         return prelu
     return None
 

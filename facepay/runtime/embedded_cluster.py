@@ -23,8 +23,15 @@ SLOTS = 16384
 
 
 class EmbeddedValkeyCluster:
-    def __init__(self, data_dir: Path, primaries: int = 3, replicas_per_primary: int = 0, namespace: str = "fp",
-                 node_timeout_ms: int = 2000, appendfsync: str = "always") -> None:
+    def __init__(
+        self,
+        data_dir: Path,
+        primaries: int = 3,
+        replicas_per_primary: int = 0,
+        namespace: str = "fp",
+        node_timeout_ms: int = 2000,
+        appendfsync: str = "always",
+    ) -> None:
         self.data_dir = Path(data_dir)
         self.namespace = namespace
         self.primaries_count, self.replicas_per_primary = primaries, replicas_per_primary
@@ -48,19 +55,38 @@ class EmbeddedValkeyCluster:
 
     def _load_passwords(self) -> None:
         if not self.passwords:
-            self.passwords = redis_acl.load_or_create_passwords(self.credentials_dir,
-                                                                (*redis_acl.COMPONENTS, redis_acl.ADMIN))
+            self.passwords = redis_acl.load_or_create_passwords(
+                self.credentials_dir, (*redis_acl.COMPONENTS, redis_acl.ADMIN)
+            )
 
     def start(self, timeout_s: float = 30.0) -> EmbeddedValkeyCluster:
         if self.nodes and all(n.process and n.process.poll() is None for n in self.nodes):
             return self  # already running (a pipeline given a started cluster)
         self._load_passwords()
         total = self.primaries_count * (1 + self.replicas_per_primary)
-        args = ["--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf",
-                "--cluster-node-timeout", str(self.node_timeout_ms), "--appendfsync", self.appendfsync,
-                "--masteruser", redis_acl.ADMIN, "--masterauth", self.passwords[redis_acl.ADMIN]]
-        self.nodes = [EmbeddedValkey(self.data_dir / f"node-{i}", namespace=self.namespace, extra_args=args,
-                                     credentials_dir=self.credentials_dir) for i in range(total)]
+        args = [
+            "--cluster-enabled",
+            "yes",
+            "--cluster-config-file",
+            "nodes.conf",
+            "--cluster-node-timeout",
+            str(self.node_timeout_ms),
+            "--appendfsync",
+            self.appendfsync,
+            "--masteruser",
+            redis_acl.ADMIN,
+            "--masterauth",
+            self.passwords[redis_acl.ADMIN],
+        ]
+        self.nodes = [
+            EmbeddedValkey(
+                self.data_dir / f"node-{i}",
+                namespace=self.namespace,
+                extra_args=args,
+                credentials_dir=self.credentials_dir,
+            )
+            for i in range(total)
+        ]
         try:
             for node in self.nodes:
                 self._start_node(node)
@@ -90,25 +116,33 @@ class EmbeddedValkeyCluster:
         return connect(self.url)
 
     def _form(self, timeout_s: float) -> None:
-        primaries = self.nodes[:self.primaries_count]
+        primaries = self.nodes[: self.primaries_count]
         for i, node in enumerate(primaries):
             first, last = SLOTS * i // len(primaries), SLOTS * (i + 1) // len(primaries) - 1
             self.client(node).execute_command("CLUSTER ADDSLOTSRANGE", first, last)
         for node in self.nodes[1:]:
             self.client(self.nodes[0]).execute_command("CLUSTER MEET", "127.0.0.1", node.port)
         ids = {node.port: self.node_id(node) for node in self.nodes}
-        self._until(lambda: all(len(self._nodes_table(n)) == len(self.nodes) for n in self.nodes),
-                    timeout_s, "every node knows every other")
-        for r, node in enumerate(self.nodes[self.primaries_count:]):
+        self._until(
+            lambda: all(len(self._nodes_table(n)) == len(self.nodes) for n in self.nodes),
+            timeout_s,
+            "every node knows every other",
+        )
+        for r, node in enumerate(self.nodes[self.primaries_count :]):
             primary = primaries[r % len(primaries)]
             self.client(node).execute_command("CLUSTER REPLICATE", ids[primary.port])
         self._until(self.healthy, timeout_s, "cluster_state:ok on every node")
-        self._until(lambda: all(self._replicas_online(p) >= self.replicas_per_primary for p in primaries), timeout_s,
-                    "every replica in sync with its primary")
+        self._until(
+            lambda: all(self._replicas_online(p) >= self.replicas_per_primary for p in primaries),
+            timeout_s,
+            "every replica in sync with its primary",
+        )
 
     def _replicas_online(self, primary: EmbeddedValkey) -> int:
         info = self.client(primary).info("replication")
-        return sum(1 for k, v in info.items() if k.startswith("slave") and isinstance(v, dict) and v.get("state") == "online")
+        return sum(
+            1 for k, v in info.items() if k.startswith("slave") and isinstance(v, dict) and v.get("state") == "online"
+        )
 
     def _nodes_table(self, node: EmbeddedValkey) -> dict:
         """Known nodes by address (redis-py parses CLUSTER NODES)."""
@@ -122,8 +156,9 @@ class EmbeddedValkeyCluster:
 
     def healthy(self) -> bool:
         try:
-            return all(self._info(n).get("cluster_state") == "ok"
-                       for n in self.nodes if n.process and n.process.poll() is None)
+            return all(
+                self._info(n).get("cluster_state") == "ok" for n in self.nodes if n.process and n.process.poll() is None
+            )
         except redis.RedisError:
             return False
 
@@ -133,8 +168,11 @@ class EmbeddedValkeyCluster:
         slot = int(self.client(observer).execute_command("CLUSTER KEYSLOT", key))
         for address, node in self._nodes_table(observer).items():
             flags = node["flags"]
-            if "master" in flags and "fail" not in flags and any(
-                    int(r[0]) <= slot <= int(r[-1]) for r in node["slots"]):
+            if (
+                "master" in flags
+                and "fail" not in flags
+                and any(int(r[0]) <= slot <= int(r[-1]) for r in node["slots"])
+            ):
                 return self._by_address(address)
         raise LookupError(f"no primary serves slot {slot}")
 

@@ -42,8 +42,9 @@ def seal(fields: dict[bytes, bytes], stream: str, signer: Signer) -> dict[bytes,
     return {**fields, SIGNATURE: signature, SIGNER: signer.component.encode()}
 
 
-def open_entry(fields: dict[bytes, bytes], stream: str, trusted: TrustedKeys,
-               signers: set[str] | frozenset[str]) -> tuple[str, bytes]:
+def open_entry(
+    fields: dict[bytes, bytes], stream: str, trusted: TrustedKeys, signers: set[str] | frozenset[str]
+) -> tuple[str, bytes]:
     """(signer, body) of an entry signed by one of `signers`; Unauthenticated otherwise."""
     body, signature = fields.get(FIELD), fields.get(SIGNATURE)
     signer = fields.get(SIGNER, b"").decode(errors="replace")

@@ -106,8 +106,10 @@ class HealthServer:
                     self._answer(404, {"error": f"no such probe; try {', '.join(PROBES)}"})
                     return
                 verdict = probe(heartbeat)
-                self._answer(200 if verdict.ok else 503, {"ok": verdict.ok, "reason": verdict.reason,
-                                                          "heartbeat_age_s": round(heartbeat.age_s(), 3)})
+                self._answer(
+                    200 if verdict.ok else 503,
+                    {"ok": verdict.ok, "reason": verdict.reason, "heartbeat_age_s": round(heartbeat.age_s(), 3)},
+                )
 
             def _answer(self, status: int, body: dict) -> None:
                 data = json.dumps(body).encode() + b"\n"

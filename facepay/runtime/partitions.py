@@ -81,7 +81,7 @@ class Partitions:
     def base_name(self, key: str | bytes) -> str:
         """A stream's name inside the namespace without its partition: "fp:{p03}:faces" → "faces"."""
         text = key.decode() if isinstance(key, bytes) else key
-        rest = text[len(self.namespace) + 1:] if text.startswith(self.namespace + ":") else text
+        rest = text[len(self.namespace) + 1 :] if text.startswith(self.namespace + ":") else text
         return _TAG.sub("", rest).lstrip(":")
 
 

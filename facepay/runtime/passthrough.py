@@ -53,6 +53,12 @@ class Decide(Stage):
             pipe.expire(seen, 3600)
             if pipe.execute()[1] >= self.frames:
                 body = {"session_id": message.ref.session_id, "store_id": message.ref.store_id, "frames": self.frames}
-                emits.append(Emit("decisions", {b"payload": json.dumps(body).encode()},
-                                  once_key=f"decided:{session}", partition_key=session))
+                emits.append(
+                    Emit(
+                        "decisions",
+                        {b"payload": json.dumps(body).encode()},
+                        once_key=f"decided:{session}",
+                        partition_key=session,
+                    )
+                )
         return emits

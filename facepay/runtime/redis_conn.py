@@ -26,8 +26,16 @@ TRANSIENT = (redis.ConnectionError, redis.TimeoutError, redis.BusyLoadingError)
 # its primary (MASTERDOWN), or unreachable. Work meeting them is held and retried, never failed.
 # On a cluster, a slot without a primary (failover under way: CLUSTERDOWN), a slot moving
 # (TRYAGAIN, MOVED, ASK past the client's redirections) pass too: 'unavailable'.
-_REFUSAL_PREFIXES = {"OOM ": "oom", "READONLY": "readonly", "LOADING": "loading", "MASTERDOWN": "masterdown",
-                     "CLUSTERDOWN": "unavailable", "TRYAGAIN": "unavailable", "MOVED": "unavailable", "ASK": "unavailable"}
+_REFUSAL_PREFIXES = {
+    "OOM ": "oom",
+    "READONLY": "readonly",
+    "LOADING": "loading",
+    "MASTERDOWN": "masterdown",
+    "CLUSTERDOWN": "unavailable",
+    "TRYAGAIN": "unavailable",
+    "MOVED": "unavailable",
+    "ASK": "unavailable",
+}
 # What a Redis call may raise: a cluster client also raises RedisClusterException (a slot no
 # node serves yet, …), which is not a RedisError.
 REDIS_ERRORS = (redis.RedisError, redis.exceptions.RedisClusterException)
@@ -41,8 +49,17 @@ def backpressure_kind(exc: BaseException) -> str | None:
         return "readonly"
     if isinstance(exc, redis.BusyLoadingError):
         return "loading"
-    if isinstance(exc, (redis.ConnectionError, redis.TimeoutError, redis.exceptions.ClusterError,
-                        redis.exceptions.TryAgainError, redis.exceptions.AskError, redis.exceptions.SlotNotCoveredError)):
+    if isinstance(
+        exc,
+        (
+            redis.ConnectionError,
+            redis.TimeoutError,
+            redis.exceptions.ClusterError,
+            redis.exceptions.TryAgainError,
+            redis.exceptions.AskError,
+            redis.exceptions.SlotNotCoveredError,
+        ),
+    ):
         return "unavailable"
     if isinstance(exc, redis.ResponseError):  # e.g. the refusal of a command inside a script
         message = str(exc)
@@ -106,8 +123,15 @@ def connect_cluster(url: str, **options: Any) -> RedisCluster:
     if not nodes:
         raise ValueError("a redis+cluster:// URL names at least one host:port")
     first = f"{nodes[0].host}:{nodes[0].port}"
-    plain = urlunsplit((CLUSTER_SCHEMES[parts.scheme], f"{credentials}@{first}" if credentials else first,
-                        parts.path, parts.query, parts.fragment))
+    plain = urlunsplit(
+        (
+            CLUSTER_SCHEMES[parts.scheme],
+            f"{credentials}@{first}" if credentials else first,
+            parts.path,
+            parts.query,
+            parts.fragment,
+        )
+    )
     # Failover and resharding: follow MOVED/ASK, and re-learn the slots after a node is lost.
     return RedisCluster.from_url(plain, startup_nodes=nodes, require_full_coverage=False, **options)
 
@@ -119,8 +143,15 @@ def plain_url(url: str) -> str:
     parts = urlsplit(url)
     credentials, _, hosts = parts.netloc.rpartition("@")
     first = hosts.split(",")[0]
-    return urlunsplit((CLUSTER_SCHEMES[parts.scheme], f"{credentials}@{first}" if credentials else first,
-                       parts.path, parts.query, parts.fragment))
+    return urlunsplit(
+        (
+            CLUSTER_SCHEMES[parts.scheme],
+            f"{credentials}@{first}" if credentials else first,
+            parts.path,
+            parts.query,
+            parts.fragment,
+        )
+    )
 
 
 def reset_connections(client: redis.Redis) -> None:
@@ -141,7 +172,9 @@ def durable_xadd(client: redis.Redis, stream: str, fields: dict, settings: Setti
         return client.xadd(stream, fields)
     recorder = command_recorder()
     recorder.xadd(stream, fields)
-    return replicated(client, stream, recorded(recorder), settings.redis_wait_replicas, settings.redis_wait_timeout_ms)[0]
+    return replicated(client, stream, recorded(recorder), settings.redis_wait_replicas, settings.redis_wait_timeout_ms)[
+        0
+    ]
 
 
 def command_recorder() -> redis.client.Pipeline:
@@ -153,8 +186,9 @@ def recorded(recorder: redis.client.Pipeline) -> list[tuple]:
     return [args for args, _ in recorder.command_stack]
 
 
-def replicated(client: redis.Redis, key: str, commands: list[tuple], replicas: int, timeout_ms: int,
-               transaction: bool = False) -> list:
+def replicated(
+    client: redis.Redis, key: str, commands: list[tuple], replicas: int, timeout_ms: int, transaction: bool = False
+) -> list:
     """Send `commands` (in MULTI/EXEC with `transaction`) and WAIT for `replicas` replicas, all on
     one connection to the node holding `key` (WAIT counts that connection's writes). Returns
     the commands' raw replies; a refusal inside the transaction is raised."""
@@ -169,8 +203,9 @@ def replicated(client: redis.Redis, key: str, commands: list[tuple], replicas: i
         raise
 
 
-def _replicated(client: redis.Redis, key: str, commands: list[tuple], replicas: int, timeout_ms: int,
-                transaction: bool) -> list:
+def _replicated(
+    client: redis.Redis, key: str, commands: list[tuple], replicas: int, timeout_ms: int, transaction: bool
+) -> list:
     node_client = client.get_redis_connection(client.get_node_from_key(key)) if is_cluster(client) else client
     sent = ([("MULTI",), *commands, ("EXEC",)] if transaction else list(commands)) + [("WAIT", replicas, timeout_ms)]
     pool = node_client.connection_pool
@@ -197,7 +232,9 @@ def _replicated(client: redis.Redis, key: str, commands: list[tuple], replicas: 
             raise result
     acked = int(replies[-1])
     if acked < replicas:
-        raise redis.ConnectionError(f"only {acked} of {replicas} replicas acknowledged the write within {timeout_ms} ms")
+        raise redis.ConnectionError(
+            f"only {acked} of {replicas} replicas acknowledged the write within {timeout_ms} ms"
+        )
     return results
 
 

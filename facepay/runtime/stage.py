@@ -105,10 +105,12 @@ class PipeStage(Stage):
         if len(results) != len(work):
             raise StageContractError(
                 f"stage {self.name!r}: {type(self).__name__}.handle returned {len(results)} results for "
-                f"{len(work)} inputs; it must return exactly one message per input, in order")
+                f"{len(work)} inputs; it must return exactly one message per input, in order"
+            )
         strangers = [type(r).__name__ for r in results if not isinstance(r, Message)]
         if strangers:
             raise StageContractError(
                 f"stage {self.name!r}: {type(self).__name__}.handle returned {', '.join(sorted(set(strangers)))} "
-                f"where messages were expected")
+                f"where messages were expected"
+            )
         return results

@@ -21,9 +21,14 @@ class DependencyUnavailable(RuntimeError):
     """A service this component needs did not answer within startup_wait_s."""
 
 
-def wait_for(what: str, attempt: Callable[[], object], passing: Callable[[BaseException], bool], within_s: float,
-             on_wait: Callable[[str], None] = lambda _reason: None,
-             stopping: Callable[[], bool] = lambda: False) -> bool:
+def wait_for(
+    what: str,
+    attempt: Callable[[], object],
+    passing: Callable[[BaseException], bool],
+    within_s: float,
+    on_wait: Callable[[str], None] = lambda _reason: None,
+    stopping: Callable[[], bool] = lambda: False,
+) -> bool:
     """Call `attempt` until it succeeds (True); errors for which `passing` holds are waited out
     (with a log line when the wait starts and every LOG_EVERY_S), for at most `within_s`; others
     raise. False when `stopping` turns true meanwhile (SIGTERM): the process is not to wait on."""
@@ -38,11 +43,15 @@ def wait_for(what: str, attempt: Callable[[], object], passing: Callable[[BaseEx
             waited = time.monotonic() - started
             if waited >= within_s:
                 raise DependencyUnavailable(
-                    f"{what} did not answer within {within_s:g} s (FACEPAY_STARTUP_WAIT_S): {redact(str(exc))}") from exc
+                    f"{what} did not answer within {within_s:g} s (FACEPAY_STARTUP_WAIT_S): {redact(str(exc))}"
+                ) from exc
             if last_log is None or time.monotonic() - last_log >= LOG_EVERY_S:
                 last_log = time.monotonic()
-                log.warning("waiting for %s", what, extra={"waited_s": round(waited, 1), "bound_s": within_s,
-                                                           "error": redact(str(exc))[:300]})
+                log.warning(
+                    "waiting for %s",
+                    what,
+                    extra={"waited_s": round(waited, 1), "bound_s": within_s, "error": redact(str(exc))[:300]},
+                )
             on_wait(f"{what} unreachable")
             backoff.wait(max(0.0, min(backoff.next_s, within_s - waited)))
             continue

@@ -188,10 +188,13 @@ class StreamWorker:
                 return  # asked to stop while waiting
             self.stage.start()
             try:
-                self._until_accepted(lambda: self.redis.sadd(self.settings.key("workers", "ready"), self.consumer),
-                                     "register worker")
+                self._until_accepted(
+                    lambda: self.redis.sadd(self.settings.key("workers", "ready"), self.consumer), "register worker"
+                )
                 self.heartbeat.started()
-                log.info("worker started", extra={"stage": self.group, "stream": self.stream, "consumer": self.consumer})
+                log.info(
+                    "worker started", extra={"stage": self.group, "stream": self.stream, "consumer": self.consumer}
+                )
                 while not self._stopping:
                     self.heartbeat.beat()
                     self.run_once()
@@ -216,8 +219,14 @@ class StreamWorker:
         """Redis may come up after this worker (a pod scheduled first): wait startup_wait_s for it.
         False when asked to stop meanwhile."""
         where = redact_url(self.settings.redis_url)
-        answered = wait_for(f"redis at {where}", self.redis.ping, lambda exc: backpressure_kind(exc) is not None,
-                            self.settings.startup_wait_s, on_wait=self.heartbeat.waiting, stopping=lambda: self._stopping)
+        answered = wait_for(
+            f"redis at {where}",
+            self.redis.ping,
+            lambda exc: backpressure_kind(exc) is not None,
+            self.settings.startup_wait_s,
+            on_wait=self.heartbeat.waiting,
+            stopping=lambda: self._stopping,
+        )
         if answered:
             self.heartbeat.redis_answered()
         return answered
@@ -318,8 +327,9 @@ class StreamWorker:
             return
         started = time.perf_counter()
         try:
-            emits = self._until_accepted(lambda: self.stage.process([m for _, m in good]), "stage",
-                                         holding=[e for e, _ in good])
+            emits = self._until_accepted(
+                lambda: self.stage.process([m for _, m in good]), "stage", holding=[e for e, _ in good]
+            )
         except Exception as exc:
             if backpressure_kind(exc) or isinstance(exc, StageBacklog):
                 raise  # stopping while held back: the batch stays pending, nothing failed
@@ -378,8 +388,15 @@ class StreamWorker:
         it stays pending, unacknowledged and uncounted, and is reclaimed once idle. Its "being
         processed alone" mark goes, or the next reclaim would count a crash against it."""
         metrics.DEFERRED.labels(self.group).inc()
-        log.debug("entry deferred by the stage", extra={"stage": self.group, "entry": entry.id.decode(),
-                                                        "session_id": message.ref.session_id, "error": str(deferred)[:300]})
+        log.debug(
+            "entry deferred by the stage",
+            extra={
+                "stage": self.group,
+                "entry": entry.id.decode(),
+                "session_id": message.ref.session_id,
+                "error": str(deferred)[:300],
+            },
+        )
         errors, alone = self._errors_key(entry), self._failure_fields(entry.id)[2]
         self._until_accepted(lambda: self.redis.hdel(errors, alone), "defer", holding=[entry])
 
@@ -388,8 +405,15 @@ class StreamWorker:
         claim_idle_ms) until it fails max_deliveries times, then it is dead-lettered."""
         metrics.MESSAGES_FAILED.labels(self.group).inc()
         error = traceback.format_exc(limit=3)
-        log.error("processing failed", extra={"stage": self.group, "entry": entry.id.decode(),
-                                              "session_id": message.ref.session_id, "error": error})
+        log.error(
+            "processing failed",
+            extra={
+                "stage": self.group,
+                "entry": entry.id.decode(),
+                "session_id": message.ref.session_id,
+                "error": error,
+            },
+        )
         if self._count_failure(entry, error) >= self.settings.max_deliveries:
             self._dead_letter(entry, "max_deliveries", error)
 
@@ -434,7 +458,14 @@ class StreamWorker:
                 flat = [x for kv in fields.items() for x in kv]
                 # A replayed frame is either older than max_frame_age_s or meets this key.
                 ttl = max(self.settings.stream_retention_s, self.settings.max_frame_age_s, 3600)
-                ops.append(_Op(stream, lambda pipe, k=once_key, s=stream, t=ttl, f=flat: pipe.execute_command("EVAL", _EMIT_ONCE, 2, k, s, t, *f)))
+                ops.append(
+                    _Op(
+                        stream,
+                        lambda pipe, k=once_key, s=stream, t=ttl, f=flat: pipe.execute_command(
+                            "EVAL", _EMIT_ONCE, 2, k, s, t, *f
+                        ),
+                    )
+                )
             else:  # trimmed by the maintenance pass, never unread entries
                 ops.append(_Op(stream, lambda pipe, s=stream, f=fields: pipe.xadd(s, f)))
             self._written.add(stream)
@@ -444,7 +475,11 @@ class StreamWorker:
             errors = self._errors_key(batch[0])
             gone = [i for i in ids if i in erased]
             ops.append(_Op(stream, lambda pipe, s=stream, i=ids: pipe.xack(s, self.group, *i), acknowledges=True))
-            ops.append(_Op(stream, lambda pipe, e=errors, i=ids: pipe.hdel(e, *[f for x in i for f in self._failure_fields(x)])))
+            ops.append(
+                _Op(
+                    stream, lambda pipe, e=errors, i=ids: pipe.hdel(e, *[f for x in i for f in self._failure_fields(x)])
+                )
+            )
             if gone:
                 ops.append(_Op(stream, lambda pipe, s=stream, g=gone: pipe.xdel(s, *g)))
         self._transact(ops)
@@ -453,16 +488,26 @@ class StreamWorker:
 
     def _dead_letter(self, entry: Entry, reason: str, error: str) -> None:
         metrics.DEAD_LETTERS.labels(self.group, reason).inc()
-        log.error("dead-lettered", extra={"stage": self.group, "entry": entry.id.decode(), "reason": reason, "error": error})
-        fields = {b"stage": self.group.encode(), b"stream": (entry.stream or self.stream).encode(), b"entry": entry.id,
-                  b"reason": reason.encode(), b"error": error.encode()[-4000:], **_described(entry)}
+        log.error(
+            "dead-lettered", extra={"stage": self.group, "entry": entry.id.decode(), "reason": reason, "error": error}
+        )
+        fields = {
+            b"stage": self.group.encode(),
+            b"stream": (entry.stream or self.stream).encode(),
+            b"entry": entry.id,
+            b"reason": reason.encode(),
+            b"error": error.encode()[-4000:],
+            **_described(entry),
+        }
         message = _decoded(entry)
         erase = message is not None and bool(_not_kept([(entry, message)]))
 
         stream, dead, errors = entry.stream or self.stream, self.settings.key("dead"), self._errors_key(entry)
-        ops = [_Op(dead, lambda pipe: pipe.xadd(dead, fields)),  # trimmed by the maintenance pass
-               _Op(stream, lambda pipe: pipe.xack(stream, self.group, entry.id), acknowledges=True),
-               _Op(stream, lambda pipe: pipe.hdel(errors, *self._failure_fields(entry.id)))]
+        ops = [
+            _Op(dead, lambda pipe: pipe.xadd(dead, fields)),  # trimmed by the maintenance pass
+            _Op(stream, lambda pipe: pipe.xack(stream, self.group, entry.id), acknowledges=True),
+            _Op(stream, lambda pipe: pipe.hdel(errors, *self._failure_fields(entry.id))),
+        ]
         if erase:
             ops.append(_Op(stream, lambda pipe: pipe.xdel(stream, entry.id)))
         self._until_accepted(lambda: self._transact(ops), "dead letter", holding=[entry])
@@ -472,8 +517,10 @@ class StreamWorker:
         if emit.stream not in PARTITIONED_STREAMS or not self.partitions.tagged:
             return self.settings.key(emit.stream), emit.once_key and self.settings.key(emit.once_key)
         if emit.partition_key is None:
-            raise StageContractError(f"stage {self.group!r}: an entry for the partitioned stream {emit.stream!r} "
-                                     "names no session (Emit.partition_key)")
+            raise StageContractError(
+                f"stage {self.group!r}: an entry for the partitioned stream {emit.stream!r} "
+                "names no session (Emit.partition_key)"
+            )
         stream = self.partitions.stream(emit.stream, emit.partition_key)
         return stream, emit.once_key and self.partitions.session_key(emit.partition_key, emit.once_key)
 
@@ -492,8 +539,14 @@ class StreamWorker:
                 recorder = command_recorder()
                 for op in slot_ops:
                     op.call(recorder)
-                replicated(self.redis, slot_ops[0].key, recorded(recorder), self.settings.redis_wait_replicas,
-                           self.settings.redis_wait_timeout_ms, transaction=True)
+                replicated(
+                    self.redis,
+                    slot_ops[0].key,
+                    recorded(recorder),
+                    self.settings.redis_wait_replicas,
+                    self.settings.redis_wait_timeout_ms,
+                    transaction=True,
+                )
                 continue
             pipe = self.redis.pipeline(transaction=True)
             for op in slot_ops:
@@ -538,8 +591,16 @@ class StreamWorker:
         now = time.monotonic()
         if now - self._last_backpressure_log >= BACKPRESSURE_LOG_EVERY_S:
             self._last_backpressure_log = now
-            log.warning("redis refuses for now; holding and retrying", extra={
-                "stage": self.group, "kind": kind, "during": what, "error": str(exc)[:300], "retry_in_s": self._backoff.next_s})
+            log.warning(
+                "redis refuses for now; holding and retrying",
+                extra={
+                    "stage": self.group,
+                    "kind": kind,
+                    "during": what,
+                    "error": str(exc)[:300],
+                    "retry_in_s": self._backoff.next_s,
+                },
+            )
         if (kind in ("readonly", "unavailable") and self._cluster) or kind == "readonly":
             # After a failover the address may lead to the new primary (a cluster: another node
             # serves the slot): reconnect, do not reuse.
@@ -559,7 +620,10 @@ class StreamWorker:
         waited = self._backoff.reset()
         if waited is not None:
             self._last_backpressure_log = 0.0
-            log.info("redis accepts again; resuming", extra={"stage": self.group, "during": what, "waited_s": round(waited, 1)})
+            log.info(
+                "redis accepts again; resuming",
+                extra={"stage": self.group, "during": what, "waited_s": round(waited, 1)},
+            )
 
     def _trim_freeing_memory(self) -> None:
         """While Redis is full, trimming what every group has processed may free room."""
@@ -616,7 +680,9 @@ class StreamWorker:
                 self.redis.hdel(errors, *[f for i in deleted for f in self._failure_fields(i)])
             if claimed:
                 metrics.RECLAIMED.labels(self.group).inc(len(claimed))
-                log.info("reclaimed pending entries", extra={"stage": self.group, "count": len(claimed), "stream": stream})
+                log.info(
+                    "reclaimed pending entries", extra={"stage": self.group, "count": len(claimed), "stream": stream}
+                )
                 for entry in self._drop_hopeless(stream, claimed):
                     self._handle_alone(entry)
             if next_start in (b"0-0", "0-0"):
@@ -632,8 +698,10 @@ class StreamWorker:
             entry = Entry(entry_id, fields or {}, stream)
             holder = self.redis.hget(self._errors_key(entry), self._failure_fields(entry_id)[2])
             if holder is not None:
-                error = (f"consumer {holder.decode(errors='replace')} died or stalled past claim_idle_ms "
-                         "while processing it alone")
+                error = (
+                    f"consumer {holder.decode(errors='replace')} died or stalled past claim_idle_ms "
+                    "while processing it alone"
+                )
                 if self._count_failure(entry, error) >= self.settings.max_deliveries:
                     self._dead_letter(entry, "max_deliveries", error)
                     continue
@@ -672,12 +740,21 @@ class StreamWorker:
         for stream in sorted({*self.streams, self.settings.key("dead"), *self._written}):
             oldest_ms = max(now_ms - self._retention_s(stream) * 1000, 0)
             awaits_group = "1" if stream in self._awaits_group else "0"
-            trimmed, length = self.redis.eval(_TRIM_SAFELY, 1, stream, oldest_ms, self.settings.stream_maxlen, awaits_group)
+            trimmed, length = self.redis.eval(
+                _TRIM_SAFELY, 1, stream, oldest_ms, self.settings.stream_maxlen, awaits_group
+            )
             metrics.STREAM_LENGTH.labels(stream).set(length)
             if length > self.settings.stream_maxlen:
-                log.warning("stream past its length bound with entries not yet processed; kept (back-pressure)",
-                            extra={"stage": self.group, "stream": stream, "length": length,
-                                   "bound": self.settings.stream_maxlen, "trimmed": trimmed})
+                log.warning(
+                    "stream past its length bound with entries not yet processed; kept (back-pressure)",
+                    extra={
+                        "stage": self.group,
+                        "stream": stream,
+                        "length": length,
+                        "bound": self.settings.stream_maxlen,
+                        "trimmed": trimmed,
+                    },
+                )
 
     def _retention_s(self, stream: str) -> int:
         carries_faces = self.partitions.base_name(stream) in IMAGE_STREAMS
@@ -720,9 +797,11 @@ def _described(entry: Entry) -> dict[bytes, bytes]:
     """What a dead letter keeps of its entry: which frame it was (type, FrameRef), its size and
     digest — never its bytes, which are face images and chips (biometric data, item 11)."""
     body = entry.fields.get(FIELD, b"")
-    described = {b"bytes": str(sum(len(v) for v in entry.fields.values())).encode(),
-                 b"sha256": hashlib.sha256(body).hexdigest().encode(),
-                 b"fields": b",".join(sorted(entry.fields))}
+    described = {
+        b"bytes": str(sum(len(v) for v in entry.fields.values())).encode(),
+        b"sha256": hashlib.sha256(body).hexdigest().encode(),
+        b"fields": b",".join(sorted(entry.fields)),
+    }
     message = _decoded(entry)
     if message is not None:
         described[b"type"] = message.TYPE.encode()

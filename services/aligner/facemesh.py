@@ -39,15 +39,74 @@ Box = tuple[float, float, float, float]  # x1, y1, x2, y2 in pixels
 # halves the jaw error of the commonly quoted mapping. Checked on the separate landmarks/ set.
 MESH_TO_IBUG68: np.ndarray = np.array(
     [
-        127, 234, 147, 215, 172, 136, 149, 148, 152, 400, 378, 365, 367, 435, 376, 454, 356,  # jaw 0–16
-        70, 63, 105, 66, 55,  # image-left brow 17–21
-        285, 296, 334, 293, 383,  # image-right brow 22–26
-        168, 197, 5, 4,  # nose bridge 27–30 (30: tip)
-        75, 97, 2, 326, 305,  # nostrils 31–35
-        33, 160, 158, 133, 153, 144,  # image-left eye 36–41
-        362, 385, 387, 263, 373, 380,  # image-right eye 42–47
-        61, 39, 37, 0, 267, 269, 291, 321, 314, 17, 84, 91,  # outer lips 48–59
-        78, 82, 13, 268, 308, 317, 14, 87,  # inner lips 60–67
+        127,
+        234,
+        147,
+        215,
+        172,
+        136,
+        149,
+        148,
+        152,
+        400,
+        378,
+        365,
+        367,
+        435,
+        376,
+        454,
+        356,  # jaw 0–16
+        70,
+        63,
+        105,
+        66,
+        55,  # image-left brow 17–21
+        285,
+        296,
+        334,
+        293,
+        383,  # image-right brow 22–26
+        168,
+        197,
+        5,
+        4,  # nose bridge 27–30 (30: tip)
+        75,
+        97,
+        2,
+        326,
+        305,  # nostrils 31–35
+        33,
+        160,
+        158,
+        133,
+        153,
+        144,  # image-left eye 36–41
+        362,
+        385,
+        387,
+        263,
+        373,
+        380,  # image-right eye 42–47
+        61,
+        39,
+        37,
+        0,
+        267,
+        269,
+        291,
+        321,
+        314,
+        17,
+        84,
+        91,  # outer lips 48–59
+        78,
+        82,
+        13,
+        268,
+        308,
+        317,
+        14,
+        87,  # inner lips 60–67
     ],
     dtype=np.int64,
 )
@@ -229,7 +288,10 @@ class FaceMesh:
         return self._pass(crops, squares) if crops else []
 
     def _pass(self, crops: Sequence[np.ndarray], squares: Sequence[FaceSquare]) -> list[MeshResult]:
-        batch = np.stack([warp_square(c, s, INPUT_SIZE) for c, s in zip(crops, squares, strict=True)]).astype(np.float32) / 255.0
+        batch = (
+            np.stack([warp_square(c, s, INPUT_SIZE) for c, s in zip(crops, squares, strict=True)]).astype(np.float32)
+            / 255.0
+        )
         out = run_batched(self._model, batch, self.max_batch, [self._mesh_out, self._score_out])
         meshes = out[self._mesh_out].reshape(len(crops), 468, 3)
         scores = out[self._score_out].reshape(len(crops))

@@ -58,7 +58,12 @@ class PassiveLiveness:
     def predict_squares(self, crops: Sequence[np.ndarray], squares: Sequence[FaceSquare]) -> list[LivenessScores]:
         if not crops:
             return []
-        rgb = np.stack([warp_square(c, s, ANTISPOOF_SIZE) for c, s in zip(crops, squares, strict=True)]).astype(np.float32) / 255.0
+        rgb = (
+            np.stack([warp_square(c, s, ANTISPOOF_SIZE) for c, s in zip(crops, squares, strict=True)]).astype(
+                np.float32
+            )
+            / 255.0
+        )
         spoof = run_batched(self._antispoof, rgb, self.max_batch)
         (spoof_out,) = spoof.values()
         bgr = np.stack([warp_square(c, s, LIVENESS_SIZE)[..., ::-1] for c, s in zip(crops, squares, strict=True)])

@@ -92,8 +92,11 @@ class AlignerStage(PipeStage):
         extra: dict[str, Any] = {}
         if attributes is not None and self.attributes is not None:
             models["attributes"] = self.attributes.model_id
-            extra.update(age=round(attributes.age_years, 1), gender=attributes.gender,
-                         gender_confidence=round(attributes.gender_confidence, 3))
+            extra.update(
+                age=round(attributes.age_years, 1),
+                gender=attributes.gender,
+                gender_confidence=round(attributes.gender_confidence, 3),
+            )
         if liveness is not None and self.liveness is not None:
             models["passive_liveness"] = self.liveness.model_id
             extra.update(antispoof=round(liveness.antispoof, 4), liveness=round(liveness.liveness, 4))

@@ -194,7 +194,9 @@ class ArchiverStage(Stage):
         if self._given_store is not None:
             self.store = self._given_store
         elif not self.settings.archive_url:
-            raise ValueError("FACEPAY_ARCHIVE_URL is not set: the archiver needs an archive (s3://bucket or http://host:port/bucket)")
+            raise ValueError(
+                "FACEPAY_ARCHIVE_URL is not set: the archiver needs an archive (s3://bucket or http://host:port/bucket)"
+            )
         else:
             self.store = ArchiveStore.from_settings(ArchiveSettings.from_facepay(self.settings))
         self.redis = connect(self.settings.redis_url)
@@ -245,8 +247,14 @@ class ArchiverStage(Stage):
         except Exception:  # the next turn retries; the archive stays as it was
             log.exception("archive retention sweep failed")
             return
-        log.info("archive retention sweep", extra={"deleted_sessions": report.deleted_sessions,
-                                                   "deleted_entries": report.deleted_entries, "cutoff_ms": report.cutoff_ms})
+        log.info(
+            "archive retention sweep",
+            extra={
+                "deleted_sessions": report.deleted_sessions,
+                "deleted_entries": report.deleted_entries,
+                "cutoff_ms": report.cutoff_ms,
+            },
+        )
 
     # ---- keys ------------------------------------------------------------------------------
     def _stream(self, tap: str, key: str) -> str:
@@ -257,8 +265,11 @@ class ArchiverStage(Stage):
         """The session's index keys, in its partition's slot: staged set, archived marker, and
         the partition's open sessions."""
         p = self.partitions
-        return [p.session_key(key, GROUP, "staged", key), p.session_key(key, GROUP, "archived", key),
-                p.session_key(key, GROUP, "open")]
+        return [
+            p.session_key(key, GROUP, "staged", key),
+            p.session_key(key, GROUP, "archived", key),
+            p.session_key(key, GROUP, "open"),
+        ]
 
     def _ensure_group(self, stream: str) -> None:
         try:
@@ -278,8 +289,12 @@ class ArchiverStage(Stage):
             pipe = self.redis.pipeline(transaction=False)
             for stream in streams:
                 pipe.xreadgroup(GROUP, self.consumer, {stream: ">"}, count=count)
-            entries = [(_text(stream), eid, fields) for reply in pipe.execute()
-                       for stream, items in (reply or []) for eid, fields in items]
+            entries = [
+                (_text(stream), eid, fields)
+                for reply in pipe.execute()
+                for stream, items in (reply or [])
+                for eid, fields in items
+            ]
             if not entries:
                 return
             self._index(entries)
@@ -295,8 +310,10 @@ class ArchiverStage(Stage):
                 continue
             key = session_key(ref.store_id, ref.session_id)
             if self._stream(tap, key) != stream:  # no stage writes there: not gathered, not kept
-                log.error("tap entry outside its session's partition: left out of the archive",
-                          extra={"session_id": key, "stream": stream, "entry": entry_id.decode()})
+                log.error(
+                    "tap entry outside its session's partition: left out of the archive",
+                    extra={"session_id": key, "stream": stream, "entry": entry_id.decode()},
+                )
                 metrics.ARCHIVE_LEFT_OUT.labels(tap).inc()
                 pipe.xack(stream, GROUP, entry_id)
                 continue
@@ -322,8 +339,14 @@ class ArchiverStage(Stage):
         while streams:  # one pipelined round over every partition of every tap (a round trip per node)
             pipe = self.redis.pipeline(transaction=False)
             for stream in streams:
-                pipe.xautoclaim(stream, GROUP, self.consumer, self.settings.claim_idle_ms, self._claim_cursor[stream],
-                                count=READ_COUNT)
+                pipe.xautoclaim(
+                    stream,
+                    GROUP,
+                    self.consumer,
+                    self.settings.claim_idle_ms,
+                    self._claim_cursor[stream],
+                    count=READ_COUNT,
+                )
             unfinished = []
             for stream, (cursor, claimed, *_) in zip(streams, pipe.execute(), strict=True):
                 self._claim_cursor[stream] = _text(cursor)
@@ -345,8 +368,10 @@ class ArchiverStage(Stage):
                 key = _text(found)
                 released = self._release(key, "released")
                 metrics.ARCHIVED.labels("released_undecided").inc()
-                log.warning("session never decided: its entries are released unarchived",
-                            extra={"session_id": key, "entries": released})
+                log.warning(
+                    "session never decided: its entries are released unarchived",
+                    extra={"session_id": key, "entries": released},
+                )
 
     def _oldest_waiting_decision_ms(self) -> int:
         """Redis time (ms) of the oldest decision not yet archived, in any partition; 'infinity'
@@ -387,8 +412,10 @@ class ArchiverStage(Stage):
         self._archive(session, key)
         released = self._release(key, "archived")
         metrics.ARCHIVED.labels("missing_frames" if missing else "complete").inc()
-        log.info("session archived", extra={"session_id": key, "frames": len(session.frames), "entries": released,
-                                            "missing_frames": missing})
+        log.info(
+            "session archived",
+            extra={"session_id": key, "frames": len(session.frames), "entries": released, "missing_frames": missing},
+        )
 
     @staticmethod
     def _tenant(decision: DecisionMsg, event: dict) -> str:
@@ -404,10 +431,16 @@ class ArchiverStage(Stage):
             self._held_logged[tenant] = (last, tries + 1)
         else:
             self._held_logged[tenant] = (time.monotonic(), 0)
-            log.error("no archive key for the tenant: its sessions are held (pending, frames kept) until its key is added "
-                      "to FACEPAY_ARCHIVE_KEYS_FILE; other tenants are archived meanwhile",
-                      extra={"session_id": key, "tenant": tenant, "held_tries_since_last_report": tries,
-                             "error": why or f"tenant {tenant!r} not in the keys file"})
+            log.error(
+                "no archive key for the tenant: its sessions are held (pending, frames kept) until its key is added "
+                "to FACEPAY_ARCHIVE_KEYS_FILE; other tenants are archived meanwhile",
+                extra={
+                    "session_id": key,
+                    "tenant": tenant,
+                    "held_tries_since_last_report": tries,
+                    "error": why or f"tenant {tenant!r} not in the keys file",
+                },
+            )
         raise EntryDeferred(f"no archive key for tenant {tenant!r}; session {key} held")
 
     @staticmethod
@@ -453,8 +486,10 @@ class ArchiverStage(Stage):
                 message = self._verified(tap, self._stream(tap, key), found[0][1])
             except (Unauthenticated, MalformedMessage) as refused:
                 metrics.ARCHIVE_LEFT_OUT.labels(tap).inc()
-                log.error("entry left out of the archive: it does not verify",
-                          extra={"session_id": key, "entry": member, "error": str(refused)})
+                log.error(
+                    "entry left out of the archive: it does not verify",
+                    extra={"session_id": key, "entry": member, "error": str(refused)},
+                )
                 continue
             if (message.ref.store_id, message.ref.session_id) != (store_id, session_id):
                 continue
@@ -481,16 +516,25 @@ class ArchiverStage(Stage):
     def _session(self, decision: DecisionMsg, event: dict, gathered: Gathered) -> ArchivedSession:
         ref = decision.ref
         scores = {int(f.get("sequence", -1)): f for f in decision.frames}
-        frames = [self._frame(seq, gathered.frames.get(seq, {}), scores.get(seq, {}))
-                  for seq in sorted(set(gathered.frames) | set(scores))]
+        frames = [
+            self._frame(seq, gathered.frames.get(seq, {}), scores.get(seq, {}))
+            for seq in sorted(set(gathered.frames) | set(scores))
+        ]
         first_ms = min((f.received_ms for f in frames if f.received_ms), default=int(event.get("first_frame_ms") or 0))
         return ArchivedSession(
-            session_id=ref.session_id, tenant=self._tenant(decision, event),
-            store=ref.store_id, camera=ref.camera_id, first_frame_ms=first_ms,
+            session_id=ref.session_id,
+            tenant=self._tenant(decision, event),
+            store=ref.store_id,
+            camera=ref.camera_id,
+            first_frame_ms=first_ms,
             decided_ms=int(event.get("decided_at_ms") or 0),
             decision=SignedDecision(decision.payload, decision.signature, decision.key_id),
-            models=dict(event.get("model_ids") or {}), threshold=float(event.get("threshold") or 0.0),
-            policy=dict(decision.policy), frames=frames, frame_count=gathered.frame_count)
+            models=dict(event.get("model_ids") or {}),
+            threshold=float(event.get("threshold") or 0.0),
+            policy=dict(decision.policy),
+            frames=frames,
+            frame_count=gathered.frame_count,
+        )
 
     @staticmethod
     def _frame(sequence: int, stages: dict[str, Message], scores: dict) -> ArchivedFrame:
@@ -506,10 +550,18 @@ class ArchiverStage(Stage):
         top_k = [Candidate(scores["top_user"], float(scores["top_score"]))] if scores.get("top_user") else []
         liveness = {}
         if isinstance(aligned, AlignedMsg):
-            liveness = {k: float(v) for k, v in (("antispoof", aligned.antispoof), ("liveness", aligned.liveness)) if v is not None}
+            liveness = {
+                k: float(v)
+                for k, v in (("antispoof", aligned.antispoof), ("liveness", aligned.liveness))
+                if v is not None
+            }
         return ArchivedFrame(
-            index=sequence, received_ms=ref.received_ms if ref else 0, image=image, image_format=image_format(image),
-            captured_ms=ref.captured_ms if ref else 0, phone_suffix=ref.phone_suffix if ref else "",
+            index=sequence,
+            received_ms=ref.received_ms if ref else 0,
+            image=image,
+            image_format=image_format(image),
+            captured_ms=ref.captured_ms if ref else 0,
+            phone_suffix=ref.phone_suffix if ref else "",
             face_box=_box(face.frame_box) if isinstance(face, FaceMsg) else None,
             face_points=[_point(p) for p in face.points5] if isinstance(face, FaceMsg) else None,
             detector_score=float(face.score) if isinstance(face, FaceMsg) else None,
@@ -521,9 +573,11 @@ class ArchiverStage(Stage):
             yaw=posed.yaw if isinstance(posed, PosedMsg) else None,
             roll=posed.roll if isinstance(posed, PosedMsg) else None,
             eligible=posed.eligible if isinstance(posed, PosedMsg) else None,
-            top_k=top_k, second_score=float(scores["second_score"]) if "second_score" in scores else None,
+            top_k=top_k,
+            second_score=float(scores["second_score"]) if "second_score" in scores else None,
             embedding=[float(x) for x in embedding.vector] if isinstance(embedding, EmbeddingMsg) else None,
-            rejection=rejection or (scores.get("reason") or None))
+            rejection=rejection or (scores.get("reason") or None),
+        )
 
     def _archive(self, session: ArchivedSession, key: str) -> None:
         """Archive, or hold the decision back (StageBacklog) while the archive cannot take it."""
@@ -538,7 +592,9 @@ class ArchiverStage(Stage):
             self._defer_without_tenant_key(key, session.tenant, str(exc))
         except ArchiveAccessDenied as exc:
             # Waiting will not fix these, but releasing would lose the session: hold, loudly.
-            log.error("archive refuses the session; held until an operator acts", extra={"session_id": key, "error": str(exc)})
+            log.error(
+                "archive refuses the session; held until an operator acts", extra={"session_id": key, "error": str(exc)}
+            )
             raise StageBacklog(f"archive refuses session {key}: {exc}") from exc
         except ArchiveError as exc:  # contention: retry
             raise StageBacklog(f"archive busy; session {key} held: {exc}") from exc
@@ -560,9 +616,11 @@ class ArchiverStage(Stage):
         except ArchiveError as exc:
             raise StageBacklog(f"archive refuses session {key} and its quarantine: {exc}") from exc
         metrics.ARCHIVE_QUARANTINED.labels(session.tenant, session.store).inc()
-        log.error("store's archive chain refuses appends (tampered or unreadable): session kept outside the chain "
-                  "(quarantined) until the chain is restored; run `facepay audit verify`",
-                  extra={"session_id": key, "tenant": session.tenant, "store": session.store, "error": str(refused)})
+        log.error(
+            "store's archive chain refuses appends (tampered or unreadable): session kept outside the chain "
+            "(quarantined) until the chain is restored; run `facepay audit verify`",
+            extra={"session_id": key, "tenant": session.tenant, "store": session.store, "error": str(refused)},
+        )
 
     def _drain_quarantine_when_due(self) -> None:
         """Chain quarantined sessions whose store's chain takes appends again; one replica per
@@ -577,5 +635,7 @@ class ArchiverStage(Stage):
             log.warning("quarantined sessions not drained this turn", extra={"error": str(exc)})
             return
         for session_id in chained:
-            log.warning("quarantined session chained: its store's chain takes appends again", extra={"session_id": session_id})
+            log.warning(
+                "quarantined session chained: its store's chain takes appends again", extra={"session_id": session_id}
+            )
         metrics.ARCHIVED.labels("chained_from_quarantine").inc(len(chained))

@@ -134,8 +134,12 @@ class BlazeFace:
             box = (box.reshape(2, 2) - offset) / scale
             points6 = (points6 - offset) / scale
             x1, y1, x2, y2 = _mtcnn_convention(box.ravel())
-            clipped = (float(np.clip(x1, 0, width)), float(np.clip(y1, 0, height)),
-                       float(np.clip(x2, 0, width)), float(np.clip(y2, 0, height)))
+            clipped = (
+                float(np.clip(x1, 0, width)),
+                float(np.clip(y1, 0, height)),
+                float(np.clip(x2, 0, width)),
+                float(np.clip(y2, 0, height)),
+            )
             if clipped[2] - clipped[0] < self.min_face_size * 0.5 or clipped[3] - clipped[1] < 1:
                 continue
             faces.append(DetectedFace(clipped, float(score), five_points(points6)))
@@ -188,8 +192,10 @@ def _without_nested(merged: list[tuple[np.ndarray, np.ndarray, float]]) -> list[
     kept: list[tuple[np.ndarray, np.ndarray, float]] = []
     for box, points, score in merged:  # best first
         area = max((box[2] - box[0]) * (box[3] - box[1]), 1e-9)
-        inside = [max(min(box[2], k[2]) - max(box[0], k[0]), 0) * max(min(box[3], k[3]) - max(box[1], k[1]), 0)
-                  / area for k, _, _ in kept]
+        inside = [
+            max(min(box[2], k[2]) - max(box[0], k[0]), 0) * max(min(box[3], k[3]) - max(box[1], k[1]), 0) / area
+            for k, _, _ in kept
+        ]
         if not inside or max(inside) <= NESTED_OVERLAP:
             kept.append((box, points, score))
     return kept
@@ -211,10 +217,12 @@ def _weighted_nms(
         overlap = inter / np.maximum(areas[best] + areas[order] - inter, 1e-9)
         cluster = order[overlap > iou]
         weights = scores[cluster] / scores[cluster].sum()
-        merged.append((
-            (boxes[cluster] * weights[:, None]).sum(axis=0),
-            (keypoints[cluster] * weights[:, None, None]).sum(axis=0),
-            float(scores[best]),
-        ))
+        merged.append(
+            (
+                (boxes[cluster] * weights[:, None]).sum(axis=0),
+                (keypoints[cluster] * weights[:, None, None]).sum(axis=0),
+                float(scores[best]),
+            )
+        )
         order = order[overlap <= iou]
     return merged

@@ -146,8 +146,12 @@ class SCRFD:
         faces = []
         for i in keep:
             x1, y1, x2, y2 = all_boxes[i]
-            box = (float(np.clip(x1, 0, width)), float(np.clip(y1, 0, height)),
-                   float(np.clip(x2, 0, width)), float(np.clip(y2, 0, height)))
+            box = (
+                float(np.clip(x1, 0, width)),
+                float(np.clip(y1, 0, height)),
+                float(np.clip(x2, 0, width)),
+                float(np.clip(y2, 0, height)),
+            )
             if box[2] - box[0] < self.min_face_size * 0.5 or box[3] - box[1] < 1:
                 continue
             faces.append(DetectedFace(box, float(all_scores[i]), all_points[i].astype(np.float32)))
@@ -207,4 +211,3 @@ def nms(boxes: np.ndarray, scores: np.ndarray, iou: float) -> list[int]:
         overlap = inter / np.maximum(areas[best] + areas[rest] - inter, 1e-9)
         order = rest[overlap <= iou]
     return keep
-

@@ -80,6 +80,10 @@ class CameraRegistry:
 
     def backend(self, store_id: str, token: str) -> Store:
         store = self.stores.get(store_id)
-        if store is None or not store.backend_token or not hmac.compare_digest(store.backend_token.encode(), token.encode()):
+        if (
+            store is None
+            or not store.backend_token
+            or not hmac.compare_digest(store.backend_token.encode(), token.encode())
+        ):
             raise AccessDenied(True, "unknown store or wrong backend token")
         return store

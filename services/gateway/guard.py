@@ -60,6 +60,7 @@ class FrameRefused(Exception):
 
 # ---- Redis errors as gRPC statuses ----------------------------------------------------------
 
+
 @contextlib.contextmanager
 def redis_errors_as_status(client: redis.Redis, what: str) -> Iterator[None]:
     """Full, read-only, loading or unreachable Redis: back-pressure the camera retries."""
@@ -67,21 +68,30 @@ def redis_errors_as_status(client: redis.Redis, what: str) -> Iterator[None]:
         yield
     except redis.exceptions.OutOfMemoryError as exc:
         metrics.FRAMES_REJECTED.labels("RESOURCE_EXHAUSTED").inc()
-        raise FrameRefused(grpc.StatusCode.RESOURCE_EXHAUSTED, f"{what}: the queue is full, retry later ({exc})") from exc
+        raise FrameRefused(
+            grpc.StatusCode.RESOURCE_EXHAUSTED, f"{what}: the queue is full, retry later ({exc})"
+        ) from exc
     except redis.exceptions.ReadOnlyError as exc:
         # After a failover this connection points at a replica: reconnect on the next call
         # (a DNS name or a sentinel-managed address then reaches the new primary).
         reset_connections(client)
         metrics.FRAMES_REJECTED.labels("UNAVAILABLE").inc()
         raise FrameRefused(grpc.StatusCode.UNAVAILABLE, f"{what}: the queue is read-only (failover), retry") from exc
-    except (redis.ConnectionError, redis.TimeoutError, redis.exceptions.ClusterError, redis.exceptions.TryAgainError,
-            redis.exceptions.AskError, redis.exceptions.RedisClusterException) as exc:
+    except (
+        redis.ConnectionError,
+        redis.TimeoutError,
+        redis.exceptions.ClusterError,
+        redis.exceptions.TryAgainError,
+        redis.exceptions.AskError,
+        redis.exceptions.RedisClusterException,
+    ) as exc:
         # BusyLoadingError is a ConnectionError; on a cluster: a failover or a slot moving
         metrics.FRAMES_REJECTED.labels("UNAVAILABLE").inc()
         raise FrameRefused(grpc.StatusCode.UNAVAILABLE, f"{what}: queue unavailable, retry: {exc}") from exc
 
 
 # ---- who is calling --------------------------------------------------------------------------
+
 
 @dataclass(frozen=True)
 class Caller:
@@ -108,6 +118,7 @@ def authenticate(method: str, metadata: dict[str, str], settings: Settings, regi
 
 # ---- concurrency shares ------------------------------------------------------------------------
 
+
 class Shares:
     """Counts of calls in progress per share; admission takes one slot of every share or none."""
 
@@ -119,13 +130,20 @@ class Shares:
     def _limits(self, caller: Caller, peer: str) -> list[tuple[str, int, str]]:
         s = self.settings
         if caller.kind == "health":  # a reserve of its own, and no one address can hold all of it
-            return [("health", s.grpc_health_reserved_calls, "health checks"),
-                    (f"health:{peer}", max(1, s.grpc_health_reserved_calls // 2), f"health checks from {peer}")]
-        limits = [("all", s.gateway_threads, "the gateway's calls"), (f"peer:{peer}", s.grpc_max_calls_per_peer, f"calls from {peer}")]
+            return [
+                ("health", s.grpc_health_reserved_calls, "health checks"),
+                (f"health:{peer}", max(1, s.grpc_health_reserved_calls // 2), f"health checks from {peer}"),
+            ]
+        limits = [
+            ("all", s.gateway_threads, "the gateway's calls"),
+            (f"peer:{peer}", s.grpc_max_calls_per_peer, f"calls from {peer}"),
+        ]
         if caller.kind == "camera":
             limits.append((f"camera:{caller.name}", s.grpc_max_calls_per_camera, f"calls of camera {caller.name}"))
         elif caller.kind == "backend":
-            limits.append((f"backend:{caller.name}", s.grpc_max_calls_per_backend, f"backend calls of store {caller.name}"))
+            limits.append(
+                (f"backend:{caller.name}", s.grpc_max_calls_per_backend, f"backend calls of store {caller.name}")
+            )
         return limits
 
     def admit(self, caller: Caller, peer: str) -> Callable[[], None]:
@@ -134,7 +152,9 @@ class Shares:
         with self.lock:
             for key, limit, what in limits:
                 if self.active[key] >= limit:
-                    raise FrameRefused(grpc.StatusCode.RESOURCE_EXHAUSTED, f"too many concurrent {what} (limit {limit}), retry later")
+                    raise FrameRefused(
+                        grpc.StatusCode.RESOURCE_EXHAUSTED, f"too many concurrent {what} (limit {limit}), retry later"
+                    )
             for key, _, _ in limits:
                 self.active[key] += 1
         released = threading.Event()
@@ -163,14 +183,18 @@ def peer_address(context: grpc.ServicerContext) -> str:
 
 def check_certificate_names(camera_id: str, context: grpc.ServicerContext) -> None:
     """A camera that presented a client certificate speaks only as the camera it names."""
-    names = {n.decode() for key in ("x509_common_name", "x509_subject_alternative_name")
-             for n in context.auth_context().get(key, [])}
+    names = {
+        n.decode()
+        for key in ("x509_common_name", "x509_subject_alternative_name")
+        for n in context.auth_context().get(key, [])
+    }
     if names and camera_id not in names:
         metrics.FRAMES_REJECTED.labels("PERMISSION_DENIED").inc()
         context.abort(grpc.StatusCode.PERMISSION_DENIED, f"the client certificate does not name camera {camera_id}")
 
 
 # ---- idle calls ------------------------------------------------------------------------------
+
 
 class IdleWatch:
     """Ends calls that wait longer than the idle timeout for the client's next message."""
@@ -211,8 +235,10 @@ class IdleWatch:
 
 # ---- the interceptor -------------------------------------------------------------------------
 
+
 def _refusing(handler: grpc.RpcMethodHandler, code: grpc.StatusCode, message: str) -> grpc.RpcMethodHandler:
     """A handler that answers `code` without reading a single message."""
+
     def refuse(_requests, context):
         context.abort(code, message)
 
@@ -275,11 +301,14 @@ class Guard(grpc.ServerInterceptor):
             request = next(requests, None)
             if request is None:
                 release()
-                context.abort(grpc.StatusCode.CANCELLED if context.is_active() else grpc.StatusCode.DEADLINE_EXCEEDED,
-                              f"no request within {self.settings.grpc_idle_timeout_s:g} s")
+                context.abort(
+                    grpc.StatusCode.CANCELLED if context.is_active() else grpc.StatusCode.DEADLINE_EXCEEDED,
+                    f"no request within {self.settings.grpc_idle_timeout_s:g} s",
+                )
             return release, request
 
         if handler.response_streaming:
+
             def run_streaming(requests, context):
                 release, argument = start(requests, context)
                 try:
@@ -287,7 +316,9 @@ class Guard(grpc.ServerInterceptor):
                 finally:
                     release()
 
-            return grpc.stream_stream_rpc_method_handler(run_streaming, handler.request_deserializer, handler.response_serializer)
+            return grpc.stream_stream_rpc_method_handler(
+                run_streaming, handler.request_deserializer, handler.response_serializer
+            )
 
         def run_unary(requests, context):
             release, argument = start(requests, context)
@@ -296,7 +327,9 @@ class Guard(grpc.ServerInterceptor):
             finally:
                 release()
 
-        return grpc.stream_unary_rpc_method_handler(run_unary, handler.request_deserializer, handler.response_serializer)
+        return grpc.stream_unary_rpc_method_handler(
+            run_unary, handler.request_deserializer, handler.response_serializer
+        )
 
 
 def max_message_bytes(settings: Settings) -> int:
@@ -304,6 +337,7 @@ def max_message_bytes(settings: Settings) -> int:
 
 
 # ---- frames: per-camera rate, queue back-pressure, sessions --------------------------------------
+
 
 class TokenBucket:
     def __init__(self, rate: float, burst: int) -> None:
@@ -338,8 +372,10 @@ class FrameLimits:
                 bucket = self.buckets.setdefault(camera_id, TokenBucket(s.camera_max_fps, max(s.camera_burst, 1)))
                 allowed = bucket.take()
             if not allowed:
-                raise FrameRefused(grpc.StatusCode.RESOURCE_EXHAUSTED,
-                                   f"camera {camera_id} is over its frame rate of {s.camera_max_fps:g}/s, retry later")
+                raise FrameRefused(
+                    grpc.StatusCode.RESOURCE_EXHAUSTED,
+                    f"camera {camera_id} is over its frame rate of {s.camera_max_fps:g}/s, retry later",
+                )
         refusal = self._queue_refusal()
         if refusal:
             raise FrameRefused(grpc.StatusCode.RESOURCE_EXHAUSTED, refusal)
@@ -362,8 +398,10 @@ class FrameLimits:
                 memory = self.redis.info("memory")
                 used, ceiling = int(memory["used_memory"]), int(memory.get("maxmemory") or 0)
                 if s.queue_max_memory_ratio > 0 and ceiling and used > s.queue_max_memory_ratio * ceiling:
-                    return (f"queue memory {used >> 20} MiB is above {s.queue_max_memory_ratio:.0%} of Redis maxmemory "
-                            f"({ceiling >> 20} MiB): the pipeline is behind, retry later")
+                    return (
+                        f"queue memory {used >> 20} MiB is above {s.queue_max_memory_ratio:.0%} of Redis maxmemory "
+                        f"({ceiling >> 20} MiB): the pipeline is behind, retry later"
+                    )
                 if s.queue_max_memory_bytes > 0 and used > s.queue_max_memory_bytes:
                     return f"queue memory {used >> 20} MiB is above the budget of {s.queue_max_memory_bytes >> 20} MiB, retry later"
             if s.queue_max_lag > 0:
@@ -384,8 +422,9 @@ class FrameLimits:
         return total
 
 
-def check_session(client: redis.Redis, settings: Settings, decided_key: str, store_id: str, session_id: str,
-                  frame: bool) -> None:
+def check_session(
+    client: redis.Redis, settings: Settings, decided_key: str, store_id: str, session_id: str, frame: bool
+) -> None:
     """Refuse frames for a decided session, and work beyond the per-session frame and time caps.
     An end marker for a decided session is still taken: after an early decision it is the
     camera's normal last word, and the recognizer ignores it."""
@@ -402,11 +441,16 @@ def check_session(client: redis.Redis, settings: Settings, decided_key: str, sto
         pipe.expire(counters, int(settings.session_max_duration_s) + 3600)
         decided, _, frames, first_ms, _ = pipe.execute()
     if decided and frame:
-        raise FrameRefused(grpc.StatusCode.FAILED_PRECONDITION,
-                           f"session {session_id} already decided: start a new session id")
+        raise FrameRefused(
+            grpc.StatusCode.FAILED_PRECONDITION, f"session {session_id} already decided: start a new session id"
+        )
     if frame and frames > settings.session_max_frames:
-        raise FrameRefused(grpc.StatusCode.FAILED_PRECONDITION,
-                           f"session {session_id} already has {settings.session_max_frames} frames: start a new session id")
+        raise FrameRefused(
+            grpc.StatusCode.FAILED_PRECONDITION,
+            f"session {session_id} already has {settings.session_max_frames} frames: start a new session id",
+        )
     if (now_ms - int(first_ms)) / 1000 > settings.session_max_duration_s:
-        raise FrameRefused(grpc.StatusCode.FAILED_PRECONDITION,
-                           f"session {session_id} has lasted longer than {settings.session_max_duration_s:g} s: start a new session id")
+        raise FrameRefused(
+            grpc.StatusCode.FAILED_PRECONDITION,
+            f"session {session_id} has lasted longer than {settings.session_max_duration_s:g} s: start a new session id",
+        )

@@ -78,7 +78,9 @@ class Gateway(rpc.FaceGatewayServicer):
             try:
                 if body == "frame":
                     entry_id = self._queue_frame(camera, message.frame)
-                    yield pb.FrameAck(session_id=message.frame.session_id, sequence=message.frame.sequence, entry_id=entry_id)
+                    yield pb.FrameAck(
+                        session_id=message.frame.session_id, sequence=message.frame.sequence, entry_id=entry_id
+                    )
                 elif body == "end":
                     entry_id = self._queue_end(camera, message.end)
                     yield pb.FrameAck(session_id=message.end.session_id, sequence=-1, entry_id=entry_id)
@@ -86,8 +88,12 @@ class Gateway(rpc.FaceGatewayServicer):
                     raise FrameRefused(grpc.StatusCode.INVALID_ARGUMENT, "empty CameraMessage")
             except FrameRefused as refused:
                 frame = getattr(message, body) if body else None
-                yield pb.FrameAck(session_id=getattr(frame, "session_id", ""), sequence=getattr(frame, "sequence", -1),
-                                  code=refused.code.value[0], message=str(refused))
+                yield pb.FrameAck(
+                    session_id=getattr(frame, "session_id", ""),
+                    sequence=getattr(frame, "sequence", -1),
+                    code=refused.code.value[0],
+                    message=str(refused),
+                )
 
     def SubmitFrame(self, request, context):
         camera = self._camera(context)
@@ -116,10 +122,14 @@ class Gateway(rpc.FaceGatewayServicer):
 
     def _check_origin(self, camera: Camera, camera_id: str, store_id: str, session_id: str) -> None:
         if camera_id and camera_id != camera.camera_id:
-            raise FrameRefused(grpc.StatusCode.PERMISSION_DENIED, f"camera {camera.camera_id} cannot submit as {camera_id}")
+            raise FrameRefused(
+                grpc.StatusCode.PERMISSION_DENIED, f"camera {camera.camera_id} cannot submit as {camera_id}"
+            )
         if store_id != camera.store.store_id:
-            raise FrameRefused(grpc.StatusCode.PERMISSION_DENIED,
-                               f"camera {camera.camera_id} belongs to store {camera.store.store_id}, not {store_id!r}")
+            raise FrameRefused(
+                grpc.StatusCode.PERMISSION_DENIED,
+                f"camera {camera.camera_id} belongs to store {camera.store.store_id}, not {store_id!r}",
+            )
         if not SESSION_ID.match(session_id):
             raise FrameRefused(grpc.StatusCode.INVALID_ARGUMENT, "session_id must be 1-128 chars of [A-Za-z0-9._:-]")
 
@@ -127,24 +137,43 @@ class Gateway(rpc.FaceGatewayServicer):
         try:
             self._check_origin(camera, frame.camera_id, frame.store_id, frame.session_id)
             if not 0 <= frame.sequence < self.settings.session_max_frames:
-                raise FrameRefused(grpc.StatusCode.INVALID_ARGUMENT,
-                                   f"sequence must be 0 … {self.settings.session_max_frames - 1} (frames of one session)")
+                raise FrameRefused(
+                    grpc.StatusCode.INVALID_ARGUMENT,
+                    f"sequence must be 0 … {self.settings.session_max_frames - 1} (frames of one session)",
+                )
             if not PHONE_SUFFIX.match(frame.phone_suffix):
                 raise FrameRefused(grpc.StatusCode.INVALID_ARGUMENT, "phone_suffix must be at most 8 digits")
             try:
-                decode_image(frame.image, self.settings.max_image_bytes, self.settings.max_image_pixels,
-                             declared=(frame.width, frame.height))
+                decode_image(
+                    frame.image,
+                    self.settings.max_image_bytes,
+                    self.settings.max_image_pixels,
+                    declared=(frame.width, frame.height),
+                )
             except ImageError as bad:
                 raise FrameRefused(grpc.StatusCode.INVALID_ARGUMENT, f"frame {frame.sequence}: {bad}") from bad
             self.frame_limits.admit(camera.camera_id)
             self._check_session(camera, frame.session_id, frame=True)
         except FrameRefused as refused:
             metrics.FRAMES_REJECTED.labels(refused.code.name).inc()
-            log.info("frame refused", extra={"camera": camera.camera_id, "session_id": frame.session_id,
-                                             "code": refused.code.name, "error": str(refused)})
+            log.info(
+                "frame refused",
+                extra={
+                    "camera": camera.camera_id,
+                    "session_id": frame.session_id,
+                    "code": refused.code.name,
+                    "error": str(refused),
+                },
+            )
             raise
-        ref = self._ref(camera, frame.session_id, frame.sequence, frame.capture_time_ms, image=frame.image,
-                        phone_suffix=frame.phone_suffix)
+        ref = self._ref(
+            camera,
+            frame.session_id,
+            frame.sequence,
+            frame.capture_time_ms,
+            image=frame.image,
+            phone_suffix=frame.phone_suffix,
+        )
         entry_id = self._xadd(FrameMsg(ref=ref, image=frame.image))
         metrics.FRAMES_ACCEPTED.labels(camera.store.store_id).inc()
         return entry_id
@@ -152,7 +181,9 @@ class Gateway(rpc.FaceGatewayServicer):
     def _queue_end(self, camera: Camera, end) -> str:
         self._check_origin(camera, end.camera_id, end.store_id, end.session_id)
         if not 0 < end.frame_count <= self.settings.session_max_frames:
-            raise FrameRefused(grpc.StatusCode.INVALID_ARGUMENT, f"frame_count must be 1 … {self.settings.session_max_frames}")
+            raise FrameRefused(
+                grpc.StatusCode.INVALID_ARGUMENT, f"frame_count must be 1 … {self.settings.session_max_frames}"
+            )
         self._check_session(camera, end.session_id, frame=False)
         ref = self._ref(camera, end.session_id, -1, 0)
         return self._xadd(SessionEndMsg(ref=ref, frame_count=end.frame_count))
@@ -161,11 +192,20 @@ class Gateway(rpc.FaceGatewayServicer):
         key = decided_key(session_key(camera.store.store_id, session_id))
         check_session(self.redis, self.settings, key, camera.store.store_id, session_id, frame)
 
-    def _ref(self, camera: Camera, session_id: str, sequence: int, captured_ms: int, image: bytes | None = None,
-             **extra) -> FrameRef:
-        ref = FrameRef(session_id=session_id, store_id=camera.store.store_id, camera_id=camera.camera_id,
-                       sequence=sequence, captured_ms=captured_ms, tenant_id=camera.store.tenant,
-                       trace_id=uuid.uuid4().hex[:16], received_ms=int(time.time() * 1000), **extra)
+    def _ref(
+        self, camera: Camera, session_id: str, sequence: int, captured_ms: int, image: bytes | None = None, **extra
+    ) -> FrameRef:
+        ref = FrameRef(
+            session_id=session_id,
+            store_id=camera.store.store_id,
+            camera_id=camera.camera_id,
+            sequence=sequence,
+            captured_ms=captured_ms,
+            tenant_id=camera.store.tenant,
+            trace_id=uuid.uuid4().hex[:16],
+            received_ms=int(time.time() * 1000),
+            **extra,
+        )
         return attest(ref, self.keys.signer, image)
 
     def _xadd(self, message: Message) -> str:
@@ -183,7 +223,9 @@ class Gateway(rpc.FaceGatewayServicer):
     def Enroll(self, request, context):
         metadata = dict(context.invocation_metadata())
         token = metadata.get("authorization", "").removeprefix("Bearer ").strip()
-        if not self.settings.operator_token or not hmac.compare_digest(token.encode(), self.settings.operator_token.encode()):
+        if not self.settings.operator_token or not hmac.compare_digest(
+            token.encode(), self.settings.operator_token.encode()
+        ):
             _abort(context, grpc.StatusCode.UNAUTHENTICATED, "Enroll needs the operator token")
         if not request.user_id or not SESSION_ID.match(request.user_id):
             _abort(context, grpc.StatusCode.INVALID_ARGUMENT, "user_id must be 1-128 chars of [A-Za-z0-9._:-]")
@@ -210,9 +252,17 @@ class Gateway(rpc.FaceGatewayServicer):
         last = self.redis.xrevrange(results_stream, count=1)
         cursor = last[0][0] if last else b"0-0"
         now = int(time.time() * 1000)
-        common = dict(session_id=session_id, store_id="", camera_id="enroll", captured_ms=now, purpose=Purpose.ENROLL,
-                      user_id=request.user_id, tenant_id=request.tenant_id or "default",
-                      phone_suffix=request.metadata.get("phone_suffix", ""), received_ms=now)
+        common = dict(
+            session_id=session_id,
+            store_id="",
+            camera_id="enroll",
+            captured_ms=now,
+            purpose=Purpose.ENROLL,
+            user_id=request.user_id,
+            tenant_id=request.tenant_id or "default",
+            phone_suffix=request.metadata.get("phone_suffix", ""),
+            received_ms=now,
+        )
         for index, image in enumerate(request.images):
             self._xadd(FrameMsg(ref=attest(FrameRef(sequence=index, **common), self.keys.signer, image), image=image))
         end_ref = attest(FrameRef(sequence=-1, **common), self.keys.signer)
@@ -284,20 +334,40 @@ def _abort(context: grpc.ServicerContext, code: grpc.StatusCode, details: str) -
 
 
 def _enroll_response(result: dict) -> pb.EnrollResponse:
-    status = {EnrollmentStatus.ENROLLED: pb.EnrollResponse.ENROLLED, EnrollmentStatus.DUPLICATE: pb.EnrollResponse.DUPLICATE}.get(
-        result["status"], pb.EnrollResponse.REJECTED)
-    images = [pb.ImageVerdict(index=i["index"], accepted=i["accepted"],
-                              reason=reason_value(i["reason"]) if i["reason"] else pb.REASON_UNSPECIFIED, detail=i["reason"])
-              for i in result["images"]]
-    return pb.EnrollResponse(user_id=result["user_id"], status=status, images=images, model_id=result["model_id"],
-                             duplicate_of=result["duplicate_of"], duplicate_score=result["duplicate_score"])
+    status = {
+        EnrollmentStatus.ENROLLED: pb.EnrollResponse.ENROLLED,
+        EnrollmentStatus.DUPLICATE: pb.EnrollResponse.DUPLICATE,
+    }.get(result["status"], pb.EnrollResponse.REJECTED)
+    images = [
+        pb.ImageVerdict(
+            index=i["index"],
+            accepted=i["accepted"],
+            reason=reason_value(i["reason"]) if i["reason"] else pb.REASON_UNSPECIFIED,
+            detail=i["reason"],
+        )
+        for i in result["images"]
+    ]
+    return pb.EnrollResponse(
+        user_id=result["user_id"],
+        status=status,
+        images=images,
+        model_id=result["model_id"],
+        duplicate_of=result["duplicate_of"],
+        duplicate_score=result["duplicate_score"],
+    )
 
 
 class GatewayServer:
     """The gateway's gRPC server and, when configured, its health-only server."""
 
-    def __init__(self, main: grpc.Server, health_only: grpc.Server | None, guard: Guard,
-                 health: health.HealthServicer, settings: Settings) -> None:
+    def __init__(
+        self,
+        main: grpc.Server,
+        health_only: grpc.Server | None,
+        guard: Guard,
+        health: health.HealthServicer,
+        settings: Settings,
+    ) -> None:
         self.main, self.health_only, self.guard = main, health_only, guard
         self.health, self.settings = health, settings
 
@@ -308,8 +378,10 @@ class GatewayServer:
         grpc_stop_grace_s to finish. Returns an event set once the server has stopped."""
         for service in SERVING_SERVICES:
             self.health.set(service, health_pb2.HealthCheckResponse.NOT_SERVING)
-        log.info("gateway draining", extra={"drain_s": self.settings.grpc_drain_s,
-                                            "grace_s": self.settings.grpc_stop_grace_s})
+        log.info(
+            "gateway draining",
+            extra={"drain_s": self.settings.grpc_drain_s, "grace_s": self.settings.grpc_stop_grace_s},
+        )
         stopped = threading.Event()
 
         def stop_after_drain() -> None:
@@ -335,18 +407,21 @@ class GatewayServer:
 def serve(settings: Settings, registry: CameraRegistry) -> GatewayServer:
     credentials = server_credentials(settings)
     if credentials is None and not is_loopback(settings.grpc_address) and not settings.grpc_allow_plaintext:
-        raise ValueError(f"refusing to serve plaintext gRPC on {settings.grpc_address}: tokens and faces would cross the "
-                         "network in clear. Set FACEPAY_GRPC_TLS_CERT_FILE and FACEPAY_GRPC_TLS_KEY_FILE, or "
-                         "FACEPAY_GRPC_ALLOW_PLAINTEXT=1 when TLS is terminated in front of the gateway")
+        raise ValueError(
+            f"refusing to serve plaintext gRPC on {settings.grpc_address}: tokens and faces would cross the "
+            "network in clear. Set FACEPAY_GRPC_TLS_CERT_FILE and FACEPAY_GRPC_TLS_KEY_FILE, or "
+            "FACEPAY_GRPC_ALLOW_PLAINTEXT=1 when TLS is terminated in front of the gateway"
+        )
     # A camera stream, a subscription or an enrollment holds a thread while it lasts. The guard
     # admits calls into shares of gateway_threads (RESOURCE_EXHAUSTED at once beyond them); the
     # pool also holds the health checks' reserve and threads that answer refused calls.
     threads = settings.gateway_threads + settings.grpc_health_reserved_calls + REFUSAL_THREADS
     guard = Guard(settings, registry)
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=threads, thread_name_prefix="gateway"),
-                         interceptors=[guard],
-                         options=[("grpc.max_receive_message_length", max_message_bytes(settings)),
-                                  *_connection_age_options(settings)])
+    server = grpc.server(
+        futures.ThreadPoolExecutor(max_workers=threads, thread_name_prefix="gateway"),
+        interceptors=[guard],
+        options=[("grpc.max_receive_message_length", max_message_bytes(settings)), *_connection_age_options(settings)],
+    )
     rpc.add_FaceGatewayServicer_to_server(Gateway(settings, registry), server)
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
@@ -357,8 +432,14 @@ def serve(settings: Settings, registry: CameraRegistry) -> GatewayServer:
     _listen(server, settings.grpc_address, credentials)
     health_only = _health_only_server(settings, health_servicer) if settings.grpc_health_address else None
     server.start()
-    log.info("gateway listening", extra={"address": settings.grpc_address, "tls": credentials is not None,
-                                         "health_address": settings.grpc_health_address})
+    log.info(
+        "gateway listening",
+        extra={
+            "address": settings.grpc_address,
+            "tls": credentials is not None,
+            "health_address": settings.grpc_health_address,
+        },
+    )
     return GatewayServer(server, health_only, guard, health_servicer, settings)
 
 
@@ -368,8 +449,10 @@ def _connection_age_options(settings: Settings) -> list[tuple[str, int]]:
     long as it lives, so without this a scale-up never gets the cameras already connected."""
     if not settings.grpc_max_connection_age_s:
         return []
-    return [("grpc.max_connection_age_ms", int(settings.grpc_max_connection_age_s * 1000)),
-            ("grpc.max_connection_age_grace_ms", int(settings.grpc_stop_grace_s * 1000))]
+    return [
+        ("grpc.max_connection_age_ms", int(settings.grpc_max_connection_age_s * 1000)),
+        ("grpc.max_connection_age_grace_ms", int(settings.grpc_stop_grace_s * 1000)),
+    ]
 
 
 def _listen(server: grpc.Server, address: str, credentials: grpc.ServerCredentials | None) -> None:
@@ -381,8 +464,12 @@ def _listen(server: grpc.Server, address: str, credentials: grpc.ServerCredentia
 def _health_only_server(settings: Settings, servicer: health.HealthServicer) -> grpc.Server:
     """Health alone, plaintext, on its own small pool: Kubernetes' gRPC probe speaks no TLS, and
     a health answer carries no secret. Watch streams are refused here (one-shot probes)."""
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2, thread_name_prefix="health"), maximum_concurrent_rpcs=8,
-                         interceptors=[HealthCheckOnly()], options=[("grpc.max_receive_message_length", 4096)])
+    server = grpc.server(
+        futures.ThreadPoolExecutor(max_workers=2, thread_name_prefix="health"),
+        maximum_concurrent_rpcs=8,
+        interceptors=[HealthCheckOnly()],
+        options=[("grpc.max_receive_message_length", 4096)],
+    )
     health_pb2_grpc.add_HealthServicer_to_server(servicer, server)
     _listen(server, settings.grpc_health_address, None)
     server.start()

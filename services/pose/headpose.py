@@ -93,9 +93,7 @@ def line_of_sight_rotation(direction: np.ndarray) -> np.ndarray:
     return rot
 
 
-def head_pose(
-    landmarks68: np.ndarray, image_size: tuple[int, int], relative_to_line_of_sight: bool = True
-) -> HeadPose:
+def head_pose(landmarks68: np.ndarray, image_size: tuple[int, int], relative_to_line_of_sight: bool = True) -> HeadPose:
     """Pitch, yaw and roll in degrees (see the module docstring for signs) of one face.
 
     `image_size` is (width, height) of the image the landmarks are in. With

@@ -30,9 +30,14 @@ class PoseStage(PipeStage):
         pose = head_pose(np.asarray(face.landmarks, dtype=np.float32), face.crop_size)
         reason = self.gate.check(pose) or ""
         return PosedMsg(
-            ref=face.ref, chips=face.chips, ear=face.ear,
-            pitch=pose.pitch, yaw=pose.yaw, roll=pose.roll,
-            eligible=not reason, reason=reason,
+            ref=face.ref,
+            chips=face.chips,
+            ear=face.ear,
+            pitch=pose.pitch,
+            yaw=pose.yaw,
+            roll=pose.roll,
+            eligible=not reason,
+            reason=reason,
             models={**face.models, "pose": "pnp-68"},
             antispoof=face.antispoof,
             sharpness=face.sharpness,

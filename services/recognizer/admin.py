@@ -68,8 +68,12 @@ def _list_users(target: Operated, tenant: str = "", space: str = "") -> dict:
 def _show_user(target: Operated, user_id: str) -> dict:
     owner = target.gallery_owner
     templates = owner.describe_user(user_id)
-    return {"model_id": owner.space_id, "user_id": user_id, "enrolled": bool(templates),
-            "templates": [{k: v for k, v in t.items() if k != "user_id"} for t in templates]}
+    return {
+        "model_id": owner.space_id,
+        "user_id": user_id,
+        "enrolled": bool(templates),
+        "templates": [{k: v for k, v in t.items() if k != "user_id"} for t in templates],
+    }
 
 
 def _delete_user(target: Operated, user_id: str) -> dict:
@@ -89,12 +93,18 @@ def _reset_lockout(target: Operated, kind: str, subject: str) -> dict:
     return {"kind": kind, "subject": subject, "cleared": target.limits.reset(kind, subject)}
 
 
-def _store_templates(target: Operated, space: str, user_id: str, tenant: str, phone_suffix: str,
-                     samples: list[list[float]]) -> dict:
+def _store_templates(
+    target: Operated, space: str, user_id: str, tenant: str, phone_suffix: str, samples: list[list[float]]
+) -> dict:
     """A re-index job's result: the user's templates under another model, written by the owner."""
     stored = target.gallery_owner.store_templates(space, user_id, tenant, phone_suffix, np.asarray(samples, np.float32))
     return {"space": space, "user_id": user_id, "templates": stored}
 
 
-_COMMANDS: dict[str, Callable[..., dict]] = {"list_users": _list_users, "show_user": _show_user, "delete_user": _delete_user,
-             "reset_lockout": _reset_lockout, "store_templates": _store_templates}
+_COMMANDS: dict[str, Callable[..., dict]] = {
+    "list_users": _list_users,
+    "show_user": _show_user,
+    "delete_user": _delete_user,
+    "reset_lockout": _reset_lockout,
+    "store_templates": _store_templates,
+}

@@ -27,8 +27,10 @@ from services.recognizer.byo import INSIGHTFACE, OnnxEmbedder
 MODEL_ID = "arcface-mbf-w600k"
 WEIGHTS_FILE = "w600k_mbf.onnx"
 NON_COMMERCIAL = WEIGHTS[WEIGHTS_FILE].non_commercial
-LICENCE_NOTICE = (f"recognizer {MODEL_ID} ({WEIGHTS_FILE}): {WEIGHTS[WEIGHTS_FILE].licence}; "
-                  "for commercial use switch FACEPAY_RECOGNIZER_MODEL to dlib-resnet-v1 (CC0) or your own model")
+LICENCE_NOTICE = (
+    f"recognizer {MODEL_ID} ({WEIGHTS_FILE}): {WEIGHTS[WEIGHTS_FILE].licence}; "
+    "for commercial use switch FACEPAY_RECOGNIZER_MODEL to dlib-resnet-v1 (CC0) or your own model"
+)
 
 
 class ArcFaceMbfEmbedder(OnnxEmbedder):
@@ -39,8 +41,16 @@ class ArcFaceMbfEmbedder(OnnxEmbedder):
     non_commercial = NON_COMMERCIAL
     licence_notice = LICENCE_NOTICE
 
-    def __init__(self, device: str | torch.device = "auto", weights: Path | None = None, max_batch: int = 64,
-                 verify: bool = True) -> None:
+    def __init__(
+        self, device: str | torch.device = "auto", weights: Path | None = None, max_batch: int = 64, verify: bool = True
+    ) -> None:
         # The graph is InsightFace's arcface_torch export: it does not normalise its own input.
-        super().__init__(weights or weight_path(WEIGHTS_FILE), device=device, name=MODEL_ID,
-                         input_spec=INSIGHTFACE, max_batch=max_batch, backend="onnx2torch", verify=verify)
+        super().__init__(
+            weights or weight_path(WEIGHTS_FILE),
+            device=device,
+            name=MODEL_ID,
+            input_spec=INSIGHTFACE,
+            max_batch=max_batch,
+            backend="onnx2torch",
+            verify=verify,
+        )

@@ -224,8 +224,7 @@ class _ByoEmbedder(NormalisedEmbeddings):
                     f"got {getattr(chip, 'dtype', type(chip))} {getattr(chip, 'shape', '')}"
                 )
         out = [
-            self._forward_chips(np.stack(chips[i : i + self.max_batch]))
-            for i in range(0, len(chips), self.max_batch)
+            self._forward_chips(np.stack(chips[i : i + self.max_batch])) for i in range(0, len(chips), self.max_batch)
         ]
         return np.concatenate(out)
 
@@ -305,7 +304,9 @@ class TorchScriptEmbedder(_TorchModuleEmbedder):
         try:
             module = torch.jit.load(str(path), map_location=self._device)
         except Exception as exc:  # torch raises RuntimeError / ValueError with its own text
-            raise ByoModelError(f"{path} is not a TorchScript archive torch {torch.__version__} can load: {exc}") from exc
+            raise ByoModelError(
+                f"{path} is not a TorchScript archive torch {torch.__version__} can load: {exc}"
+            ) from exc
         self._module = module.eval()
         try:
             one = self._probe(1)
@@ -375,7 +376,9 @@ class OnnxEmbedder(_TorchModuleEmbedder):
         graph.check_input(self.input_spec)
         if graph.batch is not None:
             if graph.batch != 1:
-                raise ByoModelError(f"{path}: the graph's batch size is fixed at {graph.batch}; export it with 1 or dynamic")
+                raise ByoModelError(
+                    f"{path}: the graph's batch size is fixed at {graph.batch}; export it with 1 or dynamic"
+                )
             if self.max_batch > 1:
                 log.info("%s: the graph's batch size is fixed at 1; running one chip at a time", path)
             self.max_batch = 1
@@ -414,7 +417,9 @@ class OnnxEmbedder(_TorchModuleEmbedder):
         try:
             probe = self._probe(1)
         except Exception as exc:
-            raise _ConversionFailed(f"the converted module fails on a 1-chip batch: {type(exc).__name__}: {exc}") from exc
+            raise _ConversionFailed(
+                f"the converted module fails on a 1-chip batch: {type(exc).__name__}: {exc}"
+            ) from exc
         if verify:
             self._verify_against_onnxruntime(probe)
 
@@ -431,7 +436,9 @@ class OnnxEmbedder(_TorchModuleEmbedder):
             raise _ConversionFailed(f"output shape {got.shape} vs onnxruntime's {expected.shape}")
         diff = float(np.abs(_unit(got) - _unit(expected)).max())
         if not diff <= VERIFY_TOLERANCE:
-            raise _ConversionFailed(f"its output differs from onnxruntime's by {diff:.2e} (tolerance {VERIFY_TOLERANCE:.0e})")
+            raise _ConversionFailed(
+                f"its output differs from onnxruntime's by {diff:.2e} (tolerance {VERIFY_TOLERANCE:.0e})"
+            )
         log.debug("%s: onnx2torch matches onnxruntime to %.2e", self.path, diff)
 
     def _use_onnxruntime(self, reason: str) -> None:
@@ -555,7 +562,9 @@ def _opset_for_onnx2torch(model):
     try:
         lowered = importlib.import_module("onnx.version_converter").convert_version(model, ONNX2TORCH_OPSET)
     except Exception as exc:  # noqa: BLE001 - onnx's converter raises anything; converting as is is the fallback
-        log.info("opset %d could not be lowered to %d for onnx2torch (%s); converting as is", opset, ONNX2TORCH_OPSET, exc)
+        log.info(
+            "opset %d could not be lowered to %d for onnx2torch (%s); converting as is", opset, ONNX2TORCH_OPSET, exc
+        )
         return model
     log.info("opset %d lowered to %d for onnx2torch", opset, ONNX2TORCH_OPSET)
     return lowered
@@ -577,7 +586,11 @@ def _without_needless_allowzero(model):
         if node.op_type != "Reshape" or len(node.input) < 2 or node.input[1] not in constants:
             continue
         for attr in node.attribute:
-            if attr.name == "allowzero" and attr.i == 1 and not (numpy_helper.to_array(constants[node.input[1]]) == 0).any():
+            if (
+                attr.name == "allowzero"
+                and attr.i == 1
+                and not (numpy_helper.to_array(constants[node.input[1]]) == 0).any()
+            ):
                 attr.i = 0
     return model
 

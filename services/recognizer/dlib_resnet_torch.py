@@ -457,9 +457,7 @@ class DlibResNetTorchEmbedder(NormalisedEmbeddings):
     chip_template = "dlib150"
     default_threshold = 0.943
 
-    def __init__(
-        self, device: str | torch.device = "auto", weights: Path | None = None, max_batch: int = 64
-    ) -> None:
+    def __init__(self, device: str | torch.device = "auto", weights: Path | None = None, max_batch: int = 64) -> None:
         self._device = resolve_device(str(device))
         self.compute_dtype = autocast_dtype(self._device)
         self.max_batch = max_batch

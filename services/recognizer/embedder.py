@@ -69,7 +69,8 @@ def load_embedder(name: str, device: str = "auto"):
     if is_byo_spec(name):  # byo.py's own parser, so the spec reads the same everywhere
         return load_byo(name, device)
     embedders: dict[str, type[DlibResNetTorchEmbedder | FaceResEmbedder | ArcFaceMbfEmbedder]] = {
-        cls.model_id: cls for cls in (DlibResNetTorchEmbedder, FaceResEmbedder)}
+        cls.model_id: cls for cls in (DlibResNetTorchEmbedder, FaceResEmbedder)
+    }
     embedders["arcface-mbf-w600k"] = ArcFaceMbfEmbedder  # its model_id is set per instance (an OnnxEmbedder)
     if name not in embedders:
         raise ValueError(f"unknown recognizer model {name!r}; known: {', '.join(embedders)}")

@@ -37,12 +37,17 @@ def mean_template(samples: np.ndarray) -> np.ndarray:
     return mean / (np.linalg.norm(mean) + 1e-12)
 
 
-def store_templates(gallery: Gallery, space: str, user_id: str, tenant: str, phone_suffix: str,
-                    samples: np.ndarray) -> int:
+def store_templates(
+    gallery: Gallery, space: str, user_id: str, tenant: str, phone_suffix: str, samples: np.ndarray
+) -> int:
     """Replace the user's templates in `space`: the mean, and every sample."""
     samples = np.asarray(samples, dtype=np.float32)
-    common: dict[str, Any] = {"user_id": user_id, "tenant": tenant or "default", "phone_suffix": phone_suffix or None,
-              "enrolled_at_ms": int(time.time() * 1000)}
+    common: dict[str, Any] = {
+        "user_id": user_id,
+        "tenant": tenant or "default",
+        "phone_suffix": phone_suffix or None,
+        "enrolled_at_ms": int(time.time() * 1000),
+    }
     gallery.ensure_collection(space, samples.shape[1])
     gallery.delete_user(space, user_id)
     templates = [Template(vector=mean_template(samples), kind="mean", **common)]
@@ -76,4 +81,4 @@ class FaceSources:
     def users(self) -> Iterator[str]:
         prefix = self._key("")
         for key in self.redis.scan_iter(match=prefix + "*", count=500):
-            yield key.decode()[len(prefix):]
+            yield key.decode()[len(prefix) :]

@@ -26,10 +26,13 @@ log = logging.getLogger(__name__)
 
 def erase_user_traces(client: redis.Redis, settings: Settings, user_id: str) -> dict[str, int]:
     partitions = Partitions.of(settings)
-    erased = {"enrollment_sessions": _erase_enrollment_sessions(client, settings, user_id),
-              "enrollment_results": sum(_erase_entries_naming(client, stream, user_id)
-                                        for stream in partitions.streams("enrollments")),
-              "admin_replies": _erase_entries_naming(client, settings.key("admin-replies"), user_id)}
+    erased = {
+        "enrollment_sessions": _erase_enrollment_sessions(client, settings, user_id),
+        "enrollment_results": sum(
+            _erase_entries_naming(client, stream, user_id) for stream in partitions.streams("enrollments")
+        ),
+        "admin_replies": _erase_entries_naming(client, settings.key("admin-replies"), user_id),
+    }
     _rewrite_append_only_file(client)
     return erased
 
@@ -48,7 +51,7 @@ def _erase_enrollment_sessions(client: redis.Redis, settings: Settings, user_id:
 def _erase_entries_naming(client: redis.Redis, stream: str, user_id: str) -> int:
     doomed = [entry_id for entry_id, fields in _entries(client, stream) if _names(fields.get(b"m"), user_id)]
     for start in range(0, len(doomed), 500):
-        client.xdel(stream, *doomed[start:start + 500])
+        client.xdel(stream, *doomed[start : start + 500])
     return len(doomed)
 
 
@@ -88,5 +91,7 @@ def _rewrite_append_only_file(client: redis.Redis) -> None:
         else:
             client.bgrewriteaof()
     except redis.ResponseError as exc:  # not permitted (managed Redis), or one already running
-        log.warning("AOF rewrite not started: erased entries stay in the server's files until its next rewrite",
-                    extra={"error": str(exc)})
+        log.warning(
+            "AOF rewrite not started: erased entries stay in the server's files until its next rewrite",
+            extra={"error": str(exc)},
+        )

@@ -69,8 +69,16 @@ class DecisionEvents:
         metrics.DECISIONS.labels(event["decision"], verdict.rule).inc()
         if first_ms:
             metrics.DECISION_LATENCY.observe(max(now_ms - first_ms, 0) / 1000)
-        log.info("decision", extra={"session_id": ref.session_id, "store_id": ref.store_id,
-                                    "decision": event["decision"], "rule": verdict.rule, "votes": _loggable_votes(verdict)})
+        log.info(
+            "decision",
+            extra={
+                "session_id": ref.session_id,
+                "store_id": ref.store_id,
+                "decision": event["decision"],
+                "rule": verdict.rule,
+                "votes": _loggable_votes(verdict),
+            },
+        )
         payload = sign(event, self.settings.signing_key, self.settings.signing_key_id)
         payload[b"store"] = ref.store_id.encode()
         payload[FIELD] = _for_the_archive(ref, state, payload, rule).encode()  # signed by the runtime
@@ -78,24 +86,49 @@ class DecisionEvents:
 
     def enrollment(self, ref: FrameRef, result: dict) -> Emit:
         """`result` as `enrollment_result` starts it."""
-        return Emit("enrollments", {b"m": msgpack.packb(result), b"session": ref.session_id.encode()},
-                    once_key=decided_key(session_key(ref)), partition_key=session_key(ref))
+        return Emit(
+            "enrollments",
+            {b"m": msgpack.packb(result), b"session": ref.session_id.encode()},
+            once_key=decided_key(session_key(ref)),
+            partition_key=session_key(ref),
+        )
 
 
 def enrollment_result(ref: FrameRef, space_id: str, images: list[dict] | None = None) -> dict:
     """An enrollment's result, rejected until its templates are stored. The session id is inside
     the signed body: the gateway matches the result to its request by it."""
-    return {"session_id": ref.session_id, "user_id": ref.user_id, "tenant_id": ref.tenant_id, "model_id": space_id,
-            "images": images or [], "status": EnrollmentStatus.REJECTED, "duplicate_of": "", "duplicate_score": 0.0}
+    return {
+        "session_id": ref.session_id,
+        "user_id": ref.user_id,
+        "tenant_id": ref.tenant_id,
+        "model_id": space_id,
+        "images": images or [],
+        "status": EnrollmentStatus.REJECTED,
+        "duplicate_of": "",
+        "duplicate_score": 0.0,
+    }
 
 
 def _for_the_archive(ref: FrameRef, state: SessionState, signed: dict[bytes, bytes], rule: RuleInForce) -> DecisionMsg:
     """The event as signed, each frame's scores and the rule in force, for the archiver."""
-    frames = [{"sequence": r.sequence, "top_user": r.top_user, "top_score": round(float(r.top_score), 4),
-               "second_score": round(float(r.second_score), 4), "reason": r.reason}
-              for r in sorted(state.results, key=lambda r: r.sequence)]
-    return DecisionMsg(ref=ref, payload=signed[b"payload"], signature=signed[b"sig"].decode(),
-                       key_id=signed[b"kid"].decode(), frames=frames, policy=dataclasses.asdict(rule.policy))
+    frames = [
+        {
+            "sequence": r.sequence,
+            "top_user": r.top_user,
+            "top_score": round(float(r.top_score), 4),
+            "second_score": round(float(r.second_score), 4),
+            "reason": r.reason,
+        }
+        for r in sorted(state.results, key=lambda r: r.sequence)
+    ]
+    return DecisionMsg(
+        ref=ref,
+        payload=signed[b"payload"],
+        signature=signed[b"sig"].decode(),
+        key_id=signed[b"kid"].decode(),
+        frames=frames,
+        policy=dataclasses.asdict(rule.policy),
+    )
 
 
 def _loggable_votes(verdict: Verdict) -> dict[str, int] | list[int]:

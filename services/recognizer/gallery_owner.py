@@ -35,8 +35,14 @@ class GalleryOwner:
     with), every space that holds users (so that a deletion reaches all of them), the enrollment
     chips kept for re-indexing, and the rule in force for this space."""
 
-    def __init__(self, settings: Settings, client: redis.Redis, gallery: Gallery, space_id: str,
-                 calibrated: thresholds.CalibratedThreshold) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        client: redis.Redis,
+        gallery: Gallery,
+        space_id: str,
+        calibrated: thresholds.CalibratedThreshold,
+    ) -> None:
         self.settings = settings
         self.redis = client
         self.gallery = gallery
@@ -51,15 +57,29 @@ class GalleryOwner:
         self._optimizer: threading.Thread | None = None
 
     @classmethod
-    def open(cls, settings: Settings, client: redis.Redis, space_id: str, dim: int, model_threshold: float,
-             defaults: RecognizerDefaults, gallery: Gallery | None = None) -> GalleryOwner:
+    def open(
+        cls,
+        settings: Settings,
+        client: redis.Redis,
+        space_id: str,
+        dim: int,
+        model_threshold: float,
+        defaults: RecognizerDefaults,
+        gallery: Gallery | None = None,
+    ) -> GalleryOwner:
         """Open (or take) the gallery and make sure this space's collection exists."""
         gallery = gallery or open_gallery(settings.gallery_url, tuning=settings.qdrant)
         wait_until_reachable(gallery, settings.startup_wait_s)  # a Qdrant server may start after us
         gallery.ensure_collection(space_id, dim)
-        calibrated = thresholds.CalibratedThreshold(client, settings, space_id, model_threshold,
-                                                    load_trusted(settings.trusted_keys_file),
-                                                    defaults.margin, defaults.min_agreeing_frames)
+        calibrated = thresholds.CalibratedThreshold(
+            client,
+            settings,
+            space_id,
+            model_threshold,
+            load_trusted(settings.trusted_keys_file),
+            defaults.margin,
+            defaults.min_agreeing_frames,
+        )
         return cls(settings, client, gallery, space_id, calibrated)
 
     def close(self) -> None:
@@ -79,14 +99,25 @@ class GalleryOwner:
     def _read_rule(self) -> RuleInForce:
         rule = self.calibrated.current_rule()
         if rule != self._space_rule:
-            log.info("threshold", extra={"space_id": self.space_id, "threshold": rule.threshold,
-                                         "source": rule.threshold_source, "margin": rule.margin,
-                                         "margin_source": rule.margin_source,
-                                         "min_agreeing_frames": rule.min_agreeing_frames,
-                                         "min_agreeing_frames_source": rule.min_agreeing_frames_source})
+            log.info(
+                "threshold",
+                extra={
+                    "space_id": self.space_id,
+                    "threshold": rule.threshold,
+                    "source": rule.threshold_source,
+                    "margin": rule.margin,
+                    "margin_source": rule.margin_source,
+                    "min_agreeing_frames": rule.min_agreeing_frames,
+                    "min_agreeing_frames_source": rule.min_agreeing_frames_source,
+                },
+            )
         self._space_rule = rule
-        return RuleInForce(self.space_id, rule.threshold, rule.threshold_source,
-                           self.settings.policy.for_space(rule.margin, rule.min_agreeing_frames))
+        return RuleInForce(
+            self.space_id,
+            rule.threshold,
+            rule.threshold_source,
+            self.settings.policy.for_space(rule.margin, rule.min_agreeing_frames),
+        )
 
     def _optimize_in_background(self) -> None:
         """qdrant-edge builds its HNSW index only when asked; the build blocks writes for a
@@ -101,8 +132,9 @@ class GalleryOwner:
     def search(self, vector: np.ndarray, tenant: str, phone_suffix: str) -> list[Hit]:
         """The two best users of the tenant (and phone suffix, when the point of sale gave one):
         the best names the frame's vote, the second its margin."""
-        return self.gallery.search(self.space_id, vector, limit=2, tenant=tenant or None,
-                                   phone_suffix=phone_suffix or None)
+        return self.gallery.search(
+            self.space_id, vector, limit=2, tenant=tenant or None, phone_suffix=phone_suffix or None
+        )
 
     def duplicate_of(self, user_id: str, tenant_id: str, template: np.ndarray) -> Hit | None:
         """Another user of the tenant whom this template already matches above the threshold."""
@@ -110,8 +142,9 @@ class GalleryOwner:
         return next((h for h in hits if h.user_id != user_id and h.score >= self.in_force.threshold), None)
 
     # ---- writes ----------------------------------------------------------------------------
-    def enroll(self, user_id: str, tenant_id: str, phone_suffix: str, samples: np.ndarray,
-               chips: list[dict[str, bytes]]) -> None:
+    def enroll(
+        self, user_id: str, tenant_id: str, phone_suffix: str, samples: np.ndarray, chips: list[dict[str, bytes]]
+    ) -> None:
         """The user's templates in this space, and the chips they came from (for re-indexing)."""
         store_templates(self.gallery, self.space_id, user_id, tenant_id, phone_suffix, samples)
         self.face_sources.save(user_id, tenant_id, phone_suffix, chips)
@@ -135,8 +168,9 @@ class GalleryOwner:
         self.redis.sadd(self.settings.key("spaces"), space)
 
     def other_spaces(self) -> list[str]:
-        return sorted(s.decode() for s in self.redis.smembers(self.settings.key("spaces"))
-                      if s.decode() != self.space_id)
+        return sorted(
+            s.decode() for s in self.redis.smembers(self.settings.key("spaces")) if s.decode() != self.space_id
+        )
 
     # ---- reads for the operator ------------------------------------------------------------
     def list_users(self, tenant: str = "", space: str = "") -> list[str]:

@@ -101,7 +101,11 @@ def decide(
 ) -> Verdict | None:
     """A verdict once the rules allow one, else None (wait for more frames)."""
     tally = count_session(results, policy, threshold, expected_frames, timed_out)
-    base: dict[str, Any] = {"frames_seen": len(tally.results), "frames_eligible": len(tally.eligible), "votes": dict(tally.votes)}
+    base: dict[str, Any] = {
+        "frames_seen": len(tally.results),
+        "frames_eligible": len(tally.eligible),
+        "votes": dict(tally.votes),
+    }
     live = (tally.blinked or not policy.require_blink) and tally.passive_ok
     if tally.agreed and not tally.face_changed and live and (tally.complete or policy.decide_early):
         scores = [r.top_score for r in tally.eligible if r.top_user == tally.winner and r.top_score >= threshold]
@@ -136,7 +140,10 @@ class Tally:
 
 
 def count_session(
-    results: list[FrameResult], policy: SessionPolicy, threshold: float, expected_frames: int | None,
+    results: list[FrameResult],
+    policy: SessionPolicy,
+    threshold: float,
+    expected_frames: int | None,
     timed_out: bool = False,
 ) -> Tally:
     # The recognizer passes its template space's margin and k; a bare policy gets the first shipped rule.
@@ -146,18 +153,23 @@ def count_session(
     votes = Counter(r.top_user for r in eligible if _votes_for(r, r.top_user, threshold, policy))
     winner, agreeing = votes.most_common(1)[0] if votes else ("", 0)
     disagreeing = sum(votes.values()) - agreeing
-    agreed = (agreeing >= resolved(policy.min_agreeing_frames, "min_agreeing_frames")
-              and disagreeing <= policy.max_disagreeing_ratio * sum(votes.values()))
+    agreed = agreeing >= resolved(
+        policy.min_agreeing_frames, "min_agreeing_frames"
+    ) and disagreeing <= policy.max_disagreeing_ratio * sum(votes.values())
     track, face_changed = face_track(results, winner, threshold, policy)
     # Liveness is judged on the matched face only: another face's blink proves nothing about it.
     blinked = blink_seen([r.ear for r in track if r.ear is not None], policy)
     passive_ok = _passive_liveness_ok([r for r in track if r.eligible], policy)
-    return Tally(results, eligible, votes, winner, agreed, track, face_changed, blinked, passive_ok, timed_out,
-                 expected_frames)
+    return Tally(
+        results, eligible, votes, winner, agreed, track, face_changed, blinked, passive_ok, timed_out, expected_frames
+    )
 
 
 def face_track(
-    results: list[FrameResult], winner: str, threshold: float, policy: SessionPolicy,
+    results: list[FrameResult],
+    winner: str,
+    threshold: float,
+    policy: SessionPolicy,
 ) -> tuple[list[FrameResult], bool]:
     """The frames of the winner's face, and whether an eligible frame clearly shows someone else.
 
@@ -198,8 +210,13 @@ def same_person_level(threshold: float) -> float:
 
 
 def _votes_for(r: FrameResult, user: str, threshold: float, policy: SessionPolicy) -> bool:
-    return (bool(user) and r.eligible and r.top_user == user and r.top_score >= threshold
-            and r.top_score - r.second_score >= resolved(policy.margin, "margin"))
+    return (
+        bool(user)
+        and r.eligible
+        and r.top_user == user
+        and r.top_score >= threshold
+        and r.top_score - r.second_score >= resolved(policy.margin, "margin")
+    )
 
 
 def _unit(vector: list[float]) -> np.ndarray:

@@ -59,15 +59,19 @@ class RecognizerStage(Stage):
         # The vectors' space: the recognizer and the landmarks its chips were aligned with.
         # Threshold, margin and k belong to it: setting > session calibration > the model's default.
         space_id = template_space(self.embedder.model_id, self.settings.landmarks_model)
-        self.gallery_owner = GalleryOwner.open(self.settings, client, space_id, self.embedder.dim,
-                                               self.embedder.default_threshold, defaults, self._gallery)
+        self.gallery_owner = GalleryOwner.open(
+            self.settings, client, space_id, self.embedder.dim, self.embedder.default_threshold, defaults, self._gallery
+        )
         self.sessions = SessionStore(client, self.settings)
         self.limits = FailureLimiter(client, self.settings)
         non_commercial = defaults.non_commercial or getattr(self.embedder, "non_commercial", False)
         if non_commercial:
             # An operator never runs a non-commercial model without being told, at every start.
-            log.warning("NON-COMMERCIAL MODEL: %s", getattr(self.embedder, "licence_notice", defaults.licence),
-                        extra={"model_id": self.embedder.model_id})
+            log.warning(
+                "NON-COMMERCIAL MODEL: %s",
+                getattr(self.embedder, "licence_notice", defaults.licence),
+                extra={"model_id": self.embedder.model_id},
+            )
         self.events = DecisionEvents(self.settings, self.embedder.model_id, non_commercial)
         # Sessions decided in the last batch or tick → what to do with their state once the
         # runtime has written the decision ("forget" or "quarantine"); see `_settle_decided`.
@@ -185,20 +189,34 @@ class RecognizerStage(Stage):
         if not message.eligible or vector is None:
             # A payment frame rejected for pose keeps its embedding: its blink counts only if
             # the embedding puts it on the matched face's track.
-            return FrameResult(ref.sequence, ref.received_ms, reason=message.reason or Reason.NOT_FRONTAL, ear=ear,
-                               embedding=embedding)
+            return FrameResult(
+                ref.sequence, ref.received_ms, reason=message.reason or Reason.NOT_FRONTAL, ear=ear, embedding=embedding
+            )
         if ref.purpose == Purpose.ENROLL:
             problem = quality_problem(message, self.settings)
             if problem:
                 return FrameResult(ref.sequence, ref.received_ms, reason=problem, ear=ear)
-            return FrameResult(ref.sequence, ref.received_ms, ear=ear, embedding=embedding,
-                               antispoof=message.antispoof, chips=message.chips)
+            return FrameResult(
+                ref.sequence,
+                ref.received_ms,
+                ear=ear,
+                embedding=embedding,
+                antispoof=message.antispoof,
+                chips=message.chips,
+            )
         hits = self.gallery_owner.search(vector, ref.tenant_id, ref.phone_suffix)
         top = hits[0] if hits else None
         second = hits[1].score if len(hits) > 1 else -1.0
-        return FrameResult(ref.sequence, ref.received_ms, ear=ear, top_user=top.user_id if top else "",
-                           top_score=top.score if top else -1.0, second_score=second, antispoof=message.antispoof,
-                           embedding=embedding)
+        return FrameResult(
+            ref.sequence,
+            ref.received_ms,
+            ear=ear,
+            top_user=top.user_id if top else "",
+            top_score=top.score if top else -1.0,
+            second_score=second,
+            antispoof=message.antispoof,
+            embedding=embedding,
+        )
 
     # ---- sessions --------------------------------------------------------------------------
     def _evaluate(self, key: str, timed_out: bool) -> list[Emit]:
@@ -239,9 +257,15 @@ class RecognizerStage(Stage):
         locked = self.limits.locked(ref.camera_id, verdict.user_id)
         if locked:
             log.warning("locked out", extra={"session_id": ref.session_id, "subject": locked, "camera": ref.camera_id})
-            return Verdict(False, [Reason.LOCKED_OUT], Reason.LOCKED_OUT, score=verdict.score,
-                           frames_seen=verdict.frames_seen, frames_eligible=verdict.frames_eligible,
-                           votes=verdict.votes)
+            return Verdict(
+                False,
+                [Reason.LOCKED_OUT],
+                Reason.LOCKED_OUT,
+                score=verdict.score,
+                frames_seen=verdict.frames_seen,
+                frames_eligible=verdict.frames_eligible,
+                votes=verdict.votes,
+            )
         candidate = max(verdict.votes, key=verdict.votes.__getitem__) if verdict.votes else ""
         self.limits.record(session_key(ref), ref.camera_id, verdict.rule, verdict.approve, verdict.user_id or candidate)
         return verdict
@@ -251,8 +275,13 @@ class RecognizerStage(Stage):
         stream of its own (written in the same transaction as, or before, the decision)."""
         if not self.settings.archive_keep_embeddings or ref.purpose == Purpose.ENROLL or result.embedding is None:
             return []
-        return [Emit("embeddings", EmbeddingMsg(ref=ref, vector=result.embedding, space=self.gallery_owner.space_id).encode(),
-                     partition_key=session_key(ref))]
+        return [
+            Emit(
+                "embeddings",
+                EmbeddingMsg(ref=ref, vector=result.embedding, space=self.gallery_owner.space_id).encode(),
+                partition_key=session_key(ref),
+            )
+        ]
 
     # ---- enrollment ------------------------------------------------------------------------
     def _finish_enrollment(self, state: SessionState, timed_out: bool) -> list[Emit]:
@@ -261,18 +290,23 @@ class RecognizerStage(Stage):
         ref = state.meta
         owner = self.gallery_owner
         accepted = [r for r in state.results if r.embedding is not None]
-        images = [{"index": r.sequence, "accepted": r.embedding is not None, "reason": r.reason}
-                  for r in sorted(state.results, key=lambda r: r.sequence)]
+        images = [
+            {"index": r.sequence, "accepted": r.embedding is not None, "reason": r.reason}
+            for r in sorted(state.results, key=lambda r: r.sequence)
+        ]
         result = enrollment_result(ref, owner.space_id, images)
         incomplete = state.expected_frames is None or len(state.results) < state.expected_frames
         if incomplete:
-            log.warning("enrollment incomplete: nothing stored", extra={"session_id": ref.session_id, "user_id": ref.user_id})
+            log.warning(
+                "enrollment incomplete: nothing stored", extra={"session_id": ref.session_id, "user_id": ref.user_id}
+            )
         elif accepted:
             samples = np.asarray([r.embedding for r in accepted], dtype=np.float32)
             duplicate = owner.duplicate_of(ref.user_id, ref.tenant_id, mean_template(samples))
             if duplicate:
-                result.update(status=EnrollmentStatus.DUPLICATE, duplicate_of=duplicate.user_id,
-                              duplicate_score=duplicate.score)
+                result.update(
+                    status=EnrollmentStatus.DUPLICATE, duplicate_of=duplicate.user_id, duplicate_score=duplicate.score
+                )
             else:
                 owner.enroll(ref.user_id, ref.tenant_id, ref.phone_suffix, samples, [r.chips or {} for r in accepted])
                 result["status"] = EnrollmentStatus.ENROLLED

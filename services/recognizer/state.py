@@ -69,7 +69,10 @@ class SessionStore:
         return dict(zip(keys, (bool(x) for x in pipe.execute()), strict=True))
 
     def record(
-        self, ref: FrameRef, result: FrameResult | None = None, frame_count: int | None = None,
+        self,
+        ref: FrameRef,
+        result: FrameResult | None = None,
+        frame_count: int | None = None,
         models: dict[str, str] | None = None,
     ) -> None:
         """Remember a frame result (or the end marker) once; every frame pushes the session's
