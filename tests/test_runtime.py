@@ -422,3 +422,12 @@ def test_a_stage_stuck_in_handle_fails_liveness_and_the_heartbeat_gauge_shows_it
         assert probe(port, "/readyz") == 503 and heartbeat_age("upper") > 2.0
         stage.release.set()
         wait_until(lambda: probe(port, "/livez") == 200, 20, "live again once the loop turns")
+
+
+def test_free_ports_handed_out_close_together_are_all_different():
+    """A pipeline picks a port per server before any of them binds: a port handed out twice made
+    a worker die with 'Address already in use' (seen once in a full run)."""
+    from facepay.runtime.embedded import free_port
+
+    ports = [free_port() for _ in range(500)]
+    assert len(set(ports)) == len(ports)

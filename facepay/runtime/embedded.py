@@ -29,21 +29,36 @@ from facepay.redaction import redact_url
 log = logging.getLogger(__name__)
 
 
+# Ports handed out lately by this process: a port is free when chosen but bound only when its
+# server starts, so two servers started close together (a pipeline's workers, SeaweedFS's six
+# ports) must not be handed the same one.
+_HANDED_OUT: dict[int, float] = {}
+_HANDED_OUT_FOR_S = 300.0
+
+
 def free_port() -> int:
-    """A loopback port free now, for a server started a moment later.
+    """A loopback port free now, for a server started a moment later, not handed out by this
+    process in the last few minutes.
 
     Chosen below the kernel's ephemeral range (net.ipv4.ip_local_port_range): a port the
     kernel hands out (bind to 0) is also what every outgoing connection on the machine draws
     from, so on a busy machine another process could take it before our server binds it."""
+    now = time.monotonic()
+    for port, at in list(_HANDED_OUT.items()):
+        if now - at > _HANDED_OUT_FOR_S:
+            del _HANDED_OUT[port]
     low, _ = _ephemeral_range()
     for _ in range(200):
         port = random.randrange(max(1024, low - 12000), low)
+        if port in _HANDED_OUT:
+            continue
         with socket.socket() as sock:
             try:
                 sock.bind(("127.0.0.1", port))
             except OSError:
                 continue
-            return port
+        _HANDED_OUT[port] = now
+        return port
     with socket.socket() as sock:  # a crowded machine: let the kernel choose
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
