@@ -13,7 +13,7 @@ import signal
 import subprocess
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from pathlib import Path
 
 import grpc
@@ -142,6 +142,7 @@ class Pipeline:
         self.settings = with_local_tls(self.settings, self.workdir / "tls")
         self.processes: dict[str, subprocess.Popen] = {}
         self.metrics_ports: dict[str, int] = {}
+        self._s3_starting: Future[EmbeddedS3] | None = None
 
     @property
     def address(self) -> str:
@@ -156,23 +157,32 @@ class Pipeline:
         return client_channel(self.address, self.tls)
 
     def start(self, timeout_s: float = 120.0) -> Pipeline:
+        """Starts every server and process, and waits until all are ready. If any of it fails,
+        what had started is stopped before the error is raised: a failed start leaves no
+        Valkey, SeaweedFS or worker running (a `with` block never reaches __exit__ then)."""
+        try:
+            self._start(timeout_s)
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def _start(self, timeout_s: float) -> None:
         if self.valkey:
             self.valkey.start()
             self.settings = self.settings.replace(redis_url=self.valkey.url)
-        s3_started = None
         if self.s3:  # starts (≈4 s) while the workers load their models; the archiver waits for it
             self.settings = self.settings.replace(archive_url=f"{self.s3.url}/{ARCHIVE_BUCKET}")
-            s3_started = ThreadPoolExecutor(1).submit(self.s3.start)
+            self._s3_starting = ThreadPoolExecutor(1).submit(self.s3.start)
         if self.gateway:
             self._spawn("gateway", ["gateway"])
         for stage, count in self.replicas.items():
             if stage != "archiver":
                 self._spawn_replicas(stage, count)
-        if s3_started:
-            s3_started.result(timeout_s)
+        if self._s3_starting:
+            self._s3_starting.result(timeout_s)
         self._spawn_replicas("archiver", self.replicas.get("archiver", 0))
         self._wait_healthy(timeout_s)
-        return self
 
     def _spawn_replicas(self, stage: str, count: int) -> None:
         for i in range(count):
@@ -279,6 +289,9 @@ class Pipeline:
         self.processes.clear()
         if self.valkey and self._owns_valkey:
             self.valkey.stop()
+        if self._s3_starting:  # a start that failed early: let the S3 start end, then stop it
+            wait([self._s3_starting])
+            self._s3_starting = None
         if self.s3:
             self.s3.stop(grace_s=0.5)  # objects are fsynced before acknowledged: nothing to wait for
 
