@@ -97,6 +97,16 @@ def test_a_worker_pod_that_cannot_start_exits_with_one_line_saying_why():
     assert "Traceback" not in redis_errors
 
 
+def test_a_stage_without_models_starts_without_loading_torch():
+    # A pod's start is what a scale-up waits for, and torch alone is ≈1.5 s of CPU to import.
+    pose = worker_process("pose", FACEPAY_STARTUP_WAIT_S="0.5", PYTHONPROFILEIMPORTTIME="1")
+    _, imports = pose.communicate(timeout=60)
+    assert "did not answer within" in imports, imports[-2000:]  # past its stage's set-up, waiting for Redis
+    imported = {line.rsplit("|", 1)[-1].strip() for line in imports.splitlines() if line.startswith("import time:")}
+    assert "cv2" in imported, "no import was recorded"
+    assert "torch" not in imported
+
+
 def test_a_worker_started_before_redis_waits_for_it_then_becomes_ready(tmp_path, keyset, caplog):
     server, port = EmbeddedValkey(tmp_path / "vk"), free_port()
     settings = settings_with_keys(keyset, redis_url=server.url, namespace="early", health_port=port)

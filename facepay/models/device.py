@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import torch
 
+from facepay.models.errors import DeviceUnavailableError
 
-class DeviceUnavailableError(RuntimeError):
-    pass
+__all__ = ["DeviceUnavailableError", "autocast_dtype", "dlib_cpu_device", "resolve_device"]
 
 
 def resolve_device(requested: str = "auto") -> torch.device:
