@@ -153,7 +153,8 @@ class DecisionMsg(Message):
     payload: bytes = b""  # the signed event's canonical JSON
     signature: str = ""  # its HMAC-SHA256
     key_id: str = ""
-    frames: list[dict[str, Any]] = field(default_factory=list)  # sequence, top_user, top_score, second_score, reason
+    # sequence, top_user, top_score, second_user ("" from an older recognizer), second_score, reason
+    frames: list[dict[str, Any]] = field(default_factory=list)
     policy: dict[str, Any] = field(default_factory=dict)
 
 

@@ -16,7 +16,7 @@ import pytest
 from prometheus_client import REGISTRY
 
 from facepay import keys as component_keys
-from facepay.archive import ArchiveKeys, ArchiveSettings, ArchiveStore, EmbeddedS3
+from facepay.archive import ArchiveKeys, ArchiveSettings, ArchiveStore, Candidate, EmbeddedS3
 from facepay.archive.keys import TenantKeys
 from facepay.config import Settings
 from facepay.messages import (
@@ -160,8 +160,17 @@ class Upstream:
             "reasons": [],
         }
         signed = sign(event, HMAC_KEY, "k1")
+        # Each frame's two best users; the last one as an older recognizer handed it over (the
+        # runner-up's score, not who it was).
         scores = [
-            {"sequence": i, "top_user": "alice", "top_score": 0.7 + i / 100, "second_score": 0.2, "reason": ""}
+            {
+                "sequence": i,
+                "top_user": "alice",
+                "top_score": 0.7 + i / 100,
+                "second_score": 0.2,
+                "reason": "",
+                **({"second_user": "bob"} if i < frames - 1 else {}),
+            }
             for i in range(frames)
         ]
         message = DecisionMsg(
@@ -290,10 +299,14 @@ def test_a_decided_session_is_archived_once_with_its_frames_as_received_and_ever
     assert len(first.landmarks) == 68 and first.eye_aspect_ratio == pytest.approx(0.31)
     assert first.liveness == {"antispoof": pytest.approx(0.8), "liveness": pytest.approx(0.7)}
     assert (first.pitch, first.yaw, first.roll, first.eligible) == (1.5, -3.0, 0.5, True)
-    assert first.top_k[0].user_id == "alice" and first.top_k[0].score == pytest.approx(0.7)
-    # What else the decision depended on: the margin over the second-best user, the gallery
-    # search's phone-suffix filter, the camera's capture time, the frame count it announced.
+    # Who the search put first and second, with their scores: an auditor sees whom the payer
+    # was told apart from (the margin rule reads top − second).
+    assert first.top_k == [Candidate("alice", pytest.approx(0.7)), Candidate("bob", pytest.approx(0.2))]
     assert first.second_score == pytest.approx(0.2)
+    assert last.top_k == [Candidate("alice", pytest.approx(0.73))], "an older recognizer named no runner-up"
+    assert last.second_score == pytest.approx(0.2), "its score is still archived"
+    # What else the decision depended on: the gallery search's phone-suffix filter, the
+    # camera's capture time, the frame count it announced.
     assert [f.phone_suffix for f in session.frames] == ["1234"] * 4
     assert all(f.received_ms - f.captured_ms >= 50 for f in session.frames)
     assert session.frame_count == 4

@@ -174,6 +174,11 @@ def test_a_replay_beside_live_traffic_decides_as_the_original_and_leaves_product
         expected = "approve" if original.decision == pb.APPROVE else "decline"
         assert (again["decision"], again["user_id"]) == (expected, original.user_id)
     assert report["differences"] == 0, [s["causes"] for s in report["sessions"] if s["differs"]]
+    # Two people enrolled: each scored frame names both, the best and the runner-up, archived and
+    # replayed alike (the runner-up is who the margin rule told the payer apart from).
+    scored = [f for s in report["sessions"] for f in s["frames"] if f["original_top"]]
+    assert scored and all({c["user_id"] for c in f["original_top"]} == set(production.names) for f in scored)
+    assert all([c["user_id"] for c in f["replayed_top"]] == [c["user_id"] for c in f["original_top"]] for f in scored)
     assert report["replay"]["key_id"].startswith("replay-")
     html = (tmp_path / "replay" / "report.html").read_text()
     assert html.count("<img") >= sum(len(s["frames"]) for s in report["sessions"])
@@ -263,7 +268,10 @@ def archived(
     images: bool = True,
     candidates: tuple[str, ...] = ("alice",),
     rule: dict | None = None,
+    runner_up: str | None = None,
 ) -> ArchivedSession:
+    """`runner_up`: each frame's second-best user as archived today ("": the search found none);
+    None: as archived before the runner-up was named (its score only)."""
     event = {
         "session_id": "s",
         "store_id": "st",
@@ -274,8 +282,16 @@ def archived(
         **(rule or {}),
     }
     signed = sign(event, "k", "k1")
+    second = [Candidate(runner_up, 0.5)] if runner_up else []
     frames = [
-        ArchivedFrame(i, 0, b"\xff\xd8jpeg" if images else b"", "jpeg", top_k=[Candidate(c, 0.7) for c in candidates])
+        ArchivedFrame(
+            i,
+            0,
+            b"\xff\xd8jpeg" if images else b"",
+            "jpeg",
+            top_k=[Candidate(c, 0.7) for c in candidates] + second,
+            second_score=-1.0 if runner_up == "" else 0.5,
+        )
         for i in range(3)
     ]
     return ArchivedSession(
@@ -311,6 +327,22 @@ def test_each_cause_of_a_difference_is_named():
     assert explain(archived(None, candidates=()), replayed_event("bob"), [{"top_user": "bob"}], {"bob"}) == [
         "user enrolled since: bob"
     ]
+    # The archived frames' runner-up was in the gallery then: not enrolled since.
+    assert explain(
+        archived(None, runner_up="bob"), replayed_event("bob"), [{"sequence": 0, "top_user": "bob"}], {"alice", "bob"}
+    ) == ["unexplained: same models, threshold and gallery"]
+    # A runner-up the archived frame did not have (it named its own, or had none) is new in the
+    # gallery, and it can move the margin; an older archive (score only) cannot tell.
+    runner_up_now = [{"sequence": 0, "top_user": "alice", "second_user": "carol"}]
+    assert explain(archived("alice", runner_up="bob"), replayed_event(None), runner_up_now, {"alice", "carol"}) == [
+        "user enrolled since: carol"
+    ]
+    assert explain(archived("alice", runner_up=""), replayed_event(None), runner_up_now, {"alice", "carol"}) == [
+        "user enrolled since: carol"
+    ]
+    assert explain(archived("alice"), replayed_event(None), runner_up_now, {"alice", "carol"}) == [
+        "unexplained: same models, threshold and gallery"
+    ]
     assert explain(archived("alice", images=False), replayed_event(None), [], {"alice"}) == [
         "frame missing (erased, or never reached the archiver)"
     ]
@@ -327,16 +359,37 @@ def test_the_html_report_shows_each_frames_scores_the_rule_and_the_cause():
     from facepay.app.replay import render_html, session_report
 
     original = archived("alice")
+    # Frame 0 as archived today (the runner-up named), the others as archived before (its score only).
     original = dataclasses.replace(
-        original, frames=[dataclasses.replace(f, second_score=0.41) for f in original.frames]
+        original,
+        frames=[
+            dataclasses.replace(
+                f, top_k=[*f.top_k, Candidate("bob", 0.41)] if f.index == 0 else f.top_k, second_score=0.41
+            )
+            for f in original.frames
+        ],
     )
     message = DecisionMsg(
         ref=FrameRef("s", "st", "c", 0, 0),
         frames=[
-            {"sequence": i, "top_user": "alice", "top_score": 0.5, "second_score": 0.3, "reason": ""} for i in range(3)
+            {
+                "sequence": i,
+                "top_user": "alice",
+                "top_score": 0.5,
+                "second_user": "carol",
+                "second_score": 0.3,
+                "reason": "",
+            }
+            for i in range(3)
         ],
     )
-    report = session_report(original, ({**replayed_event(None, 0.8), "rule": "unknown_face"}, message), {"alice"})
+    report = session_report(
+        original, ({**replayed_event(None, 0.8), "rule": "unknown_face"}, message), {"alice", "bob", "carol"}
+    )
+    first, second = report.frames[0], report.frames[1]
+    assert first["original_top"] == [{"user_id": "alice", "score": 0.7}, {"user_id": "bob", "score": 0.41}]
+    assert first["replayed_top"] == [{"user_id": "alice", "score": 0.5}, {"user_id": "carol", "score": 0.3}]
+    assert second["original_top"] == [{"user_id": "alice", "score": 0.7}] and second["original_second"] == 0.41
     html = render_html(
         {
             "replay": {
@@ -352,7 +405,8 @@ def test_the_html_report_shows_each_frames_scores_the_rule_and_the_cause():
             "differences": 1,
         }
     )
-    assert "alice 0.700 (2nd 0.410) → alice 0.500 (2nd 0.300)" in html
+    assert "alice 0.700 (2nd bob 0.410) → alice 0.500 (2nd carol 0.300)" in html
+    assert "alice 0.700 (2nd 0.410) → alice 0.500 (2nd carol 0.300)" in html, "an older archive: the score only"
     assert "rule voted" in html and "rule unknown_face" in html and "threshold changed: 0.6 → 0.8" in html
 
 

@@ -9,6 +9,7 @@ the real runtime.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 import uuid
@@ -18,7 +19,7 @@ import pytest
 import redis
 
 from facepay.config import SessionPolicy, Settings
-from facepay.messages import FrameRef
+from facepay.messages import FIELD, DecisionMsg, FrameRef, decode
 from facepay.runtime.embedded import EmbeddedValkey
 from facepay.runtime.worker import StreamWorker
 from facepay.signing import verify
@@ -124,3 +125,31 @@ def test_an_unreadable_enrollment_is_rejected_with_its_session_id_so_the_gateway
     result = msgpack.unpackb(fields[b"m"])
     assert result["session_id"] == "enroll-s1"
     assert (result["user_id"], result["status"]) == ("alice", EnrollmentStatus.REJECTED)
+
+
+def test_each_frames_runner_up_reaches_the_archiver_and_a_state_an_older_recognizer_wrote_still_loads(recognizer):
+    """Recognizer replicas share the session state, and it outlives an upgrade: a frame result
+    written by an older recognizer (the runner-up's score, not who it was) is read, not declined
+    as unreadable. The decision's entry for the archiver names each frame's runner-up when the
+    search returned one (audit: whom the payer was told apart from)."""
+    settings, worker = recognizer
+    client = redis.Redis.from_url(settings.redis_url)
+    store = SessionStore(client, settings)
+    current = FrameResult(0, top_user="alice", top_score=0.9, second_user="bob", second_score=0.4, ear=0.3)
+    store.record(FrameRef("s-runner-up", "store-1", "cam-1", 0, 0), result=current)
+    older = dataclasses.asdict(FrameResult(1, top_user="alice", top_score=0.9, second_score=0.4, ear=0.3))
+    del older["second_user"]
+    client.hset(settings.key("session", "store-1/s-runner-up"), "f:1", msgpack.packb(older))
+
+    run_until(worker, lambda: "s-runner-up" in decisions(client, settings))
+    assert decisions(client, settings)["s-runner-up"]["reasons"] != [Reason.UNREADABLE_STATE]
+    (entry,) = [
+        decode(f[FIELD])
+        for _, f in client.xrange(settings.key("decisions"))
+        if json.loads(f[b"payload"])["session_id"] == "s-runner-up"
+    ]
+    assert isinstance(entry, DecisionMsg)
+    assert [(f["top_user"], f["second_user"], f["second_score"]) for f in entry.frames] == [
+        ("alice", "bob", 0.4),
+        ("alice", "", 0.4),
+    ]

@@ -270,6 +270,12 @@ def explain(
         causes.append(f"user deleted since: {before}")
     archived_candidates = {c.user_id for f in session.frames for c in f.top_k}
     top_now: set[str] = {f["top_user"] for f in replayed_frames if f.get("top_user")}
+    # A runner-up moves the margin. A new one is someone enrolled since only where the archived
+    # frame says who its runner-up was, or that it had none (older archives: its score only).
+    knew_runner_up = {f.index for f in session.frames if len(f.top_k) > 1 or f.second_score == -1.0}
+    top_now |= {
+        f["second_user"] for f in replayed_frames if f.get("second_user") and f.get("sequence") in knew_runner_up
+    }
     enrolled_since = sorted((top_now | ({now} if now else set())) - archived_candidates - {before})
     if enrolled_since:
         causes.append("user enrolled since: " + ", ".join(enrolled_since))
@@ -304,6 +310,16 @@ def _thumbnail(image: bytes, height: int = 96) -> str:
     )
 
 
+def _replayed_top(frame: dict) -> list[dict]:
+    """The replayed frame's best user and runner-up, as the archive lists them (`top_k`)."""
+    if not frame.get("top_user"):
+        return []
+    top = [{"user_id": frame["top_user"], "score": frame["top_score"]}]
+    if frame.get("second_user"):
+        top.append({"user_id": frame["second_user"], "score": frame["second_score"]})
+    return top
+
+
 def session_report(
     session: ArchivedSession, replayed: tuple[dict, DecisionMsg] | None, gallery_users: set[str] | None
 ) -> SessionReport:
@@ -319,9 +335,7 @@ def session_report(
                 "original_top": [{"user_id": c.user_id, "score": c.score} for c in frame.top_k],
                 "original_second": frame.second_score,
                 "original_rejection": frame.rejection,
-                "replayed_top": [{"user_id": now["top_user"], "score": now["top_score"]}]
-                if now.get("top_user")
-                else [],
+                "replayed_top": _replayed_top(now),
                 "replayed_second": now.get("second_score"),
                 "replayed_rejection": now.get("reason") or None,
                 "thumbnail": _thumbnail(frame.image),
@@ -455,7 +469,7 @@ th{{text-align:left;padding-right:1em}}</style>
 <h1>Replay {esc(meta["namespace"])}</h1>
 <p>{meta["sessions"]} sessions, {meta["frames"]} frames, {report["differences"]} difference(s);
 model {esc(str(meta["model"]))}, threshold {esc(str(meta["threshold"]))}; {esc(meta["from"])} → {esc(meta["to"])}.
-Frame captions: original top user and score (second-best score: the margin rule) → replayed.</p>
+Frame captions: original top user and score (second-best user and score: the margin rule) → replayed.</p>
 {"".join(rows)}"""
 
 
@@ -467,6 +481,10 @@ def _picture(frame: dict) -> str:
 
 def _scores(top: list[dict], second: float | None, rejection: str | None) -> str:
     if top:
-        runner_up = f" (2nd {second:.3f})" if second is not None and second > -1 else ""
+        runner_up = ""
+        if len(top) > 1:
+            runner_up = f" (2nd {top[1]['user_id']} {top[1]['score']:.3f})"
+        elif second is not None and second > -1:  # archived before the runner-up was named
+            runner_up = f" (2nd {second:.3f})"
         return f"{top[0]['user_id']} {top[0]['score']:.3f}{runner_up}"
     return rejection or "-"

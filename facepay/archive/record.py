@@ -46,7 +46,8 @@ class ArchivedFrame:
     yaw: float | None = None
     roll: float | None = None
     eligible: bool | None = None
-    # recognizer
+    # recognizer: the best user, then the runner-up when the search found one. Sessions archived
+    # before the runner-up was named hold the best user only (same schema: a list either way).
     top_k: list[Candidate] = field(default_factory=list)
     second_score: float | None = None  # best score of anyone else: the margin rule reads top − second
     embedding: list[float] | None = None  # only when the archive is configured to keep it

@@ -110,12 +110,14 @@ def enrollment_result(ref: FrameRef, space_id: str, images: list[dict] | None = 
 
 
 def _for_the_archive(ref: FrameRef, state: SessionState, signed: dict[bytes, bytes], rule: RuleInForce) -> DecisionMsg:
-    """The event as signed, each frame's scores and the rule in force, for the archiver."""
+    """The event as signed, each frame's two best users and their scores and the rule in force,
+    for the archiver."""
     frames = [
         {
             "sequence": r.sequence,
             "top_user": r.top_user,
             "top_score": round(float(r.top_score), 4),
+            "second_user": r.second_user,
             "second_score": round(float(r.second_score), 4),
             "reason": r.reason,
         }

@@ -41,6 +41,9 @@ class FrameResult:
     top_user: str = ""
     top_score: float = -1.0
     second_score: float = -1.0
+    # Who scored `second_score` (for the audit archive; the rule reads the score only). A state
+    # written by an older recognizer has no such field: it loads with "".
+    second_user: str = ""
     # Enrollment: the template's sample. Payment: what ties a frame to the matched face's track.
     # Biometric data: it lives in the session state only until the decision is written.
     embedding: list[float] | None = None

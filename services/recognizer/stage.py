@@ -206,14 +206,15 @@ class RecognizerStage(Stage):
             )
         hits = self.gallery_owner.search(vector, ref.tenant_id, ref.phone_suffix)
         top = hits[0] if hits else None
-        second = hits[1].score if len(hits) > 1 else -1.0
+        second = hits[1] if len(hits) > 1 else None
         return FrameResult(
             ref.sequence,
             ref.received_ms,
             ear=ear,
             top_user=top.user_id if top else "",
             top_score=top.score if top else -1.0,
-            second_score=second,
+            second_score=second.score if second else -1.0,
+            second_user=second.user_id if second else "",
             antispoof=message.antispoof,
             embedding=embedding,
         )
