@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import contextlib
+import subprocess
+import sys
 import threading
 import time
 import urllib.error
@@ -424,10 +426,28 @@ def test_a_stage_stuck_in_handle_fails_liveness_and_the_heartbeat_gauge_shows_it
         wait_until(lambda: probe(port, "/livez") == 200, 20, "live again once the loop turns")
 
 
-def test_free_ports_handed_out_close_together_are_all_different():
+def test_free_ports_handed_out_close_together_are_all_different(tmp_path, monkeypatch):
     """A pipeline picks a port per server before any of them binds: a port handed out twice made
     a worker die with 'Address already in use' (seen once in a full run)."""
-    from facepay.runtime.embedded import free_port
+    from facepay.runtime import embedded
 
-    ports = [free_port() for _ in range(500)]
+    monkeypatch.setattr(embedded, "_HANDED_OUT_FILE", tmp_path / "ports.json")  # not the machine's record
+    ports = [embedded.free_port() for _ in range(500)]
     assert len(set(ports)) == len(ports)
+
+
+def test_free_ports_handed_out_by_two_processes_at_once_are_all_different(tmp_path):
+    """Two supervisors on one machine (two test workers, a demo beside a test run) choose ports
+    at the same time: one must not start a server on a port the other has just chosen."""
+    draw = (
+        "import sys; from pathlib import Path; from facepay.runtime import embedded\n"
+        "embedded._HANDED_OUT_FILE = Path(sys.argv[1])  # the test's record, not the machine's\n"
+        "print(*[embedded.free_port() for _ in range(300)])"
+    )
+    record = str(tmp_path / "ports.json")
+    drawing = [
+        subprocess.Popen([sys.executable, "-c", draw, record], stdout=subprocess.PIPE, text=True) for _ in range(2)
+    ]
+    first, second = ({int(p) for p in d.communicate(timeout=60)[0].split()} for d in drawing)
+    assert len(first) == len(second) == 300
+    assert not first & second

@@ -11,12 +11,18 @@ are readable by their owner only.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
+import json
 import logging
+import os
 import random
 import signal
 import socket
 import subprocess
+import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from urllib.parse import urlencode
 
@@ -29,39 +35,63 @@ from facepay.redaction import redact_url
 log = logging.getLogger(__name__)
 
 
-# Ports handed out lately by this process: a port is free when chosen but bound only when its
+# Ports handed out lately on this machine: a port is free when chosen but bound only when its
 # server starts, so two servers started close together (a pipeline's workers, SeaweedFS's six
-# ports) must not be handed the same one.
-_HANDED_OUT: dict[int, float] = {}
+# ports; two supervisors at once: a demo beside a test run, parallel test workers) must not be
+# handed the same one. The record is a small file shared by this user's processes, under a lock.
 _HANDED_OUT_FOR_S = 300.0
+_HANDED_OUT_FILE = Path(tempfile.gettempdir()) / f"facepay-ports-{os.getuid()}.json"
+_handed_out_here: dict[int, float] = {}  # this process's, if the shared record cannot be used
 
 
 def free_port() -> int:
-    """A loopback port free now, for a server started a moment later, not handed out by this
-    process in the last few minutes.
+    """A loopback port free now, for a server started a moment later, not handed out on this
+    machine (by any process of this user) in the last few minutes.
 
     Chosen below the kernel's ephemeral range (net.ipv4.ip_local_port_range): a port the
     kernel hands out (bind to 0) is also what every outgoing connection on the machine draws
     from, so on a busy machine another process could take it before our server binds it."""
-    now = time.monotonic()
-    for port, at in list(_HANDED_OUT.items()):
-        if now - at > _HANDED_OUT_FOR_S:
-            del _HANDED_OUT[port]
-    low, _ = _ephemeral_range()
-    for _ in range(200):
-        port = random.randrange(max(1024, low - 12000), low)
-        if port in _HANDED_OUT:
-            continue
-        with socket.socket() as sock:
-            try:
-                sock.bind(("127.0.0.1", port))
-            except OSError:
+    with _handed_out() as handed_out:
+        now = time.time()
+        for port, at in list(handed_out.items()):
+            if not 0 <= now - at < _HANDED_OUT_FOR_S:
+                del handed_out[port]
+        low, _ = _ephemeral_range()
+        for _ in range(200):
+            port = random.randrange(max(1024, low - 12000), low)
+            if port in handed_out:
                 continue
-        _HANDED_OUT[port] = now
-        return port
+            with socket.socket() as sock:
+                try:
+                    sock.bind(("127.0.0.1", port))
+                except OSError:
+                    continue
+            handed_out[port] = now
+            return port
     with socket.socket() as sock:  # a crowded machine: let the kernel choose
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+@contextlib.contextmanager
+def _handed_out() -> Iterator[dict[int, float]]:
+    """The machine's record of ports handed out, locked while it is read and rewritten; this
+    process's own record if the file cannot be opened (a read-only /tmp)."""
+    try:
+        fd = os.open(_HANDED_OUT_FILE, os.O_RDWR | os.O_CREAT, 0o600)
+    except OSError:
+        yield _handed_out_here
+        return
+    with os.fdopen(fd, "r+") as record:
+        fcntl.flock(record, fcntl.LOCK_EX)  # released when the file is closed
+        try:
+            ports = {int(port): float(at) for port, at in json.loads(record.read() or "{}").items()}
+        except (ValueError, AttributeError):
+            ports = {}  # a torn or foreign file: start a new record
+        yield ports
+        record.seek(0)
+        record.truncate()
+        record.write(json.dumps(ports))
 
 
 def _ephemeral_range() -> tuple[int, int]:
