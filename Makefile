@@ -33,11 +33,16 @@ lint: $(VENV)/.installed
 	$(PY) -m ruff format --check .
 	$(PY) -m mypy
 
+# Test files run on TEST_WORKERS processes (pytest-xdist), each file whole on one of them: a
+# file's module-scoped pipelines stay shared by its tests. Two, for the two cores CI has; the
+# suite on one process takes about twice as long (README "Tests").
+TEST_WORKERS ?= 2
+
 test: setup lint deploy-tools
-	$(PY) -m pytest -ra
+	$(PY) -m pytest -ra -n $(TEST_WORKERS) --dist loadfile
 
 test-fast: setup  # everything but the tests marked slow (whole-pipeline runs, calibration)
-	$(PY) -m pytest -ra -m "not slow"
+	$(PY) -m pytest -ra -n $(TEST_WORKERS) --dist loadfile -m "not slow"
 
 bench: setup
 	$(PY) bench/pipeline.py

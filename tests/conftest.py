@@ -13,6 +13,17 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    """Under pytest-xdist (`make test`: one test process per core), models run in a test process
+    get that process's share of the cores: torch's default, a thread per core in every process,
+    oversubscribes the machine and its spinning threads slow each other down many times over."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if workers > 1:
+        import torch
+
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // workers))
+
+
 def _data_root() -> Path:
     return Path(os.environ.get("FACEPAY_TEST_DATA", REPO.parent / "shared" / "data")).resolve()
 

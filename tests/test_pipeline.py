@@ -25,16 +25,20 @@ PHOTO_POLICY = SessionPolicy(require_blink=False)  # still photos cannot blink: 
 FULL_POLICY = SessionPolicy()
 
 
-def photo_cast(faces):
-    """People with 2+ photos (enroll the first, pay with the rest) and single-photo strangers."""
+def photo_cast(faces, size: int | None = None):
+    """People with 2+ photos (enroll the first, pay with the rest) and single-photo strangers;
+    `size`: only that many of each, those with the most photos first."""
     people = faces.identities()
     enrolled = {name: paths for name, paths in people.items() if len(paths) >= 2}
     strangers = {name: paths for name, paths in people.items() if len(paths) == 1}
+    if size is not None:
+        enrolled = dict(sorted(enrolled.items(), key=lambda item: -len(item[1]))[:size])
+        strangers = dict(list(strangers.items())[:size])
     return enrolled, strangers
 
 
-def run_photo_sessions(pipeline, faces):
-    enrolled, strangers = photo_cast(faces)
+def run_photo_sessions(pipeline, faces, cast_size: int | None = None):
+    enrolled, strangers = photo_cast(faces, cast_size)
     for name, paths in enrolled.items():
         reply = enroll(pipeline, name, [paths[0].read_bytes()])
         assert reply.status == pb.EnrollResponse.ENROLLED, f"{name}: {reply}"
@@ -105,8 +109,8 @@ def test_the_same_path_against_the_redis_7_server(faces, tmp_path):
     except redis.ConnectionError:
         pytest.skip("no Redis server answers on 127.0.0.1:6379")
     pipeline = start_pipeline(tmp_path, PHOTO_POLICY, redis_url="redis://127.0.0.1:6379/0")
-    try:
-        assert_photo_outcomes(*run_photo_sessions(pipeline, faces))
+    try:  # the protocol is under test here, not recognition: a few people suffice
+        assert_photo_outcomes(*run_photo_sessions(pipeline, faces, cast_size=3))
     finally:
         pipeline.stop()
 

@@ -142,12 +142,12 @@ def test_a_replay_beside_live_traffic_decides_as_the_original_and_leaves_product
     payer = approved[0]
     live_cam = camera(pipeline, "cam-2")
 
-    def traffic() -> None:
+    def traffic() -> None:  # one payer after another, each as soon as the one before has paid
         while not stop_live.is_set():
             live_session = new_session()
             live_cam.stream_session(live_session, [p.read_bytes() for p in people[payer][1:]] * 3)
             live.append(live_session)
-            stop_live.wait(1.0)
+            backend.wait_for([live_session])
 
     thread = threading.Thread(target=traffic, daemon=True)
     thread.start()
