@@ -26,7 +26,7 @@ from facepay.signing import verify
 from facepay.vocabulary import EnrollmentStatus, Purpose, Reason
 from services.recognizer.policy import FrameResult
 from services.recognizer.stage import RecognizerStage
-from services.recognizer.state import SessionStore
+from services.recognizer.state import SessionStore, UnreadableState
 from tests.keysets import signing_as
 
 SIGNING_KEY = "11" * 32
@@ -153,3 +153,32 @@ def test_each_frames_runner_up_reaches_the_archiver_and_a_state_an_older_recogni
         ("alice", "bob", 0.4),
         ("alice", "", 0.4),
     ]
+
+
+def test_a_state_a_newer_recognizer_wrote_loads_without_the_fields_this_one_does_not_know(valkey):
+    """A rolling upgrade runs old and new recognizer replicas side by side on the same session
+    state: a frame result with a field added by a newer version is read by an older one (which
+    decides as it always did), not declined as unreadable for every session in flight."""
+    settings = Settings(redis_url=valkey.url, namespace=f"t{uuid.uuid4().hex[:8]}")
+    client = redis.Redis.from_url(settings.redis_url)
+    store = SessionStore(client, settings)
+    store.record(FrameRef("s-newer", "store-1", "cam-1", 0, 0), result=FrameResult(0, top_user="alice", top_score=0.9))
+    newer = dataclasses.asdict(FrameResult(1, top_user="alice", top_score=0.95)) | {"gaze_on_screen": 0.8}
+    client.hset(settings.key("session", "store-1/s-newer"), "f:1", msgpack.packb(newer))
+
+    state = store.load("store-1/s-newer")
+    assert state is not None
+    assert sorted((r.sequence, r.top_user, r.top_score) for r in state.results) == [
+        (0, "alice", 0.9),
+        (1, "alice", 0.95),
+    ]
+
+
+def test_a_frame_result_without_the_fields_every_version_wrote_is_unreadable(valkey):
+    settings = Settings(redis_url=valkey.url, namespace=f"t{uuid.uuid4().hex[:8]}")
+    client = redis.Redis.from_url(settings.redis_url)
+    store = SessionStore(client, settings)
+    store.record(FrameRef("s-torn", "store-1", "cam-1", 0, 0), result=FrameResult(0, top_user="alice", top_score=0.9))
+    client.hset(settings.key("session", "store-1/s-torn"), "f:1", msgpack.packb({"top_user": "alice"}))
+    with pytest.raises(UnreadableState):
+        store.load("store-1/s-torn")

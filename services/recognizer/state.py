@@ -29,6 +29,18 @@ STATE_TTL_S = 24 * 3600
 QUARANTINE_TTL_S = 7 * 24 * 3600
 
 
+_FRAME_RESULT_FIELDS = frozenset(f.name for f in dataclasses.fields(FrameResult))
+
+
+def _frame_result(stored: dict) -> FrameResult:
+    """A stored frame result. Fields a newer recognizer added are left out: during a rolling
+    upgrade an older replica decides with what it knows, as it did before the upgrade, instead
+    of declining every session in flight as unreadable. A missing required field still raises."""
+    if not isinstance(stored, dict):
+        raise TypeError(f"a frame result is a map, not {type(stored).__name__}")
+    return FrameResult(**{k: v for k, v in stored.items() if k in _FRAME_RESULT_FIELDS})
+
+
 class UnreadableState(ValueError):
     """A session's stored state cannot be decoded (corrupt, or written by another version)."""
 
@@ -98,7 +110,7 @@ class SessionStore:
         if b"meta" not in raw:
             return None
         try:
-            results = [FrameResult(**msgpack.unpackb(v)) for k, v in raw.items() if k.startswith(b"f:")]
+            results = [_frame_result(msgpack.unpackb(v)) for k, v in raw.items() if k.startswith(b"f:")]
             expected = int(raw[b"end"]) if b"end" in raw else None
             models = msgpack.unpackb(raw[b"models"]) if b"models" in raw else {}
             return SessionState(FrameRef(**msgpack.unpackb(raw[b"meta"])), results, expected, models)
