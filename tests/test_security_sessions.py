@@ -224,3 +224,28 @@ def test_a_payment_backend_learns_the_decision_and_never_whom_else_the_face_rese
     assert [(f["top_user"], f["second_user"]) for f in kept["s-declined"].frames] == [("carol", "dave")] * 3
     assert kept["s-paid"].payload == events["s-paid"][b"payload"], "the event exactly as the backend got it"
     assert kept["s-paid"].policy["min_agreeing_frames"] == 2
+
+
+def test_decision_records_are_kept_for_the_archiver_and_no_longer_than_decisions_without_one(recognizer):
+    """The records hold names: with no archiver (Pipeline(archive=False), a replay) the recognizer
+    trims them as it trims decisions (retention, length bound); an archiver's group that has not
+    processed a record holds it back until it has."""
+    settings, worker = recognizer
+    worker.settings = settings.replace(stream_retention_s=1)
+    client = redis.Redis.from_url(settings.redis_url)
+    records, events = settings.key("decision-records"), settings.key("decisions")
+    open_session(settings, "s-unread")
+    run_until(worker, lambda: client.xlen(records) == 1)
+    client.xgroup_create(records, "archiver", id="0")  # an archiver that has not read it yet
+    open_session(settings, "s-no-archiver-yet")
+    run_until(worker, lambda: client.xlen(events) == 2)
+
+    def trimmed(stream: str, left: int):
+        return lambda: worker._trim_history() or client.xlen(stream) == left
+
+    run_until(worker, trimmed(events, 0))
+    assert client.xlen(records) == 2, "unread by the archiver: kept"
+    (((delivered, _),),) = [items for _, items in client.xreadgroup("archiver", "a1", {records: ">"}, count=1)]
+    run_until(worker, trimmed(records, 2))
+    client.xack(records, "archiver", delivered)
+    run_until(worker, trimmed(records, 1))  # processed: gone; the one not yet read stays
