@@ -29,7 +29,7 @@ from bench.pipeline import sample_frames, wait_decisions
 from facepay.config import SessionPolicy
 from tests.e2e import camera, enroll, new_session, start_pipeline, wait_until_drained
 
-STREAMS = ("frames", "faces", "aligned", "posed", "decisions", "dead")
+STREAMS = ("frames", "faces", "aligned", "posed", "decisions", "decision-records", "dead")
 
 
 def camera_frame(photo: bytes, width: int = 640, height: int = 480) -> bytes:

@@ -145,9 +145,13 @@ class AdminMsg(Message):
 
 @dataclass(frozen=True)
 class DecisionMsg(Message):
-    """recognizer → archiver, in the `{ns}:decisions` entry beside the HMAC-signed event that
-    backends read: the event exactly as signed, what the recognizer saw of each frame (the
-    top-k scores exist nowhere else) and the session rule in force. `ref` is the session's."""
+    """recognizer → archiver on `{ns}:decision-records`, the decision record: the event exactly
+    as signed (the one backends read on `{ns}:decisions`), what the recognizer saw of each frame
+    (the top-k users and scores exist nowhere else) and the session rule in force. `ref` is the
+    session's. A stream of its own, written with the decision in one once-only write: a backend
+    reads `{ns}:decisions` in full and has no business knowing whom a payer's face resembled.
+    (Until this stream existed the message rode in the decision entry itself, field `m`; the
+    message is unchanged, only where it goes.)"""
 
     TYPE: ClassVar[str] = "decision"
     payload: bytes = b""  # the signed event's canonical JSON

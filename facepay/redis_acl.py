@@ -74,8 +74,10 @@ def _stage_rules(ns: str, stage: str) -> list[str]:
 
 def _recognizer_rules(ns: str) -> list[str]:
     return _stage_rules(ns, "recognizer") + [
-        # write-once decisions and enrollment results (EVAL checks its keys, then each call in it)
-        f"({_keys(ns, 'decided:*', 'decisions', 'enrollments', 'admin-replies')} +eval +evalsha +exists +xadd +set +xinfo +xlen)",
+        # write-once decisions (with their decision records for the archiver) and enrollment
+        # results (EVAL checks its keys, then each call in it)
+        f"({_keys(ns, 'decided:*', 'decisions', 'decision-records', 'enrollments', 'admin-replies')} "
+        "+eval +evalsha +exists +xadd +set +xinfo +xlen)",
         # erasure: enrollment results naming a deleted user
         f"({_keys(ns, 'enrollments', 'admin-replies')} +xrange +xdel)",
         # session state, failure limits, kept enrollment chips, template spaces
@@ -87,8 +89,10 @@ def _recognizer_rules(ns: str) -> list[str]:
         f"({_keys(ns, 'admin-requests:*')} +set)",
         # per-face embeddings for the archiver (only with archive_keep_embeddings): append only
         f"({_keys(ns, 'embeddings')} +xadd +xinfo +xlen)",
-        # the recognizer trims what it writes: decisions, enrollment results, replies, embeddings
-        f"({_keys(ns, 'decisions', 'enrollments', 'admin-replies', 'embeddings')} +eval +evalsha +exists +xinfo|groups +xpending +xlen +xtrim)",
+        # the recognizer trims what it writes: decisions and their records, enrollment results,
+        # replies, embeddings
+        f"({_keys(ns, 'decisions', 'decision-records', 'enrollments', 'admin-replies', 'embeddings')} "
+        "+eval +evalsha +exists +xinfo|groups +xpending +xlen +xtrim)",
         f"(%R~{ns}:thresholds +hget +hgetall)",
         # after erasing a user, rewrite the AOF so the erased entries leave the disk too
         "+scan +bgrewriteaof",
@@ -96,14 +100,15 @@ def _recognizer_rules(ns: str) -> list[str]:
 
 
 def _archiver_rules(ns: str) -> list[str]:
-    """The archiver reads every per-frame stream in its own group (the streams are its staging
-    area: entries stay pending there until their session is archived) and writes only dead
-    letters and its own per-session index."""
+    """The archiver reads the decision records (its input) and every per-frame stream in its own
+    group (the streams are its staging area: entries stay pending there until their session is
+    archived) and writes only dead letters and its own per-session index. It has no business on
+    `{ns}:decisions`: the record carries the event as signed."""
     taps = ("frames", "faces", "aligned", "posed", "embeddings")
     return [
-        f"({_keys(ns, 'decisions', *taps)} {_CONSUME} +xrange)",
+        f"({_keys(ns, 'decision-records', *taps)} {_CONSUME} +xrange)",
         f"({_keys(ns, 'dead')} +xadd +xinfo +xlen)",
-        f"({_keys(ns, 'decisions', 'dead')} +eval +evalsha +exists +xinfo|groups +xpending +xlen +xtrim)",
+        f"({_keys(ns, 'decision-records', 'dead')} +eval +evalsha +exists +xinfo|groups +xpending +xlen +xtrim)",
         f"({_keys(ns, 'errors:archiver')} +hset +hget +hdel +hgetall +hincrby +expire)",
         f"({_keys(ns, 'workers:ready')} +sadd)",
         # the per-session index scripts (services/archiver/stage.py) and the acknowledgement of a
@@ -139,7 +144,7 @@ def rules(component: str, ns: str) -> list[str]:
             "+@transaction -@dangerous)",
             "+scan",
         ]
-    if component == "backend":  # payment backends: decisions only
+    if component == "backend":  # payment backends: decision events only (never the decision records)
         return [
             f"({_keys(ns, 'decisions')} {_CONSUME} {_READ_STREAM})",
             # facepay.decisions.SeenEvents shared through Redis: event ids acted on (SET NX EX)

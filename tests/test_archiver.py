@@ -181,15 +181,9 @@ class Upstream:
             frames=scores,
             policy={"min_agreeing_frames": 3, "require_blink": True},
         )
-        key = self.settings.key("decisions")
-        self.redis.xadd(
-            key,
-            {
-                **seal({FIELD: message.encode()}, key, self.signers["recognizer"]),
-                **signed,
-                b"store": ref.store_id.encode(),
-            },
-        )
+        # As the recognizer writes them: the signed event for backends, the record for the archiver.
+        self.redis.xadd(self.settings.key("decisions"), {**signed, b"store": ref.store_id.encode()})
+        self._xadd("decision-records", message.encode(), "recognizer")
 
 
 @pytest.fixture(scope="module")
@@ -285,7 +279,7 @@ def test_a_decided_session_is_archived_once_with_its_frames_as_received_and_ever
         upstream.session("s-1", images, phone_suffix="1234")
         wait_until(lambda: "s-1" in archived_ids(setup), what="session archived")
         wait_until(
-            lambda: all(pending(setup, s) == 0 for s in ("frames", "faces", "aligned", "posed", "decisions")),
+            lambda: all(pending(setup, s) == 0 for s in ("frames", "faces", "aligned", "posed", "decision-records")),
             what="every entry acknowledged",
         )
     store = reader(setup)
@@ -348,7 +342,7 @@ def test_an_archive_outage_makes_the_archiver_fall_behind_and_loses_no_session(s
         try:
             for session_id in sessions[3:]:
                 upstream.session(session_id, photos[:3])
-            wait_until(lambda: pending(setup, "decisions") >= 1, what="the archiver falls behind")
+            wait_until(lambda: pending(setup, "decision-records") >= 1, what="the archiver falls behind")
             wait_until(lambda: pending(setup, "frames") >= 6 * 4, what="frames held")  # 6 × (3 frames + end)
             # The runtime's trimming, with no retention and a length bound of 1, keeps them all.
             client = connect(setup.redis_url)
@@ -361,7 +355,7 @@ def test_an_archive_outage_makes_the_archiver_fall_behind_and_loses_no_session(s
             lambda: set(sessions) <= archived_ids(setup), timeout_s=120, what="every session archived after the outage"
         )
         wait_until(
-            lambda: all(pending(setup, s) == 0 for s in ("frames", "faces", "aligned", "posed", "decisions")),
+            lambda: all(pending(setup, s) == 0 for s in ("frames", "faces", "aligned", "posed", "decision-records")),
             what="every entry acknowledged",
         )
     now = datetime.now(UTC)
@@ -397,7 +391,7 @@ def test_two_archiver_replicas_archive_every_session_once(setup, photos):
             upstream.session(session_id, photos[:3])
         wait_until(lambda: set(sessions) <= archived_ids(setup), what="every session archived")
         wait_until(
-            lambda: all(pending(setup, s) == 0 for s in ("frames", "faces", "aligned", "posed", "decisions")),
+            lambda: all(pending(setup, s) == 0 for s in ("frames", "faces", "aligned", "posed", "decision-records")),
             what="every entry acknowledged",
         )
     now = datetime.now(UTC)
@@ -459,7 +453,7 @@ def test_a_tampered_chain_of_one_store_holds_back_neither_the_other_stores_nor_i
             upstream.session(f"q-b{i + 2}", photos[:3], store="store-b")
         wait_until(lambda: {"q-b2", "q-b3", "q-b4"} <= archived_ids(setup, "store-b"), what="store B archived on")
         wait_until(
-            lambda: all(pending(setup, s) == 0 for s in ("frames", "faces", "aligned", "posed", "decisions")),
+            lambda: all(pending(setup, s) == 0 for s in ("frames", "faces", "aligned", "posed", "decision-records")),
             what="nothing held in Redis, A's session included",
         )
         # Loud: an error naming the store, a metric to alert on, and verify (below).
@@ -549,7 +543,11 @@ def test_the_recognizer_hands_each_faces_embedding_to_the_archiver_only_when_con
             for seq in range(3)
         ]
         emits = stage.process(posed)
-        assert all(b"embedding" not in e.payload[FIELD] for e in emits if e.stream == "decisions")
+        assert all(
+            FIELD not in e.payload and all(b"embedding" not in r.payload for r in e.beside)
+            for e in emits
+            if e.stream == "decisions"
+        )
         return [decode(e.payload) for e in emits if e.stream == "embeddings"]
 
     try:
@@ -580,7 +578,7 @@ def test_a_tenant_without_an_archive_key_waits_alone_and_is_archived_once_its_ke
         )
         assert archived_ids(setup, tenant="newco") == set()
         assert any(r.levelname == "ERROR" and getattr(r, "tenant", "") == "newco" for r in caplog.records)
-        assert pending(setup, "decisions") == 1 and pending(setup, "frames") == 4  # 3 frames + end
+        assert pending(setup, "decision-records") == 1 and pending(setup, "frames") == 4  # 3 frames + end
         assert client.xlen(setup.key("dead")) == 0
         for stream in ("frames", "faces", "aligned", "posed"):  # the safe trim keeps them: no retention, bound 1
             client.eval(_TRIM_SAFELY, 1, setup.key(stream), int(time.time() * 1000), 1, "0")
@@ -596,7 +594,7 @@ def test_a_tenant_without_an_archive_key_waits_alone_and_is_archived_once_its_ke
             what="newco's session archived once its key is added",
         )
         wait_until(
-            lambda: all(pending(setup, s) == 0 for s in ("frames", "faces", "aligned", "posed", "decisions")),
+            lambda: all(pending(setup, s) == 0 for s in ("frames", "faces", "aligned", "posed", "decision-records")),
             what="every entry acknowledged",
         )
     now = datetime.now(UTC)

@@ -5,7 +5,9 @@ key, to the session's partition) to a once-only decision, and the archiver, with
 user, archives each session complete with its frames and lets go of every entry.
 
     source → {ns}:{pNN}:frames → detector → faces → aligner → aligned → pose → posed → decide
-    → {ns}:{pNN}:decisions → archiver (tapping frames, faces, aligned, posed in every partition)
+    → {ns}:{pNN}:decisions (the signed event, for backends)
+    + {ns}:{pNN}:decision-records (in the same once-only write) → archiver (tapping frames, faces,
+      aligned, posed in every partition)
 """
 
 from __future__ import annotations
@@ -92,12 +94,15 @@ class Decide(Stage):
             pipe.hlen(seen)
             pipe.expire(seen, 3600)
             if pipe.execute()[1] >= FRAMES:
-                emits.append(
+                record = decision(message.ref)
+                signed = {b"payload": record.payload, b"sig": record.signature.encode(), b"kid": b"k1"}
+                emits.append(  # as the recognizer writes it: the event, and beside it the record
                     Emit(
                         "decisions",
-                        decision(message.ref).encode(),
+                        {**signed, b"store": message.ref.store_id.encode()},
                         once_key=f"decided:{session}",
                         partition_key=session,
+                        beside=(Emit("decision-records", record.encode(), partition_key=session),),
                     )
                 )
         return emits
@@ -220,10 +225,10 @@ def archived(settings: Settings) -> dict[str, list[bytes]]:
 
 
 def archiver_pending(cluster: EmbeddedValkeyCluster) -> int:
-    """Entries of every tap and decisions partition the archiver's group holds or has not read."""
+    """Entries of every tap and decision-records partition the archiver's group holds or has not read."""
     client, total = connect(cluster.url), 0
     partitions = Partitions("fpa", PARTITIONS, tagged=True)
-    for name in ("frames", "faces", "aligned", "posed", "decisions"):
+    for name in ("frames", "faces", "aligned", "posed", "decision-records"):
         for stream in partitions.streams(name):
             for group in client.xinfo_groups(stream) if client.exists(stream) else []:
                 if group["name"] in (b"archiver", "archiver"):
@@ -257,3 +262,7 @@ def test_sessions_on_a_cluster_are_archived_with_their_frames_from_every_partiti
         )
         for s in sessions
     ), "the per-session index is gone"
+    layout = Partitions("fpa", PARTITIONS, tagged=True)
+    events = [f for s in layout.streams("decisions") for _, f in client.xrange(s)]
+    assert len(events) == len(sessions) and all(set(f) == {b"payload", b"sig", b"kid", b"store"} for f in events)
+    assert sum(client.xlen(s) for s in layout.streams("decision-records")) == len(sessions)

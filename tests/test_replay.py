@@ -35,7 +35,7 @@ from facepay.signing import sign
 from tests.e2e import Backend, camera, enroll, new_session, start_pipeline, wait_until
 
 PHOTO_POLICY = SessionPolicy(require_blink=False)  # still photos cannot blink: that rule alone is off
-TAP_STREAMS = ("frames", "faces", "aligned", "posed", "decisions")
+TAP_STREAMS = ("frames", "faces", "aligned", "posed", "decisions", "decision-records")
 ROOT = Path(__file__).resolve().parents[1]
 
 

@@ -229,16 +229,53 @@ def test_the_runtime_runs_each_stage_under_its_own_user(valkey, component):
         worker.run_once()
 
 
-def test_the_recognizer_writes_its_decision_once_with_eval(valkey):
+def test_the_recognizer_writes_its_decision_and_its_record_once_with_eval(valkey):
+    """Two replicas deciding one session: one decision event and one decision record, never a
+    record without its event (the archive holds the event exactly as backends got it)."""
     from facepay.runtime.stage import Emit
 
     settings = Settings(redis_url=valkey.url_for("recognizer"), namespace=NS, **signing_as("recognizer"))
     stage = type("R", (PipeStage,), {"name": "recognizer", "input": "posed", "output": "decisions"})()
     worker = StreamWorker(stage, settings, consumer="r-0")
-    key = f"decided:store/{uuid.uuid4().hex}"
-    worker._commit([], [Emit("decisions", {b"payload": b"{}"}, once_key=key)])
-    worker._commit([], [Emit("decisions", {b"payload": b"{}"}, once_key=key)])
-    assert redis.Redis.from_url(valkey.url).exists(f"{NS}:{key}")
+    session = f"store/{uuid.uuid4().hex}"
+    key = f"decided:{session}"
+    admin = redis.Redis.from_url(valkey.url)
+    before = admin.xlen(f"{NS}:decisions"), admin.xlen(f"{NS}:decision-records")
+    for replica in (b"first", b"second"):
+        record = Emit("decision-records", replica, partition_key=session)
+        worker._commit([], [Emit("decisions", {b"payload": replica}, key, session, beside=(record,))])
+    assert admin.exists(f"{NS}:{key}")
+    (event_id, event), (_, written) = (
+        admin.xrevrange(f"{NS}:decisions", count=1)[0],
+        admin.xrevrange(f"{NS}:decision-records", count=1)[0],
+    )
+    assert (admin.xlen(f"{NS}:decisions"), admin.xlen(f"{NS}:decision-records")) == (before[0] + 1, before[1] + 1)
+    assert event[b"payload"] == b"first" and written[FIELD] == b"first"
+    assert admin.get(f"{NS}:{key}") == event_id, "the once-key remembers the decision event's entry"
+
+
+def test_decision_records_go_from_the_recognizer_to_the_archiver_only(valkey):
+    """`{ns}:decision-records`: each frame's nearest users and scores and the rule in force, for
+    the archive. Whom a payer's face resembled is no payment backend's business: only the
+    recognizer writes it and only the archiver reads it (and trims it, as its input)."""
+    stream = f"{NS}:decision-records"
+    archiver = as_user(valkey, "archiver")
+    archiver.xgroup_create(stream, "archiver-acl", id="$", mkstream=True)
+    as_user(valkey, "recognizer").eval("return redis.call('XADD', KEYS[1], '*', 'm', 'record')", 1, stream)
+    assert archiver.xreadgroup("archiver-acl", "a1", {stream: ">"})[0][1][0][1] == {FIELD: b"record"}
+    for refused in (
+        lambda: as_user(valkey, "backend").xrange(stream),
+        lambda: as_user(valkey, "backend").xread({stream: "0"}),
+        lambda: as_user(valkey, "backend").xgroup_create(stream, "backend-s1", id="0"),
+        lambda: as_user(valkey, "gateway").xrange(stream),
+        lambda: as_user(valkey, "operator").xrange(stream),
+        lambda: as_user(valkey, "pose").xadd(stream, {FIELD: b"forged"}),
+        lambda: archiver.xadd(stream, {FIELD: b"forged"}),
+        lambda: archiver.xrange(f"{NS}:decisions"),  # the record carries the event: no need
+        lambda: as_user(valkey, "backend").xrange(f"{NS}:{{p03}}:decision-records"),
+    ):
+        with pytest.raises(redis.exceptions.NoPermissionError):
+            refused()
 
 
 def test_rq_jobs_run_under_the_operator_user(valkey, tmp_path):

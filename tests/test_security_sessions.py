@@ -19,6 +19,7 @@ import pytest
 import redis
 
 from facepay.config import SessionPolicy, Settings
+from facepay.decisions import consume
 from facepay.messages import FIELD, DecisionMsg, FrameRef, decode
 from facepay.runtime.embedded import EmbeddedValkey
 from facepay.runtime.worker import StreamWorker
@@ -130,7 +131,7 @@ def test_an_unreadable_enrollment_is_rejected_with_its_session_id_so_the_gateway
 def test_each_frames_runner_up_reaches_the_archiver_and_a_state_an_older_recognizer_wrote_still_loads(recognizer):
     """Recognizer replicas share the session state, and it outlives an upgrade: a frame result
     written by an older recognizer (the runner-up's score, not who it was) is read, not declined
-    as unreadable. The decision's entry for the archiver names each frame's runner-up when the
+    as unreadable. The decision record for the archiver names each frame's runner-up when the
     search returned one (audit: whom the payer was told apart from)."""
     settings, worker = recognizer
     client = redis.Redis.from_url(settings.redis_url)
@@ -144,9 +145,9 @@ def test_each_frames_runner_up_reaches_the_archiver_and_a_state_an_older_recogni
     run_until(worker, lambda: "s-runner-up" in decisions(client, settings))
     assert decisions(client, settings)["s-runner-up"]["reasons"] != [Reason.UNREADABLE_STATE]
     (entry,) = [
-        decode(f[FIELD])
-        for _, f in client.xrange(settings.key("decisions"))
-        if json.loads(f[b"payload"])["session_id"] == "s-runner-up"
+        m
+        for m in (decode(f[FIELD]) for _, f in client.xrange(settings.key("decision-records")))
+        if m.ref.session_id == "s-runner-up"
     ]
     assert isinstance(entry, DecisionMsg)
     assert [(f["top_user"], f["second_user"], f["second_score"]) for f in entry.frames] == [
@@ -182,3 +183,98 @@ def test_a_frame_result_without_the_fields_every_version_wrote_is_unreadable(val
     client.hset(settings.key("session", "store-1/s-torn"), "f:1", msgpack.packb({"top_user": "alice"}))
     with pytest.raises(UnreadableState):
         store.load("store-1/s-torn")
+
+
+# ---- what a payment backend reads --------------------------------------------------------
+@pytest.fixture(scope="module")
+def acl_valkey(tmp_path_factory):
+    """A Valkey with the components' ACL users for namespace `fp`, as production runs it."""
+    with EmbeddedValkey(tmp_path_factory.mktemp("valkey-acl"), namespace="fp") as server:
+        yield server
+
+
+def test_a_payment_backend_learns_the_decision_and_never_whom_else_the_face_resembled(acl_valkey, tmp_path):
+    """Backends read `{ns}:decisions` in full. For an approved and a declined session they find
+    the signed event and nothing else: not each frame's best and runner-up users and their scores,
+    nor the session rule. Those go to the archiver on `{ns}:decision-records`, which the recognizer
+    writes (under its own ACL user), the archiver reads and a backend may not."""
+    settings = Settings(
+        redis_url=acl_valkey.url_for("recognizer"),
+        namespace="fp",
+        signing_key=SIGNING_KEY,
+        gallery_url=f"edge://{tmp_path}/gallery",
+        policy=SessionPolicy(
+            threshold=0.6, margin=0.05, min_agreeing_frames=2, require_blink=False, session_timeout_s=0.2
+        ),
+        **signing_as("recognizer"),
+    )
+    stage = RecognizerStage(settings)
+    stage.start()
+    worker = StreamWorker(stage, settings, consumer="r1")
+    try:
+        store = SessionStore(redis.Redis.from_url(acl_valkey.url), settings)
+        for seq in range(3):  # alice, told apart from bob in every frame
+            result = FrameResult(seq, top_user="alice", top_score=0.9, second_user="bob", second_score=0.41, ear=0.3)
+            store.record(FrameRef("s-paid", "store-1", "cam-1", seq, 0), result=result)
+        for seq in range(3):  # someone who is not enrolled: carol and dave are the nearest, far below
+            result = FrameResult(seq, top_user="carol", top_score=0.42, second_user="dave", second_score=0.37, ear=0.3)
+            store.record(FrameRef("s-declined", "store-1", "cam-1", seq, 0), result=result)
+        backend = redis.Redis.from_url(acl_valkey.url_for("backend"))
+        stream = settings.key("decisions")
+        run_until(worker, lambda: backend.xlen(stream) == 2)
+    finally:
+        stage.stop()
+
+    entries = [fields for _, fields in backend.xrange(stream)]
+    events = {json.loads(f[b"payload"])["session_id"]: f for f in entries}
+    assert set(events) == {"s-paid", "s-declined"}
+    paid = verify(events["s-paid"][b"payload"], events["s-paid"][b"sig"].decode(), "k1", {"k1": SIGNING_KEY})
+    declined = verify(
+        events["s-declined"][b"payload"], events["s-declined"][b"sig"].decode(), "k1", {"k1": SIGNING_KEY}
+    )
+    assert (paid["decision"], paid["user_id"]) == ("approve", "alice")
+    assert (declined["decision"], declined["user_id"]) == ("decline", "")
+    for fields in entries:
+        assert set(fields) == {b"payload", b"sig", b"kid", b"store"}, "the signed event and its store, nothing else"
+        raw = b"".join(fields.values())
+        for beside_the_payer in (b"bob", b"carol", b"dave", b"top_user", b"second_score", b"0.41", b"0.37"):
+            assert beside_the_payer not in raw
+    consumed = consume(backend, stream, "backend-store-1", "b-0", {"k1": SIGNING_KEY}, "store-1", start="0")
+    assert {next(consumed)[1]["session_id"] for _ in range(2)} == {"s-paid", "s-declined"}
+
+    records = settings.key("decision-records")
+    with pytest.raises(redis.exceptions.NoPermissionError):
+        backend.xrange(records)
+    with pytest.raises(redis.exceptions.NoPermissionError):
+        backend.xread({records: "0"})
+    archiver = redis.Redis.from_url(acl_valkey.url_for("archiver"))
+    kept = {m.ref.session_id: m for m in (decode(f[FIELD]) for _, f in archiver.xrange(records))}
+    assert all(isinstance(m, DecisionMsg) for m in kept.values())
+    assert [(f["top_user"], f["second_user"]) for f in kept["s-declined"].frames] == [("carol", "dave")] * 3
+    assert kept["s-paid"].payload == events["s-paid"][b"payload"], "the event exactly as the backend got it"
+    assert kept["s-paid"].policy["min_agreeing_frames"] == 2
+
+
+def test_decision_records_are_kept_for_the_archiver_and_no_longer_than_decisions_without_one(recognizer):
+    """The records hold names: with no archiver (Pipeline(archive=False), a replay) the recognizer
+    trims them as it trims decisions (retention, length bound); an archiver's group that has not
+    processed a record holds it back until it has."""
+    settings, worker = recognizer
+    worker.settings = settings.replace(stream_retention_s=1)
+    client = redis.Redis.from_url(settings.redis_url)
+    records, events = settings.key("decision-records"), settings.key("decisions")
+    open_session(settings, "s-unread")
+    run_until(worker, lambda: client.xlen(records) == 1)
+    client.xgroup_create(records, "archiver", id="0")  # an archiver that has not read it yet
+    open_session(settings, "s-no-archiver-yet")
+    run_until(worker, lambda: client.xlen(events) == 2)
+
+    def trimmed(stream: str, left: int):
+        return lambda: worker._trim_history() or client.xlen(stream) == left
+
+    run_until(worker, trimmed(events, 0))
+    assert client.xlen(records) == 2, "unread by the archiver: kept"
+    (((delivered, _),),) = [items for _, items in client.xreadgroup("archiver", "a1", {records: ">"}, count=1)]
+    run_until(worker, trimmed(records, 2))
+    client.xack(records, "archiver", delivered)
+    run_until(worker, trimmed(records, 1))  # processed: gone; the one not yet read stays

@@ -215,11 +215,13 @@ class ReplayRun:
         )
 
     def decisions(self) -> dict[tuple[str, str], tuple[dict, DecisionMsg]]:
-        """(store, session) → (the verified event, the recognizer's message) of every decision so far."""
+        """(store, session) → (the verified event, the recognizer's decision record) of every
+        decision so far: the records (`{ns}:decision-records`) carry the event as signed and
+        each frame's users and scores."""
         keys = {self.settings.signing_key_id: self.settings.signing_key}
         found = {}
         for stream, fields in (
-            (s, f) for s in Partitions.of(self.settings).streams("decisions") for _, f in self.client.xrange(s)
+            (s, f) for s in Partitions.of(self.settings).streams("decision-records") for _, f in self.client.xrange(s)
         ):
             _, body = open_entry(fields, stream, self.trusted, {"recognizer"})
             message = decode(body)

@@ -22,7 +22,9 @@ from facepay.config import Settings
 from facepay.runtime.redis_conn import is_cluster_url
 
 # Streams whose entries belong to one session, hence to its partition.
-PARTITIONED_STREAMS = frozenset({"frames", "faces", "aligned", "posed", "embeddings", "decisions", "enrollments"})
+PARTITIONED_STREAMS = frozenset(
+    {"frames", "faces", "aligned", "posed", "embeddings", "decisions", "decision-records", "enrollments"}
+)
 # Other per-session (or per-partition) keys, by their first name part.
 # "archiver": its per-session index (staged, archived) and each partition's open sessions; its
 # global turns (sweep-turn, drain-turn) keep the plain name, which the ACL pattern also allows.

@@ -24,6 +24,11 @@ class Emit:
     # The session it belongs to, "store/session" (facepay.runtime.partitions): places an entry
     # of a partitioned stream (and its once-key) in that session's partition.
     partition_key: str | None = None
+    # Entries of other streams written with this one, atomically and under its once-key (both
+    # or neither), e.g. the recognizer's decision record for the archiver beside the decision
+    # event that backends read. Same session (partition_key) as this entry; no once-key of
+    # their own.
+    beside: tuple[Emit, ...] = ()
 
 
 def session_of(message: Message) -> str:

@@ -75,13 +75,22 @@ from facepay.vocabulary import Purpose
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
-# Write an entry only if its once-key is new; remember the entry id under the key.
-# No MAXLEN here: an inline trim would drop decisions no backend has read (see _TRIM_SAFELY).
+# Write an entry (and the entries written beside it, Emit.beside) only if its once-key is new;
+# remember the first entry's id under the key. KEYS: once-key, then each entry's stream (one
+# slot: the session's partition). ARGV: ttl, then per entry its number of field arguments and
+# those arguments. No MAXLEN here: an inline trim would drop decisions no backend has read (see
+# _TRIM_SAFELY).
 _EMIT_ONCE = """
 if redis.call('EXISTS', KEYS[1]) == 1 then return false end
-local id = redis.call('XADD', KEYS[2], '*', unpack(ARGV, 2))
-redis.call('SET', KEYS[1], id, 'EX', ARGV[1])
-return id
+local at, first = 2, nil
+for i = 2, #KEYS do
+  local n = tonumber(ARGV[at])
+  local id = redis.call('XADD', KEYS[i], '*', unpack(ARGV, at + 1, at + n))
+  first = first or id
+  at = at + n + 1
+end
+redis.call('SET', KEYS[1], first, 'EX', ARGV[1])
+return first
 """
 
 # Trim a stream by MINID, never past the first entry some consumer group has not read and
@@ -451,24 +460,33 @@ class StreamWorker:
         ops: list[_Op] = []
         for emit in emits:
             stream, once_key = self._emit_keys(emit)
-            fields = emit.payload if isinstance(emit.payload, dict) else {FIELD: emit.payload}
-            if FIELD in fields:  # decision events carry their own HMAC signature instead
-                fields = seal(fields, stream, self.keys.signer)
+            written = [(stream, self._fields(emit, stream))]
+            for beside in emit.beside:
+                if beside.once_key or beside.beside or beside.partition_key != emit.partition_key:
+                    raise StageContractError(
+                        f"stage {self.group!r}: an entry written beside another shares its session and once-key"
+                    )
+                other = self._emit_keys(beside)[0]
+                written.append((other, self._fields(beside, other)))
             if once_key:
-                flat = [x for kv in fields.items() for x in kv]
                 # A replayed frame is either older than max_frame_age_s or meets this key.
                 ttl = max(self.settings.stream_retention_s, self.settings.max_frame_age_s, 3600)
+                args: list[object] = [ttl]
+                for _, fields in written:
+                    args += [2 * len(fields), *(x for kv in fields.items() for x in kv)]
+                streams = [s for s, _ in written]
                 ops.append(
                     _Op(
                         stream,
-                        lambda pipe, k=once_key, s=stream, t=ttl, f=flat: pipe.execute_command(
-                            "EVAL", _EMIT_ONCE, 2, k, s, t, *f
+                        lambda pipe, k=once_key, ss=streams, a=args: pipe.execute_command(
+                            "EVAL", _EMIT_ONCE, 1 + len(ss), k, *ss, *a
                         ),
                     )
                 )
             else:  # trimmed by the maintenance pass, never unread entries
-                ops.append(_Op(stream, lambda pipe, s=stream, f=fields: pipe.xadd(s, f)))
-            self._written.add(stream)
+                for s, fields in written:
+                    ops.append(_Op(s, lambda pipe, s=s, f=fields: pipe.xadd(s, f)))
+            self._written.update(s for s, _ in written)
         erased = set(erase or ())
         for stream, batch in _by_stream(entries).items():
             ids = [e.id for e in batch]
@@ -484,7 +502,14 @@ class StreamWorker:
                 ops.append(_Op(stream, lambda pipe, s=stream, g=gone: pipe.xdel(s, *g)))
         self._transact(ops)
         for emit in emits:
-            metrics.MESSAGES_OUT.labels(self.group, emit.stream).inc()
+            for written_emit in (emit, *emit.beside):
+                metrics.MESSAGES_OUT.labels(self.group, written_emit.stream).inc()
+
+    def _fields(self, emit: Emit, stream: str) -> dict[bytes, bytes]:
+        """An emit's stream fields: a message (`m`) signed by this component for `stream`;
+        decision events carry their own HMAC signature instead."""
+        fields = emit.payload if isinstance(emit.payload, dict) else {FIELD: emit.payload}
+        return seal(fields, stream, self.keys.signer) if FIELD in fields else fields
 
     def _dead_letter(self, entry: Entry, reason: str, error: str) -> None:
         metrics.DEAD_LETTERS.labels(self.group, reason).inc()

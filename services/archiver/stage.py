@@ -4,13 +4,16 @@ How a session's entries are gathered (the streams are the staging area; nothing 
 
 - The archiver has its own consumer group `archiver` on the per-frame streams (`frames`,
   `faces`, `aligned`, `posed`, and `embeddings` when the recognizer keeps them for the archive:
-  the "taps") and on `decisions` (its input, read by the runtime).
+  the "taps") and on `decision-records` (its input, read by the runtime): the recognizer writes
+  each session's record there in the same once-only write as its decision event on `decisions`,
+  which the archiver does not read (backends do; the record's per-frame users and scores are
+  kept from them).
 - A tap entry it reads stays *pending* in its group: trimming never passes a group's pending
   entries, so the frame stays in Redis until its session is archived, however long the archive
   is down. Redis keeps only an index per open session: a set of "tap|entry id" strings (≈25 bytes
   per entry), plus an "archived" marker per session for late frames.
-- A decision (the recognizer's `DecisionMsg`: the signed event, each frame's scores, the rule in
-  force) triggers the gathering: read the indexed entries back (XRANGE by id), verify each one
+- A decision record (the recognizer's `DecisionMsg`: the signed event, each frame's scores, the
+  rule in force) triggers the gathering: read the indexed entries back (XRANGE by id), verify each one
   (the writer's Ed25519 signature for that stream, the gateway's attestation of the frame's
   origin, the image's digest, the session), build the `ArchivedSession`, archive it (idempotent),
   then acknowledge every entry of the session in one script. The runtime acknowledges the
@@ -21,7 +24,7 @@ How a session's entries are gathered (the streams are the staging area; nothing 
   its decision is deferred (`EntryDeferred`): left pending, uncounted, tried again once idle
   (claim_idle_ms), while other tenants' decisions are archived; its tap entries stay pending
   (kept from trimming). Loud: an error naming the tenant, facepay_archive_held_sessions_total,
-  the decisions group's pending count. The keys file is reread when it changes, so adding the
+  the decision-records group's pending count. The keys file is reread when it changes, so adding the
   key (a Secret updated in place) is enough: the session is archived at its next try.
 - A store's chain refusing appends (tampered, unreadable) → the session is quarantined: sealed
   in its place outside the chain, with a signed note, chained once the chain is restored. Not
@@ -174,7 +177,7 @@ def image_format(image: bytes) -> str:
 
 class ArchiverStage(Stage):
     name = GROUP
-    input = "decisions"
+    input = "decision-records"
     accepts_from = {"decision": frozenset({"recognizer"})}
 
     def __init__(self, settings: Settings, store: ArchiveStore | None = None) -> None:

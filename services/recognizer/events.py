@@ -1,10 +1,13 @@
 """What the recognizer writes when a session is decided.
 
-A payment session: one decision event, HMAC-signed for the payment backends (see "The session
-rule and the decision event" in the README), and beside it, for the archiver, the event as
-signed with what the recognizer saw of each frame and the rule in force. An enrollment: its
-result, matched by the gateway to its request by the session id inside the signed body.
-Both are written once per session (`once_key`), whichever replica decides it.
+A payment session: one decision event on `{ns}:decisions`, HMAC-signed for the payment
+backends (see "The session rule and the decision event" in the README), and nothing else there:
+backends read that stream in full. Beside it, in the same once-only write, the decision record
+for the archiver on `{ns}:decision-records` (ACL: the archiver alone reads it): the event as
+signed, what the recognizer saw of each frame (its two nearest users and their scores — whom
+the payer's face resembled, a backend's business in no session) and the rule in force. An
+enrollment: its result, matched by the gateway to its request by the session id inside the
+signed body. Both are written once per session (`once_key`), whichever replica decides it.
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ import time
 import msgpack
 
 from facepay.config import Settings
-from facepay.messages import FIELD, DecisionMsg, FrameRef
+from facepay.messages import DecisionMsg, FrameRef
 from facepay.runtime import metrics
 from facepay.runtime.stage import Emit
 from facepay.signing import sign
@@ -81,8 +84,18 @@ class DecisionEvents:
         )
         payload = sign(event, self.settings.signing_key, self.settings.signing_key_id)
         payload[b"store"] = ref.store_id.encode()
-        payload[FIELD] = _for_the_archive(ref, state, payload, rule).encode()  # signed by the runtime
-        return Emit("decisions", payload, once_key=decided_key(session_key(ref)), partition_key=session_key(ref))
+        record = Emit(
+            "decision-records",
+            _for_the_archive(ref, state, payload, rule).encode(),  # signed by the runtime
+            partition_key=session_key(ref),
+        )
+        return Emit(
+            "decisions",
+            payload,
+            once_key=decided_key(session_key(ref)),
+            partition_key=session_key(ref),
+            beside=(record,),
+        )
 
     def enrollment(self, ref: FrameRef, result: dict) -> Emit:
         """`result` as `enrollment_result` starts it."""
@@ -110,8 +123,8 @@ def enrollment_result(ref: FrameRef, space_id: str, images: list[dict] | None = 
 
 
 def _for_the_archive(ref: FrameRef, state: SessionState, signed: dict[bytes, bytes], rule: RuleInForce) -> DecisionMsg:
-    """The event as signed, each frame's two best users and their scores and the rule in force,
-    for the archiver."""
+    """The decision record: the event as signed, each frame's two best users and their scores
+    and the rule in force, for the archiver (never on the stream backends read)."""
     frames = [
         {
             "sequence": r.sequence,
