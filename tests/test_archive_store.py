@@ -598,6 +598,45 @@ def test_two_replicas_appending_at_once_do_not_fork_the_chain(
     assert head["seq"] == 40, "the head never moved back"
 
 
+def test_a_replica_that_found_a_new_chain_headless_goes_on_when_another_replica_starts_it_meanwhile(
+    s3: EmbeddedS3, keys: ArchiveKeys, photos: list[bytes]
+) -> None:
+    """A store's first sessions, archived by two replicas at once: one finds no head (the chain
+    is new) and, before it looks for entries, the other creates the head and chains a session.
+    Entries next to a head it saw missing are not tampering: the head was made meanwhile."""
+    prefix = "test-" + uuid.uuid4().hex[:12]
+    first, second = make_store(s3, keys, prefix=prefix), make_store(s3, keys, prefix=prefix)
+    entries = f"{first._chain('acme', 'store-1')}entries/"
+    paused: list[str] = []
+
+    def the_other_replica_chains_a_session_meanwhile(params: dict, **_: object) -> None:
+        # `first` is about to list the entries of a chain whose head it found missing (no StartAfter).
+        if params.get("Prefix") == entries and "StartAfter" not in params and not paused:
+            paused.append(second.archive(session_at(T0, photos)).key)
+
+    first.client.meta.events.register(
+        "before-parameter-build.s3.ListObjectsV2", the_other_replica_chains_a_session_meanwhile
+    )
+    receipt = first.archive(session_at(T0 + timedelta(minutes=1), photos))
+
+    assert paused, "the other replica chained its session inside the window"
+    assert receipt.seq == 2
+    report = second.verify("acme", "store-1", *window())
+    assert report.ok, report.problems
+    assert report.checked_sessions == 2
+
+
+def test_a_chain_head_removed_beside_its_entries_stops_the_archiver(archive: ArchiveStore, photos: list[bytes]) -> None:
+    """Removing only the head (every entry and session left) is still tampering, whoever looks twice."""
+    fill(archive, photos, 3)
+    archive.client.delete_object(Bucket=archive.bucket, Key=f"{archive._chain('acme', 'store-1')}head.json")
+
+    with pytest.raises(ArchiveTampered, match="no head"):
+        archive.archive(session_at(T0 + timedelta(hours=1), photos))
+    assert archive._entry_seqs("acme", "store-1") == [1, 2, 3], "nothing chained after the cut"
+    assert "head_missing" in archive.verify("acme", "store-1", *window()).kinds()
+
+
 # --- retention -------------------------------------------------------------------------------------------
 
 

@@ -418,6 +418,35 @@ def test_frames_read_by_an_archiver_that_died_before_filing_them_are_taken_over(
     assert [f.image for f in store.read(ref.key).frames] == photos[:3]
 
 
+def test_a_dead_archivers_frames_not_yet_claimable_are_waited_for_though_their_pose_is(setup, photos):
+    """The pose stage's entries are claimable before the frames' (the dead replica read them
+    earlier, or a take-over pass crossed claim_idle_ms between two taps): a session whose posed
+    entries are all in is not complete while its frames, faces or aligned entries are not."""
+    upstream = Upstream(setup)
+    upstream.session("d-2", photos[:3])
+    client = connect(setup.redis_url)
+    for tap in ("frames", "faces", "aligned", "posed"):
+        client.xgroup_create(setup.key(tap), "archiver", id="0")
+    client.xreadgroup("archiver", "died", {setup.key("posed"): ">"}, count=100)
+    wait_until(
+        lambda: all(
+            p["time_since_delivered"] >= setup.claim_idle_ms
+            for p in client.xpending_range(setup.key("posed"), "archiver", "-", "+", 100)
+        ),
+        what="the dead replica's posed entries claimable",
+    )
+    # Its other taps' entries, read just before it died: claimable only claim_idle_ms from now.
+    client.xreadgroup("archiver", "died", {setup.key(t): ">" for t in ("frames", "faces", "aligned")}, count=100)
+    with RunningArchiver(setup):
+        wait_until(lambda: "d-2" in archived_ids(setup), what="the session archived")
+    now = datetime.now(UTC)
+    store = reader(setup)
+    (ref,) = store.list_sessions(TENANT, STORE, now - timedelta(hours=1), now + timedelta(hours=1))
+    frames = store.read(ref.key).frames
+    assert [f.image for f in frames] == photos[:3], "every frame archived with its image"
+    assert all(f.detector_score for f in frames[:2]) and all(f.landmarks for f in frames[:2])
+
+
 def chained_ids(settings: Settings, store: str) -> set[str]:
     """Sessions of the store that are archived and on its hash chain (not held outside it)."""
     quarantined = {p.session_id for p in verify(settings, store).problems if p.kind == "quarantined"}

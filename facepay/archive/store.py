@@ -529,15 +529,22 @@ class ArchiveStore:
     def _tip(self, tenant: str, store: str) -> tuple[int, str, int]:
         """Seq, hash and chained_ms of the last entry: from the head (a hint that may lag),
         then whatever follows it. A new chain gets its head (seq 0) before its first entry, so
-        a missing head next to entries means someone removed it."""
+        a missing head next to entries means someone removed it.
+
+        Missing when read, entries when listed next, is not yet that: another replica may have
+        started the chain in between (head, then entry 1). So the head is read again after the
+        listing: entries listed had their head before, so missing now means removed."""
         head, etag = self._head(tenant, store)
-        if head is None and etag is not None:
-            raise ArchiveTampered(f"the chain head of {tenant}/{store} has a bad signature; not appending (run verify)")
-        if head is None:
-            if next(self._list(f"{self._chain(tenant, store)}entries/"), None) is not None:
+        entries = f"{self._chain(tenant, store)}entries/"
+        if head is None and etag is None and next(self._list(entries), None) is not None:
+            head, etag = self._head(tenant, store)
+            if head is None and etag is None:
                 raise ArchiveTampered(
                     f"the chain of {tenant}/{store} has entries but no head; not appending (run verify)"
                 )
+        if head is None and etag is not None:
+            raise ArchiveTampered(f"the chain head of {tenant}/{store} has a bad signature; not appending (run verify)")
+        if head is None:
             genesis = signed_document({"seq": 0, "hash": GENESIS, "chained_ms": 0}, self.keys)
             self._put_if_absent(
                 f"{self._chain(tenant, store)}head.json", genesis
@@ -546,7 +553,7 @@ class ArchiveStore:
         seq, hash_, chained_ms = head["seq"], head["hash"], head["chained_ms"]
         after = self._entry_key(tenant, store, seq) if seq else None
         last = None
-        for last in self._list(f"{self._chain(tenant, store)}entries/", start_after=after):  # noqa: B007 - the last one listed
+        for last in self._list(entries, start_after=after):  # noqa: B007 - the last one listed
             pass
         if last is None:
             return seq, hash_, chained_ms

@@ -106,6 +106,8 @@ TAPS: dict[str, tuple[str, frozenset[str]]] = {
     # only with archive_keep_embeddings (else empty): the recognizer's per-face embedding
     "embeddings": ("recognizer", frozenset({"embedding"})),
 }
+# The taps every frame the recognizer saw has an entry in (embeddings: only when kept, faces only).
+WHOLE_FRAME = frozenset({"frames", "faces", "aligned", "posed"})
 READ_COUNT = 200
 HELD_LOG_EVERY_S = 60.0
 
@@ -464,9 +466,12 @@ class ArchiverStage(Stage):
 
     @staticmethod
     def _missing(event: dict, gathered: Gathered) -> list[int]:
-        """Frames the recognizer saw whose posed entry has not been gathered (yet)."""
+        """Frames the recognizer saw not yet gathered whole: each went through every stage (a
+        rejection is passed on), so each has an entry in frames, faces, aligned and posed. Its
+        posed entry alone is not enough: a dead replica's taps become claimable one by one
+        (read at different times; a take-over pass may cross claim_idle_ms between two taps)."""
         seen = int(event.get("frames_seen") or 0)
-        have = sum(1 for stages in gathered.frames.values() if "posed" in stages)
+        have = sum(1 for stages in gathered.frames.values() if stages.keys() >= WHOLE_FRAME)
         return [] if have >= seen else [seen - have]
 
     def _gather(self, key: str) -> Gathered:
