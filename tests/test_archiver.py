@@ -6,8 +6,11 @@ write them): the whole pipeline with models runs in tests/test_pipeline.py.
 
 from __future__ import annotations
 
+import json
 import threading
 import time
+import urllib.error
+import urllib.request
 import uuid
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -32,8 +35,9 @@ from facepay.messages import (
     SessionEndMsg,
     decode,
 )
-from facepay.runtime.embedded import EmbeddedValkey
+from facepay.runtime.embedded import EmbeddedValkey, free_port
 from facepay.runtime.envelope import attest, seal
+from facepay.runtime.health import serve_health
 from facepay.runtime.redis_conn import connect
 from facepay.runtime.worker import _TRIM_SAFELY, StreamWorker
 from facepay.signing import sign
@@ -233,6 +237,7 @@ class RunningArchiver:
 
     def _run(self) -> None:
         self.worker.stage.start()
+        self.worker.heartbeat.started()  # as StreamWorker.run: the probes read it
         try:
             while not self.worker._stopping:
                 self.worker.run_once()
@@ -246,6 +251,26 @@ class RunningArchiver:
     def __exit__(self, *exc: object) -> None:
         self.worker.stop()
         self.thread.join(30)
+
+
+def held_entries(tenant: str) -> float | None:
+    """Entries the archiver holds for `tenant` (facepay_deferred_entries), None once cleared."""
+    labels = {"stage": "archiver", "reason": "no_archive_key", "scope": tenant}
+    return REGISTRY.get_sample_value("facepay_deferred_entries", labels)
+
+
+def held_for_s(tenant: str) -> float | None:
+    labels = {"stage": "archiver", "reason": "no_archive_key", "scope": tenant}
+    return REGISTRY.get_sample_value("facepay_deferred_oldest_seconds", labels)
+
+
+def readiness(port: int) -> tuple[int, dict]:
+    """/readyz's status and body (a line of JSON)."""
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=5) as answer:
+            return answer.status, json.loads(answer.read())
+    except urllib.error.HTTPError as refused:
+        return refused.code, json.loads(refused.read())
 
 
 def archived_ids(settings: Settings, store: str = STORE, tenant: str = TENANT) -> set[str]:
@@ -595,7 +620,9 @@ def test_a_tenant_without_an_archive_key_waits_alone_and_is_archived_once_its_ke
     metric, the group's pending count), their frames kept from trimming; other tenants' sessions
     are archived meanwhile; once its key is in the keys file, its sessions are archived."""
     upstream, client = Upstream(setup), connect(setup.redis_url)
-    with RunningArchiver(setup):
+    with RunningArchiver(setup) as archiver:
+        probes = serve_health(archiver.worker.heartbeat, free_port())
+        assert probes is not None
         upstream.session("t-new", photos[:3], tenant="newco")
         upstream.session("t-acme1", photos[:3])
         upstream.session("t-acme2", photos[:3])
@@ -609,6 +636,21 @@ def test_a_tenant_without_an_archive_key_waits_alone_and_is_archived_once_its_ke
         assert any(r.levelname == "ERROR" and getattr(r, "tenant", "") == "newco" for r in caplog.records)
         assert pending(setup, "decision-records") == 1 and pending(setup, "frames") == 4  # 3 frames + end
         assert client.xlen(setup.key("dead")) == 0
+        # Visible without the logs: a gauge per stage, reason and tenant (never per session),
+        # and the readiness probe's body -- still 200: the other tenants are archived.
+        wait_until(lambda: held_entries("newco") == 1, what="the held session counted on the gauge")
+        assert (held_for_s("newco") or 0) > 0
+        status, body = readiness(probes.port)
+        assert status == 200 and body["ok"] and "newco" in body["reason"], body
+        assert body["deferred"] == [
+            {
+                "stage": "archiver",
+                "reason": "no_archive_key",
+                "scope": "newco",
+                "entries": 1,
+                "oldest_s": body["deferred"][0]["oldest_s"],
+            }
+        ]
         for stream in ("frames", "faces", "aligned", "posed"):  # the safe trim keeps them: no retention, bound 1
             client.eval(_TRIM_SAFELY, 1, setup.key(stream), int(time.time() * 1000), 1, "0")
         assert client.xlen(setup.key("frames")) >= 4
@@ -626,6 +668,10 @@ def test_a_tenant_without_an_archive_key_waits_alone_and_is_archived_once_its_ke
             lambda: all(pending(setup, s) == 0 for s in ("frames", "faces", "aligned", "posed", "decision-records")),
             what="every entry acknowledged",
         )
+        wait_until(lambda: not held_entries("newco"), what="the gauge cleared once the session is archived")
+        status, body = readiness(probes.port)
+        assert (status, body["reason"], body["deferred"]) == (200, "ready", [])
+        probes.close()
     now = datetime.now(UTC)
     store = reader(setup)
     (ref,) = store.list_sessions("newco", STORE, now - timedelta(hours=1), now + timedelta(hours=1))

@@ -161,7 +161,7 @@ class Waiting(Upper):
         for m in batch:
             if m.ref.session_id not in self.ready:
                 self.deferred += 1
-                raise EntryDeferred(f"not ready for session {m.ref.session_id}")
+                raise EntryDeferred(f"not ready for session {m.ref.session_id}", "not_ready", m.ref.session_id)
         return super().handle(batch)
 
 
@@ -170,18 +170,33 @@ def test_an_entry_the_stage_defers_stays_pending_uncounted_while_the_others_go_o
     stage = Waiting()
     stage.ready.add("now")
     worker = StreamWorker(stage, settings, consumer="c1")
-    push(client, settings, frame("now", 0), frame("later", 0), frame("now", 1))
+    push(client, settings, frame("now", 0), frame("later", 0), frame("now", 1), frame("later", 1))
     run_until(worker, lambda: len(outputs(client, settings)) == 2)
     assert [m.ref.session_id for m in outputs(client, settings)] == ["now", "now"]
     # Tried again and again (once idle for claim_idle_ms), more often than max_deliveries: never
     # counted as a failure, never dead-lettered, still pending.
-    run_until(worker, lambda: stage.deferred >= settings.max_deliveries + 3)
-    assert pending(client, settings) == 1
+    run_until(worker, lambda: stage.deferred >= 2 * settings.max_deliveries + 3)
+    assert pending(client, settings) == 2
     assert client.xlen(settings.key("dead")) == 0
     assert not any(f.endswith(b":failures") for f in client.hgetall(settings.key("errors", "upper")))
+    # Counted per reason and scope (one series, however many entries), shown to /readyz.
+    assert deferred_entries("upper", "not_ready", "later") == 2
+    assert (deferred_oldest_s("upper", "not_ready", "later") or -1) >= 0
+    assert [(d["scope"], d["entries"]) for d in worker.heartbeat.deferred()] == [("later", 2)]
     stage.ready.add("later")  # what it waited for (its tenant's key) has come
-    run_until(worker, lambda: len(outputs(client, settings)) == 3)
+    run_until(worker, lambda: len(outputs(client, settings)) == 4)
     assert pending(client, settings) == 0 and client.xlen(settings.key("dead")) == 0
+    assert deferred_entries("upper", "not_ready", "later") is None, "the series goes once nothing is deferred"
+    assert worker.heartbeat.deferred() == []
+
+
+def deferred_entries(stage: str, reason: str, scope: str) -> float | None:
+    return REGISTRY.get_sample_value("facepay_deferred_entries", {"stage": stage, "reason": reason, "scope": scope})
+
+
+def deferred_oldest_s(stage: str, reason: str, scope: str) -> float | None:
+    labels = {"stage": stage, "reason": reason, "scope": scope}
+    return REGISTRY.get_sample_value("facepay_deferred_oldest_seconds", labels)
 
 
 def test_entries_of_a_dead_consumer_are_reclaimed_by_a_live_one(valkey, settings):

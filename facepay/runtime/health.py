@@ -9,6 +9,9 @@
 - `GET /readyz` → 200 when started, live, and Redis answered within `health_stale_s` with the
   worker not waiting anything out; 503 while Redis is unreachable, loading, read-only or full, or
   a stage dependency holds the batch back (a restart cures none of these: only readiness fails).
+  Its body lists the entries the stage defers (`deferred`: per reason and scope, e.g. a tenant
+  without an archive key: how many, the oldest's age) — still 200: the worker processes the rest,
+  a restart or a rollout cures nothing, the operator must fix a configuration (metrics, logs).
 
 A small stdlib HTTP server in a daemon thread; each answer is a line of JSON that says why.
 """
@@ -41,6 +44,7 @@ class Heartbeat:
         self._redis_answered_at: float | None = None
         self._started = False
         self._waiting_for: str | None = None
+        self._deferred: list[dict] = []
 
     def beat(self) -> None:
         with self._lock:
@@ -57,6 +61,15 @@ class Heartbeat:
         with self._lock:
             self._beat_at = time.monotonic()
             self._waiting_for = what
+
+    def deferring(self, summary: list[dict]) -> None:
+        """What the stage defers now, per reason and scope (for /readyz's body)."""
+        with self._lock:
+            self._deferred = list(summary)
+
+    def deferred(self) -> list[dict]:
+        with self._lock:
+            return list(self._deferred)
 
     def started(self) -> None:
         with self._lock:
@@ -89,6 +102,10 @@ class Heartbeat:
             return Verdict(False, f"waiting out: {waiting_for}")
         if answered_at is None or time.monotonic() - answered_at > self.stale_s:
             return Verdict(False, "redis has not answered recently")
+        deferred = self.deferred()
+        if deferred:  # not a failure: the rest is processed; the operator must act (see the body)
+            held = ", ".join(f"{d['stage']} {d['reason']} {d['scope']!r}: {d['entries']}" for d in deferred)
+            return Verdict(True, f"ready; entries deferred ({held})")
         return Verdict(True, "ready")
 
 
@@ -106,10 +123,14 @@ class HealthServer:
                     self._answer(404, {"error": f"no such probe; try {', '.join(PROBES)}"})
                     return
                 verdict = probe(heartbeat)
-                self._answer(
-                    200 if verdict.ok else 503,
-                    {"ok": verdict.ok, "reason": verdict.reason, "heartbeat_age_s": round(heartbeat.age_s(), 3)},
-                )
+                body: dict = {
+                    "ok": verdict.ok,
+                    "reason": verdict.reason,
+                    "heartbeat_age_s": round(heartbeat.age_s(), 3),
+                }
+                if probe is Heartbeat.ready:
+                    body["deferred"] = heartbeat.deferred()
+                self._answer(200 if verdict.ok else 503, body)
 
             def _answer(self, status: int, body: dict) -> None:
                 data = json.dumps(body).encode() + b"\n"

@@ -19,6 +19,18 @@ DEFERRED = Counter(
     "(e.g. a tenant without an archive key); retried, never counted as failures",
     ["stage"],
 )
+DEFERRED_ENTRIES = Gauge(
+    "facepay_deferred_entries",
+    "Entries this worker holds deferred now, per reason and scope (e.g. no_archive_key and the "
+    "tenant); the series goes once none is left. Per replica: sum over replicas",
+    ["stage", "reason", "scope"],
+)
+DEFERRED_OLDEST = Gauge(
+    "facepay_deferred_oldest_seconds",
+    "Age of the oldest entry this worker holds deferred, per reason and scope (since it was "
+    "written to its stream): how long e.g. a tenant's sessions have been held",
+    ["stage", "reason", "scope"],
+)
 RECLAIMED = Counter("facepay_reclaimed_total", "Pending entries taken over from idle consumers", ["stage"])
 BACKPRESSURE = Counter(
     "facepay_redis_backpressure_total",

@@ -49,7 +49,16 @@ class EntryDeferred(RuntimeError):
     It is tried again once idle for claim_idle_ms (reclaimed like a dead consumer's entry).
     Raised for a batch of several, the batch is retried one entry at a time, so only the
     deferred ones stay behind: `process` must be safe to run again on the others (idempotent).
-    The stage says why, loudly (log, metric): the group's pending count shows how many wait."""
+    The stage says why, loudly (log, metric): the group's pending count shows how many wait.
+
+    `reason` (e.g. "no_archive_key") and `scope` (what it applies to, e.g. the tenant) label the
+    runtime's facepay_deferred_entries gauge and /readyz's body: a few values each, never a
+    session or an entry id (one time series per value)."""
+
+    def __init__(self, message: str, reason: str = "deferred", scope: str = "") -> None:
+        super().__init__(message)
+        self.reason = reason
+        self.scope = scope
 
 
 class StageContractError(RuntimeError):

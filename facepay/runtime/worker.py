@@ -75,6 +75,10 @@ from facepay.vocabulary import Purpose
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
+# A deferred entry not deferred again by this worker within this many claim_idle_ms (+5 s) is
+# forgotten: another replica reclaimed it (and counts it now) or acknowledged it.
+DEFERRED_FORGET_CLAIMS = 2
+
 # Write an entry (and the entries written beside it, Emit.beside) only if its once-key is new;
 # remember the first entry's id under the key. KEYS: once-key, then each entry's stream (one
 # slot: the session's partition). ARGV: ttl, then per entry its number of field arguments and
@@ -184,6 +188,11 @@ class StreamWorker:
         output = getattr(stage, "output", None)
         self._awaits_group = set(self.partitions.streams(output)) if output else set()
         self.heartbeat = Heartbeat(settings.health_stale_s)
+        # Entries this worker deferred (EntryDeferred): (stream, id) → (reason, scope, when last
+        # deferred); forgotten once acknowledged, dead-lettered, or not deferred again for
+        # DEFERRED_FORGET_CLAIMS × claim_idle_ms (another replica took it, or acknowledged it).
+        self._deferred: dict[tuple[str, bytes], tuple[str, str, float]] = {}
+        self._deferred_series: set[tuple[str, str]] = set()
         metrics.HEARTBEAT_AGE.labels(self.group).set_function(self.heartbeat.age_s)
 
     # ---- lifecycle -------------------------------------------------------------------------
@@ -397,6 +406,8 @@ class StreamWorker:
         it stays pending, unacknowledged and uncounted, and is reclaimed once idle. Its "being
         processed alone" mark goes, or the next reclaim would count a crash against it."""
         metrics.DEFERRED.labels(self.group).inc()
+        self._deferred[(entry.stream or self.stream, entry.id)] = (deferred.reason, deferred.scope, time.monotonic())
+        self._publish_deferred()
         log.debug(
             "entry deferred by the stage",
             extra={
@@ -504,6 +515,7 @@ class StreamWorker:
         for emit in emits:
             for written_emit in (emit, *emit.beside):
                 metrics.MESSAGES_OUT.labels(self.group, written_emit.stream).inc()
+        self._undefer(entries)
 
     def _fields(self, emit: Emit, stream: str) -> dict[bytes, bytes]:
         """An emit's stream fields: a message (`m`) signed by this component for `stream`;
@@ -536,6 +548,44 @@ class StreamWorker:
         if erase:
             ops.append(_Op(stream, lambda pipe: pipe.xdel(stream, entry.id)))
         self._until_accepted(lambda: self._transact(ops), "dead letter", holding=[entry])
+        self._undefer([entry])
+
+    def _undefer(self, entries: Sequence[Entry]) -> None:
+        """Acknowledged (or dead-lettered) entries are no longer deferred."""
+        if self._deferred and any(
+            self._deferred.pop((e.stream or self.stream, e.id), None) is not None for e in list(entries)
+        ):
+            self._publish_deferred()
+
+    def _publish_deferred(self) -> None:
+        """facepay_deferred_entries and facepay_deferred_oldest_seconds per reason and scope, and
+        the same in /readyz's body; entries not deferred again for a while are forgotten."""
+        now, forget_s = time.monotonic(), DEFERRED_FORGET_CLAIMS * self.settings.claim_idle_ms / 1000 + 5
+        for key in [k for k, (_, _, at) in self._deferred.items() if now - at > forget_s]:
+            del self._deferred[key]
+        now_ms = time.time() * 1000
+        held: dict[tuple[str, str], list[float]] = {}
+        for (_stream, entry_id), (reason, scope, _) in self._deferred.items():
+            written_ms = int(entry_id.split(b"-", 1)[0])
+            held.setdefault((reason, scope), []).append(max(0.0, (now_ms - written_ms) / 1000))
+        for reason, scope in self._deferred_series - held.keys():
+            metrics.DEFERRED_ENTRIES.remove(self.group, reason, scope)
+            metrics.DEFERRED_OLDEST.remove(self.group, reason, scope)
+        summary = []
+        for (reason, scope), ages in sorted(held.items()):
+            metrics.DEFERRED_ENTRIES.labels(self.group, reason, scope).set(len(ages))
+            metrics.DEFERRED_OLDEST.labels(self.group, reason, scope).set(max(ages))
+            summary.append(
+                {
+                    "stage": self.group,
+                    "reason": reason,
+                    "scope": scope,
+                    "entries": len(ages),
+                    "oldest_s": round(max(ages)),
+                }
+            )
+        self._deferred_series = set(held)
+        self.heartbeat.deferring(summary)
 
     def _emit_keys(self, emit: Emit) -> tuple[str, str | None]:
         """The stream an emit goes to and its once-key: a session's partition for partitioned streams."""
@@ -667,6 +717,8 @@ class StreamWorker:
         if now - self._last_tick >= 1.0:
             self._last_tick = now
             self._tick()
+            if self._deferred or self._deferred_series:
+                self._publish_deferred()
         if now - self._last_gauges >= 5.0:
             self._last_gauges = now
             self._update_gauges()

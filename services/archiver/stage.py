@@ -446,7 +446,7 @@ class ArchiverStage(Stage):
                     "error": why or f"tenant {tenant!r} not in the keys file",
                 },
             )
-        raise EntryDeferred(f"no archive key for tenant {tenant!r}; session {key} held")
+        raise EntryDeferred(f"no archive key for tenant {tenant!r}; session {key} held", "no_archive_key", tenant)
 
     @staticmethod
     def _event(decision: DecisionMsg) -> dict:
