@@ -13,6 +13,7 @@ import time
 import uuid
 
 import pytest
+import redis
 import torch
 
 from facepay import keys
@@ -238,3 +239,34 @@ def test_a_worker_pod_deleted_during_any_start_up_wait_exits_cleanly_at_once(tmp
                     process.wait()
     finally:
         server.stop()
+
+
+def test_a_worker_asked_to_stop_while_redis_refuses_its_registration_stops_cleanly(tmp_path, keyset):
+    """Redis answers but refuses writes (full) when the worker registers, the last step of its
+    start-up: a stop request meanwhile is a normal stop, not an error."""
+    with EmbeddedValkey(tmp_path / "vk") as server:
+        client = redis.Redis.from_url(server.url)
+        client.config_set("maxmemory-policy", "noeviction")
+        client.config_set("maxmemory", 1)
+        worker = StreamWorker(Upper(), settings_with_keys(keyset, redis_url=server.url, namespace="full"))
+        failures: list[Exception] = []
+
+        def run() -> None:
+            try:
+                worker.run()
+            except Exception as exc:  # noqa: BLE001 - what would end the process with a traceback
+                failures.append(exc)
+
+        thread = threading.Thread(target=run, daemon=True)
+        thread.start()
+        try:
+            wait_until(
+                lambda: worker.heartbeat.startup().reason.startswith("register worker"), 20, "refused registration"
+            )
+            worker.stop()
+            thread.join(10)
+            assert not thread.is_alive()
+            assert failures == []
+        finally:
+            worker.stop()
+            client.config_set("maxmemory", 0)

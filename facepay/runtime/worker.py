@@ -203,9 +203,8 @@ class StreamWorker:
                 log.info("worker stopped during start-up", extra={"stage": self.group, "consumer": self.consumer})
                 return
             try:
-                self._until_accepted(
-                    lambda: self.redis.sadd(self.settings.key("workers", "ready"), self.consumer), "register worker"
-                )
+                if not self._register():
+                    return  # asked to stop while Redis refused the registration
                 self.heartbeat.started()
                 log.info(
                     "worker started", extra={"stage": self.group, "stream": self.stream, "consumer": self.consumer}
@@ -219,6 +218,19 @@ class StreamWorker:
         finally:
             if probes:
                 probes.close()
+
+    def _register(self) -> bool:
+        """The last step of start-up, waited out while Redis refuses it; False when asked to
+        stop meanwhile (a normal stop, as during the start-up waits)."""
+        try:
+            self._until_accepted(
+                lambda: self.redis.sadd(self.settings.key("workers", "ready"), self.consumer), "register worker"
+            )
+        except REDIS_ERRORS as exc:
+            if not self._stopping or backpressure_kind(exc) is None:
+                raise
+            return False
+        return True
 
     def _check_device(self) -> None:
         """The device a model stage asked for (FACEPAY_DEVICE=cuda without CUDA raises
