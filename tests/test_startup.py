@@ -5,12 +5,15 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import subprocess
 import sys
+import threading
 import time
 import uuid
 
 import pytest
+import redis
 import torch
 
 from facepay import keys
@@ -183,3 +186,87 @@ def test_a_worker_asked_to_stop_while_it_waits_for_redis_stops_without_waiting_o
     with running(worker) as thread:
         wait_until(lambda: worker.heartbeat.startup().reason.startswith("redis at"), 20, "waiting for redis")
     assert not thread.is_alive(), "SIGTERM during the start-up wait ends the process"
+
+
+def stderr_lines(process: subprocess.Popen) -> list[str]:
+    """The process's stderr lines as they come (read on a thread: a test waits on them)."""
+    lines: list[str] = []
+    assert process.stderr is not None
+    reader = threading.Thread(target=lambda: lines.extend(process.stderr), daemon=True)  # type: ignore[arg-type]
+    reader.start()
+    return lines
+
+
+def test_a_worker_pod_deleted_during_any_start_up_wait_exits_cleanly_at_once(tmp_path):
+    """SIGTERM while a worker waits for Redis, or (the recognizer, Redis up) for its Qdrant
+    server: the pod exits at once as from a normal stop (0, no traceback), not SIGKILLed
+    after the grace period while it waits out FACEPAY_STARTUP_WAIT_S."""
+    server = EmbeddedValkey(tmp_path / "vk").start()
+    try:
+        waits = {
+            "redis": worker_process("pose", FACEPAY_STARTUP_WAIT_S="600"),
+            "qdrant": worker_process(
+                "recognizer",
+                FACEPAY_REDIS_URL=server.url,
+                FACEPAY_NAMESPACE=f"s{uuid.uuid4().hex[:6]}",
+                FACEPAY_GALLERY_URL=f"http://127.0.0.1:{free_port()}",
+                FACEPAY_SIGNING_KEY="11" * 32,
+                FACEPAY_DEVICE="cpu",
+                FACEPAY_STARTUP_WAIT_S="600",
+            ),
+        }
+        try:
+            for what, process in waits.items():
+                lines = stderr_lines(process)
+                wait_until(
+                    lambda: any(f"waiting for {what} at" in line for line in lines) or process.poll() is not None,  # noqa: B023 - waited on in this iteration
+                    120,
+                    f"a log line saying it waits for {what}",
+                )
+                assert process.poll() is None, "".join(lines)[-3000:]
+                process.send_signal(signal.SIGTERM)
+                asked = time.monotonic()
+                process.wait(timeout=15)
+                took = time.monotonic() - asked
+                errors = "".join(lines)
+                assert (what, process.returncode) == (what, 0), errors[-3000:]
+                assert took < 3, f"{what}: exited {took:.1f} s after SIGTERM"
+                assert "Traceback" not in errors, errors[-3000:]
+        finally:
+            for process in waits.values():
+                if process.poll() is None:
+                    process.kill()
+                    process.wait()
+    finally:
+        server.stop()
+
+
+def test_a_worker_asked_to_stop_while_redis_refuses_its_registration_stops_cleanly(tmp_path, keyset):
+    """Redis answers but refuses writes (full) when the worker registers, the last step of its
+    start-up: a stop request meanwhile is a normal stop, not an error."""
+    with EmbeddedValkey(tmp_path / "vk") as server:
+        client = redis.Redis.from_url(server.url)
+        client.config_set("maxmemory-policy", "noeviction")
+        client.config_set("maxmemory", 1)
+        worker = StreamWorker(Upper(), settings_with_keys(keyset, redis_url=server.url, namespace="full"))
+        failures: list[Exception] = []
+
+        def run() -> None:
+            try:
+                worker.run()
+            except Exception as exc:  # noqa: BLE001 - what would end the process with a traceback
+                failures.append(exc)
+
+        thread = threading.Thread(target=run, daemon=True)
+        thread.start()
+        try:
+            wait_until(
+                lambda: worker.heartbeat.startup().reason.startswith("register worker"), 20, "refused registration"
+            )
+            worker.stop()
+            thread.join(10)
+            assert not thread.is_alive()
+            assert failures == []
+        finally:
+            worker.stop()
+            client.config_set("maxmemory", 0)

@@ -7,7 +7,7 @@ Life of a worker, one screen:
         read a batch (XREADGROUP, up to batch_size entries or batch_wait_ms)
         decode → stage.process(batch) → write outputs + XACK in one MULTI/EXEC
         stage.tick() about once a second; refresh lag/pending gauges
-    SIGTERM → finish the batch in hand → stage.stop()
+    SIGTERM → finish the batch in hand → stage.stop(); during a start-up wait → stop at once
 
 Every turn of the loop beats a heartbeat, served to Kubernetes' probes (`facepay.runtime.health`)
 and as the facepay_worker_heartbeat_age_seconds gauge.
@@ -69,7 +69,7 @@ from facepay.runtime.redis_conn import (
     reset_connections,
 )
 from facepay.runtime.stage import Emit, EntryDeferred, Stage, StageBacklog, StageContractError
-from facepay.runtime.startup import wait_for
+from facepay.runtime.startup import StopRequested, stop_requests, wait_for
 from facepay.vocabulary import Purpose
 
 log = logging.getLogger(__name__)
@@ -202,13 +202,18 @@ class StreamWorker:
         self._check_device()
         probes = serve_health(self.heartbeat, self.settings.health_port, self.settings.health_address)
         try:
-            if not self._wait_for_redis():
-                return  # asked to stop while waiting
-            self.stage.start()
             try:
-                self._until_accepted(
-                    lambda: self.redis.sadd(self.settings.key("workers", "ready"), self.consumer), "register worker"
-                )
+                # Every start-up wait (Redis here, a stage's own: the recognizer's Qdrant server)
+                # ends at once on SIGTERM: a pod deleted before its services came up stops cleanly.
+                with stop_requests(lambda: self._stopping):
+                    self._wait_for_redis()
+                    self.stage.start()
+            except StopRequested:
+                log.info("worker stopped during start-up", extra={"stage": self.group, "consumer": self.consumer})
+                return
+            try:
+                if not self._register():
+                    return  # asked to stop while Redis refused the registration
                 self.heartbeat.started()
                 log.info(
                     "worker started", extra={"stage": self.group, "stream": self.stream, "consumer": self.consumer}
@@ -223,6 +228,19 @@ class StreamWorker:
             if probes:
                 probes.close()
 
+    def _register(self) -> bool:
+        """The last step of start-up, waited out while Redis refuses it; False when asked to
+        stop meanwhile (a normal stop, as during the start-up waits)."""
+        try:
+            self._until_accepted(
+                lambda: self.redis.sadd(self.settings.key("workers", "ready"), self.consumer), "register worker"
+            )
+        except REDIS_ERRORS as exc:
+            if not self._stopping or backpressure_kind(exc) is None:
+                raise
+            return False
+        return True
+
     def _check_device(self) -> None:
         """The device a model stage asked for (FACEPAY_DEVICE=cuda without CUDA raises
         DeviceUnavailableError), checked before anything else; torch only for stages with models."""
@@ -233,21 +251,18 @@ class StreamWorker:
         device = resolve_device(self.settings.device)
         log.info("device", extra={"stage": self.group, "requested": self.settings.device, "device": str(device)})
 
-    def _wait_for_redis(self) -> bool:
+    def _wait_for_redis(self) -> None:
         """Redis may come up after this worker (a pod scheduled first): wait startup_wait_s for it.
-        False when asked to stop meanwhile."""
+        StopRequested when asked to stop meanwhile."""
         where = redact_url(self.settings.redis_url)
-        answered = wait_for(
+        wait_for(
             f"redis at {where}",
             self.redis.ping,
             lambda exc: backpressure_kind(exc) is not None,
             self.settings.startup_wait_s,
             on_wait=self.heartbeat.waiting,
-            stopping=lambda: self._stopping,
         )
-        if answered:
-            self.heartbeat.redis_answered()
-        return answered
+        self.heartbeat.redis_answered()
 
     def stop(self) -> None:
         self._stopping = True

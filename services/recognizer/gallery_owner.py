@@ -68,9 +68,16 @@ class GalleryOwner:
         gallery: Gallery | None = None,
     ) -> GalleryOwner:
         """Open (or take) the gallery and make sure this space's collection exists."""
+        opened = gallery is None
         gallery = gallery or open_gallery(settings.gallery_url, tuning=settings.qdrant)
-        wait_until_reachable(gallery, settings.startup_wait_s)  # a Qdrant server may start after us
-        gallery.ensure_collection(space_id, dim)
+        try:
+            # A Qdrant server may start after us (a SIGTERM meanwhile ends the wait: StopRequested).
+            wait_until_reachable(gallery, settings.startup_wait_s)
+            gallery.ensure_collection(space_id, dim)
+        except BaseException:
+            if opened:
+                gallery.close()
+            raise
         calibrated = thresholds.CalibratedThreshold(
             client,
             settings,
