@@ -637,6 +637,58 @@ def test_a_chain_head_removed_beside_its_entries_stops_the_archiver(archive: Arc
     assert "head_missing" in archive.verify("acme", "store-1", *window()).kinds()
 
 
+@pytest.mark.parametrize("tampering", ["removed", "forged"])
+def test_a_chain_head_tampered_with_while_a_replica_chains_a_session_is_not_put_back(
+    s3: EmbeddedS3, archive: ArchiveStore, photos: list[bytes], tampering: str
+) -> None:
+    """The head removed (or overwritten unsigned) in the moment between a replica's append and
+    its head advance: writing a head back would erase the evidence. The replica refuses as
+    tampering (the archiver quarantines the session), the head stays as the intruder left it,
+    verify says so, and the quarantined session stays outside until the chain is restored."""
+    fill(archive, photos, 2)
+    head_key = f"{archive._chain('acme', 'store-1')}head.json"
+    entries = f"{archive._chain('acme', 'store-1')}entries/"
+    intruder = make_store(s3, archive.keys, prefix=archive.prefix.rstrip("/"))
+    genuine_head = raw_get(intruder, head_key)
+    appended: list[str] = []
+    tampered: list[str] = []
+
+    def note_the_append(params: dict, **_: object) -> None:
+        if str(params.get("Key", "")).startswith(entries):
+            appended.append(params["Key"])
+
+    def tamper_before_the_head_moves(params: dict, **_: object) -> None:
+        if params.get("Key") == head_key and appended and not tampered:
+            if tampering == "removed":
+                intruder.client.delete_object(Bucket=intruder.bucket, Key=head_key)
+            else:
+                document = json.loads(genuine_head)
+                document["body"]["seq"] = 9
+                raw_put(intruder, head_key, json.dumps(document).encode())
+            tampered.append(head_key)
+
+    archive.client.meta.events.register("before-parameter-build.s3.PutObject", note_the_append)
+    archive.client.meta.events.register("before-parameter-build.s3.GetObject", tamper_before_the_head_moves)
+    late = session_at(T0 + timedelta(hours=1), photos)
+    with pytest.raises(ArchiveTampered, match="vanished" if tampering == "removed" else "signature") as refused:
+        archive.archive(late)
+
+    assert tampered, "the head was tampered with between the append and the head advance"
+    head, etag = intruder._head("acme", "store-1")
+    assert head is None and (etag is None) == (tampering == "removed"), "the head is as the intruder left it"
+    archive.quarantine(late, str(refused.value))  # what the archiver does with ArchiveTampered
+    report = intruder.verify("acme", "store-1", *window())
+    assert {"head_missing" if tampering == "removed" else "bad_signature", "quarantined"} <= report.kinds()
+    assert intruder.drain_quarantine() == [], "still tampered: it stays where it is"
+    assert intruder._head("acme", "store-1")[1] == etag, "draining did not put a head back either"
+
+    raw_put(intruder, head_key, genuine_head)  # the operator restores the head from a backup
+    assert intruder.drain_quarantine() == [late.session_id]
+    report = intruder.verify("acme", "store-1", *window())
+    assert report.ok, report.problems
+    assert report.checked_sessions == 3 and intruder._head("acme", "store-1")[0]["seq"] == 3
+
+
 # --- retention -------------------------------------------------------------------------------------------
 
 

@@ -390,22 +390,25 @@ class ArchiveStore:
                 return ArchiveReceipt(key, json.loads(marker[0])["seq"], sealed.content_sha256(), already_archived=True)
             chained = self._find_entry(tenant, store, session_id, self._stored_ms(key))
             if chained is not None:  # the entry was written, its acknowledgement lost
+                self._advance_head(tenant, store, chained)
                 self._s3(
                     "put_object",
                     Key=self._marker_key(tenant, store, session_id),
                     Body=json.dumps({"seq": chained.seq}).encode(),
                 )
-                self._advance_head(tenant, store, chained)
                 return ArchiveReceipt(key, chained.seq, chained.content_sha256, already_archived=True)
         if user:
             self._s3(
                 "put_object", Key=self._user_index_key(tenant, user, session_id), Body=json.dumps({"key": key}).encode()
             )
         entry = self._append(tenant, store, session_id, key, decided_ms, sealed.content_sha256(), user)
+        # The head before the marker: a head found removed or forged here (ArchiveTampered: the
+        # session is quarantined) leaves the session unmarked, so draining the quarantine
+        # finds its entry and tries the head again, instead of taking the marker for done.
+        self._advance_head(tenant, store, entry)
         self._s3(
             "put_object", Key=self._marker_key(tenant, store, session_id), Body=json.dumps({"seq": entry.seq}).encode()
         )
-        self._advance_head(tenant, store, entry)
         return ArchiveReceipt(key, entry.seq, entry.content_sha256)
 
     # --- quarantine: sessions a store's chain refuses -------------------------------------------
@@ -575,20 +578,30 @@ class ArchiveStore:
             raise ArchiveTampered(f"chain entry {key} is unreadable ({exc}); not appending (run verify)") from exc
 
     def _advance_head(self, tenant: str, store: str, entry: ChainEntry) -> None:
-        """Compare-and-set, so the head never moves back when replicas finish out of order."""
+        """Compare-and-set, so the head never moves back when replicas finish out of order.
+
+        The head exists here: the chain's genesis head was made (by `_tip`, this replica's or
+        another's) before entry 1, and the archive never removes it. So a head missing or
+        badly signed now was removed or forged since this replica read it: ArchiveTampered, as
+        `_tip` says. Writing a head back would erase the evidence of the removal for good."""
         key = f"{self._chain(tenant, store)}head.json"
         body = signed_document({"seq": entry.seq, "hash": entry.hash, "chained_ms": entry.chained_ms}, self.keys)
         for _ in range(MAX_APPEND_ATTEMPTS):
             head, etag = self._head(tenant, store)
-            if head and head["seq"] >= entry.seq:
+            if etag is None:
+                raise ArchiveTampered(
+                    f"the chain head of {tenant}/{store} vanished after entry {entry.seq} was chained; "
+                    "not putting it back (run verify)"
+                )
+            if head is None:
+                raise ArchiveTampered(
+                    f"the chain head of {tenant}/{store} has a bad signature; not advancing it (run verify)"
+                )
+            if head["seq"] >= entry.seq:
                 return
             try:
-                if etag is None:
-                    if self._put_if_absent(key, body):
-                        return
-                else:
-                    self._s3("put_object", Key=key, Body=body, IfMatch=etag)
-                    return
+                self._s3("put_object", Key=key, Body=body, IfMatch=etag)
+                return
             except ClientError as exc:
                 if exc.response["Error"]["Code"] not in ("PreconditionFailed", "412", "ConditionalRequestConflict"):
                     raise
