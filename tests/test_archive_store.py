@@ -522,8 +522,14 @@ def test_a_session_slipped_into_the_bucket_is_reported_unchained(
         seal_session(forged, archive.keys).to_bytes(),
     )
 
-    report = archive.verify("acme", "store-1", *window())
+    # Just stored, it may be a session an archiver is chaining right now: in flight, not yet a problem.
+    fresh = archive.verify("acme", "store-1", *window())
+    assert fresh.ok, fresh.problems
+    assert [p.session_id for p in fresh.in_flight] == [forged.session_id]
+    # Older than the in-flight window (no archiver takes that long), it is unchained.
+    report = archive.verify("acme", "store-1", *window(), in_flight=timedelta(0))
     assert [(p.kind, p.session_id) for p in report.problems] == [("unchained", forged.session_id)]
+    assert not report.in_flight
 
 
 def archive_as_it_happens(archive: ArchiveStore, session: ArchivedSession, lag: timedelta = timedelta(seconds=2)):
@@ -689,6 +695,61 @@ def test_a_chain_head_tampered_with_while_a_replica_chains_a_session_is_not_put_
     assert report.checked_sessions == 3 and intruder._head("acme", "store-1")[0]["seq"] == 3
 
 
+# --- a live archive: verify while archivers append ------------------------------------------------------
+
+
+def test_verify_while_a_replica_appends_does_not_take_the_moving_head_for_a_cut(
+    s3: EmbeddedS3, keys: ArchiveKeys, photos: list[bytes]
+) -> None:
+    """An auditor verifies while an archiver chains a session between verify's listing of the
+    entries and its reading of the head: the head is past the listing, and the chain is whole."""
+    prefix = "test-" + uuid.uuid4().hex[:12]
+    replica, auditor = make_store(s3, keys, prefix=prefix), make_store(s3, keys, prefix=prefix)
+    fill(replica, photos, 3)
+    head_key = f"{auditor._chain('acme', 'store-1')}head.json"
+    appended: list = []
+
+    def the_replica_chains_a_session_meanwhile(params: dict, **_: object) -> None:
+        # The auditor has listed the entries and is about to read the head.
+        if params.get("Key") == head_key and not appended:
+            appended.append(replica.archive(session_at(T0 + timedelta(hours=1), photos)))
+
+    auditor.client.meta.events.register("before-parameter-build.s3.GetObject", the_replica_chains_a_session_meanwhile)
+    report = auditor.verify("acme", "store-1", *window())
+
+    assert [r.seq for r in appended] == [4], "the replica chained a session inside the window"
+    assert report.ok, report.problems
+    assert (report.checked_sessions, report.checked_entries) == (4, 4)
+
+
+def test_verify_while_a_replica_chains_a_session_reports_it_in_flight_not_unchained(
+    s3: EmbeddedS3, keys: ArchiveKeys, photos: list[bytes]
+) -> None:
+    """An auditor verifies between a replica's storing of a session and its chaining of it: the
+    session is in flight (listed as such), not a problem; once chained it verifies."""
+    prefix = "test-" + uuid.uuid4().hex[:12]
+    replica, auditor = make_store(s3, keys, prefix=prefix), make_store(s3, keys, prefix=prefix)
+    fill(replica, photos, 2)
+    entries = f"{replica._chain('acme', 'store-1')}entries/"
+    during: list = []
+
+    def the_auditor_verifies_meanwhile(params: dict, **_: object) -> None:
+        # The replica stored the session and is about to write its chain entry.
+        if str(params.get("Key", "")).startswith(entries) and not during:
+            during.append(auditor.verify("acme", "store-1", *window()))
+
+    replica.client.meta.events.register("before-parameter-build.s3.PutObject", the_auditor_verifies_meanwhile)
+    session = session_at(T0 + timedelta(hours=1), photos)
+    replica.archive(session)
+
+    (report,) = during
+    assert report.ok, report.problems
+    assert [p.session_id for p in report.in_flight] == [session.session_id]
+    after = auditor.verify("acme", "store-1", *window())
+    assert after.ok, after.problems
+    assert not after.in_flight and after.checked_sessions == 3
+
+
 # --- retention -------------------------------------------------------------------------------------------
 
 
@@ -820,7 +881,8 @@ def test_a_session_stored_but_not_chained_by_a_dead_archiver_is_chained_on_redel
     archive._put_if_absent(
         archive.session_key("acme", "store-1", orphan.decided_ms, orphan.session_id), stored.to_bytes()
     )
-    assert archive.verify("acme", "store-1", *window()).kinds() == {"unchained"}
+    # Past the in-flight window (the dead archiver's session not yet taken over): unchained.
+    assert archive.verify("acme", "store-1", *window(), in_flight=timedelta(0)).kinds() == {"unchained"}
 
     receipt = archive.archive(orphan)  # the redelivered session
     assert receipt.seq == 2 and receipt.content_sha256 == stored.content_sha256()
