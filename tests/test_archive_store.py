@@ -522,8 +522,14 @@ def test_a_session_slipped_into_the_bucket_is_reported_unchained(
         seal_session(forged, archive.keys).to_bytes(),
     )
 
-    report = archive.verify("acme", "store-1", *window())
+    # Just stored, it may be a session an archiver is chaining right now: in flight, not yet a problem.
+    fresh = archive.verify("acme", "store-1", *window())
+    assert fresh.ok, fresh.problems
+    assert [p.session_id for p in fresh.in_flight] == [forged.session_id]
+    # Older than the in-flight window (no archiver takes that long), it is unchained.
+    report = archive.verify("acme", "store-1", *window(), in_flight=timedelta(0))
     assert [(p.kind, p.session_id) for p in report.problems] == [("unchained", forged.session_id)]
+    assert not report.in_flight
 
 
 def archive_as_it_happens(archive: ArchiveStore, session: ArchivedSession, lag: timedelta = timedelta(seconds=2)):
@@ -635,6 +641,113 @@ def test_a_chain_head_removed_beside_its_entries_stops_the_archiver(archive: Arc
         archive.archive(session_at(T0 + timedelta(hours=1), photos))
     assert archive._entry_seqs("acme", "store-1") == [1, 2, 3], "nothing chained after the cut"
     assert "head_missing" in archive.verify("acme", "store-1", *window()).kinds()
+
+
+@pytest.mark.parametrize("tampering", ["removed", "forged"])
+def test_a_chain_head_tampered_with_while_a_replica_chains_a_session_is_not_put_back(
+    s3: EmbeddedS3, archive: ArchiveStore, photos: list[bytes], tampering: str
+) -> None:
+    """The head removed (or overwritten unsigned) in the moment between a replica's append and
+    its head advance: writing a head back would erase the evidence. The replica refuses as
+    tampering (the archiver quarantines the session), the head stays as the intruder left it,
+    verify says so, and the quarantined session stays outside until the chain is restored."""
+    fill(archive, photos, 2)
+    head_key = f"{archive._chain('acme', 'store-1')}head.json"
+    entries = f"{archive._chain('acme', 'store-1')}entries/"
+    intruder = make_store(s3, archive.keys, prefix=archive.prefix.rstrip("/"))
+    genuine_head = raw_get(intruder, head_key)
+    appended: list[str] = []
+    tampered: list[str] = []
+
+    def note_the_append(params: dict, **_: object) -> None:
+        if str(params.get("Key", "")).startswith(entries):
+            appended.append(params["Key"])
+
+    def tamper_before_the_head_moves(params: dict, **_: object) -> None:
+        if params.get("Key") == head_key and appended and not tampered:
+            if tampering == "removed":
+                intruder.client.delete_object(Bucket=intruder.bucket, Key=head_key)
+            else:
+                document = json.loads(genuine_head)
+                document["body"]["seq"] = 9
+                raw_put(intruder, head_key, json.dumps(document).encode())
+            tampered.append(head_key)
+
+    archive.client.meta.events.register("before-parameter-build.s3.PutObject", note_the_append)
+    archive.client.meta.events.register("before-parameter-build.s3.GetObject", tamper_before_the_head_moves)
+    late = session_at(T0 + timedelta(hours=1), photos)
+    with pytest.raises(ArchiveTampered, match="vanished" if tampering == "removed" else "signature") as refused:
+        archive.archive(late)
+
+    assert tampered, "the head was tampered with between the append and the head advance"
+    head, etag = intruder._head("acme", "store-1")
+    assert head is None and (etag is None) == (tampering == "removed"), "the head is as the intruder left it"
+    archive.quarantine(late, str(refused.value))  # what the archiver does with ArchiveTampered
+    report = intruder.verify("acme", "store-1", *window())
+    assert {"head_missing" if tampering == "removed" else "bad_signature", "quarantined"} <= report.kinds()
+    assert intruder.drain_quarantine() == [], "still tampered: it stays where it is"
+    assert intruder._head("acme", "store-1")[1] == etag, "draining did not put a head back either"
+
+    raw_put(intruder, head_key, genuine_head)  # the operator restores the head from a backup
+    assert intruder.drain_quarantine() == [late.session_id]
+    report = intruder.verify("acme", "store-1", *window())
+    assert report.ok, report.problems
+    assert report.checked_sessions == 3 and intruder._head("acme", "store-1")[0]["seq"] == 3
+
+
+# --- a live archive: verify while archivers append ------------------------------------------------------
+
+
+def test_verify_while_a_replica_appends_does_not_take_the_moving_head_for_a_cut(
+    s3: EmbeddedS3, keys: ArchiveKeys, photos: list[bytes]
+) -> None:
+    """An auditor verifies while an archiver chains a session between verify's listing of the
+    entries and its reading of the head: the head is past the listing, and the chain is whole."""
+    prefix = "test-" + uuid.uuid4().hex[:12]
+    replica, auditor = make_store(s3, keys, prefix=prefix), make_store(s3, keys, prefix=prefix)
+    fill(replica, photos, 3)
+    head_key = f"{auditor._chain('acme', 'store-1')}head.json"
+    appended: list = []
+
+    def the_replica_chains_a_session_meanwhile(params: dict, **_: object) -> None:
+        # The auditor has listed the entries and is about to read the head.
+        if params.get("Key") == head_key and not appended:
+            appended.append(replica.archive(session_at(T0 + timedelta(hours=1), photos)))
+
+    auditor.client.meta.events.register("before-parameter-build.s3.GetObject", the_replica_chains_a_session_meanwhile)
+    report = auditor.verify("acme", "store-1", *window())
+
+    assert [r.seq for r in appended] == [4], "the replica chained a session inside the window"
+    assert report.ok, report.problems
+    assert (report.checked_sessions, report.checked_entries) == (4, 4)
+
+
+def test_verify_while_a_replica_chains_a_session_reports_it_in_flight_not_unchained(
+    s3: EmbeddedS3, keys: ArchiveKeys, photos: list[bytes]
+) -> None:
+    """An auditor verifies between a replica's storing of a session and its chaining of it: the
+    session is in flight (listed as such), not a problem; once chained it verifies."""
+    prefix = "test-" + uuid.uuid4().hex[:12]
+    replica, auditor = make_store(s3, keys, prefix=prefix), make_store(s3, keys, prefix=prefix)
+    fill(replica, photos, 2)
+    entries = f"{replica._chain('acme', 'store-1')}entries/"
+    during: list = []
+
+    def the_auditor_verifies_meanwhile(params: dict, **_: object) -> None:
+        # The replica stored the session and is about to write its chain entry.
+        if str(params.get("Key", "")).startswith(entries) and not during:
+            during.append(auditor.verify("acme", "store-1", *window()))
+
+    replica.client.meta.events.register("before-parameter-build.s3.PutObject", the_auditor_verifies_meanwhile)
+    session = session_at(T0 + timedelta(hours=1), photos)
+    replica.archive(session)
+
+    (report,) = during
+    assert report.ok, report.problems
+    assert [p.session_id for p in report.in_flight] == [session.session_id]
+    after = auditor.verify("acme", "store-1", *window())
+    assert after.ok, after.problems
+    assert not after.in_flight and after.checked_sessions == 3
 
 
 # --- retention -------------------------------------------------------------------------------------------
@@ -768,7 +881,8 @@ def test_a_session_stored_but_not_chained_by_a_dead_archiver_is_chained_on_redel
     archive._put_if_absent(
         archive.session_key("acme", "store-1", orphan.decided_ms, orphan.session_id), stored.to_bytes()
     )
-    assert archive.verify("acme", "store-1", *window()).kinds() == {"unchained"}
+    # Past the in-flight window (the dead archiver's session not yet taken over): unchained.
+    assert archive.verify("acme", "store-1", *window(), in_flight=timedelta(0)).kinds() == {"unchained"}
 
     receipt = archive.archive(orphan)  # the redelivered session
     assert receipt.seq == 2 and receipt.content_sha256 == stored.content_sha256()

@@ -114,6 +114,23 @@ def test_verify_names_each_session_quarantined_beside_a_tampered_chain(archive, 
     assert "bad_signature: chain head signature does not match" in verified.stdout
 
 
+def test_verify_run_while_an_archiver_is_chaining_a_session_lists_it_in_flight_and_passes(archive, photos):
+    from facepay.archive.container import seal_session
+
+    store, env = archive
+    now = datetime.now(UTC)
+    store.archive(session_at(now - timedelta(hours=2), photos))
+    # What an archiver has done a moment before it chains a session: stored it.
+    chaining = session_at(now - timedelta(minutes=1), photos)
+    key = store.session_key("acme", "store-1", chaining.decided_ms, chaining.session_id)
+    store.client.put_object(Bucket=store.bucket, Key=key, Body=seal_session(chaining, store.keys).to_bytes())
+
+    verified = facepay(env, "verify", "--store", "store-1")
+    assert verified.returncode == 0, verified.stdout + verified.stderr
+    assert "acme/store-1: OK" in verified.stdout and "1 in flight" in verified.stdout
+    assert f"in_flight: session {chaining.session_id}: " in verified.stdout
+
+
 def test_bad_options_are_a_clear_error_with_exit_2(archive):
     _, env = archive
     bad_time = facepay(env, "verify", "--from", "yesterday")

@@ -12,7 +12,7 @@ import re
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime, timedelta
 
-from facepay.archive import ArchiveSettings, ArchiveStore, Problem, SweepReport, VerifyReport
+from facepay.archive import ArchiveSettings, ArchiveStore, Problem, SweepReport, VerifyReport, in_flight_window
 from facepay.config import Settings
 
 _RELATIVE = re.compile(r"^-?(\d+(?:\.\d+)?)([smhd])$")  # "24h" or "-24h": that long ago
@@ -104,9 +104,17 @@ def list_sessions(
 
 
 def verify(
-    archive: ArchiveStore, start: datetime, end: datetime, store: str | None = None, tenant: str | None = None
+    archive: ArchiveStore,
+    start: datetime,
+    end: datetime,
+    store: str | None = None,
+    tenant: str | None = None,
+    claim_idle_ms: int | None = None,
 ) -> list[VerifyReport]:
-    return [archive.verify(t, s, start, end) for t, s in stores_of(archive, store, tenant)]
+    """A session stored but not chained yet is in flight, not a problem, while younger than
+    the time the archivers (their `claim_idle_ms`) take to chain it: see `in_flight_window`."""
+    window = in_flight_window() if claim_idle_ms is None else in_flight_window(claim_idle_ms)
+    return [archive.verify(t, s, start, end, in_flight=window) for t, s in stores_of(archive, store, tenant)]
 
 
 def report_dict(report: VerifyReport) -> dict:
@@ -119,9 +127,9 @@ def format_verify(reports: list[VerifyReport]) -> str:
         status = "OK" if r.ok else f"{len(r.problems)} PROBLEM(S)"
         lines.append(
             f"{r.tenant}/{r.store}: {status} — {r.checked_sessions} sessions, {r.checked_entries} chain entries, "
-            f"{r.expired} expired, {r.erased} erased"
+            f"{r.expired} expired, {r.erased} erased, {len(r.in_flight)} in flight"
         )
-        lines += [_problem_line(p) for p in r.problems]
+        lines += [_problem_line(p) for p in r.problems + r.in_flight]
     return "\n".join(lines) if lines else "no archived stores in this range"
 
 

@@ -480,7 +480,8 @@ def _cmd_audit(args) -> int:
 
     try:
         start, end = audit.time_range(args.start, args.end)
-        archive = audit.open_archive(load_settings())
+        settings = load_settings()
+        archive = audit.open_archive(settings)
         if args.action == "sweep":
             if args.retention_days is not None and args.retention_days < 1:
                 raise audit.AuditError(f"--retention-days must be ≥ 1, got {args.retention_days}")
@@ -497,7 +498,7 @@ def _cmd_audit(args) -> int:
             sessions = audit.list_sessions(archive, start, end, args.store, args.tenant)
             print(json.dumps([asdict(s) for s in sessions], indent=2) if args.json else audit.format_list(sessions))
             return 0
-        reports = audit.verify(archive, start, end, args.store, args.tenant)
+        reports = audit.verify(archive, start, end, args.store, args.tenant, settings.claim_idle_ms)
     except audit.AuditError as exc:
         print(f"facepay audit: {exc}", file=sys.stderr)
         return 2

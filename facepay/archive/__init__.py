@@ -20,6 +20,7 @@ from facepay.archive.store import (
     SessionRef,
     SweepReport,
     VerifyReport,
+    in_flight_window,
 )
 
 __all__ = [
@@ -44,5 +45,6 @@ __all__ = [
     "SignedDecision",
     "SweepReport",
     "VerifyReport",
+    "in_flight_window",
     "weed_binary",
 ]

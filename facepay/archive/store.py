@@ -32,6 +32,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
+from email.utils import parsedate_to_datetime
 
 import boto3
 import yaml
@@ -51,6 +52,20 @@ SAFE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 SKEW_MS = 10 * 60 * 1000  # margin for the archivers' clocks
 DEFAULT_MAX_LAG = timedelta(days=1)  # verify(range) walks entries chained up to this long after it
 MAX_APPEND_ATTEMPTS = 200
+S3_READ_TIMEOUT_S = 15  # one S3 request's read timeout (the client's Config below)
+DEFAULT_CLAIM_IDLE_MS = 15_000  # Settings.claim_idle_ms's default (facepay/config.py)
+
+
+def in_flight_window(claim_idle_ms: int = DEFAULT_CLAIM_IDLE_MS) -> timedelta:
+    """How long a session may be stored and not yet chained while archiving is healthy: an
+    archiver stores the object, then chains it a few requests later; one that stalls or dies in
+    between has the session taken over and chained by another replica after `claim_idle_ms`
+    (redelivery), with one S3 request (at most its read timeout) in progress. Younger than this,
+    verify reports such a session as in flight; older, as unchained."""
+    return timedelta(milliseconds=claim_idle_ms, seconds=S3_READ_TIMEOUT_S)
+
+
+DEFAULT_IN_FLIGHT = in_flight_window()
 
 
 class ArchiveError(RuntimeError):
@@ -129,7 +144,9 @@ class SessionRef:
 
 @dataclass(frozen=True)
 class Problem:
-    kind: str  # removed | altered | reordered | unchained | bad_signature | truncated | head_missing | quarantined
+    # removed | altered | reordered | unchained | bad_signature | truncated | head_missing | quarantined;
+    # in_flight (VerifyReport.in_flight, not a problem): stored moments ago, its chaining under way
+    kind: str
     seq: int | None
     session_id: str | None
     detail: str
@@ -144,6 +161,9 @@ class VerifyReport:
     expired: int = 0
     erased: int = 0
     problems: list[Problem] = field(default_factory=list)
+    # Sessions stored but not yet chained, younger than the in-flight window: an archiver is
+    # chaining them (a live archive). Not problems; verify again later to see them chained.
+    in_flight: list[Problem] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
@@ -186,7 +206,7 @@ class ArchiveStore:
             s3={"addressing_style": "path"},
             retries={"mode": "standard", "max_attempts": 2},
             connect_timeout=2,
-            read_timeout=15,
+            read_timeout=S3_READ_TIMEOUT_S,
             max_pool_connections=16,
         )
         # A session of its own: boto3's default session keeps the first credentials it found for
@@ -390,22 +410,25 @@ class ArchiveStore:
                 return ArchiveReceipt(key, json.loads(marker[0])["seq"], sealed.content_sha256(), already_archived=True)
             chained = self._find_entry(tenant, store, session_id, self._stored_ms(key))
             if chained is not None:  # the entry was written, its acknowledgement lost
+                self._advance_head(tenant, store, chained)
                 self._s3(
                     "put_object",
                     Key=self._marker_key(tenant, store, session_id),
                     Body=json.dumps({"seq": chained.seq}).encode(),
                 )
-                self._advance_head(tenant, store, chained)
                 return ArchiveReceipt(key, chained.seq, chained.content_sha256, already_archived=True)
         if user:
             self._s3(
                 "put_object", Key=self._user_index_key(tenant, user, session_id), Body=json.dumps({"key": key}).encode()
             )
         entry = self._append(tenant, store, session_id, key, decided_ms, sealed.content_sha256(), user)
+        # The head before the marker: a head found removed or forged here (ArchiveTampered: the
+        # session is quarantined) leaves the session unmarked, so draining the quarantine
+        # finds its entry and tries the head again, instead of taking the marker for done.
+        self._advance_head(tenant, store, entry)
         self._s3(
             "put_object", Key=self._marker_key(tenant, store, session_id), Body=json.dumps({"seq": entry.seq}).encode()
         )
-        self._advance_head(tenant, store, entry)
         return ArchiveReceipt(key, entry.seq, entry.content_sha256)
 
     # --- quarantine: sessions a store's chain refuses -------------------------------------------
@@ -512,6 +535,23 @@ class ArchiveStore:
     def _stored_ms(self, key: str) -> int:
         return _ms(self._s3("head_object", Key=key)["LastModified"])
 
+    def _stored_age(self, key: str) -> timedelta | None:
+        """How long ago the object was stored, both ends on the object store's clock (its
+        Last-Modified and the reply's Date), so the auditor's clock does not count; None when
+        it is gone or the server gives no date."""
+        try:
+            response = self._s3("head_object", Key=key)
+        except ClientError:
+            return None
+        date = response.get("ResponseMetadata", {}).get("HTTPHeaders", {}).get("date")
+        if not date:
+            return None
+        try:
+            now = parsedate_to_datetime(date)
+        except (TypeError, ValueError):
+            return None
+        return now - response["LastModified"]
+
     def _entry_seqs(self, tenant: str, store: str) -> list[int]:
         return [int(k.rsplit("/", 1)[-1][:-5]) for k in self._list(f"{self._chain(tenant, store)}entries/")]
 
@@ -575,20 +615,30 @@ class ArchiveStore:
             raise ArchiveTampered(f"chain entry {key} is unreadable ({exc}); not appending (run verify)") from exc
 
     def _advance_head(self, tenant: str, store: str, entry: ChainEntry) -> None:
-        """Compare-and-set, so the head never moves back when replicas finish out of order."""
+        """Compare-and-set, so the head never moves back when replicas finish out of order.
+
+        The head exists here: the chain's genesis head was made (by `_tip`, this replica's or
+        another's) before entry 1, and the archive never removes it. So a head missing or
+        badly signed now was removed or forged since this replica read it: ArchiveTampered, as
+        `_tip` says. Writing a head back would erase the evidence of the removal for good."""
         key = f"{self._chain(tenant, store)}head.json"
         body = signed_document({"seq": entry.seq, "hash": entry.hash, "chained_ms": entry.chained_ms}, self.keys)
         for _ in range(MAX_APPEND_ATTEMPTS):
             head, etag = self._head(tenant, store)
-            if head and head["seq"] >= entry.seq:
+            if etag is None:
+                raise ArchiveTampered(
+                    f"the chain head of {tenant}/{store} vanished after entry {entry.seq} was chained; "
+                    "not putting it back (run verify)"
+                )
+            if head is None:
+                raise ArchiveTampered(
+                    f"the chain head of {tenant}/{store} has a bad signature; not advancing it (run verify)"
+                )
+            if head["seq"] >= entry.seq:
                 return
             try:
-                if etag is None:
-                    if self._put_if_absent(key, body):
-                        return
-                else:
-                    self._s3("put_object", Key=key, Body=body, IfMatch=etag)
-                    return
+                self._s3("put_object", Key=key, Body=body, IfMatch=etag)
+                return
             except ClientError as exc:
                 if exc.response["Error"]["Code"] not in ("PreconditionFailed", "412", "ConditionalRequestConflict"):
                     raise
@@ -658,7 +708,13 @@ class ArchiveStore:
 
     # --- verification -------------------------------------------------------------------------------
     def verify(
-        self, tenant: str, store: str, start: datetime, end: datetime, max_lag: timedelta = DEFAULT_MAX_LAG
+        self,
+        tenant: str,
+        store: str,
+        start: datetime,
+        end: datetime,
+        max_lag: timedelta = DEFAULT_MAX_LAG,
+        in_flight: timedelta = DEFAULT_IN_FLIGHT,
     ) -> VerifyReport:
         """Check the chain around [start, end) and every session decided in it.
 
@@ -671,14 +727,23 @@ class ArchiveStore:
         do not match; reordered: an entry or a session sits at a position not its own;
         unchained: an object in the range that no entry names; truncated: the chain ends
         before its signed head.
+
+        The archive may be live (archivers appending meanwhile). A session stored less than
+        `in_flight` ago (object store's clock) and not chained yet is reported in
+        `report.in_flight`, not as unchained: its archiver is chaining it (`in_flight_window`).
         """
         report = VerifyReport(tenant, store)
         start_ms, end_ms = _ms(start), _ms(end)
         retention = self._retention(tenant, store, report)
-        seqs = self._entry_seqs(tenant, store)
-        if retention:
-            seqs = [s for s in seqs if s >= retention["first_seq"]]
-        self._check_head(tenant, store, seqs, report)
+        seqs = self._kept_seqs(tenant, store, retention)
+        head, head_etag = self._head(tenant, store)
+        if head and head["seq"] > (seqs[-1] if seqs else 0):
+            # A replica may have appended and moved the head between the listing and the head
+            # read. The head moves only after its entry exists, so a listing made now holds
+            # entry head.seq, unless it was removed: one more listing tells a live chain from
+            # a cut one.
+            seqs = self._kept_seqs(tenant, store, retention)
+        self._check_head(head, head_etag, seqs, report)
         entries = self._walk(
             tenant, store, seqs, start_ms - SKEW_MS, end_ms + int(max_lag.total_seconds() * 1000), retention, report
         )
@@ -690,8 +755,12 @@ class ArchiveStore:
         quarantined = self._check_quarantined(tenant, store, report)
         for ref in self.list_sessions(tenant, store, start, end):
             if ref.key not in walked and ref.key not in quarantined:
-                self._check_late_session(tenant, store, ref, by_content, retention, report)
+                self._check_late_session(tenant, store, ref, by_content, retention, in_flight, report)
         return report
+
+    def _kept_seqs(self, tenant: str, store: str, retention: dict | None) -> list[int]:
+        seqs = self._entry_seqs(tenant, store)
+        return [s for s in seqs if s >= retention["first_seq"]] if retention else seqs
 
     def _check_quarantined(self, tenant: str, store: str, report: VerifyReport) -> set[str]:
         """Every session held outside the store's chain, whatever the range (an operator must
@@ -735,8 +804,8 @@ class ArchiveStore:
                 report.problems.append(Problem("altered", None, note["session_id"], problem))
         return keys
 
-    def _check_head(self, tenant: str, store: str, seqs: list[int], report: VerifyReport) -> None:
-        head, head_etag = self._head(tenant, store)
+    @staticmethod
+    def _check_head(head: dict | None, head_etag: str | None, seqs: list[int], report: VerifyReport) -> None:
         if head is None and head_etag is not None:
             report.problems.append(Problem("bad_signature", None, None, "chain head signature does not match"))
         elif head is None and seqs:
@@ -840,12 +909,26 @@ class ArchiveStore:
         ref: SessionRef,
         by_content: dict[str, ChainEntry],
         retention: dict | None,
+        in_flight: timedelta,
         report: VerifyReport,
     ) -> None:
         """A session of the range chained after the walked window: found by its marker, its
-        entry checked against both neighbours."""
+        entry checked against both neighbours. One without a marker is unchained, unless it
+        was stored less than `in_flight` ago (its archiver is chaining it)."""
         marker = self._get(self._marker_key(tenant, store, ref.session_id))
         if marker is None:
+            age = self._stored_age(ref.key)
+            if age is not None and age < in_flight:
+                report.in_flight.append(
+                    Problem(
+                        "in_flight",
+                        None,
+                        ref.session_id,
+                        f"{ref.key} stored {age.total_seconds():.0f} s ago, not chained yet "
+                        f"(unchained if still so after {in_flight.total_seconds():.0f} s)",
+                    )
+                )
+                return
             report.problems.append(Problem("unchained", None, ref.session_id, f"{ref.key} is named by no chain entry"))
             return
         seq = json.loads(marker[0])["seq"]
