@@ -232,7 +232,7 @@ def test_a_slot_migrating_during_traffic_changes_nothing(cluster, keyset):
 @pytest.mark.slow
 def test_a_primary_killed_and_its_replica_promoted_loses_no_acknowledged_frame(tmp_path, keyset):
     with EmbeddedValkeyCluster(
-        tmp_path / "cluster", primaries=3, replicas_per_primary=1, namespace="fpc", node_timeout_ms=1000
+        tmp_path / "cluster", primaries=3, replicas_per_primary=1, namespace="fpc", node_timeout_ms=3000
     ) as cluster:
         # Every acknowledgement (the source's frames, the workers' commits) waits for a replica.
         source = Source(keyset, cluster, redis_wait_replicas=1)
@@ -244,6 +244,9 @@ def test_a_primary_killed_and_its_replica_promoted_loses_no_acknowledged_frame(t
             replica = cluster.replicas_of(primary)[0]
             primary.kill()  # SIGKILL
             cluster.client(replica).execute_command("CLUSTER FAILOVER", "TAKEOVER")
+            wait_until(
+                lambda: cluster.client(replica).info("replication")["role"] == "master", 10, "the replica promoted"
+            )
             killed.append((primary.port, replica.port))
             # Back from its AOF, it learns it was replaced and follows the new primary: the
             # shard has a replica again, so acknowledgements (WAIT 1) resume.
@@ -252,8 +255,11 @@ def test_a_primary_killed_and_its_replica_promoted_loses_no_acknowledged_frame(t
         with Workers(keyset, cluster, redis_wait_replicas=1, redis_wait_timeout_ms=500) as workers:
             sessions = source.sessions(24, during=kill_and_promote)
             assert_decided_once(connect(cluster.url), source.partitions, sessions, timeout_s=90)
-        ((_, promoted),) = killed
-        assert cluster.primary_of(victim_stream).port == promoted
+        ((old, promoted),) = killed
+        # The promoted replica serves the shard, unless a node of this loaded machine missed the
+        # node timeout since and the cluster failed back to the old primary, which rejoined as
+        # its replica: either way one of the shard's own two nodes serves it (no slot lost).
+        assert cluster.primary_of(victim_stream).port in (promoted, old)
         assert sum(len(s) for s in source.acknowledged.values()) == len(sessions) * FRAMES
         assert not workers.errors
 
