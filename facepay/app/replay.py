@@ -41,7 +41,7 @@ import redis
 from facepay import keys as component_keys
 from facepay.app.audit import stores_of
 from facepay.app.supervisor import Pipeline
-from facepay.archive import ArchivedSession, ArchiveStore
+from facepay.archive import ArchivedSession, ArchiveStore, Candidate
 from facepay.config import FailureLimits, SessionPolicy, Settings
 from facepay.messages import FIELD, DecisionMsg, FrameMsg, FrameRef, SessionEndMsg, decode
 from facepay.runtime.envelope import attest, open_entry, seal
@@ -312,14 +312,8 @@ def _thumbnail(image: bytes, height: int = 96) -> str:
     )
 
 
-def _replayed_top(frame: dict) -> list[dict]:
-    """The replayed frame's best user and runner-up, as the archive lists them (`top_k`)."""
-    if not frame.get("top_user"):
-        return []
-    top = [{"user_id": frame["top_user"], "score": frame["top_score"]}]
-    if frame.get("second_user"):
-        top.append({"user_id": frame["second_user"], "score": frame["second_score"]})
-    return top
+def _listed(candidates: list[Candidate]) -> list[dict]:
+    return [{"user_id": c.user_id, "score": c.score} for c in candidates]
 
 
 def session_report(
@@ -334,10 +328,10 @@ def session_report(
             {
                 "index": frame.index,
                 "image": "present" if frame.image else "missing",
-                "original_top": [{"user_id": c.user_id, "score": c.score} for c in frame.top_k],
+                "original_top": _listed(frame.top_k),
                 "original_second": frame.second_score,
                 "original_rejection": frame.rejection,
-                "replayed_top": _replayed_top(now),
+                "replayed_top": _listed(Candidate.top_two(now)),
                 "replayed_second": now.get("second_score"),
                 "replayed_rejection": now.get("reason") or None,
                 "thumbnail": _thumbnail(frame.image),

@@ -21,6 +21,18 @@ class Candidate:
     user_id: str
     score: float  # cosine
 
+    @staticmethod
+    def top_two(scores: dict[str, Any]) -> list[Candidate]:
+        """A frame's best user, then its runner-up, from what the recognizer recorded of it
+        (`top_user`, `top_score`, `second_user`, `second_score`); the best only when no runner-up
+        is named (an older recognizer named none), none when nobody matched."""
+        if not scores.get("top_user"):
+            return []
+        best = Candidate(scores["top_user"], float(scores["top_score"]))
+        if not scores.get("second_user"):
+            return [best]
+        return [best, Candidate(scores["second_user"], float(scores.get("second_score", -1.0)))]
+
 
 @dataclass(frozen=True)
 class ArchivedFrame:

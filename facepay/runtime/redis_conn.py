@@ -70,8 +70,9 @@ def backpressure_kind(exc: BaseException) -> str | None:
 class Backoff:
     """A wait that doubles from first_s up to max_s, and starts over after a success."""
 
-    def __init__(self, first_s: float = 0.1, max_s: float = 2.0) -> None:
-        self.first_s, self.max_s = first_s, max_s
+    def __init__(self, first_s: float = 0.1, max_s: float = 2.0, sleep: Callable[[float], None] = time.sleep) -> None:
+        """`sleep`: how to wait (a start-up wait sleeps so that a stop request ends it)."""
+        self.first_s, self.max_s, self._sleep = first_s, max_s, sleep
         self.next_s = first_s
         self.waiting_since: float | None = None
 
@@ -79,7 +80,7 @@ class Backoff:
         """Sleep the current delay; returns how long this stretch of waiting has lasted so far."""
         now = time.monotonic()
         self.waiting_since = self.waiting_since or now
-        time.sleep(self.next_s if at_most_s is None else min(self.next_s, at_most_s))
+        self._sleep(self.next_s if at_most_s is None else max(0.0, min(self.next_s, at_most_s)))
         self.next_s = min(self.next_s * 2, self.max_s)
         return time.monotonic() - self.waiting_since
 

@@ -14,6 +14,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 from facepay.redaction import redact
+from facepay.runtime.redis_conn import Backoff
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +64,7 @@ def wait_for(
     log line when the wait starts and every LOG_EVERY_S), for at most `within_s`; others raise.
     StopRequested as soon as this thread's start-up is asked to stop (`stop_requests`)."""
     started = time.monotonic()
-    delay_s, last_log = 0.1, None  # doubling up to 2 s
+    backoff, last_log = Backoff(first_s=0.1, max_s=2.0, sleep=lambda s: _sleep(s, what)), None
     while True:
         _raise_if_stopping(what)
         try:
@@ -84,8 +85,7 @@ def wait_for(
                     extra={"waited_s": round(waited, 1), "bound_s": within_s, "error": redact(str(exc))[:300]},
                 )
             on_wait(f"{what} unreachable")
-            _sleep(max(0.0, min(delay_s, within_s - waited)), what)
-            delay_s = min(delay_s * 2, 2.0)
+            backoff.wait(at_most_s=within_s - waited)
             continue
         if last_log is not None:
             log.info("%s answers", what, extra={"waited_s": round(time.monotonic() - started, 1)})

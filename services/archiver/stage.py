@@ -555,9 +555,7 @@ class ArchiverStage(Stage):
             rejection = "frame_missing"
         elif frame is None:
             rejection = rejection or "frame_missing"
-        top_k = [Candidate(scores["top_user"], float(scores["top_score"]))] if scores.get("top_user") else []
-        if top_k and scores.get("second_user"):  # an older recognizer gave the runner-up's score only
-            top_k.append(Candidate(scores["second_user"], float(scores.get("second_score", -1.0))))
+        top_k = Candidate.top_two(scores)
         liveness = {}
         if isinstance(aligned, AlignedMsg):
             liveness = {
