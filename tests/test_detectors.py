@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import torch
 
 from facepay.config import Settings
 from facepay.models.base import FaceModel
@@ -24,7 +23,6 @@ KIOSK_INSET = 0.1  # each identity photo cut 10 % inside its MTCNN face box on e
 
 @pytest.fixture(scope="module", params=sorted(DETECTORS))
 def detector(request):
-    torch.set_num_threads(2)  # the test machine has 2 cores
     try:
         return load_detector(request.param, "cpu")
     except ModelMissingError as exc:

@@ -23,7 +23,6 @@ KNOWN_MISSES = {
 
 @pytest.fixture(scope="module")
 def detector() -> MTCNN:
-    torch.set_num_threads(2)  # the test machine has 2 cores
     try:
         return MTCNN("cpu")
     except ModelMissingError as exc:
